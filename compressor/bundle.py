@@ -1,0 +1,127 @@
+"""The deployment bundle: a directory and its versioned manifest.json.
+
+Every file is written to a temporary name and renamed, so a crash never leaves half a file. The manifest
+lists every file with its sha256, so ``verify`` catches a flipped byte anywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from exporters.artifact import sha256
+
+from .errors import UserError
+
+SCHEMA = "compressor.manifest/1"
+MANIFEST = "manifest.json"
+
+
+class BundleError(UserError):
+    pass
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@dataclass
+class StageRecord:
+    """What one stage did: its config, its metrics, how long it took, what it came from and made."""
+
+    name: str
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)  # name -> path relative to the bundle, or data
+    seconds: float = 0.0
+    parent: str | None = None
+    started: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageRecord":
+        return cls(**d)
+
+
+def toolchain_versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("compressor", "torch", "pytorch-lightning", "onnx", "onnxruntime", "numpy", "scikit-learn"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def file_hashes(root: Path) -> dict[str, dict]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(root).as_posix()] = {"sha256": sha256(p), "bytes": p.stat().st_size}
+    return out
+
+
+def read_manifest(bundle: str | Path) -> dict:
+    bundle = Path(bundle)
+    path = bundle / MANIFEST if bundle.is_dir() else bundle
+    if not path.is_file():
+        raise BundleError(f"{bundle} is not a bundle: {MANIFEST} is missing")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e.__class__.__name__}): the manifest is damaged or truncated") from None
+    if not isinstance(m, dict):
+        raise BundleError(f"{path}: the manifest is not a JSON object")
+    if m.get("schema") != SCHEMA:
+        raise BundleError(f"{path}: schema {m.get('schema')!r} is not {SCHEMA!r} (made by another version)")
+    for key, kind in (("files", dict), ("stages", list), ("artifacts", list), ("measurements", list)):
+        if not isinstance(m.get(key), kind):
+            raise BundleError(f"{path}: '{key}' is missing or not a {kind.__name__}")
+    return m
+
+
+def verify(bundle: str | Path) -> dict:
+    """Check the schema and every file's hash; raise BundleError naming the first problem."""
+    bundle = Path(bundle)
+    m = read_manifest(bundle)
+    problems = []
+    for rel, info in m["files"].items():
+        p = bundle / rel
+        if not isinstance(info, dict) or "sha256" not in info:
+            problems.append(f"{rel}: no hash recorded")
+        elif ".." in Path(rel).parts or Path(rel).is_absolute():
+            problems.append(f"{rel}: path leaves the bundle")
+        elif not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256(p) != info["sha256"]:
+            problems.append(f"{rel}: modified (sha256 differs from the manifest)")
+    listed = set(m["files"])
+    extra = [rel for rel in file_hashes(bundle) if rel not in listed]
+    problems += [f"{rel}: not listed in the manifest" for rel in extra]
+    if problems:
+        raise BundleError(f"bundle {bundle} failed verification: {problems[0]}"
+                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return m

@@ -1,0 +1,145 @@
+"""The `compress` command. Heavy libraries are imported inside commands, so --help answers at once."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+DEBUG = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def cli(debug: bool):
+    """Compress a trained PyTorch model into a measured, deployable bundle."""
+    global DEBUG
+    DEBUG = DEBUG or debug
+
+
+@cli.command()
+@click.argument("recipe", required=False)
+@click.option("--out", "out_dir", type=click.Path(), help="Bundle directory (default: runs/<recipe name>).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. distill.epochs=3.")
+@click.option("--resume", is_flag=True, help="Continue an unfinished run from its last finished stage.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle or unfinished run.")
+def run(recipe, out_dir, overrides, resume, force):
+    """Run RECIPE (a YAML file or built-in name; default: the quickstart) end to end."""
+    from .pipeline import run as run_pipeline
+
+    bundle = run_pipeline(recipe, out_dir, overrides=overrides, resume=resume, force=force)
+    click.echo(str(bundle))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+def verify(bundle):
+    """Check a bundle's schema and the sha256 of every file in it."""
+    from .bundle import verify as verify_bundle
+
+    m = verify_bundle(bundle)
+    click.echo(f"ok: {bundle}: {len(m['files'])} files match the manifest (schema {m['schema']})")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(bundle, as_json):
+    """Show what a bundle holds and how each file came to be."""
+    from .bundle import read_manifest
+    from .report import markdown
+
+    m = read_manifest(bundle)
+    click.echo(json.dumps(m, indent=2) if as_json else markdown(m))
+
+
+@cli.command()
+def devices():
+    """List the device profiles and whether each can be measured from here."""
+    from devices import builtin_profiles, get_device, load_profile
+
+    rows = []
+    for name in builtin_profiles():
+        p = load_profile(name)
+        try:
+            why = get_device(p).why_unavailable()
+        except Exception as e:  # a runtime without a backend yet
+            why = str(e)
+        rows.append((p.name, p.kind, p.runtime, p.connection, "reachable" if why is None else f"unavailable: {why}"))
+    width = [max(len(r[i]) for r in rows + [("name", "kind", "runtime", "connection", "")]) for i in range(4)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(("name", "kind", "runtime", "connection"), width)) + "  status")
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, width)) + "  " + r[4])
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--device", "device_name", default="local-cpu", show_default=True, help="Device profile name or YAML path.")
+@click.option("--batch", type=int, multiple=True, default=[1], show_default=True)
+@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--runs", type=int, default=200, show_default=True)
+@click.option("--max-seconds", type=float, default=20.0, show_default=True)
+@click.option("--precision", default="fp32", show_default=True)
+@click.option("--dim", multiple=True, metavar="NAME=N", help="Size of a symbolic input dimension, e.g. sequence=128.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+def profile(model, device_name, batch, warmup, runs, max_seconds, precision, dim, as_json):
+    """Measure the latency of any ONNX file MODEL on a device."""
+    from pathlib import Path
+
+    from devices import DeviceError, get_device
+    from exporters.onnx import describe
+
+    if not Path(model).is_file():
+        raise DeviceError(f"{model} does not exist")
+    describe(model)  # a file that is not ONNX fails here with a clear message
+    dims = {}
+    for d in dim:
+        k, sep, v = d.partition("=")
+        if not sep or not v.isdigit():
+            raise click.BadParameter(f"{d!r}: expected NAME=N", param_hint="--dim")
+        dims[k] = int(v)
+    device = get_device(device_name)
+    out = [device.measure(model, batch=b, warmup=warmup, runs=runs, max_seconds=max_seconds,
+                          precision=precision, dims=dims) for b in batch]
+    if as_json:
+        click.echo(json.dumps([m.to_dict() for m in out], indent=2))
+        return
+    click.echo(f"{'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'cv':>6} {'runs':>5}  device")
+    for m in out:
+        click.echo(f"{m.batch:>5} {m.p50_ms:>9.3f} {m.p90_ms:>9.3f} {m.p99_ms:>9.3f} {m.mean_ms:>9.3f} {m.cv:>6.2f} "
+                   f"{m.runs:>5}  {m.device} ({m.runtime} {m.runtime_version}, {m.threads} threads, {m.label})")
+        for n in m.notes:
+            click.echo(f"      note: {n}")
+
+
+def main(argv=None) -> int:
+    """Entry point: user errors are one line on stderr and exit code 2; --debug shows tracebacks."""
+    global DEBUG
+    args = list(sys.argv[1:] if argv is None else argv)
+    DEBUG = "--debug" in args
+    try:
+        rv = cli.main(args=args, prog_name="compress", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted: the unfinished run is kept; `compress run --resume` continues it", err=True)
+        return 130
+    except Exception as e:
+        from .errors import user_errors
+
+        if DEBUG:
+            raise
+        if isinstance(e, user_errors()):
+            click.echo(f"error: {e}", err=True)
+            return 2
+        click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

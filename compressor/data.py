@@ -1,0 +1,135 @@
+"""Datasets: built-in ones (name -> function) and a user's ``module:function``.
+
+A dataset function returns either a dict with ``train`` and ``test`` (and optionally ``val``) datasets
+of (input, label) pairs, or a single dataset that is split by the recipe's fractions and seed.
+Input metadata (shape, mean/std) travels with the data into the manifest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, random_split
+
+from .errors import UserError
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    input_shape: tuple[int, ...]  # one sample, without the batch axis
+    num_classes: int
+    meta: dict = field(default_factory=dict)  # mean/std, source, preprocessing
+
+    def loader(self, split: str, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(getattr(self, split), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                          generator=g, persistent_workers=workers > 0)
+
+    def tensors(self, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = getattr(self, split)
+        n = len(ds) if limit is None else min(limit, len(ds))
+        xs, ys = zip(*(ds[i] for i in range(n)))
+        return torch.stack(xs), torch.as_tensor(ys)
+
+
+def digits(image_size: int = 32, label_fraction: float = 1.0) -> TensorDataset:
+    """sklearn's bundled 8x8 digits (1797 images, 10 classes), upsampled bilinearly to ``image_size``.
+
+    Upsampling makes the compute of a CNN on them non-trivial, as for real images. Pixels are scaled to
+    [0, 1] and standardised with the dataset's mean and std (recorded in the manifest).
+    """
+    from sklearn.datasets import load_digits
+
+    if not 8 <= image_size <= 256:
+        raise UserError(f"data.kwargs.image_size {image_size}: use 8 to 256")
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if image_size != 8:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    mean, std = float(x.mean()), float(x.std())
+    x = (x - mean) / std
+    ds = TensorDataset(x, torch.tensor(d.target, dtype=torch.long))
+    ds.meta = {"source": "sklearn.datasets.load_digits", "image_size": image_size, "mean": [mean],
+               "std": [std], "preprocessing": "x/16, bilinear resize, (x-mean)/std"}
+    return ds
+
+
+# name -> function(**kwargs) -> dataset or dict of datasets
+DATASETS = {"digits": digits}
+
+
+def _split(ds: Dataset, fractions: tuple[float, float], seed: int) -> tuple[Dataset, Dataset, Dataset]:
+    n = len(ds)
+    n_test = max(1, round(n * fractions[1]))
+    n_val = round(n * fractions[0])
+    n_train = n - n_test - n_val
+    if n_train < 1:
+        raise UserError(f"data has {n} samples: too few to split off {n_val} validation and {n_test} test samples")
+    return tuple(random_split(ds, [n_train, n_val, n_test], generator=torch.Generator().manual_seed(seed)))
+
+
+def _num_classes(ds: Dataset) -> int:
+    if isinstance(ds, TensorDataset):
+        return int(ds.tensors[1].max()) + 1
+    if isinstance(ds, Subset):
+        return _num_classes(ds.dataset)
+    return int(max(int(ds[i][1]) for i in range(len(ds)))) + 1
+
+
+def load_data(spec, seed: int) -> DataSplits:
+    """Build the data named by a recipe's ``data`` section and check that it is usable."""
+    from .models import resolve_ref
+
+    fn = DATASETS.get(spec.dataset) if ":" not in spec.dataset else resolve_ref(spec.dataset, "data")
+    if fn is None:
+        raise UserError(f"data {spec.dataset!r} is not a built-in dataset ({', '.join(sorted(DATASETS))}) "
+                        "nor a 'module:function' reference")
+    try:
+        out = fn(**spec.kwargs)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"data {spec.dataset!r} raised {type(e).__name__}: {e}") from None
+    meta = dict(getattr(out, "meta", {}) or {})
+    if isinstance(out, dict):
+        if "train" not in out or "test" not in out:
+            raise UserError(f"data {spec.dataset!r} returned a dict without 'train' and 'test' "
+                            f"(keys: {', '.join(map(str, out))})")
+        train, test = out["train"], out["test"]
+        val = out.get("val")
+        if val is None:
+            n_val = round(len(train) * spec.val_fraction)
+            if n_val:
+                train, val = random_split(train, [len(train) - n_val, n_val],
+                                          generator=torch.Generator().manual_seed(seed))
+            else:
+                val = test
+        meta.update(out.get("meta", {}) or {})
+    elif isinstance(out, (tuple, list)) and len(out) in (2, 3):
+        train, test = out[0], out[-1]
+        val = out[1] if len(out) == 3 else test
+    else:
+        train, val, test = _split(out, (spec.val_fraction, spec.test_fraction), seed)
+        if spec.val_fraction == 0:
+            val = test
+    for name, ds in (("train", train), ("test", test)):
+        try:
+            n = len(ds)
+        except TypeError:
+            raise UserError(f"data {spec.dataset!r}: the {name} split has no length (a map-style dataset is needed)") from None
+        if n == 0:
+            raise UserError(f"data {spec.dataset!r}: the {name} split is empty")
+    sample = train[0]
+    if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[0], torch.Tensor)):
+        raise UserError(f"data {spec.dataset!r}: each sample must be an (input tensor, label) pair, "
+                        f"got {type(sample).__name__}")
+    x0 = sample[0]
+    if not torch.isfinite(x0).all():
+        raise UserError(f"data {spec.dataset!r}: the first training sample contains NaN or inf")
+    ncls = int(meta.get("num_classes") or max(_num_classes(train), _num_classes(test)))
+    meta.setdefault("dataset", spec.dataset)
+    meta.update(train=len(train), val=len(val), test=len(test), seed=seed)
+    return DataSplits(train, val, test, tuple(x0.shape), ncls, meta)

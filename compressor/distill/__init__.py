@@ -1,0 +1,35 @@
+"""Distillation: the loss registry and the Lightning module (imported lazily: lightning is slow to import)."""
+from __future__ import annotations
+
+import inspect
+
+from .losses import CE, KD
+
+# name -> loss class; the recipe's `distill.losses` entries name these.
+LOSSES = {"kd": KD, "ce": CE}
+
+
+def check_params(name: str, params: dict) -> None:
+    """Reject parameters that the loss does not take (a typo in the recipe is an error, not a no-op)."""
+    sig = inspect.signature(LOSSES[name].__init__)
+    accepted = [p for p in sig.parameters if p != "self"]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"loss {name!r} takes no parameter {', '.join(unknown)} "
+                         f"(it takes: {', '.join(accepted) or 'nothing'})")
+
+
+def build_loss(name: str, **params):
+    check_params(name, params)
+    return LOSSES[name](**params)
+
+
+def __getattr__(attr):
+    if attr == "DistillModule":
+        from .module import DistillModule
+
+        return DistillModule
+    raise AttributeError(attr)
+
+
+__all__ = ["LOSSES", "CE", "KD", "DistillModule", "build_loss", "check_params"]

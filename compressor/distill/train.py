@@ -1,0 +1,81 @@
+"""The distill stage's training: a Lightning Trainer around DistillModule, configured by the recipe."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from ..errors import StageError
+from . import build_loss
+from .module import DistillModule
+
+
+def quiet_lightning() -> None:
+    """Lightning's start-up banners (GPU available: False, tips) are noise in a pipeline's log."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("pytorch_lightning", "lightning")):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+class EpochLog(pl.Callback):
+    """One line per epoch where there is no terminal for a progress bar (CI, logs)."""
+
+    def __init__(self, log):
+        self.emit, self.t0 = log, time.time()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.t0 = time.time()
+
+    def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
+        m = trainer.callback_metrics
+        loss = float(m["train_loss"]) if "train_loss" in m else float("nan")
+        self.emit(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: train loss {loss:.4f}, "
+                 f"val acc {float(m.get('val_acc', float('nan'))):.4f} ({time.time() - self.t0:.1f} s)")
+
+
+def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, log=print) -> dict:
+    """Distil ``teacher`` into ``student`` in place (best validation epoch kept); return training metrics."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    quiet_lightning()
+    terms = [(l.weight, build_loss(l.name, **l.params)) for l in spec.losses]
+    for (_, t), l in zip(terms, spec.losses):
+        t.name = l.name
+    module = DistillModule(student, teacher, terms, lr=spec.lr, weight_decay=spec.weight_decay,
+                           optimizer=spec.optimizer, schedule=spec.schedule, epochs=spec.epochs)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_acc", mode="max",
+                                        save_last=True, save_top_k=1)
+    interactive = sys.stderr.isatty()
+    callbacks = [ckpt, pl.callbacks.RichProgressBar() if interactive else EpochLog(log)]
+    t = spec.trainer
+    trainer = pl.Trainer(max_epochs=spec.epochs, accelerator=t.accelerator, devices=t.devices,
+                         strategy=t.strategy, num_nodes=t.num_nodes, precision=t.precision,
+                         deterministic=t.deterministic, callbacks=callbacks, logger=False,
+                         enable_progress_bar=interactive, enable_model_summary=False,
+                         default_root_dir=str(ckpt_dir.parent), num_sanity_val_steps=0, **t.extra)
+    train = data.loader("train", data_spec.batch_size, shuffle=True, workers=data_spec.workers, seed=seed)
+    val = data.loader("val", data_spec.batch_size, workers=data_spec.workers)
+    last = ckpt_dir / "last.ckpt"
+    student.train()  # check_fits left it in eval mode; Lightning keeps the modes it finds
+    t0 = time.time()
+    try:
+        trainer.fit(module, train, val, ckpt_path=str(last) if last.is_file() else None)
+    except FloatingPointError as e:
+        raise StageError("distill", f"{e} (the last good checkpoint is {last})") from None
+    best = ckpt.best_model_path
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+    student.eval()
+    return {"epochs": trainer.current_epoch, "best_val_acc": float(ckpt.best_model_score or float("nan")),
+            "train_seconds": round(time.time() - t0, 1), "final_train_loss":
+            float(trainer.callback_metrics.get("train_loss", float("nan")))}

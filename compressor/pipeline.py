@@ -1,0 +1,326 @@
+"""run(recipe) -> bundle. The only place where stage order lives.
+
+Each stage is a function ``stage(ctx) -> StageRecord`` and a ``restore(ctx, record)`` that rebuilds
+what it produced from its record, so ``--resume`` skips finished stages. Records go to
+``<out>.partial/stages/<name>.json`` as each stage ends; the bundle appears under ``<out>`` only when
+every stage has finished (a rename), so a failed run never leaves a half-written bundle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from devices import DeviceError, Measurement, get_device, load_profile
+from exporters.artifact import Artifact
+
+from . import report
+from .bundle import MANIFEST, SCHEMA, StageRecord, atomic_write, file_hashes, now, toolchain_versions, write_json
+from .data import DataSplits, load_data
+from .errors import StageError, UserError
+from .models import build_model, count_flops, count_params
+from .recipe import Recipe, dump_recipe, load_recipe
+from .teacher import check_fits, evaluate, load_teacher
+
+# The stage order, as data. Stages not yet implemented are skipped (search, prune, quantize come next).
+STAGE_ORDER = ("analyze", "search", "prune", "distill", "quantize", "export", "profile")
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    work: Path  # the partial bundle directory
+    data: DataSplits
+    teacher: nn.Module
+    teacher_origin: dict
+    student: nn.Module
+    genome: dict
+    log: Callable[[str], None] = print
+    artifacts: list[Artifact] = field(default_factory=list)
+    reference: list[Artifact] = field(default_factory=list)  # measured for comparison, not shipped
+    measurements: list[Measurement] = field(default_factory=list)
+    records: dict[str, StageRecord] = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+
+    @property
+    def scratch(self) -> Path:
+        """Files needed while running (checkpoints, the teacher's ONNX) but not shipped."""
+        return self.work / "work"
+
+    def example(self, n: int = 1) -> torch.Tensor:
+        return self.data.tensors("test", limit=n)[0]
+
+
+def build_student(recipe: Recipe, data: DataSplits) -> tuple[nn.Module, dict]:
+    defaults = {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
+                "in_features": int(torch.Size(data.input_shape).numel())}
+    model = build_model(recipe.student.model, recipe.student.config, defaults, what="student")
+    genome = {"model": recipe.student.model, "config": recipe.student.config, "defaults": defaults}
+    return model, genome
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def analyze(ctx: Context) -> StageRecord:
+    x = ctx.example()
+    test = ctx.data.loader("test", ctx.recipe.data.batch_size)
+    info = {}
+    for role, model in (("teacher", ctx.teacher), ("student", ctx.student)):
+        info[role] = {"params": count_params(model), "flops": count_flops(model, x),
+                      "layers": [{"path": n, "type": type(m).__name__, "params": count_params(m)}
+                                 for n, m in model.named_children()]}
+    info["teacher"]["accuracy"] = evaluate(ctx.teacher, test)
+    ctx.quality["teacher"] = {"accuracy": info["teacher"]["accuracy"]}
+    t, s = info["teacher"], info["student"]
+    ctx.log(f"teacher: {t['params']:,} params, {t['flops'] / 1e6:.1f} MFLOPs, held-out accuracy {t['accuracy']:.4f}; "
+            f"student: {s['params']:,} params, {s['flops'] / 1e6:.1f} MFLOPs ({t['flops'] / max(s['flops'], 1):.1f}x fewer)")
+    return StageRecord("analyze", config={"teacher": ctx.teacher_origin, "student": ctx.genome}, metrics=info)
+
+
+def restore_analyze(ctx: Context, rec: StageRecord) -> None:
+    ctx.quality["teacher"] = {"accuracy": rec.metrics["teacher"]["accuracy"]}
+
+
+def distill(ctx: Context) -> StageRecord:
+    from .distill.train import fit
+
+    spec = ctx.recipe.distill
+    result = fit(ctx.student, ctx.teacher, ctx.data, spec, ctx.recipe.data, ctx.scratch / "checkpoints",
+                 seed=ctx.recipe.seed, log=ctx.log)
+    weights = ctx.work / "model" / "student.pt"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_name(".student.pt.tmp")
+    torch.save(ctx.student.state_dict(), tmp)
+    os.replace(tmp, weights)
+    acc = evaluate(ctx.student, ctx.data.loader("test", ctx.recipe.data.batch_size))
+    ctx.quality["student"] = {"accuracy": acc}
+    ctx.log(f"student held-out accuracy {acc:.4f} (teacher {ctx.quality['teacher']['accuracy']:.4f})")
+    return StageRecord("distill", config=spec.model_dump(mode="json"),
+                       metrics={**result, "accuracy": acc}, outputs={"weights": "model/student.pt"})
+
+
+def restore_distill(ctx: Context, rec: StageRecord) -> None:
+    from .teacher import load_state
+
+    ctx.student.load_state_dict(load_state(ctx.work / rec.outputs["weights"], "student"))
+    ctx.student.eval()
+    ctx.quality["student"] = {"accuracy": rec.metrics["accuracy"]}
+
+
+def export(ctx: Context) -> StageRecord:
+    import onnxruntime as ort
+
+    from exporters.onnx import export_onnx, parity
+
+    spec = ctx.recipe.export
+    x = ctx.example(2)
+    held_out = ctx.example(spec.parity.samples)
+    metrics, outputs = {}, {}
+    for role, model, path in (("student", ctx.student, ctx.work / "model" / "student.onnx"),
+                              ("teacher", ctx.teacher, ctx.scratch / "teacher.onnx")):
+        art = export_onnx(model, (x,), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch, role=role)
+        try:
+            check = parity(path, model, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol)
+        except Exception as e:
+            raise StageError("export", f"{role}: {e}") from None
+        art.path = path.relative_to(ctx.work).as_posix()
+        art.extra["parity"] = check
+        (ctx.artifacts if role == "student" else ctx.reference).append(art)
+        metrics[role] = {"bytes": art.bytes, "parity_max_abs": check["max_abs"], "parity_max_rel": check["max_rel"]}
+        outputs[role] = art.to_dict()
+    # The deployed file's own accuracy on the whole held-out split, through ONNX Runtime.
+    sess = ort.InferenceSession(str(ctx.work / "model" / "student.onnx"), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    correct = total = 0
+    for xb, yb in ctx.data.loader("test", 256):
+        pred = sess.run(None, {name: xb.numpy()})[0].argmax(-1)
+        correct += int((pred == yb.numpy()).sum())
+        total += len(yb)
+    metrics["student"]["onnx_accuracy"] = correct / total
+    ctx.quality.setdefault("student", {})["onnx_accuracy"] = correct / total
+    ctx.log(f"exported student.onnx ({metrics['student']['bytes'] / 1e6:.3f} MB), parity max abs error "
+            f"{metrics['student']['parity_max_abs']:.2e}, ONNX Runtime accuracy {correct / total:.4f}")
+    return StageRecord("export", config=spec.model_dump(mode="json"), metrics=metrics, outputs=outputs)
+
+
+def restore_export(ctx: Context, rec: StageRecord) -> None:
+    ctx.artifacts = [Artifact.from_dict(rec.outputs["student"])]
+    ctx.reference = [Artifact.from_dict(rec.outputs["teacher"])]
+    ctx.quality.setdefault("student", {})["onnx_accuracy"] = rec.metrics["student"]["onnx_accuracy"]
+
+
+def profile(ctx: Context) -> StageRecord:
+    spec = ctx.recipe.profile
+    metrics, skipped = {}, {}
+    for target in ctx.recipe.targets:
+        device = get_device(load_profile(target))
+        why = device.why_unavailable()
+        if why:
+            skipped[target] = why
+            ctx.log(f"{target}: not measured ({why})")
+            continue
+        for art in [*ctx.artifacts, *ctx.reference]:
+            for batch in spec.batch_sizes:
+                m = device.measure(ctx.work / art.path, batch=batch, warmup=spec.warmup, runs=spec.runs,
+                                   max_seconds=spec.max_seconds, precision=art.precision)
+                m.artifact = art.path
+                ctx.measurements.append(m)
+                metrics.setdefault(target, {})[f"{art.role}_b{batch}_p50_ms"] = m.p50_ms
+        for batch in spec.batch_sizes:
+            d = metrics[target]
+            d[f"speedup_b{batch}"] = d[f"teacher_b{batch}_p50_ms"] / d[f"student_b{batch}_p50_ms"]
+            ctx.log(f"{target} batch {batch}: student p50 {d[f'student_b{batch}_p50_ms']:.3f} ms, teacher "
+                    f"{d[f'teacher_b{batch}_p50_ms']:.3f} ms ({d[f'speedup_b{batch}']:.1f}x faster)")
+    return StageRecord("profile", config=spec.model_dump(mode="json"), metrics={**metrics, "skipped": skipped},
+                       outputs={"measurements": [m.to_dict() for m in ctx.measurements]})
+
+
+def restore_profile(ctx: Context, rec: StageRecord) -> None:
+    ctx.measurements = [Measurement.from_dict(d) for d in rec.outputs["measurements"]]
+
+
+STAGES = {
+    "analyze": (analyze, restore_analyze),
+    "distill": (distill, restore_distill),
+    "export": (export, restore_export),
+    "profile": (profile, restore_profile),
+}
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+def _check_budgets(ctx: Context) -> list[dict]:
+    b, out = ctx.recipe.budgets, []
+    student = next((a for a in ctx.artifacts if a.role == "student"), None)
+    if b.size_mb is not None and student:
+        out.append({"budget": "size_mb", "limit": b.size_mb, "value": student.bytes / 1e6,
+                    "met": student.bytes / 1e6 <= b.size_mb})
+    for dev, limit in b.latency_ms.items():
+        m = next((m for m in ctx.measurements if m.device == dev and m.batch == 1 and m.artifact == student.path), None)
+        out.append({"budget": f"latency_ms[{dev}]", "limit": limit, "value": m.p50_ms if m else None,
+                    "met": (m.p50_ms <= limit) if m else None})
+    if b.max_quality_drop is not None and "student" in ctx.quality:
+        t, s = ctx.quality["teacher"]["accuracy"], ctx.quality["student"]["accuracy"]
+        drop = (t - s) / t if t else 0.0
+        out.append({"budget": "max_quality_drop", "limit": b.max_quality_drop, "value": drop,
+                    "met": drop <= b.max_quality_drop})
+    return out
+
+
+def _manifest(ctx: Context, budgets: list[dict]) -> dict:
+    q = ctx.quality
+    if "student" in q and q["teacher"]["accuracy"]:
+        q["retained"] = q["student"]["accuracy"] / q["teacher"]["accuracy"]
+    return {
+        "schema": SCHEMA,
+        "name": ctx.recipe.name,
+        "created": now(),
+        "seed": ctx.recipe.seed,
+        "toolchain": toolchain_versions(),
+        "recipe": ctx.recipe.model_dump(mode="json"),
+        "data": ctx.data.meta | {"input_shape": list(ctx.data.input_shape), "num_classes": ctx.data.num_classes},
+        "teacher": ctx.teacher_origin,
+        "student": ctx.genome,
+        "quality": q,
+        "budgets": budgets,
+        "stages": [ctx.records[n].to_dict() for n in STAGE_ORDER if n in ctx.records],
+        "artifacts": [a.to_dict() for a in ctx.artifacts],
+        "reference": [a.to_dict() for a in ctx.reference],
+        "measurements": [m.to_dict() for m in ctx.measurements],
+    }
+
+
+def _finalize(ctx: Context, out: Path, force: bool) -> Path:
+    budgets = _check_budgets(ctx)
+    for b in budgets:
+        if b["met"] is False:
+            ctx.log(f"budget not met: {b['budget']} is {b['value']:.4g}, limit {b['limit']}")
+    shutil.rmtree(ctx.scratch, ignore_errors=True)
+    shutil.rmtree(ctx.work / "stages", ignore_errors=True)
+    (ctx.work / "run.json").unlink(missing_ok=True)
+    atomic_write(ctx.work / "recipe.yaml", dump_recipe(ctx.recipe))
+    bench = Path(__file__).resolve().parent.parent / "devices" / "bench_onnxruntime.py"
+    atomic_write(ctx.work / "bench.py", bench.read_bytes())
+    manifest = _manifest(ctx, budgets)
+    atomic_write(ctx.work / "report.md", report.markdown(manifest))
+    manifest["files"] = file_hashes(ctx.work)
+    write_json(ctx.work / MANIFEST, manifest)
+    if out.exists():
+        if not force:
+            raise UserError(f"{out} appeared while running; the finished run stays in {ctx.work}")
+        old = out.with_name(out.name + ".old")
+        os.replace(out, old)
+        shutil.rmtree(old)
+    os.replace(ctx.work, out)
+    return out
+
+
+def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | None = None, *,
+        overrides=(), resume: bool = False, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
+    """Run every stage of ``recipe`` and write the bundle; return the bundle's path."""
+    recipe = load_recipe(recipe, overrides)
+    log = log or (lambda s: print(s, file=sys.stderr))
+    out = Path(out_dir or Path("runs") / recipe.name)
+    work = out.with_name(out.name + ".partial")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists: pass --force to replace it, or --out to write elsewhere")
+    if work.exists() and not resume:
+        if not force:
+            raise UserError(f"an unfinished run is in {work}: pass --resume to continue it, or --force to start over")
+        shutil.rmtree(work)
+    run_json = {"recipe": recipe.model_dump(mode="json")}
+    if resume and (work / "run.json").is_file():
+        before = json.loads((work / "run.json").read_text())
+        if before.get("recipe") != run_json["recipe"]:
+            raise UserError(f"--resume: the recipe differs from the one that started {work}; "
+                            "use the same recipe, or --force to start over")
+    for target in recipe.targets:
+        load_profile(target)  # an unknown device fails now, before any work
+    fresh = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "run.json", run_json)
+    t_run = time.time()
+    try:
+        torch.manual_seed(recipe.seed)
+        data = load_data(recipe.data, recipe.seed)
+        teacher, origin = load_teacher(recipe, data, log=log)
+        student, genome = build_student(recipe, data)
+        check_fits(student, data, "student")
+        ctx = Context(recipe, work, data, teacher, origin, student, genome, log=log)
+        parent = None
+        for name in STAGE_ORDER:
+            if name not in STAGES:
+                continue
+            stage, restore = STAGES[name]
+            marker = work / "stages" / f"{name}.json"
+            if resume and marker.is_file():
+                rec = StageRecord.from_dict(json.loads(marker.read_text()))
+                restore(ctx, rec)
+                log(f"[{name}] done earlier ({rec.seconds:.1f} s), resumed from its record")
+            else:
+                log(f"[{name}]")
+                t0, started = time.time(), now()
+                torch.manual_seed(recipe.seed)
+                rec = stage(ctx)
+                rec.seconds, rec.started, rec.parent = round(time.time() - t0, 3), started, parent
+                write_json(marker, rec.to_dict())
+            ctx.records[name] = rec
+            parent = name
+        bundle = _finalize(ctx, out, force)
+    except BaseException:
+        done = list((work / "stages").glob("*.json")) if work.exists() else []
+        if fresh and not done:
+            shutil.rmtree(work, ignore_errors=True)
+        elif work.exists():
+            log(f"the unfinished run is kept in {work}: rerun with --resume to continue")
+        raise
+    log(f"bundle written to {bundle} in {time.time() - t_run:.0f} s")
+    return bundle

@@ -1,0 +1,236 @@
+"""The recipe: a YAML job description parsed into pydantic models that reject unknown keys.
+
+YAML is data: the only code it names is an explicit ``module:function`` reference, imported when used.
+"""
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainSpec(_Section):
+    """Training from labels alone, used for a built-in teacher that is trained on first use and cached."""
+
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class TeacherSpec(_Section):
+    model: str = Field(description="a built-in name (compressor.models.MODELS) or 'module:function'")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = Field(None, description="a state_dict file, loaded with weights_only=True")
+    train: TrainSpec | None = Field(None, description="train on first use when no checkpoint is given")
+
+
+class DataSpec(_Section):
+    dataset: str = Field(description="a built-in name (compressor.data.DATASETS) or 'module:function'")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(64, ge=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    workers: int = Field(0, ge=0)
+
+
+class StudentSpec(_Section):
+    model: str = Field(description="a built-in family (compressor.models.MODELS) or 'module:function'")
+    config: dict[str, Any] = Field(default_factory=dict, description="the genome: builder keyword arguments")
+
+
+class LossSpec(BaseModel):
+    """One weighted loss term; keys besides name and weight are the loss's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: float = Field(1.0, ge=0)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known(self):
+        from .distill import LOSSES, check_params
+
+        if self.name not in LOSSES:
+            raise ValueError(f"unknown loss {self.name!r}; known: {', '.join(sorted(LOSSES))}")
+        check_params(self.name, self.params)
+        return self
+
+
+class TrainerSpec(_Section):
+    """Passed to lightning's Trainer, so the same recipe runs on GPUs and across nodes."""
+
+    accelerator: str = "cpu"
+    devices: int | str | list[int] = 1
+    strategy: str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    precision: str = "32-true"
+    deterministic: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict, description="any other Trainer keyword argument")
+
+
+class DistillSpec(_Section):
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    schedule: Literal["cosine", "constant"] = "cosine"
+    losses: list[LossSpec] = Field(default_factory=lambda: [LossSpec(name="kd", weight=0.7, temperature=4.0),
+                                                           LossSpec(name="ce", weight=0.3)])
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+
+    @field_validator("losses")
+    @classmethod
+    def _some(cls, v):
+        if not v:
+            raise ValueError("at least one loss term is needed")
+        return v
+
+
+class ParitySpec(_Section):
+    atol: float = Field(1e-4, gt=0)
+    rtol: float = Field(1e-3, ge=0)
+    samples: int = Field(64, ge=1)
+
+
+class ExportSpec(_Section):
+    opset: int = Field(17, ge=11)
+    dynamic_batch: bool = True
+    parity: ParitySpec = Field(default_factory=ParitySpec)
+
+
+class ProfileSpec(_Section):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    warmup: int = Field(20, ge=0)
+    runs: int = Field(200, ge=5)
+    max_seconds: float = Field(20.0, gt=0)
+
+
+class Budgets(_Section):
+    size_mb: float | None = Field(None, gt=0)
+    latency_ms: dict[str, float] = Field(default_factory=dict, description="device name -> p50 at batch 1")
+    max_quality_drop: float | None = Field(None, ge=0, le=1, description="fraction of the teacher's metric")
+
+
+class Recipe(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    task: Literal["classification"] = "classification"
+    metric: Literal["accuracy"] = "accuracy"
+    teacher: TeacherSpec
+    data: DataSpec
+    student: StudentSpec
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    profile: ProfileSpec = Field(default_factory=ProfileSpec)
+    targets: list[str] = Field(default_factory=lambda: ["local-cpu"])
+    budgets: Budgets = Field(default_factory=Budgets)
+
+    @model_validator(mode="after")
+    def _budget_devices(self):
+        unknown = set(self.budgets.latency_ms) - set(self.targets)
+        if unknown:
+            raise ValueError(f"budgets.latency_ms names {', '.join(sorted(unknown))}, which is not in targets")
+        return self
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise UserError(f"--set {dotted}: {'.'.join(keys[:i])} has no item {k}")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: {'.'.join(keys[:i])} is not a section")
+        if last:
+            node[k] = value
+        else:
+            if isinstance(node, dict) and node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """``a.b=c`` overrides; the value is parsed as YAML (so 3, 0.5, true, [1, 2] keep their types)."""
+    data = copy.deepcopy(data)
+    for o in overrides:
+        if "=" not in o:
+            raise UserError(f"--set {o!r}: expected KEY=VALUE, for example distill.epochs=5")
+        key, raw = o.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set(data, key.strip(), value)
+    return data
+
+
+def _one_line(e: ValidationError, source: str) -> str:
+    errs = e.errors()
+    first = errs[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check its spelling)"
+    got = first.get("input")
+    detail = f" (got {got!r})" if first["type"] not in ("extra_forbidden", "missing") and not isinstance(got, dict) else ""
+    more = f" (and {len(errs) - 1} more problem{'s' * (len(errs) > 2)})" if len(errs) > 1 else ""
+    return f"{source}: {loc}: {msg}{detail}{more}"
+
+
+def builtin_recipe(name: str) -> Path | None:
+    res = resources.files("profiles") / "recipes" / f"{name}.yaml"
+    return Path(str(res)) if res.is_file() else None
+
+
+def load_recipe(source: str | Path | dict | Recipe | None = None, overrides=()) -> Recipe:
+    """Read a recipe from a path, a built-in recipe name, or a dict; apply ``--set`` overrides; validate."""
+    if isinstance(source, Recipe):
+        source = source.model_dump(mode="json")
+    if source is None:
+        source = "quickstart"
+    if isinstance(source, dict):
+        data, where = source, "recipe"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            builtin = builtin_recipe(str(source))
+            if builtin is None:
+                raise UserError(f"recipe {source} does not exist (give a path to a .yaml file or a built-in "
+                                "recipe name such as quickstart)")
+            path = builtin
+        where = str(source)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise UserError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{where}: cannot be read ({e})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: a recipe is a YAML mapping (name:, teacher:, data:, student:, ...)")
+    data = apply_overrides(data, overrides)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_one_line(e, where)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,134 @@
+"""The teacher: built from the recipe, loaded from a checkpoint (weights only), or trained on first use
+and cached (built-in demo teachers), then checked against the data."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataSplits
+from .errors import UserError
+from .models import build_model
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
+
+
+def load_state(path: str | Path, what: str, allow_pickle: bool = False) -> dict:
+    """A state_dict from ``path``; pickled objects are refused unless the user opted in."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{what} checkpoint {path} holds pickled Python objects, not only weights: save "
+                            "model.state_dict() instead (loading arbitrary pickles can run code)") from None
+        raise UserError(f"{what} checkpoint {path} cannot be read: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if not isinstance(state, dict):
+        raise UserError(f"{what} checkpoint {path} is a {type(state).__name__}, not a state_dict")
+    return state
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader) -> float:
+    """Top-1 accuracy."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(-1) == y).sum())
+        total += int(y.numel())
+    return correct / max(total, 1)
+
+
+def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, seed: int,
+                     log=print) -> nn.Module:
+    """Plain cross-entropy training (AdamW, cosine schedule): how a demo teacher comes to be."""
+    torch.manual_seed(seed)
+    loader = data.loader("train", batch_size, shuffle=True, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.epochs * len(loader))
+    for epoch in range(spec.epochs):
+        model.train()
+        t0, seen, loss_sum = time.time(), 0, 0.0
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+        log(f"teacher epoch {epoch + 1}/{spec.epochs}: loss {loss_sum / seen:.4f} ({time.time() - t0:.1f} s)")
+    return model.eval()
+
+
+def _cache_key(recipe) -> str:
+    t, d = recipe.teacher, recipe.data
+    key = {"model": t.model, "kwargs": t.kwargs, "train": t.train.model_dump(), "dataset": d.dataset,
+           "data_kwargs": d.kwargs, "fractions": [d.val_fraction, d.test_fraction], "batch": d.batch_size,
+           "seed": recipe.seed}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_teacher(recipe, data: DataSplits, log=print) -> tuple[nn.Module, dict]:
+    """The teacher in eval mode, and how it came to be (for the manifest)."""
+    spec = recipe.teacher
+    defaults = {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
+                "in_features": int(torch.Size(data.input_shape).numel())}
+    model = build_model(spec.model, spec.kwargs, defaults, what="teacher")
+    origin = {"model": spec.model, "kwargs": spec.kwargs}
+    if spec.checkpoint:
+        _load_into(model, load_state(spec.checkpoint, "teacher"), f"teacher checkpoint {spec.checkpoint}")
+        origin["checkpoint"] = spec.checkpoint
+    elif spec.train is not None:
+        path = cache_dir() / "teachers" / f"{spec.model.replace(':', '_')}-{_cache_key(recipe)}.pt"
+        if path.is_file():
+            _load_into(model, load_state(path, "cached teacher"), f"cached teacher {path}")
+            origin["cached"] = str(path)
+        else:
+            log(f"training the teacher {spec.model} on {recipe.data.dataset} (first use; cached in {path})")
+            t0 = time.time()
+            train_supervised(model, data, spec.train, recipe.data.batch_size, recipe.seed, log=log)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, path)
+            origin.update(trained=spec.train.model_dump(), train_seconds=round(time.time() - t0, 1), cached=str(path))
+    check_fits(model.eval(), data, "teacher")
+    return model, origin
+
+
+def _load_into(model: nn.Module, state: dict, what: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{what} does not fit the model: {str(e).splitlines()[1 if len(str(e).splitlines()) > 1 else 0].strip()}") from None
+
+
+def check_fits(model: nn.Module, data: DataSplits, what: str) -> None:
+    """Run two samples through the model: data of the wrong shape fails here, with the shapes named."""
+    x, _ = data.tensors("train", limit=2)
+    try:
+        with torch.no_grad():
+            y = model.eval()(x)
+    except Exception as e:
+        raise UserError(f"{what} cannot take the data: input of shape {tuple(x.shape)} raised "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0]:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise UserError(f"{what} output has shape {shape}; classification needs (batch, classes)")
+    if y.shape[1] < data.num_classes:
+        raise UserError(f"{what} outputs {y.shape[1]} classes but the data has labels up to {data.num_classes - 1}")

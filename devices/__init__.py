@@ -1,0 +1,44 @@
+"""Files -> measurements. A Device measures (or, labelled so, estimates) a model file on a target.
+
+Never imports compressor or exporters: it takes files and their format.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from .measurement import Measurement
+from .profile import DeviceError, DeviceProfile, builtin_profiles, load_profile
+
+
+class Device(Protocol):
+    profile: DeviceProfile
+
+    def available(self) -> bool: ...
+    def why_unavailable(self) -> str | None: ...
+    def measure(self, model, *, batch: int = 1, warmup: int = 10, runs: int = 100,
+                max_seconds: float = 30.0, precision: str = "fp32", dims: dict | None = None) -> Measurement: ...
+
+
+def _onnxruntime(profile):
+    from .cpu import OnnxRuntimeCPU
+
+    return OnnxRuntimeCPU(profile)
+
+
+# runtime name -> factory(profile) -> Device
+DEVICES = {"onnxruntime": _onnxruntime}
+
+
+def get_device(profile: DeviceProfile | str) -> Device:
+    if isinstance(profile, str):
+        profile = load_profile(profile)
+    try:
+        factory = DEVICES[profile.runtime]
+    except KeyError:
+        raise DeviceError(f"device {profile.name}: no backend for runtime {profile.runtime!r} "
+                          f"(known: {', '.join(DEVICES)})") from None
+    return factory(profile)
+
+
+__all__ = ["DEVICES", "Device", "DeviceError", "DeviceProfile", "Measurement", "builtin_profiles",
+           "get_device", "load_profile"]

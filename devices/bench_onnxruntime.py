@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Measure the latency of an ONNX model with ONNX Runtime: a self-contained script.
+
+It needs only onnxruntime and numpy, so it runs on a board that has no training stack. The toolchain
+imports it for local measurements, copies it into every bundle as ``bench.py``, and (later) ships it to
+remote devices: one measurement procedure everywhere.
+
+    python bench.py model.onnx --batch 1 --threads 2 --warmup 20 --runs 200
+
+prints one JSON object (latencies in milliseconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+
+def host_info() -> dict:
+    """CPU model, core count and frequency governor, where the OS exposes them."""
+    info = {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") as f:
+            info["governor"] = f.read().strip()
+    except OSError:
+        pass
+    return info
+
+
+def _dtype(onnx_type: str):
+    import numpy as np
+
+    return {
+        "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+        "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+    }[onnx_type]
+
+
+def make_inputs(session, batch: int, dims: dict | None = None, seed: int = 0) -> dict:
+    """Random inputs that fit the session's declared inputs; symbolic dims: batch first, then ``dims``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    dims = dims or {}
+    feeds = {}
+    for i in session.get_inputs():
+        shape = []
+        for k, d in enumerate(i.shape):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif isinstance(d, str) and d in dims:
+                shape.append(int(dims[d]))
+            elif k == 0:
+                shape.append(batch)
+            else:
+                raise SystemExit(f"input {i.name!r} has a symbolic dimension {d!r}: pass --dim {d}=N")
+        dt = _dtype(i.type)
+        if np.issubdtype(dt, np.floating):
+            feeds[i.name] = rng.standard_normal(shape).astype(dt)
+        elif "mask" in i.name:
+            feeds[i.name] = np.ones(shape, dtype=dt)
+        else:
+            feeds[i.name] = np.zeros(shape, dtype=dt)
+    return feeds
+
+
+def summarize(lat_ms: list[float]) -> dict:
+    import numpy as np
+
+    a = np.asarray(lat_ms, dtype=np.float64)
+    mean = float(a.mean())
+    return {
+        "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+        "p99_ms": float(np.percentile(a, 99)), "mean_ms": mean, "std_ms": float(a.std()),
+        "min_ms": float(a.min()), "cv": float(a.std() / mean) if mean > 0 else 0.0, "runs": int(a.size),
+    }
+
+
+def measure(model: str, batch: int = 1, threads: int = 0, warmup: int = 10, runs: int = 100,
+            max_seconds: float = 30.0, dims: dict | None = None, providers: list | None = None) -> dict:
+    """Warm up, then time ``runs`` single inferences (stopping early at ``max_seconds``)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)  # 0 lets ONNX Runtime choose
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
+    feeds = make_inputs(session, batch, dims)
+    for _ in range(max(warmup, 1)):
+        session.run(None, feeds)
+    lat = []
+    deadline = time.perf_counter() + max_seconds
+    while len(lat) < runs and (len(lat) < 5 or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        lat.append((time.perf_counter() - t0) * 1e3)
+    peak_rss_mb = None
+    try:
+        import resource
+
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except (ImportError, OSError):
+        pass
+    return {
+        "runtime": "onnxruntime", "runtime_version": ort.__version__,
+        "provider": session.get_providers()[0], "batch": batch, "threads": int(threads),
+        "warmup": warmup, "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
+        "peak_rss_mb": peak_rss_mb, "host": host_info(), "estimated": False,
+        **summarize(lat),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: runtime default)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--max-seconds", type=float, default=30.0)
+    p.add_argument("--dim", action="append", default=[], help="symbolic dimension, e.g. sequence=128")
+    a = p.parse_args(argv)
+    dims = dict(d.split("=", 1) for d in a.dim)
+    r = measure(a.model, a.batch, a.threads, a.warmup, a.runs, a.max_seconds, dims)
+    json.dump(r, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
