@@ -225,7 +225,14 @@ def load_recipe(source: str | Path | dict | Recipe | None = None, overrides=()) 
             raise UserError(f"{where}: cannot be read ({e})") from None
         if not isinstance(data, dict):
             raise UserError(f"{where}: a recipe is a YAML mapping (name:, teacher:, data:, student:, ...)")
-    data = apply_overrides(data, overrides)
+    if overrides:
+        # Overrides apply to the resolved recipe, so they can reach defaults the YAML left out
+        # (distill.losses.0.temperature=2); a base that needs the override to be valid takes it raw.
+        try:
+            data = Recipe.model_validate(data).model_dump(mode="json")
+        except ValidationError:
+            pass
+        data = apply_overrides(data, overrides)
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
