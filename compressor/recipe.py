@@ -111,6 +111,33 @@ class ExportSpec(_Section):
     parity: ParitySpec = Field(default_factory=ParitySpec)
 
 
+class QuantizeSpec(_Section):
+    """Quantization after (or as the end of) distillation. ``none`` ships only the fp32 student."""
+
+    mode: Literal["qat-kd", "ptq-ort", "ptq-nncf", "none"] = Field(
+        "none", description="qat-kd: NNCF fake-quant fine-tuned against the teacher (bits 8) or Polino's "
+        "bucketed weights (bits < 8); ptq-ort: ONNX Runtime static QDQ; ptq-nncf: NNCF post-training")
+    bits: Literal[2, 3, 4, 8] = Field(8, description="8: int8 QDQ ONNX; 2-4: Polino bucketed weights (qat-kd only)")
+    bucket: int = Field(256, ge=8, description="bucket size of Polino's uniform quantization (bits < 8)")
+    calibration: int = Field(256, ge=1, description="training samples used to calibrate activation ranges")
+    activations: Literal["auto", "uint8", "int8"] = Field(
+        "auto", description="auto: int8 (symmetric) for GPU/NPU targets, uint8 on CPUs (faster in ONNX Runtime)")
+    epochs: int = Field(3, ge=1, description="QAT fine-tuning epochs")
+    lr: float = Field(5e-4, gt=0, description="QAT learning rate (a fraction of the distillation one)")
+    keep_float: list[str] | None = Field(
+        None, description="module paths kept in float; default: none for int8, first and last layer below 8 bits")
+    allow_float: bool = Field(True, description="keep layers the quantizer cannot handle in float (with a warning)")
+    fold_bn: bool = Field(True, description="fold BatchNorm into the preceding convolution before quantizing")
+    parity_atol: float = Field(0.05, gt=0, description="max |ONNX - fake-quant PyTorch| on the logits")
+
+    @model_validator(mode="after")
+    def _bits_mode(self):
+        if self.bits < 8 and self.mode != "qat-kd":
+            raise ValueError(f"bits {self.bits} needs mode qat-kd (Polino's quantized distillation); "
+                             "post-training quantization here is int8")
+        return self
+
+
 class ProfileSpec(_Section):
     batch_sizes: list[int] = Field(default_factory=lambda: [1])
     warmup: int = Field(20, ge=0)
@@ -133,6 +160,7 @@ class Recipe(_Section):
     data: DataSpec
     student: StudentSpec
     distill: DistillSpec = Field(default_factory=DistillSpec)
+    quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     profile: ProfileSpec = Field(default_factory=ProfileSpec)
     targets: list[str] = Field(default_factory=lambda: ["local-cpu"])
