@@ -3,10 +3,23 @@ from __future__ import annotations
 
 import inspect
 
-from .losses import CE, KD
+from .losses import (CE, ICKD, KD, RKD, TAID, AttentionTransfer, Feature, FeatureNorm, MiniLM,
+                     SimilarityPreserving)
 
-# name -> loss class; the recipe's `distill.losses` entries name these.
-LOSSES = {"kd": KD, "ce": CE}
+# name -> loss class; the recipe's `distill.losses` entries name these. Feature terms take
+# `pairs: [[student module path, teacher module path], ...]` (see losses.py and hooks.py).
+LOSSES = {
+    "kd": KD,
+    "ce": CE,
+    "feature": Feature,
+    "feature_norm": FeatureNorm,
+    "attention_transfer": AttentionTransfer,
+    "rkd": RKD,
+    "similarity_preserving": SimilarityPreserving,
+    "minilm": MiniLM,
+    "taid": TAID,
+    "ickd": ICKD,
+}
 
 
 def check_params(name: str, params: dict) -> None:
@@ -20,8 +33,13 @@ def check_params(name: str, params: dict) -> None:
 
 
 def build_loss(name: str, **params):
-    check_params(name, params)
-    return LOSSES[name](**params)
+    from ..errors import UserError
+
+    try:
+        check_params(name, params)
+        return LOSSES[name](**params)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"distill.losses: {e}") from None
 
 
 def __getattr__(attr):
@@ -32,4 +50,5 @@ def __getattr__(attr):
     raise AttributeError(attr)
 
 
-__all__ = ["LOSSES", "CE", "KD", "DistillModule", "build_loss", "check_params"]
+__all__ = ["LOSSES", "CE", "KD", "Feature", "FeatureNorm", "AttentionTransfer", "RKD", "SimilarityPreserving",
+           "MiniLM", "TAID", "ICKD", "DistillModule", "build_loss", "check_params"]

@@ -4,6 +4,10 @@ Usable in a user's own Trainer:
 
     module = DistillModule(student, teacher, losses=[(0.7, KD(temperature=4)), (0.3, CE())])
     pl.Trainer(max_epochs=5).fit(module, train_loader, val_loader)
+
+Feature terms name module paths (``term.student_paths`` / ``term.teacher_paths``); the module checks
+they exist, captures them with forward hooks on every step, and, given ``example`` (a batch of
+inputs), builds the terms' learned adapters before the optimizer is made so that they train too.
 """
 from __future__ import annotations
 
@@ -13,11 +17,13 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from .hooks import capture, check_paths
+
 
 class DistillModule(pl.LightningModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, losses, *, lr: float = 3e-3,
                  weight_decay: float = 1e-4, optimizer: str = "adamw", schedule: str = "cosine",
-                 epochs: int | None = None):
+                 epochs: int | None = None, example=None):
         super().__init__()
         self.student = student
         # The teacher is deliberately not a registered submodule: it stays out of checkpoints and
@@ -25,21 +31,53 @@ class DistillModule(pl.LightningModule):
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
         self.weights = [float(w) for w, _ in losses]
         self.terms = nn.ModuleList([t for _, t in losses])
-        self.term_names = [getattr(t, "name", type(t).__name__.lower()) for _, t in losses]
+        names = [getattr(t, "name", type(t).__name__.lower()) for _, t in losses]
+        # Two terms of one kind (feature on two layer sets) need distinct names to be logged apart.
+        self.term_names = [n if names.count(n) == 1 else f"{n}_{names[:i].count(n)}" for i, n in enumerate(names)]
         self.lr, self.weight_decay, self.optimizer_name = lr, weight_decay, optimizer
         self.schedule, self.epochs = schedule, epochs
+        # The modules feature terms read, each hooked once per step even when several terms name it.
+        self.student_paths = list(dict.fromkeys(p for t in self.terms for p in getattr(t, "student_paths", ())))
+        self.teacher_paths = list(dict.fromkeys(p for t in self.terms for p in getattr(t, "teacher_paths", ())))
+        check_paths(student, self.student_paths, "student")
+        check_paths(teacher, self.teacher_paths, "teacher")
+        if example is not None:
+            self.build_adapters(example)
+
+    @torch.no_grad()
+    def build_adapters(self, x) -> None:
+        """Run one batch through both models so terms size their adapters (shape errors surface here)."""
+        terms = [t for t in self.terms if hasattr(t, "build")]
+        if not terms:
+            return
+        was = self.student.training
+        self.student.eval()  # a probe must not move BatchNorm statistics
+        try:
+            s, t, sf, tf = self._forward(x)
+        finally:
+            self.student.train(was)
+        for term in terms:
+            term.build(sf, tf)
+
+    def _forward(self, x):
+        with capture(self.teacher, self.teacher_paths, "teacher") as tf, torch.no_grad():
+            t = self.teacher(x)
+        with capture(self.student, self.student_paths, "student") as sf:
+            s = self.student(x)
+        return s, t, sf, tf
 
     def forward(self, x):
         return self.student(x)
 
     def on_fit_start(self):
         self.teacher.to(self.device).eval()
+        for term in self.terms:  # TAID's linear floor needs the run's length
+            if hasattr(term, "total_steps") and not term.total_steps:
+                term.total_steps = int(self.trainer.estimated_stepping_batches)
 
     def _loss(self, x, y):
-        with torch.no_grad():
-            t = self.teacher(x)
-        s = self.student(x)
-        parts = {n: w * term(student=s, teacher=t, target=y)
+        s, t, sf, tf = self._forward(x)
+        parts = {n: w * term(student=s, teacher=t, target=y, student_features=sf, teacher_features=tf)
                  for n, w, term in zip(self.term_names, self.weights, self.terms)}
         return sum(parts.values()), parts, s
 

@@ -51,7 +51,8 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
     for (_, t), l in zip(terms, spec.losses):
         t.name = l.name
     module = DistillModule(student, teacher, terms, lr=spec.lr, weight_decay=spec.weight_decay,
-                           optimizer=spec.optimizer, schedule=spec.schedule, epochs=spec.epochs)
+                           optimizer=spec.optimizer, schedule=spec.schedule, epochs=spec.epochs,
+                           example=data.tensors("train", limit=2)[0])  # sizes feature adapters
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_acc", mode="max",
                                         save_last=True, save_top_k=1)
     interactive = sys.stderr.isatty()

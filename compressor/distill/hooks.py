@@ -1,0 +1,75 @@
+"""Capture intermediate outputs by module path with forward hooks (as torchdistill addresses layers).
+
+    with capture(model, ["stages.0", "stages.1.0"]) as feats:
+        model(x)
+    feats["stages.0"]  # that module's output (the first tensor, when the module returns a tuple)
+
+Hooks live only inside the ``with`` block, so a model never leaves distillation carrying hooks (an
+exported student must not store tensors on every call).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+def first_tensor(out):
+    """The tensor a module produced: Hugging Face layers return tuples or ModelOutput dicts."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            t = first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+def resolve(model: nn.Module, path: str, role: str) -> nn.Module:
+    """The submodule at ``path``, or a UserError naming it and what exists at that level."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        parent, _, _ = path.rpartition(".")
+        try:
+            names = [n for n, _ in model.get_submodule(parent).named_children()]
+        except AttributeError:
+            names = [n for n, _ in model.named_children()]
+            parent = ""
+        where = f"{parent}'s children" if parent else "its top-level modules"
+        raise UserError(f"the {role} has no module {path!r} ({where}: {', '.join(names) or 'none'}); "
+                        "name layers by their path in model.named_modules()") from None
+
+
+def check_paths(model: nn.Module, paths, role: str) -> None:
+    for p in paths:
+        resolve(model, p, role)
+
+
+@contextmanager
+def capture(model: nn.Module, paths, role: str = "model"):
+    """Yield a dict that fills with {path: output} while the block runs; the hooks go when it ends."""
+    feats: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(path):
+        def hook(module, args, out):
+            t = first_tensor(out)
+            if t is None:
+                raise UserError(f"the {role}'s module {path!r} returned {type(out).__name__}, no tensor to distil")
+            feats[path] = t
+        return hook
+
+    try:
+        for p in dict.fromkeys(paths):  # each module once, even when several terms name it
+            handles.append(resolve(model, p, role).register_forward_hook(hook_for(p)))
+        yield feats
+    finally:
+        for h in handles:
+            h.remove()
