@@ -151,6 +151,23 @@ class Budgets(_Section):
     max_quality_drop: float | None = Field(None, ge=0, le=1, description="fraction of the teacher's metric")
 
 
+class PruneSpec(_Section):
+    """One-shot layer pruning of the teacher (compressor/prune.py); the pruned teacher becomes the student."""
+
+    by: Literal["params", "flops", "units"] = Field("params", description="what the budget counts")
+    remove: float = Field(gt=0, description="params/flops: the fraction of the teacher's to remove (0.3 = 30%); "
+                                            "units: how many blocks/layers to remove")
+    calibration_batches: int = Field(4, ge=1, description="training batches the output-loss criterion averages over")
+
+    @model_validator(mode="after")
+    def _amount(self):
+        if self.by == "units" and self.remove != int(self.remove):
+            raise ValueError("with by: units, remove is a whole number of units")
+        if self.by != "units" and self.remove >= 1:
+            raise ValueError(f"with by: {self.by}, remove is a fraction below 1 (0.3 removes 30%)")
+        return self
+
+
 class Recipe(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -159,6 +176,7 @@ class Recipe(_Section):
     teacher: TeacherSpec
     data: DataSpec
     student: StudentSpec
+    prune: PruneSpec | None = Field(None, description="set to prune the teacher into the student")
     distill: DistillSpec = Field(default_factory=DistillSpec)
     quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
