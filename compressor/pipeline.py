@@ -293,7 +293,10 @@ def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | 
         data = load_data(recipe.data, recipe.seed)
         teacher, origin = load_teacher(recipe, data, log=log)
         student, genome = build_student(recipe, data)
-        check_fits(student, data, "student")
+        s_classes, t_classes = check_fits(student, data, "student"), check_fits(teacher, data, "teacher")
+        if s_classes != t_classes:
+            raise UserError(f"the student outputs {s_classes} classes and the teacher {t_classes}: "
+                            "distillation needs the same classes")
         ctx = Context(recipe, work, data, teacher, origin, student, genome, log=log)
         parent = None
         for name in STAGE_ORDER:

@@ -118,8 +118,10 @@ def _load_into(model: nn.Module, state: dict, what: str) -> None:
         raise UserError(f"{what} does not fit the model: {str(e).splitlines()[1 if len(str(e).splitlines()) > 1 else 0].strip()}") from None
 
 
-def check_fits(model: nn.Module, data: DataSplits, what: str) -> None:
-    """Run two samples through the model: data of the wrong shape fails here, with the shapes named."""
+def check_fits(model: nn.Module, data: DataSplits, what: str) -> int:
+    """Run two samples through the model: data of the wrong shape fails here, with the shapes named.
+
+    Returns the model's output width (its number of classes)."""
     x, _ = data.tensors("train", limit=2)
     try:
         with torch.no_grad():
@@ -132,3 +134,4 @@ def check_fits(model: nn.Module, data: DataSplits, what: str) -> None:
         raise UserError(f"{what} output has shape {shape}; classification needs (batch, classes)")
     if y.shape[1] < data.num_classes:
         raise UserError(f"{what} outputs {y.shape[1]} classes but the data has labels up to {data.num_classes - 1}")
+    return int(y.shape[1])
