@@ -89,6 +89,18 @@ def restore_analyze(ctx: Context, rec: StageRecord) -> None:
     ctx.quality["teacher"] = {"accuracy": rec.metrics["teacher"]["accuracy"]}
 
 
+def prune(ctx: Context) -> StageRecord:
+    from .prune import stage  # with a prune section the pruned teacher becomes the student
+
+    return stage(ctx)
+
+
+def restore_prune(ctx: Context, rec: StageRecord) -> None:
+    from .prune import restore
+
+    restore(ctx, rec)
+
+
 def distill(ctx: Context) -> StageRecord:
     from .distill.train import fit
 
@@ -113,6 +125,18 @@ def restore_distill(ctx: Context, rec: StageRecord) -> None:
     ctx.student.load_state_dict(load_state(ctx.work / rec.outputs["weights"], "student"))
     ctx.student.eval()
     ctx.quality["student"] = {"accuracy": rec.metrics["accuracy"]}
+
+
+def quantize(ctx: Context) -> StageRecord:
+    from .quantize import stage  # NNCF/torchao/OpenVINO load only when a quantize mode needs them
+
+    return stage(ctx)
+
+
+def restore_quantize(ctx: Context, rec: StageRecord) -> None:
+    from .quantize import restore
+
+    restore(ctx, rec)
 
 
 def export(ctx: Context) -> StageRecord:
@@ -152,7 +176,7 @@ def export(ctx: Context) -> StageRecord:
 
 
 def restore_export(ctx: Context, rec: StageRecord) -> None:
-    ctx.artifacts = [Artifact.from_dict(rec.outputs["student"])]
+    ctx.artifacts.append(Artifact.from_dict(rec.outputs["student"]))  # after the quantize stage's int8 file
     ctx.reference = [Artifact.from_dict(rec.outputs["teacher"])]
     ctx.quality.setdefault("student", {})["onnx_accuracy"] = rec.metrics["student"]["onnx_accuracy"]
 
@@ -168,12 +192,16 @@ def profile(ctx: Context) -> StageRecord:
             ctx.log(f"{target}: not measured ({why})")
             continue
         for art in [*ctx.artifacts, *ctx.reference]:
+            if art.precision not in getattr(getattr(device, "profile", None), "precisions", (art.precision,)):
+                ctx.log(f"{target}: {art.path} not measured (the device does not list {art.precision})")
+                continue
+            key = art.role if art.precision == "fp32" else f"{art.role}_{art.precision}"  # student_int8
             for batch in spec.batch_sizes:
                 m = device.measure(ctx.work / art.path, batch=batch, warmup=spec.warmup, runs=spec.runs,
                                    max_seconds=spec.max_seconds, precision=art.precision)
                 m.artifact = art.path
                 ctx.measurements.append(m)
-                metrics.setdefault(target, {})[f"{art.role}_b{batch}_p50_ms"] = m.p50_ms
+                metrics.setdefault(target, {})[f"{key}_b{batch}_p50_ms"] = m.p50_ms
         for batch in spec.batch_sizes:
             d = metrics[target]
             d[f"speedup_b{batch}"] = d[f"teacher_b{batch}_p50_ms"] / d[f"student_b{batch}_p50_ms"]
@@ -189,7 +217,9 @@ def restore_profile(ctx: Context, rec: StageRecord) -> None:
 
 STAGES = {
     "analyze": (analyze, restore_analyze),
+    "prune": (prune, restore_prune),
     "distill": (distill, restore_distill),
+    "quantize": (quantize, restore_quantize),
     "export": (export, restore_export),
     "profile": (profile, restore_profile),
 }
@@ -199,7 +229,7 @@ STAGES = {
 
 def _check_budgets(ctx: Context) -> list[dict]:
     b, out = ctx.recipe.budgets, []
-    student = next((a for a in ctx.artifacts if a.role == "student"), None)
+    student = next((a for a in ctx.artifacts if a.role == "student" and a.precision == "fp32"), None)
     if b.size_mb is not None and student:
         out.append({"budget": "size_mb", "limit": b.size_mb, "value": student.bytes / 1e6,
                     "met": student.bytes / 1e6 <= b.size_mb})

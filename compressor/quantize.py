@@ -1,0 +1,417 @@
+"""The quantize stage: quantized distillation (QAT with the teacher as the loss) and post-training quantization.
+
+Modes (recipe ``quantize.mode``):
+
+    ptq-ort   ONNX Runtime static QDQ of the fp32 student ONNX, calibrated on training samples: the fast path.
+    ptq-nncf  NNCF post-training quantization of the PyTorch student, exported as QDQ.
+    qat-kd    bits 8: NNCF fake quantization fine-tuned with the distillation losses against the teacher
+              (Polino et al.'s quantized distillation), exported as standard QDQ.
+              bits 2-4: Polino's bucketed uniform weight quantization (shadow fp weights, straight-through
+              gradient), fine-tuned the same way; the file stores 4-bit codes.
+    none      only the fp32 student ships.
+
+The student in ``ctx.student`` stays fp32 (the export stage ships it too); this stage writes its own file,
+``model/student.int8.onnx`` (or ``student.w<b>.onnx``), checks it, and measures its accuracy in ONNX Runtime.
+NNCF, torchao and OpenVINO are optional and imported only here, when a mode needs them.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bundle import StageRecord
+from .errors import StageError, UserError
+
+# Fewer calibration samples than this give activation ranges that swing with the sample.
+MIN_CALIBRATION = 32
+
+# Layers the int8 quantizers (ORT, NNCF) and Polino's weight quantizer handle. Norms stay float (folded
+# or cheap); any other layer with its own weights is one the quantizers have no rule for.
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
+FLOAT_OK = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def activation_type(spec, targets: list[str]) -> tuple[str, str]:
+    """(uint8 | int8, why). uint8 activations ran 1.8x faster than fp32 in ORT on x86, int8 slower; but
+    TensorRT (and NPUs) need symmetric int8 with zero point 0, which every runtime accepts."""
+    if spec.activations != "auto":
+        return spec.activations, "set in the recipe"
+    from devices import load_profile
+
+    for t in targets:
+        p = load_profile(t)
+        forced = p.options.get("int8_activations")
+        if forced in ("uint8", "int8"):
+            return forced, f"{t} profile options.int8_activations"
+        if p.kind != "cpu" or p.runtime == "tensorrt":
+            return "int8", f"{t} is a {p.kind} ({p.runtime}): symmetric int8 activations"
+    return "uint8", "CPU targets: uint8 activations run fastest in ONNX Runtime on x86"
+
+
+def calibration_inputs(ctx, spec) -> torch.Tensor:
+    n_train = len(ctx.data.train)
+    n = min(spec.calibration, n_train)
+    if n < MIN_CALIBRATION:
+        have = f"quantize.calibration is {spec.calibration}" if spec.calibration < MIN_CALIBRATION else \
+            f"the train split has only {n_train} samples"
+        raise UserError(f"quantize: calibration set too small ({have}); at least {MIN_CALIBRATION} samples "
+                        "are needed for stable activation ranges")
+    if n < spec.calibration:
+        ctx.log(f"quantize: calibration uses all {n} training samples ({spec.calibration} asked)")
+    return ctx.data.tensors("train", limit=n)[0]
+
+
+def float_layers(model: nn.Module, spec, log=print) -> tuple[list[str], list[str]]:
+    """(module paths kept in float, of which those the quantizer cannot handle). Raises on unknown paths,
+    or on an unhandled layer when ``allow_float`` is off."""
+    names = dict(model.named_modules())
+    weighted = [n for n, m in names.items() if n and isinstance(m, QUANTIZABLE)]
+    keep = list(spec.keep_float) if spec.keep_float is not None else \
+        ([weighted[0], weighted[-1]] if spec.bits < 8 and weighted else [])
+    unknown = [p for p in keep if p not in names]
+    if unknown:
+        raise UserError(f"quantize.keep_float: no module {', '.join(map(repr, unknown))} in the student "
+                        f"(its layers: {', '.join(weighted[:12])}{' ...' if len(weighted) > 12 else ''})")
+    unhandled = []
+    for n, m in names.items():
+        if not n or isinstance(m, QUANTIZABLE + FLOAT_OK) or any(n == k or n.startswith(k + ".") for k in keep):
+            continue
+        if any(True for _ in m.parameters(recurse=False)):
+            unhandled.append(n)
+            if not spec.allow_float:
+                raise UserError(f"quantize: layer {n!r} ({type(m).__name__}) has weights the {spec.mode} "
+                                "quantizer cannot handle; add it to quantize.keep_float or set "
+                                "quantize.allow_float: true")
+            log(f"warning: quantize: layer {n!r} ({type(m).__name__}) cannot be quantized; kept in float")
+    return keep + unhandled, unhandled
+
+
+class _Wrap(nn.Module):
+    """nncf.quantize fails on a top-level nn.Sequential: wrap it (paths gain a 'net.' prefix)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def fold_batchnorm(model: nn.Module, log=print) -> nn.Module:
+    """A copy with each Conv->BatchNorm folded into the Conv (BN replaced by Identity), so the quantized
+    weights are the ones that ship and TensorRT sees Q/DQ right on the Conv. torch.fx finds the pairs, but
+    the copy keeps the user's own module class and paths (NNCF takes a GraphModule down another backend).
+    Unchanged, with a note, when symbolic tracing cannot follow the model."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as e:
+        log(f"quantize: BatchNorm not folded (torch.fx cannot trace {type(model).__name__}: {type(e).__name__})")
+        return model
+    mods = dict(model.named_modules())
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    for node in graph.nodes:
+        src = node.args[0] if node.args else None
+        if not (node.op == "call_module" and isinstance(mods.get(node.target), nn.modules.batchnorm._BatchNorm)
+                and getattr(src, "op", None) == "call_module" and isinstance(mods.get(src.target), convs)
+                and len(src.users) == 1 and calls.count(src.target) == 1 and calls.count(node.target) == 1):
+            continue
+        for path, new in ((src.target, fuse_conv_bn_eval(mods[src.target], mods[node.target])),
+                          (node.target, nn.Identity())):
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, new)
+    return model
+
+
+def _bn_count(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def qat_fit(model, ctx, spec, what: str) -> dict:
+    """Fine-tune ``model`` with the recipe's distillation losses against the teacher (fit() reused)."""
+    from .distill.train import fit
+
+    d = ctx.recipe.distill.model_copy(update={"epochs": spec.epochs, "lr": spec.lr})
+    try:
+        return fit(model, ctx.teacher, ctx.data, d, ctx.recipe.data, ctx.scratch / f"qat-{what}",
+                   seed=ctx.recipe.seed, log=ctx.log)
+    except StageError as e:  # fit reports NaN as a distill error: it is this stage's
+        raise StageError("quantize", f"{what} fine-tuning stopped: {str(e).split(': ', 1)[-1]}") from None
+
+
+def _accuracy_onnx(path: Path, ctx) -> float:
+    from exporters.qdq import run_onnxruntime
+
+    correct = total = 0
+    for xb, yb in ctx.data.loader("test", 256):
+        correct += int((run_onnxruntime(path, xb.numpy()).argmax(-1) == yb.numpy()).sum())
+        total += len(yb)
+    return correct / max(total, 1)
+
+
+def _evaluate(model, ctx) -> float:
+    from .teacher import evaluate
+
+    return evaluate(model, ctx.data.loader("test", ctx.recipe.data.batch_size))
+
+
+def _parity(path: Path, reference, x: torch.Tensor, atol: float, what: str) -> dict:
+    """ORT (and OpenVINO, when installed) against ``reference`` outputs; raise beyond ``atol``."""
+    import numpy as np
+
+    from exporters.qdq import run_onnxruntime, run_openvino
+
+    ref = reference if isinstance(reference, np.ndarray) else reference.detach().numpy()
+    out = {"against": what, "atol": atol, "samples": int(len(x))}
+    for rt, fn in (("onnxruntime", run_onnxruntime), ("openvino", run_openvino)):
+        try:
+            got = fn(path, x.numpy())
+        except Exception as e:
+            raise StageError("quantize", f"{rt} cannot run {path.name}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+        if got is None:
+            out[rt] = "not installed (skipped)"
+            continue
+        diff = float(np.abs(got - ref).max())
+        out[rt] = {"max_abs": diff, "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
+        if what != "fp32 PyTorch" and diff > atol:
+            raise StageError("quantize", f"{rt} output of {path.name} differs from the {what} model by "
+                             f"{diff:.3g} (quantize.parity_atol {atol})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the modes
+
+def ptq_ort(ctx, spec, calib, act, keep) -> tuple[dict, Path]:
+    from exporters.onnx import export_onnx
+    from exporters.qdq import quantize_static
+
+    fp32 = ctx.scratch / "quantize" / "student.fp32.onnx"
+    export_onnx(ctx.student, (ctx.example(2),), fp32, opset=max(ctx.recipe.export.opset, 13))
+    out = ctx.work / "model" / "student.int8.onnx"
+    info = quantize_static(fp32, out, calib.numpy(), activations=act, keep_float=keep)
+    return info, out
+
+
+def _nncf_quantize(model, calib, spec, act, keep, ctx):
+    try:
+        import nncf
+    except ImportError:
+        raise UserError(f"quantize.mode {spec.mode} needs NNCF: pip install 'compressor[quant]' "
+                        "(nncf and torchao), or use quantize.mode: ptq-ort") from None
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+
+    if isinstance(model, nn.Sequential):
+        model = _Wrap(model)
+        keep = [f"net.{k}" for k in keep]
+    batches = [calib[i:i + 32] for i in range(0, len(calib), 32)]
+    # NNCF's node names are module paths with '/' (stem/0/conv2d/0): ignore everything under a kept path.
+    ignored = nncf.IgnoredScope(patterns=[f"^{re.escape(k.replace('.', '/'))}/.*" for k in keep], validate=False)
+    adv = AdvancedQuantizationParameters()
+    if act == "int8":  # TensorRT: signed activations everywhere (NNCF makes post-ReLU ones unsigned)
+        adv.activations_quantization_params = QuantizationParameters(signedness_to_force=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            q = nncf.quantize(model.eval(), nncf.Dataset(batches), subset_size=len(batches), ignored_scope=ignored,
+                              advanced_parameters=adv)
+        except Exception as e:
+            raise StageError("quantize", f"nncf.quantize failed on {type(model).__name__}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300]}") from None
+    return q
+
+
+def _nncf_export(q, ctx, spec):
+    """nncf.strip(NATIVE) turns NNCF's quantizers into torch fake-quant ops, which the TorchScript
+    exporter writes as standard QuantizeLinear/DequantizeLinear; without strip it writes a custom
+    FakeQuantize op ORT rejects, and the dynamo exporter fails on them."""
+    import nncf
+
+    from exporters.onnx import export_onnx
+
+    x = ctx.example(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            stripped = nncf.strip(q.eval(), strip_format=nncf.StripFormat.NATIVE, example_input=x[:1])
+        except ImportError as e:
+            raise UserError(f"nncf.strip needs torchao ({e}): pip install 'compressor[quant]'") from None
+    out = ctx.work / "model" / "student.int8.onnx"
+    export_onnx(stripped, (x,), out, opset=max(ctx.recipe.export.opset, 13), precision="int8")
+    return stripped, out
+
+
+def nncf_int8(ctx, spec, calib, act, keep) -> tuple[dict, Path, nn.Module]:
+    model = fold_batchnorm(ctx.student, ctx.log) if spec.fold_bn else copy.deepcopy(ctx.student).eval()
+    info = {"tool": "nncf", "activations": act, "bn_folded": _bn_count(model) == 0}
+    q = _nncf_quantize(model, calib, spec, act, keep, ctx)
+    info["ptq_fake_quant_accuracy"] = _evaluate(q, ctx)
+    if spec.mode == "qat-kd":
+        ctx.log(f"quantize: NNCF int8 after calibration {info['ptq_fake_quant_accuracy']:.4f}; "
+                f"fine-tuning {spec.epochs} epochs against the teacher")
+        info["qat"] = qat_fit(q, ctx, spec, "nncf")
+    info["fake_quant_accuracy"] = _evaluate(q, ctx)
+    import nncf
+
+    info["nncf"] = nncf.__version__
+    stripped, out = _nncf_export(q, ctx, spec)
+    return info, out, stripped
+
+
+# ------------------------------------------------------- Polino: bucketed uniform weight quantization
+
+def bucket_quantize(w: torch.Tensor, bits: int, bucket: int = 256) -> torch.Tensor:
+    """Polino et al.: flatten, buckets of ``bucket``; per bucket alpha = max - min, beta = min,
+    v = (w - beta) / alpha rounded to 2^b levels, w_q = alpha * v_q + beta."""
+    flat = w.reshape(-1)
+    pad = (-flat.numel()) % bucket
+    if pad:  # pad with the last value, so the padding never widens the last bucket's range
+        flat = torch.cat([flat, flat[-1:].expand(pad)])
+    b = flat.view(-1, bucket)
+    lo = b.min(1, keepdim=True).values
+    alpha = (b.max(1, keepdim=True).values - lo).clamp_min(1e-12)
+    levels = 2 ** bits - 1
+    q = torch.round((b - lo) / alpha * levels) / levels * alpha + lo
+    return q.reshape(-1)[:w.numel()].view_as(w)
+
+
+class BucketQuant(nn.Module):
+    """A parametrization: the module keeps the fp32 shadow weight (``parametrizations.weight.original``),
+    the forward sees the quantized one, and the gradient passes straight through to the shadow weight."""
+
+    def __init__(self, bits: int, bucket: int):
+        super().__init__()
+        self.bits, self.bucket = bits, bucket
+
+    def forward(self, w):
+        return w + (bucket_quantize(w, self.bits, self.bucket) - w).detach()
+
+
+def compressed_bits(model: nn.Module, quantized: dict[str, tuple[int, int]]) -> int:
+    """b bits per quantized weight + two fp32 numbers (alpha, beta) per bucket; 32 bits for the rest."""
+    total = 0
+    for name, p in model.named_parameters():
+        mod = name.rsplit(".", 1)[0]
+        if name.endswith("weight") and mod in quantized:
+            bits, bucket = quantized[mod]
+            total += p.numel() * bits + -(-p.numel() // bucket) * 64
+        else:
+            total += p.numel() * 32
+    return total + sum(b.numel() * b.element_size() * 8 for b in model.buffers())
+
+
+def polino(ctx, spec, keep) -> tuple[dict, Path, nn.Module]:
+    from torch.nn.utils import parametrize
+
+    from exporters.onnx import export_onnx, parity
+    from exporters.qdq import pack_bucketed
+
+    model = fold_batchnorm(ctx.student, ctx.log) if spec.fold_bn else copy.deepcopy(ctx.student).eval()
+    layers = {n: (spec.bits, spec.bucket) for n, m in model.named_modules()
+              if isinstance(m, QUANTIZABLE) and not any(n == k or n.startswith(k + ".") for k in keep)}
+    if not layers:
+        raise UserError("quantize: no Conv/Linear layer is left to quantize after quantize.keep_float")
+    mods = dict(model.named_modules())
+    for n in layers:
+        parametrize.register_parametrization(mods[n], "weight", BucketQuant(spec.bits, spec.bucket))
+    info = {"tool": "polino-bucketed", "bits": spec.bits, "bucket": spec.bucket, "layers": len(layers),
+            "bn_folded": _bn_count(model) == 0, "before_finetune_accuracy": _evaluate(model, ctx)}
+    ctx.log(f"quantize: {spec.bits}-bit bucketed weights on {len(layers)} layers, accuracy before fine-tuning "
+            f"{info['before_finetune_accuracy']:.4f}; fine-tuning {spec.epochs} epochs against the teacher")
+    info["qat"] = qat_fit(model, ctx, spec, f"w{spec.bits}")
+    info["fake_quant_accuracy"] = _evaluate(model, ctx)
+    for n in layers:  # bake the quantized values into plain weights
+        parametrize.remove_parametrizations(mods[n], "weight", leave_parametrized=True)
+    fp32_bits = sum(p.numel() for p in model.parameters()) * 32 + \
+        sum(b.numel() * b.element_size() * 8 for b in model.buffers())
+    info["size"] = {"fp32_bytes": fp32_bits // 8, "compressed_bytes": compressed_bits(model, layers) // 8}
+    info["size"]["ratio"] = info["size"]["fp32_bytes"] / info["size"]["compressed_bytes"]
+    grid = ctx.scratch / "quantize" / f"student.w{spec.bits}-grid.onnx"
+    export_onnx(model, (ctx.example(2),), grid, opset=max(ctx.recipe.export.opset, 13))
+    out = ctx.work / "model" / f"student.w{spec.bits}.onnx"
+    # Initializer names are the parameter names as long as the exporter had nothing left to fold.
+    info["export"] = pack_bucketed(grid, out, {f"{n}.weight": v for n, v in layers.items()})
+    info["export"]["note"] = ("ONNX Runtime dequantizes the 4-bit weights when the session starts: the file is "
+                              "smaller, the arithmetic fp32")
+    try:
+        info["parity"] = parity(out, model, ctx.example(64), atol=1e-4, rtol=1e-3)
+    except Exception as e:
+        raise StageError("quantize", f"4-bit ONNX: {e}") from None
+    return info, out, model
+
+
+# ------------------------------------------------------------------------------------- the stage
+
+def stage(ctx) -> StageRecord:
+    from exporters.onnx import describe
+    from exporters.qdq import check_qdq
+
+    spec = ctx.recipe.quantize
+    config = spec.model_dump(mode="json")
+    if spec.mode == "none":
+        return StageRecord("quantize", config=config, metrics={"mode": "none"})
+    keep, unhandled = float_layers(ctx.student, spec, ctx.log)
+    (ctx.scratch / "quantize").mkdir(parents=True, exist_ok=True)
+    held_out = ctx.example(64)
+    if spec.bits < 8:
+        info, out, model = polino(ctx, spec, keep)
+        precision, checks = f"w{spec.bits}", {}
+    else:
+        calib = calibration_inputs(ctx, spec)
+        act, why = activation_type(spec, ctx.recipe.targets)
+        ctx.log(f"quantize: {spec.mode}, {len(calib)} calibration samples, {act} activations ({why})")
+        if spec.mode == "ptq-ort":
+            info, out = ptq_ort(ctx, spec, calib, act, keep)
+            with torch.no_grad():
+                ref, what = ctx.student.eval()(held_out), "fp32 PyTorch"
+        else:
+            info, out, model = nncf_int8(ctx, spec, calib, act, keep)
+            with torch.no_grad():
+                ref, what = model.eval()(held_out), "fake-quantized PyTorch"
+        info["activations_why"] = why
+        try:
+            checks = check_qdq(out, keep_float=keep)
+        except Exception as e:
+            raise StageError("quantize", str(e)) from None
+        info["parity"] = _parity(out, ref, held_out, spec.parity_atol, what)
+        precision = "int8"
+    info.update(float_layers=keep, unhandled_layers=unhandled)
+    acc = _accuracy_onnx(out, ctx)
+    art = describe(out, precision=precision, role="student", parent="quantize")
+    art.path = out.relative_to(ctx.work).as_posix()
+    art.extra.update(mode=spec.mode, bits=spec.bits, checks=checks, parity=info.get("parity"))
+    metrics = {**info, "checks": checks, "onnx_accuracy": acc, "bytes": art.bytes}
+    # A w<b> file computes in fp32 after ORT dequantizes its weights at load, and device profiles list
+    # compute precisions: it ships but is not measured as its own precision.
+    if precision == "int8":
+        ctx.artifacts.append(art)
+    ctx.quality[f"student_{precision}"] = {"onnx_accuracy": acc, "mode": spec.mode,
+                                           **({"fake_quant_accuracy": info["fake_quant_accuracy"]}
+                                              if "fake_quant_accuracy" in info else {})}
+    ctx.log(f"quantize: {art.path} ({art.bytes / 1e6:.3f} MB), ONNX Runtime accuracy {acc:.4f}"
+            + (f", {checks['quantized_nodes']} quantized compute nodes" if checks else ""))
+    return StageRecord("quantize", config=config, metrics=metrics, outputs={"student": art.to_dict()})
+
+
+def restore(ctx, rec: StageRecord) -> None:
+    from exporters.artifact import Artifact
+
+    if "student" not in rec.outputs:
+        return
+    art = Artifact.from_dict(rec.outputs["student"])
+    if art.precision == "int8":
+        ctx.artifacts.append(art)
+    q = {"onnx_accuracy": rec.metrics["onnx_accuracy"], "mode": rec.config["mode"]}
+    if "fake_quant_accuracy" in rec.metrics:
+        q["fake_quant_accuracy"] = rec.metrics["fake_quant_accuracy"]
+    ctx.quality[f"student_{art.precision}"] = q

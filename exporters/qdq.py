@@ -1,0 +1,267 @@
+"""INT8 (and low-bit) ONNX in the standard QuantizeLinear/DequantizeLinear (QDQ) form.
+
+File -> file, like every exporter (it never imports compressor):
+
+- ``quantize_static``: ONNX Runtime's post-training static quantization of an fp32 ONNX file.
+- ``check_qdq``: the graph rules ONNX Runtime, OpenVINO and TensorRT's explicit quantization share:
+  only standard Q/DQ (no custom FakeQuantize op), Q/DQ on the inputs of every Conv/Gemm/MatMul that is
+  not deliberately kept in float, per-channel weight scales.
+- ``pack_bucketed``: rewrite fp32 weights that lie on Polino's bucketed b-bit grid as 4-bit codes
+  (UINT4 DequantizeLinear, opset 21) so the file shrinks; ONNX Runtime dequantizes them at load time.
+- ``run_onnxruntime`` / ``run_openvino``: outputs of a file on a batch, for parity checks.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from .artifact import ExportError
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def module_path(node_name: str) -> str:
+    """The PyTorch module path of a node exported by the TorchScript exporter.
+
+    Node names look like ``/stages/stages.0/stages.0.0/conv1/Conv``: a segment with dots is a full path
+    from the root, one without is a child of the previous segment; the last segment is the op.
+    """
+    parts: list[str] = []
+    for seg in node_name.strip("/").split("/")[:-1]:
+        parts = seg.split(".") if "." in seg else [*parts, seg]
+    return ".".join(parts)
+
+
+def _in_scope(path: str, scopes) -> bool:
+    return any(path == s or path.startswith(s + ".") for s in scopes)
+
+
+class _Reader:
+    """CalibrationDataReader over one array of inputs, fed in batches (ORT calls get_next until None)."""
+
+    def __init__(self, name: str, inputs, batch: int = 32):
+        self.batches = [{name: inputs[i:i + batch]} for i in range(0, len(inputs), batch)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_static(fp32: str | Path, out: str | Path, calibration, *, activations: str = "uint8",
+                    keep_float=(), per_channel: bool = True) -> dict:
+    """ONNX Runtime static QDQ quantization of ``fp32`` into ``out``; returns what it did.
+
+    int8 per-channel symmetric weights always. Activations: ``uint8`` (asymmetric; what ONNX Runtime's
+    x86 kernels run fastest) or ``int8`` (symmetric, zero point 0: what TensorRT requires). Nodes that
+    belong to a module path in ``keep_float`` stay in float. Runs in a temporary directory because the
+    quantizer (and its calibrator) leave large intermediate files in the working directory.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if activations not in ("uint8", "int8"):
+        raise ExportError(f"activations {activations!r}: use uint8 or int8")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    name = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="compressor-ptq-") as tmp:
+        os.chdir(tmp)  # the calibrator writes augmented models beside the working directory
+        try:
+            pre = Path(tmp) / "pre.onnx"
+            # Pre-processing folds BatchNorm into Conv (else ORT keeps a float Conv: no QLinearConv fusion)
+            # and infers shapes; symbolic shape inference fails on some exported graphs, so skip it.
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            graph = onnx.load(str(pre))
+            excluded = [n.name for n in graph.graph.node if keep_float and _in_scope(module_path(n.name), keep_float)]
+            tmp_out = Path(tmp) / "int8.onnx"
+            ort_quantize_static(
+                str(pre), str(tmp_out), _Reader(name, calibration), quant_format=QuantFormat.QDQ,
+                per_channel=per_channel, weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+                nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+                # int8 mode is TensorRT's: zero points 0 and biases left float (it fuses them itself).
+                extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True,
+                               "QuantizeBias": activations != "int8"})
+            part = out.with_name(f".{out.name}.tmp")
+            shutil.copyfile(tmp_out, part)
+            os.replace(part, out)
+        finally:
+            os.chdir(cwd)
+    return {"tool": "onnxruntime.quantization.quantize_static", "onnxruntime": ort.__version__,
+            "activations": activations, "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
+            "calibration_samples": int(len(calibration)), "calibration_method": "MinMax",
+            "nodes_kept_float": excluded}
+
+
+def _producer(graph) -> dict:
+    return {o: n for n in graph.node for o in n.output}
+
+
+# Ops that only move values: a DQ before them still feeds the next op exact quantized values, and ORT and
+# TensorRT both move Q/DQ across them (NNCF puts the head's quantizer before Flatten).
+SHAPE_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+def _dequantized(name: str, prod: dict):
+    """The DequantizeLinear node feeding ``name`` (through shape-only ops), or None."""
+    n = prod.get(name)
+    while n is not None and n.op_type in SHAPE_OPS:
+        n = prod.get(n.input[0])
+    return n if n is not None and n.op_type == "DequantizeLinear" else None
+
+
+def check_qdq(path: str | Path, keep_float=()) -> dict:
+    """Check the QDQ graph rules; raise ExportError on a violation, return a summary.
+
+    A Conv/Gemm/MatMul whose inputs are not both dequantized is allowed only when its module path is in
+    ``keep_float`` (then it is listed as float). ``tensorrt_ready`` says whether every Q/DQ is int8 with
+    zero point 0 (TensorRT's explicit quantization rejects uint8 and non-zero zero points).
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    ops = Counter(n.op_type for n in g.node)
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in g.node if n.domain not in ("", "ai.onnx")})
+    fake = sorted({n.op_type for n in g.node if "fakequant" in n.op_type.lower()})
+    if custom or fake:
+        raise ExportError(f"{Path(path).name} holds non-standard quantization ops {', '.join(custom + fake)}: "
+                          "ONNX Runtime, OpenVINO and TensorRT accept only QuantizeLinear/DequantizeLinear")
+    if not ops.get("DequantizeLinear"):
+        raise ExportError(f"{Path(path).name} has no DequantizeLinear: it is not quantized")
+    prod = _producer(g)
+    inits = {t.name: t for t in g.initializer}
+    quantized, floating, bad, per_channel = [], [], [], []
+    for n in g.node:
+        if n.op_type not in COMPUTE_OPS:
+            continue
+        dq = [_dequantized(i, prod) for i in n.input[:2]]
+        where = module_path(n.name) or n.name
+        if all(dq):
+            quantized.append(where)
+            scale = inits.get(_dequantized(n.input[1], prod).input[1])
+            per_channel.append(scale is not None and int(np.prod(scale.dims)) > 1)
+        elif keep_float and _in_scope(where, keep_float):
+            floating.append(where)
+        else:
+            bad.append(f"{n.op_type} {where} (inputs {'/'.join('DQ' if d else 'float' for d in dq)})")
+    if bad:
+        raise ExportError(f"{Path(path).name}: {len(bad)} compute node(s) without Q/DQ on their inputs: "
+                          f"{'; '.join(bad[:5])}")
+    zero_points, types = [], set()
+    for n in g.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+            zp = inits[n.input[2]]
+            types.add(onnx.TensorProto.DataType.Name(zp.data_type).lower())
+            zero_points.append(bool(np.all(numpy_helper.to_array(zp) == 0)))
+    return {"ops": dict(sorted(ops.items())), "quantized_nodes": len(quantized), "float_nodes": floating,
+            "per_channel_weights": bool(per_channel) and all(per_channel), "qdq_types": sorted(types),
+            # int32 Q/DQ are quantized biases: constant-foldable (polygraphy surgeon sanitize --fold-constants).
+            "tensorrt_ready": types - {"int32"} <= {"int8"} and all(zero_points),
+            "opset": next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)}
+
+
+def run_onnxruntime(path: str | Path, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def run_openvino(path: str | Path, x):
+    """Outputs through OpenVINO's CPU plugin in f32 inference precision; None when openvino is absent.
+
+    The precision hint matters: on AMX CPUs OpenVINO otherwise runs bf16 and the comparison would
+    measure bf16 rounding, not the int8 graph.
+    """
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled.create_infer_request().infer({0: x})[compiled.output(0)]
+
+
+def pack_bucketed(fp32: str | Path, out: str | Path, weights: dict) -> dict:
+    """Store Polino-quantized weights as 4-bit codes: ``weights`` maps initializer name -> (bits, bucket).
+
+    Each listed weight must already lie on its bucketed grid (w = alpha * k / (2^b - 1) + beta per bucket
+    of ``bucket`` flattened values). It becomes UINT4 codes (n_buckets x bucket, padded) -> per-bucket
+    DequantizeLinear (axis 0) -> Add beta -> reshape back: standard ONNX (opset 21), which ONNX Runtime runs
+    by dequantizing at session start, so the file shrinks but the arithmetic stays fp32. ONNX has no 2-
+    or 3-bit type ORT runs, so those are stored in 4-bit containers too (the reported size is b-bit).
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper, version_converter
+
+    m = onnx.load(str(fp32))
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 21:
+        m = version_converter.convert_version(m, 21)
+    inits = {t.name: t for t in m.graph.initializer}
+    missing = sorted(set(weights) - set(inits))
+    if missing:
+        raise ExportError(f"pack_bucketed: no initializer named {', '.join(missing)}")
+    nodes, packed, worst = [], {}, 0.0
+    for name, (bits, bucket) in weights.items():
+        if bits > 4:
+            raise ExportError(f"pack_bucketed: {name} has {bits} bits; only 2-4 are packed")
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        flat = w.reshape(-1)
+        pad = (-flat.size) % bucket
+        b = np.concatenate([flat, np.full(pad, flat[-1], np.float32)]).reshape(-1, bucket)
+        lo, hi = b.min(1), b.max(1)
+        levels = 2 ** bits - 1
+        scale = np.maximum(hi - lo, 1e-12) / levels
+        codes = np.clip(np.rint((b - lo[:, None]) / scale[:, None]), 0, levels).astype(np.uint8)
+        back = (codes * scale[:, None] + lo[:, None]).reshape(-1)[:flat.size]
+        worst = max(worst, float(np.abs(back - flat).max() / max(float(scale.max()), 1e-12)))
+        m.graph.initializer.remove(inits[name])
+        c, s, z, lo_n, sh = (f"{name}.q{bits}", f"{name}.scale", f"{name}.zp", f"{name}.beta", f"{name}.shape")
+        m.graph.initializer.extend([
+            helper.make_tensor(c, TensorProto.UINT4, list(codes.shape), codes.reshape(-1).tolist()),
+            numpy_helper.from_array(scale.astype(np.float32), s),
+            helper.make_tensor(z, TensorProto.UINT4, [len(scale)], [0] * len(scale)),
+            numpy_helper.from_array(lo[:, None].astype(np.float32), lo_n),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{name}.flat"),
+            numpy_helper.from_array(np.array([0], np.int64), f"{name}.start"),
+            numpy_helper.from_array(np.array([flat.size], np.int64), f"{name}.end"),
+            numpy_helper.from_array(np.array(w.shape, np.int64), sh)])
+        nodes += [helper.make_node("DequantizeLinear", [c, s, z], [f"{name}.dq"], axis=0),
+                  helper.make_node("Add", [f"{name}.dq", lo_n], [f"{name}.deq"]),
+                  helper.make_node("Reshape", [f"{name}.deq", f"{name}.flat"], [f"{name}.f"]),
+                  helper.make_node("Slice", [f"{name}.f", f"{name}.start", f"{name}.end"], [f"{name}.s"]),
+                  helper.make_node("Reshape", [f"{name}.s", sh], [name])]
+        packed[name] = {"bits": bits, "bucket": bucket, "buckets": int(len(scale)), "numel": int(flat.size)}
+    if worst > 1e-3:  # in units of a quantization step: the weights were not on the grid
+        raise ExportError(f"pack_bucketed: weights are off their {bits}-bit grid by {worst:.3g} steps")
+    for n in reversed(nodes):  # producers first, so the graph stays topologically sorted
+        m.graph.node.insert(0, n)
+    m.ir_version = max(m.ir_version, 10)  # 4-bit tensors need IR 10
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(f".{out.name}.tmp")
+    onnx.save(m, str(part))
+    try:
+        onnx.checker.check_model(str(part), full_check=True)
+    except onnx.checker.ValidationError as e:
+        part.unlink()
+        raise ExportError(f"packed 4-bit ONNX fails onnx.checker: {str(e).splitlines()[0]}") from None
+    os.replace(part, out)
+    return {"packed": packed, "opset": 21, "storage": "UINT4 DequantizeLinear, per-bucket scale, fp32 beta"}
