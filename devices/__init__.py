@@ -25,8 +25,26 @@ def _onnxruntime(profile):
     return OnnxRuntimeCPU(profile)
 
 
+def _openvino(profile):
+    from .openvino import OpenVINODevice
+
+    return OpenVINODevice(profile)
+
+
+def _tensorrt(profile):
+    from .gpu import GPUDevice
+
+    return GPUDevice(profile)
+
+
+def _vela(profile):
+    from .ethos import EthosUEstimator
+
+    return EthosUEstimator(profile)
+
+
 # runtime name -> factory(profile) -> Device
-DEVICES = {"onnxruntime": _onnxruntime}
+DEVICES = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt, "vela": _vela}
 
 
 def get_device(profile: DeviceProfile | str) -> Device:
