@@ -238,6 +238,7 @@ def _nncf_export(q, ctx, spec):
     import nncf
 
     from exporters.onnx import export_onnx
+    from exporters.qdq import fold_weight_quantizers
 
     x = ctx.example(2)
     with warnings.catch_warnings():
@@ -248,6 +249,7 @@ def _nncf_export(q, ctx, spec):
             raise UserError(f"nncf.strip needs torchao ({e}): pip install 'compressor[quant]'") from None
     out = ctx.work / "model" / "student.int8.onnx"
     export_onnx(stripped, (x,), out, opset=max(ctx.recipe.export.opset, 13), precision="int8")
+    fold_weight_quantizers(out)
     return stripped, out
 
 

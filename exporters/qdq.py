@@ -176,6 +176,66 @@ def check_qdq(path: str | Path, keep_float=()) -> dict:
             "opset": next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)}
 
 
+def fold_weight_quantizers(path: str | Path) -> dict:
+    """Replace each QuantizeLinear of a constant (a weight) by its int8 result, in place.
+
+    The TorchScript exporter writes fake-quantized weights as fp32 initializer -> QuantizeLinear ->
+    DequantizeLinear, so the file stays fp32-sized. Storing the int8 values (what ORT's own quantizer
+    writes) is the same graph numerically (np.rint rounds half to even, as QuantizeLinear does) at about a
+    quarter of the weight bytes.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = Path(path)
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    prod = _producer(g)
+
+    def const(name):
+        n = prod.get(name)
+        while n is not None and n.op_type == "Identity":
+            name, n = n.input[0], prod.get(n.input[0])
+        return inits.get(name) if n is None else None
+
+    before, folded = path.stat().st_size, 0
+    for n in list(g.node):
+        if n.op_type != "QuantizeLinear" or len(n.input) < 3:
+            continue
+        w, s, z = (const(i) for i in n.input[:3])
+        if w is None or s is None or z is None:
+            continue
+        x, scale, zp = (numpy_helper.to_array(t) for t in (w, s, z))
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        if scale.size > 1:  # per-channel: broadcast along the axis
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        info = np.iinfo(zp.dtype)
+        q = np.clip(np.rint(x / scale) + zp.astype(np.int32), info.min, info.max).astype(zp.dtype)
+        g.initializer.append(numpy_helper.from_array(q, n.output[0]))
+        g.node.remove(n)
+        folded += 1
+    # Drop what nothing reads any more: the Identity copies of zero points, the fp32 weights.
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)
+    part = path.with_name(f".{path.name}.tmp")
+    onnx.save(m, str(part))
+    onnx.checker.check_model(str(part), full_check=True)
+    os.replace(part, path)
+    return {"weights_folded": folded, "bytes_before": before, "bytes": path.stat().st_size}
+
+
 def run_onnxruntime(path: str | Path, x):
     import onnxruntime as ort
 

@@ -1,0 +1,218 @@
+"""The quantize stage without NNCF: ORT static QDQ, the QDQ graph rules, Polino's bucketed weights, bad input."""
+import copy
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from compressor.errors import StageError, UserError
+from compressor.models import ResNet
+from compressor.quantize import (BucketQuant, bucket_quantize, calibration_inputs, compressed_bits, fold_batchnorm,
+                                 float_layers, qat_fit)
+from compressor.recipe import load_recipe
+from exporters import ExportError
+from exporters.onnx import export_onnx
+from exporters.qdq import check_qdq, module_path, pack_bucketed, quantize_static, run_onnxruntime
+
+
+def _student():
+    torch.manual_seed(0)
+    m = ResNet(widths=(4, 8), depths=(1, 1), in_channels=1, num_classes=10)
+    for mod in m.modules():  # BN statistics that are not the identity, so folding is really checked
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.1)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def _spec(**kw):
+    return load_recipe({"name": "t", "teacher": {"model": "resnet"}, "data": {"dataset": "digits"},
+                        "student": {"model": "resnet"}, "quantize": kw}).quantize
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("q") / "s.onnx"
+    export_onnx(_student(), (torch.randn(2, 1, 16, 16),), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- Polino's quantizer
+
+def test_bucket_quantize_golden():
+    w = torch.tensor([0.0, 0.4, 0.6, 1.0, 10.0, 11.0, 12.0, 13.0])
+    # bucket 4: the first bucket spans [0, 1] in 2 levels (1 bit), the second [10, 13]
+    assert bucket_quantize(w, 1, 4).tolist() == [0.0, 0.0, 1.0, 1.0, 10.0, 10.0, 13.0, 13.0]
+    assert torch.allclose(bucket_quantize(w, 2, 4), torch.tensor([0, 1 / 3, 2 / 3, 1, 10, 11, 12, 13.0]))
+    x = torch.randn(3, 5, 7)  # 105 values: the last bucket is padded
+    q = bucket_quantize(x, 2, 16)
+    for b in q.reshape(-1)[:96].view(-1, 16):
+        assert len(b.unique()) <= 4
+    assert (q - x).abs().max() <= (x.max() - x.min()) / 3 / 2 + 1e-6
+
+
+def test_straight_through_gradient_reaches_the_shadow_weight():
+    w = torch.randn(300, requires_grad=True)
+    c = torch.randn(300)
+    (BucketQuant(2, 256)(w) * c).sum().backward()
+    assert torch.equal(w.grad, c)
+
+
+def test_compressed_size_counts_bits_and_bucket_scales():
+    m = nn.Sequential(nn.Linear(100, 10, bias=False), nn.Linear(10, 2))
+    # 1000 weights at 4 bits + 4 buckets x (alpha, beta) in fp32; the second layer stays fp32 (22 values)
+    assert compressed_bits(m, {"0": (4, 256)}) == 1000 * 4 + 4 * 64 + 22 * 32
+
+
+def test_fold_batchnorm_keeps_outputs_and_the_class():
+    m = _student()
+    f = fold_batchnorm(m, log=lambda s: None)
+    assert type(f) is ResNet and not any(isinstance(x, nn.BatchNorm2d) for x in f.modules())
+    x = torch.randn(4, 1, 16, 16)
+    assert torch.allclose(m(x), f(x), atol=1e-5)
+
+
+def test_pack_bucketed_is_standard_onnx_that_ort_runs(tmp_path):
+    m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    with torch.no_grad():
+        for layer in (m[0], m[3]):
+            layer.weight.copy_(bucket_quantize(layer.weight, 4, 64))
+    grid = tmp_path / "grid.onnx"
+    export_onnx(m, (torch.randn(2, 1, 8, 8),), grid)
+    out = tmp_path / "w4.onnx"
+    info = pack_bucketed(grid, out, {"0.weight": (4, 64), "3.weight": (4, 64)})
+    assert info["packed"]["3.weight"]["buckets"] == 45
+    x = torch.randn(5, 1, 8, 8)
+    assert np.abs(run_onnxruntime(out, x.numpy()) - m(x).detach().numpy()).max() < 1e-4
+    assert out.stat().st_size < 0.5 * grid.stat().st_size
+    types = {t.data_type for t in onnx.load(str(out)).graph.initializer}
+    assert onnx.TensorProto.UINT4 in types
+    with pytest.raises(ExportError, match="off their"):  # weights not on the grid are refused
+        export_onnx(nn.Linear(300, 4).eval(), (torch.randn(2, 300),), grid)
+        pack_bucketed(grid, out, {"weight": (4, 64)})
+
+
+# ------------------------------------------------------------------------------------ ORT and QDQ
+
+def test_module_path_from_torchscript_names():
+    assert module_path("/stages/stages.0/stages.0.0/conv1/Conv") == "stages.0.0.conv1"
+    assert module_path("/head/Gemm") == "head"
+    assert module_path("/stem/stem.0/Conv") == "stem.0"
+
+
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+def test_ort_static_qdq_passes_the_graph_rules(fp32_onnx, tmp_path, act):
+    out = tmp_path / "int8.onnx"
+    calib = torch.randn(64, 1, 16, 16).numpy()
+    info = quantize_static(fp32_onnx, out, calib, activations=act)
+    assert info["calibration_samples"] == 64 and not list(tmp_path.glob("*augmented*"))
+    c = check_qdq(out)
+    assert c["quantized_nodes"] == 7 and c["per_channel_weights"] and not c["float_nodes"]
+    assert set(c["ops"]) <= {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Add", "Relu",
+                             "GlobalAveragePool", "Flatten"}
+    assert ("uint8" in c["qdq_types"]) == (act == "uint8")
+    assert c["tensorrt_ready"] == (act == "int8")  # symmetric int8 with zero point 0
+    x = calib[:8]
+    assert np.abs(run_onnxruntime(out, x) - run_onnxruntime(fp32_onnx, x)).max() < 0.5
+
+
+def test_keep_float_leaves_the_named_layer_float(fp32_onnx, tmp_path):
+    out = tmp_path / "int8.onnx"
+    info = quantize_static(fp32_onnx, out, torch.randn(32, 1, 16, 16).numpy(), keep_float=["head"])
+    assert info["nodes_kept_float"] == ["/head/Gemm"]
+    assert check_qdq(out, keep_float=["head"])["float_nodes"] == ["head"]
+    with pytest.raises(ExportError, match="Gemm head"):  # not allowed unless asked for
+        check_qdq(out)
+
+
+def test_check_qdq_rejects_fp32_and_custom_fake_quant(fp32_onnx, tmp_path):
+    with pytest.raises(ExportError, match="no DequantizeLinear"):
+        check_qdq(fp32_onnx)
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("FakeQuantize", ["x"], ["y"], domain="org.openvinotoolkit")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "fq.onnx"
+    onnx.save(helper.make_model(g), str(path))
+    with pytest.raises(ExportError, match="FakeQuantize"):
+        check_qdq(path)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def test_unhandled_layer_is_named_and_kept_float_only_when_allowed():
+    m = nn.Sequential(nn.Linear(4, 4), Scale(), nn.Linear(4, 2))
+    with pytest.raises(UserError, match=r"layer '1' \(Scale\).*keep_float"):
+        float_layers(m, _spec(mode="ptq-ort", allow_float=False))
+    said = []
+    keep, unhandled = float_layers(m, _spec(mode="ptq-ort"), log=said.append)
+    assert keep == unhandled == ["1"] and "kept in float" in said[0]
+    with pytest.raises(UserError, match="no module 'nope'"):
+        float_layers(m, _spec(mode="ptq-ort", keep_float=["nope"]))
+    assert float_layers(m, _spec(mode="qat-kd", bits=4))[0][:2] == ["0", "2"]  # Polino: first and last
+
+
+def test_calibration_set_too_small():
+    data = SimpleNamespace(train=list(range(20)))
+    ctx = SimpleNamespace(data=data, log=print)
+    with pytest.raises(UserError, match="calibration set too small.*only 20"):
+        calibration_inputs(ctx, _spec(mode="ptq-ort"))
+    with pytest.raises(UserError, match="calibration is 8"):
+        calibration_inputs(ctx, _spec(mode="ptq-ort", calibration=8))
+
+
+def test_low_bits_need_qat():
+    with pytest.raises(UserError, match="bits 4 needs mode qat-kd"):
+        _spec(mode="ptq-ort", bits=4)
+
+
+def test_nan_during_qat_stops_the_stage(tiny_recipe, tmp_path):
+    from compressor.data import load_data
+
+    class NaNTeacher(nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 10), float("nan"))
+
+    recipe = load_recipe(tiny_recipe)
+    ctx = SimpleNamespace(recipe=recipe, data=load_data(recipe.data, 0), teacher=NaNTeacher(),
+                          scratch=tmp_path, log=lambda s: None)
+    student = ResNet(widths=(4,), depths=(1,), in_channels=1, num_classes=10)
+    with pytest.raises(StageError, match=r"^quantize: nncf fine-tuning stopped: .*nan.*last good checkpoint"):
+        qat_fit(student, ctx, _spec(mode="qat-kd", epochs=1), "nncf")
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+def test_pipeline_ptq_ort_ships_int8_beside_fp32(tiny_recipe, tmp_path):
+    import compressor
+
+    r = copy.deepcopy(tiny_recipe)
+    r["quantize"] = {"mode": "ptq-ort", "calibration": 64}
+    out = compressor.run(r, tmp_path / "b", log=lambda s: None)
+    m = json.loads((out / "manifest.json").read_text())
+    arts = {(a["role"], a["precision"]): a for a in m["artifacts"]}
+    assert arts[("student", "int8")]["path"] == "model/student.int8.onnx"
+    assert arts[("student", "fp32")]["path"] == "model/student.onnx"
+    assert (out / "model" / "student.int8.onnx").is_file()
+    measured = {x["artifact"] for x in m["measurements"]}
+    assert "model/student.int8.onnx" in measured and "model/student.onnx" in measured
+    q = m["quality"]["student_int8"]
+    assert 0 <= q["onnx_accuracy"] <= 1 and q["mode"] == "ptq-ort"
+    rec = next(s for s in m["stages"] if s["name"] == "quantize")
+    assert rec["metrics"]["checks"]["quantized_nodes"] > 0 and rec["metrics"]["activations"] == "uint8"
+    prof = next(s for s in m["stages"] if s["name"] == "profile")["metrics"]["local-cpu"]
+    assert "student_int8_b1_p50_ms" in prof and "speedup_b1" in prof
