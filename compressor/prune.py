@@ -1,0 +1,385 @@
+"""One-shot layer pruning after LAPTOP-Diff (Zhang et al., 2024), on any teacher.
+
+1. Units: blocks that can be dropped without breaking shapes. A unit is a child of an nn.Sequential or
+   nn.ModuleList that has parameters and submodules of its own (a block, not a bare conv or norm) and
+   whose output has the shape of its input: residual blocks at constant width, Transformer layers
+   (Hugging Face encoders' ``encoder.layer.i`` included). The outermost such block wins.
+2. Criterion: s_i = E ||y(without unit i) - y||^2 over calibration batches, each unit removed alone.
+3. Selection: the losses are close to additive over sets, so the set to remove is a 0/1 knapsack:
+   minimise sum s_i subject to the removed parameters (or FLOPs, or unit count) >= the budget.
+4. The pruned model is a copy of the teacher with the units gone: a unit in an nn.Sequential becomes
+   nn.Identity (module paths stay as they were), a unit in an nn.ModuleList is deleted from the list
+   (a Transformer layer returns a tuple, which an identity would not; a Hugging Face config's
+   num_hidden_layers follows). ``removed`` (the teacher's unit paths) rebuilds it: build_pruned().
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .distill.hooks import first_tensor
+from .errors import UserError
+
+
+@dataclass
+class Unit:
+    path: str
+    params: int
+    flops: int = 0
+    loss: float = float("nan")  # s_i, the output loss when this unit alone is removed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def call(model: nn.Module, batch):
+    """Run a batch that is a tensor or a dict of tensors (Hugging Face inputs)."""
+    return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+def output(model: nn.Module, batch) -> torch.Tensor:
+    y = first_tensor(call(model, batch))
+    if y is None:
+        raise UserError(f"{type(model).__name__} returned no tensor; layer pruning compares outputs")
+    return y
+
+
+def _first_input(args, kwargs):
+    t = first_tensor(list(args))
+    if t is None:
+        t = first_tensor(kwargs.get("hidden_states")) if "hidden_states" in kwargs else first_tensor(kwargs)
+    return t
+
+
+@torch.no_grad()
+def find_units(model: nn.Module, example) -> list[Unit]:
+    """The prunable units of ``model``, in module order, found on one forward pass of ``example``."""
+    shapes, handles = {}, []
+
+    def hook_for(name):
+        def hook(module, args, kwargs, out):
+            if name not in shapes:
+                i, o = _first_input(args, kwargs), first_tensor(out)
+                shapes[name] = (None if i is None else tuple(i.shape), None if o is None else tuple(o.shape))
+        return hook
+
+    was = model.training
+    model.eval()
+    try:
+        for name, m in model.named_modules():
+            if name:
+                handles.append(m.register_forward_hook(hook_for(name), with_kwargs=True))
+        call(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    units: list[Unit] = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            continue
+        for child_name, child in parent.named_children():
+            path = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, (nn.Sequential, nn.ModuleList)) or not list(child.children()):
+                continue  # containers are searched inside; a bare layer is not a block
+            n_params = sum(p.numel() for p in child.parameters())
+            i, o = shapes.get(path, (None, None))
+            if n_params and i is not None and i == o:
+                units.append(Unit(path, n_params))
+    # The outermost unit wins: a block inside a removable block is not a unit of its own.
+    paths = [u.path for u in units]
+    return [u for u in units if not any(u.path.startswith(p + ".") for p in paths if p != u.path)]
+
+
+def _split(path: str) -> tuple[str, str]:
+    parent, _, child = path.rpartition(".")
+    return parent, child
+
+
+def _remove(model: nn.Module, paths) -> list:
+    """Remove units in place; return what restores them (in the order to undo)."""
+    undo = []
+    by_parent: dict[str, list[str]] = {}
+    for p in paths:
+        parent, child = _split(p)
+        by_parent.setdefault(parent, []).append(child)
+    for parent_name, children in by_parent.items():
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.ModuleList):
+            # Delete from the back, so the earlier indices still name the teacher's layers.
+            for idx in sorted((int(c) for c in children), reverse=True):
+                undo.append(("insert", parent, idx, parent[idx]))
+                del parent[idx]
+        else:
+            for c in children:
+                undo.append(("set", parent, c, getattr(parent, c)))
+                setattr(parent, c, nn.Identity())
+    return undo
+
+
+def _restore(undo) -> None:
+    for kind, parent, key, module in reversed(undo):
+        if kind == "insert":
+            parent.insert(key, module)
+        else:
+            setattr(parent, key, module)
+
+
+@contextmanager
+def without(model: nn.Module, paths):
+    """The model with ``paths`` removed while the block runs, then exactly as before."""
+    undo = _remove(model, paths)
+    try:
+        yield model
+    finally:
+        _restore(undo)
+
+
+def build_pruned(teacher: nn.Module, removed) -> nn.Module:
+    """A copy of the teacher, with the teacher's weights, without the ``removed`` units."""
+    student = copy.deepcopy(teacher)
+    lists = {}
+    for p in removed:
+        parent, _ = _split(p)
+        m = student.get_submodule(parent) if parent else student
+        if isinstance(m, nn.ModuleList):
+            lists[parent] = len(m)
+    _remove(student, removed)
+    config = getattr(student, "config", None)
+    for parent, before in lists.items():
+        # Hugging Face models size caches and masks from config.num_hidden_layers.
+        if config is not None and getattr(config, "num_hidden_layers", None) == before:
+            config.num_hidden_layers = len(student.get_submodule(parent))
+    return student.requires_grad_(True)
+
+
+def _sq_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).pow(2).flatten(1).sum(1).sum())
+
+
+@torch.no_grad()
+def set_loss(model: nn.Module, paths, batches, refs=None) -> float:
+    """E ||y(without paths) - y||^2 over the calibration batches (per sample, summed over outputs)."""
+    model.eval()
+    refs = refs if refs is not None else [output(model, b) for b in batches]
+    with without(model, paths):
+        total = sum(_sq_error(output(model, b), r) for b, r in zip(batches, refs))
+    return total / sum(len(r) for r in refs)
+
+
+def flops(model: nn.Module, example) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = {k: v[:1] for k, v in example.items()} if isinstance(example, dict) else example[:1]
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        call(model, one)
+    return int(fc.get_total_flops())
+
+
+@torch.no_grad()
+def score_units(model: nn.Module, units: list[Unit], batches, with_flops: bool = True) -> list[Unit]:
+    """Fill each unit's loss s_i (and the FLOPs its removal saves, per sample)."""
+    was = model.training
+    model.eval()
+    try:
+        refs = [output(model, b) for b in batches]
+        total_flops = flops(model, batches[0]) if with_flops else 0
+        for u in units:
+            u.loss = set_loss(model, [u.path], batches, refs)
+            if with_flops:
+                with without(model, [u.path]):
+                    u.flops = total_flops - flops(model, batches[0])
+    finally:
+        model.train(was)
+    return units
+
+
+def select(units: list[Unit], by: str, budget: float) -> list[Unit]:
+    """The set of units with the least summed loss whose summed cost (params / flops / 1 each) reaches
+    ``budget``: a covering 0/1 knapsack, solved exactly by dynamic programming over the reachable cost
+    sums (capped at the budget) with dominated states dropped. Repeated blocks share their cost, so
+    the distinct sums stay few (a stack of n equal layers has n + 1).
+    """
+    cost = [1 if by == "units" else getattr(u, by) for u in units]
+    total = sum(cost)
+    if budget > total:
+        raise UserError(f"prune: removing every prunable unit ({len(units)}: {', '.join(u.path for u in units)}) "
+                        f"saves {total:,} {by}, short of the {budget:,.0f} asked; lower prune.remove")
+    # state: capped cost -> (least loss, chosen indices)
+    states: dict[float, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for i, u in enumerate(units):
+        for c, (loss, chosen) in list(states.items()):
+            nc = min(budget, c + cost[i])
+            if nc not in states or loss + u.loss < states[nc][0]:
+                states[nc] = (loss + u.loss, chosen + (i,))
+        # A state with less cost and no less loss than another can never be the better start.
+        kept, best = {}, float("inf")
+        for c in sorted(states, reverse=True):
+            if states[c][0] < best:
+                kept[c], best = states[c], states[c][0]
+        states = kept
+    chosen = states[budget][1]
+    if len(chosen) == len(units):
+        raise UserError(f"prune: a budget of {budget:,.0f} {by} removes every prunable unit "
+                        f"({', '.join(u.path for u in units)}), which leaves no model; lower prune.remove")
+    return [units[i] for i in sorted(chosen)]
+
+
+def calibration_batches(data, batch_size: int, n: int) -> list:
+    batches = []
+    for x, _ in data.loader("train", batch_size):
+        batches.append(x)
+        if len(batches) == n:
+            break
+    return batches
+
+
+def prune_teacher(teacher: nn.Module, batches, by: str = "params", remove: float = 0.5, log=print):
+    """Find, score and select units; return (pruned student, record dict with every unit's numbers)."""
+    units = find_units(teacher, batches[0])
+    if not units:
+        raise UserError(f"prune: {type(teacher).__name__} has no prunable unit (a block in an nn.Sequential or "
+                        "nn.ModuleList whose output has its input's shape); drop the prune section")
+    score_units(teacher, units, batches)
+    total = {"params": sum(p.numel() for p in teacher.parameters()), "flops": flops(teacher, batches[0]),
+             "units": len(units)}[by]
+    budget = remove if by == "units" else remove * total
+    chosen = select(units, by, budget)
+    removed = [u.path for u in chosen]
+    student = build_pruned(teacher, removed)
+    predicted = sum(u.loss for u in chosen)
+    measured = set_loss(teacher, removed, batches)
+    teacher.eval()
+    log(f"pruned {len(removed)} of {len(units)} units ({', '.join(removed)}): "
+        f"{sum(u.params for u in chosen):,} params, output loss {measured:.4g} (sum of single-unit losses {predicted:.4g})")
+    info = {"units": [u.to_dict() for u in units], "removed": removed, "by": by, "remove": remove,
+            "budget": budget, "predicted_loss": predicted, "measured_loss": measured,
+            "params": sum(p.numel() for p in student.parameters()), "flops": flops(student, batches[0])}
+    return student, info
+
+
+# ------------------------------------------------------------------------------------- additivity
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (average ranks for ties), without scipy."""
+    def ranks(x):
+        x = list(x)
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = math.sqrt(sum((x - ma) ** 2 for x in ra))
+    vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
+    return cov / (va * vb) if va and vb else float("nan")
+
+
+@torch.no_grad()
+def additivity(model: nn.Module, batches, n_sets: int = 40, seed: int = 0, units: list[Unit] | None = None) -> dict:
+    """LAPTOP-Diff's premise, measured: for random sets of 2..n-1 units, the rank correlation between
+    the sum of single-unit losses and the measured loss of removing the set together."""
+    units = units or score_units(model, find_units(model, batches[0]), batches, with_flops=False)
+    if len(units) < 3:
+        raise UserError(f"additivity needs at least 3 prunable units, {type(model).__name__} has {len(units)}")
+    model.eval()
+    refs = [output(model, b) for b in batches]
+    rng = random.Random(seed)
+    seen, rows = set(), []
+    for _ in range(n_sets * 20):
+        if len(rows) == n_sets:
+            break
+        k = rng.randint(2, len(units) - 1)
+        s = tuple(sorted(rng.sample(range(len(units)), k)))
+        if s in seen:
+            continue
+        seen.add(s)
+        rows.append({"removed": [units[i].path for i in s], "predicted": sum(units[i].loss for i in s),
+                     "measured": set_loss(model, [units[i].path for i in s], batches, refs)})
+    return {"spearman": spearman([r["predicted"] for r in rows], [r["measured"] for r in rows]),
+            "sets": len(rows), "units": [u.to_dict() for u in units], "rows": rows}
+
+
+# ------------------------------------------------------------------------------------ the pipeline stage
+
+def rebuild(genome: dict) -> nn.Module:
+    """A pruned student from its genome alone (the teacher's builder, config and removed units); its
+    weights then come from the bundle's model/student.pt."""
+    from .models import build_model
+
+    teacher = build_model(genome["model"], genome["config"], genome.get("defaults"), what="pruned teacher")
+    return build_pruned(teacher, genome["removed"])
+
+
+def stage(ctx):
+    """The pipeline's prune stage: with a ``prune:`` section the pruned teacher replaces the student."""
+    from .bundle import StageRecord
+
+    spec = ctx.recipe.prune
+    if spec is None:
+        return StageRecord("prune", metrics={"skipped": "no prune section in the recipe"})
+    batches = calibration_batches(ctx.data, ctx.recipe.data.batch_size, spec.calibration_batches)
+    student, info = prune_teacher(ctx.teacher, batches, spec.by, spec.remove, log=ctx.log)
+    ctx.student = student
+    ctx.genome = _genome(ctx, info["removed"])
+    ctx.log(f"the pruned teacher replaces the recipe's student: {info['params']:,} params, "
+            f"{info['flops'] / 1e6:.1f} MFLOPs")
+    return StageRecord("prune", config=spec.model_dump(mode="json"),
+                       metrics={k: v for k, v in info.items() if k != "removed"},
+                       outputs={"removed": info["removed"], "genome": ctx.genome})
+
+
+def restore(ctx, rec) -> None:
+    if "removed" in rec.outputs:
+        ctx.student = build_pruned(ctx.teacher, rec.outputs["removed"])
+        ctx.genome = rec.outputs["genome"]
+
+
+def _genome(ctx, removed) -> dict:
+    t = ctx.recipe.teacher
+    return {"model": t.model, "config": t.kwargs, "defaults": ctx.genome.get("defaults", {}),
+            "pruned_from": "teacher", "removed": list(removed)}
+
+
+def main(argv=None) -> None:
+    """python -m compressor.prune additivity [--recipe quickstart] [--sets 40] [--batches 4]: the rank
+    correlation between summed single-unit losses and measured set losses on a recipe's teacher."""
+    import argparse
+    import json
+
+    from .data import load_data
+    from .recipe import load_recipe
+    from .teacher import load_teacher
+
+    ap = argparse.ArgumentParser(prog="python -m compressor.prune")
+    ap.add_argument("what", choices=["additivity"])
+    ap.add_argument("--recipe", default="quickstart")
+    ap.add_argument("--sets", type=int, default=40)
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    recipe = load_recipe(args.recipe)
+    data = load_data(recipe.data, recipe.seed)
+    teacher, _ = load_teacher(recipe, data)
+    batches = calibration_batches(data, recipe.data.batch_size, args.batches)
+    r = additivity(teacher, batches, n_sets=args.sets, seed=args.seed)
+    print(json.dumps({k: r[k] for k in ("spearman", "sets")} | {"units": [(u["path"], u["loss"]) for u in r["units"]]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Layer pruning: units, the output-loss criterion, the knapsack, the pruned student, the stage."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from compressor import prune as P
+from compressor.errors import UserError
+from compressor.models import ResNet
+
+
+def resnet():
+    torch.manual_seed(0)
+    return ResNet(widths=(8, 16), depths=(2, 2), in_channels=1).eval()
+
+
+class Layer(nn.Module):
+    """A Transformer-style layer that returns a tuple, as Hugging Face layers do."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.ff = nn.Sequential(nn.Linear(d, d), nn.Tanh())
+
+    def forward(self, hidden_states, mask=None):
+        return (hidden_states + self.ff(hidden_states),)
+
+
+class Encoder(nn.Module):
+    def __init__(self, n=4, d=6):
+        super().__init__()
+        self.embed = nn.Linear(3, d)
+        self.layer = nn.ModuleList(Layer(d) for _ in range(n))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layer:
+            h = layer(h, mask=None)[0]
+        return self.head(h)
+
+
+def test_units_of_a_resnet_are_its_constant_shape_blocks():
+    m = resnet()
+    units = P.find_units(m, torch.randn(2, 1, 16, 16))
+    # stages.1.0 changes width and stride; the stem and head are not blocks in a container.
+    assert [u.path for u in units] == ["stages.0.0", "stages.0.1", "stages.1.1"]
+    assert units[0].params == sum(p.numel() for p in m.stages[0][0].parameters())
+
+
+def test_units_of_a_transformer_stack_and_removal_from_the_list():
+    torch.manual_seed(0)
+    m = Encoder().eval()
+    x = torch.randn(2, 5, 3)
+    units = P.find_units(m, x)
+    assert [u.path for u in units] == [f"layer.{i}" for i in range(4)]
+    pruned = P.build_pruned(m, ["layer.1", "layer.3"])
+    assert len(pruned.layer) == 2 and len(m.layer) == 4
+    assert torch.equal(pruned.layer[1].ff[0].weight, m.layer[2].ff[0].weight)  # teacher's weights, shifted
+    # The removed layers skipped by hand give the same output.
+    h = m.embed(x)
+    for i in (0, 2):
+        h = m.layer[i](h)[0]
+    torch.testing.assert_close(pruned(x), m.head(h))
+
+
+def test_criterion_is_the_output_loss_of_each_unit_alone():
+    m = resnet()
+    x = torch.randn(4, 1, 16, 16)
+    units = P.score_units(m, P.find_units(m, x), [x[:2], x[2:]])
+    with torch.no_grad():
+        y = m(x)
+        for u in units:
+            parent, idx = u.path.rsplit(".", 1)
+            seq = m.get_submodule(parent)
+            keep = seq[int(idx)]
+            seq[int(idx)] = nn.Identity()
+            want = ((m(x) - y) ** 2).sum(1).mean().item()
+            seq[int(idx)] = keep
+            assert u.loss == pytest.approx(want, rel=1e-5)
+            assert u.flops > 0
+    torch.testing.assert_close(m(x), y)  # scoring restored the model
+
+
+def test_knapsack_matches_brute_force():
+    units = [P.Unit(f"u{i}", params=p, loss=l)
+             for i, (p, l) in enumerate([(10, 0.5), (30, 0.9), (20, 0.2), (25, 0.6), (5, 0.05), (40, 2.0)])]
+    for budget in (5, 21, 44, 60, 90):
+        got = P.select(units, "params", budget)
+        assert sum(u.params for u in got) >= budget
+        best = min((s for k in range(1, 6) for s in itertools.combinations(units, k)
+                    if sum(u.params for u in s) >= budget), key=lambda s: sum(u.loss for u in s))
+        assert sum(u.loss for u in got) == pytest.approx(sum(u.loss for u in best))
+    assert [u.path for u in P.select(units, "units", 2)] == ["u2", "u4"]
+
+
+def test_budget_that_removes_every_unit_is_a_user_error():
+    units = [P.Unit("a", 10, loss=1.0), P.Unit("b", 10, loss=1.0)]
+    with pytest.raises(UserError, match="removes every prunable unit \\(a, b\\)"):
+        P.select(units, "params", 15)
+    with pytest.raises(UserError, match="short of the"):
+        P.select(units, "params", 25)
+    with pytest.raises(UserError, match="removes every prunable unit"):
+        P.select(units, "units", 2)
+
+
+def test_prune_teacher_and_rebuild_from_genome():
+    m = resnet()
+    x = torch.randn(8, 1, 16, 16)
+    student, info = P.prune_teacher(m, [x], "units", 1, log=lambda s: None)
+    assert len(info["removed"]) == 1 and info["params"] < sum(p.numel() for p in m.parameters())
+    assert info["measured_loss"] == pytest.approx(info["predicted_loss"], rel=1e-5)  # one unit: exact
+    rebuilt = P.rebuild({"model": "resnet", "config": {"widths": [8, 16], "depths": [2, 2]},
+                         "defaults": {"in_channels": 1}, "removed": info["removed"]})
+    rebuilt.load_state_dict(student.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x), student.eval()(x))
+
+
+def test_spearman():
+    assert P.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert P.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    assert P.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
+
+
+def test_recipe_prune_section_is_validated(tiny_recipe):
+    from compressor.recipe import load_recipe
+
+    tiny_recipe["prune"] = {"by": "params", "remove": 1.5}
+    with pytest.raises(UserError, match="prune.*fraction below 1"):
+        load_recipe(tiny_recipe)
+    tiny_recipe["prune"] = {"by": "units", "remove": 1, "typo": 2}
+    with pytest.raises(UserError, match="prune.typo: unknown key"):
+        load_recipe(tiny_recipe)
+
+
+@pytest.fixture
+def deep_tiny(tiny_recipe):
+    # Two blocks per stage, so the teacher has three prunable units (stages.0.0, stages.0.1, stages.1.1).
+    tiny_recipe["teacher"]["kwargs"]["depths"] = [2, 2]
+    tiny_recipe["distill"]["epochs"] = 1
+    tiny_recipe["targets"] = []
+    return tiny_recipe
+
+
+def test_pipeline_prunes_the_teacher_into_the_student(deep_tiny, tmp_path):
+    import compressor
+    from compressor.bundle import read_manifest
+
+    deep_tiny["prune"] = {"by": "units", "remove": 1, "calibration_batches": 2}
+    deep_tiny["distill"]["losses"] = [{"name": "kd", "weight": 1.0},
+                                      {"name": "feature_norm", "weight": 1.0, "pairs": ["stages.0", "stages.1"]}]
+    out = compressor.run(deep_tiny, tmp_path / "b", log=lambda s: None)
+    man = read_manifest(out)
+    rec = next(s for s in man["stages"] if s["name"] == "prune")
+    assert len(rec["outputs"]["removed"]) == 1 and len(rec["metrics"]["units"]) == 3
+    assert man["student"]["removed"] == rec["outputs"]["removed"]
+    # The genome and the shipped weights rebuild the student.
+    student = P.rebuild(man["student"])
+    student.load_state_dict(torch.load(out / "model" / "student.pt", weights_only=True))
+
+
+def test_pipeline_budget_removing_everything(deep_tiny, tmp_path):
+    import compressor
+
+    deep_tiny["prune"] = {"by": "units", "remove": 3}
+    with pytest.raises(UserError, match="removes every prunable unit"):
+        compressor.run(deep_tiny, tmp_path / "b", log=lambda s: None)
+
+
+def test_additivity_report():
+    """The mechanics of the additivity check (the figure on the quickstart teacher comes from
+    ``python -m compressor.prune additivity``; an untrained net here keeps the test fast)."""
+    torch.manual_seed(0)
+    m = ResNet(widths=(8, 16), depths=(3, 3), in_channels=1).eval()
+    x = torch.randn(32, 1, 16, 16)
+    r = P.additivity(m, [x[:16], x[16:]], n_sets=12)
+    assert r["sets"] == 12 and len(r["units"]) == 5
+    row = r["rows"][0]
+    assert 2 <= len(row["removed"]) <= 4
+    assert row["measured"] == pytest.approx(P.set_loss(m, row["removed"], [x]), rel=1e-4)
+    assert -1 <= r["spearman"] <= 1
