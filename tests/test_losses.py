@@ -223,13 +223,21 @@ def test_taid_only_moves_in_training():
     assert int(term.step) == 0
 
 
-def test_bad_pairs_and_params_are_user_errors():
-    with pytest.raises(UserError, match="needs pairs"):
+def test_bad_pairs_and_params():
+    with pytest.raises(ValueError, match="needs pairs"):
         build_loss("feature")
-    with pytest.raises(UserError, match="each pair"):
+    with pytest.raises(ValueError, match="each pair"):
         build_loss("feature_norm", pairs=[["a", "b", "c"]])
-    with pytest.raises(UserError, match="takes no parameter"):
+    with pytest.raises(ValueError, match="takes no parameter"):
         build_loss("rkd", distance_wieght=1)
+
+
+def test_bad_pairs_are_a_recipe_error_with_its_path(tiny_recipe):
+    from compressor.recipe import load_recipe
+
+    tiny_recipe["distill"]["losses"] = [{"name": "feature", "pairs": [["stages.0"]]}]
+    with pytest.raises(UserError, match=r"distill\.losses\.0.*each pair is \[student module path"):
+        load_recipe(tiny_recipe)
 
 
 def test_unadaptable_shapes_name_the_pair():

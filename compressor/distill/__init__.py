@@ -30,16 +30,15 @@ def check_params(name: str, params: dict) -> None:
     if unknown:
         raise ValueError(f"loss {name!r} takes no parameter {', '.join(unknown)} "
                          f"(it takes: {', '.join(accepted) or 'nothing'})")
+    try:  # values the loss rejects (pairs of the wrong form) fail here too, in the recipe's validation
+        LOSSES[name](**params)
+    except TypeError as e:
+        raise ValueError(f"loss {name!r}: {e}") from None
 
 
 def build_loss(name: str, **params):
-    from ..errors import UserError
-
-    try:
-        check_params(name, params)
-        return LOSSES[name](**params)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"distill.losses: {e}") from None
+    check_params(name, params)
+    return LOSSES[name](**params)
 
 
 def __getattr__(attr):
