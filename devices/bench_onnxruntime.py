@@ -2,8 +2,8 @@
 """Measure the latency of an ONNX model with ONNX Runtime: a self-contained script.
 
 It needs only onnxruntime and numpy, so it runs on a board that has no training stack. The toolchain
-imports it for local measurements, copies it into every bundle as ``bench.py``, and (later) ships it to
-remote devices: one measurement procedure everywhere.
+imports it for local measurements, copies it into every bundle as ``bench.py``, and ships it to remote
+devices over SSH (devices/remote.py): one measurement procedure everywhere.
 
     python bench.py model.onnx --batch 1 --threads 2 --warmup 20 --runs 200
 
@@ -22,6 +22,8 @@ import time
 def host_info() -> dict:
     """CPU model, core count and frequency governor, where the OS exposes them."""
     info = {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()}
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_allowed"] = len(os.sched_getaffinity(0))  # what this process may use (taskset, cgroups)
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -88,9 +90,46 @@ def summarize(lat_ms: list[float]) -> dict:
     }
 
 
+def _cv(xs) -> float:
+    n = len(xs)
+    mean = sum(xs) / n
+    return (sum((x - mean) ** 2 for x in xs) / n) ** 0.5 / mean if mean > 0 else 0.0
+
+
+def time_runs(run, runs: int, max_seconds: float, target_cv: float = 0.0, window: int = 20):
+    """Milliseconds per ``run()``: up to ``runs`` calls, at least 5, stopping at ``max_seconds``; with
+    ``target_cv`` > 0 also once the last ``window`` calls have a coefficient of variation <= target_cv
+    (the spread is stable, more runs would not change the percentiles much). Returns (latencies, why
+    it stopped: "stable", "runs" or "time")."""
+    window = max(int(window), 5)
+    lat = []
+    deadline = time.perf_counter() + max_seconds
+    while len(lat) < runs:
+        if len(lat) >= 5 and time.perf_counter() >= deadline:
+            return lat, "time"
+        t0 = time.perf_counter()
+        run()
+        lat.append((time.perf_counter() - t0) * 1e3)
+        if target_cv > 0 and len(lat) >= window and _cv(lat[-window:]) <= target_cv:
+            return lat, "stable"
+    return lat, "runs"
+
+
+def stability(lat: list, stop: str, target_cv: float, window: int) -> dict:
+    """How the timing loop ended, and the spread of its last window: goes into Measurement.extra."""
+    w = lat[-max(int(window), 5):]
+    d = {"stop": stop, "window": len(w), "window_cv": _cv(w) if w else 0.0}
+    if target_cv > 0:
+        d["target_cv"] = target_cv
+        d["stable"] = stop == "stable"
+    return d
+
+
 def measure(model: str, batch: int = 1, threads: int = 0, warmup: int = 10, runs: int = 100,
-            max_seconds: float = 30.0, dims: dict | None = None, providers: list | None = None) -> dict:
-    """Warm up, then time ``runs`` single inferences (stopping early at ``max_seconds``)."""
+            max_seconds: float = 30.0, dims: dict | None = None, providers: list | None = None,
+            target_cv: float = 0.0, window: int = 20) -> dict:
+    """Warm up, then time up to ``runs`` single inferences (stopping early at ``max_seconds``, or, with
+    ``target_cv`` > 0, once the last ``window`` runs vary by at most that coefficient of variation)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -102,12 +141,7 @@ def measure(model: str, batch: int = 1, threads: int = 0, warmup: int = 10, runs
     feeds = make_inputs(session, batch, dims)
     for _ in range(max(warmup, 1)):
         session.run(None, feeds)
-    lat = []
-    deadline = time.perf_counter() + max_seconds
-    while len(lat) < runs and (len(lat) < 5 or time.perf_counter() < deadline):
-        t0 = time.perf_counter()
-        session.run(None, feeds)
-        lat.append((time.perf_counter() - t0) * 1e3)
+    lat, stop = time_runs(lambda: session.run(None, feeds), runs, max_seconds, target_cv, window)
     peak_rss_mb = None
     try:
         import resource
@@ -120,7 +154,7 @@ def measure(model: str, batch: int = 1, threads: int = 0, warmup: int = 10, runs
         "provider": session.get_providers()[0], "batch": batch, "threads": int(threads),
         "warmup": warmup, "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
         "peak_rss_mb": peak_rss_mb, "host": host_info(), "estimated": False,
-        **summarize(lat),
+        **summarize(lat), "extra": stability(lat, stop, target_cv, window),
     }
 
 
@@ -133,9 +167,14 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--max-seconds", type=float, default=30.0)
     p.add_argument("--dim", action="append", default=[], help="symbolic dimension, e.g. sequence=128")
+    p.add_argument("--target-cv", type=float, default=0.0,
+                   help="stop before --runs once the last --window runs have this coefficient of variation "
+                        "or less (0: always time --runs)")
+    p.add_argument("--window", type=int, default=20, help="runs in the stability window (at least 5)")
     a = p.parse_args(argv)
     dims = dict(d.split("=", 1) for d in a.dim)
-    r = measure(a.model, a.batch, a.threads, a.warmup, a.runs, a.max_seconds, dims)
+    r = measure(a.model, a.batch, a.threads, a.warmup, a.runs, a.max_seconds, dims,
+                target_cv=a.target_cv, window=a.window)
     json.dump(r, sys.stdout, indent=2)
     print()
     return 0
