@@ -32,6 +32,27 @@ def run(recipe, out_dir, overrides, resume, force):
 
 
 @cli.command()
+@click.argument("recipe", required=False)
+@click.option("--out", "out_dir", type=click.Path(), help="Directory for the study and results (default: runs/<recipe name>-search).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. search.trials=100.")
+def search(recipe, out_dir, overrides):
+    """Search for a student of RECIPE's teacher under its budgets (rerun to resume the study)."""
+    from pathlib import Path
+
+    import yaml
+
+    from .recipe import load_recipe
+    from .search.stage import search_command
+
+    r = load_recipe(recipe, overrides)
+    out = Path(out_dir or Path("runs") / f"{r.name}-search")
+    best = search_command(r, out, log=lambda s: click.echo(s, err=True))
+    click.echo(yaml.safe_dump({"student": best["student"]}, sort_keys=False).rstrip())
+    click.echo(f"# {best['metrics']['params']:,} params, score {best['metrics']['score']:.4g}; "
+               f"front and candidates in {out}")
+
+
+@cli.command()
 @click.argument("bundle", type=click.Path())
 def verify(bundle):
     """Check a bundle's schema and the sha256 of every file in it."""
@@ -127,7 +148,7 @@ def main(argv=None) -> int:
         e.show()
         return e.exit_code
     except KeyboardInterrupt:
-        click.echo("interrupted: the unfinished run is kept; `compress run --resume` continues it", err=True)
+        click.echo("interrupted", err=True)
         return 130
     except Exception as e:
         from .errors import user_errors

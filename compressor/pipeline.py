@@ -89,6 +89,18 @@ def restore_analyze(ctx: Context, rec: StageRecord) -> None:
     ctx.quality["teacher"] = {"accuracy": rec.metrics["teacher"]["accuracy"]}
 
 
+def search(ctx: Context) -> StageRecord:
+    from .search.stage import stage  # with a search section the searched student replaces the recipe's
+
+    return stage(ctx)
+
+
+def restore_search(ctx: Context, rec: StageRecord) -> None:
+    from .search.stage import restore
+
+    restore(ctx, rec)
+
+
 def prune(ctx: Context) -> StageRecord:
     from .prune import stage  # with a prune section the pruned teacher becomes the student
 
@@ -181,16 +193,45 @@ def restore_export(ctx: Context, rec: StageRecord) -> None:
     ctx.quality.setdefault("student", {})["onnx_accuracy"] = rec.metrics["student"]["onnx_accuracy"]
 
 
+def gemm_peak_gflops(threads: int, n: int = 1024, seconds: float = 0.5) -> float:
+    """This machine's attained fp32 peak: the best of repeated n x n torch GEMMs at ``threads`` threads.
+    The yardstick for a measurement's attained GFLOP/s (a profile's datasheet peak is often unreachable)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b  # warm-up: thread pool and caches
+        best, t_end = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * n ** 3 / best / 1e9
+
+
 def profile(ctx: Context) -> StageRecord:
     spec = ctx.recipe.profile
     metrics, skipped = {}, {}
+    # FLOPs per sample of what each file holds (int8 files run the same operations); counted now, since
+    # search and prune may have replaced the student after analyze.
+    flops = {"student": count_flops(ctx.student, ctx.example()), "teacher": count_flops(ctx.teacher, ctx.example())}
+    params = {"student": count_params(ctx.student), "teacher": count_params(ctx.teacher)}
+    peaks = {}
     for target in ctx.recipe.targets:
-        device = get_device(load_profile(target))
+        prof = load_profile(target)
+        device = get_device(prof)
         why = device.why_unavailable()
         if why:
             skipped[target] = why
             ctx.log(f"{target}: not measured ({why})")
             continue
+        if prof.local and prof.kind == "cpu":
+            peaks[target] = {"gflops": round(gemm_peak_gflops(prof.threads or 1), 2), "threads": prof.threads,
+                             "source": "measured: fp32 1024x1024 torch GEMM, best of 0.5 s"}
+        elif prof.peak_gflops:
+            peaks[target] = {"gflops": prof.peak_gflops, "source": f"profile {prof.name} (datasheet)"}
         for art in [*ctx.artifacts, *ctx.reference]:
             if art.precision not in getattr(getattr(device, "profile", None), "precisions", (art.precision,)):
                 ctx.log(f"{target}: {art.path} not measured (the device does not list {art.precision})")
@@ -200,6 +241,11 @@ def profile(ctx: Context) -> StageRecord:
                 m = device.measure(ctx.work / art.path, batch=batch, warmup=spec.warmup, runs=spec.runs,
                                    max_seconds=spec.max_seconds, precision=art.precision)
                 m.artifact = art.path
+                m.add_roofline(flops.get(art.role), prof)
+                if target in peaks and m.gflops:  # against the measured peak where there is one
+                    m.peak_gflops = peaks[target]["gflops"]
+                    m.roofline = m.gflops / m.peak_gflops
+                    m.extra["peak_source"] = peaks[target]["source"]
                 ctx.measurements.append(m)
                 metrics.setdefault(target, {})[f"{key}_b{batch}_p50_ms"] = m.p50_ms
         for batch in spec.batch_sizes:
@@ -207,7 +253,9 @@ def profile(ctx: Context) -> StageRecord:
             d[f"speedup_b{batch}"] = d[f"teacher_b{batch}_p50_ms"] / d[f"student_b{batch}_p50_ms"]
             ctx.log(f"{target} batch {batch}: student p50 {d[f'student_b{batch}_p50_ms']:.3f} ms, teacher "
                     f"{d[f'teacher_b{batch}_p50_ms']:.3f} ms ({d[f'speedup_b{batch}']:.1f}x faster)")
-    return StageRecord("profile", config=spec.model_dump(mode="json"), metrics={**metrics, "skipped": skipped},
+    return StageRecord("profile", config=spec.model_dump(mode="json"),
+                       metrics={**metrics, "skipped": skipped, "peak_gflops": peaks, "flops": flops,
+                                "params": params},
                        outputs={"measurements": [m.to_dict() for m in ctx.measurements]})
 
 
@@ -217,6 +265,7 @@ def restore_profile(ctx: Context, rec: StageRecord) -> None:
 
 STAGES = {
     "analyze": (analyze, restore_analyze),
+    "search": (search, restore_search),
     "prune": (prune, restore_prune),
     "distill": (distill, restore_distill),
     "quantize": (quantize, restore_quantize),
@@ -296,6 +345,7 @@ def _finalize(ctx: Context, out: Path, force: bool) -> Path:
 def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | None = None, *,
         overrides=(), resume: bool = False, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
     """Run every stage of ``recipe`` and write the bundle; return the bundle's path."""
+    source = str(recipe) if isinstance(recipe, (str, Path)) else None
     recipe = load_recipe(recipe, overrides)
     log = log or (lambda s: print(s, file=sys.stderr))
     out = Path(out_dir or Path("runs") / recipe.name)
@@ -316,6 +366,8 @@ def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | 
         load_profile(target)  # an unknown device fails now, before any work
     fresh = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
+    for stray in work.rglob(".*.tmp"):  # a write cut short by a crash; its target was never replaced
+        stray.unlink()
     write_json(work / "run.json", run_json)
     t_run = time.time()
     try:
@@ -353,7 +405,9 @@ def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | 
         if fresh and not done:
             shutil.rmtree(work, ignore_errors=True)
         elif work.exists():
-            log(f"the unfinished run is kept in {work}: rerun with --resume to continue")
+            again = " ".join(["compress run", *([source] if source else []), *(f"--set {o}" for o in overrides),
+                              f"--out {out}", "--resume"])
+            log(f"the finished stages are kept in {work}; `{again}` continues")
         raise
     log(f"bundle written to {bundle} in {time.time() - t_run:.0f} s")
     return bundle

@@ -66,12 +66,23 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
     train = data.loader("train", data_spec.batch_size, shuffle=True, workers=data_spec.workers, seed=seed)
     val = data.loader("val", data_spec.batch_size, workers=data_spec.workers)
     last = ckpt_dir / "last.ckpt"
+    if last.is_file():
+        try:
+            done = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+            log(f"resuming distillation after epoch {done} from {last}")
+        except Exception as e:  # a checkpoint cut short by a crash: start the stage over
+            log(f"ignoring unreadable checkpoint {last} ({type(e).__name__}); distilling from the start")
+            last.unlink()
     student.train()  # check_fits left it in eval mode; Lightning keeps the modes it finds
     t0 = time.time()
     try:
         trainer.fit(module, train, val, ckpt_path=str(last) if last.is_file() else None)
     except FloatingPointError as e:
         raise StageError("distill", f"{e} (the last good checkpoint is {last})") from None
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1) after its own clean-up
+            raise KeyboardInterrupt from None
+        raise
     best = ckpt.best_model_path
     if best:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
