@@ -209,25 +209,28 @@ def _nncf_quantize(model, calib, spec, act, keep, ctx):
     except ImportError:
         raise UserError(f"quantize.mode {spec.mode} needs NNCF: pip install 'compressor[quant]' "
                         "(nncf and torchao), or use quantize.mode: ptq-ort") from None
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
-
     if isinstance(model, nn.Sequential):
         model = _Wrap(model)
         keep = [f"net.{k}" for k in keep]
     batches = [calib[i:i + 32] for i in range(0, len(calib), 32)]
     # NNCF's node names are module paths with '/' (stem/0/conv2d/0): ignore everything under a kept path.
     ignored = nncf.IgnoredScope(patterns=[f"^{re.escape(k.replace('.', '/'))}/.*" for k in keep], validate=False)
-    adv = AdvancedQuantizationParameters()
-    if act == "int8":  # TensorRT: signed activations everywhere (NNCF makes post-ReLU ones unsigned)
-        adv.activations_quantization_params = QuantizationParameters(signedness_to_force=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            q = nncf.quantize(model.eval(), nncf.Dataset(batches), subset_size=len(batches), ignored_scope=ignored,
-                              advanced_parameters=adv)
+            q = nncf.quantize(model.eval(), nncf.Dataset(batches), subset_size=len(batches), ignored_scope=ignored)
         except Exception as e:
             raise StageError("quantize", f"nncf.quantize failed on {type(model).__name__}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0][:300]}") from None
+    if act == "int8":
+        # TensorRT wants signed int8 with zero point 0 everywhere; NNCF makes post-ReLU quantizers unsigned,
+        # and its HW configs reject signedness_to_force. Flipping them keeps each range (the symmetric
+        # scale is the range's end) at one bit less resolution, which QAT then trains with.
+        from nncf.torch.quantization.layers import SymmetricQuantizer
+
+        for mod in q.modules():
+            if isinstance(mod, SymmetricQuantizer) and not mod.signed:
+                mod.signed = True
     return q
 
 

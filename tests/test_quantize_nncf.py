@@ -1,0 +1,78 @@
+"""NNCF quantization: QAT with the teacher and PTQ, exported as standard QDQ (skipped without nncf)."""
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("nncf")
+pytest.importorskip("torchao")  # nncf.strip(NATIVE) needs it
+
+from compressor.quantize import _nncf_export, _nncf_quantize, fold_batchnorm  # noqa: E402
+from compressor.recipe import load_recipe  # noqa: E402
+from exporters.qdq import check_qdq, run_onnxruntime  # noqa: E402
+
+
+def _ctx(tmp_path, model_input):
+    recipe = load_recipe({"name": "t", "teacher": {"model": "resnet"}, "data": {"dataset": "digits"},
+                          "student": {"model": "resnet"}, "quantize": {"mode": "ptq-nncf"}})
+    return SimpleNamespace(recipe=recipe, work=tmp_path, log=lambda s: None,
+                           example=lambda n=1: model_input[:n])
+
+
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+def test_nncf_export_is_standard_qdq(tmp_path, act):
+    torch.manual_seed(0)
+    # A top-level nn.Sequential: nncf.quantize fails on one unless it is wrapped.
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 10)).eval()
+    x = torch.randn(64, 1, 12, 12)
+    ctx = _ctx(tmp_path, x)
+    spec = ctx.recipe.quantize
+    q = _nncf_quantize(fold_batchnorm(model, log=ctx.log), x, spec, act, [], ctx)
+    stripped, out = _nncf_export(q, ctx, spec)
+    c = check_qdq(out)
+    assert c["quantized_nodes"] == 2 and c["per_channel_weights"]
+    assert c["tensorrt_ready"] == (act == "int8")  # signed activations forced for TensorRT
+    m = onnx.load(str(out))
+    assert {n.domain for n in m.graph.node} <= {""}
+    assert onnx.TensorProto.INT8 in {t.data_type for t in m.graph.initializer}  # weights stored as int8
+    with torch.no_grad():
+        ref = stripped(x).numpy()
+    assert np.abs(run_onnxruntime(out, x.numpy()) - ref).max() < 0.05
+
+
+def test_qat_kd_stage(tiny_recipe, tmp_path):
+    """The stage itself on the tiny data, with an untrained teacher (the pipeline around it is tested with
+    ptq-ort in test_quantize.py): fake quant, one epoch against the teacher, QDQ export, checks, parity."""
+    from compressor.data import load_data
+    from compressor.models import ResNet
+    from compressor.quantize import stage
+
+    r = copy.deepcopy(tiny_recipe)
+    r["quantize"] = {"mode": "qat-kd", "epochs": 1, "calibration": 64}
+    recipe = load_recipe(r)
+    data = load_data(recipe.data, 0)
+    torch.manual_seed(0)
+    ctx = SimpleNamespace(recipe=recipe, work=tmp_path, scratch=tmp_path / "work", data=data, log=lambda s: None,
+                          teacher=ResNet(widths=(8,), depths=(1,), in_channels=1).eval(),
+                          student=ResNet(widths=(4, 8), depths=(1, 1), in_channels=1).eval(),
+                          example=lambda n=1: data.tensors("test", limit=n)[0], artifacts=[], quality={})
+    rec = stage(ctx).metrics
+    assert rec["tool"] == "nncf" and rec["bn_folded"] and rec["qat"]["epochs"] == 1
+    assert set(rec["checks"]["ops"]) <= {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Add", "Relu",
+                                         "GlobalAveragePool", "Flatten", "Identity"}
+    par = rec["parity"]
+    assert par["against"] == "fake-quantized PyTorch" and par["onnxruntime"]["max_abs"] <= par["atol"]
+    try:
+        import openvino  # noqa: F401
+
+        assert par["openvino"]["max_abs"] <= par["atol"]
+    except ImportError:
+        assert par["openvino"] == "not installed (skipped)"
+    q = ctx.quality["student_int8"]
+    assert q["mode"] == "qat-kd" and 0 <= q["onnx_accuracy"] <= 1 and "fake_quant_accuracy" in q
+    assert [a.precision for a in ctx.artifacts] == ["int8"] and (tmp_path / "model" / "student.int8.onnx").is_file()
