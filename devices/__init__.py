@@ -55,6 +55,13 @@ def get_device(profile: DeviceProfile | str) -> Device:
     except KeyError:
         raise DeviceError(f"device {profile.name}: no backend for runtime {profile.runtime!r} "
                           f"(known: {', '.join(DEVICES)})") from None
+    if not profile.local:
+        # A board over SSH: the runtime's standalone script runs there (devices/remote.py). Runtimes
+        # without such a script keep their own device, which reports the remote board unavailable.
+        from .remote import SCRIPTS, RemoteDevice
+
+        if profile.runtime in SCRIPTS:
+            return RemoteDevice(profile)
     return factory(profile)
 
 
