@@ -168,12 +168,12 @@ class OpenVINODevice:
             full_name = str(core.get_property(self.target, "FULL_DEVICE_NAME"))
         except Exception:
             full_name = self.target
-        m = Measurement(device=self.profile.name, runtime="openvino", runtime_version=ov.get_version(),
+        m = Measurement(device=self.profile.name, runtime="openvino", runtime_version=ov.get_version().split("-")[0],
                         precision=precision, batch=batch, threads=self.profile.threads,
                         input_shapes={k: list(v.shape) for k, v in feeds.items()}, warmup=warmup,
                         provider=self.target, peak_rss_mb=peak_rss_mb, host={**host_info(), "device": full_name},
                         estimated=False, artifact=model.name, notes=notes,
-                        extra={"inference_precision_hint": config.get("INFERENCE_PRECISION_HINT"),
+                        extra={"build": ov.get_version(), "inference_precision_hint": config.get("INFERENCE_PRECISION_HINT"),
                                "compiled": ran, "layer_precisions": layer_precisions},
                         **summarize(lat))
         if m.cv > NOISY_CV:
