@@ -384,6 +384,8 @@ def stage(ctx) -> StageRecord:
             with torch.no_grad():
                 ref, what = model.eval()(held_out), "fake-quantized PyTorch"
         info["activations_why"] = why
+        if isinstance(ctx.student, nn.Sequential) and spec.mode != "ptq-ort":
+            keep = keep + [f"net.{k}" for k in keep]  # NNCF ran on the wrapped model (_Wrap)
         try:
             checks = check_qdq(out, keep_float=keep)
         except Exception as e:

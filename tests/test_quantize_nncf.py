@@ -45,6 +45,16 @@ def test_nncf_export_is_standard_qdq(tmp_path, act):
     assert np.abs(run_onnxruntime(out, x.numpy()) - ref).max() < 0.05
 
 
+def test_nncf_keep_float(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10)).eval()
+    x = torch.randn(32, 1, 12, 12)
+    ctx = _ctx(tmp_path, x)
+    q = _nncf_quantize(model, x, ctx.recipe.quantize, "uint8", ["4"], ctx)  # the head stays float
+    _, out = _nncf_export(q, ctx, ctx.recipe.quantize)
+    assert check_qdq(out, keep_float=["net.4"])["float_nodes"] == ["net.4"]
+
+
 def test_qat_kd_stage(tiny_recipe, tmp_path):
     """The stage itself on the tiny data, with an untrained teacher (the pipeline around it is tested with
     ptq-ort in test_quantize.py): fake quant, one epoch against the teacher, QDQ export, checks, parity."""

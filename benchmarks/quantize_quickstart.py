@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""fp32 student vs PTQ int8 vs QAT-with-teacher int8 on the quickstart: accuracy, size, ORT CPU latency.
+
+    COMPRESSOR_CACHE=/tmp/ccache python benchmarks/quantize_quickstart.py [--out runs/quantize-quickstart]
+
+Distils the quickstart student once (or reuses <out>/student.pt), then runs the quantize stage in each mode
+from that same student, and measures every file with the local-cpu device (ONNX Runtime, 2 threads) in
+interleaved rounds, keeping each file's best p50 (the machine is shared: the best round is the least
+disturbed one). Writes <out>/results.json and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+MODES = [  # (label, quantize section)
+    ("PTQ ORT int8 (uint8 act.)", {"mode": "ptq-ort"}),
+    ("PTQ ORT int8 (int8 act.)", {"mode": "ptq-ort", "activations": "int8"}),
+    ("PTQ NNCF int8", {"mode": "ptq-nncf"}),
+    ("QAT-KD NNCF int8", {"mode": "qat-kd", "epochs": 3}),
+    ("QAT-KD Polino 4-bit weights", {"mode": "qat-kd", "bits": 4, "epochs": 3}),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/quantize-quickstart")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", nargs="*", help="labels of modes to run")
+    args = ap.parse_args()
+
+    from compressor.data import load_data
+    from compressor.pipeline import Context, build_student
+    from compressor.quantize import stage
+    from compressor.recipe import load_recipe
+    from compressor.teacher import evaluate, load_teacher
+    from devices import get_device, load_profile
+    from exporters.onnx import export_onnx
+    from exporters.qdq import run_onnxruntime
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    base = load_recipe("quickstart")
+    torch.manual_seed(base.seed)
+    data = load_data(base.data, base.seed)
+    teacher, _ = load_teacher(base, data, log=log)
+    student, genome = build_student(base, data)
+    weights = out / "student.pt"
+    if weights.is_file():
+        student.load_state_dict(torch.load(weights, weights_only=True))
+    else:
+        from compressor.distill.train import fit
+
+        fit(student, teacher, data, base.distill, base.data, out / "ckpt", seed=base.seed, log=log)
+        torch.save(student.state_dict(), weights)
+    student.eval()
+    test = data.loader("test", 256)
+
+    def onnx_acc(path):
+        correct = total = 0
+        for xb, yb in test:
+            correct += int((run_onnxruntime(path, xb.numpy()).argmax(-1) == yb.numpy()).sum())
+            total += len(yb)
+        return correct / total
+
+    fp32 = out / "student.onnx"
+    export_onnx(student, (data.tensors("test", limit=2)[0],), fp32, opset=base.export.opset)
+    rows = [{"label": "fp32 student", "path": str(fp32), "precision": "fp32", "bytes": fp32.stat().st_size,
+             "accuracy": onnx_acc(fp32), "torch_accuracy": evaluate(student, test), "seconds": 0.0}]
+    rows[0]["teacher_accuracy"] = evaluate(teacher, test)
+    for label, q in MODES:
+        if args.only and label not in args.only:
+            continue
+        recipe = load_recipe(base.model_dump(mode="json") | {"quantize": q})
+        work = out / label.split(" (")[0].replace(" ", "-").lower()
+        ctx = Context(recipe, work, data, teacher, {}, student, genome, log=log)
+        t0 = time.time()
+        torch.manual_seed(recipe.seed)
+        rec = stage(ctx)
+        m = rec.metrics
+        path = work / rec.outputs["student"]["path"]
+        row = {"label": label, "path": str(path), "precision": rec.outputs["student"]["precision"],
+               "bytes": m["bytes"], "accuracy": m["onnx_accuracy"], "seconds": round(time.time() - t0, 1),
+               "fake_quant_accuracy": m.get("fake_quant_accuracy"), "parity": m.get("parity"),
+               "checks": m.get("checks"), "size": m.get("size"), "qat": m.get("qat")}
+        rows.append(row)
+        log(f"{label}: accuracy {row['accuracy']:.4f}, {row['bytes'] / 1e3:.1f} kB, {row['seconds']} s")
+
+    device = get_device(load_profile("local-cpu"))
+    for r in rows:
+        r["p50_ms"] = {}
+    for _ in range(args.rounds):  # interleaved, so a noisy minute hits every file alike
+        for r in rows:
+            for batch in (1, 32):
+                meas = device.measure(r["path"], batch=batch, warmup=20, runs=200, max_seconds=20,
+                                      precision="int8" if r["precision"] == "int8" else "fp32")
+                key = f"b{batch}"
+                r["p50_ms"][key] = min(r["p50_ms"].get(key, float("inf")), meas.p50_ms)
+    (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+    print("| model | ORT accuracy | size (kB) | p50 b1 (ms) | p50 b32 (ms) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['label']} | {r['accuracy']:.4f} | {r['bytes'] / 1e3:.1f} | {r['p50_ms']['b1']:.3f} | "
+              f"{r['p50_ms']['b32']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
