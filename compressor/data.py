@@ -35,16 +35,47 @@ class DataSplits:
         return torch.stack(xs), torch.as_tensor(ys)
 
 
+class HiddenLabels(Dataset):
+    """A training split whose labels are kept for a stratified ``fraction`` of samples and hidden (-1)
+    for the rest: the few-labels setting, where distillation learns from the teacher's outputs on
+    every sample and the ``ce`` loss sees only the labelled ones. ``labelled`` lists the kept indices."""
+
+    def __init__(self, ds: Dataset, fraction: float, seed: int):
+        self.dataset, self.fraction = ds, fraction
+        labels = torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
+        g = torch.Generator().manual_seed(seed)
+        keep = []
+        for c in labels.unique().tolist():  # per class, at least one label each
+            idx = (labels == c).nonzero().flatten()
+            n = max(1, round(fraction * len(idx)))
+            keep += idx[torch.randperm(len(idx), generator=g)[:n]].tolist()
+        self.labelled = sorted(keep)
+        self.mask = torch.zeros(len(ds), dtype=torch.bool)
+        self.mask[self.labelled] = True
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x, (y if self.mask[i] else torch.tensor(-1, dtype=torch.long))
+
+
 def digits(image_size: int = 32, label_fraction: float = 1.0) -> TensorDataset:
     """sklearn's bundled 8x8 digits (1797 images, 10 classes), upsampled bilinearly to ``image_size``.
 
     Upsampling makes the compute of a CNN on them non-trivial, as for real images. Pixels are scaled to
     [0, 1] and standardised with the dataset's mean and std (recorded in the manifest).
+    ``label_fraction`` < 1 keeps labels for that fraction of the *training* split only (stratified by
+    class, chosen with the recipe's seed); the rest carry label -1. Validation and test keep theirs.
+    The teacher must then come from a checkpoint trained with all labels.
     """
     from sklearn.datasets import load_digits
 
     if not 8 <= image_size <= 256:
         raise UserError(f"data.kwargs.image_size {image_size}: use 8 to 256")
+    if not 0 < label_fraction <= 1:
+        raise UserError(f"data.kwargs.label_fraction {label_fraction}: use a fraction in (0, 1]")
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     if image_size != 8:
@@ -54,6 +85,8 @@ def digits(image_size: int = 32, label_fraction: float = 1.0) -> TensorDataset:
     ds = TensorDataset(x, torch.tensor(d.target, dtype=torch.long))
     ds.meta = {"source": "sklearn.datasets.load_digits", "image_size": image_size, "mean": [mean],
                "std": [std], "preprocessing": "x/16, bilinear resize, (x-mean)/std"}
+    if label_fraction < 1:
+        ds.meta["label_fraction"] = label_fraction  # applied by load_data to the training split
     return ds
 
 
@@ -64,7 +97,7 @@ DATASETS = {"digits": digits}
 def _split(ds: Dataset, fractions: tuple[float, float], seed: int) -> tuple[Dataset, Dataset, Dataset]:
     n = len(ds)
     n_test = max(1, round(n * fractions[1]))
-    n_val = round(n * fractions[0])
+    n_val = max(1, round(n * fractions[0])) if fractions[0] > 0 else 0
     n_train = n - n_test - n_val
     if n_train < 1:
         raise UserError(f"data has {n} samples: too few to split off {n_val} validation and {n_test} test samples")
@@ -77,6 +110,24 @@ def _num_classes(ds: Dataset) -> int:
     if isinstance(ds, Subset):
         return _num_classes(ds.dataset)
     return int(max(int(ds[i][1]) for i in range(len(ds)))) + 1
+
+
+def _first_non_finite(ds: Dataset, limit: int = 2048) -> int | None:
+    """Index of a sample with NaN/inf: all of a tensor dataset, else the first ``limit`` samples."""
+    base, idx = ds, None
+    if isinstance(ds, Subset) and isinstance(ds.dataset, TensorDataset):
+        base, idx = ds.dataset, torch.as_tensor(ds.indices, dtype=torch.long)
+    if isinstance(base, TensorDataset):
+        x = base.tensors[0] if idx is None else base.tensors[0][idx]
+        if x.is_floating_point():
+            bad = (~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero()
+            return int(bad[0]) if len(bad) else None
+        return None
+    for i in range(min(len(ds), limit)):
+        x = ds[i][0]
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
+            return i
+    return None
 
 
 def load_data(spec, seed: int) -> DataSplits:
@@ -127,9 +178,14 @@ def load_data(spec, seed: int) -> DataSplits:
         raise UserError(f"data {spec.dataset!r}: each sample must be an (input tensor, label) pair, "
                         f"got {type(sample).__name__}")
     x0 = sample[0]
-    if not torch.isfinite(x0).all():
-        raise UserError(f"data {spec.dataset!r}: the first training sample contains NaN or inf")
+    for name, ds in (("train", train), ("val", val), ("test", test)):
+        bad = _first_non_finite(ds)
+        if bad is not None:
+            raise UserError(f"data {spec.dataset!r}: {name} sample {bad} contains NaN or inf")
     ncls = int(meta.get("num_classes") or max(_num_classes(train), _num_classes(test)))
+    if meta.get("label_fraction", 1) < 1:
+        train = HiddenLabels(train, float(meta["label_fraction"]), seed)
+        meta["labelled"] = len(train.labelled)
     meta.setdefault("dataset", spec.dataset)
     meta.update(train=len(train), val=len(val), test=len(test), seed=seed)
     return DataSplits(train, val, test, tuple(x0.shape), ncls, meta)

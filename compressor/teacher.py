@@ -29,7 +29,7 @@ def load_state(path: str | Path, what: str, allow_pickle: bool = False) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise UserError(f"{what} checkpoint {path} holds pickled Python objects, not only weights: save "
                             "model.state_dict() instead (loading arbitrary pickles can run code)") from None
         raise UserError(f"{what} checkpoint {path} cannot be read: {type(e).__name__}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,45 @@
+"""Builders and datasets that go wrong in the ways users' code does (used by tests/bad_inputs)."""
+import torch
+from torch.utils.data import TensorDataset
+
+
+def raises():
+    raise RuntimeError("weights server down")
+
+
+def three_classes():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 3))
+
+
+def wrong_input_size():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(7, 10))
+
+
+def returns_a_string():
+    return "resnet"
+
+
+def returns_3d():
+    return torch.nn.Conv2d(1, 10, 3)
+
+
+def empty():
+    return TensorDataset(torch.zeros(0, 1, 16, 16), torch.zeros(0, dtype=torch.long))
+
+
+def nan_data():
+    x = torch.randn(100, 1, 16, 16)
+    x[0, 0, 0, 0] = float("nan")
+    return TensorDataset(x, torch.arange(100) % 10)
+
+
+def not_pairs():
+    return [torch.zeros(1, 16, 16)] * 50
+
+
+def no_test_split():
+    return {"train": TensorDataset(torch.zeros(10, 1, 16, 16), torch.zeros(10, dtype=torch.long))}
+
+
+def tiny_split():
+    return TensorDataset(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))
