@@ -179,3 +179,18 @@ def test_additivity_report():
     assert 2 <= len(row["removed"]) <= 4
     assert row["measured"] == pytest.approx(P.set_loss(m, row["removed"], [x]), rel=1e-4)
     assert -1 <= r["spearman"] <= 1
+
+
+def test_restore_rebuilds_the_student_from_the_record():
+    from types import SimpleNamespace
+
+    from compressor.bundle import StageRecord
+
+    m = resnet()
+    rec = StageRecord("prune", outputs={"removed": ["stages.0.1"], "genome": {"removed": ["stages.0.1"]}})
+    ctx = SimpleNamespace(teacher=m, student=None, genome={})
+    P.restore(ctx, rec)
+    assert isinstance(ctx.student.stages[0][1], nn.Identity) and ctx.genome["removed"] == ["stages.0.1"]
+    ctx = SimpleNamespace(teacher=m, student="kept", genome={})
+    P.restore(ctx, StageRecord("prune", metrics={"skipped": "no prune section in the recipe"}))
+    assert ctx.student == "kept"
