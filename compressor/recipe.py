@@ -266,7 +266,8 @@ def load_recipe(source: str | Path | dict | Recipe | None = None, overrides=()) 
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise UserError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise UserError(f"{where}: not valid YAML{at}: {problem}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{where}: cannot be read ({e})") from None
         if not isinstance(data, dict):
