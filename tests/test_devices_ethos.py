@@ -127,3 +127,13 @@ def test_operator_the_npu_rejects(tflite):
     m = get_device("ethos-u55-128").measure(art.path)
     assert any("SIN" in op for op in m.extra["cpu_ops"])
     assert any("not in the estimate" in n for n in m.notes)
+
+
+def test_float_tflite_is_refused(tflite):
+    import litert_torch
+
+    d, _ = tflite
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10)).eval()
+    litert_torch.convert(model, (torch.randn(1, 1, 16, 16),)).export(str(d / "float.tflite"))
+    with pytest.raises(DeviceError, match="placed no operator of float.tflite on the ethos-u85-256.*full-int8"):
+        get_device("ethos-u85-256").measure(d / "float.tflite")
