@@ -286,7 +286,12 @@ def export_tensorrt(onnx_path: str | Path, engine_path: str | Path, *, precision
         config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else None
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_note = None
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        # A cache from another GPU (a bundle carried to a Jetson): timings from there would mislead the
+        # tactic choice here, so start an empty one; it is written back for this GPU.
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        cache_note = f"timing cache {cache_path.name} came from another GPU and was not used"
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT could not build an engine from {onnx_path.name} (see the log above){where}")
@@ -310,4 +315,5 @@ def export_tensorrt(onnx_path: str | Path, engine_path: str | Path, *, precision
                     toolchain={"tensorrt": trt.__version__}, role=role, parent=parent,
                     extra={**info, "sidecar": side.name,
                            "trtexec_script": script_path.name if script_path else None,
-                           "timing_cache": cache_path.name if cache_path else None})
+                           "timing_cache": cache_path.name if cache_path else None,
+                           **({"note": cache_note} if cache_note else {})})
