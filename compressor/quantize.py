@@ -165,14 +165,18 @@ def _evaluate(model, ctx) -> float:
     return evaluate(model, ctx.data.loader("test", ctx.recipe.data.batch_size))
 
 
-def _parity(path: Path, reference, x: torch.Tensor, atol: float, what: str) -> dict:
-    """ORT (and OpenVINO, when installed) against ``reference`` outputs; raise beyond ``atol``."""
+def _parity(path: Path, reference, x: torch.Tensor, tol: float, what: str) -> dict:
+    """ORT (and OpenVINO, when installed) against ``reference`` outputs. Against the fake-quantized model,
+    raise when the worst difference exceeds ``tol`` times the largest |output|: runtimes run int8 kernels
+    whose requantization rounds differently from float fake quant (on the quickstart ~1% of the logit
+    range, while int8 vs fp32 differ by ~10%). Against fp32 (ORT PTQ has no fake-quant model) it only reports."""
     import numpy as np
 
     from exporters.qdq import run_onnxruntime, run_openvino
 
     ref = reference if isinstance(reference, np.ndarray) else reference.detach().numpy()
-    out = {"against": what, "atol": atol, "samples": int(len(x))}
+    scale = float(np.abs(ref).max()) or 1.0
+    out = {"against": what, "tolerance": f"{tol} x max|output| = {tol * scale:.3g}", "samples": int(len(x))}
     for rt, fn in (("onnxruntime", run_onnxruntime), ("openvino", run_openvino)):
         try:
             got = fn(path, x.numpy())
@@ -183,10 +187,11 @@ def _parity(path: Path, reference, x: torch.Tensor, atol: float, what: str) -> d
             out[rt] = "not installed (skipped)"
             continue
         diff = float(np.abs(got - ref).max())
-        out[rt] = {"max_abs": diff, "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
-        if what != "fp32 PyTorch" and diff > atol:
+        out[rt] = {"max_abs": diff, "max_rel_to_range": diff / scale,
+                   "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
+        if what != "fp32 PyTorch" and diff > tol * scale:
             raise StageError("quantize", f"{rt} output of {path.name} differs from the {what} model by "
-                             f"{diff:.3g} (quantize.parity_atol {atol})")
+                             f"{diff:.3g}, {diff / scale:.1%} of the output range (quantize.parity_tol {tol})")
     return out
 
 
@@ -390,7 +395,7 @@ def stage(ctx) -> StageRecord:
             checks = check_qdq(out, keep_float=keep)
         except Exception as e:
             raise StageError("quantize", str(e)) from None
-        info["parity"] = _parity(out, ref, held_out, spec.parity_atol, what)
+        info["parity"] = _parity(out, ref, held_out, spec.parity_tol, what)
         precision = "int8"
     info.update(float_layers=keep, unhandled_layers=unhandled)
     acc = _accuracy_onnx(out, ctx)

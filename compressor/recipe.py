@@ -128,7 +128,8 @@ class QuantizeSpec(_Section):
         None, description="module paths kept in float; default: none for int8, first and last layer below 8 bits")
     allow_float: bool = Field(True, description="keep layers the quantizer cannot handle in float (with a warning)")
     fold_bn: bool = Field(True, description="fold BatchNorm into the preceding convolution before quantizing")
-    parity_atol: float = Field(0.05, gt=0, description="max |ONNX - fake-quant PyTorch| on the logits")
+    parity_tol: float = Field(0.02, gt=0, description="max |ONNX - fake-quant PyTorch| as a fraction of the "
+                              "largest |output|: integer kernels round differently from float fake quant")
 
     @model_validator(mode="after")
     def _bits_mode(self):
