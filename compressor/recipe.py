@@ -152,6 +152,22 @@ class Budgets(_Section):
     max_quality_drop: float | None = Field(None, ge=0, le=1, description="fraction of the teacher's metric")
 
 
+class SearchSpec(_Section):
+    """Student search (compressor/search/): when set, the searched student replaces `student`."""
+
+    proxy: str = Field("diswot", description="zero-cost proxy (compressor.search.PROXIES): diswot, naswot, synflow, params, flops")
+    trials: int = Field(200, ge=1)
+    population: int = Field(50, ge=2, description="NSGA-II population size")
+    family: Literal["cnn", "mlp", "transformer"] | None = Field(None, description="default: detected from the teacher")
+    builder: str | None = Field(None, description="student builder (a built-in name or 'module:function'); default: the family's")
+    space: dict[str, list[Any]] = Field(default_factory=dict, description="gene -> choices; overrides the detected space")
+    latency: Literal["predict", "measure"] = Field("predict", description="predict from a per-device model, or measure each")
+    calibration: int = Field(6, ge=3, description="candidates measured per device to fit the latency model")
+    batch_size: int = Field(64, ge=2, description="samples the proxies score on")
+    storage: str | None = Field(None, description="Optuna storage URL (default: SQLite in the run directory)")
+    study: str | None = Field(None, description="study name (default: <recipe name>-search)")
+
+
 class PruneSpec(_Section):
     """One-shot layer pruning of the teacher (compressor/prune.py); the pruned teacher becomes the student."""
 
@@ -177,6 +193,7 @@ class Recipe(_Section):
     teacher: TeacherSpec
     data: DataSpec
     student: StudentSpec
+    search: SearchSpec | None = Field(None, description="set to search for the student")
     prune: PruneSpec | None = Field(None, description="set to prune the teacher into the student")
     distill: DistillSpec = Field(default_factory=DistillSpec)
     quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)

@@ -1,0 +1,251 @@
+"""Multi-objective student search with Optuna's NSGA-II sampler.
+
+Objectives: the proxy score up, latency on each target device down (size down when there is no
+device). Constraints: size_mb and latency_ms from the recipe's budgets, through Optuna's
+constraints_func (a value <= 0 is met), so infeasible candidates lose every comparison with feasible
+ones. The study lives in an Optuna storage: SQLite in the run directory by default, so an interrupted
+search resumes where it stopped; a PostgreSQL URL lets several workers share one study.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .latency import LatencyModel, calibrate, measure_model
+from .proxies import cost
+from .spaces import Space, genome_key
+
+
+@dataclass
+class Candidate:
+    family: str
+    genome: dict
+    key: str
+    metrics: dict  # params, flops, size_mb, score, latency_ms {device: ms}, latency_label
+    feasible: bool = True
+    violations: dict = field(default_factory=dict)  # budget -> value over its limit
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "genome": self.genome, "key": self.key, "metrics": self.metrics,
+                "feasible": self.feasible, "violations": self.violations}
+
+
+@dataclass
+class SearchResult:
+    best: Candidate | None
+    front: list[Candidate]
+    candidates: list[Candidate]
+    latency_models: dict
+    objectives: list[str]
+    storage: str
+    study: str
+    seconds: float
+    scored: int  # candidates scored in this process (not taken from the study)
+
+    def summary(self) -> dict:
+        return {"trials": len(self.candidates), "unique": len({c.key for c in self.candidates}),
+                "feasible": sum(c.feasible for c in self.candidates), "objectives": self.objectives,
+                "storage": self.storage, "study": self.study, "seconds": round(self.seconds, 2),
+                "scored_here": self.scored,
+                "candidates_per_minute": round(60 * self.scored / self.seconds, 1) if self.seconds and self.scored else None}
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("search needs optuna: pip install 'compressor[search]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def pareto(cands: list[Candidate], objectives: list[str]) -> list[Candidate]:
+    """Non-dominated feasible candidates (score maximised, the rest minimised), by score."""
+    def vec(c):
+        return [-c.metrics["score"], *(_objective_value(c, o) for o in objectives[1:])]
+
+    pool = {c.key: c for c in cands if c.feasible}.values()
+    vecs = [(c, vec(c)) for c in pool]
+    front = [c for c, v in vecs
+             if not any(all(a <= b for a, b in zip(w, v)) and any(a < b for a, b in zip(w, v)) for _, w in vecs)]
+    return sorted(front, key=lambda c: -c.metrics["score"])
+
+
+def _objective_value(c: Candidate, objective: str) -> float:
+    if objective.startswith("latency_ms["):
+        return c.metrics["latency_ms"][objective[len("latency_ms["):-1]]
+    return c.metrics[objective]
+
+
+def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults: dict | None = None,
+           devices: dict | None = None, size_mb: float | None = None, latency_ms: dict | None = None,
+           trials: int = 200, population: int = 50, seed: int = 0, storage: str | None = None,
+           study_name: str = "search", latency: str = "predict", calibration: int = 6,
+           measure_kw: dict | None = None, log: Callable[[str], None] = print) -> SearchResult:
+    """Run (or resume) the NSGA-II study and return every candidate, the Pareto front and the best
+    candidate meeting every budget (None when none does: the caller says which budget is tightest).
+
+    ``devices`` maps a target name to a Device; ``latency`` "predict" fits a per-device model on
+    ``calibration`` measured candidates, "measure" measures every candidate (slow, exact).
+    """
+    optuna = _optuna()
+    devices, latency_ms = dict(devices or {}), dict(latency_ms or {})
+    measure_kw = dict(measure_kw or {})
+    example = batch[0][:1]
+    objectives = ["score"] + ([f"latency_ms[{d}]" for d in devices] or ["size_mb"])
+    directions = ["maximize"] + ["minimize"] * (len(objectives) - 1)
+    storage = storage or "sqlite:///search.db"
+
+    def constraints(trial) -> list[float]:
+        return trial.user_attrs["candidate"]["constraints"]
+
+    # Optuna 5 moved constraints from the sampler's constraints_func to Trial.set_constraint; use
+    # whichever this Optuna has (the same numbers: a value <= 0 is met).
+    per_trial = hasattr(optuna.trial.Trial, "set_constraint")
+    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed,
+                                            constraints_func=None if per_trial else constraints)
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
+                                    sampler=sampler, load_if_exists=True)
+    except Exception as e:
+        raise UserError(f"search: cannot open the study {study_name!r} in {storage}: {type(e).__name__}: {e}") from None
+    if [d.name.lower() for d in study.directions] != directions:
+        raise UserError(f"search: study {study_name!r} in {storage} has other objectives; use another study name")
+
+    def build(genome: dict) -> nn.Module:
+        torch.manual_seed(seed)  # the same genome gets the same initial weights in any process
+        return space.build(genome, defaults)
+
+    # Latency models: fitted once per study and kept in it, so a resumed search (or another worker)
+    # predicts with the same model instead of refitting on new, noisy measurements.
+    models: dict[str, LatencyModel] = {}
+    saved = study.user_attrs.get("latency_models", {})
+    for name, dev in devices.items():
+        if latency == "measure":
+            continue
+        if name in saved:
+            models[name] = LatencyModel.from_dict(saved[name])
+            continue
+        rng = random.Random(seed)
+        sample = sorted((space.sample(rng) for _ in range(max(64, 8 * calibration))),
+                        key=lambda g: cost(lambda: space.build(g, defaults), example)[1])
+        # Spread over the FLOPs range: the fit must cover small and large candidates alike.
+        picks = [sample[round(i * (len(sample) - 1) / max(1, calibration - 1))] for i in range(calibration)]
+        models[name] = calibrate(name, dev, build, picks, example, log=log, **measure_kw)
+        saved[name] = models[name].to_dict()
+        study.set_user_attr("latency_models", saved)
+
+    cache: dict[str, dict] = {}
+    scored = 0
+
+    def evaluate(genome: dict) -> dict:
+        nonlocal scored
+        n, f = cost(lambda: space.build(genome, defaults), example)
+        model = build(genome)
+        torch.manual_seed(seed)
+        score = float(proxy(model, batch, teacher_view))
+        lat = {}
+        for name, dev in devices.items():
+            lat[name] = measure_model(model, example, dev, **measure_kw) if latency == "measure" \
+                else models[name].predict(f, n)
+        scored += 1
+        return {"params": n, "flops": f, "size_mb": 4 * n / 1e6, "score": score, "latency_ms": lat,
+                "latency_label": "measured" if latency == "measure" else "predicted"}
+
+    def objective(trial):
+        genome = {g: trial.suggest_categorical(g, choices) for g, choices in space.genes.items()}
+        key = genome_key(genome)
+        if key not in cache:
+            cache[key] = evaluate(genome)
+        m = cache[key]
+        cons = []
+        if size_mb is not None:
+            cons.append(m["size_mb"] - size_mb)
+        for d, limit in latency_ms.items():
+            cons.append(m["latency_ms"][d] - limit)
+        # One attribute per trial: each is a write (a transaction) to the storage.
+        trial.set_user_attr("candidate", {"genome": genome, "key": key, "metrics": m, "constraints": cons})
+        if per_trial:
+            for name, v in zip(["size_mb"] * (size_mb is not None) + [f"latency_ms[{d}]" for d in latency_ms], cons):
+                trial.set_constraint(name, v)
+        if not torch.isfinite(torch.tensor(m["score"])):
+            m = {**m, "score": -1e30}  # a proxy that blew up ranks last rather than stopping the search
+        return (m["score"], *(m["latency_ms"][d] for d in devices)) if devices else (m["score"], m["size_mb"])
+
+    done = len([t for t in study.trials if t.state.name == "COMPLETE"])
+    todo = max(0, trials - done)
+    if done:
+        log(f"search: resuming study {study_name!r} ({done} trials done, {todo} to go)")
+    t0 = time.time()
+    every = max(1, todo // 10)
+
+    def progress(study, trial):
+        i = trial.number + 1
+        if (i - done) % every == 0 or i == trials:
+            feas = [t for t in study.trials if t.state.name == "COMPLETE"
+                    and all(c <= 0 for c in t.user_attrs.get("candidate", {}).get("constraints", [1]))]
+            best = max(feas, key=lambda t: t.values[0], default=None)
+            rate = 60 * scored / max(time.time() - t0, 1e-9)
+            shown = "none yet" if best is None else f"{best.values[0]:.4g} {best.user_attrs['candidate']['genome']}"
+            log(f"search {i}/{trials}: {len(feas)} meet the budgets, best score {shown} ({rate:.0f} candidates/min)")
+
+    # One intra-op thread: a small candidate gains little from two, and on a shared machine idle-waiting
+    # OpenMP threads made each proxy ~5x slower. Parallelism comes from workers sharing the study.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if todo:
+            study.optimize(objective, n_trials=todo, callbacks=[progress], gc_after_trial=False)
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.time() - t0
+
+    limits = {"size_mb": size_mb, **{f"latency_ms[{d}]": v for d, v in latency_ms.items()}}
+    cands = []
+    for t in study.trials:
+        if t.state.name != "COMPLETE" or "candidate" not in t.user_attrs:
+            continue
+        rec = t.user_attrs["candidate"]
+        m = rec["metrics"]
+        values = {"size_mb": m["size_mb"], **{f"latency_ms[{d}]": m["latency_ms"][d] for d in latency_ms}}
+        over = {b: values[b] - lim for b, lim in limits.items() if lim is not None and values[b] > lim}
+        cands.append(Candidate(space.family, rec["genome"], rec["key"], m, not over, over))
+    front = pareto(cands, objectives)
+    best = front[0] if front else None
+    return SearchResult(best, front, cands, {k: v.to_dict() for k, v in models.items()}, objectives,
+                        _redact(storage), study_name, seconds, scored)
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password, for the manifest."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def tightest(result: SearchResult, size_mb: float | None, latency_ms: dict) -> str:
+    """A one-line explanation of why no candidate met every budget, naming the tightest budget: the one
+    whose best value over all candidates is furthest over its limit, relative to the limit."""
+    limits = {"size_mb": size_mb, **{f"latency_ms[{d}]": v for d, v in latency_ms.items()}}
+    worst, text = -1.0, ""
+    for b, lim in limits.items():
+        if lim is None or not result.candidates:
+            continue
+        vals = [c.metrics["size_mb"] if b == "size_mb" else c.metrics["latency_ms"][b[len("latency_ms["):-1]]
+                for c in result.candidates]
+        low = min(vals)
+        ratio = low / lim
+        if ratio > worst:
+            label = "" if b == "size_mb" else f" ({result.candidates[0].metrics['latency_label']})"
+            worst, text = ratio, f"{b} {lim:g} (the smallest among {len(vals)} candidates is {low:.4g}{label})"
+    return (f"search: no candidate meets every budget; the tightest is {text}: relax it or widen the "
+            "search space") if text else "search: no candidate was evaluated"

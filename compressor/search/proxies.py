@@ -1,0 +1,228 @@
+"""Zero-cost proxies: score an untrained candidate without training it. Larger is better for every one.
+
+Each proxy is ``fn(student, batch, teacher=None) -> float`` where ``batch`` is an (inputs, labels) pair;
+PROXIES (in compressor/search/__init__.py) maps names to them. A proxy that needs the teacher takes a
+``TeacherView``, computed once per search, so the teacher runs once and is never modified.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import count_flops, count_params
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+def classifier(model: nn.Module) -> nn.Linear:
+    """The final classifier: the last nn.Linear registered in the model (a timm/torchvision habit)."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is None:
+        from ..errors import UserError
+
+        raise UserError(f"{type(model).__name__} has no nn.Linear classifier, which DisWOT needs")
+    return last
+
+
+def _forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the features the classifier sees before pooling (``model.features`` when there is one,
+    else the classifier's input), flattened to (batch, D)."""
+    if hasattr(model, "features") and callable(model.features) and hasattr(model, "head"):
+        feats = model.features(x)
+        logits = model.head(torch.flatten(model.pool(feats), 1)) if hasattr(model, "pool") else model(x)
+        return logits, feats.flatten(1)
+    seen = {}
+    h = classifier(model).register_forward_pre_hook(lambda m, args: seen.__setitem__("f", args[0]))
+    try:
+        logits = model(x)
+    finally:
+        h.remove()
+    return logits, seen["f"].flatten(1)
+
+
+def _gram(f: torch.Tensor) -> torch.Tensor:
+    return F.normalize(f @ f.t(), dim=1)
+
+
+# ----------------------------------------------------------------------------------------- DisWOT
+
+@dataclass
+class TeacherView:
+    """What DisWOT needs from the teacher for one batch: classifier-weight gradient and feature Gram."""
+
+    grad: torch.Tensor  # (classes, channels)
+    gram: torch.Tensor  # (batch, batch), row-normalised
+
+    @classmethod
+    def of(cls, teacher: nn.Module, batch) -> "TeacherView":
+        # A copy in train mode (BatchNorm on batch statistics, as DisWOT does) so the real teacher's
+        # running statistics and gradients stay untouched.
+        t = copy.deepcopy(teacher).train()
+        x, y = batch
+        g, gram = _grad_and_gram(t, x, y)
+        return cls(g, gram)
+
+
+def _grad_and_gram(model: nn.Module, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    head = classifier(model)
+    model.zero_grad(set_to_none=True)
+    logits, feats = _forward_with_features(model, x)
+    g, = torch.autograd.grad(F.cross_entropy(logits, y), head.weight)
+    return g.detach(), _gram(feats.detach())
+
+
+def semantic_distance(g_s: torch.Tensor, g_t: torch.Tensor, form: str = "auto") -> float:
+    """DisWOT's semantic similarity, as a distance between classifier-weight gradients (K x C).
+
+    "channel": per class k, g_k g_k^T (C x C) row-normalised; sum_k ||N_s - N_t||_F^2 / (K * C). Needs
+    equal channel counts. "gram": the K x K Gram G G^T row-normalised; ||.||_F^2 / K^2, which works for
+    any channel counts. "auto" takes "channel" when the counts match.
+    """
+    if form == "auto":
+        form = "channel" if g_s.shape == g_t.shape else "gram"
+    if form == "channel":
+        if g_s.shape != g_t.shape:
+            raise ValueError(f"channel form needs equal shapes, got {tuple(g_s.shape)} and {tuple(g_t.shape)}")
+        k, c = g_s.shape
+        n_s = F.normalize(g_s.unsqueeze(2) @ g_s.unsqueeze(1), dim=2)
+        n_t = F.normalize(g_t.unsqueeze(2) @ g_t.unsqueeze(1), dim=2)
+        return float(((n_s - n_t) ** 2).sum() / (k * c))
+    k = g_s.shape[0]
+    return float(((_gram(g_s) - _gram(g_t)) ** 2).sum() / (k * k))
+
+
+def relation_distance(gram_s: torch.Tensor, gram_t: torch.Tensor) -> float:
+    """||G_t - G_s||_F^2 / B^2 over row-normalised batch Gram matrices of the features."""
+    b = gram_s.shape[0]
+    return float(((gram_s - gram_t) ** 2).sum() / (b * b))
+
+
+def diswot(student: nn.Module, batch, teacher: TeacherView | nn.Module, form: str = "gram") -> float:
+    """-(semantic + relation) distance to the teacher. ``form`` "gram" by default so that candidates
+    with and without the teacher's channel count are scored on one scale within a search."""
+    if isinstance(teacher, nn.Module):
+        teacher = TeacherView.of(teacher, batch)
+    x, y = batch
+    was = student.training
+    student.train()
+    try:
+        g_s, gram_s = _grad_and_gram(student, x, y)
+    finally:
+        student.train(was)
+    return -(semantic_distance(g_s, teacher.grad, form) + relation_distance(gram_s, teacher.gram))
+
+
+# ------------------------------------------------------------------------------------------ NASWOT
+
+class _ActivationCodes(torch.overrides.TorchFunctionMode):
+    """Collects which units a ReLU lets through, for each sample. A torch-function mode, not module
+    hooks, so functional F.relu calls (as in our BasicBlock) are seen too."""
+
+    RELUS = {F.relu, torch.relu, torch.relu_, F.relu_}
+
+    def __init__(self):
+        super().__init__()
+        self.codes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.RELUS and isinstance(out, torch.Tensor):
+            self.codes.append((out.detach() > 0).flatten(1).to(torch.float32))
+        elif func is F.gelu and isinstance(args[0], torch.Tensor):
+            self.codes.append((args[0].detach() > 0).flatten(1).to(torch.float32))
+        return out
+
+
+@torch.no_grad()
+def naswot(student: nn.Module, batch, teacher=None) -> float:
+    """log |det K|, K = sum over ReLU layers of c c^T + (1 - c)(1 - c)^T (Mellor et al. 2021): how
+    differently the untrained network partitions the samples of one batch."""
+    x, _ = batch
+    was = student.training
+    student.train()
+    mode = _ActivationCodes()
+    try:
+        with mode:
+            student(x)
+    finally:
+        student.train(was)
+    if not mode.codes:
+        return 0.0
+    # sum_l c c^T + (1-c)(1-c)^T = 2 C C^T - r 1^T - 1 r^T + N over all layers' codes C (r: row sums,
+    # N: units): one matmul instead of two per layer. float32 is exact for these integer counts < 2^24.
+    c = torch.cat(mode.codes, dim=1)
+    r = c.sum(1, keepdim=True)
+    k = (2 * (c @ c.t()) - r - r.t() + c.shape[1]).to(torch.float64)
+    return float(torch.linalg.slogdet(k)[1])
+
+
+# ----------------------------------------------------------------------------------------- synflow
+
+def _swap_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, nn.Identity())
+                swapped.append((parent, name, child))
+    return swapped
+
+
+def synflow(student: nn.Module, batch, teacher=None) -> float:
+    """Synaptic flow (Tanaka et al. 2020): weights -> |weights| in float64, BatchNorm off, an input of
+    ones, R = sum of outputs, score = sum |theta * dR/dtheta|. Data-free. The model is given back as it
+    came: dtype, signs and BatchNorm layers restored."""
+    x, _ = batch
+    dtype = next(student.parameters()).dtype
+    was = student.training
+    swapped = _swap_batchnorm(student)
+    signs = {}
+    student.double()
+    try:
+        with torch.no_grad():
+            for n, p in student.state_dict().items():
+                if p.is_floating_point():
+                    signs[n] = torch.sign(p)
+                    p.abs_()
+        student.eval()  # dropout off
+        student.zero_grad(set_to_none=True)
+        inp = torch.ones((1, *x.shape[1:]), dtype=torch.float64) if x.is_floating_point() else x[:1]
+        torch.sum(student(inp)).backward()
+        score = sum(float((p.detach() * p.grad).abs().sum()) for p in student.parameters() if p.grad is not None)
+    finally:
+        with torch.no_grad():
+            for n, p in student.state_dict().items():
+                if n in signs:
+                    p.mul_(signs[n])
+        student.zero_grad(set_to_none=True)
+        for parent, name, bn in swapped:
+            setattr(parent, name, bn)
+        student.to(dtype)
+        student.train(was)
+    return score
+
+
+# ------------------------------------------------------------------------------------ size proxies
+
+def params(student: nn.Module, batch, teacher=None) -> float:
+    """Parameter count: the baseline few proxies beat consistently; always reported beside them."""
+    return float(count_params(student))
+
+
+def flops(student: nn.Module, batch, teacher=None) -> float:
+    return float(count_flops(student, batch[0]))
+
+
+def cost(build, example: torch.Tensor) -> tuple[int, int]:
+    """(params, FLOPs) of the model ``build()`` makes, built on the meta device: shapes only, no
+    weights and no arithmetic, so it is cheap enough to call for every candidate."""
+    with torch.device("meta"):
+        model = build()
+    return count_params(model), count_flops(model, example[:1].to("meta"))

@@ -1,0 +1,167 @@
+"""The `search` pipeline stage and `compress search`: find the student, then hand it to the pipeline.
+
+The best candidate is the highest proxy score among those meeting every budget (size, latency per
+device); it replaces the recipe's student, and its genome goes into the manifest so the student can be
+rebuilt from the bundle alone. The Pareto front goes into the stage record and a plot into the bundle.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..bundle import StageRecord, atomic_write, write_json
+from ..errors import UserError
+from ..models import build_model
+
+
+def _defaults(data) -> dict:
+    return {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
+            "in_features": int(torch.Size(data.input_shape).numel())}
+
+
+def _devices(recipe, log) -> dict:
+    from devices import get_device, load_profile
+
+    out = {}
+    for target in recipe.targets:
+        dev = get_device(load_profile(target))
+        why = dev.why_unavailable()
+        if why:
+            if target in recipe.budgets.latency_ms:
+                raise UserError(f"search: budgets.latency_ms has {target}, but it cannot be measured ({why})")
+            log(f"search: {target} not used for latency ({why})")
+            continue
+        out[target] = dev
+    return out
+
+
+def run_search(recipe, data, teacher, spec, run_dir: Path, log=print):
+    """Run the search the recipe asks for; return (space, result). ``run_dir`` holds the SQLite study."""
+    from . import PROXIES
+    from .nsga import search
+    from .proxies import TeacherView
+    from .spaces import from_spec
+
+    if spec.proxy not in PROXIES:
+        raise UserError(f"search.proxy {spec.proxy!r}: known proxies are {', '.join(PROXIES)}")
+    space = from_spec(spec, teacher, recipe.teacher.model)
+    log(f"search: {space.family} space of {space.size:,} students ({', '.join(f'{g}: {c}' for g, c in space.genes.items())})")
+    batch = data.tensors("train", limit=spec.batch_size)
+    view = TeacherView.of(teacher, batch) if spec.proxy == "diswot" else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage = spec.storage or f"sqlite:///{(run_dir / 'search.db').resolve()}"
+    b = recipe.budgets
+    result = search(space, PROXIES[spec.proxy], batch, teacher_view=view, defaults=_defaults(data),
+                    devices=_devices(recipe, log), size_mb=b.size_mb, latency_ms=dict(b.latency_ms),
+                    trials=spec.trials, population=spec.population, seed=recipe.seed, storage=storage,
+                    study_name=spec.study or f"{recipe.name}-search", latency=spec.latency,
+                    calibration=spec.calibration, measure_kw={"warmup": 5, "runs": 30, "max_seconds": 2.0},
+                    log=log)
+    return space, result
+
+
+def plot_front(result, path: Path) -> Path:
+    """Every candidate (score against its first cost objective), the feasible ones, the Pareto front
+    and the chosen one. Agg backend: no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .nsga import _objective_value
+
+    obj = result.objectives[1]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for feasible, style in ((False, dict(c="0.75", s=12, label="over a budget")),
+                            (True, dict(c="tab:blue", s=14, label="meets every budget"))):
+        pts = [c for c in result.candidates if c.feasible == feasible]
+        if pts:
+            ax.scatter([_objective_value(c, obj) for c in pts], [c.metrics["score"] for c in pts], **style)
+    if result.front:
+        f = sorted(result.front, key=lambda c: _objective_value(c, obj))
+        ax.plot([_objective_value(c, obj) for c in f], [c.metrics["score"] for c in f], "o-", c="tab:red",
+                ms=4, label="Pareto front")
+    if result.best:
+        ax.scatter([_objective_value(result.best, obj)], [result.best.metrics["score"]], marker="*", s=180,
+                   c="gold", edgecolors="k", zorder=5, label="chosen")
+    label = result.candidates[0].metrics.get("latency_label", "") if result.candidates else ""
+    ax.set_xlabel(f"{obj}{f' ({label})' if obj.startswith('latency') else ''}")
+    ax.set_ylabel("proxy score (higher is better)")
+    ax.set_title(f"student search: {len(result.candidates)} trials")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_outputs(space, result, out: Path) -> dict:
+    """candidates.json and pareto.png under ``out``; returns their names."""
+    write_json(out / "candidates.json", {"space": space.to_dict(), **result.summary(),
+                                         "candidates": [c.to_dict() for c in result.candidates]})
+    plot_front(result, out / "pareto.png")
+    return {"candidates": "candidates.json", "plot": "pareto.png"}
+
+
+def stage(ctx) -> StageRecord:
+    from .nsga import tightest
+
+    spec = ctx.recipe.search
+    if spec is None:
+        return StageRecord("search", metrics={"skipped": "the recipe has no search section"})
+    space, result = run_search(ctx.recipe, ctx.data, ctx.teacher, spec, ctx.scratch, ctx.log)
+    b = ctx.recipe.budgets
+    files = {k: f"search/{v}" for k, v in write_outputs(space, result, ctx.work / "search").items()}
+    if result.best is None:
+        raise UserError(tightest(result, b.size_mb, dict(b.latency_ms)))
+    best = result.best
+    defaults = _defaults(ctx.data)
+    torch.manual_seed(ctx.recipe.seed)
+    ctx.student = space.build(best.genome, defaults)
+    ctx.genome = {"model": space.builder, "config": space.config(best.genome), "defaults": defaults,
+                  "search": {"family": space.family, "genes": best.genome, "key": best.key}}
+    m = best.metrics
+    lat = ", ".join(f"{d} {v:.3f} ms ({m['latency_label']})" for d, v in m["latency_ms"].items())
+    ctx.log(f"search: chose {ctx.genome['config']} ({m['params']:,} params, {m['flops'] / 1e6:.1f} MFLOPs, "
+            f"{m['size_mb']:.3f} MB{', ' + lat if lat else ''}; score {m['score']:.4g}); plot in {files['plot']}")
+    return StageRecord("search", config=spec.model_dump(mode="json"),
+                       metrics={**result.summary(), "space": space.to_dict(), "best": best.to_dict(),
+                                "front": [c.to_dict() for c in result.front],
+                                "latency_models": result.latency_models},
+                       outputs={**files, "student": ctx.genome})
+
+
+def restore(ctx, rec: StageRecord) -> None:
+    if "student" not in rec.outputs:
+        return
+    g = rec.outputs["student"]
+    torch.manual_seed(ctx.recipe.seed)
+    ctx.student = build_model(g["model"], g["config"], g["defaults"], what="searched student")
+    ctx.genome = g
+
+
+def search_command(recipe, out: Path, log=print) -> dict:
+    """`compress search`: the search alone, its study and outputs in ``out``; returns the best."""
+    from ..data import load_data
+    from ..recipe import SearchSpec
+    from ..teacher import load_teacher
+    from .nsga import tightest
+
+    torch.manual_seed(recipe.seed)
+    data = load_data(recipe.data, recipe.seed)
+    teacher, _ = load_teacher(recipe, data, log=log)
+    spec = recipe.search or SearchSpec()
+    space, result = run_search(recipe, data, teacher, spec, out, log)
+    write_outputs(space, result, out)
+    b = recipe.budgets
+    if result.best is None:
+        raise UserError(tightest(result, b.size_mb, dict(b.latency_ms)))
+    best = {"student": {"model": space.builder, "config": space.config(result.best.genome)},
+            **result.best.to_dict(), "front": len(result.front), **result.summary()}
+    atomic_write(out / "best.json", json.dumps(best, indent=2) + "\n")
+    return best

@@ -1,0 +1,117 @@
+"""NSGA-II search (Optuna): budgets as constraints, a resumable SQLite study, the pipeline's search stage."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from compressor.errors import UserError
+from compressor.search import PROXIES
+from compressor.search.nsga import pareto, search, tightest
+from compressor.search.spaces import Space
+
+optuna = pytest.importorskip("optuna")
+
+
+class FakeDevice:
+    """Latency proportional to the ONNX file size: deterministic, and it counts what it measured."""
+
+    def __init__(self):
+        self.measured = 0
+
+    def measure(self, path, **kw):
+        import os
+
+        self.measured += 1
+        return SimpleNamespace(p50_ms=os.path.getsize(path) / 1e4)
+
+
+def mlp_space():
+    return Space("mlp", "mlp", {"layers": [1, 2], "width_0": [8, 16, 32, 64], "width_1": [8, 16, 32]})
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
+
+
+DEFAULTS = {"in_features": 16, "num_classes": 4}
+
+
+def test_search_meets_budgets_and_resumes(tmp_path, batch):
+    dev = FakeDevice()
+    kw = dict(defaults=DEFAULTS, devices={"fake": dev}, size_mb=0.004, latency_ms={"fake": 0.5},
+              population=4, seed=0, storage=f"sqlite:///{tmp_path / 's.db'}", calibration=3, log=lambda s: None)
+    r = search(mlp_space(), PROXIES["naswot"], batch, trials=10, **kw)
+    assert len(r.candidates) == 10 and dev.measured == 3  # only the calibration candidates were measured
+    assert r.best is not None and r.best.feasible
+    assert r.best.metrics["size_mb"] <= 0.004 and r.best.metrics["latency_ms"]["fake"] <= 0.5
+    assert r.best.metrics["latency_label"] == "predicted"
+    assert r.best.metrics["score"] == max(c.metrics["score"] for c in r.candidates if c.feasible)
+    assert all(c.feasible for c in r.front) and r.best in r.front
+    assert r.latency_models["fake"]["points"] and r.latency_models["fake"]["label"] == "predicted"
+    # Resume: the study keeps its trials and its latency model; only the missing trials run.
+    r2 = search(mlp_space(), PROXIES["naswot"], batch, trials=14, **kw)
+    assert len(r2.candidates) == 14 and dev.measured == 3
+    assert r2.scored <= 4
+
+
+def test_pareto_front_is_non_dominated():
+    from compressor.search.nsga import Candidate
+
+    def c(k, score, size, feasible=True):
+        return Candidate("mlp", {}, k, {"score": score, "size_mb": size}, feasible)
+
+    cands = [c("a", 1.0, 1.0), c("b", 2.0, 2.0), c("c", 1.5, 2.5), c("d", 3.0, 0.5, feasible=False)]
+    assert [x.key for x in pareto(cands, ["score", "size_mb"])] == ["b", "a"]
+
+
+def test_no_candidate_meets_the_budgets_names_the_tightest(tmp_path, batch):
+    r = search(mlp_space(), PROXIES["params"], batch, defaults=DEFAULTS, size_mb=1e-6, trials=4, population=2,
+               storage=f"sqlite:///{tmp_path / 's.db'}", log=lambda s: None)
+    assert r.best is None and r.front == []
+    msg = tightest(r, 1e-6, {})
+    assert "size_mb 1e-06" in msg and "\n" not in msg
+    # With a latency budget further out of reach than the size budget, latency is named.
+    r = search(mlp_space(), PROXIES["params"], batch, defaults=DEFAULTS, devices={"fake": FakeDevice()},
+               size_mb=0.002, latency_ms={"fake": 1e-6}, trials=4, population=2, calibration=3,
+               storage=f"sqlite:///{tmp_path / 't.db'}", log=lambda s: None)
+    assert r.best is None
+    assert "tightest is latency_ms[fake] 1e-06" in tightest(r, 0.002, {"fake": 1e-6})
+
+
+@pytest.mark.slow
+def test_pipeline_search_stage(tmp_path, tiny_recipe):
+    import compressor
+    from compressor.bundle import read_manifest, verify
+    from compressor.models import build_model
+
+    # No targets: latency (measured through ONNX Runtime) is covered above with a fake device, and
+    # keeping it out keeps this test quick on a shared machine.
+    tiny_recipe["search"] = {"trials": 8, "population": 4, "batch_size": 32}
+    tiny_recipe["budgets"] = {"size_mb": 0.05}
+    tiny_recipe["targets"] = []
+    tiny_recipe["distill"]["epochs"] = 1
+    out = compressor.run(tiny_recipe, tmp_path / "b", log=lambda s: None)
+    m = read_manifest(out)
+    verify(out)
+    rec = next(s for s in m["stages"] if s["name"] == "search")
+    assert rec["outputs"]["plot"] == "search/pareto.png" and (out / "search" / "pareto.png").stat().st_size > 1000
+    assert rec["metrics"]["front"] and rec["metrics"]["best"]["feasible"]
+    student = m["student"]
+    assert student["search"]["genes"] == rec["metrics"]["best"]["genome"]
+    rebuilt = build_model(student["model"], student["config"], student["defaults"])
+    assert sum(p.numel() for p in rebuilt.parameters()) == rec["metrics"]["best"]["metrics"]["params"]
+    cands = json.loads((out / "search" / "candidates.json").read_text())
+    assert len(cands["candidates"]) == 8
+
+
+def test_pipeline_search_budget_nobody_meets(tmp_path, tiny_recipe):
+    import compressor
+
+    tiny_recipe["search"] = {"trials": 3, "population": 2, "batch_size": 16}
+    tiny_recipe["budgets"] = {"size_mb": 1e-5}
+    tiny_recipe["targets"] = []
+    with pytest.raises(UserError, match=r"tightest is size_mb 1e-05"):
+        compressor.run(tiny_recipe, tmp_path / "b", log=lambda s: None)
