@@ -133,6 +133,36 @@ def profile(model, device_name, batch, warmup, runs, max_seconds, precision, dim
             click.echo(f"      note: {n}")
 
 
+@cli.command()
+@click.argument("device_name", metavar="DEVICE")
+@click.option("--space", "spaces", multiple=True, type=click.Choice(["digits", "transformer"]), default=["digits"],
+              show_default=True, help="Candidate space to sample (repeat for several).")
+@click.option("--samples", type=click.IntRange(6), default=60, show_default=True, help="Candidates measured per space.")
+@click.option("--holdout", type=click.FloatRange(0.05, 0.5), default=0.25, show_default=True,
+              help="Share of the candidates kept out of the fit to report its accuracy.")
+@click.option("--rounds", type=click.IntRange(1), default=2, show_default=True,
+              help="Measure every candidate this many times, round robin; the lowest p50 counts.")
+@click.option("--runs", type=click.IntRange(5), default=100, show_default=True, help="Timed runs per measurement (at most).")
+@click.option("--max-seconds", type=float, default=2.0, show_default=True, help="Time cap per measurement.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(), default="predictors", show_default=True,
+              help="Directory for <device>-<space>.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
+def calibrate(device_name, spaces, samples, holdout, rounds, runs, max_seconds, seed, out_dir, as_json):
+    """Measure sampled candidates on DEVICE, fit its latency predictor, report it on held-out candidates."""
+    from .calibrate import calibrate as run_calibration
+
+    report = run_calibration(device_name, tuple(spaces), n=samples, holdout=holdout, seed=seed, rounds=rounds,
+                             out_dir=out_dir, log=lambda s: click.echo(s, err=True), runs=runs,
+                             max_seconds=max_seconds)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{'space':<12} {'held-out':>8} {'within 10%':>10} {'MAPE':>7}  method      predictor (estimates)")
+    for space, r in report.items():
+        click.echo(f"{space:<12} {r['n']:>8} {r['within_10pct']:>10.0%} {r['mape']:>7.1%}  {r['method']:<10}  {r['path']}")
+
+
 def main(argv=None) -> int:
     """Entry point: user errors are one line on stderr and exit code 2; --debug shows tracebacks."""
     global DEBUG

@@ -1,0 +1,188 @@
+"""`compress calibrate DEVICE`: measure a sample of candidates of a search space on a device, fit its
+latency predictor (devices/predictor.py), and report the predictor on held-out candidates.
+
+The features are computed here, on the PyTorch model, because devices/ never imports compressor:
+FLOPs (total and per operator family), parameters, activation elements, and counts per layer type.
+"""
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGE = 32  # the digits space at the quickstart teacher's resolution
+SEQ = 64  # tokens per sample in the Transformer space
+
+
+class TinyTransformer(nn.Module):
+    """Token embeddings in, class logits out: a small nn.TransformerEncoder with a mean-pooled head."""
+
+    def __init__(self, d_model=64, nhead=4, layers=2, ffn=128, num_classes=10):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, nhead, ffn, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+def sample_digits(rng: random.Random) -> dict:
+    stages = rng.choice([2, 3])
+    widths, w = [], rng.choice([4, 8, 12, 16, 24, 32])
+    for _ in range(stages):
+        widths.append(w)
+        w = min(128, w * rng.choice([1, 2, 2]))
+    return {"widths": widths, "depths": [rng.choice([1, 1, 2, 3]) for _ in range(stages)],
+            "kernel": rng.choice([3, 3, 5])}
+
+
+def sample_transformer(rng: random.Random) -> dict:
+    d = rng.choice([32, 64, 96, 128, 192])
+    return {"d_model": d, "nhead": rng.choice([h for h in (2, 4, 8) if d % h == 0]),
+            "layers": rng.choice([1, 2, 3, 4, 6]), "ffn": d * rng.choice([2, 4])}
+
+
+def build_digits(g: dict):
+    from .models import ResNet
+
+    return ResNet(in_channels=1, num_classes=10, **g), torch.randn(1, 1, IMAGE, IMAGE)
+
+
+def build_transformer(g: dict):
+    return TinyTransformer(**g), torch.randn(1, SEQ, g["d_model"])
+
+
+SPACES = {"digits": (sample_digits, build_digits), "transformer": (sample_transformer, build_transformer)}
+
+# aten operator -> feature family for per-operator FLOPs
+_FAMILIES = {"convolution": "conv", "mm": "matmul", "addmm": "matmul", "bmm": "matmul", "baddbmm": "matmul",
+             "_scaled_dot_product_efficient_attention": "attention", "_scaled_dot_product_flash_attention": "attention",
+             "_scaled_dot_product_cudnn_attention": "attention"}
+
+
+def features(model: nn.Module, example: torch.Tensor) -> dict:
+    """The predictor's inputs for one model at batch 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.eval()
+    act, counts, attn = [0], {}, [0]
+
+    def hook(mod, inp, out):
+        if isinstance(out, torch.Tensor):
+            act[0] += out.numel()
+        if isinstance(mod, nn.MultiheadAttention) and inp and isinstance(inp[0], torch.Tensor):
+            # softmax(QK^T)V: 2 matmuls of L x L x E multiply-adds; the CPU's fused attention kernel is
+            # invisible to the FLOP counter
+            q = inp[0]
+            seq = q.shape[1] if mod.batch_first or q.dim() == 2 else q.shape[0]
+            attn[0] += 4 * seq * seq * mod.embed_dim
+
+    leaves = [m for m in model.modules() if not list(m.children()) or isinstance(m, nn.MultiheadAttention)]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    for m in leaves:
+        counts[f"n_{type(m).__name__}"] = counts.get(f"n_{type(m).__name__}", 0) + 1
+    # Attention's eval fast path is one fused kernel that the FLOP counter does not see; the exported
+    # ONNX graph has the plain operators, so count those.
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(example[:1])
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+        for h in handles:
+            h.remove()
+    fam = {}
+    for op, n in fc.get_flop_counts().get("Global", {}).items():
+        name = getattr(op, "__name__", str(op)).split(".")[0]
+        key = f"flops_{_FAMILIES.get(name, 'other')}"
+        fam[key] = fam.get(key, 0) + int(n)
+    if attn[0] and "flops_attention" not in fam:  # a torch that counts it itself is not counted twice
+        fam["flops_attention"] = fam.get("flops_attention", 0) + attn[0]
+    return {"flops": int(fc.get_total_flops()) + attn[0], "params": sum(p.numel() for p in model.parameters()),
+            "activations": act[0], "layers": len(leaves), "input_elements": example[:1].numel(), **fam, **counts}
+
+
+def measure_space(space: str, device, n: int, *, seed: int = 0, rounds: int = 2, warmup: int = 10,
+                  runs: int = 100, max_seconds: float = 2.0, log=print) -> list[dict]:
+    """Sample ``n`` distinct genomes, export each to ONNX, measure each ``rounds`` times (round robin, so
+    slow drifts of a shared machine spread over all candidates) and keep the lowest p50."""
+    from exporters.onnx import export_onnx
+
+    sample, build = SPACES[space]
+    rng, seen, points = random.Random(seed), set(), []
+    while len(points) < n:
+        g = sample(rng)
+        key = repr(sorted(g.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        torch.manual_seed(0)
+        model, example = build(g)
+        points.append({"genome": g, "features": features(model, example), "model": model, "example": example})
+    with tempfile.TemporaryDirectory(prefix="compressor-calibrate-") as tmp:
+        for i, p in enumerate(points):
+            p["path"] = Path(tmp) / f"c{i}.onnx"
+            export_onnx(p.pop("model"), (p.pop("example"),), p["path"], dynamic_batch=False)
+        t0 = time.time()
+        for r in range(rounds):
+            for p in points:
+                m = device.measure(p["path"], batch=1, warmup=warmup, runs=runs, max_seconds=max_seconds)
+                p.setdefault("p50_ms", []).append(m.p50_ms)
+                p.setdefault("min_ms", []).append(m.min_ms)
+                p.setdefault("cv", []).append(m.cv)
+            log(f"{space}: round {r + 1}/{rounds} measured {len(points)} candidates ({time.time() - t0:.0f} s)")
+    for p in points:
+        del p["path"]
+        p["rounds_ms"] = p.pop("p50_ms")
+        p["latency_ms"] = min(p["rounds_ms"])
+    return points
+
+
+def calibrate(device_name: str, spaces=("digits",), *, n: int = 60, holdout: float = 0.25, seed: int = 0,
+              rounds: int = 2, out_dir: str | Path = "predictors", log=print, **measure_kw) -> dict:
+    """Measure, fit on the training share, report on the held-out share, then refit on everything and
+    save ``<out_dir>/<device>-<space>.json``. Returns {space: report}."""
+    from devices import get_device, load_profile
+    from devices.predictor import LatencyPredictor, accuracy
+
+    from .bundle import atomic_write
+
+    profile = load_profile(device_name)
+    device = get_device(profile)
+    why = device.why_unavailable()
+    if why:
+        from devices import DeviceError
+
+        raise DeviceError(f"device {profile.name} is not available: {why}")
+    out = {}
+    for space in spaces:
+        if space not in SPACES:
+            from .errors import UserError
+
+            raise UserError(f"unknown space {space!r} (known: {', '.join(SPACES)})")
+        pts = measure_space(space, device, n, seed=seed, rounds=rounds, log=log, **measure_kw)
+        rng = random.Random(seed + 1)
+        idx = list(range(len(pts)))
+        rng.shuffle(idx)
+        k = max(1, round(len(pts) * holdout))
+        test, train = [pts[i] for i in idx[:k]], [pts[i] for i in idx[k:]]
+        pred = LatencyPredictor.fit(profile.name, [(p["features"], p["latency_ms"]) for p in train], space=space)
+        acc = accuracy(pred, [(p["features"], p["latency_ms"]) for p in test])
+        final = LatencyPredictor.fit(profile.name, [(p["features"], p["latency_ms"]) for p in pts], space=space)
+        final.meta.update(held_out={**acc, "train": len(train)}, rounds=rounds, seed=seed,
+                          latency="lowest p50 over the rounds, batch 1", measure=measure_kw)
+        path = Path(out_dir) / f"{profile.name}-{space}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, final.to_json().encode())
+        ms = [p["latency_ms"] for p in pts]
+        out[space] = {**acc, "train": len(train), "path": str(path), "min_ms": min(ms), "max_ms": max(ms),
+                      "method": pred.method}
+        log(f"{space}: {acc['within_10pct']:.0%} of {acc['n']} held-out candidates within 10% of measured, "
+            f"MAPE {acc['mape']:.1%} (latencies {min(ms):.3f}-{max(ms):.3f} ms); predictor saved to {path}")
+    return out

@@ -1,0 +1,220 @@
+"""A per-device latency predictor fitted on measured candidates; its answers are estimates, labelled so.
+
+A search cannot measure thousands of candidates on a board, so it measures a few dozen (``compress
+calibrate DEVICE``), fits this, and predicts the rest. The caller computes each candidate's features
+(devices never imports compressor): any dict of numbers, e.g. ``flops``, ``params``, ``activations``,
+``flops_conv``, ``n_Conv2d``. Two models, both small enough to store as JSON and evaluate with numpy:
+
+- ``additive``: latency = overhead + sum of non-negative costs per feature unit (ms per FLOP, per
+  activation element, per layer of a type), fitted by non-negative least squares on relative error.
+  It is the shape of nn-Meter's per-kernel sum with features instead of a kernel table, and it
+  extrapolates sanely: more work never predicts less time.
+- ``loglinear``: ridge regression of log latency on log(1 + feature): catches sub-linear scaling
+  (small layers underusing the cores) that an additive model misses.
+
+``method="auto"`` picks the one with the lower cross-validated mean absolute percentage error on the
+measurements. Saved with the device name, the space, the fit date, the points it was fitted on (so new
+measurements refit it: ``update``) and its held-out accuracy where the caller measured one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA = 1
+METHODS = ("additive", "loglinear")
+
+
+@dataclass
+class Prediction:
+    latency_ms: float
+    device: str
+    method: str
+    estimated: bool = True  # always: a prediction is never a measurement
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "estimated"
+
+
+@dataclass
+class LatencyPredictor:
+    device: str
+    method: str
+    features: list[str]
+    coef: list[float]
+    intercept: float
+    scale: list[float]  # additive: divide each feature by it; loglinear: (mean, std) pairs flattened
+    fitted_at: str
+    space: str = ""
+    points: list[dict] = field(default_factory=list)  # {"features": {...}, "latency_ms": x}
+    cv_mape: dict = field(default_factory=dict)  # method -> cross-validated MAPE on the points
+    meta: dict = field(default_factory=dict)  # e.g. held_out accuracy written by the caller
+    constants: dict = field(default_factory=dict)  # features equal in every point (not in the fit)
+    schema: int = SCHEMA
+
+    # ------------------------------------------------------------------------------ fitting
+
+    @classmethod
+    def fit(cls, device: str, samples, *, method: str = "auto", space: str = "", folds: int = 5,
+            alpha: float = 1.0) -> "LatencyPredictor":
+        """Fit on ``samples``: (features dict, measured latency in ms) pairs, at least 3."""
+        pts = [{"features": {k: float(v) for k, v in f.items()}, "latency_ms": float(y)} for f, y in samples]
+        if len(pts) < 3:
+            raise ValueError(f"a latency predictor needs at least 3 measured candidates, got {len(pts)}")
+        if any(not (p["latency_ms"] > 0) for p in pts):
+            raise ValueError("measured latencies must be positive")
+        if method not in (*METHODS, "auto"):
+            raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)} or auto")
+        scores = {}
+        if method == "auto":
+            for m in METHODS:
+                scores[m] = _cv_mape(pts, m, folds, alpha)
+            method = min(scores, key=scores.get)
+        p = _fit(device, pts, method, alpha)
+        p.space, p.cv_mape = space, scores
+        return p
+
+    def update(self, samples) -> "LatencyPredictor":
+        """A new predictor fitted on the old points plus new measurements (same method choice rule)."""
+        old = [(p["features"], p["latency_ms"]) for p in self.points]
+        return LatencyPredictor.fit(self.device, [*old, *samples], method="auto" if self.cv_mape else self.method,
+                                    space=self.space)
+
+    # ------------------------------------------------------------------------------ predicting
+
+    def predict(self, features: dict) -> Prediction:
+        import numpy as np
+
+        notes = []
+        # A feature the calibration never varied (or never saw) cannot be weighed: say so when it differs.
+        off = sorted(k for k, v in features.items() if k not in self.features
+                     and isinstance(v, (int, float)) and float(v) != self.constants.get(k, 0.0))
+        if off:
+            notes.append(f"features outside what calibration varied, ignored: {', '.join(off[:5])}")
+        x = np.array([float(features.get(k, 0.0)) for k in self.features])
+        if self.method == "additive":
+            y = self.intercept + float(np.dot(x / np.array(self.scale), self.coef))
+        else:
+            mu, sd = np.array(self.scale[0::2]), np.array(self.scale[1::2])
+            y = math.exp(self.intercept + float(np.dot((np.log1p(np.maximum(x, 0)) - mu) / sd, self.coef)))
+        flops = [p["features"].get("flops") for p in self.points if "flops" in p["features"]]
+        f = features.get("flops")
+        if flops and f is not None and not (0.5 * min(flops) <= f <= 2 * max(flops)):
+            notes.append(f"flops {f:.3g} outside the calibrated range {min(flops):.3g}-{max(flops):.3g}")
+        return Prediction(latency_ms=max(y, 1e-6), device=self.device, method=self.method, notes=notes)
+
+    def predict_ms(self, features: dict) -> float:
+        return self.predict(features).latency_ms
+
+    # ------------------------------------------------------------------------------ storage
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyPredictor":
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"latency predictor schema {d.get('schema')!r}: this version reads {SCHEMA}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> Path:
+        import os
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyPredictor":
+        from .profile import DeviceError
+
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise DeviceError(f"latency predictor {path} does not exist: run `compress calibrate DEVICE`") from None
+        except (ValueError, TypeError) as e:
+            raise DeviceError(f"latency predictor {path} is not readable: {e}") from None
+
+
+def accuracy(predictor: LatencyPredictor, samples) -> dict:
+    """Held-out accuracy: share predicted within 10% (and 20%) of measured, and MAPE."""
+    errs = [abs(predictor.predict_ms(f) - y) / y for f, y in samples]
+    if not errs:
+        return {"n": 0, "within_10pct": None, "within_20pct": None, "mape": None}
+    return {"n": len(errs), "within_10pct": sum(e <= 0.10 for e in errs) / len(errs),
+            "within_20pct": sum(e <= 0.20 for e in errs) / len(errs), "mape": sum(errs) / len(errs),
+            "max_ape": max(errs)}
+
+
+def _design(pts):
+    import numpy as np
+
+    names = sorted({k for p in pts for k in p["features"]})
+    x = np.array([[p["features"].get(k, 0.0) for k in names] for p in pts], dtype=np.float64)
+    keep = [j for j in range(len(names)) if np.ptp(x[:, j]) > 0]  # constant columns carry nothing
+    const = {names[j]: float(x[0, j]) for j in range(len(names)) if j not in keep}
+    return [names[j] for j in keep], x[:, keep], np.array([p["latency_ms"] for p in pts]), const
+
+
+def _fit(device, pts, method, alpha) -> LatencyPredictor:
+    import numpy as np
+
+    names, x, y, const = _design(pts)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if method == "additive":
+        scale = np.maximum(np.abs(x).max(0), 1e-12) if x.size else np.ones(0)
+        a = np.hstack([np.ones((len(y), 1)), x / scale]) / y[:, None]  # rows weighted: relative error
+        sol = _nnls(a, np.ones(len(y)))
+        return LatencyPredictor(device, method, names, [float(c) for c in sol[1:]], float(sol[0]),
+                                [float(s) for s in scale], now, points=pts, constants=const)
+    lx = np.log1p(np.maximum(x, 0))
+    mu, sd = lx.mean(0), lx.std(0)
+    sd[sd == 0] = 1.0
+    z = (lx - mu) / sd
+    ly = np.log(y)
+    b0 = ly.mean()
+    coef = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (ly - b0)) if z.size else np.zeros(0)
+    scale = [float(v) for pair in zip(mu, sd) for v in pair]
+    return LatencyPredictor(device, method, names, [float(c) for c in coef], float(b0), scale, now, points=pts,
+                            constants=const)
+
+
+def _nnls(a, b):
+    """Non-negative least squares (scipy when present; else projected gradient, fine at this size)."""
+    import numpy as np
+
+    try:
+        from scipy.optimize import nnls
+
+        return nnls(a, b, maxiter=50 * a.shape[1] + 500)[0]
+    except ImportError:
+        x = np.zeros(a.shape[1])
+        step = 1.0 / max(np.linalg.norm(a, 2) ** 2, 1e-12)
+        for _ in range(20000):
+            x = np.maximum(0.0, x - step * (a.T @ (a @ x - b)))
+        return x
+
+
+def _cv_mape(pts, method, folds, alpha) -> float:
+    """K-fold cross-validated mean absolute percentage error (deterministic folds)."""
+    k = min(folds, len(pts))
+    errs = []
+    for i in range(k):
+        test = pts[i::k]
+        train = [p for j, p in enumerate(pts) if j % k != i]
+        if len(train) < 2:
+            continue
+        m = _fit("cv", train, method, alpha)
+        errs += [abs(m.predict_ms(p["features"]) - p["latency_ms"]) / p["latency_ms"] for p in test]
+    return sum(errs) / len(errs) if errs else float("inf")

@@ -1,0 +1,110 @@
+"""The latency predictor: recovers known cost models, picks its method by cross-validation, is always an
+estimate, round-trips through JSON with its device and fit date, refits on new measurements; and
+`compress calibrate` end to end on a few digits candidates."""
+import json
+import random
+
+import pytest
+
+from devices import DeviceError
+from devices.predictor import LatencyPredictor, Prediction, accuracy
+
+
+def _additive(n, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        f = {"flops": rng.uniform(1e6, 5e8), "activations": rng.uniform(1e4, 2e6), "n_Conv2d": rng.randint(3, 20),
+             "input_elements": 1024}
+        y = 0.05 + 2e-8 * f["flops"] + 1e-7 * f["activations"] + 0.01 * f["n_Conv2d"]
+        out.append((f, y))
+    return out
+
+
+def _power(n, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        f = {"flops": 10 ** rng.uniform(5, 9), "params": 10 ** rng.uniform(3, 6)}
+        out.append((f, 3e-4 * f["flops"] ** 0.6 * f["params"] ** 0.1))
+    return out
+
+
+def test_additive_model_is_recovered_and_labelled_estimated():
+    p = LatencyPredictor.fit("board", _additive(40), method="additive")
+    acc = accuracy(p, _additive(20, seed=1))
+    assert acc["n"] == 20 and acc["within_10pct"] == 1.0 and acc["mape"] < 0.01
+    r = p.predict(_additive(1, seed=2)[0][0])
+    assert isinstance(r, Prediction) and r.estimated and r.label == "estimated" and r.device == "board"
+    assert "input_elements" not in p.features and p.constants == {"input_elements": 1024.0}
+    assert all(c >= 0 for c in p.coef) and p.intercept >= 0  # more work never predicts less time
+
+
+def test_auto_picks_the_method_that_cross_validates_better():
+    pa = LatencyPredictor.fit("board", _additive(40))
+    pp = LatencyPredictor.fit("board", _power(40))
+    assert set(pa.cv_mape) == set(pp.cv_mape) == {"additive", "loglinear"}
+    assert pa.method == "additive" and pp.method == "loglinear"
+    assert accuracy(pp, _power(20, seed=3))["mape"] < 0.05
+
+
+def test_json_round_trip_keeps_device_date_and_predictions(tmp_path):
+    p = LatencyPredictor.fit("raspberry-pi-5", _additive(30), space="digits")
+    path = p.save(tmp_path / "pi.json")
+    d = json.loads(path.read_text())
+    assert d["device"] == "raspberry-pi-5" and d["space"] == "digits" and d["fitted_at"].startswith("20")
+    q = LatencyPredictor.load(path)
+    f = _additive(1, seed=5)[0][0]
+    assert q.predict_ms(f) == pytest.approx(p.predict_ms(f), rel=1e-12)
+    with pytest.raises(DeviceError, match="does not exist: run `compress calibrate"):
+        LatencyPredictor.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps({**d, "schema": 99}))
+    with pytest.raises(DeviceError, match="schema 99"):
+        LatencyPredictor.load(tmp_path / "bad.json")
+
+
+def test_update_refits_on_old_and_new_points():
+    p = LatencyPredictor.fit("board", _additive(10))
+    q = p.update(_additive(10, seed=7))
+    assert len(q.points) == 20 and len(p.points) == 10 and q.device == "board"
+
+
+def test_notes_for_what_calibration_did_not_cover():
+    p = LatencyPredictor.fit("board", _additive(30), method="additive")
+    f = {**_additive(1)[0][0], "flops": 1e12, "n_MultiheadAttention": 2, "input_elements": 4096}
+    notes = " ".join(p.predict(f).notes)
+    assert "outside the calibrated range" in notes and "n_MultiheadAttention" in notes and "input_elements" in notes
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="at least 3"):
+        LatencyPredictor.fit("board", _additive(2))
+    with pytest.raises(ValueError, match="positive"):
+        LatencyPredictor.fit("board", [({"flops": 1}, 1.0), ({"flops": 2}, 0.0), ({"flops": 3}, 1.0)])
+    with pytest.raises(ValueError, match="method"):
+        LatencyPredictor.fit("board", _additive(5), method="gbm")
+
+
+def test_features_count_attention_and_layers():
+    from compressor.calibrate import SPACES, features
+
+    m, x = SPACES["transformer"][1]({"d_model": 32, "nhead": 2, "layers": 2, "ffn": 64})
+    f = features(m, x)
+    assert f["flops_attention"] == 2 * 4 * 64 * 64 * 32 and f["n_MultiheadAttention"] == 2
+    assert f["flops"] == f["flops_matmul"] + f["flops_attention"] + f.get("flops_other", 0)
+    m, x = SPACES["digits"][1]({"widths": [4, 8], "depths": [1, 1], "kernel": 3})
+    f = features(m, x)
+    assert f["n_Conv2d"] == 6 and f["flops_conv"] > 0 and f["activations"] > 0 and f["params"] > 0
+
+
+def test_compress_calibrate_end_to_end(tmp_path, capsys):
+    from compressor.cli import main
+
+    rc = main(["calibrate", "local-cpu", "--samples", "6", "--rounds", "1", "--runs", "10", "--max-seconds", "0.5",
+               "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)["digits"]
+    assert report["n"] == 2 and report["train"] == 4 and 0 <= report["within_10pct"] <= 1 and report["mape"] >= 0
+    p = LatencyPredictor.load(tmp_path / "local-cpu-digits.json")
+    assert p.device == "local-cpu" and len(p.points) == 6 and p.meta["held_out"]["n"] == 2
+    assert main(["calibrate", "no-such-device", "--out", str(tmp_path)]) == 2
