@@ -126,9 +126,14 @@ def measure_space(space: str, device, n: int, *, seed: int = 0, rounds: int = 2,
         model, example = build(g)
         points.append({"genome": g, "features": features(model, example), "model": model, "example": example})
     with tempfile.TemporaryDirectory(prefix="compressor-calibrate-") as tmp:
-        for i, p in enumerate(points):
-            p["path"] = Path(tmp) / f"c{i}.onnx"
-            export_onnx(p.pop("model"), (p.pop("example"),), p["path"], dynamic_batch=False)
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # else the trace holds one fused op ONNX lacks
+        try:
+            for i, p in enumerate(points):
+                p["path"] = Path(tmp) / f"c{i}.onnx"
+                export_onnx(p.pop("model"), (p.pop("example"),), p["path"], dynamic_batch=False)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
         t0 = time.time()
         for r in range(rounds):
             for p in points:
