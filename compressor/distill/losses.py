@@ -35,14 +35,20 @@ class KD(nn.Module):
 
 
 class CE(nn.Module):
-    """Cross-entropy with the ground-truth labels (optionally label-smoothed)."""
+    """Cross-entropy with the ground-truth labels (optionally label-smoothed).
+
+    Label -1 marks an unlabelled sample (few-label data): it is ignored, and a batch without any label
+    contributes zero (not the NaN of a mean over nothing), so KD still learns from it.
+    """
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
         self.label_smoothing = float(label_smoothing)
 
     def forward(self, *, student: torch.Tensor, target: torch.Tensor, **_) -> torch.Tensor:
-        return F.cross_entropy(student, target, label_smoothing=self.label_smoothing)
+        if not (target != -1).any():
+            return student.sum() * 0.0
+        return F.cross_entropy(student, target, label_smoothing=self.label_smoothing, ignore_index=-1)
 
 
 # ------------------------------------------------------------------------------------ feature terms

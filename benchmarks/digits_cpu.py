@@ -1,0 +1,328 @@
+"""Digits on this CPU: the quickstart teacher against its compressed students, and the few-labels setting.
+
+    python benchmarks/digits_cpu.py                      # every setting, results in benchmarks/results/
+    python benchmarks/digits_cpu.py --settings full,fewlabel-kd,fewlabel-ce --work /tmp/digits-bench
+
+Settings (each one `compressor.run` of the quickstart recipe, changed as stated):
+
+    full          the quickstart (student resnet 16-32-64, KD on all labels) + int8 (ONNX Runtime static QDQ)
+    searched      + a search section: NSGA-II over the CNN space with the DisWOT proxy, 1 MB / 1 ms budgets
+    pruned        + a prune section: LAPTOP-Diff layer pruning of the teacher (half its FLOPs), then distilled
+    fewlabel-kd   labels for 5% of the training images (stratified, label -1 for the rest), the full-label
+                  teacher from `full` as a checkpoint, a resnet 8-16-32 student (1/34 of the teacher's FLOPs),
+                  KD on every image + CE on the labelled ones
+    fewlabel-ce   the same student and data, CE only: the labelled 5% alone, same steps
+    and, outside the pipeline, the same student trained directly on the labelled images only (AdamW,
+    best validation epoch, three seeds): the strongest label-only baseline we could make cheaply.
+
+Digits is easy (a student with 1/34 of the teacher's FLOPs reaches ~99.7% on all labels without any
+teacher), so the few-labels setting is where distillation shows its worth. Gap closed =
+(distilled - label-only) / (teacher - label-only), against the better label-only baseline.
+
+Finished runs are reused when their recipe is unchanged (delete --work to start over). Writes
+benchmarks/results/digits_cpu.json and .md with the machine, the versions and the date.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = ("full", "searched", "pruned", "fewlabel-kd", "fewlabel-ce")
+FEW_STUDENT = {"widths": [8, 16, 32], "depths": [1, 1, 1]}
+
+
+def base_recipe(tiny: bool) -> dict:
+    r = yaml.safe_load((ROOT / "profiles" / "recipes" / "quickstart.yaml").read_text())
+    if tiny:  # for the test: minutes become seconds; the figures mean nothing
+        r.update(teacher={"model": "resnet", "kwargs": {"widths": [8, 16], "depths": [1, 1]},
+                          "train": {"epochs": 2, "lr": 0.01}},
+                 student={"model": "resnet", "config": {"widths": [4, 8], "depths": [1, 1]}},
+                 profile={"batch_sizes": [1, 32], "warmup": 2, "runs": 10, "max_seconds": 2})
+        r["data"]["kwargs"] = {"image_size": 16}
+        r["data"]["batch_size"] = 128
+        r["distill"]["epochs"] = 2
+        r["budgets"] = {}
+    return r
+
+
+def recipe_for(setting: str, tiny: bool, teacher_ckpt: str | None) -> dict:
+    r = base_recipe(tiny)
+    r["name"] = f"digits-{setting}"
+    if setting == "full":
+        r["quantize"] = {"mode": "ptq-ort", "calibration": 64 if tiny else 256}
+    elif setting == "searched":
+        r["search"] = {"proxy": "diswot", "trials": 8 if tiny else 40, "population": 4 if tiny else 10,
+                       "calibration": 3 if tiny else 6}
+    elif setting == "pruned":
+        r["prune"] = {"by": "flops", "remove": 0.5}
+    elif setting.startswith("fewlabel"):
+        if not teacher_ckpt:
+            raise SystemExit(f"{setting} needs the full-label teacher: run the 'full' setting first")
+        r["teacher"] = {"model": r["teacher"]["model"], "kwargs": r["teacher"].get("kwargs", {}),
+                        "checkpoint": teacher_ckpt}  # trained on all labels, never on the test split
+        r["data"]["kwargs"] = {**r["data"]["kwargs"], "label_fraction": 0.05 if not tiny else 0.2}
+        if not tiny:
+            r["student"] = {"model": "resnet", "config": FEW_STUDENT}
+        if setting == "fewlabel-ce":
+            r["distill"]["losses"] = [{"name": "ce", "weight": 1.0}]
+        r["profile"] = {**r.get("profile", {}), "runs": 50 if not tiny else 10, "max_seconds": 5}
+        r["budgets"] = {}
+    else:
+        raise SystemExit(f"unknown setting {setting!r}: {', '.join(SETTINGS)}")
+    return r
+
+
+def run_setting(setting: str, work: Path, tiny: bool, teacher_ckpt: str | None, log) -> Path:
+    """The finished bundle of ``setting``: reused when its recipe is unchanged, else run now."""
+    import compressor
+    from compressor.recipe import load_recipe
+
+    recipe = recipe_for(setting, tiny, teacher_ckpt)
+    out = work / setting
+    if (out / "manifest.json").is_file():
+        old = json.loads((out / "manifest.json").read_text())
+        if old.get("recipe") == load_recipe(copy.deepcopy(recipe)).model_dump(mode="json"):
+            log(f"[{setting}] reusing {out}")
+            return out
+    log(f"[{setting}] running")
+    t0 = time.time()
+    compressor.run(recipe, out, force=True, log=lambda s: log(f"  {setting}: {s}"))
+    log(f"[{setting}] done in {time.time() - t0:.0f} s")
+    return out
+
+
+def teacher_checkpoint(tiny: bool) -> str | None:
+    """The full-label teacher's weights: where the pipeline caches the quickstart teacher it trained."""
+    from compressor.recipe import load_recipe
+    from compressor.teacher import _cache_key, cache_dir
+
+    recipe = load_recipe(recipe_for("full", tiny, None))
+    path = cache_dir() / "teachers" / f"{recipe.teacher.model.replace(':', '_')}-{_cache_key(recipe)}.pt"
+    return str(path) if path.is_file() else None
+
+
+def rows_of(bundle: Path, setting: str) -> list[dict]:
+    """One row per model file in a bundle, with accuracy, size and latency at batch 1 and 32."""
+    from compressor.report import _measurement, models
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    out = []
+    for r in models(m):
+        if setting != "full" and r["role"] == "teacher":
+            continue  # the teacher is the same file in every setting: reported once, from `full`
+        row = {"setting": setting, "model": r["key"], "params": r["params"], "flops": r["flops"],
+               "bytes": r["bytes"], "accuracy": r["accuracy"]}
+        for b in (1, 32):
+            meas = _measurement(m, r["path"], "local-cpu", b)
+            row[f"b{b}_p50_ms"] = meas["p50_ms"] if meas else None
+            row[f"b{b}_gflops"] = meas.get("gflops") if meas else None
+            row[f"b{b}_of_peak"] = meas.get("roofline") if meas else None
+        out.append(row)
+    if setting == "searched":
+        s = next((s for s in m["stages"] if s["name"] == "search"), {})
+        for row in out:
+            if row["model"].startswith("student"):
+                row["genome"] = m["student"].get("config")
+                row["search"] = {k: s.get("metrics", {}).get(k) for k in ("trials", "feasible", "seconds")}
+    return out
+
+
+def label_only_direct(work: Path, tiny: bool, seeds=(0, 1, 2), log=print) -> dict:
+    """The few-label student trained on the labelled images alone, outside the pipeline (no teacher)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Subset
+
+    from compressor.data import load_data
+    from compressor.models import build_model, count_flops, count_params
+    from compressor.recipe import load_recipe
+    from compressor.teacher import evaluate
+
+    recipe = load_recipe(recipe_for("fewlabel-ce", tiny, "unused"))
+    data = load_data(recipe.data, recipe.seed)
+    labelled = Subset(data.train.dataset, data.train.labelled)
+    accs = []
+    epochs = 20 if tiny else 150
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = build_model(recipe.student.model, recipe.student.config,
+                            {"in_channels": data.input_shape[0], "num_classes": data.num_classes})
+        loader = DataLoader(labelled, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        opt = torch.optim.AdamW(model.parameters(), lr=recipe.distill.lr, weight_decay=recipe.distill.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.distill.lr, total_steps=epochs * len(loader))
+        best, best_state = -1.0, None
+        for epoch in range(epochs):
+            model.train()
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            if (epoch + 1) % 5 == 0 or epoch == epochs - 1:
+                val = evaluate(model, data.loader("val", 256))
+                if val > best:
+                    best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best_state)
+        accs.append(evaluate(model, data.loader("test", 256)))
+        log(f"  label-only direct, seed {seed}: test accuracy {accs[-1]:.4f} (val {best:.4f})")
+    x = data.tensors("test", limit=1)[0]
+    return {"labelled": len(data.train.labelled), "train": len(data.train), "seeds": list(seeds), "epochs": epochs,
+            "accuracy": accs, "accuracy_mean": sum(accs) / len(accs), "params": count_params(model),
+            "flops": count_flops(model, x)}
+
+
+def machine() -> dict:
+    import numpy
+    import onnxruntime
+    import torch
+    from importlib import metadata
+
+    cpu = "unknown"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+    for dist in ("compressor", "pytorch-lightning", "onnx", "scikit-learn"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg(),
+            "threads": 2, "versions": versions, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def few_label_summary(rows: list[dict], teacher: dict | None, direct: dict | None) -> dict:
+    get = lambda s: next((r for r in rows if r["setting"] == s and r["model"] == "student"), None)  # noqa: E731
+    kd, ce = get("fewlabel-kd"), get("fewlabel-ce")
+    out = {"teacher": teacher and teacher["accuracy"], "distilled": kd and kd["accuracy"],
+           "label_only_pipeline": ce and ce["accuracy"], "label_only_direct": direct and direct["accuracy_mean"]}
+    baselines = [v for v in (out["label_only_pipeline"], out["label_only_direct"]) if v is not None]
+    if baselines and kd and teacher:
+        lo = max(baselines)
+        gap = teacher["accuracy"] - lo
+        out["label_only_best"] = lo
+        out["gap_closed"] = (kd["accuracy"] - lo) / gap if gap > 0 else None
+        out["flops_ratio"] = teacher["flops"] / kd["flops"] if kd.get("flops") else None
+        out["goal_met"] = bool(out["gap_closed"] is not None and out["gap_closed"] >= 0.8
+                               and out["flops_ratio"] and out["flops_ratio"] >= 10)
+    return out
+
+
+def _f(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown(res: dict) -> str:
+    mc = res["machine"]
+    v = mc["versions"]
+    lines = ["# Digits on CPU: teacher against compressed students", "",
+             f"{mc['date']}; {mc['cpu']}, {mc['cores']} cores (load average {mc['load_average'][0]:.1f} at the start: "
+             f"the machine was shared, so latencies are noisy), ONNX Runtime {v['onnxruntime']} at 2 threads, torch "
+             f"{v['torch']}, Lightning {v.get('pytorch-lightning')}. Digits 32x32, held-out split of "
+             f"{res.get('test_size', 'n/a')} images; latency is p50 of the pipeline's profile stage.", "",
+             "| setting | model | params | MFLOPs | ONNX MB | accuracy | b1 p50 ms | b32 p50 ms | b32 GFLOP/s | "
+             "b32 of peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['setting']} | {r['model']} | {r['params'] or 0:,} | {_f((r['flops'] or 0) / 1e6, '.1f')} | "
+                     f"{_f((r['bytes'] or 0) / 1e6, '.3f')} | {_f(r['accuracy'], '.4f')} | {_f(r['b1_p50_ms'], '.3f')} | "
+                     f"{_f(r['b32_p50_ms'], '.3f')} | {_f(r['b32_gflops'], '.2f')} | "
+                     f"{_f(r['b32_of_peak'] and 100 * r['b32_of_peak'], '.1f')}% |")
+    for s, why in res.get("unavailable", {}).items():
+        lines.append(f"| {s} | not run | | | | | | | | {why} |")
+    peak = res.get("peak_gflops")
+    lines += ["", f"Peak: {_f(peak, '.1f')} GFLOP/s (fp32 1024x1024 torch GEMM at 2 threads, measured in the run). "
+                  "int8 files are charged the fp32 FLOPs.", ""]
+    f = res.get("few_labels")
+    if f:
+        d = res.get("label_only_direct") or {}
+        lines += ["## Few labels: 5% of the training labels", "",
+                  f"{d.get('labelled', 'n/a')} of {d.get('train', 'n/a')} training images keep their label "
+                  "(stratified by class); the teacher was trained on all labels.", "",
+                  "| model | sees | MFLOPs | held-out accuracy |", "|---|---|---|---|"]
+        few = {r["setting"]: r for r in res["rows"] if r["model"] == "student"}
+        t = next((r for r in res["rows"] if r["model"] == "teacher"), {})
+        lines.append(f"| teacher (resnet 32-64-128, 2 blocks/stage) | all labels | {_f((t.get('flops') or 0) / 1e6, '.1f')} | "
+                     f"{_f(f['teacher'], '.4f')} |")
+        kd = few.get("fewlabel-kd", {})
+        lines.append(f"| student distilled (KD on all images + CE on labelled) | 5% labels + teacher outputs | "
+                     f"{_f((kd.get('flops') or 0) / 1e6, '.1f')} | {_f(f['distilled'], '.4f')} |")
+        lines.append(f"| same student, labelled 5% alone (pipeline, CE only, same steps) | 5% labels | "
+                     f"{_f((kd.get('flops') or 0) / 1e6, '.1f')} | {_f(f['label_only_pipeline'], '.4f')} |")
+        if d:
+            accs = ", ".join(f"{a:.4f}" for a in d["accuracy"])
+            lines.append(f"| same student, labelled 5% alone (direct, {d['epochs']} epochs, best val; seeds "
+                         f"{d['seeds']}) | 5% labels | {_f(d['flops'] / 1e6, '.1f')} | {_f(d['accuracy_mean'], '.4f')} "
+                         f"(mean of {accs}) |")
+        lines += ["", f"Distillation closes **{_f(f.get('gap_closed') and 100 * f['gap_closed'], '.1f')}%** of the gap "
+                      f"between the better label-only student ({_f(f.get('label_only_best'), '.4f')}) and the teacher, "
+                      f"at 1/{_f(f.get('flops_ratio'), '.1f')} of the teacher's FLOPs (goal: >= 80% at <= 1/10: "
+                      f"{'met' if f.get('goal_met') else 'not met'}).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "digits-bench", help="bundles (reused when unchanged)")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (for tests); figures mean nothing")
+    p.add_argument("--no-write", action="store_true", help="run the settings, write no results (parallel workers)")
+    a = p.parse_args(argv)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    settings = [s.strip() for s in a.settings.split(",") if s.strip()]
+    for s in settings:
+        if s not in SETTINGS:
+            p.error(f"unknown setting {s!r}: {', '.join(SETTINGS)}")
+    t0 = time.time()
+    res = {"benchmark": "digits_cpu", "machine": machine(), "tiny": a.tiny, "settings": settings, "rows": [],
+           "unavailable": {}}
+    a.work.mkdir(parents=True, exist_ok=True)
+    bundles = {}
+    if "full" in settings or not teacher_checkpoint(a.tiny):  # every table needs the teacher; fewlabel its weights
+        bundles["full"] = run_setting("full", a.work, a.tiny, None, log)
+    for s in settings:
+        if s == "full":
+            continue
+        try:
+            bundles[s] = run_setting(s, a.work, a.tiny, teacher_checkpoint(a.tiny), log)
+        except Exception as e:  # a setting that cannot run is reported, the others still are
+            res["unavailable"][s] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log(f"[{s}] unavailable: {res['unavailable'][s]}")
+    if a.no_write:
+        return 0
+    full = bundles.get("full") or run_setting("full", a.work, a.tiny, None, log)
+    bundles.setdefault("full", full)
+    for s in ["full", *(x for x in bundles if x != "full")]:  # the teacher's row first
+        res["rows"] += rows_of(bundles[s], s)
+    m = json.loads((full / "manifest.json").read_text())
+    res["test_size"] = m["data"].get("test")
+    prof = next(s for s in m["stages"] if s["name"] == "profile")["metrics"]
+    res["peak_gflops"] = (prof.get("peak_gflops") or {}).get("local-cpu", {}).get("gflops")
+    if "fewlabel-kd" in bundles or "fewlabel-ce" in bundles:
+        res["label_only_direct"] = label_only_direct(a.work, a.tiny, log=log)
+        teacher = next((r for r in res["rows"] if r["model"] == "teacher"), None)
+        res["few_labels"] = few_label_summary(res["rows"], teacher, res["label_only_direct"])
+    res["seconds"] = round(time.time() - t0, 1)
+    from compressor.bundle import atomic_write
+
+    a.results.mkdir(parents=True, exist_ok=True)
+    atomic_write(a.results / "digits_cpu.json", json.dumps(res, indent=2, default=str) + "\n")
+    atomic_write(a.results / "digits_cpu.md", markdown(res) + "\n")
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

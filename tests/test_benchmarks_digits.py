@@ -1,0 +1,76 @@
+"""The few-labels pieces (digits label_fraction, CE ignoring label -1) and the digits benchmark's summary.
+The benchmark itself is a script (minutes); here only its cheap parts run."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor.data import HiddenLabels, load_data
+from compressor.distill.losses import CE
+from compressor.errors import UserError
+from compressor.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("digits_cpu", ROOT / "benchmarks" / "digits_cpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_label_fraction_hides_training_labels_only(tiny_recipe):
+    tiny_recipe["data"]["kwargs"]["label_fraction"] = 0.05
+    data = load_data(load_recipe(tiny_recipe).data, 0)
+    assert isinstance(data.train, HiddenLabels)
+    _, y = data.tensors("train")
+    kept = (y >= 0).nonzero().flatten().tolist()
+    assert kept == data.train.labelled and data.meta["labelled"] == len(kept)
+    assert set(y.tolist()) - {-1} == set(range(10))  # stratified: every class keeps a label
+    assert 0.04 * len(y) <= len(kept) <= 0.07 * len(y)
+    assert (data.tensors("test")[1] >= 0).all() and (data.tensors("val")[1] >= 0).all()
+    full = load_data(load_recipe({**tiny_recipe, "data": {**tiny_recipe["data"], "kwargs": {"image_size": 16}}}).data, 0)
+    assert torch.equal(full.tensors("test")[0], data.tensors("test")[0])  # the same split as with all labels
+    assert torch.equal(full.tensors("train")[1][kept], y[kept])
+
+
+def test_label_fraction_out_of_range(tiny_recipe):
+    tiny_recipe["data"]["kwargs"]["label_fraction"] = 0.0
+    with pytest.raises(UserError, match="label_fraction"):
+        load_data(load_recipe(tiny_recipe).data, 0)
+
+
+def test_ce_ignores_unlabelled_and_is_zero_without_labels():
+    s = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([2, -1, 0, -1])
+    want = torch.nn.functional.cross_entropy(s[[0, 2]], y[[0, 2]])
+    assert torch.allclose(CE()(student=s, target=y), want)
+    none = CE()(student=s, target=torch.full((4,), -1))
+    assert none.item() == 0.0 and torch.isfinite(none)
+    none.backward()  # still part of the graph: a batch without labels trains on the other terms
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+def test_gap_closed_and_markdown():
+    b = _bench()
+    rows = [{"setting": "full", "model": "teacher", "params": 10, "flops": 340.0, "bytes": 1, "accuracy": 0.99,
+             "b1_p50_ms": 1.0, "b32_p50_ms": 9.0, "b1_gflops": 1.0, "b32_gflops": 2.0, "b1_of_peak": 0.1,
+             "b32_of_peak": 0.2},
+            {"setting": "fewlabel-kd", "model": "student", "params": 1, "flops": 10.0, "bytes": 1, "accuracy": 0.97,
+             "b1_p50_ms": None, "b32_p50_ms": None, "b1_gflops": None, "b32_gflops": None, "b1_of_peak": None,
+             "b32_of_peak": None},
+            {"setting": "fewlabel-ce", "model": "student", "params": 1, "flops": 10.0, "bytes": 1, "accuracy": 0.70,
+             "b1_p50_ms": None, "b32_p50_ms": None, "b1_gflops": None, "b32_gflops": None, "b1_of_peak": None,
+             "b32_of_peak": None}]
+    direct = {"accuracy": [0.78, 0.80], "accuracy_mean": 0.79, "labelled": 61, "train": 1258, "seeds": [0, 1],
+              "epochs": 150, "flops": 10.0}
+    f = b.few_label_summary(rows, rows[0], direct)
+    assert f["label_only_best"] == 0.79  # the stronger baseline
+    assert f["gap_closed"] == pytest.approx((0.97 - 0.79) / (0.99 - 0.79))
+    assert f["flops_ratio"] == 34 and f["goal_met"] is True
+    res = {"machine": b.machine(), "rows": rows, "few_labels": f, "label_only_direct": direct, "peak_gflops": 100.0,
+           "unavailable": {"searched": "UserError: no space"}}
+    md = b.markdown(res)
+    assert "90.0%** of the gap" in md and "| searched | not run |" in md and "(goal: >= 80% at <= 1/10: met)" in md
