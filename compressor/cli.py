@@ -144,23 +144,28 @@ def profile(model, device_name, batch, warmup, runs, max_seconds, precision, dim
               help="Measure every candidate this many times, round robin; the lowest p50 counts.")
 @click.option("--runs", type=click.IntRange(5), default=100, show_default=True, help="Timed runs per measurement (at most).")
 @click.option("--max-seconds", type=float, default=2.0, show_default=True, help="Time cap per measurement.")
+@click.option("--statistic", type=click.Choice(["min", "p50"]), default="min", show_default=True,
+              help="What the predictor learns: the fastest run (repeatable on a shared machine) or the median.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(), default="predictors", show_default=True,
               help="Directory for <device>-<space>.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
-def calibrate(device_name, spaces, samples, holdout, rounds, runs, max_seconds, seed, out_dir, as_json):
+def calibrate(device_name, spaces, samples, holdout, rounds, runs, max_seconds, statistic, seed, out_dir, as_json):
     """Measure sampled candidates on DEVICE, fit its latency predictor, report it on held-out candidates."""
     from .calibrate import calibrate as run_calibration
 
     report = run_calibration(device_name, tuple(spaces), n=samples, holdout=holdout, seed=seed, rounds=rounds,
-                             out_dir=out_dir, log=lambda s: click.echo(s, err=True), runs=runs,
+                             statistic=statistic, out_dir=out_dir, log=lambda s: click.echo(s, err=True), runs=runs,
                              max_seconds=max_seconds)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"{'space':<12} {'held-out':>8} {'within 10%':>10} {'MAPE':>7}  method      predictor (estimates)")
+    click.echo(f"{'space':<12} {'held-out':>8} {'within 10%':>10} {'MAPE':>7}  {'method':<10}  predictor (estimates)")
     for space, r in report.items():
         click.echo(f"{space:<12} {r['n']:>8} {r['within_10pct']:>10.0%} {r['mape']:>7.1%}  {r['method']:<10}  {r['path']}")
+        if r["rounds_within_10pct"] is not None:
+            click.echo(f"{'':<12} measurement noise floor: {r['rounds_within_10pct']:.0%} of candidates' rounds agree "
+                       f"within 10% (p50)")
 
 
 def main(argv=None) -> int:
