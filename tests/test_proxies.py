@@ -99,3 +99,13 @@ def test_params_and_flops(batch):
     m = resnet()
     assert PROXIES["params"](m, batch) == count_params(m)
     assert PROXIES["flops"](m, batch) == count_flops(m, batch[0])
+
+
+def test_hook_flops_match_the_flop_counter(batch):
+    from compressor.search.proxies import conv_linear_flops, cost
+
+    for m in (resnet(), resnet((4, 12), (2, 1)), MLP((32, 16), in_features=256)):
+        x = batch[0] if isinstance(m, ResNet) else batch[0].flatten(1)
+        assert conv_linear_flops(m, x) == count_flops(m, x)
+    # On the meta device: shapes only, the same numbers.
+    assert cost(lambda: resnet(), batch[0]) == (count_params(resnet()), count_flops(resnet(), batch[0]))
