@@ -25,6 +25,7 @@ class TrainSpec(_Section):
     epochs: int = Field(10, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(64, ge=1, description="its own, so changing the distillation batch keeps the cached teacher")
 
 
 class TeacherSpec(_Section):

@@ -78,8 +78,7 @@ def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, 
 def _cache_key(recipe) -> str:
     t, d = recipe.teacher, recipe.data
     key = {"model": t.model, "kwargs": t.kwargs, "train": t.train.model_dump(), "dataset": d.dataset,
-           "data_kwargs": d.kwargs, "fractions": [d.val_fraction, d.test_fraction], "batch": d.batch_size,
-           "seed": recipe.seed}
+           "data_kwargs": d.kwargs, "fractions": [d.val_fraction, d.test_fraction], "seed": recipe.seed}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -101,7 +100,7 @@ def load_teacher(recipe, data: DataSplits, log=print) -> tuple[nn.Module, dict]:
         else:
             log(f"training the teacher {spec.model} on {recipe.data.dataset} (first use; cached in {path})")
             t0 = time.time()
-            train_supervised(model, data, spec.train, recipe.data.batch_size, recipe.seed, log=log)
+            train_supervised(model, data, spec.train, spec.train.batch_size, recipe.seed, log=log)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
             torch.save(model.state_dict(), tmp)

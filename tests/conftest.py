@@ -12,7 +12,7 @@ TINY = {
     "name": "tiny",
     "seed": 0,
     "teacher": {"model": "resnet", "kwargs": {"widths": [8, 16], "depths": [1, 1]},
-                "train": {"epochs": 2, "lr": 0.01}},
+                "train": {"epochs": 8, "lr": 0.02}},
     "data": {"dataset": "digits", "kwargs": {"image_size": 16}, "batch_size": 128},
     "student": {"model": "resnet", "config": {"widths": [4, 8], "depths": [1, 1]}},
     "distill": {"epochs": 2, "lr": 0.01},

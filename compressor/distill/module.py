@@ -88,16 +88,16 @@ class DistillModule(pl.LightningModule):
             raise FloatingPointError(
                 f"distillation loss became {total.item()} at epoch {self.current_epoch}, step {batch_idx} "
                 f"({', '.join(f'{k}={v.item():.3g}' for k, v in parts.items())}); lower distill.lr")
-        self.log("train_loss", total, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train_loss", total, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         for k, v in parts.items():
-            self.log(f"train_{k}", v, on_step=False, on_epoch=True)
+            self.log(f"train_{k}", v, on_step=False, on_epoch=True, sync_dist=True)
         return total
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         total, _, s = self._loss(x, y)
-        self.log("val_loss", total, prog_bar=False)
-        self.log("val_acc", (s.argmax(-1) == y).float().mean(), prog_bar=True)
+        self.log("val_loss", total, prog_bar=False, sync_dist=True)
+        self.log("val_acc", (s.argmax(-1) == y).float().mean(), prog_bar=True, sync_dist=True)  # ranks agree on the best epoch
 
     def configure_optimizers(self):
         params = list(self.student.parameters()) + list(self.terms.parameters())
