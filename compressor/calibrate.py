@@ -6,6 +6,7 @@ FLOPs (total and per operator family), parameters, activation elements, and coun
 """
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 import time
@@ -167,7 +168,7 @@ def calibrate(device_name: str, spaces=("digits",), *, n: int = 60, holdout: flo
     """Measure, fit on the training share, report on the held-out share, then refit on everything and
     save ``<out_dir>/<device>-<space>.json``. Returns {space: report}."""
     from devices import get_device, load_profile
-    from devices.predictor import LatencyPredictor, accuracy
+    from devices.predictor import LatencyPredictor, accuracy, cross_validate
 
     from .bundle import atomic_write
 
@@ -193,18 +194,23 @@ def calibrate(device_name: str, spaces=("digits",), *, n: int = 60, holdout: flo
         pred = LatencyPredictor.fit(profile.name, [(p["features"], p["latency_ms"]) for p in train], space=space)
         acc = accuracy(pred, [(p["features"], p["latency_ms"]) for p in test])
         final = LatencyPredictor.fit(profile.name, [(p["features"], p["latency_ms"]) for p in pts], space=space)
-        final.meta.update(held_out={**acc, "train": len(train)}, rounds=rounds, seed=seed,
+        cv = cross_validate(final)
+        final.meta.update(held_out={**acc, "train": len(train)}, cross_validation=cv, rounds=rounds, seed=seed,
                           latency=f"{statistic}: " + ("lowest p50 over the rounds" if statistic == "p50" else "fastest run over the rounds") + ", batch 1",
                           measure=measure_kw)
         path = Path(out_dir) / f"{profile.name}-{space}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, final.to_json().encode())
         ms = [p["latency_ms"] for p in pts]
-        rep = [abs(a - b) / min(a, b) for p in pts for a, b in zip(p["rounds_ms"], p["rounds_ms"][1:])]
+        atomic_write(path.with_suffix(".measurements.json"), json.dumps(pts, indent=1).encode())
+        per_round = [p["rounds_ms"] if statistic == "p50" else p["min_ms"] for p in pts]
+        rep = [abs(a - b) / min(a, b) for r in per_round for a, b in zip(r, r[1:])]
         out[space] = {**acc, "train": len(train), "path": str(path), "min_ms": min(ms), "max_ms": max(ms),
-                      "method": pred.method, "statistic": statistic,
-                      # the measurement's own noise floor: consecutive rounds' p50 within 10% of each other
+                      "method": pred.method, "statistic": statistic, "cv_within_10pct": cv["within_10pct"],
+                      "cv_mape": cv["mape"],
+                      # the measurement's own noise floor: consecutive rounds within 10% of each other
                       "rounds_within_10pct": sum(r <= 0.1 for r in rep) / len(rep) if rep else None}
         log(f"{space}: {acc['within_10pct']:.0%} of {acc['n']} held-out candidates within 10% of measured, "
-            f"MAPE {acc['mape']:.1%} (latencies {min(ms):.3f}-{max(ms):.3f} ms); predictor saved to {path}")
+            f"MAPE {acc['mape']:.1%}; 5-fold over all {len(pts)}: {cv['within_10pct']:.0%}, MAPE {cv['mape']:.1%} "
+            f"(latencies {min(ms):.3f}-{max(ms):.3f} ms); predictor saved to {path}")
     return out

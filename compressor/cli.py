@@ -160,12 +160,14 @@ def calibrate(device_name, spaces, samples, holdout, rounds, runs, max_seconds, 
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"{'space':<12} {'held-out':>8} {'within 10%':>10} {'MAPE':>7}  {'method':<10}  predictor (estimates)")
+    click.echo(f"{'space':<12} {'held-out':>8} {'within 10%':>10} {'MAPE':>7}  {'5-fold 10%':>10} {'MAPE':>7}  "
+               f"{'method':<10}  predictor (estimates)")
     for space, r in report.items():
-        click.echo(f"{space:<12} {r['n']:>8} {r['within_10pct']:>10.0%} {r['mape']:>7.1%}  {r['method']:<10}  {r['path']}")
+        click.echo(f"{space:<12} {r['n']:>8} {r['within_10pct']:>10.0%} {r['mape']:>7.1%}  {r['cv_within_10pct']:>10.0%} "
+                   f"{r['cv_mape']:>7.1%}  {r['method']:<10}  {r['path']}")
         if r["rounds_within_10pct"] is not None:
             click.echo(f"{'':<12} measurement noise floor: {r['rounds_within_10pct']:.0%} of candidates' rounds agree "
-                       f"within 10% (p50)")
+                       f"within 10% ({r['statistic']})")
 
 
 def main(argv=None) -> int:

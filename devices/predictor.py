@@ -206,8 +206,8 @@ def _nnls(a, b):
         return x
 
 
-def _cv_mape(pts, method, folds, alpha) -> float:
-    """K-fold cross-validated mean absolute percentage error (deterministic folds)."""
+def _cv_errors(pts, method, folds, alpha) -> list[float]:
+    """Absolute percentage errors of K-fold cross-validation (deterministic folds)."""
     k = min(folds, len(pts))
     errs = []
     for i in range(k):
@@ -217,4 +217,17 @@ def _cv_mape(pts, method, folds, alpha) -> float:
             continue
         m = _fit("cv", train, method, alpha)
         errs += [abs(m.predict_ms(p["features"]) - p["latency_ms"]) / p["latency_ms"] for p in test]
+    return errs
+
+
+def _cv_mape(pts, method, folds, alpha) -> float:
+    errs = _cv_errors(pts, method, folds, alpha)
     return sum(errs) / len(errs) if errs else float("inf")
+
+
+def cross_validate(predictor: LatencyPredictor, folds: int = 5, alpha: float = 1.0) -> dict:
+    """K-fold accuracy of ``predictor``'s method on its own points: every point is held out once, so
+    it says more than one small held-out split."""
+    errs = _cv_errors(predictor.points, predictor.method, folds, alpha)
+    return {"folds": folds, "n": len(errs), "within_10pct": sum(e <= 0.10 for e in errs) / len(errs),
+            "within_20pct": sum(e <= 0.20 for e in errs) / len(errs), "mape": sum(errs) / len(errs)}

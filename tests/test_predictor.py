@@ -7,7 +7,7 @@ import random
 import pytest
 
 from devices import DeviceError
-from devices.predictor import LatencyPredictor, Prediction, accuracy
+from devices.predictor import LatencyPredictor, Prediction, accuracy, cross_validate
 
 
 def _additive(n, seed=0):
@@ -38,6 +38,11 @@ def test_additive_model_is_recovered_and_labelled_estimated():
     assert isinstance(r, Prediction) and r.estimated and r.label == "estimated" and r.device == "board"
     assert "input_elements" not in p.features and p.constants == {"input_elements": 1024.0}
     assert all(c >= 0 for c in p.coef) and p.intercept >= 0  # more work never predicts less time
+
+
+def test_cross_validation_holds_out_every_point_once():
+    cv = cross_validate(LatencyPredictor.fit("board", _additive(25), method="additive"))
+    assert cv["n"] == 25 and cv["within_10pct"] == 1.0 and cv["mape"] < 0.01
 
 
 def test_auto_picks_the_method_that_cross_validates_better():
@@ -107,4 +112,7 @@ def test_compress_calibrate_end_to_end(tmp_path, capsys):
     assert report["n"] == 2 and report["train"] == 4 and 0 <= report["within_10pct"] <= 1 and report["mape"] >= 0
     p = LatencyPredictor.load(tmp_path / "local-cpu-digits.json")
     assert p.device == "local-cpu" and len(p.points) == 6 and p.meta["held_out"]["n"] == 2
+    assert p.meta["cross_validation"]["n"] == 6 and 0 <= report["cv_within_10pct"] <= 1
+    raw = json.loads((tmp_path / "local-cpu-digits.measurements.json").read_text())
+    assert len(raw) == 6 and {"genome", "features", "rounds_ms", "min_ms", "latency_ms"} <= set(raw[0])
     assert main(["calibrate", "no-such-device", "--out", str(tmp_path)]) == 2
