@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/quantize-quickstart")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="labels of modes to run")
+    ap.add_argument("--reuse", action="store_true", help="reuse modes already quantized under --out (row.json)")
     args = ap.parse_args()
 
     from compressor.data import load_data
@@ -79,7 +80,10 @@ def main() -> None:
         if args.only and label not in args.only:
             continue
         recipe = load_recipe(base.model_dump(mode="json") | {"quantize": q})
-        work = out / label.split(" (")[0].replace(" ", "-").lower()
+        work = out / "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+        if args.reuse and (work / "row.json").is_file():
+            rows.append(json.loads((work / "row.json").read_text()))
+            continue
         ctx = Context(recipe, work, data, teacher, {}, student, genome, log=log)
         t0 = time.time()
         torch.manual_seed(recipe.seed)
@@ -91,6 +95,7 @@ def main() -> None:
                "fake_quant_accuracy": m.get("fake_quant_accuracy"), "parity": m.get("parity"),
                "checks": m.get("checks"), "size": m.get("size"), "qat": m.get("qat")}
         rows.append(row)
+        (work / "row.json").write_text(json.dumps(row, indent=1, default=str))
         log(f"{label}: accuracy {row['accuracy']:.4f}, {row['bytes'] / 1e3:.1f} kB, {row['seconds']} s")
 
     device = get_device(load_profile("local-cpu"))
