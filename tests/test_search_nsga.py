@@ -115,3 +115,26 @@ def test_pipeline_search_budget_nobody_meets(tmp_path, tiny_recipe):
     tiny_recipe["targets"] = []
     with pytest.raises(UserError, match=r"tightest is size_mb 1e-05"):
         compressor.run(tiny_recipe, tmp_path / "b", log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_cli_search_writes_best_and_resumes(tmp_path, tiny_recipe):
+    import yaml
+
+    from compressor.cli import main
+
+    tiny_recipe["search"] = {"trials": 6, "population": 3, "batch_size": 16}
+    tiny_recipe["budgets"] = {"size_mb": 0.05}
+    tiny_recipe["targets"] = []
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    out = tmp_path / "s"
+    assert main(["search", str(path), "--out", str(out)]) == 0
+    best = json.loads((out / "best.json").read_text())
+    assert best["student"]["model"] == "resnet" and best["metrics"]["size_mb"] <= 0.05
+    assert (out / "pareto.png").is_file() and (out / "search.db").is_file()
+    # Rerun with more trials: the study resumes from search.db.
+    assert main(["search", str(path), "--out", str(out), "--set", "search.trials=8"]) == 0
+    assert json.loads((out / "best.json").read_text())["trials"] == 8
+    # A budget nobody meets: one line, exit code 2.
+    assert main(["search", str(path), "--out", str(tmp_path / "t"), "--set", "budgets.size_mb=0.00001"]) == 2
