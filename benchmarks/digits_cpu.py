@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import sys
@@ -36,7 +37,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = ("full", "searched", "pruned", "fewlabel-kd", "fewlabel-ce")
+SETTINGS = ("full", "fewlabel", "searched", "pruned", "fewlabel-kd", "fewlabel-ce")
+EPOCHS = None  # --epochs: distill epochs of the pipeline settings (None: the recipe's)
 FEW_STUDENT = {"widths": [8, 16, 32], "depths": [1, 1, 1]}
 
 
@@ -87,6 +89,8 @@ def run_setting(setting: str, work: Path, tiny: bool, teacher_ckpt: str | None, 
     from compressor.recipe import load_recipe
 
     recipe = recipe_for(setting, tiny, teacher_ckpt)
+    if EPOCHS:  # the in-script few-label runs keep the recipe's epochs: they are cheap
+        recipe["distill"]["epochs"] = EPOCHS
     out = work / setting
     if (out / "manifest.json").is_file():
         old = json.loads((out / "manifest.json").read_text())
@@ -148,8 +152,16 @@ def label_only_direct(work: Path, tiny: bool, seeds=(0, 1, 2), log=print) -> dic
     from compressor.teacher import evaluate
 
     recipe = load_recipe(recipe_for("fewlabel-ce", tiny, "unused"))
+    key = {"recipe": recipe.model_dump(mode="json"), "seeds": list(seeds), "tiny": tiny}
+    cached = work / "label_only_direct.json"
+    if cached.is_file():
+        old = json.loads(cached.read_text())
+        if old.get("key") == key:
+            log(f"[label-only direct] reusing {cached}")
+            return old["result"]
     data = load_data(recipe.data, recipe.seed)
     labelled = Subset(data.train.dataset, data.train.labelled)
+    torch.set_num_threads(1)  # a 6-MFLOP model on batches of 16: one thread is as fast and waits less
     accs = []
     epochs = 20 if tiny else 150
     for seed in seeds:
@@ -176,9 +188,99 @@ def label_only_direct(work: Path, tiny: bool, seeds=(0, 1, 2), log=print) -> dic
         accs.append(evaluate(model, data.loader("test", 256)))
         log(f"  label-only direct, seed {seed}: test accuracy {accs[-1]:.4f} (val {best:.4f})")
     x = data.tensors("test", limit=1)[0]
-    return {"labelled": len(data.train.labelled), "train": len(data.train), "seeds": list(seeds), "epochs": epochs,
-            "accuracy": accs, "accuracy_mean": sum(accs) / len(accs), "params": count_params(model),
-            "flops": count_flops(model, x)}
+    result = {"labelled": len(data.train.labelled), "train": len(data.train), "seeds": list(seeds), "epochs": epochs,
+              "accuracy": accs, "accuracy_mean": sum(accs) / len(accs), "params": count_params(model),
+              "flops": count_flops(model, x)}
+    cached.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    return result
+
+
+def _few_setup(work: Path, tiny: bool, log):
+    """The few-label data, and the full-label teacher's logits on every training image, computed once
+    and cached in ``work`` (the pipeline's distill stage recomputes them at every step: on a shared
+    2-core machine that forward pass is most of the cost)."""
+    import torch
+
+    from compressor.data import load_data
+    from compressor.models import build_model
+    from compressor.recipe import load_recipe
+    from compressor.teacher import evaluate, load_state
+
+    ckpt = teacher_checkpoint(tiny)
+    recipe = load_recipe(recipe_for("fewlabel-kd", tiny, ckpt))
+    data = load_data(recipe.data, recipe.seed)
+    defaults = {"in_channels": data.input_shape[0], "num_classes": data.num_classes}
+    path = work / "teacher_logits.pt"
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        if cached.get("checkpoint") == ckpt and cached["logits"].shape[0] == len(data.train):
+            return recipe, data, defaults, cached["logits"], cached["teacher_accuracy"], cached["teacher_flops"]
+    from compressor.models import count_flops
+
+    teacher = build_model(recipe.teacher.model, recipe.teacher.kwargs, defaults).eval()
+    teacher.load_state_dict(load_state(ckpt, "teacher"))
+    x, _ = data.tensors("train")
+    t0 = time.time()
+    with torch.no_grad():
+        logits = torch.cat([teacher(x[i:i + 128]) for i in range(0, len(x), 128)])
+    acc = evaluate(teacher, data.loader("test", 256))
+    flops = count_flops(teacher, x[:1])
+    log(f"[few labels] teacher logits for {len(x)} training images in {time.time() - t0:.0f} s; teacher test {acc:.4f}")
+    torch.save({"checkpoint": ckpt, "logits": logits, "teacher_accuracy": acc, "teacher_flops": flops}, path)
+    return recipe, data, defaults, logits, acc, flops
+
+
+def few_label_run(work: Path, tiny: bool, mode: str, seed: int, log=print) -> dict:
+    """One student trained on the few-label data: ``kd`` = the recipe's losses (KD on every image against
+    the cached teacher logits + CE on the labelled ones), ``ce`` = CE alone (the labelled images only,
+    the same steps). Same optimizer and schedule as the distill stage (AdamW, cosine per epoch), best
+    validation epoch kept. Cached in ``work`` per (mode, seed)."""
+    import torch
+
+    from compressor.distill import build_loss
+    from compressor.models import build_model, count_flops, count_params
+    from compressor.teacher import evaluate
+
+    out = work / f"fewlabel_{mode}_{seed}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    recipe, data, defaults, logits, _, _ = _few_setup(work, tiny, log)
+    torch.set_num_threads(1)  # a 6-MFLOP model: a second thread only waits at barriers on a shared machine
+    spec = recipe.distill
+    losses = [(l.weight, build_loss(l.name, **l.params)) for l in spec.losses] if mode == "kd" else \
+        [(1.0, build_loss("ce"))]
+    torch.manual_seed(seed)
+    model = build_model(recipe.student.model, recipe.student.config, defaults)
+    x_all, y_all = data.tensors("train")
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    epochs = spec.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs)))
+    g = torch.Generator().manual_seed(seed)
+    bs = recipe.data.batch_size
+    best, best_state, t0 = -1.0, None, time.time()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x_all), generator=g)
+        for i in range(0, len(perm), bs):
+            idx = perm[i:i + bs]
+            s = model(x_all[idx])
+            loss = sum(w * term(student=s, teacher=logits[idx], target=y_all[idx]) for w, term in losses)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        val = evaluate(model, data.loader("val", 256))
+        if val > best:
+            best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    acc = evaluate(model, data.loader("test", 256))
+    res = {"mode": mode, "seed": seed, "accuracy": acc, "val": best, "epochs": epochs, "batch": bs,
+           "losses": [l.model_dump() for l in spec.losses] if mode == "kd" else [{"name": "ce", "weight": 1.0}],
+           "params": count_params(model), "flops": count_flops(model, x_all[:1]),
+           "labelled": len(data.train.labelled), "train": len(data.train), "seconds": round(time.time() - t0, 1)}
+    log(f"[few labels] {mode} seed {seed}: test {acc:.4f} (best val {best:.4f}) in {res['seconds']:.0f} s")
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    return res
 
 
 def machine() -> dict:
@@ -203,18 +305,22 @@ def machine() -> dict:
             "threads": 2, "versions": versions, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def few_label_summary(rows: list[dict], teacher: dict | None, direct: dict | None) -> dict:
-    get = lambda s: next((r for r in rows if r["setting"] == s and r["model"] == "student"), None)  # noqa: E731
-    kd, ce = get("fewlabel-kd"), get("fewlabel-ce")
-    out = {"teacher": teacher and teacher["accuracy"], "distilled": kd and kd["accuracy"],
-           "label_only_pipeline": ce and ce["accuracy"], "label_only_direct": direct and direct["accuracy_mean"]}
-    baselines = [v for v in (out["label_only_pipeline"], out["label_only_direct"]) if v is not None]
-    if baselines and kd and teacher:
-        lo = max(baselines)
-        gap = teacher["accuracy"] - lo
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def few_label_summary(teacher_acc: float, teacher_flops: float, student_flops: float, distilled: list[float],
+                      label_only: dict[str, list[float]]) -> dict:
+    """Gap closed = (distilled - label-only) / (teacher - label-only), against the best label-only mean."""
+    out = {"teacher": teacher_acc, "distilled": _mean(distilled), "distilled_runs": distilled,
+           "label_only": {k: {"mean": _mean(v), "runs": v} for k, v in label_only.items() if v},
+           "flops_ratio": teacher_flops / student_flops if student_flops else None}
+    means = [v["mean"] for v in out["label_only"].values()]
+    if means and out["distilled"] is not None:
+        lo = max(means)
         out["label_only_best"] = lo
-        out["gap_closed"] = (kd["accuracy"] - lo) / gap if gap > 0 else None
-        out["flops_ratio"] = teacher["flops"] / kd["flops"] if kd.get("flops") else None
+        gap = teacher_acc - lo
+        out["gap_closed"] = (out["distilled"] - lo) / gap if gap > 0 else None
         out["goal_met"] = bool(out["gap_closed"] is not None and out["gap_closed"] >= 0.8
                                and out["flops_ratio"] and out["flops_ratio"] >= 10)
     return out
@@ -246,60 +352,66 @@ def markdown(res: dict) -> str:
                   "int8 files are charged the fp32 FLOPs.", ""]
     f = res.get("few_labels")
     if f:
-        d = res.get("label_only_direct") or {}
+        runs = lambda xs: ", ".join(f"{a:.4f}" for a in xs)  # noqa: E731
+        e = f.get("setup", {})
         lines += ["## Few labels: 5% of the training labels", "",
-                  f"{d.get('labelled', 'n/a')} of {d.get('train', 'n/a')} training images keep their label "
-                  "(stratified by class); the teacher was trained on all labels.", "",
-                  "| model | sees | MFLOPs | held-out accuracy |", "|---|---|---|---|"]
-        few = {r["setting"]: r for r in res["rows"] if r["model"] == "student"}
-        t = next((r for r in res["rows"] if r["model"] == "teacher"), {})
-        lines.append(f"| teacher (resnet 32-64-128, 2 blocks/stage) | all labels | {_f((t.get('flops') or 0) / 1e6, '.1f')} | "
-                     f"{_f(f['teacher'], '.4f')} |")
-        kd = few.get("fewlabel-kd", {})
-        lines.append(f"| student distilled (KD on all images + CE on labelled) | 5% labels + teacher outputs | "
-                     f"{_f((kd.get('flops') or 0) / 1e6, '.1f')} | {_f(f['distilled'], '.4f')} |")
-        lines.append(f"| same student, labelled 5% alone (pipeline, CE only, same steps) | 5% labels | "
-                     f"{_f((kd.get('flops') or 0) / 1e6, '.1f')} | {_f(f['label_only_pipeline'], '.4f')} |")
-        if d:
-            accs = ", ".join(f"{a:.4f}" for a in d["accuracy"])
-            lines.append(f"| same student, labelled 5% alone (direct, {d['epochs']} epochs, best val; seeds "
-                         f"{d['seeds']}) | 5% labels | {_f(d['flops'] / 1e6, '.1f')} | {_f(d['accuracy_mean'], '.4f')} "
-                         f"(mean of {accs}) |")
+                  f"{e.get('labelled', 'n/a')} of {e.get('train', 'n/a')} training images keep their label "
+                  "(stratified by class, label -1 for the rest); the teacher was trained on all labels. Student: "
+                  f"resnet 8-16-32, one block per stage, {_f(f.get('student_flops') and f['student_flops'] / 1e6, '.1f')} "
+                  f"MFLOPs (1/{_f(f.get('flops_ratio'), '.0f')} of the teacher). Mean over seeds; test split as above.", "",
+                  "| model | sees | held-out accuracy | runs |", "|---|---|---|---|",
+                  f"| teacher | all labels | {_f(f['teacher'], '.4f')} | |",
+                  f"| student distilled: {e.get('kd_losses', 'KD + CE')}, {e.get('epochs', '?')} epochs | 5% labels + "
+                  f"teacher outputs on every image | {_f(f['distilled'], '.4f')} | {runs(f['distilled_runs'])} |"]
+        names = {"same_steps": f"same student and loop, CE on the labelled 5% alone, {e.get('epochs', '?')} epochs",
+                 "subset": "same student on the labelled images only, batch 16, "
+                           f"{e.get('subset_epochs', '?')} epochs, best val",
+                 "pipeline_ce": "pipeline, CE only (fewlabel-ce)", "pipeline_kd": "pipeline, KD + CE (fewlabel-kd)"}
+        for k, v in f["label_only"].items():
+            lines.append(f"| {names.get(k, k)} | 5% labels | {_f(v['mean'], '.4f')} | {runs(v['runs'])} |")
         lines += ["", f"Distillation closes **{_f(f.get('gap_closed') and 100 * f['gap_closed'], '.1f')}%** of the gap "
-                      f"between the better label-only student ({_f(f.get('label_only_best'), '.4f')}) and the teacher, "
-                      f"at 1/{_f(f.get('flops_ratio'), '.1f')} of the teacher's FLOPs (goal: >= 80% at <= 1/10: "
-                      f"{'met' if f.get('goal_met') else 'not met'}).", ""]
+                      f"between the best label-only student ({_f(f.get('label_only_best'), '.4f')}) and the teacher "
+                      f"({_f(f['teacher'], '.4f')}), at 1/{_f(f.get('flops_ratio'), '.1f')} of the teacher's FLOPs "
+                      f"(goal: >= 80% at <= 1/10: {'met' if f.get('goal_met') else 'not met'}).", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    p.add_argument("--settings", default="full,fewlabel", help=f"comma-separated, of {', '.join(SETTINGS)}")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "digits-bench", help="bundles (reused when unchanged)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--epochs", type=int, default=None, help="distill epochs of the pipeline settings (default: the "
+                                                            "quickstart's 15)")
+    p.add_argument("--few", default="kd:0,kd:1,ce:0,ce:1", help="few-label runs, mode:seed (mode kd or ce)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (for tests); figures mean nothing")
     p.add_argument("--no-write", action="store_true", help="run the settings, write no results (parallel workers)")
     a = p.parse_args(argv)
+    global EPOCHS
+    EPOCHS = a.epochs
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     settings = [s.strip() for s in a.settings.split(",") if s.strip()]
     for s in settings:
         if s not in SETTINGS:
             p.error(f"unknown setting {s!r}: {', '.join(SETTINGS)}")
+    few = [(m, int(sd)) for m, _, sd in (x.strip().partition(":") for x in a.few.split(",") if x.strip())]
     t0 = time.time()
     res = {"benchmark": "digits_cpu", "machine": machine(), "tiny": a.tiny, "settings": settings, "rows": [],
-           "unavailable": {}}
+           "unavailable": {}, "distill_epochs_override": a.epochs}
     a.work.mkdir(parents=True, exist_ok=True)
     bundles = {}
     if "full" in settings or not teacher_checkpoint(a.tiny):  # every table needs the teacher; fewlabel its weights
         bundles["full"] = run_setting("full", a.work, a.tiny, None, log)
     for s in settings:
-        if s == "full":
+        if s in ("full", "fewlabel"):
             continue
         try:
             bundles[s] = run_setting(s, a.work, a.tiny, teacher_checkpoint(a.tiny), log)
         except Exception as e:  # a setting that cannot run is reported, the others still are
             res["unavailable"][s] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             log(f"[{s}] unavailable: {res['unavailable'][s]}")
+    few_runs = [few_label_run(a.work, a.tiny, m, sd, log) for m, sd in few] if "fewlabel" in settings else []
+    direct = label_only_direct(a.work, a.tiny, log=log) if "fewlabel" in settings and not a.no_write else None
     if a.no_write:
         return 0
     full = bundles.get("full") or run_setting("full", a.work, a.tiny, None, log)
@@ -310,10 +422,27 @@ def main(argv=None) -> int:
     res["test_size"] = m["data"].get("test")
     prof = next(s for s in m["stages"] if s["name"] == "profile")["metrics"]
     res["peak_gflops"] = (prof.get("peak_gflops") or {}).get("local-cpu", {}).get("gflops")
-    if "fewlabel-kd" in bundles or "fewlabel-ce" in bundles:
-        res["label_only_direct"] = label_only_direct(a.work, a.tiny, log=log)
-        teacher = next((r for r in res["rows"] if r["model"] == "teacher"), None)
-        res["few_labels"] = few_label_summary(res["rows"], teacher, res["label_only_direct"])
+    if few_runs:
+        _, _, _, _, t_acc, t_flops = _few_setup(a.work, a.tiny, log)
+        kd = [r["accuracy"] for r in few_runs if r["mode"] == "kd"]
+        label_only = {"same_steps": [r["accuracy"] for r in few_runs if r["mode"] == "ce"],
+                      "subset": direct["accuracy"] if direct else []}
+        for s in ("fewlabel-ce", "fewlabel-kd"):
+            row = next((r for r in res["rows"] if r["setting"] == s and r["model"] == "student"), None)
+            if row and s == "fewlabel-ce":
+                label_only["pipeline_ce"] = [row["accuracy"]]
+        res["few_labels"] = few_label_summary(t_acc, t_flops, few_runs[0]["flops"], kd, label_only)
+        res["few_labels"]["student_flops"] = few_runs[0]["flops"]
+        res["few_labels"]["setup"] = {"labelled": few_runs[0]["labelled"], "train": few_runs[0]["train"],
+                                      "epochs": few_runs[0]["epochs"], "subset_epochs": direct and direct["epochs"],
+                                      "kd_losses": " + ".join(f"{l['weight']} {l['name']}" for l in
+                                                              next((r["losses"] for r in few_runs if r["mode"] == "kd"), []))}
+        res["few_label_runs"], res["label_only_direct"] = few_runs, direct
+    ckpt = teacher_checkpoint(a.tiny)
+    if ckpt:
+        from exporters.artifact import sha256
+
+        res["teacher_checkpoint"] = {"path": ckpt, "sha256": sha256(Path(ckpt))}
     res["seconds"] = round(time.time() - t0, 1)
     from compressor.bundle import atomic_write
 

@@ -55,22 +55,18 @@ def test_ce_ignores_unlabelled_and_is_zero_without_labels():
 
 def test_gap_closed_and_markdown():
     b = _bench()
-    rows = [{"setting": "full", "model": "teacher", "params": 10, "flops": 340.0, "bytes": 1, "accuracy": 0.99,
-             "b1_p50_ms": 1.0, "b32_p50_ms": 9.0, "b1_gflops": 1.0, "b32_gflops": 2.0, "b1_of_peak": 0.1,
-             "b32_of_peak": 0.2},
-            {"setting": "fewlabel-kd", "model": "student", "params": 1, "flops": 10.0, "bytes": 1, "accuracy": 0.97,
-             "b1_p50_ms": None, "b32_p50_ms": None, "b1_gflops": None, "b32_gflops": None, "b1_of_peak": None,
-             "b32_of_peak": None},
-            {"setting": "fewlabel-ce", "model": "student", "params": 1, "flops": 10.0, "bytes": 1, "accuracy": 0.70,
-             "b1_p50_ms": None, "b32_p50_ms": None, "b1_gflops": None, "b32_gflops": None, "b1_of_peak": None,
-             "b32_of_peak": None}]
-    direct = {"accuracy": [0.78, 0.80], "accuracy_mean": 0.79, "labelled": 61, "train": 1258, "seeds": [0, 1],
-              "epochs": 150, "flops": 10.0}
-    f = b.few_label_summary(rows, rows[0], direct)
-    assert f["label_only_best"] == 0.79  # the stronger baseline
+    f = b.few_label_summary(0.99, 340.0, 10.0, [0.97, 0.97], {"same_steps": [0.70, 0.72], "subset": [0.78, 0.80]})
+    assert f["label_only_best"] == pytest.approx(0.79)  # against the stronger label-only baseline
     assert f["gap_closed"] == pytest.approx((0.97 - 0.79) / (0.99 - 0.79))
     assert f["flops_ratio"] == 34 and f["goal_met"] is True
-    res = {"machine": b.machine(), "rows": rows, "few_labels": f, "label_only_direct": direct, "peak_gflops": 100.0,
+    assert b.few_label_summary(0.99, 340.0, 100.0, [0.97], {"subset": [0.79]})["goal_met"] is False  # 1/3.4 FLOPs
+    f["setup"] = {"labelled": 61, "train": 1258, "epochs": 15, "subset_epochs": 150, "kd_losses": "0.7 kd + 0.3 ce"}
+    f["student_flops"] = 10.0
+    row = {"setting": "full", "model": "teacher", "params": 10, "flops": 340.0, "bytes": 1, "accuracy": 0.99,
+           "b1_p50_ms": 1.0, "b32_p50_ms": 9.0, "b1_gflops": 1.0, "b32_gflops": 2.0, "b1_of_peak": 0.1,
+           "b32_of_peak": 0.2}
+    res = {"machine": b.machine(), "rows": [row], "few_labels": f, "peak_gflops": 100.0,
            "unavailable": {"searched": "UserError: no space"}}
     md = b.markdown(res)
     assert "90.0%** of the gap" in md and "| searched | not run |" in md and "(goal: >= 80% at <= 1/10: met)" in md
+    assert "| teacher | all labels | 0.9900 |" in md and "0.7800, 0.8000" in md
