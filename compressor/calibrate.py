@@ -85,6 +85,12 @@ def features(model: nn.Module, example: torch.Tensor) -> dict:
             bucket = "c8" if width <= 8 else "c32" if width <= 32 else "cwide"
             for key in (f"flops_conv_k{mod.kernel_size[0]}", f"flops_conv_{bucket}"):
                 conv[key] = conv.get(key, 0) + f
+            # Vector units work on whole registers: channels rounded up to 8 (AVX2, NEON x2) or 16
+            # (AVX-512) fp32 lanes is the work the CPU really does.
+            for lanes in (8, 16):
+                up = lambda c: -(-c // lanes) * lanes  # noqa: E731
+                conv[f"flops_conv_pad{lanes}"] = conv.get(f"flops_conv_pad{lanes}", 0) + f * (
+                    up(mod.in_channels // mod.groups) * up(mod.out_channels)) // ((mod.in_channels // mod.groups) * mod.out_channels)
         if isinstance(mod, nn.MultiheadAttention) and inp and isinstance(inp[0], torch.Tensor):
             # softmax(QK^T)V: 2 matmuls of L x L x E multiply-adds; the CPU's fused attention kernel is
             # invisible to the FLOP counter
