@@ -184,13 +184,51 @@ def export(ctx: Context) -> StageRecord:
     ctx.quality.setdefault("student", {})["onnx_accuracy"] = correct / total
     ctx.log(f"exported student.onnx ({metrics['student']['bytes'] / 1e6:.3f} MB), parity max abs error "
             f"{metrics['student']['parity_max_abs']:.2e}, ONNX Runtime accuracy {correct / total:.4f}")
+    metrics["targets"], outputs["targets"] = _export_for_targets(ctx)
     return StageRecord("export", config=spec.model_dump(mode="json"), metrics=metrics, outputs=outputs)
+
+
+def _export_for_targets(ctx: Context) -> tuple[dict, list[dict]]:
+    """The files each non-ONNX-Runtime target runs (OpenVINO IR, TensorRT engine + trtexec script,
+    int8 TFLite + Vela). A target whose toolchain is missing or rejects the model is reported, and the
+    rest of the bundle is still written."""
+    from exporters.targets import export_for_target
+
+    report, made = {}, []
+    for target in ctx.recipe.targets:
+        prof = load_profile(target)
+        if prof.runtime == "onnxruntime":
+            continue
+        sources = [a for a in ctx.artifacts if a.format == "onnx" and a.role == "student"]
+        if prof.runtime == "vela":  # the full-int8 TFLite is quantized from the torch module, once
+            sources = sources[:1]
+        else:
+            sources = [a for a in sources if a.precision in prof.precisions]
+        files, problems = [], []
+        for src in sources:
+            absolute = Artifact.from_dict({**src.to_dict(), "path": str(ctx.work / src.path)})
+            arts, probs = export_for_target(prof.runtime, prof.options, absolute, ctx.work / "model",
+                                            model=ctx.student, example_inputs=(ctx.example(1),),
+                                            calibration=[ctx.example(64)], precisions=prof.precisions)
+            for a in arts:
+                a.path = Path(a.path).resolve().relative_to(ctx.work.resolve()).as_posix()
+                a.extra["target"] = target
+                if a.path not in {x.path for x in ctx.artifacts}:
+                    ctx.artifacts.append(a)
+                    made.append(a.to_dict())
+                files.append(a.path)
+            problems += probs
+        for p in problems:
+            ctx.log(f"{target}: {p}")
+        report[target] = {"runtime": prof.runtime, "files": files, "problems": problems}
+    return report, made
 
 
 def restore_export(ctx: Context, rec: StageRecord) -> None:
     ctx.artifacts.append(Artifact.from_dict(rec.outputs["student"]))  # after the quantize stage's int8 file
     ctx.reference = [Artifact.from_dict(rec.outputs["teacher"])]
     ctx.quality.setdefault("student", {})["onnx_accuracy"] = rec.metrics["student"]["onnx_accuracy"]
+    ctx.artifacts += [Artifact.from_dict(d) for d in rec.outputs.get("targets", [])]
 
 
 def gemm_peak_gflops(threads: int, sizes=(256, 512, 1024), seconds: float = 0.3) -> float:
@@ -215,6 +253,23 @@ def gemm_peak_gflops(threads: int, sizes=(256, 512, 1024), seconds: float = 0.3)
     return peak
 
 
+def _runnable(ctx: Context, prof) -> list[Artifact]:
+    """Per role and precision the device lists, the file in the format its runtime prefers."""
+    from exporters.targets import FORMATS
+
+    formats = FORMATS.get(prof.runtime, ("onnx",))
+    best: dict[tuple[str, str], Artifact] = {}
+    for art in [*ctx.artifacts, *ctx.reference]:
+        if art.format not in formats or art.precision not in prof.precisions:
+            continue
+        if art.format == "tensorrt" and art.extra.get("target") != prof.name:
+            continue  # an engine runs only on the GPU it was built for
+        key = (art.role, art.precision)
+        if key not in best or formats.index(art.format) < formats.index(best[key].format):
+            best[key] = art
+    return list(best.values())
+
+
 def profile(ctx: Context) -> StageRecord:
     spec = ctx.recipe.profile
     metrics, skipped = {}, {}
@@ -236,14 +291,16 @@ def profile(ctx: Context) -> StageRecord:
                              "source": "measured: fp32 torch GEMM, n 256-1024, best of 0.3 s each"}
         elif prof.peak_gflops:
             peaks[target] = {"gflops": prof.peak_gflops, "source": f"profile {prof.name} (datasheet)"}
-        for art in [*ctx.artifacts, *ctx.reference]:
-            if art.precision not in getattr(getattr(device, "profile", None), "precisions", (art.precision,)):
-                ctx.log(f"{target}: {art.path} not measured (the device does not list {art.precision})")
-                continue
+        for art in _runnable(ctx, prof):
             key = art.role if art.precision == "fp32" else f"{art.role}_{art.precision}"  # student_int8
             for batch in spec.batch_sizes:
-                m = device.measure(ctx.work / art.path, batch=batch, warmup=spec.warmup, runs=spec.runs,
-                                   max_seconds=spec.max_seconds, precision=art.precision)
+                try:
+                    m = device.measure(ctx.work / art.path, batch=batch, warmup=spec.warmup, runs=spec.runs,
+                                       max_seconds=spec.max_seconds, precision=art.precision)
+                except DeviceError as e:  # one target's failure leaves the rest of the bundle intact
+                    skipped[target] = f"{art.path}: {e}"
+                    ctx.log(f"{target}: {art.path} not measured ({e})")
+                    break
                 m.artifact = art.path
                 m.add_roofline(flops.get(art.role), prof)
                 if target in peaks and m.gflops:  # against the measured peak where there is one
@@ -253,7 +310,9 @@ def profile(ctx: Context) -> StageRecord:
                 ctx.measurements.append(m)
                 metrics.setdefault(target, {})[f"{key}_b{batch}_p50_ms"] = m.p50_ms
         for batch in spec.batch_sizes:
-            d = metrics[target]
+            d = metrics.get(target, {})
+            if f"teacher_b{batch}_p50_ms" not in d or f"student_b{batch}_p50_ms" not in d:
+                continue  # e.g. an NPU estimate of the student alone
             d[f"speedup_b{batch}"] = d[f"teacher_b{batch}_p50_ms"] / d[f"student_b{batch}_p50_ms"]
             ctx.log(f"{target} batch {batch}: student p50 {d[f'student_b{batch}_p50_ms']:.3f} ms, teacher "
                     f"{d[f'teacher_b{batch}_p50_ms']:.3f} ms ({d[f'speedup_b{batch}']:.1f}x faster)")
