@@ -25,6 +25,7 @@ MODES = [  # (label, quantize section)
     ("PTQ NNCF int8", {"mode": "ptq-nncf"}),
     ("QAT-KD NNCF int8", {"mode": "qat-kd", "epochs": 3}),
     ("QAT-KD Polino 4-bit weights", {"mode": "qat-kd", "bits": 4, "epochs": 3}),
+    ("QAT-KD Polino 2-bit weights", {"mode": "qat-kd", "bits": 2, "epochs": 3}),
 ]
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="labels of modes to run")
     ap.add_argument("--reuse", action="store_true", help="reuse modes already quantized under --out (row.json)")
+    ap.add_argument("--teacher-checkpoint", help="a teacher state_dict to use instead of the cached/trained one")
     args = ap.parse_args()
 
     from compressor.data import load_data
@@ -48,7 +50,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    base = load_recipe("quickstart")
+    base = load_recipe("quickstart", [f"teacher.checkpoint={args.teacher_checkpoint}"] if args.teacher_checkpoint else [])
     torch.manual_seed(base.seed)
     data = load_data(base.data, base.seed)
     teacher, _ = load_teacher(base, data, log=log)
@@ -92,7 +94,8 @@ def main() -> None:
         path = work / rec.outputs["student"]["path"]
         row = {"label": label, "path": str(path), "precision": rec.outputs["student"]["precision"],
                "bytes": m["bytes"], "accuracy": m["onnx_accuracy"], "seconds": round(time.time() - t0, 1),
-               "fake_quant_accuracy": m.get("fake_quant_accuracy"), "parity": m.get("parity"),
+               "fake_quant_accuracy": m.get("fake_quant_accuracy"),
+               "before_qat_accuracy": m.get("before_finetune_accuracy", m.get("ptq_fake_quant_accuracy")), "parity": m.get("parity"),
                "checks": m.get("checks"), "size": m.get("size"), "qat": m.get("qat")}
         rows.append(row)
         (work / "row.json").write_text(json.dumps(row, indent=1, default=str))
