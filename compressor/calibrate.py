@@ -17,6 +17,7 @@ from torch import nn
 
 IMAGE = 32  # the digits space at the quickstart teacher's resolution
 SEQ = 64  # tokens per sample in the Transformer space
+LANES = (8, 16)  # fp32 lanes of the vector units that conv FLOPs are rounded up to
 
 
 class TinyTransformer(nn.Module):
@@ -87,7 +88,7 @@ def features(model: nn.Module, example: torch.Tensor) -> dict:
                 conv[key] = conv.get(key, 0) + f
             # Vector units work on whole registers: channels rounded up to 8 (AVX2, NEON x2) or 16
             # (AVX-512) fp32 lanes is the work the CPU really does.
-            for lanes in (8, 16):
+            for lanes in LANES:
                 up = lambda c: -(-c // lanes) * lanes  # noqa: E731
                 conv[f"flops_conv_pad{lanes}"] = conv.get(f"flops_conv_pad{lanes}", 0) + f * (
                     up(mod.in_channels // mod.groups) * up(mod.out_channels)) // ((mod.in_channels // mod.groups) * mod.out_channels)
