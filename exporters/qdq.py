@@ -257,6 +257,17 @@ def run_openvino(path: str | Path, x):
     return compiled.create_infer_request().infer({0: x})[compiled.output(0)]
 
 
+def _pack4(codes) -> bytes:
+    """Two 4-bit codes per byte, the first in the low nibble (ONNX's INT4/UINT4 raw layout). Raw bytes,
+    not helper.make_tensor's int32 list: that stores each packed byte as a protobuf varint."""
+    import numpy as np
+
+    flat = codes.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
 def pack_bucketed(fp32: str | Path, out: str | Path, weights: dict) -> dict:
     """Store Polino-quantized weights as 4-bit codes: ``weights`` maps initializer name -> (bits, bucket).
 
@@ -297,7 +308,7 @@ def pack_bucketed(fp32: str | Path, out: str | Path, weights: dict) -> dict:
         m.graph.initializer.remove(inits[name])
         c, s, lo_n, sh = (f"{name}.q{bits}", f"{name}.scale", f"{name}.beta", f"{name}.shape")
         m.graph.initializer.extend([
-            helper.make_tensor(c, TensorProto.UINT4, list(codes.shape), codes.reshape(-1).tolist()),
+            helper.make_tensor(c, TensorProto.UINT4, list(codes.shape), _pack4(codes), raw=True),
             numpy_helper.from_array(scale[:, None].astype(np.float32), s),
             numpy_helper.from_array(lo[:, None].astype(np.float32), lo_n),
             numpy_helper.from_array(np.array([-1], np.int64), f"{name}.flat"),
