@@ -138,3 +138,15 @@ def test_cli_search_writes_best_and_resumes(tmp_path, tiny_recipe):
     assert json.loads((out / "best.json").read_text())["trials"] == 8
     # A budget nobody meets: one line, exit code 2.
     assert main(["search", str(path), "--out", str(tmp_path / "t"), "--set", "budgets.size_mb=0.00001"]) == 2
+
+
+def test_latency_fit_is_non_negative():
+    from compressor.search.latency import LatencyModel, fit
+
+    # Noisy points that plain least squares fits with a negative per-parameter cost.
+    pts = [{"mflops": 1, "mparams": 0.01, "p50_ms": 0.05}, {"mflops": 5, "mparams": 0.05, "p50_ms": 0.09},
+           {"mflops": 20, "mparams": 0.1, "p50_ms": 0.3}, {"mflops": 2, "mparams": 0.2, "p50_ms": 0.04}]
+    m = fit("dev", pts)
+    assert all(c >= 0 for c in m.coef) and m.r2 > 0.9
+    assert m.predict(10e6, 0) < m.predict(20e6, 0)  # more work, more time
+    assert LatencyModel.from_dict(m.to_dict()) == m

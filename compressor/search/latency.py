@@ -1,7 +1,8 @@
 """Latency of a candidate on a target device: measured, or predicted by a per-device model fitted on a
 few measured candidates. Every number says which it is.
 
-The model is linear in FLOPs and parameters (latency = a + b * MFLOPs + c * Mparams), least squares:
+The model is linear in FLOPs and parameters (latency = a + b * MFLOPs + c * Mparams), non-negative
+least squares:
 small CNNs on a CPU are close to that, and a search needs ranking more than exact milliseconds. The
 fit's points and its R^2 go into the manifest, so a reader can judge it.
 """
@@ -53,9 +54,14 @@ def fit(device_name: str, points: list[dict]) -> LatencyModel:
     """Least squares on points of (mflops, mparams, p50_ms)."""
     import numpy as np
 
+    from scipy.optimize import nnls
+
     x = np.array([[1.0, p["mflops"], p["mparams"]] for p in points])
     y = np.array([p["p50_ms"] for p in points])
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    # Non-negative coefficients: more work never predicts less time. Plain least squares on a few noisy
+    # measurements (a busy machine) gave a negative intercept and per-parameter cost, so small
+    # candidates all fell to the floor.
+    coef, _ = nnls(x, y)
     pred = x @ coef
     ss = float(((y - y.mean()) ** 2).sum())
     r2 = 1 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else None
