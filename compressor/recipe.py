@@ -120,7 +120,8 @@ class QuantizeSpec(_Section):
         "bucketed weights (bits < 8); ptq-ort: ONNX Runtime static QDQ; ptq-nncf: NNCF post-training")
     bits: Literal[2, 3, 4, 8] = Field(8, description="8: int8 QDQ ONNX; 2-4: Polino bucketed weights (qat-kd only)")
     bucket: int = Field(256, ge=8, description="bucket size of Polino's uniform quantization (bits < 8)")
-    calibration: int = Field(256, ge=1, description="training samples used to calibrate activation ranges")
+    calibration: int = Field(256, ge=32, description="training samples used to calibrate activation ranges "
+                             "(fewer than 32 give ranges that swing with the sample)")
     activations: Literal["auto", "uint8", "int8"] = Field(
         "auto", description="auto: int8 (symmetric) for GPU/NPU targets, uint8 on CPUs (faster in ONNX Runtime)")
     epochs: int = Field(3, ge=1, description="QAT fine-tuning epochs")
