@@ -403,7 +403,7 @@ def stage(ctx) -> StageRecord:
     art.path = out.relative_to(ctx.work).as_posix()
     art.extra.update(mode=spec.mode, bits=spec.bits, checks=checks, parity=info.get("parity"))
     metrics = {**info, "checks": checks, "onnx_accuracy": acc, "bytes": art.bytes}
-    # A w<b> file computes in fp32 after ORT dequantizes its weights at load, and device profiles list
+    # A w<b> file computes in fp32 (ORT folds its 4-bit weights at load), and device profiles list
     # compute precisions: it ships but is not measured as its own precision.
     if precision == "int8":
         ctx.artifacts.append(art)
