@@ -214,9 +214,10 @@ def _quality_latency_plot(manifest: dict, bundle_dir: Path | None) -> str | None
                             fontsize=8)
         xs = [x for line in ax.collections for x in line.get_offsets()[:, 0]]
         if xs and max(xs) > 4 * min(xs):  # a log axis only where the spread needs one
-            from matplotlib.ticker import FuncFormatter, NullFormatter
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("p50 latency per sample (ms, log scale)")
