@@ -336,7 +336,7 @@ def markdown(res: dict) -> str:
     lines = ["# Digits on CPU: teacher against compressed students", "",
              f"{mc['date']}; {mc['cpu']}, {mc['cores']} cores (load average {mc['load_average'][0]:.1f} at the start: "
              f"the machine was shared, so latencies are noisy), ONNX Runtime {v['onnxruntime']} at 2 threads, torch "
-             f"{v['torch']}, Lightning {v.get('pytorch-lightning')}. Digits 32x32, held-out split of "
+             f"{v['torch']}, Lightning {v.get('pytorch-lightning')}. Digits {res.get('image_size', 32)}px, held-out split of "
              f"{res.get('test_size', 'n/a')} images; latency is p50 of the pipeline's profile stage.", "",
              "| setting | model | params | MFLOPs | ONNX MB | accuracy | b1 p50 ms | b32 p50 ms | b1 GFLOP/s (of peak) | "
              "b32 GFLOP/s (of peak) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -361,21 +361,24 @@ def markdown(res: dict) -> str:
     if f:
         runs = lambda xs: ", ".join(f"{a:.4f}" for a in xs)  # noqa: E731
         e = f.get("setup", {})
-        lines += ["## Few labels: 5% of the training labels", "",
+        pct = f"{100 * e.get('label_fraction', 0.05):g}%"
+        cfg = e.get("student", {}).get("config", FEW_STUDENT)
+        lines += [f"## Few labels: {pct} of the training labels", "",
                   f"{e.get('labelled', 'n/a')} of {e.get('train', 'n/a')} training images keep their label "
                   "(stratified by class, label -1 for the rest); the teacher was trained on all labels. Student: "
-                  f"resnet 8-16-32, one block per stage, {_f(f.get('student_flops') and f['student_flops'] / 1e6, '.1f')} "
+                  f"resnet {'-'.join(map(str, cfg['widths']))}, depths {'-'.join(map(str, cfg['depths']))}, "
+                  f"{_f(f.get('student_flops') and f['student_flops'] / 1e6, '.1f')} "
                   f"MFLOPs (1/{_f(f.get('flops_ratio'), '.0f')} of the teacher). Mean over seeds; test split as above.", "",
                   "| model | sees | held-out accuracy | runs |", "|---|---|---|---|",
                   f"| teacher | all labels | {_f(f['teacher'], '.4f')} | |",
-                  f"| student distilled: {e.get('kd_losses', 'KD + CE')}, {e.get('epochs', '?')} epochs | 5% labels + "
+                  f"| student distilled: {e.get('kd_losses', 'KD + CE')}, {e.get('epochs', '?')} epochs | {pct} labels + "
                   f"teacher outputs on every image | {_f(f['distilled'], '.4f')} | {runs(f['distilled_runs'])} |"]
-        names = {"same_steps": f"same student and loop, CE on the labelled 5% alone, {e.get('epochs', '?')} epochs",
+        names = {"same_steps": f"same student and loop, CE on the labelled {pct} alone, {e.get('epochs', '?')} epochs",
                  "subset": "same student on the labelled images only, batch 16, "
                            f"{e.get('subset_epochs', '?')} epochs, best val",
                  "pipeline_ce": "pipeline, CE only (fewlabel-ce)", "pipeline_kd": "pipeline, KD + CE (fewlabel-kd)"}
         for k, v in f["label_only"].items():
-            lines.append(f"| {names.get(k, k)} | 5% labels | {_f(v['mean'], '.4f')} | {runs(v['runs'])} |")
+            lines.append(f"| {names.get(k, k)} | {pct} labels | {_f(v['mean'], '.4f')} | {runs(v['runs'])} |")
         lines += ["", f"Distillation closes **{_f(f.get('gap_closed') and 100 * f['gap_closed'], '.1f')}%** of the gap "
                       f"between the best label-only student ({_f(f.get('label_only_best'), '.4f')}) and the teacher "
                       f"({_f(f['teacher'], '.4f')}), at 1/{_f(f.get('flops_ratio'), '.1f')} of the teacher's FLOPs "
@@ -426,7 +429,7 @@ def main(argv=None) -> int:
     for s in ["full", *(x for x in bundles if x != "full")]:  # the teacher's row first
         res["rows"] += rows_of(bundles[s], s)
     m = json.loads((full / "manifest.json").read_text())
-    res["test_size"] = m["data"].get("test")
+    res["test_size"], res["image_size"] = m["data"].get("test"), m["data"].get("image_size")
     prof = next(s for s in m["stages"] if s["name"] == "profile")["metrics"]
     res["bundle_peak_gflops"] = (prof.get("peak_gflops") or {}).get("local-cpu", {}).get("gflops")
     # One yardstick for every setting's rows (each bundle probed its own, at another moment of load).
@@ -448,7 +451,10 @@ def main(argv=None) -> int:
                 label_only["pipeline_ce"] = [row["accuracy"]]
         res["few_labels"] = few_label_summary(t_acc, t_flops, few_runs[0]["flops"], kd, label_only)
         res["few_labels"]["student_flops"] = few_runs[0]["flops"]
+        few_recipe = recipe_for("fewlabel-kd", a.tiny, "unused")
         res["few_labels"]["setup"] = {"labelled": few_runs[0]["labelled"], "train": few_runs[0]["train"],
+                                      "label_fraction": few_recipe["data"]["kwargs"]["label_fraction"],
+                                      "student": few_recipe["student"],
                                       "epochs": few_runs[0]["epochs"], "subset_epochs": direct and direct["epochs"],
                                       "kd_losses": " + ".join(f"{l['weight']} {l['name']}" for l in
                                                               next((r["losses"] for r in few_runs if r["mode"] == "kd"), []))}
