@@ -107,6 +107,7 @@ def test_pipeline_search_stage(tmp_path, tiny_recipe):
     assert len(cands["candidates"]) == 8
 
 
+@pytest.mark.slow
 def test_pipeline_search_budget_nobody_meets(tmp_path, tiny_recipe):
     import compressor
 
