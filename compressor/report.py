@@ -349,8 +349,8 @@ def html(manifest: dict, bundle_dir: str | Path | None = None) -> str:
                              "speed-up vs teacher", "runtime", "threads", "kind"], body))
         if d in peaks:
             parts.append(f"<p class='note'>Peak {peaks[d]['gflops']:.1f} GFLOP/s ({e(peaks[d]['source'])}). "
-                         "GFLOP/s = FLOPs per sample x batch / p50; int8 files are charged the same FLOPs. Above "
-                         "100% means the probe ran while other work shared the cores.</p>")
+                         "GFLOP/s = FLOPs per sample x batch / p50; int8 files are charged the same FLOPs, so their "
+                         "share can pass 100%. The probe varies by about 10% from run to run.</p>")
     skipped = _stage(manifest, "profile").get("metrics", {}).get("skipped")
     if skipped:
         parts.append("<p class='note'>Not measured: " + "; ".join(f"{e(k)} ({e(v)})" for k, v in skipped.items())
