@@ -64,7 +64,7 @@ def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, 
         model.train()
         t0, seen, loss_sum = time.time(), 0, 0.0
         for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x), y, ignore_index=-1)  # -1: an unlabelled sample (few-label data)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
