@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .measurement import Measurement
-from .profile import DeviceError, DeviceProfile
+from .profile import DeviceProfile, check_ready
 
 # A spread wider than this (coefficient of variation) is reported as a note on the measurement.
 NOISY_CV = 0.5
@@ -30,12 +30,7 @@ class OnnxRuntimeCPU:
                 max_seconds: float = 30.0, precision: str = "fp32", dims: dict | None = None) -> Measurement:
         from . import bench_onnxruntime
 
-        why = self.why_unavailable()
-        if why:
-            raise DeviceError(f"device {self.profile.name} is not available: {why}")
-        if precision not in self.profile.precisions:
-            raise DeviceError(f"device {self.profile.name} does not list precision {precision!r} "
-                              f"(it lists {', '.join(self.profile.precisions)})")
+        check_ready(self, precision)
         r = bench_onnxruntime.measure(str(model), batch=batch, threads=self.profile.threads, warmup=warmup,
                                       runs=runs, max_seconds=max_seconds, dims=dims)
         m = Measurement(device=self.profile.name, precision=precision, artifact=Path(model).name, **r)

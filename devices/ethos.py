@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .measurement import Measurement
-from .profile import DeviceError, DeviceProfile
+from .profile import DeviceError, DeviceProfile, check_ready
 
 _CPU_OP = re.compile(r"^\s*CPU:\s*(\S+)\s*=\s*(.*?)\s*(\(outputs.*\))?$")
 # Vela names the rejected operator's type only in its warnings; the CPU: lines say "Passthrough".
@@ -108,12 +108,7 @@ class EthosUEstimator:
         """Vela's estimate for ``model`` (an int8 .tflite); warmup/runs/max_seconds do not apply."""
         from importlib.metadata import version
 
-        why = self.why_unavailable()
-        if why:
-            raise DeviceError(f"device {self.profile.name} is not available: {why}")
-        if precision not in self.profile.precisions:
-            raise DeviceError(f"device {self.profile.name} does not list precision {precision!r} "
-                              f"(it lists {', '.join(self.profile.precisions)}): export a full-int8 TFLite")
+        check_ready(self, precision, ': export a full-int8 TFLite')
         model = Path(model)
         if model.suffix != ".tflite" or not model.is_file():
             raise DeviceError(f"device {self.profile.name}: Vela estimates a .tflite file, not {model.name}")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .measurement import Measurement
-from .profile import DeviceError, DeviceProfile
+from .profile import DeviceError, DeviceProfile, check_ready
 
 NOISY_CV = 0.5
 CUDA_GRAPH_MAX_BATCH = 8  # launch overhead matters below this; larger batches are compute-bound
@@ -115,12 +115,7 @@ class GPUDevice:
 
         ``example``: one input tensor (any batch) for an nn.Module; a .pt2 uses its own example inputs.
         """
-        why = self.why_unavailable()
-        if why:
-            raise DeviceError(f"device {self.profile.name} is not available: {why}")
-        if precision not in self.profile.precisions:
-            raise DeviceError(f"device {self.profile.name} does not list precision {precision!r} "
-                              f"(it lists {', '.join(self.profile.precisions)})")
+        check_ready(self, precision)
         if isinstance(model, (str, Path)):
             path = Path(model)
             if not path.is_file():

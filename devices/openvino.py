@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .measurement import Measurement
-from .profile import DeviceError, DeviceProfile
+from .profile import DeviceError, DeviceProfile, check_ready
 
 NOISY_CV = 0.5
 
@@ -64,12 +64,7 @@ class OpenVINODevice:
 
         from .bench_onnxruntime import host_info, summarize
 
-        why = self.why_unavailable()
-        if why:
-            raise DeviceError(f"device {self.profile.name} is not available: {why}")
-        if precision not in self.profile.precisions:
-            raise DeviceError(f"device {self.profile.name} does not list precision {precision!r} "
-                              f"(it lists {', '.join(self.profile.precisions)})")
+        check_ready(self, precision)
         model = Path(model)
         if model.suffix not in (".xml", ".onnx") or not model.is_file():
             raise DeviceError(f"device {self.profile.name}: {model} is not an OpenVINO .xml or .onnx file")

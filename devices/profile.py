@@ -33,6 +33,16 @@ class DeviceProfile(BaseModel):
         return self.connection == "local"
 
 
+def check_ready(device, precision: str, hint: str = "") -> None:
+    """Raise a DeviceError unless ``device`` can measure now and its profile lists ``precision``."""
+    why = device.why_unavailable()
+    if why:
+        raise DeviceError(f"device {device.profile.name} is not available: {why}")
+    if precision not in device.profile.precisions:
+        raise DeviceError(f"device {device.profile.name} does not list precision {precision!r} "
+                          f"(it lists {', '.join(device.profile.precisions)}){hint}")
+
+
 def _builtin_dir():
     return resources.files("profiles") / "devices"
 
