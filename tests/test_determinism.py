@@ -1,0 +1,35 @@
+"""Same recipe and seed: the same searched genome and the same metrics, within a stated tolerance.
+
+On one CPU machine both runs are bit-identical here; the tolerance allows for thread scheduling in
+BLAS reductions. Seeds and versions are recorded in the manifest."""
+import json
+
+import pytest
+
+import compressor
+from conftest import TINY
+
+ACCURACY_TOLERANCE = 0.01  # absolute held-out accuracy
+LOSS_TOLERANCE = 1e-3  # relative final training loss
+
+
+def test_same_recipe_and_seed_same_result(tmp_path):
+    pytest.importorskip("optuna")
+    r = json.loads(json.dumps(TINY))
+    r["search"] = {"trials": 8, "population": 4, "batch_size": 32}
+    r["budgets"] = {"size_mb": 0.05}
+    r["targets"] = []
+    r["distill"]["epochs"] = 2
+    ms = [compressor.verify(compressor.run(r, tmp_path / f"run{i}", log=lambda s: None)) for i in range(2)]
+    a, b = ms
+    assert a["seed"] == b["seed"] == 0 and a["toolchain"]["torch"] == b["toolchain"]["torch"]
+    assert a["student"]["config"] == b["student"]["config"]  # the searched genome
+    search = [next(s for s in m["stages"] if s["name"] == "search")["metrics"]["best"] for m in ms]
+    assert search[0]["genome"] == search[1]["genome"]
+    qa, qb = a["quality"], b["quality"]
+    assert qa["teacher"]["accuracy"] == qb["teacher"]["accuracy"]
+    assert abs(qa["student"]["accuracy"] - qb["student"]["accuracy"]) <= ACCURACY_TOLERANCE
+    la, lb = (next(s for s in m["stages"] if s["name"] == "distill")["metrics"]["final_train_loss"] for m in ms)
+    assert abs(la - lb) <= LOSS_TOLERANCE * abs(la)
+    # the shipped weights and files are the same bytes, apart from what records the time
+    assert a["files"]["model/student.pt"]["bytes"] == b["files"]["model/student.pt"]["bytes"]
