@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,8 +34,10 @@ def describe(path: str | Path, precision: str = "fp32", role: str = "student", p
     except Exception as e:  # protobuf raises a zoo of types on garbage
         raise ExportError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+    data = path.with_name(f"{path.name}.data")  # external weights of a model over 2 GB
+    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     return Artifact(path=str(path), format="onnx", precision=precision, sha256=sha256(path),
-                    bytes=path.stat().st_size, inputs=_io(m.graph.input), outputs=_io(m.graph.output),
+                    bytes=size, inputs=_io(m.graph.input), outputs=_io(m.graph.output),
                     opset=opset, toolchain={"onnx": onnx.__version__}, role=role, parent=parent)
 
 
@@ -46,10 +50,13 @@ def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     axes = {n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None
     model = model.eval()
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    # Export into a private directory beside the target (an exporter may scatter external-data files
+    # there), then move the finished file(s) in: a crash never leaves half a model at ``path``.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = scratch / path.name
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -67,14 +74,25 @@ def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=(
                 except Exception:
                     raise ExportError(f"ONNX export of {type(model).__name__} failed: "
                                       f"{type(first).__name__}: {str(first).splitlines()[0][:300]}") from None
+        if big:
+            # Protobuf caps a model at 2 GB: weights go to one ``<name>.data`` file beside it, whatever
+            # layout the exporter chose.
+            proto = onnx.load(str(tmp))
+            single = scratch / "single"
+            single.mkdir()
+            onnx.save_model(proto, str(single / path.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=f"{path.name}.data", size_threshold=1024)
+            tmp = single / path.name
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as e:
             raise ExportError(f"exported ONNX fails onnx.checker: {str(e).splitlines()[0]}") from None
+        data = tmp.with_name(f"{path.name}.data")
+        if data.exists():
+            os.replace(data, path.with_name(data.name))
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(scratch, ignore_errors=True)
     art = describe(path, precision=precision, role=role)
     art.toolchain["torch"] = torch.__version__
     return art

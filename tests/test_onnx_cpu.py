@@ -94,3 +94,19 @@ def test_bench_script_needs_only_onnxruntime_and_numpy(tiny_onnx):
                          capture_output=True, text=True, check=True, cwd=tiny_onnx[2].parent)
     r = json.loads(out.stdout)
     assert r["runs"] == 10 and r["p50_ms"] > 0 and r["estimated"] is False
+
+
+def test_big_models_write_external_data(tmp_path, monkeypatch):
+    """Over 2 GB a model's weights go to one <name>.data file beside it (threshold lowered for the test)."""
+    import exporters.onnx as eo
+
+    monkeypatch.setattr(eo, "EXTERNAL_DATA_BYTES", 1000)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    art = export_onnx(m, (torch.randn(2, 1, 8, 8),), tmp_path / "big.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    data = (tmp_path / "big.onnx.data").stat().st_size
+    assert data >= 64 * 32 * 4 and art.bytes == (tmp_path / "big.onnx").stat().st_size + data
+    assert parity(tmp_path / "big.onnx", m, torch.randn(3, 1, 8, 8))["ok"]
+    m2 = get_device("local-cpu").measure(tmp_path / "big.onnx", warmup=1, runs=5)
+    assert m2.runs == 5
