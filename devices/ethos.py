@@ -23,7 +23,7 @@ _CPU_OP = re.compile(r"^\s*CPU:\s*(\S+)\s*=\s*(.*?)\s*(\(outputs.*\))?$")
 _REJECTED = re.compile(r"^Warning \(supported operators\) operator: (\w+), ofm: '(.*)'")
 
 
-def _cpu_ops(stdout: str) -> list[str]:
+def cpu_ops(stdout: str) -> list[str]:
     """'TYPE (tensor name)' for each operator Vela leaves on the CPU."""
     lines = stdout.splitlines()
     ops = [f"{m.group(1)} ({m.group(2)[-60:]})" for ln in lines if (m := _REJECTED.match(ln))]
@@ -38,7 +38,7 @@ def _vela() -> str | None:
 
 def parse_vela(stdout: str, summary_csv: str | Path | None) -> dict:
     """Vela's stdout (operator placement) and summary CSV -> one flat dict of figures."""
-    out: dict = {"cpu_ops": _cpu_ops(stdout), "cpu_op_count": 0, "npu_op_count": 0}
+    out: dict = {"cpu_ops": cpu_ops(stdout), "cpu_op_count": 0, "npu_op_count": 0}
     for ln in stdout.splitlines():
         if m := _COUNT.match(ln.strip()):
             out[f"{m.group(1).lower()}_op_count"] = int(m.group(2))

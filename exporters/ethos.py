@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import warnings
 from pathlib import Path
+
+from devices.ethos import cpu_ops as vela_cpu_ops  # one reader of Vela's output (exporters may use devices)
 
 from .artifact import Artifact, ExportError, sha256
 
@@ -151,18 +152,6 @@ def export_tflite_int8(model, example_inputs: tuple, path: str | Path, *, calibr
 
 # --------------------------------------------------------------------------------------------- Vela
 
-_CPU_OP = re.compile(r"^\s*CPU:\s*(\S+)\s*=\s*(.*?)\s*(\(outputs.*\))?$")
-# Vela names the rejected operator's type only in its warnings; the CPU: lines say "Passthrough".
-_REJECTED = re.compile(r"^Warning \(supported operators\) operator: (\w+), ofm: '(.*)'")
-
-
-def _cpu_ops(stdout: str) -> list[str]:
-    """'TYPE (tensor name)' for each operator Vela leaves on the CPU."""
-    lines = stdout.splitlines()
-    ops = [f"{m.group(1)} ({m.group(2)[-60:]})" for ln in lines if (m := _REJECTED.match(ln))]
-    return ops or [f"{m.group(1)} ({m.group(2)[-60:]})" for ln in lines if (m := _CPU_OP.match(ln))]
-
-
 def vela_executable() -> str | None:
     """Vela's console script beside this interpreter, else on PATH."""
     here = Path(sys.executable).parent / "vela"
@@ -199,7 +188,7 @@ def compile_vela(tflite: str | Path, out_dir: str | Path, *, accelerator_config:
             err = [ln for ln in (p.stderr + p.stdout).strip().splitlines() if ln.strip()]
             raise ExportError(f"Vela rejected {tflite.name} for {accelerator_config}: "
                               f"{err[-1][:300] if err else 'exit code ' + str(p.returncode)}")
-        cpu_ops = _cpu_ops(p.stdout)
+        cpu_ops = vela_cpu_ops(p.stdout)
         if cpu_ops and not allow_cpu_ops:
             raise ExportError(f"Vela placed {len(cpu_ops)} operator(s) of {tflite.name} on the CPU for "
                               f"{accelerator_config}: {', '.join(cpu_ops[:5])}"
