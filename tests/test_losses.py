@@ -31,7 +31,7 @@ def close(got, want, rtol=1e-4, atol=1e-6):
 
 def test_registry_names():
     assert {"kd", "ce", "feature", "feature_norm", "attention_transfer", "rkd", "similarity_preserving",
-            "minilm", "taid", "ickd"} <= set(LOSSES)
+            "minilm", "taid", "ickd", "cosine"} <= set(LOSSES)
 
 
 def test_kd_and_ce():
@@ -45,6 +45,17 @@ def test_kd_and_ce():
 
 def feats(s, t, sp="a", tp="b"):
     return {"student_features": {sp: tt(s)}, "teacher_features": {tp: tt(t)}}
+
+
+def test_cosine_for_embeddings():
+    # rows: identical (cos 1), orthogonal (cos 0) -> 1 - cos = [0, 1], mean 0.5
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    t = torch.tensor([[3.0, 0.0], [1.0, 0.0]])
+    assert build_loss("cosine")(student=s, teacher=t).item() == pytest.approx(0.5)
+    # relation: student Gram (normalised) I, teacher's all ones -> off-diagonals differ by 1: mean 2/4
+    assert build_loss("cosine", relation=1.0)(student=s, teacher=t).item() == pytest.approx(0.5 + 0.5)
+    with pytest.raises(Exception, match="differ in shape"):
+        build_loss("cosine")(student=torch.zeros(2, 3), teacher=torch.zeros(2, 4))
 
 
 def test_feature_fitnets_uses_its_projection():

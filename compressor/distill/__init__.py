@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 
-from .losses import (CE, ICKD, KD, RKD, TAID, AttentionTransfer, Feature, FeatureNorm, MiniLM,
+from .losses import (CE, ICKD, KD, RKD, TAID, AttentionTransfer, Cosine, Feature, FeatureNorm, MiniLM,
                      SimilarityPreserving)
 
 # name -> loss class; the recipe's `distill.losses` entries name these. Feature terms take
@@ -19,7 +19,11 @@ LOSSES = {
     "minilm": MiniLM,
     "taid": TAID,
     "ickd": ICKD,
+    "cosine": Cosine,
 }
+
+# Terms that read class logits or labels: meaningless for an embedding model.
+NEEDS_LOGITS = ("kd", "ce", "taid")
 
 
 def check_params(name: str, params: dict) -> None:

@@ -354,6 +354,34 @@ class MiniLM(nn.Module):
         return torch.stack(total).sum()
 
 
+# --------------------------------------------------------------------------------------------- cosine
+
+class Cosine(nn.Module):
+    """For embedding outputs (sentence encoders): the batch mean of 1 - cos(student, teacher).
+
+    ``relation`` adds that weight times the mean squared difference between the student's and the
+    teacher's pairwise cosine-similarity matrices over the batch: what a retrieval user sees (which
+    sentences are close), and what the embedding task's agreement metric ranks."""
+
+    def __init__(self, relation: float = 0.0):
+        super().__init__()
+        if relation < 0:
+            raise ValueError("loss 'cosine': relation >= 0")
+        self.relation = float(relation)
+
+    def forward(self, *, student, teacher, **_):
+        from ..errors import UserError
+
+        if student.shape != teacher.shape:
+            raise UserError(f"loss cosine: the student's embedding {_shape(student)} and the teacher's "
+                            f"{_shape(teacher)} differ in shape; project with a feature term instead")
+        s, t = F.normalize(student.flatten(1), dim=-1), F.normalize(teacher.flatten(1), dim=-1)
+        loss = (1 - (s * t).sum(-1)).mean()
+        if self.relation:
+            loss = loss + self.relation * (s @ s.T - t @ t.T).pow(2).mean()
+        return loss
+
+
 # ----------------------------------------------------------------------------------------------- TAID
 
 class TAID(nn.Module):
