@@ -43,14 +43,17 @@ def describe(path: str | Path, precision: str = "fp32", role: str = "student", p
 
 def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=("input",),
                 output_names=("logits",), opset: int = 17, dynamic_batch: bool = True,
-                precision: str = "fp32", role: str = "student") -> Artifact:
-    """Export ``model`` (eval mode) to ``path``; written to a temporary name and renamed."""
+                dynamic_axes: dict | None = None, precision: str = "fp32", role: str = "student") -> Artifact:
+    """Export ``model`` (eval mode) to ``path``; written to a temporary name and renamed.
+
+    ``example_inputs`` are positional (input_ids, attention_mask for a text encoder); ``dynamic_axes``
+    names axes besides the batch ({"input_ids": {0: "batch", 1: "sequence"}}, Optimum's names)."""
     import onnx
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    axes = {n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None
+    axes = dynamic_axes or ({n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None)
     model = model.eval()
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     # Export into a private directory beside the target (an exporter may scatter external-data files
@@ -99,7 +102,8 @@ def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=(
 
 
 def parity(path: str | Path, model, inputs, *, atol: float = 1e-4, rtol: float = 1e-3) -> dict:
-    """Compare ONNX Runtime against PyTorch on ``inputs`` (a batch tensor); raise on a mismatch.
+    """Compare ONNX Runtime against PyTorch on ``inputs`` (a batch tensor, or a dict of tensors named as
+    the model's inputs); raise on a mismatch.
 
     The relative error is the worst |a-b| / (|b| + atol); ``ok`` means |a-b| <= atol + rtol*|b| everywhere
     (numpy.allclose's rule).
@@ -109,16 +113,21 @@ def parity(path: str | Path, model, inputs, *, atol: float = 1e-4, rtol: float =
     import torch
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    names = [i.name for i in sess.get_inputs()]
     with torch.no_grad():
-        ref = model.eval()(inputs)
+        ref = model.eval()(**inputs) if isinstance(inputs, dict) else model.eval()(inputs)
     ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).detach().cpu().numpy()
-    got = sess.run(None, {name: inputs.detach().cpu().numpy()})[0]
+    if isinstance(inputs, dict):
+        feeds = {n: inputs[n].detach().cpu().numpy() for n in names}
+        n_samples = len(next(iter(inputs.values())))
+    else:
+        feeds, n_samples = {names[0]: inputs.detach().cpu().numpy()}, int(inputs.shape[0])
+    got = sess.run(None, feeds)[0]
     if got.shape != ref.shape:
         raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch's {ref.shape}")
     diff = np.abs(got - ref)
     result = {
-        "samples": int(inputs.shape[0]), "max_abs": float(diff.max()),
+        "samples": n_samples, "max_abs": float(diff.max()),
         "max_rel": float((diff / (np.abs(ref) + atol)).max()), "atol": atol, "rtol": rtol,
         "ok": bool(np.all(diff <= atol + rtol * np.abs(ref))),
     }

@@ -39,11 +39,28 @@ def _in_scope(path: str, scopes) -> bool:
     return any(path == s or path.startswith(s + ".") for s in scopes)
 
 
-class _Reader:
-    """CalibrationDataReader over one array of inputs, fed in batches (ORT calls get_next until None)."""
+def _named(names: list[str], x) -> dict:
+    """Feeds for inputs ``names``: ``x`` is one array (a single-input model) or a dict by input name."""
+    if isinstance(x, dict):
+        missing = [n for n in names if n not in x]
+        if missing:
+            raise ExportError(f"no data for the model input(s) {', '.join(missing)} (have {', '.join(x)})")
+        return {n: x[n] for n in names}
+    return {names[0]: x}
 
-    def __init__(self, name: str, inputs, batch: int = 32):
-        self.batches = [{name: inputs[i:i + batch]} for i in range(0, len(inputs), batch)]
+
+def _length(x) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+class _Reader:
+    """CalibrationDataReader over arrays of inputs (one, or a dict by input name), fed in batches
+    (ORT calls get_next until None)."""
+
+    def __init__(self, names: list[str], inputs, batch: int = 32):
+        feeds = _named(names, inputs)
+        n = _length(inputs)
+        self.batches = [{k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)]
         self.i = 0
 
     def get_next(self):
@@ -75,7 +92,7 @@ def quantize_static(fp32: str | Path, out: str | Path, calibration, *, activatio
         raise ExportError(f"activations {activations!r}: use uint8 or int8")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    name = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    names = [i.name for i in ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()]
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="compressor-ptq-") as tmp:
         os.chdir(tmp)  # the calibrator writes augmented models beside the working directory
@@ -88,7 +105,7 @@ def quantize_static(fp32: str | Path, out: str | Path, calibration, *, activatio
             excluded = [n.name for n in graph.graph.node if keep_float and _in_scope(module_path(n.name), keep_float)]
             tmp_out = Path(tmp) / "int8.onnx"
             ort_quantize_static(
-                str(pre), str(tmp_out), _Reader(name, calibration), quant_format=QuantFormat.QDQ,
+                str(pre), str(tmp_out), _Reader(names, calibration), quant_format=QuantFormat.QDQ,
                 per_channel=per_channel, weight_type=QuantType.QInt8,
                 activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                 nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
@@ -102,7 +119,42 @@ def quantize_static(fp32: str | Path, out: str | Path, calibration, *, activatio
             os.chdir(cwd)
     return {"tool": "onnxruntime.quantization.quantize_static", "onnxruntime": ort.__version__,
             "activations": activations, "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
-            "calibration_samples": int(len(calibration)), "calibration_method": "MinMax",
+            "calibration_samples": _length(calibration), "calibration_method": "MinMax",
+            "nodes_kept_float": excluded}
+
+
+def quantize_dynamic(fp32: str | Path, out: str | Path, *, keep_float=(), per_channel: bool = True) -> dict:
+    """ONNX Runtime dynamic quantization: int8 weights (per channel), activations quantized at run time
+    from each tensor's own range, so no calibration data. What Optimum's ORTQuantizer does for
+    Transformers on CPUs (avx512_vnni config); its MatMulInteger kernels run in ONNX Runtime, not in
+    TensorRT. Run in a temporary directory, as the static quantizer."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="compressor-ptq-") as tmp:
+        os.chdir(tmp)
+        try:
+            pre = Path(tmp) / "pre.onnx"
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            graph = onnx.load(str(pre))
+            excluded = [n.name for n in graph.graph.node if keep_float and _in_scope(module_path(n.name), keep_float)]
+            tmp_out = Path(tmp) / "int8.onnx"
+            ort_quantize_dynamic(str(pre), str(tmp_out), per_channel=per_channel, weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=excluded)
+            part = out.with_name(f".{out.name}.tmp")
+            shutil.copyfile(tmp_out, part)
+            os.replace(part, out)
+        finally:
+            os.chdir(cwd)
+    return {"tool": "onnxruntime.quantization.quantize_dynamic", "onnxruntime": ort.__version__,
+            "activations": "dynamic (uint8, range per tensor at run time)",
+            "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
             "nodes_kept_float": excluded}
 
 
@@ -123,11 +175,28 @@ def _dequantized(name: str, prod: dict):
     return n if n is not None and n.op_type == "DequantizeLinear" else None
 
 
+def _constant(name: str, prod: dict, inits: dict) -> bool:
+    """Whether ``name`` is a weight: an initializer or Constant, possibly through DQ and shape-only ops."""
+    seen = 0
+    while seen < 16:
+        if name in inits:
+            return True
+        n = prod.get(name)
+        if n is None:
+            return False
+        if n.op_type == "Constant":
+            return True
+        if n.op_type not in (*SHAPE_OPS, "DequantizeLinear", "QuantizeLinear"):
+            return False
+        name, seen = n.input[0], seen + 1
+    return False
+
+
 def check_qdq(path: str | Path, keep_float=()) -> dict:
     """Check the QDQ graph rules; raise ExportError on a violation, return a summary.
 
     A Conv/Gemm/MatMul whose inputs are not both dequantized is allowed only when its module path is in
-    ``keep_float`` (then it is listed as float). ``tensorrt_ready`` says whether every Q/DQ is int8 with
+    ``keep_float``, or when it is a MatMul of two activations (attention), and is then listed as float. ``tensorrt_ready`` says whether every Q/DQ is int8 with
     zero point 0 (TensorRT's explicit quantization rejects uint8 and non-zero zero points).
     """
     import numpy as np
@@ -158,6 +227,10 @@ def check_qdq(path: str | Path, keep_float=()) -> dict:
             per_channel.append(scale is not None and int(np.prod(scale.dims)) > 1)
         elif keep_float and _in_scope(where, keep_float):
             floating.append(where)
+        elif n.op_type == "MatMul" and not any(_constant(i, prod, inits) for i in n.input[:2]):
+            # Two activations (attention scores Q K^T, then P V): no weight to quantize. NNCF's transformer
+            # scheme and TensorRT's explicit quantization both leave them to the float (or fp16) kernels.
+            floating.append(f"{where} (activation x activation MatMul)")
         else:
             bad.append(f"{n.op_type} {where} (inputs {'/'.join('DQ' if d else 'float' for d in dq)})")
     if bad:
@@ -240,7 +313,7 @@ def run_onnxruntime(path: str | Path, x):
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return sess.run(None, _named([i.name for i in sess.get_inputs()], x))[0]
 
 
 def run_openvino(path: str | Path, x):
@@ -254,7 +327,8 @@ def run_openvino(path: str | Path, x):
     except ImportError:
         return None
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return compiled.create_infer_request().infer({0: x})[compiled.output(0)]
+    feeds = _named([i.get_any_name() for i in compiled.inputs], x)
+    return compiled.create_infer_request().infer(feeds)[compiled.output(0)]
 
 
 def _pack4(codes) -> bytes:
