@@ -9,9 +9,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, random_split
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate, random_split
 
 from .errors import UserError
+from .text import docstrings  # text for Hugging Face encoders; transformers loads only when it is used
+
+
+def trim(x):
+    """A batch of padded token inputs cut to its longest sequence (padding past it is pure cost)."""
+    if isinstance(x, dict) and "attention_mask" in x and x["attention_mask"].dim() == 2:
+        n = max(int(x["attention_mask"].sum(1).max()), 1)
+        return {k: v[:, :n] if v.dim() == 2 else v for k, v in x.items()}
+    return x
+
+
+def collate(samples):
+    x, y = default_collate(samples)
+    return trim(x), y
+
+
+def stack(xs: list):
+    """Stack samples that are tensors or dicts of tensors (Hugging Face inputs)."""
+    if isinstance(xs[0], dict):
+        return trim({k: torch.stack([x[k] for x in xs]) for k in xs[0]})
+    return torch.stack(xs)
 
 
 @dataclass
@@ -26,13 +47,13 @@ class DataSplits:
     def loader(self, split: str, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         return DataLoader(getattr(self, split), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                          generator=g, persistent_workers=workers > 0)
+                          generator=g, persistent_workers=workers > 0, collate_fn=collate)
 
-    def tensors(self, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(self, split: str, limit: int | None = None) -> tuple[torch.Tensor | dict, torch.Tensor]:
         ds = getattr(self, split)
         n = len(ds) if limit is None else min(limit, len(ds))
         xs, ys = zip(*(ds[i] for i in range(n)))
-        return torch.stack(xs), torch.as_tensor(ys)
+        return stack(list(xs)), torch.as_tensor(ys)
 
 
 class HiddenLabels(Dataset):
@@ -91,7 +112,7 @@ def digits(image_size: int = 32, label_fraction: float = 1.0) -> TensorDataset:
 
 
 # name -> function(**kwargs) -> dataset or dict of datasets
-DATASETS = {"digits": digits}
+DATASETS = {"digits": digits, "docstrings": docstrings}
 
 
 def _split(ds: Dataset, fractions: tuple[float, float], seed: int) -> tuple[Dataset, Dataset, Dataset]:
@@ -125,21 +146,34 @@ def _first_non_finite(ds: Dataset, limit: int = 2048) -> int | None:
         return None
     for i in range(min(len(ds), limit)):
         x = ds[i][0]
+        if isinstance(x, dict):
+            x = next((v for v in x.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
             return i
     return None
 
 
-def load_data(spec, seed: int) -> DataSplits:
-    """Build the data named by a recipe's ``data`` section and check that it is usable."""
+def load_data(spec, seed: int, defaults: dict | None = None) -> DataSplits:
+    """Build the data named by a recipe's ``data`` section and check that it is usable. ``defaults``
+    fill keyword arguments the function takes and the recipe leaves out (a teacher's tokenizer)."""
+    import inspect
+
     from .models import resolve_ref
 
     fn = DATASETS.get(spec.dataset) if ":" not in spec.dataset else resolve_ref(spec.dataset, "data")
     if fn is None:
         raise UserError(f"data {spec.dataset!r} is not a built-in dataset ({', '.join(sorted(DATASETS))}) "
                         "nor a 'module:function' reference")
+    kwargs = dict(spec.kwargs)
     try:
-        out = fn(**spec.kwargs)
+        accepted = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    for k, v in (defaults or {}).items():
+        if v is not None and k not in kwargs and k in accepted:
+            kwargs[k] = v
+    try:
+        out = fn(**kwargs)
     except UserError:
         raise
     except Exception as e:
@@ -174,10 +208,13 @@ def load_data(spec, seed: int) -> DataSplits:
         if n == 0:
             raise UserError(f"data {spec.dataset!r}: the {name} split is empty")
     sample = train[0]
-    if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[0], torch.Tensor)):
-        raise UserError(f"data {spec.dataset!r}: each sample must be an (input tensor, label) pair, "
-                        f"got {type(sample).__name__}")
-    x0 = sample[0]
+    ok_input = isinstance(sample, (tuple, list)) and len(sample) == 2 and (
+        isinstance(sample[0], torch.Tensor) or (isinstance(sample[0], dict) and sample[0]
+                                                and all(isinstance(v, torch.Tensor) for v in sample[0].values())))
+    if not ok_input:
+        raise UserError(f"data {spec.dataset!r}: each sample must be an (input, label) pair, the input a tensor "
+                        f"or a dict of tensors (Hugging Face inputs), got {type(sample).__name__}")
+    x0 = sample[0] if isinstance(sample[0], torch.Tensor) else next(iter(sample[0].values()))
     for name, ds in (("train", train), ("val", val), ("test", test)):
         bad = _first_non_finite(ds)
         if bad is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,15 @@ def digits_resnet(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     return ResNet(widths=(32, 64, 128), depths=(2, 2, 2), in_channels=in_channels, num_classes=num_classes)
 
 
+def hf_encoder(**kwargs) -> nn.Module:
+    """A Hugging Face encoder as a sentence encoder (compressor/hf.py; needs transformers)."""
+    from .hf import hf_encoder as build
+
+    return build(**kwargs)
+
+
 # name -> builder(**config) -> nn.Module
-MODELS = {"resnet": ResNet, "digits-resnet": digits_resnet, "mlp": MLP}
+MODELS = {"resnet": ResNet, "digits-resnet": digits_resnet, "mlp": MLP, "hf-encoder": hf_encoder}
 
 
 def resolve_ref(ref: str, what: str):
@@ -108,8 +116,18 @@ def resolve_ref(ref: str, what: str):
     return fn
 
 
+def is_hf_dir(name: str) -> bool:
+    try:
+        return (Path(name).expanduser() / "config.json").is_file()
+    except (OSError, ValueError):  # not a usable path at all
+        return False
+
+
 def build_model(name: str, config: dict, defaults: dict | None = None, what: str = "model") -> nn.Module:
     """Build a model from a registry name or ``module:function``; ``defaults`` fill accepted keywords."""
+    if name not in MODELS and ":" not in name and is_hf_dir(name):
+        config = {"path": name, **config}  # a local Hugging Face model directory
+        name = "hf-encoder"
     fn = MODELS.get(name) if ":" not in name else resolve_ref(name, what)
     if fn is None:
         raise UserError(f"{what} {name!r} is not a built-in model ({', '.join(sorted(MODELS))}) "
@@ -119,11 +137,17 @@ def build_model(name: str, config: dict, defaults: dict | None = None, what: str
         accepted = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         accepted = {}
+    if fn is hf_encoder:
+        from . import hf
+
+        accepted = inspect.signature(hf.hf_encoder).parameters
     for k, v in (defaults or {}).items():
         if k not in kwargs and k in accepted:
             kwargs[k] = v
     try:
         model = fn(**kwargs)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"{what} {name!r} does not build with {kwargs}: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
@@ -135,13 +159,16 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """Forward FLOPs of one sample (torch.utils.flop_counter; a multiply-add counts as 2)."""
+def count_flops(model: nn.Module, example) -> int:
+    """Forward FLOPs of one sample (torch.utils.flop_counter; a multiply-add counts as 2). ``example``
+    is a tensor or a dict of tensors (token inputs: count at the sequence length it has)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from .tasks import call, take
 
     was = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(example[:1])
+        call(model, take(example, 1))
     model.train(was)
     return int(fc.get_total_flops())

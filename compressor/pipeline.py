@@ -26,9 +26,10 @@ from . import report
 from .bundle import MANIFEST, SCHEMA, StageRecord, atomic_write, file_hashes, now, toolchain_versions, write_json
 from .data import DataSplits, load_data
 from .errors import StageError, UserError
-from .models import build_model, count_flops, count_params
+from .models import is_hf_dir, build_model, count_flops, count_params
 from .recipe import Recipe, dump_recipe, load_recipe
-from .teacher import check_fits, evaluate, load_teacher
+from .tasks import as_tuple, at_length, get_task, onnx_io
+from .teacher import check_fits, load_teacher
 
 # The stage order, as data. Stages not yet implemented are skipped (search, prune, quantize come next).
 STAGE_ORDER = ("analyze", "search", "prune", "distill", "quantize", "export", "profile")
@@ -41,8 +42,9 @@ class Context:
     data: DataSplits
     teacher: nn.Module
     teacher_origin: dict
-    student: nn.Module
+    student: nn.Module | None  # None until search or prune makes one, when the recipe names none
     genome: dict
+    task: object = None  # compressor.tasks: how quality is measured
     log: Callable[[str], None] = print
     artifacts: list[Artifact] = field(default_factory=list)
     reference: list[Artifact] = field(default_factory=list)  # measured for comparison, not shipped
@@ -55,13 +57,37 @@ class Context:
         """Files needed while running (checkpoints, the teacher's ONNX) but not shipped."""
         return self.work / "work"
 
-    def example(self, n: int = 1) -> torch.Tensor:
+    def example(self, n: int = 1):
+        """``n`` held-out inputs: a tensor, or a dict of tensors (token inputs)."""
         return self.data.tensors("test", limit=n)[0]
 
+    def flops_example(self):
+        """One input at the length the devices run (data's dims, or the profile's), for FLOP counts."""
+        length = {**self.data.meta.get("dims", {}), **self.recipe.profile.dims}.get("sequence")
+        return at_length(self.example(1), length)
 
-def build_student(recipe: Recipe, data: DataSplits) -> tuple[nn.Module, dict]:
+    def score(self, model: nn.Module) -> dict:
+        """The task's quality metrics of ``model`` on the held-out split."""
+        return self.task.score(model, self.data, self.recipe.data.batch_size)
+
+    @property
+    def metric(self) -> str:
+        return self.recipe.metric
+
+
+# What a Hugging Face student inherits from its teacher unless its config says otherwise.
+HF_INHERITED = ("path", "package", "pooling", "normalize")
+
+
+def build_student(recipe: Recipe, data: DataSplits) -> tuple[nn.Module | None, dict]:
+    if recipe.student is None:  # search or prune makes it
+        return None, {}
     defaults = {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
                 "in_features": int(torch.Size(data.input_shape).numel())}
+    if recipe.student.model == "hf-encoder":  # the teacher's own class with a smaller config
+        defaults.update({k: v for k, v in recipe.teacher.kwargs.items() if k in HF_INHERITED})
+        if not recipe.student.config.keys() & {"path", "package"} and is_hf_dir(recipe.teacher.model):
+            defaults["path"] = recipe.teacher.model
     model = build_model(recipe.student.model, recipe.student.config, defaults, what="student")
     genome = {"model": recipe.student.model, "config": recipe.student.config, "defaults": defaults}
     return model, genome
@@ -70,23 +96,32 @@ def build_student(recipe: Recipe, data: DataSplits) -> tuple[nn.Module, dict]:
 # ---------------------------------------------------------------------------------------------- stages
 
 def analyze(ctx: Context) -> StageRecord:
-    x = ctx.example()
-    test = ctx.data.loader("test", ctx.recipe.data.batch_size)
+    x = ctx.flops_example()
     info = {}
     for role, model in (("teacher", ctx.teacher), ("student", ctx.student)):
+        if model is None:
+            continue
         info[role] = {"params": count_params(model), "flops": count_flops(model, x),
                       "layers": [{"path": n, "type": type(m).__name__, "params": count_params(m)}
                                  for n, m in model.named_children()]}
-    info["teacher"]["accuracy"] = evaluate(ctx.teacher, test)
-    ctx.quality["teacher"] = {"accuracy": info["teacher"]["accuracy"]}
-    t, s = info["teacher"], info["student"]
-    ctx.log(f"teacher: {t['params']:,} params, {t['flops'] / 1e6:.1f} MFLOPs, held-out accuracy {t['accuracy']:.4f}; "
-            f"student: {s['params']:,} params, {s['flops'] / 1e6:.1f} MFLOPs ({t['flops'] / max(s['flops'], 1):.1f}x fewer)")
+    quality = ctx.task.teacher_score(ctx.teacher, ctx.data, ctx.recipe.data.batch_size)
+    info["teacher"].update(quality)
+    ctx.quality["teacher"] = quality
+    t = info["teacher"]
+    line = (f"teacher: {t['params']:,} params, {t['flops'] / 1e6:.1f} MFLOPs, "
+            + ", ".join(f"held-out {k} {v:.4f}" for k, v in quality.items() if k in ("accuracy", "probe_accuracy")))
+    if "student" in info:
+        s = info["student"]
+        line += (f"; student: {s['params']:,} params, {s['flops'] / 1e6:.1f} MFLOPs "
+                 f"({t['flops'] / max(s['flops'], 1):.1f}x fewer)")
+    ctx.log(line)
     return StageRecord("analyze", config={"teacher": ctx.teacher_origin, "student": ctx.genome}, metrics=info)
 
 
 def restore_analyze(ctx: Context, rec: StageRecord) -> None:
-    ctx.quality["teacher"] = {"accuracy": rec.metrics["teacher"]["accuracy"]}
+    ctx.task.prepare(ctx.teacher, ctx.data, ctx.recipe.data.batch_size)  # the teacher's reference outputs
+    ctx.quality["teacher"] = {k: v for k, v in rec.metrics["teacher"].items()
+                              if k not in ("params", "flops", "layers")}
 
 
 def search(ctx: Context) -> StageRecord:
@@ -118,17 +153,18 @@ def distill(ctx: Context) -> StageRecord:
 
     spec = ctx.recipe.distill
     result = fit(ctx.student, ctx.teacher, ctx.data, spec, ctx.recipe.data, ctx.scratch / "checkpoints",
-                 seed=ctx.recipe.seed, log=ctx.log)
+                 seed=ctx.recipe.seed, log=ctx.log, val_metric=ctx.task.val_metric)
     weights = ctx.work / "model" / "student.pt"
     weights.parent.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_name(".student.pt.tmp")
     torch.save(ctx.student.state_dict(), tmp)
     os.replace(tmp, weights)
-    acc = evaluate(ctx.student, ctx.data.loader("test", ctx.recipe.data.batch_size))
-    ctx.quality["student"] = {"accuracy": acc}
-    ctx.log(f"student held-out accuracy {acc:.4f} (teacher {ctx.quality['teacher']['accuracy']:.4f})")
+    quality = ctx.score(ctx.student)
+    ctx.quality["student"] = quality
+    ctx.log(", ".join(f"student held-out {k} {v:.4f} (teacher {ctx.quality['teacher'][k]:.4f})"
+                      for k, v in quality.items() if k in ("accuracy", "agreement", "probe_accuracy")))
     return StageRecord("distill", config=spec.model_dump(mode="json"),
-                       metrics={**result, "accuracy": acc}, outputs={"weights": "model/student.pt"})
+                       metrics={**result, **quality}, outputs={"weights": "model/student.pt"})
 
 
 def restore_distill(ctx: Context, rec: StageRecord) -> None:
@@ -136,7 +172,7 @@ def restore_distill(ctx: Context, rec: StageRecord) -> None:
 
     ctx.student.load_state_dict(load_state(ctx.work / rec.outputs["weights"], "student"))
     ctx.student.eval()
-    ctx.quality["student"] = {"accuracy": rec.metrics["accuracy"]}
+    ctx.quality["student"] = {k: rec.metrics[k] for k in ctx.quality["teacher"] if k in rec.metrics}
 
 
 def quantize(ctx: Context) -> StageRecord:
@@ -152,17 +188,17 @@ def restore_quantize(ctx: Context, rec: StageRecord) -> None:
 
 
 def export(ctx: Context) -> StageRecord:
-    import onnxruntime as ort
-
     from exporters.onnx import export_onnx, parity
 
     spec = ctx.recipe.export
     x = ctx.example(2)
     held_out = ctx.example(spec.parity.samples)
     metrics, outputs = {}, {}
+    names = onnx_io(x, ctx.task.output, spec.dynamic_batch)
     for role, model, path in (("student", ctx.student, ctx.work / "model" / "student.onnx"),
                               ("teacher", ctx.teacher, ctx.scratch / "teacher.onnx")):
-        art = export_onnx(model, (x,), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch, role=role)
+        art = export_onnx(model, as_tuple(x), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch,
+                          role=role, **names)
         try:
             check = parity(path, model, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol)
         except Exception as e:
@@ -172,18 +208,15 @@ def export(ctx: Context) -> StageRecord:
         (ctx.artifacts if role == "student" else ctx.reference).append(art)
         metrics[role] = {"bytes": art.bytes, "parity_max_abs": check["max_abs"], "parity_max_rel": check["max_rel"]}
         outputs[role] = art.to_dict()
-    # The deployed file's own accuracy on the whole held-out split, through ONNX Runtime.
-    sess = ort.InferenceSession(str(ctx.work / "model" / "student.onnx"), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    correct = total = 0
-    for xb, yb in ctx.data.loader("test", 256):
-        pred = sess.run(None, {name: xb.numpy()})[0].argmax(-1)
-        correct += int((pred == yb.numpy()).sum())
-        total += len(yb)
-    metrics["student"]["onnx_accuracy"] = correct / total
-    ctx.quality.setdefault("student", {})["onnx_accuracy"] = correct / total
+    # The deployed file's own quality on the whole held-out split, through ONNX Runtime.
+    onnx_quality = ctx.task.score_onnx(ctx.work / "model" / "student.onnx", ctx.data)
+    key = f"onnx_{ctx.metric}"
+    metrics["student"][key] = onnx_quality[ctx.metric]
+    ctx.quality.setdefault("student", {})[key] = onnx_quality[ctx.metric]
     ctx.log(f"exported student.onnx ({metrics['student']['bytes'] / 1e6:.3f} MB), parity max abs error "
-            f"{metrics['student']['parity_max_abs']:.2e}, ONNX Runtime accuracy {correct / total:.4f}")
+            f"{metrics['student']['parity_max_abs']:.2e}, ONNX Runtime {ctx.metric} {onnx_quality[ctx.metric]:.4f}")
+    if "hf-encoder" in (ctx.recipe.teacher.model, ctx.genome.get("model")) or is_hf_dir(ctx.recipe.teacher.model):
+        outputs["tokenizer"] = _copy_tokenizer(ctx)
     metrics["targets"], outputs["targets"] = _export_for_targets(ctx)
     return StageRecord("export", config=spec.model_dump(mode="json"), metrics=metrics, outputs=outputs)
 
@@ -208,7 +241,7 @@ def _export_for_targets(ctx: Context) -> tuple[dict, list[dict]]:
         for src in sources:
             absolute = Artifact.from_dict({**src.to_dict(), "path": str(ctx.work / src.path)})
             arts, probs = export_for_target(prof.runtime, prof.options, absolute, ctx.work / "model",
-                                            model=ctx.student, example_inputs=(ctx.example(1),),
+                                            model=ctx.student, example_inputs=as_tuple(ctx.example(1)),
                                             calibration=[ctx.example(64)], precisions=prof.precisions)
             for a in arts:
                 a.path = Path(a.path).resolve().relative_to(ctx.work.resolve()).as_posix()
@@ -224,10 +257,27 @@ def _export_for_targets(ctx: Context) -> tuple[dict, list[dict]]:
     return report, made
 
 
+def _copy_tokenizer(ctx: Context) -> list[str]:
+    """A text model ships with the files that turn text into its inputs: model/tokenizer/."""
+    from .hf import tokenizer_files
+
+    kw = {k: ctx.recipe.teacher.kwargs.get(k) for k in ("path", "package")}
+    if not any(kw.values()):
+        kw["path"] = ctx.recipe.teacher.model
+    dest = ctx.work / "model" / "tokenizer"
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for f in tokenizer_files(**kw):
+        atomic_write(dest / f.name, f.read_bytes())
+        copied.append((dest / f.name).relative_to(ctx.work).as_posix())
+    return copied
+
+
 def restore_export(ctx: Context, rec: StageRecord) -> None:
     ctx.artifacts.append(Artifact.from_dict(rec.outputs["student"]))  # after the quantize stage's int8 file
     ctx.reference = [Artifact.from_dict(rec.outputs["teacher"])]
-    ctx.quality.setdefault("student", {})["onnx_accuracy"] = rec.metrics["student"]["onnx_accuracy"]
+    key = f"onnx_{ctx.metric}"
+    ctx.quality.setdefault("student", {})[key] = rec.metrics["student"][key]
     ctx.artifacts += [Artifact.from_dict(d) for d in rec.outputs.get("targets", [])]
 
 
@@ -275,12 +325,28 @@ def _runnable(ctx: Context, prof) -> list[Artifact]:
     return list(best.values())
 
 
+def _dims(ctx: Context, prof, art: Artifact, batch: int) -> dict:
+    """Sizes of symbolic input axes besides the batch (a sequence length), in the form the device takes:
+    ONNX Runtime scripts name the axis, OpenVINO wants each input's full shape."""
+    dims = {**ctx.data.meta.get("dims", {}), **ctx.recipe.profile.dims}
+    if not dims:
+        return {}
+    if prof.runtime != "openvino":
+        return {"dims": dims}
+    shapes = {}
+    for i in art.inputs or []:
+        shapes[i["name"]] = [batch if k == 0 and not isinstance(d, int) else
+                             (d if isinstance(d, int) and d > 0 else int(dims.get(d, 1))) for k, d in enumerate(i["shape"])]
+    return {"dims": shapes} if shapes else {}
+
+
 def profile(ctx: Context) -> StageRecord:
     spec = ctx.recipe.profile
     metrics, skipped = {}, {}
     # FLOPs per sample of what each file holds (int8 files run the same operations); counted now, since
     # search and prune may have replaced the student after analyze.
-    flops = {"student": count_flops(ctx.student, ctx.example()), "teacher": count_flops(ctx.teacher, ctx.example())}
+    x = ctx.flops_example()
+    flops = {"student": count_flops(ctx.student, x), "teacher": count_flops(ctx.teacher, x)}
     params = {"student": count_params(ctx.student), "teacher": count_params(ctx.teacher)}
     peaks = {}
     for target in ctx.recipe.targets:
@@ -301,7 +367,8 @@ def profile(ctx: Context) -> StageRecord:
             for batch in spec.batch_sizes:
                 try:
                     m = device.measure(ctx.work / art.path, batch=batch, warmup=spec.warmup, runs=spec.runs,
-                                       max_seconds=spec.max_seconds, precision=art.precision)
+                                       max_seconds=spec.max_seconds, precision=art.precision,
+                                       **_dims(ctx, prof, art, batch))
                 except DeviceError as e:  # one target's failure leaves the rest of the bundle intact
                     skipped[target] = f"{art.path}: {e}"
                     ctx.log(f"{target}: {art.path} not measured ({e})")
@@ -355,7 +422,7 @@ def _check_budgets(ctx: Context) -> list[dict]:
         out.append({"budget": f"latency_ms[{dev}]", "limit": limit, "value": m.p50_ms if m else None,
                     "met": (m.p50_ms <= limit) if m else None})
     if b.max_quality_drop is not None and "student" in ctx.quality:
-        t, s = ctx.quality["teacher"]["accuracy"], ctx.quality["student"]["accuracy"]
+        t, s = ctx.quality["teacher"][ctx.metric], ctx.quality["student"][ctx.metric]
         drop = (t - s) / t if t else 0.0
         out.append({"budget": "max_quality_drop", "limit": b.max_quality_drop, "value": drop,
                     "met": drop <= b.max_quality_drop})
@@ -364,8 +431,8 @@ def _check_budgets(ctx: Context) -> list[dict]:
 
 def _manifest(ctx: Context, budgets: list[dict]) -> dict:
     q = ctx.quality
-    if "student" in q and q["teacher"]["accuracy"]:
-        q["retained"] = q["student"]["accuracy"] / q["teacher"]["accuracy"]
+    if "student" in q and q["teacher"].get(ctx.metric):
+        q["retained"] = q["student"][ctx.metric] / q["teacher"][ctx.metric]
     return {
         "schema": SCHEMA,
         "name": ctx.recipe.name,
@@ -373,6 +440,7 @@ def _manifest(ctx: Context, budgets: list[dict]) -> dict:
         "seed": ctx.recipe.seed,
         "toolchain": toolchain_versions(),
         "recipe": ctx.recipe.model_dump(mode="json"),
+        "task": {"name": ctx.recipe.task, "metric": ctx.metric},
         "data": ctx.data.meta | {"input_shape": list(ctx.data.input_shape), "num_classes": ctx.data.num_classes},
         "teacher": ctx.teacher_origin,
         "student": ctx.genome,
@@ -411,6 +479,16 @@ def _finalize(ctx: Context, out: Path, force: bool) -> Path:
     return out
 
 
+def _data_defaults(recipe: Recipe) -> dict:
+    """A Hugging Face teacher lends the data its tokenizer."""
+    t = recipe.teacher
+    if t.model == "hf-encoder":
+        return {"tokenizer_path": t.kwargs.get("path"), "tokenizer_package": t.kwargs.get("package")}
+    if is_hf_dir(t.model):
+        return {"tokenizer_path": t.model}
+    return {}
+
+
 def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | None = None, *,
         overrides=(), resume: bool = False, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
     """Run every stage of ``recipe`` and write the bundle; return the bundle's path."""
@@ -441,14 +519,16 @@ def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | 
     t_run = time.time()
     try:
         torch.manual_seed(recipe.seed)
-        data = load_data(recipe.data, recipe.seed)
+        data = load_data(recipe.data, recipe.seed, defaults=_data_defaults(recipe))
+        task = get_task(recipe.task)
         teacher, origin = load_teacher(recipe, data, log=log)
         student, genome = build_student(recipe, data)
-        s_classes, t_classes = check_fits(student, data, "student"), check_fits(teacher, data, "teacher")
-        if s_classes != t_classes:
-            raise UserError(f"the student outputs {s_classes} classes and the teacher {t_classes}: "
-                            "distillation needs the same classes")
-        ctx = Context(recipe, work, data, teacher, origin, student, genome, log=log)
+        if student is not None:
+            s_width, t_width = check_fits(student, data, "student", task), check_fits(teacher, data, "teacher", task)
+            if s_width != t_width and recipe.task == "classification":
+                raise UserError(f"the student outputs {s_width} classes and the teacher {t_width}: "
+                                "distillation needs the same classes")
+        ctx = Context(recipe, work, data, teacher, origin, student, genome, task=task, log=log)
         parent = None
         for name in STAGE_ORDER:
             if name not in STAGES:
@@ -467,7 +547,8 @@ def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | 
                 rec.seconds, rec.started, rec.parent = round(time.time() - t0, 3), started, parent
                 write_json(marker, rec.to_dict())
             ctx.records[name] = rec
-            parent = name
+            if not rec.metrics.get("skipped"):  # a stage with no recipe section is nobody's parent
+                parent = name
         bundle = _finalize(ctx, out, force)
     except BaseException:
         done = list((work / "stages").glob("*.json")) if work.exists() else []

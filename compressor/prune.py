@@ -151,7 +151,8 @@ def build_pruned(teacher: nn.Module, removed) -> nn.Module:
         if isinstance(m, nn.ModuleList):
             lists[parent] = len(m)
     _remove(student, removed)
-    config = getattr(student, "config", None)
+    # The config of a Hugging Face model, or of the one a wrapper holds (compressor.hf.SentenceEncoder).
+    config = getattr(student, "config", None) or getattr(getattr(student, "model", None), "config", None)
     for parent, before in lists.items():
         # Hugging Face models size caches and masks from config.num_hidden_layers.
         if config is not None and getattr(config, "num_hidden_layers", None) == before:

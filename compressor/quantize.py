@@ -55,7 +55,18 @@ def activation_type(spec, targets: list[str]) -> tuple[str, str]:
     return "uint8", "CPU targets: uint8 activations run fastest in ONNX Runtime on x86"
 
 
-def calibration_inputs(ctx, spec) -> torch.Tensor:
+def _export(ctx, model, path: Path, precision: str = "fp32"):
+    """The student's ONNX export (inputs and dynamic axes as the export stage writes them)."""
+    from exporters.onnx import export_onnx
+
+    from .tasks import as_tuple, onnx_io
+
+    x = ctx.example(2)
+    return export_onnx(model, as_tuple(x), path, opset=max(ctx.recipe.export.opset, 13), precision=precision,
+                       **onnx_io(x, ctx.task.output, ctx.recipe.export.dynamic_batch))
+
+
+def calibration_inputs(ctx, spec):
     n_train = len(ctx.data.train)
     n = min(spec.calibration, n_train)
     if n < MIN_CALIBRATION:
@@ -65,7 +76,7 @@ def calibration_inputs(ctx, spec) -> torch.Tensor:
                         "are needed for stable activation ranges")
     if n < spec.calibration:
         ctx.log(f"quantize: calibration uses all {n} training samples ({spec.calibration} asked)")
-    return ctx.data.tensors("train", limit=n)[0]
+    return ctx.data.tensors("train", limit=n)[0], n
 
 
 def float_layers(model: nn.Module, spec, log=print) -> tuple[list[str], list[str]]:
@@ -112,6 +123,8 @@ def fold_batchnorm(model: nn.Module, log=print) -> nn.Module:
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     model = copy.deepcopy(model).eval()
+    if not _bn_count(model):
+        return model  # nothing to fold (Transformers use LayerNorm)
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as e:
@@ -144,28 +157,22 @@ def qat_fit(model, ctx, spec, what: str) -> dict:
     d = ctx.recipe.distill.model_copy(update={"epochs": spec.epochs, "lr": spec.lr})
     try:
         return fit(model, ctx.teacher, ctx.data, d, ctx.recipe.data, ctx.scratch / f"qat-{what}",
-                   seed=ctx.recipe.seed, log=ctx.log)
+                   seed=ctx.recipe.seed, log=ctx.log, val_metric=ctx.task.val_metric)
     except StageError as e:  # fit reports NaN as a distill error: it is this stage's
         raise StageError("quantize", f"{what} fine-tuning stopped: {str(e).split(': ', 1)[-1]}") from None
 
 
-def _accuracy_onnx(path: Path, ctx) -> float:
-    from exporters.qdq import run_onnxruntime
-
-    correct = total = 0
-    for xb, yb in ctx.data.loader("test", 256):
-        correct += int((run_onnxruntime(path, xb.numpy()).argmax(-1) == yb.numpy()).sum())
-        total += len(yb)
-    return correct / max(total, 1)
+def _quality_onnx(path: Path, ctx) -> dict:
+    """The task's metrics (accuracy, or agreement with the teacher and probe accuracy) of an ONNX file in
+    ONNX Runtime, keyed onnx_<metric> as the export stage keys the fp32 file's."""
+    return {f"onnx_{k}": v for k, v in ctx.task.score_onnx(path, ctx.data).items()}
 
 
 def _evaluate(model, ctx) -> float:
-    from .teacher import evaluate
-
-    return evaluate(model, ctx.data.loader("test", ctx.recipe.data.batch_size))
+    return ctx.score(model)[ctx.metric]
 
 
-def _parity(path: Path, reference, x: torch.Tensor, tol: float, what: str) -> dict:
+def _parity(path: Path, reference, x, tol: float, what: str) -> dict:
     """ORT (and OpenVINO, when installed) against ``reference`` outputs. Against the fake-quantized model,
     raise when the worst difference exceeds ``tol`` times the largest |output|: runtimes run int8 kernels
     whose requantization rounds differently from float fake quant (on the quickstart ~1% of the logit
@@ -174,12 +181,14 @@ def _parity(path: Path, reference, x: torch.Tensor, tol: float, what: str) -> di
 
     from exporters.qdq import run_onnxruntime, run_openvino
 
+    from .tasks import size, to_numpy
+
     ref = reference if isinstance(reference, np.ndarray) else reference.detach().numpy()
     scale = float(np.abs(ref).max()) or 1.0
-    out = {"against": what, "tolerance": f"{tol} x max|output| = {tol * scale:.3g}", "samples": int(len(x))}
+    out = {"against": what, "tolerance": f"{tol} x max|output| = {tol * scale:.3g}", "samples": size(x)}
     for rt, fn in (("onnxruntime", run_onnxruntime), ("openvino", run_openvino)):
         try:
-            got = fn(path, x.numpy())
+            got = fn(path, to_numpy(x))
         except Exception as e:
             raise StageError("quantize", f"{rt} cannot run {path.name}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}") from None
@@ -198,17 +207,30 @@ def _parity(path: Path, reference, x: torch.Tensor, tol: float, what: str) -> di
 # ---------------------------------------------------------------------------------------- the modes
 
 def ptq_ort(ctx, spec, calib, act, keep) -> tuple[dict, Path]:
-    from exporters.onnx import export_onnx
-    from exporters.qdq import quantize_static
+    from exporters.qdq import quantize_dynamic, quantize_static
+
+    from .tasks import to_numpy
 
     fp32 = ctx.scratch / "quantize" / "student.fp32.onnx"
-    export_onnx(ctx.student, (ctx.example(2),), fp32, opset=max(ctx.recipe.export.opset, 13))
+    _export(ctx, ctx.student, fp32)
     out = ctx.work / "model" / "student.int8.onnx"
-    info = quantize_static(fp32, out, calib.numpy(), activations=act, keep_float=keep)
+    if spec.mode == "ptq-dynamic":
+        return quantize_dynamic(fp32, out, keep_float=keep), out
+    info = quantize_static(fp32, out, to_numpy(calib), activations=act, keep_float=keep)
     return info, out
 
 
+def _is_transformer(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer)) or
+               type(m).__name__.endswith(("SelfAttention", "Attention")) for m in model.modules())
+
+
 def _nncf_quantize(model, calib, spec, act, keep, ctx):
+    import os
+
+    # NNCF compiles a C++ extension on first use (~30 s idle) and gives up after 60 s: on a busy
+    # machine that is not enough. Ten minutes, unless the user set their own.
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "600")
     try:
         import nncf
     except ImportError:
@@ -217,13 +239,19 @@ def _nncf_quantize(model, calib, spec, act, keep, ctx):
     if isinstance(model, nn.Sequential):
         model = _Wrap(model)
         keep = [f"net.{k}" for k in keep]
-    batches = [calib[i:i + 32] for i in range(0, len(calib), 32)]
+    from .tasks import size, take
+
+    batches = [take({k: v[i:] for k, v in calib.items()} if isinstance(calib, dict) else calib[i:], 32)
+               for i in range(0, size(calib), 32)]
     # NNCF's node names are module paths with '/' (stem/0/conv2d/0): ignore everything under a kept path.
     ignored = nncf.IgnoredScope(patterns=[f"^{re.escape(k.replace('.', '/'))}/.*" for k in keep], validate=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            q = nncf.quantize(model.eval(), nncf.Dataset(batches), subset_size=len(batches), ignored_scope=ignored)
+            # Transformers get NNCF's own scheme (no quantizers on the softmax/LayerNorm paths).
+            kind = {"model_type": nncf.ModelType.TRANSFORMER} if _is_transformer(model) else {}
+            q = nncf.quantize(model.eval(), nncf.Dataset(batches), subset_size=len(batches), ignored_scope=ignored,
+                              **kind)
         except Exception as e:
             raise StageError("quantize", f"nncf.quantize failed on {type(model).__name__}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0][:300]}") from None
@@ -245,18 +273,19 @@ def _nncf_export(q, ctx, spec):
     FakeQuantize op ORT rejects, and the dynamo exporter fails on them."""
     import nncf
 
-    from exporters.onnx import export_onnx
     from exporters.qdq import fold_weight_quantizers
+
+    from .tasks import take
 
     x = ctx.example(2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            stripped = nncf.strip(q.eval(), strip_format=nncf.StripFormat.NATIVE, example_input=x[:1])
+            stripped = nncf.strip(q.eval(), strip_format=nncf.StripFormat.NATIVE, example_input=take(x, 1))
         except ImportError as e:
             raise UserError(f"nncf.strip needs torchao ({e}): pip install 'compressor[quant]'") from None
     out = ctx.work / "model" / "student.int8.onnx"
-    export_onnx(stripped, (x,), out, opset=max(ctx.recipe.export.opset, 13), precision="int8")
+    _export(ctx, stripped, out, precision="int8")
     fold_weight_quantizers(out)
     return stripped, out
 
@@ -323,7 +352,7 @@ def compressed_bits(model: nn.Module, quantized: dict[str, tuple[int, int]]) -> 
 def polino(ctx, spec, keep) -> tuple[dict, Path, nn.Module]:
     from torch.nn.utils import parametrize
 
-    from exporters.onnx import export_onnx, parity
+    from exporters.onnx import parity
     from exporters.qdq import pack_bucketed
 
     model = fold_batchnorm(ctx.student, ctx.log) if spec.fold_bn else copy.deepcopy(ctx.student).eval()
@@ -347,7 +376,7 @@ def polino(ctx, spec, keep) -> tuple[dict, Path, nn.Module]:
     info["size"] = {"fp32_bytes": fp32_bits // 8, "compressed_bytes": compressed_bits(model, layers) // 8}
     info["size"]["ratio"] = info["size"]["fp32_bytes"] / info["size"]["compressed_bytes"]
     grid = ctx.scratch / "quantize" / f"student.w{spec.bits}-grid.onnx"
-    export_onnx(model, (ctx.example(2),), grid, opset=max(ctx.recipe.export.opset, 13))
+    _export(ctx, model, grid)
     out = ctx.work / "model" / f"student.w{spec.bits}.onnx"
     # Initializer names are the parameter names as long as the exporter had nothing left to fold.
     info["export"] = pack_bucketed(grid, out, {f"{n}.weight": v for n, v in layers.items()})
@@ -366,10 +395,12 @@ def stage(ctx) -> StageRecord:
     from exporters.onnx import describe
     from exporters.qdq import check_qdq
 
+    from .tasks import call
+
     spec = ctx.recipe.quantize
     config = spec.model_dump(mode="json")
     if spec.mode == "none":
-        return StageRecord("quantize", config=config, metrics={"mode": "none"})
+        return StageRecord("quantize", config=config, metrics={"mode": "none", "skipped": "quantize.mode is none"})
     keep, unhandled = float_layers(ctx.student, spec, ctx.log)
     (ctx.scratch / "quantize").mkdir(parents=True, exist_ok=True)
     held_out = ctx.example(64)
@@ -377,40 +408,45 @@ def stage(ctx) -> StageRecord:
         info, out, model = polino(ctx, spec, keep)
         precision, checks = f"w{spec.bits}", {}
     else:
-        calib = calibration_inputs(ctx, spec)
-        act, why = activation_type(spec, ctx.recipe.targets)
-        ctx.log(f"quantize: {spec.mode}, {len(calib)} calibration samples, {act} activations ({why})")
-        if spec.mode == "ptq-ort":
+        if spec.mode == "ptq-dynamic":  # ranges come from each tensor at run time: nothing to calibrate
+            calib, act, why = None, "dynamic", "ptq-dynamic quantizes activations at run time"
+            ctx.log("quantize: ptq-dynamic, int8 per-channel weights, activations quantized at run time")
+        else:
+            calib, n = calibration_inputs(ctx, spec)
+            act, why = activation_type(spec, ctx.recipe.targets)
+            ctx.log(f"quantize: {spec.mode}, {n} calibration samples, {act} activations ({why})")
+        if spec.mode in ("ptq-ort", "ptq-dynamic"):
             info, out = ptq_ort(ctx, spec, calib, act, keep)
             with torch.no_grad():
-                ref, what = ctx.student.eval()(held_out), "fp32 PyTorch"
+                ref, what = call(ctx.student.eval(), held_out), "fp32 PyTorch"
         else:
             info, out, model = nncf_int8(ctx, spec, calib, act, keep)
             with torch.no_grad():
-                ref, what = model.eval()(held_out), "fake-quantized PyTorch"
+                ref, what = call(model.eval(), held_out), "fake-quantized PyTorch"
         info["activations_why"] = why
-        if isinstance(ctx.student, nn.Sequential) and spec.mode != "ptq-ort":
+        if isinstance(ctx.student, nn.Sequential) and spec.mode not in ("ptq-ort", "ptq-dynamic"):
             keep = keep + [f"net.{k}" for k in keep]  # NNCF ran on the wrapped model (_Wrap)
         try:
-            checks = check_qdq(out, keep_float=keep)
+            checks = {} if spec.mode == "ptq-dynamic" else check_qdq(out, keep_float=keep)
         except Exception as e:
             raise StageError("quantize", str(e)) from None
         info["parity"] = _parity(out, ref, held_out, spec.parity_tol, what)
         precision = "int8"
     info.update(float_layers=keep, unhandled_layers=unhandled)
-    acc = _accuracy_onnx(out, ctx)
+    quality = _quality_onnx(out, ctx)
+    acc = quality[f"onnx_{ctx.metric}"]
     art = describe(out, precision=precision, role="student", parent="quantize")
     art.path = out.relative_to(ctx.work).as_posix()
     art.extra.update(mode=spec.mode, bits=spec.bits, checks=checks, parity=info.get("parity"))
-    metrics = {**info, "checks": checks, "onnx_accuracy": acc, "bytes": art.bytes}
+    metrics = {**info, "checks": checks, **quality, "bytes": art.bytes}
     # A w<b> file computes in fp32 (ORT folds its 4-bit weights at load), and device profiles list
     # compute precisions: it ships but is not measured as its own precision.
     if precision == "int8":
         ctx.artifacts.append(art)
-    ctx.quality[f"student_{precision}"] = {"onnx_accuracy": acc, "mode": spec.mode,
+    ctx.quality[f"student_{precision}"] = {**quality, "mode": spec.mode,
                                            **({"fake_quant_accuracy": info["fake_quant_accuracy"]}
                                               if "fake_quant_accuracy" in info else {})}
-    ctx.log(f"quantize: {art.path} ({art.bytes / 1e6:.3f} MB), ONNX Runtime accuracy {acc:.4f}"
+    ctx.log(f"quantize: {art.path} ({art.bytes / 1e6:.3f} MB), ONNX Runtime {ctx.metric} {acc:.4f}"
             + (f", {checks['quantized_nodes']} quantized compute nodes" if checks else ""))
     return StageRecord("quantize", config=config, metrics=metrics, outputs={"student": art.to_dict()})
 
@@ -423,7 +459,7 @@ def restore(ctx, rec: StageRecord) -> None:
     art = Artifact.from_dict(rec.outputs["student"])
     if art.precision == "int8":
         ctx.artifacts.append(art)
-    q = {"onnx_accuracy": rec.metrics["onnx_accuracy"], "mode": rec.config["mode"]}
+    q = {k: v for k, v in rec.metrics.items() if k.startswith("onnx_")} | {"mode": rec.config["mode"]}
     if "fake_quant_accuracy" in rec.metrics:
         q["fake_quant_accuracy"] = rec.metrics["fake_quant_accuracy"]
     ctx.quality[f"student_{art.precision}"] = q

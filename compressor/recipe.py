@@ -115,9 +115,10 @@ class ExportSpec(_Section):
 class QuantizeSpec(_Section):
     """Quantization after (or as the end of) distillation. ``none`` ships only the fp32 student."""
 
-    mode: Literal["qat-kd", "ptq-ort", "ptq-nncf", "none"] = Field(
+    mode: Literal["qat-kd", "ptq-ort", "ptq-nncf", "ptq-dynamic", "none"] = Field(
         "none", description="qat-kd: NNCF fake-quant fine-tuned against the teacher (bits 8) or Polino's "
-        "bucketed weights (bits < 8); ptq-ort: ONNX Runtime static QDQ; ptq-nncf: NNCF post-training")
+        "bucketed weights (bits < 8); ptq-ort: ONNX Runtime static QDQ; ptq-nncf: NNCF post-training; "
+        "ptq-dynamic: ONNX Runtime dynamic int8 weights, per channel (no calibration; Transformers on CPUs)")
     bits: Literal[2, 3, 4, 8] = Field(8, description="8: int8 QDQ ONNX; 2-4: Polino bucketed weights (qat-kd only)")
     bucket: int = Field(256, ge=8, description="bucket size of Polino's uniform quantization (bits < 8)")
     calibration: int = Field(256, ge=32, description="training samples used to calibrate activation ranges "
@@ -143,6 +144,8 @@ class QuantizeSpec(_Section):
 
 class ProfileSpec(_Section):
     batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    dims: dict[str, int] = Field(default_factory=dict, description="sizes of symbolic input axes besides the "
+                                 "batch (sequence: 128); default: what the data states (its max_length)")
     warmup: int = Field(20, ge=0)
     runs: int = Field(200, ge=5)
     max_seconds: float = Field(20.0, gt=0)
@@ -190,11 +193,13 @@ class PruneSpec(_Section):
 class Recipe(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
-    task: Literal["classification"] = "classification"
-    metric: Literal["accuracy"] = "accuracy"
+    task: Literal["classification", "embedding"] = Field(
+        "classification", description="classification: logits, top-1 accuracy; embedding: a vector per input "
+        "(a sentence encoder), quality as agreement with the teacher (compressor/tasks.py)")
+    metric: Literal["accuracy", "agreement"] | None = Field(None, description="default: the task's own")
     teacher: TeacherSpec
     data: DataSpec
-    student: StudentSpec
+    student: StudentSpec | None = Field(None, description="required unless search: or prune: makes the student")
     search: SearchSpec | None = Field(None, description="set to search for the student")
     prune: PruneSpec | None = Field(None, description="set to prune the teacher into the student")
     distill: DistillSpec = Field(default_factory=DistillSpec)
@@ -209,6 +214,29 @@ class Recipe(_Section):
         unknown = set(self.budgets.latency_ms) - set(self.targets)
         if unknown:
             raise ValueError(f"budgets.latency_ms names {', '.join(sorted(unknown))}, which is not in targets")
+        return self
+
+    @model_validator(mode="after")
+    def _task(self):
+        from .distill import NEEDS_LOGITS
+
+        own = {"classification": "accuracy", "embedding": "agreement"}[self.task]
+        if self.metric is None:
+            self.metric = own
+        elif self.metric != own:
+            raise ValueError(f"metric {self.metric} does not go with task {self.task} (its metric is {own})")
+        if self.student is None and self.search is None and self.prune is None:
+            raise ValueError("student: is required unless search: or prune: makes the student")
+        if self.task == "embedding":
+            if self.search is not None:
+                raise ValueError("search: covers classification students today; for an embedding teacher "
+                                 "use prune: (layers of the teacher) or student: hf-encoder with a smaller config")
+            if "losses" not in self.distill.model_fields_set:
+                self.distill.losses = [LossSpec(name="cosine", weight=1.0, relation=1.0)]
+            bad = [l.name for l in self.distill.losses if l.name in NEEDS_LOGITS]
+            if bad:
+                raise ValueError(f"distill.losses: {', '.join(bad)} need class logits; an embedding model is "
+                                 "distilled with cosine, feature, feature_norm, minilm, rkd, ...")
         return self
 
 

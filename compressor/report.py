@@ -24,9 +24,30 @@ def _analyze(manifest: dict) -> dict:
     return _stage(manifest, "analyze").get("metrics", {})
 
 
+def _metric(manifest: dict) -> str:
+    """The task's quality metric (manifests before tasks existed were classification)."""
+    return manifest.get("task", {}).get("metric", "accuracy")
+
+
+# How a metric reads in a column header and a sentence.
+LABELS = {"accuracy": "accuracy", "agreement": "agreement with the teacher"}
+
+
+def _ran(manifest: dict) -> list[dict]:
+    """The stages that did something (search, prune, quantize without a recipe section are left out)."""
+    return [s for s in manifest.get("stages", []) if not s.get("metrics", {}).get("skipped")]
+
+
+def _bench_command(manifest: dict) -> str:
+    dims = manifest.get("data", {}).get("dims") or {}
+    dims = {**dims, **manifest.get("recipe", {}).get("profile", {}).get("dims", {})}
+    extra = "".join(f" --dim {k}={v}" for k, v in dims.items())
+    return f"python bench.py model/student.onnx --batch 1 --threads 2{extra}"
+
+
 def models(manifest: dict) -> list[dict]:
     """One row per measured file (teacher first): key (student, student_int8, ...), role, precision, path,
-    bytes, params, flops, accuracy. Params/FLOPs come from the profile stage (counted after search and
+    bytes, params, flops, quality (the task metric). Params/FLOPs come from the profile stage (counted after search and
     prune changed the student) and fall back to analyze."""
     a, q = _analyze(manifest), manifest.get("quality", {})
     prof = _stage(manifest, "profile").get("metrics", {})
@@ -35,9 +56,10 @@ def models(manifest: dict) -> list[dict]:
         role, prec = art.get("role", "model"), art.get("precision", "fp32")
         key = role if prec == "fp32" else f"{role}_{prec}"
         qual = q.get(key, {})
-        acc = qual.get("onnx_accuracy", qual.get("accuracy"))  # the shipped file's own accuracy first
+        metric = _metric(manifest)
+        acc = qual.get(f"onnx_{metric}", qual.get(metric))  # the shipped file's own quality first
         rows.append({"key": key, "role": role, "precision": prec, "path": art.get("path"),
-                     "bytes": art.get("bytes"), "accuracy": acc,
+                     "bytes": art.get("bytes"), "quality": acc,
                      "params": prof.get("params", {}).get(role, a.get(role, {}).get("params")),
                      "flops": prof.get("flops", {}).get(role, a.get(role, {}).get("flops"))})
     order = {"teacher": 0}
@@ -68,13 +90,15 @@ def markdown(manifest: dict) -> str:
              f"Made {manifest['created']} with torch {manifest['toolchain'].get('torch')}, "
              f"onnxruntime {manifest['toolchain'].get('onnxruntime')}; seed {manifest['seed']}.", ""]
 
-    head = ["model", "params", "MFLOPs", "ONNX MB", "held-out accuracy"]
+    metric = _metric(manifest)
+    label = LABELS.get(metric, metric)
+    head = ["model", "params", "MFLOPs", "ONNX MB", f"held-out {label}"]
     for d in devices:
         head += [f"{d} p50 b{b} (ms)" for b in batches]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         row = [r["key"], f"{r['params'] or 0:,}", _fmt((r["flops"] or 0) / 1e6, ".1f"),
-               _fmt((r["bytes"] or 0) / 1e6), _fmt(r["accuracy"], ".4f")]
+               _fmt((r["bytes"] or 0) / 1e6), _fmt(r["quality"], ".4f")]
         row += [_fmt(_p50(manifest, r["path"], d, b)) for d in devices for b in batches]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
@@ -92,10 +116,12 @@ def markdown(manifest: dict) -> str:
                 ss = _p50(manifest, by.get("student", {}).get("path"), d, b)
                 if ts and ss:
                     ratio.append(f"{ts / ss:.1f}x faster on {d} at batch {b}")
-        if "retained" in q:
+        if "retained" in q and metric == "accuracy":
             ratio.append(f"{100 * q['retained']:.1f}% of the teacher's accuracy kept")
-        if "onnx_accuracy" in q.get("student", {}):
-            ratio.append(f"ONNX Runtime accuracy of the shipped file {q['student']['onnx_accuracy']:.4f}")
+        if "probe_retained" in q.get("student", {}):
+            ratio.append(f"{100 * q['student']['probe_retained']:.1f}% of the teacher's linear-probe accuracy kept")
+        if f"onnx_{metric}" in q.get("student", {}):
+            ratio.append(f"ONNX Runtime {label} of the shipped file {q['student'][f'onnx_{metric}']:.4f}")
         lines += ["Student against teacher: " + "; ".join(ratio) + ".", ""]
 
     if manifest.get("budgets"):
@@ -127,10 +153,9 @@ def markdown(manifest: dict) -> str:
         lines += ["Not measured: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + ".", ""]
 
     lines += ["## Stages", "", "| stage | seconds | parent |", "|---|---|---|"]
-    for s in manifest["stages"]:
+    for s in _ran(manifest):
         lines.append(f"| {s['name']} | {s['seconds']:.1f} | {s['parent'] or ''} |")
-    lines += ["", "Re-measure on a device with only onnxruntime and numpy: "
-              "`python bench.py model/student.onnx --batch 1 --threads 2`.", ""]
+    lines += ["", f"Re-measure on a device with only onnxruntime and numpy: `{_bench_command(manifest)}`.", ""]
     return "\n".join(lines)
 
 
@@ -204,13 +229,13 @@ def _quality_latency_plot(manifest: dict, bundle_dir: Path | None) -> str | None
             marker = "o" if b == 1 else "s"
             for r in rows:
                 m = _measurement(manifest, r["path"], dev, b)
-                if m is None or r["accuracy"] is None:
+                if m is None or r["quality"] is None:
                     continue
                 per = m["p50_ms"] / b
-                ax.scatter([per], [100 * r["accuracy"]], s=70, marker=marker, color=COLORS.get(r["key"], "#2ca02c"),
+                ax.scatter([per], [100 * r["quality"]], s=70, marker=marker, color=COLORS.get(r["key"], "#2ca02c"),
                            edgecolors="k", linewidths=0.5, zorder=3,
                            label=f"{r['key']} b{b}")
-                ax.annotate(r["key"], (per, 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4),
+                ax.annotate(r["key"], (per, 100 * r["quality"]), textcoords="offset points", xytext=(6, 4),
                             fontsize=8)
         xs = [x for line in ax.collections for x in line.get_offsets()[:, 0]]
         if xs and max(xs) > 4 * min(xs):  # a log axis only where the spread needs one
@@ -223,10 +248,11 @@ def _quality_latency_plot(manifest: dict, bundle_dir: Path | None) -> str | None
             ax.set_xlabel("p50 latency per sample (ms, log scale)")
         else:
             ax.set_xlabel("p50 latency per sample (ms)")
-        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_ylabel(f"held-out {LABELS.get(_metric(manifest), _metric(manifest))} (%)")
         ax.set_title(f"{dev}: quality vs latency", fontsize=11)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
         if with_search:
             ax = axes[i][1]
             lat = lambda c: (c.get("metrics", {}).get("latency_ms") or {}).get(dev)  # noqa: E731
@@ -255,7 +281,7 @@ def _quality_latency_plot(manifest: dict, bundle_dir: Path | None) -> str | None
 
 
 def _timeline_plot(manifest: dict) -> str | None:
-    stages = manifest.get("stages", [])
+    stages = _ran(manifest)
     if not stages:
         return None
     plt = _plt()
@@ -312,16 +338,17 @@ def html(manifest: dict, bundle_dir: str | Path | None = None) -> str:
         if ts and ss:
             cards.append((f"{ts / ss:.1f}x", f"faster on {d}, batch 1"))
     if "retained" in q:
-        cards.append((f"{100 * q['retained']:.1f}%", "of the teacher's accuracy"))
+        cards.append((f"{100 * q['retained']:.1f}%", f"of the teacher's {_metric(manifest)}"))
     if cards:
         parts.append("<div class='cards'>" + "".join(f"<div class='card'><b>{e(v)}</b><span>{e(k)}</span></div>"
                                                      for v, k in cards) + "</div>")
 
     parts.append("<h2>Models</h2>")
-    parts.append(_table(["model", "file", "params", "MFLOPs", "file MB", "held-out accuracy"],
+    parts.append(_table(["model", "file", "params", "MFLOPs", "file MB",
+                         f"held-out {LABELS.get(_metric(manifest), _metric(manifest))}"],
                         [[e(r["key"]), f"<code>{e(r['path'])}</code>", f"{r['params'] or 0:,}", _fmt((r["flops"] or 0) / 1e6, ".1f"),
-                          _fmt((r["bytes"] or 0) / 1e6), _fmt(r["accuracy"], ".4f")] for r in rows]))
-    parts.append("<p class='note'>Accuracy of the exported file in ONNX Runtime where measured (students), else "
+                          _fmt((r["bytes"] or 0) / 1e6), _fmt(r["quality"], ".4f")] for r in rows]))
+    parts.append("<p class='note'>Quality of the exported file in ONNX Runtime where measured (students), else "
                  "of the PyTorch model (teacher).</p>")
 
     img = _quality_latency_plot(manifest, Path(bundle_dir) if bundle_dir else None)
@@ -369,9 +396,9 @@ def html(manifest: dict, bundle_dir: str | Path | None = None) -> str:
         parts.append(f"<img alt='stage timeline' src='{img}'>")
     parts.append(_table(["stage", "started", "seconds", "parent"],
                         [[e(s["name"]), e(s.get("started", "")), f"{s['seconds']:.1f}", e(s.get("parent") or "")]
-                         for s in manifest.get("stages", [])]))
+                         for s in _ran(manifest)]))
     parts.append("<p class='note'>Re-measure on a device with only onnxruntime and numpy: "
-                 "<code>python bench.py model/student.onnx --batch 1 --threads 2</code>.</p></body></html>")
+                 f"<code>{e(_bench_command(manifest))}</code>.</p></body></html>")
     page = "\n".join(parts)
     if bundle_dir is not None:
         from .bundle import atomic_write

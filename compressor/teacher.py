@@ -45,10 +45,12 @@ def load_state(path: str | Path, what: str, allow_pickle: bool = False) -> dict:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader) -> float:
     """Top-1 accuracy."""
+    from .tasks import call
+
     model.eval()
     correct = total = 0
     for x, y in loader:
-        correct += int((model(x).argmax(-1) == y).sum())
+        correct += int((call(model, x).argmax(-1) == y).sum())
         total += int(y.numel())
     return correct / max(total, 1)
 
@@ -106,7 +108,9 @@ def load_teacher(recipe, data: DataSplits, log=print) -> tuple[nn.Module, dict]:
             torch.save(model.state_dict(), tmp)
             os.replace(tmp, path)
             origin.update(trained=spec.train.model_dump(), train_seconds=round(time.time() - t0, 1), cached=str(path))
-    check_fits(model.eval(), data, "teacher")
+    from .tasks import get_task
+
+    check_fits(model.eval(), data, "teacher", get_task(recipe.task))
     return model, origin
 
 
@@ -117,20 +121,20 @@ def _load_into(model: nn.Module, state: dict, what: str) -> None:
         raise UserError(f"{what} does not fit the model: {str(e).splitlines()[1 if len(str(e).splitlines()) > 1 else 0].strip()}") from None
 
 
-def check_fits(model: nn.Module, data: DataSplits, what: str) -> int:
+def check_fits(model: nn.Module, data: DataSplits, what: str, task=None) -> int:
     """Run two samples through the model: data of the wrong shape fails here, with the shapes named.
 
-    Returns the model's output width (its number of classes)."""
+    Returns the model's output width (classes, or embedding dimensions)."""
+    from .tasks import Classification, call, size
+
     x, _ = data.tensors("train", limit=2)
     try:
         with torch.no_grad():
-            y = model.eval()(x)
+            y = call(model.eval(), x)
+    except UserError:
+        raise
     except Exception as e:
-        raise UserError(f"{what} cannot take the data: input of shape {tuple(x.shape)} raised "
+        shapes = {k: tuple(v.shape) for k, v in x.items()} if isinstance(x, dict) else tuple(x.shape)
+        raise UserError(f"{what} cannot take the data: input of shape {shapes} raised "
                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0]:
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise UserError(f"{what} output has shape {shape}; classification needs (batch, classes)")
-    if y.shape[1] < data.num_classes:
-        raise UserError(f"{what} outputs {y.shape[1]} classes but the data has labels up to {data.num_classes - 1}")
-    return int(y.shape[1])
+    return (task or Classification()).check_output(y, size(x), data, what)

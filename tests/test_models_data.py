@@ -71,7 +71,7 @@ def test_user_data_function(monkeypatch):
     (lambda: torch.utils.data.TensorDataset(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)), "too few|empty"),
     (lambda: {"train": [1, 2]}, "without 'train' and 'test'"),
     (lambda: torch.utils.data.TensorDataset(torch.full((20, 3), float("nan")), torch.zeros(20, dtype=torch.long)), "NaN"),
-    (lambda: [(1, 2)] * 20, r"\(input tensor, label\) pair"),
+    (lambda: [(1, 2)] * 20, r"\(input, label\) pair"),
     (lambda: 1 / 0, "raised ZeroDivisionError"),
 ])
 def test_bad_user_data(monkeypatch, fn, needle):

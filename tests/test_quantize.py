@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from compressor.errors import StageError, UserError
+from compressor.tasks import Classification
 from compressor.models import ResNet
 from compressor.quantize import (BucketQuant, bucket_quantize, calibration_inputs, compressed_bits, fold_batchnorm,
                                  float_layers, qat_fit)
@@ -189,7 +190,7 @@ def test_nan_during_qat_stops_the_stage(tiny_recipe, tmp_path):
 
     recipe = load_recipe(tiny_recipe)
     ctx = SimpleNamespace(recipe=recipe, data=load_data(recipe.data, 0), teacher=NaNTeacher(),
-                          scratch=tmp_path, log=lambda s: None)
+                          scratch=tmp_path, log=lambda s: None, task=Classification())
     student = ResNet(widths=(4,), depths=(1,), in_channels=1, num_classes=10)
     with pytest.raises(StageError, match=r"^quantize: nncf fine-tuning stopped: .*nan.*last good checkpoint"):
         qat_fit(student, ctx, _spec(mode="qat-kd", epochs=1), "nncf")

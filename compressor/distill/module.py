@@ -15,16 +15,34 @@ import math
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .hooks import capture, check_paths
 
 
+# What validation reports, and the best checkpoint is chosen by: name -> f(student out, teacher out, labels).
+VAL_METRICS = {
+    "acc": lambda s, t, y: (s.argmax(-1) == y).float().mean(),  # classification: top-1 accuracy
+    "cosine": lambda s, t, y: F.cosine_similarity(s.flatten(1), t.flatten(1), dim=-1).mean(),  # embeddings
+}
+
+
+def _call(model, x):
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
 class DistillModule(pl.LightningModule):
+    """Inputs are tensors or dicts of tensors (Hugging Face: input_ids, attention_mask; the mask also
+    reaches the loss terms, which keep padding out of attention losses)."""
+
     def __init__(self, student: nn.Module, teacher: nn.Module, losses, *, lr: float = 3e-3,
                  weight_decay: float = 1e-4, optimizer: str = "adamw", schedule: str = "cosine",
-                 epochs: int | None = None, example=None):
+                 epochs: int | None = None, example=None, val_metric: str = "acc"):
         super().__init__()
+        if val_metric not in VAL_METRICS:
+            raise ValueError(f"val_metric {val_metric!r}: one of {', '.join(VAL_METRICS)}")
+        self.val_metric = val_metric
         self.student = student
         # The teacher is deliberately not a registered submodule: it stays out of checkpoints and
         # optimizers, and Lightning's .train() calls cannot switch it out of eval mode.
@@ -61,13 +79,13 @@ class DistillModule(pl.LightningModule):
 
     def _forward(self, x):
         with capture(self.teacher, self.teacher_paths, "teacher") as tf, torch.no_grad():
-            t = self.teacher(x)
+            t = _call(self.teacher, x)
         with capture(self.student, self.student_paths, "student") as sf:
-            s = self.student(x)
+            s = _call(self.student, x)
         return s, t, sf, tf
 
     def forward(self, x):
-        return self.student(x)
+        return _call(self.student, x)
 
     def on_fit_start(self):
         self.teacher.to(self.device).eval()
@@ -77,13 +95,15 @@ class DistillModule(pl.LightningModule):
 
     def _loss(self, x, y):
         s, t, sf, tf = self._forward(x)
-        parts = {n: w * term(student=s, teacher=t, target=y, student_features=sf, teacher_features=tf)
+        mask = x.get("attention_mask") if isinstance(x, dict) else None
+        parts = {n: w * term(student=s, teacher=t, target=y, student_features=sf, teacher_features=tf,
+                             attention_mask=mask)
                  for n, w, term in zip(self.term_names, self.weights, self.terms)}
-        return sum(parts.values()), parts, s
+        return sum(parts.values()), parts, s, t
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        total, parts, _ = self._loss(x, y)
+        total, parts, _, _ = self._loss(x, y)
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f"distillation loss became {total.item()} at epoch {self.current_epoch}, step {batch_idx} "
@@ -95,9 +115,10 @@ class DistillModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        total, _, s = self._loss(x, y)
+        total, _, s, t = self._loss(x, y)
         self.log("val_loss", total, prog_bar=False, sync_dist=True)
-        self.log("val_acc", (s.argmax(-1) == y).float().mean(), prog_bar=True, sync_dist=True)  # ranks agree on the best epoch
+        self.log(f"val_{self.val_metric}", VAL_METRICS[self.val_metric](s, t, y), prog_bar=True,
+                 sync_dist=True)  # synced: ranks agree on the best epoch
 
     def configure_optimizers(self):
         params = list(self.student.parameters()) + list(self.terms.parameters())

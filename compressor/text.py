@@ -1,0 +1,112 @@
+"""Text that ships on every machine: the docstrings of installed modules, tokenised for an encoder.
+
+Training and held-out sentences come from *different* modules, so held-out quality is measured on text
+the student never saw. Each sentence's label is the index of its module within its split: a linear
+probe on the embeddings predicts it (compressor/tasks.py).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+
+import torch
+from torch.utils.data import Dataset
+
+from .errors import UserError
+
+TRAIN_MODULES = ("os", "json", "collections", "itertools", "functools", "pathlib", "re", "typing", "argparse",
+                 "logging", "subprocess", "threading", "asyncio", "email", "http.client", "urllib.request",
+                 "xml.etree.ElementTree", "unittest", "decimal", "fractions", "statistics", "random", "shutil",
+                 "tarfile", "zipfile", "csv", "sqlite3", "datetime", "calendar", "string", "textwrap", "difflib")
+HELD_OUT_MODULES = ("inspect", "dataclasses", "enum", "contextlib", "heapq", "bisect", "socket", "ssl",
+                    "pickle", "copy", "tempfile", "glob", "io", "codecs", "locale", "gettext")
+
+
+def module_docstrings(name: str, min_chars: int = 40, max_chars: int = 400) -> list[str]:
+    """First paragraphs of the public docstrings of module ``name`` and its classes' members."""
+    try:
+        mod = importlib.import_module(name)
+    except ImportError:
+        return []
+    out = []
+    objs = [mod] + [getattr(mod, a, None) for a in dir(mod) if not a.startswith("_")]
+    for o in objs:
+        members = [getattr(o, a, None) for a in vars(o) if not a.startswith("_")] if inspect.isclass(o) else []
+        for f in [o, *members]:
+            d = inspect.getdoc(f) if f is not None else None
+            if d:
+                para = " ".join(d.split("\n\n")[0].split())
+                if min_chars <= len(para) <= max_chars:
+                    out.append(para)
+    return list(dict.fromkeys(out))
+
+
+def labelled_docstrings(modules) -> tuple[list[str], list[int], list[str]]:
+    """Sentences, the index of the module each came from, and the modules that gave any. A sentence
+    found in two modules (re-exported objects) keeps the first."""
+    seen, texts, labels, used = set(), [], [], []
+    for name in modules:
+        got = [s for s in module_docstrings(name) if s not in seen]
+        if not got:
+            continue
+        seen.update(got)
+        texts += got
+        labels += [len(used)] * len(got)
+        used.append(name)
+    return texts, labels, used
+
+
+class TokenizedText(Dataset):
+    """Sentences tokenised once, padded to ``max_length``; a sample is ({input_ids, attention_mask}, label).
+    Batches are trimmed to their longest sentence when collated (compressor.data.collate)."""
+
+    def __init__(self, texts: list[str], labels: list[int], tok, max_length: int):
+        enc = tok(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.texts = texts
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}, self.labels[i]
+
+
+def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None = None,
+               train_modules: list[str] | None = None, test_modules: list[str] | None = None,
+               max_length: int = 128, max_train: int = 3000, max_test: int = 400, seed: int = 0) -> dict:
+    """Docstrings of ``train_modules`` for training and of ``test_modules`` (disjoint) held out,
+    tokenised with the teacher's tokenizer (filled in from a Hugging Face teacher when left out)."""
+    from .hf import tokenizer
+
+    train_modules = list(train_modules or TRAIN_MODULES)
+    test_modules = list(test_modules or HELD_OUT_MODULES)
+    both = set(train_modules) & set(test_modules)
+    if both:
+        raise UserError(f"data.kwargs: {', '.join(sorted(both))} in both train_modules and test_modules; "
+                        "held-out text must come from other modules")
+    if not 8 <= max_length <= 512:
+        raise UserError(f"data.kwargs.max_length {max_length}: use 8 to 512 tokens")
+    if not (tokenizer_path or tokenizer_package):
+        raise UserError("data docstrings needs a tokenizer: a Hugging Face teacher gives its own, or set "
+                        "data.kwargs.tokenizer_path (a model directory) or tokenizer_package")
+    tok = tokenizer(tokenizer_path, tokenizer_package)
+    rng = random.Random(seed)
+    splits, meta = {}, {}
+    for split, modules, cap in (("train", train_modules, max_train), ("test", test_modules, max_test)):
+        texts, labels, used = labelled_docstrings(modules)
+        held = set(splits["train"].texts) if split == "test" else set()
+        pairs = [(t, y) for t, y in zip(texts, labels) if t not in held]
+        rng.shuffle(pairs)
+        pairs = pairs[:cap]
+        if len(pairs) < 8:
+            raise UserError(f"data docstrings: only {len(pairs)} {split} sentences from modules "
+                            f"{', '.join(modules)}; name modules with more documentation")
+        splits[split] = TokenizedText([t for t, _ in pairs], [y for _, y in pairs], tok, max_length)
+        meta[f"{split}_modules"] = used
+    meta.update(source="docstrings of installed Python modules (train and held-out from different modules)",
+                max_length=max_length, dims={"sequence": max_length}, num_classes=len(meta["test_modules"]),
+                tokenizer=tokenizer_path or tokenizer_package)
+    return {**splits, "meta": meta}

@@ -1,0 +1,147 @@
+"""The embedding task end to end on a Hugging Face encoder: text data, hf-encoder teacher and students,
+agreement and probe metrics, token-input export, and a full `compress run` on a tiny BERT directory."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from compressor import tasks  # noqa: E402
+from compressor.bundle import verify  # noqa: E402
+from compressor.data import DataSplits, collate, load_data, stack  # noqa: E402
+from compressor.errors import UserError  # noqa: E402
+from compressor.hf import config_of, hf_encoder  # noqa: E402
+from compressor.pipeline import run  # noqa: E402
+from compressor.recipe import DataSpec, load_recipe  # noqa: E402
+from compressor.text import labelled_docstrings  # noqa: E402
+
+from tiny_bert import make_tiny_bert  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("hf") / "tiny-bert")
+
+
+def _data(bert_dir, **kw) -> DataSplits:
+    kwargs = {"max_length": 32, "max_train": 200, "max_test": 80, **kw}
+    return load_data(DataSpec(dataset="docstrings", kwargs=kwargs, batch_size=16), seed=0,
+                     defaults={"tokenizer_path": str(bert_dir)})
+
+
+def test_docstrings_come_from_disjoint_modules(bert_dir):
+    data = _data(bert_dir)
+    meta = data.meta
+    assert set(meta["train_modules"]).isdisjoint(meta["test_modules"])
+    assert meta["dims"] == {"sequence": 32} and meta["num_classes"] == len(meta["test_modules"])
+    train_txt = set(data.train.dataset.texts) if hasattr(data.train, "dataset") else set(data.train.texts)
+    assert train_txt.isdisjoint(data.test.texts)
+    texts, labels, used = labelled_docstrings(["json", "heapq"])
+    assert used == ["json", "heapq"] and set(labels) == {0, 1} and len(texts) == len(set(texts))
+
+
+def test_batches_are_trimmed_to_their_longest_sentence(bert_dir):
+    data = _data(bert_dir)
+    x, y = data.tensors("test", limit=8)
+    assert set(x) == {"input_ids", "attention_mask"} and y.shape == (8,)
+    assert x["input_ids"].shape[1] == int(x["attention_mask"].sum(1).max()) <= 32
+    xb, _ = next(iter(data.loader("test", 4)))
+    assert xb["attention_mask"][:, -1].any()  # no all-padding column left
+    # stack() and collate() agree
+    samples = [data.test[i] for i in range(4)]
+    a, b = stack([s[0] for s in samples]), collate(samples)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_at_length_pads_with_mask_ones_and_cuts():
+    x = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    long = tasks.at_length(x, 5)
+    assert long["input_ids"].tolist() == [[5, 6, 7, 0, 0]] and long["attention_mask"].tolist() == [[1, 1, 0, 1, 1]]
+    assert tasks.at_length(x, 2)["input_ids"].tolist() == [[5, 6]]
+    t = torch.zeros(2, 3)
+    assert tasks.at_length(t, 8) is t
+
+
+def test_agreement_and_probe_golden():
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((30, 8))
+    assert tasks.agreement(e, e) == pytest.approx(1.0)
+    assert tasks.agreement(e, 3 * e) == pytest.approx(1.0)  # cosine ignores scale
+    # Two well-separated clusters: a linear probe separates them perfectly.
+    labels = np.array([0] * 15 + [1] * 15)
+    clusters = np.concatenate([rng.normal(5, 0.1, (15, 4)), rng.normal(-5, 0.1, (15, 4))])
+    assert tasks.probe(clusters, labels) == pytest.approx(1.0)
+
+
+def test_hf_student_is_the_teachers_class_with_fewer_layers(bert_dir):
+    teacher = hf_encoder(path=str(bert_dir))
+    student = hf_encoder(path=str(bert_dir), num_hidden_layers=2)
+    assert type(student.model) is type(teacher.model)
+    assert config_of(student)["num_hidden_layers"] == 2 and config_of(teacher)["num_hidden_layers"] == 4
+    # init: teacher copies layer i from the teacher's layer i
+    t0 = teacher.model.encoder.layer[1].attention.self.query.weight
+    assert torch.equal(student.model.encoder.layer[1].attention.self.query.weight, t0)
+    rand = hf_encoder(path=str(bert_dir), num_hidden_layers=2, init="random")
+    assert not torch.equal(rand.model.encoder.layer[1].attention.self.query.weight, t0)
+    with pytest.raises(UserError, match="not a multiple of num_attention_heads"):
+        hf_encoder(path=str(bert_dir), hidden_size=30)
+
+
+def test_embedding_defaults_and_checks(bert_dir):
+    base = {"name": "e", "task": "embedding", "teacher": {"model": str(bert_dir)},
+            "data": {"dataset": "docstrings"}, "prune": {"by": "units", "remove": 1}}
+    r = load_recipe(base)
+    assert r.metric == "agreement" and [l.name for l in r.distill.losses] == ["cosine"]
+    assert r.student is None
+    with pytest.raises(UserError, match="need class logits"):
+        load_recipe({**base, "distill": {"losses": [{"name": "ce"}]}})
+
+
+@pytest.mark.slow
+def test_compress_run_on_a_hugging_face_encoder(bert_dir, tmp_path):
+    """Prune a 4-layer BERT to 2, distil it with cosine + MiniLM attention, quantize it dynamically,
+    export with token inputs, measure at the data's sequence length; the bundle verifies."""
+    recipe = {
+        "name": "tiny-text", "task": "embedding",
+        "teacher": {"model": "hf-encoder", "kwargs": {"path": str(bert_dir)}},
+        "data": {"dataset": "docstrings", "kwargs": {"max_length": 32, "max_train": 200, "max_test": 80},
+                 "batch_size": 32},
+        "prune": {"by": "units", "remove": 2},
+        "distill": {"epochs": 2, "lr": 1e-3, "losses": [
+            {"name": "cosine", "relation": 1.0},
+            {"name": "minilm", "heads": 4, "pairs": [["model.encoder.layer.1.attention.self",
+                                                      "model.encoder.layer.3.attention.self"]]}]},
+        "quantize": {"mode": "ptq-dynamic"},
+        "profile": {"batch_sizes": [1, 2], "runs": 10, "warmup": 2},
+    }
+    out = run(recipe, tmp_path / "bundle", log=lambda s: None)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["task"] == {"name": "embedding", "metric": "agreement"}
+    q = m["quality"]
+    assert q["teacher"]["agreement"] == 1.0 and 0 < q["teacher"]["probe_accuracy"] <= 1
+    assert q["student"]["agreement"] > 0.5 and q["student"]["onnx_agreement"] == pytest.approx(
+        q["student"]["agreement"], abs=1e-3)
+    assert q["student_int8"]["onnx_agreement"] > 0.5 and q["student_int8"]["mode"] == "ptq-dynamic"
+    # Token inputs with a dynamic batch and sequence, as optimum-cli names them.
+    g = onnx.load(str(out / "model" / "student.onnx")).graph
+    assert [i.name for i in g.input] == ["input_ids", "attention_mask"]
+    assert [d.dim_param for d in g.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+    assert g.output[0].name == "embedding"
+    # Measured at the data's 32 tokens, batch 1 and 2, fp32 and int8
+    meas = {(x["artifact"], x["batch"]): x for x in m["measurements"]}
+    assert meas[("model/student.onnx", 2)]["input_shapes"]["input_ids"] == [2, 32]
+    assert ("model/student.int8.onnx", 1) in meas
+    # FLOPs counted at 32 tokens: the 2-layer student does about half the teacher's encoder work.
+    prof = next(s for s in m["stages"] if s["name"] == "profile")["metrics"]
+    assert 0.3 < prof["flops"]["student"] / prof["flops"]["teacher"] < 0.7
+    # The tokenizer ships, the report speaks of agreement, the bench command carries the sequence length.
+    assert (out / "model" / "tokenizer" / "tokenizer.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "agreement with the teacher" in report and "--dim sequence=32" in report
+    assert "| search |" not in report and "| prune | " in report  # stages that did nothing are left out
+    verify(out)
