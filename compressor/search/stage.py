@@ -7,6 +7,7 @@ rebuilt from the bundle alone. The Pareto front goes into the stage record and a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -93,8 +94,10 @@ def plot_front(result, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    # A name the pipeline's stray-file sweep (".*.tmp") knows, and one per process: workers sharing an
+    # output directory each write their own.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png")
     plt.close(fig)
     tmp.replace(path)
     return path
