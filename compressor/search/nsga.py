@@ -119,11 +119,18 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
     per_trial = hasattr(optuna.trial.Trial, "set_constraint")
     sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed if sampler_seed is None else sampler_seed,
                                             constraints_func=None if per_trial else constraints)
-    try:
-        stored = optuna.create_study(storage=_storage(optuna, storage, shared), study_name=study_name, directions=directions,
-                                     sampler=sampler, load_if_exists=True)
-    except Exception as e:
-        raise UserError(f"search: cannot open the study {study_name!r} in {storage}: {type(e).__name__}: {e}") from None
+    for attempt in range(4):
+        try:
+            stored = optuna.create_study(storage=_storage(optuna, storage, shared), study_name=study_name,
+                                         directions=directions, sampler=sampler, load_if_exists=True)
+            break
+        except Exception as e:
+            # Workers started together on a new database race to create its tables (3 of 12 starts
+            # failed here, "table studies already exists"): the loser opens it again once they exist.
+            if not shared or attempt == 3:
+                raise UserError(f"search: cannot open the study {study_name!r} in {_redact(storage)}: "
+                                f"{type(e).__name__}: {e}") from None
+            time.sleep(0.5 * (attempt + 1))
     if [d.name.lower() for d in stored.directions] != directions:
         raise UserError(f"search: study {study_name!r} in {storage} has other objectives; use another study name")
     # A local SQLite study is driven in memory and written back once per generation: each trial is a
