@@ -83,7 +83,7 @@ def _postgres_bin():
 @pytest.fixture
 def postgres_url():
     """A throw-away PostgreSQL server on 127.0.0.1 (as the postgres user when run as root)."""
-    pytest.importorskip("psycopg", reason="the PostgreSQL variant needs psycopg (pip install 'psycopg[binary]')")
+    pytest.importorskip("psycopg", reason="the PostgreSQL variant needs psycopg (pip install 'compressor[postgres]')")
     bindir = _postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
