@@ -87,7 +87,7 @@ def postgres_url():
     bindir = _postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    as_user = []
+    as_user = []  # cwd=data below: the postgres user may not be allowed into the caller's directory
     data = Path(tempfile.mkdtemp(prefix="compressor-pg-"))
     if os.geteuid() == 0:  # the server refuses to run as root
         import pwd
@@ -103,13 +103,13 @@ def postgres_url():
         port = s.getsockname()[1]
     try:
         subprocess.run([*as_user, bindir / "initdb", "-D", data / "db", "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                       check=True, capture_output=True, timeout=120)
+                       check=True, capture_output=True, timeout=120, cwd=data)
         subprocess.run([*as_user, bindir / "pg_ctl", "-D", data / "db", "-l", data / "log", "-w", "-t", "60", "-o",
                         f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                       check=True, capture_output=True, timeout=120)
+                       check=True, capture_output=True, timeout=120, cwd=data)
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, bindir / "pg_ctl", "-D", data / "db", "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run([*as_user, bindir / "pg_ctl", "-D", data / "db", "-m", "immediate", "stop"], capture_output=True, cwd=data)
         shutil.rmtree(data, ignore_errors=True)
 
 
