@@ -35,18 +35,27 @@ def run(recipe, out_dir, overrides, resume, force):
 @click.argument("recipe", required=False)
 @click.option("--out", "out_dir", type=click.Path(), help="Directory for the study and results (default: runs/<recipe name>-search).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. search.trials=100.")
-def search(recipe, out_dir, overrides):
+@click.option("--storage", metavar="URL", help="Optuna storage of the study (sqlite:///path.db, postgresql://...); "
+              "default: the recipe's search.storage, else SQLite in --out.")
+@click.option("--study", metavar="NAME", help="Study name (default: the recipe's search.study, else <recipe name>-search).")
+@click.option("--worker", is_flag=True, help="Be one of several processes adding trials to one shared study: "
+              "each trial is stored as it ends, with a sampler seed of this worker's own; every worker stops "
+              "when the study holds search.trials complete trials.")
+def search(recipe, out_dir, overrides, storage, study, worker):
     """Search for a student of RECIPE's teacher under its budgets (rerun to resume the study)."""
     from pathlib import Path
 
     import yaml
 
-    from .recipe import load_recipe
+    from .recipe import SearchSpec, load_recipe
     from .search.stage import search_command
 
     r = load_recipe(recipe, overrides)
+    given = {k: v for k, v in (("storage", storage), ("study", study)) if v}
+    if given:  # also for a recipe with no search section (the defaults, then these)
+        r = r.model_copy(update={"search": (r.search or SearchSpec()).model_copy(update=given)})
     out = Path(out_dir or Path("runs") / f"{r.name}-search")
-    best = search_command(r, out, log=lambda s: click.echo(s, err=True))
+    best = search_command(r, out, log=lambda s: click.echo(s, err=True), worker=worker)
     click.echo(yaml.safe_dump({"student": best["student"]}, sort_keys=False).rstrip())
     click.echo(f"# {best['metrics']['params']:,} params, score {best['metrics']['score']:.4g}; "
                f"front and candidates in {out}")

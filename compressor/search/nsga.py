@@ -8,8 +8,10 @@ search resumes where it stopped; a PostgreSQL URL lets several workers share one
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,12 +50,13 @@ class SearchResult:
     study: str
     seconds: float
     scored: int  # candidates scored in this process (not taken from the study)
+    added: int = 0  # trials this process completed and stored (several workers: each one's share)
 
     def summary(self) -> dict:
         return {"trials": len(self.candidates), "unique": len({c.key for c in self.candidates}),
                 "feasible": sum(c.feasible for c in self.candidates), "objectives": self.objectives,
                 "storage": self.storage, "study": self.study, "seconds": round(self.seconds, 2),
-                "scored_here": self.scored,
+                "scored_here": self.scored, "added_here": self.added,
                 "candidates_per_minute": round(60 * self.scored / self.seconds, 1) if self.seconds and self.scored else None}
 
 
@@ -88,12 +91,16 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
            devices: dict | None = None, size_mb: float | None = None, latency_ms: dict | None = None,
            trials: int = 200, population: int = 50, seed: int = 0, storage: str | None = None,
            study_name: str = "search", latency: str = "predict", calibration: int = 6,
-           measure_kw: dict | None = None, log: Callable[[str], None] = print) -> SearchResult:
+           measure_kw: dict | None = None, log: Callable[[str], None] = print, shared: bool | None = None,
+           sampler_seed: int | None = None) -> SearchResult:
     """Run (or resume) the NSGA-II study and return every candidate, the Pareto front and the best
     candidate meeting every budget (None when none does: the caller says which budget is tightest).
 
     ``devices`` maps a target name to a Device; ``latency`` "predict" fits a per-device model on
     ``calibration`` measured candidates, "measure" measures every candidate (slow, exact).
+    ``shared`` drives the stored study directly so other workers see each trial at once (default: for
+    any storage but SQLite); ``sampler_seed`` (default ``seed``) must differ between workers, or they
+    would all propose the same genomes.
     """
     optuna = _optuna()
     devices, latency_ms = dict(devices or {}), dict(latency_ms or {})
@@ -102,6 +109,7 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
     objectives = ["score"] + ([f"latency_ms[{d}]" for d in devices] or ["size_mb"])
     directions = ["maximize"] + ["minimize"] * (len(objectives) - 1)
     storage = storage or "sqlite:///search.db"
+    shared = not storage.startswith("sqlite:") if shared is None else shared
 
     def constraints(trial) -> list[float]:
         return trial.user_attrs["candidate"]["constraints"]
@@ -109,20 +117,27 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
     # Optuna 5 moved constraints from the sampler's constraints_func to Trial.set_constraint; use
     # whichever this Optuna has (the same numbers: a value <= 0 is met).
     per_trial = hasattr(optuna.trial.Trial, "set_constraint")
-    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed,
+    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed if sampler_seed is None else sampler_seed,
                                             constraints_func=None if per_trial else constraints)
-    try:
-        stored = optuna.create_study(storage=_storage(optuna, storage), study_name=study_name, directions=directions,
-                                     sampler=sampler, load_if_exists=True)
-    except Exception as e:
-        raise UserError(f"search: cannot open the study {study_name!r} in {storage}: {type(e).__name__}: {e}") from None
+    for attempt in range(4):
+        try:
+            stored = optuna.create_study(storage=_storage(optuna, storage, shared), study_name=study_name,
+                                         directions=directions, sampler=sampler, load_if_exists=True)
+            break
+        except Exception as e:
+            # Workers started together on a new database race to create its tables (3 of 12 starts
+            # failed here, "table studies already exists"): the loser opens it again once they exist.
+            if not shared or attempt == 3:
+                raise UserError(f"search: cannot open the study {study_name!r} in {_redact(storage)}: "
+                                f"{type(e).__name__}: {e}") from None
+            time.sleep(0.5 * (attempt + 1))
     if [d.name.lower() for d in stored.directions] != directions:
         raise UserError(f"search: study {study_name!r} in {storage} has other objectives; use another study name")
     # A local SQLite study is driven in memory and written back once per generation: each trial is a
     # dozen storage operations, which cost more than scoring the candidate (0.16 s against 0.012 s in
     # memory here). A resumed search loses at most the unwritten generation. A shared storage
-    # (PostgreSQL, several workers) is used directly, so workers see each other's trials at once.
-    shared = not storage.startswith("sqlite:")
+    # (PostgreSQL, or SQLite with several workers) is used directly, so workers see each other's trials
+    # at once.
     if shared:
         study = stored
     else:
@@ -168,7 +183,7 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
 
     def evaluate(genome: dict) -> dict:
         nonlocal scored
-        model = build(genome)
+        model = build(genome)  # the recipe's seed, not the sampler's: every worker scores a genome alike
         if isinstance(model, (ResNet, MLP)):  # all their arithmetic is in Conv2d/Linear: hooks suffice
             n, f = count_params(model), conv_linear_flops(model, example)
         else:
@@ -186,6 +201,11 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
     def objective(trial):
         genome = {g: trial.suggest_categorical(g, choices) for g, choices in space.genes.items()}
         key = genome_key(genome)
+        if key not in cache and shared:  # another worker may have scored it already: reuse, don't redo
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                rec = t.user_attrs.get("candidate")
+                if rec:
+                    cache.setdefault(rec["key"], rec["metrics"])
         if key not in cache:
             cache[key] = evaluate(genome)
         m = cache[key]
@@ -203,6 +223,9 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
             m = {**m, "score": -1e30}  # a proxy that blew up ranks last rather than stopping the search
         return (m["score"], *(m["latency_ms"][d] for d in devices)) if devices else (m["score"], m["size_mb"])
 
+    if shared:
+        with _quiet(optuna):
+            optuna.storages.fail_stale_trials(stored)  # a killed worker's trials: FAIL, and queued again
     done = len([t for t in study.trials if t.state.name == "COMPLETE"])
     todo = max(0, trials - done)
     if done:
@@ -210,7 +233,11 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
     t0 = time.time()
     every = max(1, todo // 10)
 
+    added = 0
+
     def progress(study, trial):
+        nonlocal added
+        added += trial.state.name == "COMPLETE"
         i = trial.number + 1
         if (i - done) % population == 0:
             write_back()
@@ -228,7 +255,10 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
     torch.set_num_threads(1)
     try:
         if todo:
-            study.optimize(objective, n_trials=todo, callbacks=[progress], gc_after_trial=False)
+            # Several workers share `trials`: each stops once the study holds that many complete trials
+            # (n_trials alone would let every worker add `todo`).
+            stop = [optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,))] * shared
+            study.optimize(objective, n_trials=todo, callbacks=[progress, *stop], gc_after_trial=False)
     finally:
         torch.set_num_threads(threads)
         write_back()  # also on Ctrl-C: the finished trials are kept for --resume
@@ -247,18 +277,38 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
     front = pareto(cands, objectives)
     best = front[0] if front else None
     return SearchResult(best, front, cands, {k: v.to_dict() for k, v in models.items()}, objectives,
-                        _redact(storage), study_name, seconds, scored)
+                        _redact(storage), study_name, seconds, scored, added)
 
 
-def _storage(optuna, url: str):
+# A shared study's trials send a heartbeat; one silent for GRACE_S (its worker was killed) is marked
+# FAIL by the next worker to start a trial and queued again with the same genome, so it is neither
+# lost nor left RUNNING for ever.
+HEARTBEAT_S, GRACE_S = 2, 10
+
+
+def _storage(optuna, url: str, shared: bool = False):
     """SQLite without fsync per commit: a trial is several commits, and on a busy disk those fsyncs were
     most of the search time (25 ms each). A killed process still leaves a consistent database (WAL);
     only a power cut could lose the last trials, which a resumed search simply redoes."""
+    kw = {}
+    if shared:
+        with _quiet(optuna):
+            retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+            kw = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
+            if retry is not None:  # Optuna >= 4.9 renamed the callback and its argument
+                kw["heartbeat_stale_trial_callback"] = retry(max_retry=2)
+            else:
+                kw["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=2)
     if not url.startswith("sqlite:"):
-        return url
+        if not kw:
+            return url
+        with _quiet(optuna):
+            return optuna.storages.RDBStorage(url, **kw)
     from sqlalchemy import event
 
-    storage = optuna.storages.RDBStorage(url)
+    # Several workers on one SQLite file wait for each other's write lock instead of failing after 5 s.
+    with _quiet(optuna):
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **kw)
 
     @event.listens_for(storage.engine, "connect")
     def _pragmas(conn, record):
@@ -269,6 +319,14 @@ def _storage(optuna, url: str):
 
     storage.engine.dispose()  # connections opened before the listener get the pragmas on reconnect
     return storage
+
+
+@contextlib.contextmanager
+def _quiet(optuna):
+    """Heartbeats and their retry callback are 'experimental' in Optuna (since 2.8/2.9): not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def _redact(url: str) -> str:

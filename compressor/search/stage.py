@@ -7,6 +7,7 @@ rebuilt from the bundle alone. The Pareto front goes into the stage record and a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -37,8 +38,12 @@ def _devices(recipe, log) -> dict:
     return out
 
 
-def run_search(recipe, data, teacher, spec, run_dir: Path, log=print):
-    """Run the search the recipe asks for; return (space, result). ``run_dir`` holds the SQLite study."""
+def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bool = False):
+    """Run the search the recipe asks for; return (space, result). ``run_dir`` holds the SQLite study.
+
+    A storage named in the recipe, or ``worker``, is shared: it is used directly (each trial stored as
+    it ends) so other processes see every trial. A worker draws its own sampler seed; the recipe's
+    seed still builds each candidate, so every worker scores a genome alike."""
     from . import PROXIES
     from .nsga import search
     from .proxies import TeacherView
@@ -53,12 +58,18 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print):
     run_dir.mkdir(parents=True, exist_ok=True)
     storage = spec.storage or f"sqlite:///{(run_dir / 'search.db').resolve()}"
     b = recipe.budgets
+    sampler_seed = None
+    if worker:
+        import secrets
+
+        sampler_seed = secrets.randbelow(2**31)
+        log(f"search: worker on study {spec.study or recipe.name + '-search'!r}, sampler seed {sampler_seed}")
     result = search(space, PROXIES[spec.proxy], batch, teacher_view=view, defaults=_defaults(data),
                     devices=_devices(recipe, log), size_mb=b.size_mb, latency_ms=dict(b.latency_ms),
                     trials=spec.trials, population=spec.population, seed=recipe.seed, storage=storage,
                     study_name=spec.study or f"{recipe.name}-search", latency=spec.latency,
                     calibration=spec.calibration, measure_kw={"warmup": 5, "runs": 30, "max_seconds": 2.0},
-                    log=log)
+                    log=log, shared=worker or spec.storage is not None, sampler_seed=sampler_seed)
     return space, result
 
 
@@ -93,8 +104,10 @@ def plot_front(result, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    # A name the pipeline's stray-file sweep (".*.tmp") knows, and one per process: workers sharing an
+    # output directory each write their own.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png")
     plt.close(fig)
     tmp.replace(path)
     return path
@@ -145,8 +158,9 @@ def restore(ctx, rec: StageRecord) -> None:
     ctx.genome = g
 
 
-def search_command(recipe, out: Path, log=print) -> dict:
-    """`compress search`: the search alone, its study and outputs in ``out``; returns the best."""
+def search_command(recipe, out: Path, log=print, worker: bool = False) -> dict:
+    """`compress search`: the search alone, its study and outputs in ``out``; returns the best.
+    ``worker``: one of several processes adding trials to a shared study (see run_search)."""
     from ..data import load_data
     from ..recipe import SearchSpec
     from ..teacher import load_teacher
@@ -156,7 +170,7 @@ def search_command(recipe, out: Path, log=print) -> dict:
     data = load_data(recipe.data, recipe.seed)
     teacher, _ = load_teacher(recipe, data, log=log)
     spec = recipe.search or SearchSpec()
-    space, result = run_search(recipe, data, teacher, spec, out, log)
+    space, result = run_search(recipe, data, teacher, spec, out, log, worker=worker)
     write_outputs(space, result, out)
     b = recipe.budgets
     if result.best is None:
