@@ -126,6 +126,99 @@ def features(model: nn.Module, example: torch.Tensor) -> dict:
             **counts}
 
 
+# aten operators that only relabel memory: no kernel of their own in an inference runtime
+_VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "unsqueeze", "squeeze", "select", "slice", "expand",
+          "permute", "detach", "alias", "empty", "flatten", "split", "unbind", "_reshape_alias", "as_strided",
+          "lift_fresh", "dropout"}
+_ACTS = {"relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardtanh", "hardtanh_", "hardswish",
+         "hardswish_", "leaky_relu", "leaky_relu_", "clamp", "clamp_min"}
+_ELTWISE = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
+_POOLS = {"mean", "avg_pool2d", "max_pool2d", "max_pool2d_with_indices", "_adaptive_avg_pool2d", "adaptive_max_pool2d"}
+
+
+def kernels(model: nn.Module, example: torch.Tensor) -> list[dict]:
+    """The model as the list of kernels an inference runtime runs, in execution order (nn-Meter's
+    kernel split): aten operators recorded at batch 1, with a convolution's BatchNorm and activation
+    folded into it (every runtime fuses them: ONNX export folds BN, ONNX Runtime fuses Conv+ReLU), an
+    activation after an elementwise add folded into the add, and views dropped. Plain dicts, so devices/
+    can turn them into features without importing torch models."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops.append((func.__name__.split(".")[0], args, out))  # keeps tensors alive: ids stay unique
+            return out
+
+    model = model.eval()
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the exported graph has the plain operators
+    try:
+        with torch.no_grad(), Record() as rec:
+            model(example[:1])
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    out, producer = [], {}  # id(tensor) -> the kernel that wrote it
+
+    def first(args):
+        return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+    for name, args, res in rec.ops:
+        x = first(args)
+        y = res[0] if isinstance(res, (tuple, list)) and res and isinstance(res[0], torch.Tensor) else res
+        if name in _VIEWS or not isinstance(y, torch.Tensor):
+            if isinstance(y, torch.Tensor) and x is not None and id(x) in producer:
+                producer[id(y)] = producer[id(x)]
+            continue
+        k = producer.get(id(x)) if x is not None else None
+        if name in ("native_batch_norm", "_native_batch_norm_legit_no_training", "batch_norm") and k is not None \
+                and k["op"] == "conv" and not k["act"]:
+            producer[id(y)] = k
+            continue
+        if name in _ACTS and k is not None and k["op"] in ("conv", "add", "linear") and not k["act"]:
+            k["act"] = name.rstrip("_")
+            producer[id(y)] = k
+            continue
+        if name == "convolution":
+            w, stride, groups = args[1], args[3], args[8]
+            k = {"op": "conv", "cin": int(x.shape[1]), "cout": int(w.shape[0]), "h": int(x.shape[2]),
+                 "w": int(x.shape[3]) if x.dim() > 3 else 1, "k": int(w.shape[2]), "stride": int(stride[0]),
+                 "groups": int(groups), "out": int(y.numel()), "act": "",
+                 "flops": 2 * int(y.numel()) * int(w.shape[1]) * int(w[0, 0].numel())}
+        elif name in ("addmm", "mm", "bmm", "baddbmm", "matmul"):
+            a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
+            batch = int(a.shape[0]) if a.dim() == 3 else 1
+            m, kk, n = int(a.shape[-2]), int(a.shape[-1]), int(b.shape[-1])
+            k = {"op": "linear", "m": m * batch, "k": kk, "n": n, "act": "", "out": int(y.numel()),
+                 "flops": 2 * batch * m * kk * n}
+        elif name.startswith("_scaled_dot_product") or name == "scaled_dot_product_attention":
+            q, key = args[0], args[1]
+            k = {"op": "attention", "heads": int(q.shape[1]), "seq": int(q.shape[2]), "kv": int(key.shape[2]),
+                 "dim": int(q.shape[1] * q.shape[3]), "out": int(y.numel()),
+                 "flops": 4 * int(q.shape[1] * q.shape[2] * key.shape[2] * q.shape[3])}
+        elif name in _ELTWISE:
+            k = {"op": "add" if isinstance(args[1], torch.Tensor) and args[1].numel() > 1 else "scale",
+                 "out": int(y.numel()), "act": ""}
+        elif name in _ACTS:
+            k = {"op": "act", "out": int(y.numel()), "act": name.rstrip("_")}
+        elif name in _POOLS:
+            k = {"op": "pool", "in": int(x.numel()), "out": int(y.numel())}
+        elif name in ("native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_no_training", "batch_norm",
+                      "native_group_norm"):
+            k = {"op": "norm", "out": int(y.numel())}
+        elif name in ("_softmax", "softmax", "_log_softmax"):
+            k = {"op": "softmax", "out": int(y.numel())}
+        else:
+            k = {"op": "other", "name": name, "out": int(y.numel())}
+        out.append(k)
+        producer[id(y)] = k
+    return out
+
+
 def measure_space(space: str, device, n: int, *, seed: int = 0, rounds: int = 2, warmup: int = 10,
                   runs: int = 100, max_seconds: float = 2.0, statistic: str = "min", log=print) -> list[dict]:
     """Sample ``n`` distinct genomes, export each to ONNX, measure each ``rounds`` times (round robin, so
@@ -144,7 +237,9 @@ def measure_space(space: str, device, n: int, *, seed: int = 0, rounds: int = 2,
         seen.add(key)
         torch.manual_seed(0)
         model, example = build(g)
-        points.append({"genome": g, "features": features(model, example), "model": model, "example": example})
+        # the kernel list travels in the features: the predictor expands it (devices.predictor.kernel_features)
+        points.append({"genome": g, "features": {**features(model, example), "kernels": kernels(model, example)},
+                       "model": model, "example": example})
     with tempfile.TemporaryDirectory(prefix="compressor-calibrate-") as tmp:
         fast = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)  # else the trace holds one fused op ONNX lacks
