@@ -67,7 +67,9 @@ def kernel_features(kernels: list[dict], lanes: int = LANES) -> dict:
         elif op == "linear":
             add(k_linear_flops=k["flops"], k_linear_weights=k["k"] * k["n"], k_linear_out=k["out"], k_linear_n=1)
         elif op == "attention":
-            add(k_attention_flops=k["flops"], k_attention_n=1)
+            # softmax over heads x queries x keys, and per-head overhead: small heads are inefficient
+            add(k_attention_flops=k["flops"], k_attention_n=1, k_attention_heads=k["heads"],
+                k_attention_scores=k["heads"] * k["seq"] * k["kv"])
         elif op == "pool":
             add(k_pool_in=k["in"], k_pool_n=1)
         else:

@@ -115,6 +115,8 @@ def test_compress_calibrate_end_to_end(tmp_path, capsys):
     assert p.meta["cross_validation"]["n"] == 6 and 0 <= report["cv_within_10pct"] <= 1
     raw = json.loads((tmp_path / "local-cpu-digits.measurements.json").read_text())
     assert len(raw) == 6 and {"genome", "features", "rounds_ms", "min_ms", "latency_ms"} <= set(raw[0])
+    assert raw[0]["features"]["kernels"][0]["op"] == "conv"  # the kernel list is kept for refits
+    assert any(k.startswith("k_conv_") for k in p.points[0]["features"])
     assert main(["calibrate", "no-such-device", "--out", str(tmp_path)]) == 2
 
 
@@ -132,7 +134,12 @@ def test_kernels_fold_bn_and_activation_into_conv():
     f = features(m, x)
     assert sum(k["flops"] for k in ks if k["op"] in ("conv", "linear")) == f["flops_conv"] + f["flops_matmul"]
     m, x = SPACES["transformer"][1]({"d_model": 32, "nhead": 2, "layers": 2, "ffn": 64})
-    ops = [k["op"] for k in kernels(m, x)]
+    ks = kernels(m, x)
+    ops = [k["op"] for k in ks]
+    from devices.predictor import kernel_features
+
+    kf = kernel_features(ks)  # softmax elements: layers x heads x 64 queries x 64 keys
+    assert kf["k_attention_scores"] == 2 * 2 * 64 * 64 and kf["k_attention_heads"] == 4
     assert ops.count("attention") == 2 and ops.count("norm") == 4 and ops.count("linear") == 2 * 4 + 1
 
 
