@@ -137,13 +137,14 @@ def profile(model, device_name, batch, warmup, runs, max_seconds, precision, dim
 @click.argument("device_name", metavar="DEVICE")
 @click.option("--space", "spaces", multiple=True, type=click.Choice(["digits", "transformer"]), default=["digits"],
               show_default=True, help="Candidate space to sample (repeat for several).")
-@click.option("--samples", type=click.IntRange(6), default=60, show_default=True, help="Candidates measured per space.")
+@click.option("--samples", type=click.IntRange(6), default=80, show_default=True, help="Candidates measured per space.")
 @click.option("--holdout", type=click.FloatRange(0.05, 0.5), default=0.25, show_default=True,
               help="Share of the candidates kept out of the fit to report its accuracy.")
-@click.option("--rounds", type=click.IntRange(1), default=2, show_default=True,
-              help="Measure every candidate this many times, round robin; the lowest p50 counts.")
-@click.option("--runs", type=click.IntRange(5), default=100, show_default=True, help="Timed runs per measurement (at most).")
-@click.option("--max-seconds", type=float, default=2.0, show_default=True, help="Time cap per measurement.")
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+              help="Measure every candidate this many times, round robin; the best round counts.")
+@click.option("--runs", type=click.IntRange(5), default=3000, show_default=True, help="Timed runs per measurement (at most).")
+@click.option("--max-seconds", type=float, default=0.25, show_default=True,
+              help="Time window per measurement: long enough to catch undisturbed runs on a busy machine.")
 @click.option("--statistic", type=click.Choice(["min", "p50"]), default="min", show_default=True,
               help="What the predictor learns: the fastest run (repeatable on a shared machine) or the median.")
 @click.option("--seed", type=int, default=0, show_default=True)
