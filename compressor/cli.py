@@ -168,7 +168,7 @@ def calibrate(device_name, spaces, samples, holdout, rounds, runs, max_seconds, 
                    f"{r['cv_mape']:>7.1%}  {r['method']:<10}  {r['path']}")
         if r["rounds_within_10pct"] is not None:
             click.echo(f"{'':<12} measurement noise floor: {r['rounds_within_10pct']:.0%} of candidates' rounds agree "
-                       f"within 10% ({r['statistic']})")
+                       f"within 10% ({r['statistic']}); best of odd vs even rounds: {r['halves_within_10pct']:.0%}")
 
 
 def main(argv=None) -> int:

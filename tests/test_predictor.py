@@ -113,6 +113,7 @@ def test_compress_calibrate_end_to_end(tmp_path, capsys):
     p = LatencyPredictor.load(tmp_path / "local-cpu-digits.json")
     assert p.device == "local-cpu" and len(p.points) == 6 and p.meta["held_out"]["n"] == 2
     assert p.meta["cross_validation"]["n"] == 6 and 0 <= report["cv_within_10pct"] <= 1
+    assert report["rounds_within_10pct"] is None and report["halves_within_10pct"] is None  # one round
     raw = json.loads((tmp_path / "local-cpu-digits.measurements.json").read_text())
     assert len(raw) == 6 and {"genome", "features", "rounds_ms", "min_ms", "latency_ms"} <= set(raw[0])
     assert raw[0]["features"]["kernels"][0]["op"] == "conv"  # the kernel list is kept for refits
