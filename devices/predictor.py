@@ -58,7 +58,11 @@ def kernel_features(kernels: list[dict], lanes: int = LANES) -> dict:
         if op == "conv":
             f, cin, cout = k["flops"], k["cin"] // k.get("groups", 1), k["cout"]
             cls = "aa" if cin % lanes == 0 and cout % lanes == 0 else "ao" if cout % lanes == 0 else "ua"
+            # ONNX Runtime's NCHWc convolution works on up to 4 blocks of 16 output channels per pass:
+            # 16 output channels run at a lower FLOP rate than 64
+            blocks = min(4, -(-cout // lanes))
             add(**{"k_conv_flops": f, f"k_conv_flops_{cls}": f, f"k_conv_flops_k{k['k']}": f,
+                   f"k_conv_flops_b{blocks}": f,
                    "k_conv_padflops": f * _up(cin, lanes) * _up(cout, lanes) / (cin * cout),
                    "k_conv_in": k["cin"] * k["h"] * k["w"], "k_conv_out": k["out"],
                    "k_conv_weights": cin * cout * k["k"] ** 2, "k_conv_n": 1, f"k_conv_n_{cls}": 1})
