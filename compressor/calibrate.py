@@ -270,18 +270,19 @@ def measure_space(space: str, device, n: int, *, seed: int = 0, rounds: int = 3,
 
 
 def calibrate(device_name: str, spaces=("digits",), *, n: int = 80, holdout: float = 0.25, seed: int = 0,
-              rounds: int = 3, statistic: str = "min", out_dir: str | Path = "predictors", log=print,
-              **measure_kw) -> dict:
+              rounds: int = 3, statistic: str = "min", out_dir: str | Path = "predictors", refit: bool = False,
+              log=print, **measure_kw) -> dict:
     """Measure, fit on the training share, report on the held-out share, then refit on everything and
-    save ``<out_dir>/<device>-<space>.json``. Returns {space: report}."""
+    save ``<out_dir>/<device>-<space>.json``. Returns {space: report}. ``refit``: measure nothing, read
+    the measurements an earlier calibration saved beside its predictor (a newer predictor, the same
+    measurements and the same held-out split)."""
     from devices import get_device, load_profile
-    from devices.predictor import LatencyPredictor, accuracy, cross_validate
 
-    from .bundle import atomic_write
+    from .errors import UserError
 
     profile = load_profile(device_name)
     device = get_device(profile)
-    why = device.why_unavailable()
+    why = None if refit else device.why_unavailable()
     if why:
         from devices import DeviceError
 
@@ -289,39 +290,63 @@ def calibrate(device_name: str, spaces=("digits",), *, n: int = 80, holdout: flo
     out = {}
     for space in spaces:
         if space not in SPACES:
-            from .errors import UserError
-
             raise UserError(f"unknown space {space!r} (known: {', '.join(SPACES)})")
-        pts = measure_space(space, device, n, seed=seed, rounds=rounds, statistic=statistic, log=log, **measure_kw)
-        rng = random.Random(seed + 1)
-        idx = list(range(len(pts)))
-        rng.shuffle(idx)
-        k = max(1, round(len(pts) * holdout))
-        test, train = [pts[i] for i in idx[:k]], [pts[i] for i in idx[k:]]
-        pred = LatencyPredictor.fit(profile.name, [(p["features"], p["latency_ms"]) for p in train], space=space)
-        acc = accuracy(pred, [(p["features"], p["latency_ms"]) for p in test])
-        final = LatencyPredictor.fit(profile.name, [(p["features"], p["latency_ms"]) for p in pts], space=space)
-        cv = cross_validate(final)
-        final.meta.update(held_out={**acc, "train": len(train)}, cross_validation=cv, rounds=rounds, seed=seed,
-                          latency=f"{statistic}: " + ("lowest p50 over the rounds" if statistic == "p50" else "fastest run over the rounds") + ", batch 1",
-                          measure=measure_kw)
-        path = Path(out_dir) / f"{profile.name}-{space}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, final.to_json().encode())
-        ms = [p["latency_ms"] for p in pts]
-        atomic_write(path.with_suffix(".measurements.json"), json.dumps(pts, indent=1).encode())
-        per_round = [p["rounds_ms"] if statistic == "p50" else p["min_ms"] for p in pts]
-        rep = [abs(a - b) / min(a, b) for r in per_round for a, b in zip(r, r[1:])]
-        # The fitted figure is the best of all rounds: its repeatability is nearer the best of the odd
-        # rounds against the best of the even ones (split halves) than one round against the next.
-        halves = [abs(min(r[0::2]) - min(r[1::2])) / min(r) for r in per_round if len(r) > 1]
-        out[space] = {**acc, "train": len(train), "path": str(path), "min_ms": min(ms), "max_ms": max(ms),
-                      "method": pred.method, "statistic": statistic, "cv_within_10pct": cv["within_10pct"],
-                      "cv_mape": cv["mape"],
-                      # the measurement's own noise floor: consecutive rounds within 10% of each other
-                      "rounds_within_10pct": sum(r <= 0.1 for r in rep) / len(rep) if rep else None,
-                      "halves_within_10pct": sum(h <= 0.1 for h in halves) / len(halves) if halves else None}
-        log(f"{space}: {acc['within_10pct']:.0%} of {acc['n']} held-out candidates within 10% of measured, "
-            f"MAPE {acc['mape']:.1%}; 5-fold over all {len(pts)}: {cv['within_10pct']:.0%}, MAPE {cv['mape']:.1%} "
-            f"(latencies {min(ms):.3f}-{max(ms):.3f} ms); predictor saved to {path}")
+        path = Path(out_dir) / f"{profile.name}-{space}.measurements.json"
+        if refit:
+            if not path.is_file():
+                raise UserError(f"--refit: {path} does not exist: calibrate {profile.name} once without --refit")
+            pts = json.loads(path.read_text())
+            rounds = max(len(p["min_ms"]) for p in pts)
+        else:
+            pts = measure_space(space, device, n, seed=seed, rounds=rounds, statistic=statistic, log=log,
+                                **measure_kw)
+        out[space] = fit_and_report(profile.name, space, pts, holdout=holdout, seed=seed, rounds=rounds,
+                                    statistic=statistic, out_dir=out_dir, save_measurements=not refit,
+                                    measure_kw=measure_kw, log=log)
     return out
+
+
+def fit_and_report(device_name: str, space: str, pts: list[dict], *, holdout: float, seed: int, rounds: int,
+                   statistic: str, out_dir: str | Path, save_measurements: bool = True, measure_kw=None,
+                   log=print) -> dict:
+    """Fit on a seeded share of ``pts`` and report on the rest, 5-fold over all, and the measurement's
+    repeatability; save the predictor refitted on all points (and the measurements)."""
+    from devices.predictor import LatencyPredictor, accuracy, cross_validate
+
+    from .bundle import atomic_write
+
+    for p in pts:
+        p["latency_ms"] = min(p["rounds_ms"] if statistic == "p50" else p["min_ms"])
+    rng = random.Random(seed + 1)
+    idx = list(range(len(pts)))
+    rng.shuffle(idx)
+    k = max(1, round(len(pts) * holdout))
+    test, train = [pts[i] for i in idx[:k]], [pts[i] for i in idx[k:]]
+    pred = LatencyPredictor.fit(device_name, [(p["features"], p["latency_ms"]) for p in train], space=space)
+    acc = accuracy(pred, [(p["features"], p["latency_ms"]) for p in test])
+    final = LatencyPredictor.fit(device_name, [(p["features"], p["latency_ms"]) for p in pts], space=space)
+    cv = cross_validate(final)
+    final.meta.update(held_out={**acc, "train": len(train)}, cross_validation=cv, rounds=rounds, seed=seed,
+                      latency=f"{statistic}: " + ("lowest p50 over the rounds" if statistic == "p50" else "fastest run over the rounds") + ", batch 1",
+                      measure=measure_kw or {})
+    path = Path(out_dir) / f"{device_name}-{space}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, final.to_json().encode())
+    ms = [p["latency_ms"] for p in pts]
+    if save_measurements:
+        atomic_write(path.with_suffix(".measurements.json"), json.dumps(pts, indent=1).encode())
+    per_round = [p["rounds_ms"] if statistic == "p50" else p["min_ms"] for p in pts]
+    rep = [abs(a - b) / min(a, b) for r in per_round for a, b in zip(r, r[1:])]
+    # The fitted figure is the best of all rounds: its repeatability is nearer the best of the odd
+    # rounds against the best of the even ones (split halves) than one round against the next.
+    halves = [abs(min(r[0::2]) - min(r[1::2])) / min(r) for r in per_round if len(r) > 1]
+    report = {**acc, "train": len(train), "path": str(path), "min_ms": min(ms), "max_ms": max(ms),
+              "method": pred.method, "statistic": statistic, "cv_within_10pct": cv["within_10pct"],
+              "cv_mape": cv["mape"],
+              # the measurement's own noise floor: consecutive rounds within 10% of each other
+              "rounds_within_10pct": sum(r <= 0.1 for r in rep) / len(rep) if rep else None,
+              "halves_within_10pct": sum(h <= 0.1 for h in halves) / len(halves) if halves else None}
+    log(f"{space}: {acc['within_10pct']:.0%} of {acc['n']} held-out candidates within 10% of measured, "
+        f"MAPE {acc['mape']:.1%}; 5-fold over all {len(pts)}: {cv['within_10pct']:.0%}, MAPE {cv['mape']:.1%} "
+        f"(latencies {min(ms):.3f}-{max(ms):.3f} ms); predictor saved to {path}")
+    return report

@@ -118,6 +118,12 @@ def test_compress_calibrate_end_to_end(tmp_path, capsys):
     assert len(raw) == 6 and {"genome", "features", "rounds_ms", "min_ms", "latency_ms"} <= set(raw[0])
     assert raw[0]["features"]["kernels"][0]["op"] == "conv"  # the kernel list is kept for refits
     assert any(k.startswith("k_conv_") for k in p.points[0]["features"])
+    # --refit: the saved measurements, the same split, no new measurement
+    capsys.readouterr()
+    assert main(["calibrate", "local-cpu", "--samples", "6", "--refit", "--out", str(tmp_path), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["digits"]
+    assert again["n"] == 2 and again["mape"] == pytest.approx(report["mape"])
+    assert main(["calibrate", "local-cpu", "--refit", "--out", str(tmp_path / "none")]) == 2
     assert main(["calibrate", "no-such-device", "--out", str(tmp_path)]) == 2
 
 
