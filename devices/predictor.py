@@ -164,7 +164,8 @@ class LatencyPredictor:
         features = expand(features)
         # A feature the calibration never varied (or never saw) cannot be weighed: say so when it differs.
         off = sorted(k for k, v in features.items() if k not in self.features
-                     and (self.only is None or k in self.only) and isinstance(v, (int, float)) and float(v) != self.constants.get(k, 0.0))
+                     and (self.only is None or k in self.only)
+                     and isinstance(v, (int, float)) and float(v) != self.constants.get(k, 0.0))
         if off:
             notes.append(f"features outside what calibration varied, ignored: {', '.join(off[:5])}")
         x = np.array([float(features.get(k, 0.0)) for k in self.features])

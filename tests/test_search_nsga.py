@@ -167,3 +167,17 @@ def test_search_latency_predictor_is_devices_predictor(batch):
     small = candidate_features(build(genomes[0]), batch[0][:1])
     big = candidate_features(build(genomes[-1]), batch[0][:1])
     assert p.method != "additive" or p.predict_ms(big) >= p.predict_ms(small)
+
+
+def test_search_uses_a_given_predictor_without_measuring(tmp_path, batch):
+    from devices.predictor import LatencyPredictor
+
+    pts = [({"flops": f, "params": f / 10}, 0.01 + f * 1e-6) for f in (1e3, 5e3, 2e4, 8e4)]
+    pred = LatencyPredictor.fit("fake", pts, method="additive")
+    dev = FakeDevice()
+    r = search(mlp_space(), PROXIES["params"], batch, defaults=DEFAULTS, devices={"fake": dev}, trials=4,
+               population=2, storage=f"sqlite:///{tmp_path / 's.db'}", predictors={"fake": pred}, log=lambda s: None)
+    assert dev.measured == 0 and r.latency_models["fake"]["fitted_on"] == 4
+    assert all(c.metrics["latency_label"] == "predicted" for c in r.candidates)
+    c = r.candidates[0]
+    assert c.metrics["latency_ms"]["fake"] == pytest.approx(0.01 + c.metrics["flops"] * 1e-6, rel=1e-6)
