@@ -142,6 +142,8 @@ def kernels(model: nn.Module, example: torch.Tensor) -> list[dict]:
     folded into it (every runtime fuses them: ONNX export folds BN, ONNX Runtime fuses Conv+ReLU), an
     activation after an elementwise add folded into the add, and views dropped. Plain dicts, so devices/
     can turn them into features without importing torch models."""
+    # The same hook torch.utils.flop_counter.FlopCounterMode is built on: it sees every aten operator
+    # (functional adds and ReLUs included, which module hooks miss) with its real shapes.
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
