@@ -15,6 +15,15 @@ calibrate DEVICE``), fits this, and predicts the rest. The caller computes each 
 ``method="auto"`` picks the one with the lower cross-validated mean absolute percentage error on the
 measurements. Saved with the device name, the space, the fit date, the points it was fitted on (so new
 measurements refit it: ``update``) and its held-out accuracy where the caller measured one.
+
+Per-kernel features (nn-Meter's split): a features dict may hold ``kernels``, the model as the list of
+kernels a runtime runs (compressor.calibrate.kernels: conv with its BN and activation folded, linear,
+attention, add, pool, norm, ...; plain dicts). ``kernel_features`` turns them into sums per kernel type:
+conv FLOPs split by channel alignment to the vector width and by kernel size, bytes in and out, weights,
+kernel counts. The additive model then learns one cost per unit of each, i.e. a per-kernel-type linear
+cost summed over the kernels. nn-Meter measures each kernel alone and sums the lookups; on a small CPU
+under load that was worse here (a lone kernel pays the session's fixed cost and misses the layout
+reorders it shares with its neighbours in a model): see docs/devices-remote.md.
 """
 from __future__ import annotations
 
@@ -26,6 +35,59 @@ from pathlib import Path
 
 SCHEMA = 1
 METHODS = ("additive", "loglinear")
+LANES = 16  # fp32 lanes of a 512-bit vector register: ONNX Runtime's NCHWc block on AVX-512
+
+
+def _up(c: int, lanes: int = LANES) -> int:
+    return -(-c // lanes) * lanes
+
+
+def kernel_features(kernels: list[dict], lanes: int = LANES) -> dict:
+    """Sums per kernel type over a model's kernels (see the module docstring): the per-kernel costs an
+    additive model can learn. Conv FLOPs are split by alignment: a convolution whose output and input
+    channels are multiples of the vector width runs in the blocked (NCHWc) layout at a higher FLOP rate
+    than one that is not; channels rounded up to the width is the work the vector unit really does."""
+    out: dict[str, float] = {}
+
+    def add(**kv):
+        for k, v in kv.items():
+            out[k] = out.get(k, 0) + v
+
+    for k in kernels:
+        op = k.get("op", "other")
+        if op == "conv":
+            f, cin, cout = k["flops"], k["cin"] // k.get("groups", 1), k["cout"]
+            cls = "aa" if cin % lanes == 0 and cout % lanes == 0 else "ao" if cout % lanes == 0 else "ua"
+            # ONNX Runtime's NCHWc convolution works on up to 4 blocks of 16 output channels per pass:
+            # 16 output channels run at a lower FLOP rate than 64
+            blocks = min(4, -(-cout // lanes))
+            add(**{"k_conv_flops": f, f"k_conv_flops_{cls}": f, f"k_conv_flops_k{k['k']}": f,
+                   f"k_conv_flops_b{blocks}": f,
+                   "k_conv_padflops": f * _up(cin, lanes) * _up(cout, lanes) / (cin * cout),
+                   "k_conv_in": k["cin"] * k["h"] * k["w"], "k_conv_out": k["out"],
+                   "k_conv_weights": cin * cout * k["k"] ** 2, "k_conv_n": 1, f"k_conv_n_{cls}": 1})
+            if k.get("stride", 1) > 1:
+                add(k_conv_flops_strided=f)
+        elif op == "linear":
+            add(k_linear_flops=k["flops"], k_linear_weights=k["k"] * k["n"], k_linear_out=k["out"], k_linear_n=1)
+        elif op == "attention":
+            # softmax over heads x queries x keys, and per-head overhead: small heads are inefficient
+            add(k_attention_flops=k["flops"], k_attention_n=1, k_attention_heads=k["heads"],
+                k_attention_scores=k["heads"] * k["seq"] * k["kv"])
+        elif op == "pool":
+            add(k_pool_in=k["in"], k_pool_n=1)
+        else:
+            add(**{f"k_{op}_elements": k.get("out", 0), f"k_{op}_n": 1})
+        add(k_n=1)
+    return out
+
+
+def expand(features: dict) -> dict:
+    """Numbers as they are, plus ``kernel_features`` of ``features["kernels"]`` when present."""
+    out = {k: float(v) for k, v in features.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if features.get("kernels"):
+        out.update(kernel_features(features["kernels"]))
+    return out
 
 
 @dataclass
@@ -55,15 +117,23 @@ class LatencyPredictor:
     cv_mape: dict = field(default_factory=dict)  # method -> cross-validated MAPE on the points
     meta: dict = field(default_factory=dict)  # e.g. held_out accuracy written by the caller
     constants: dict = field(default_factory=dict)  # features equal in every point (not in the fit)
+    only: list | None = None  # the features the fit was restricted to (None: all it was given)
     schema: int = SCHEMA
 
     # ------------------------------------------------------------------------------ fitting
 
     @classmethod
     def fit(cls, device: str, samples, *, method: str = "auto", space: str = "", folds: int = 5,
-            alpha: float = 1.0) -> "LatencyPredictor":
-        """Fit on ``samples``: (features dict, measured latency in ms) pairs, at least 3."""
-        pts = [{"features": {k: float(v) for k, v in f.items()}, "latency_ms": float(y)} for f, y in samples]
+            alpha: float = 1.0, only: list[str] | None = None) -> "LatencyPredictor":
+        """Fit on ``samples``: (features dict, measured latency in ms) pairs, at least 3. A features dict
+        may hold ``kernels`` (expanded by ``kernel_features``); ``only`` keeps just the named features
+        (a fit on a handful of measurements cannot weigh thirty)."""
+        pts = []
+        for f, y in samples:
+            x = expand(f)
+            if only is not None:
+                x = {k: v for k, v in x.items() if k in only}
+            pts.append({"features": x, "latency_ms": float(y)})
         if len(pts) < 3:
             raise ValueError(f"a latency predictor needs at least 3 measured candidates, got {len(pts)}")
         if any(not (p["latency_ms"] > 0) for p in pts):
@@ -76,14 +146,14 @@ class LatencyPredictor:
                 scores[m] = _cv_mape(pts, m, folds, alpha)
             method = min(scores, key=scores.get)
         p = _fit(device, pts, method, alpha)
-        p.space, p.cv_mape = space, scores
+        p.space, p.cv_mape, p.only = space, scores, (sorted(only) if only is not None else None)
         return p
 
     def update(self, samples) -> "LatencyPredictor":
         """A new predictor fitted on the old points plus new measurements (same method choice rule)."""
         old = [(p["features"], p["latency_ms"]) for p in self.points]
         return LatencyPredictor.fit(self.device, [*old, *samples], method="auto" if self.cv_mape else self.method,
-                                    space=self.space)
+                                    space=self.space, only=self.only)
 
     # ------------------------------------------------------------------------------ predicting
 
@@ -91,8 +161,10 @@ class LatencyPredictor:
         import numpy as np
 
         notes = []
+        features = expand(features)
         # A feature the calibration never varied (or never saw) cannot be weighed: say so when it differs.
         off = sorted(k for k, v in features.items() if k not in self.features
+                     and (self.only is None or k in self.only)
                      and isinstance(v, (int, float)) and float(v) != self.constants.get(k, 0.0))
         if off:
             notes.append(f"features outside what calibration varied, ignored: {', '.join(off[:5])}")

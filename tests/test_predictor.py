@@ -113,6 +113,80 @@ def test_compress_calibrate_end_to_end(tmp_path, capsys):
     p = LatencyPredictor.load(tmp_path / "local-cpu-digits.json")
     assert p.device == "local-cpu" and len(p.points) == 6 and p.meta["held_out"]["n"] == 2
     assert p.meta["cross_validation"]["n"] == 6 and 0 <= report["cv_within_10pct"] <= 1
+    assert report["rounds_within_10pct"] is None and report["halves_within_10pct"] is None  # one round
     raw = json.loads((tmp_path / "local-cpu-digits.measurements.json").read_text())
     assert len(raw) == 6 and {"genome", "features", "rounds_ms", "min_ms", "latency_ms"} <= set(raw[0])
+    assert raw[0]["features"]["kernels"][0]["op"] == "conv"  # the kernel list is kept for refits
+    assert any(k.startswith("k_conv_") for k in p.points[0]["features"])
+    # --refit: the saved measurements, the same split, no new measurement
+    capsys.readouterr()
+    assert main(["calibrate", "local-cpu", "--samples", "6", "--refit", "--out", str(tmp_path), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["digits"]
+    assert again["n"] == 2 and again["mape"] == pytest.approx(report["mape"])
+    assert main(["calibrate", "local-cpu", "--refit", "--out", str(tmp_path / "none")]) == 2
     assert main(["calibrate", "no-such-device", "--out", str(tmp_path)]) == 2
+
+
+def test_kernels_fold_bn_and_activation_into_conv():
+    from compressor.calibrate import SPACES, features, kernels
+
+    m, x = SPACES["digits"][1]({"widths": [8, 16], "depths": [1, 1], "kernel": 3})
+    ks = kernels(m, x)
+    # stem, block 1 (conv, conv, add), block 2 (conv, conv, 1x1 shortcut, add), pool, head
+    assert [k["op"] for k in ks] == ["conv"] * 3 + ["add"] + ["conv"] * 3 + ["add", "pool", "linear"]
+    assert ks[0] == {"op": "conv", "cin": 1, "cout": 8, "h": 32, "w": 32, "k": 3, "stride": 1, "groups": 1,
+                     "out": 8 * 32 * 32, "act": "relu", "flops": 2 * 8 * 32 * 32 * 9}
+    assert ks[2]["act"] == "" and ks[3]["act"] == "relu"  # conv2+bn2 has no ReLU; the add after it does
+    assert ks[6]["k"] == 1 and ks[6]["stride"] == 2 and ks[4]["stride"] == 2
+    f = features(m, x)
+    assert sum(k["flops"] for k in ks if k["op"] in ("conv", "linear")) == f["flops_conv"] + f["flops_matmul"]
+    m, x = SPACES["transformer"][1]({"d_model": 32, "nhead": 2, "layers": 2, "ffn": 64})
+    ks = kernels(m, x)
+    ops = [k["op"] for k in ks]
+    from devices.predictor import kernel_features
+
+    kf = kernel_features(ks)  # softmax elements: layers x heads x 64 queries x 64 keys
+    assert kf["k_attention_scores"] == 2 * 2 * 64 * 64 and kf["k_attention_heads"] == 4
+    assert ops.count("attention") == 2 and ops.count("norm") == 4 and ops.count("linear") == 2 * 4 + 1
+
+
+def _conv(cin, cout, h=16, k=3, stride=1):
+    ho = h // stride
+    return {"op": "conv", "cin": cin, "cout": cout, "h": h, "w": h, "k": k, "stride": stride, "groups": 1,
+            "out": cout * ho * ho, "act": "relu", "flops": 2 * cout * ho * ho * cin * k * k}
+
+
+def test_kernel_features_split_conv_flops_by_alignment():
+    from devices.predictor import expand, kernel_features
+
+    f = kernel_features([_conv(16, 32), _conv(1, 16), _conv(12, 24), {"op": "add", "out": 100}])
+    assert f["k_conv_flops_aa"] == _conv(16, 32)["flops"] and f["k_conv_flops_ao"] == _conv(1, 16)["flops"]
+    assert f["k_conv_flops_ua"] == _conv(12, 24)["flops"] and f["k_conv_n"] == 3 and f["k_n"] == 4
+    assert f["k_conv_flops"] == sum(_conv(*c)["flops"] for c in ((16, 32), (1, 16), (12, 24)))
+    # 12 -> 24 channels pad to 16 -> 32: the vector unit does 16*32/(12*24) times the work
+    pad = f["k_conv_padflops"] - _conv(16, 32)["flops"] - 16 * _conv(1, 16)["flops"]
+    assert pad == pytest.approx(_conv(12, 24)["flops"] * 16 * 32 / (12 * 24))
+    assert f["k_add_elements"] == 100 and f["k_add_n"] == 1
+    assert expand({"flops": 5, "kernels": [_conv(16, 32)]})["k_conv_n"] == 1 and "kernels" not in expand({"flops": 5})
+
+
+def test_per_kernel_costs_are_recovered_from_whole_model_latencies():
+    """Aligned convolutions run at twice the FLOP rate of misaligned ones and each kernel has a fixed
+    cost: the additive model over kernel features recovers it; FLOPs and params alone cannot."""
+    rng = random.Random(0)
+
+    def model():
+        ks = [_conv(rng.choice([4, 8, 12, 16, 24, 32, 48, 64]), rng.choice([8, 12, 16, 24, 32, 48, 64]),
+                    h=rng.choice([8, 16, 32]), k=rng.choice([1, 3, 5])) for _ in range(rng.randint(2, 8))]
+        ms = 0.02 + sum(0.004 + k["flops"] * (1e-9 if k["cin"] % 16 == 0 and k["cout"] % 16 == 0 else 2e-9)
+                        for k in ks)
+        return {"flops": sum(k["flops"] for k in ks), "kernels": ks}, ms
+
+    train, test = [model() for _ in range(60)], [model() for _ in range(20)]
+    p = LatencyPredictor.fit("board", train, method="additive")
+    assert accuracy(p, test)["within_10pct"] == 1.0 and "k_conv_flops_aa" in p.features
+    assert "kernels" not in p.points[0]["features"]  # stored expanded: JSON numbers, refits without torch
+    q = LatencyPredictor.fit("board", train, method="additive", only=["flops"])
+    assert q.features == ["flops"] and q.only == ["flops"] and accuracy(q, test)["within_10pct"] < 0.9
+    assert q.predict(test[0][0]).notes == []  # features left out on purpose are not "outside calibration"
+    assert LatencyPredictor.from_dict(json.loads(q.to_json())).update(test).only == ["flops"]

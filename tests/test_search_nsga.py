@@ -50,7 +50,9 @@ def test_search_meets_budgets_and_resumes(tmp_path, batch):
     assert r.best.metrics["latency_label"] == "predicted"
     assert r.best.metrics["score"] == max(c.metrics["score"] for c in r.candidates if c.feasible)
     assert all(c.feasible for c in r.front) and r.best in r.front
-    assert r.latency_models["fake"]["points"] and r.latency_models["fake"]["label"] == "predicted"
+    lm = r.latency_models["fake"]
+    assert lm["label"] == "predicted" and lm["predictor"] == "devices.predictor.LatencyPredictor"
+    assert lm["fitted_on"] == 3 and lm["held_out"]["n"] == 3 and lm["model"]["points"]
     # Resume: the study keeps its trials and its latency model; only the missing trials run.
     r2 = search(mlp_space(), PROXIES["naswot"], batch, trials=14, **kw)
     assert len(r2.candidates) == 14 and dev.measured == 3
@@ -141,13 +143,41 @@ def test_cli_search_writes_best_and_resumes(tmp_path, tiny_recipe):
     assert main(["search", str(path), "--out", str(tmp_path / "t"), "--set", "budgets.size_mb=0.00001"]) == 2
 
 
-def test_latency_fit_is_non_negative():
-    from compressor.search.latency import LatencyModel, fit
+def test_search_latency_predictor_is_devices_predictor(batch):
+    """The search fits devices.predictor on its measured candidates: few points, few features; its
+    cross-validated error and the whole predictor go into the record, which loads back."""
+    from devices.predictor import LatencyPredictor
+    from compressor.search.latency import FEW, calibrate, candidate_features, record
 
-    # Noisy points that plain least squares fits with a negative per-parameter cost.
-    pts = [{"mflops": 1, "mparams": 0.01, "p50_ms": 0.05}, {"mflops": 5, "mparams": 0.05, "p50_ms": 0.09},
-           {"mflops": 20, "mparams": 0.1, "p50_ms": 0.3}, {"mflops": 2, "mparams": 0.2, "p50_ms": 0.04}]
-    m = fit("dev", pts)
-    assert all(c >= 0 for c in m.coef) and m.r2 > 0.9
-    assert m.predict(10e6, 0) < m.predict(20e6, 0)  # more work, more time
-    assert LatencyModel.from_dict(m.to_dict()) == m
+    space, dev = mlp_space(), FakeDevice()
+    genomes = [{"layers": 1, "width_0": w, "width_1": 8} for w in (8, 16, 32, 64)]
+
+    def build(g):
+        return space.build(g, DEFAULTS)
+
+    p = calibrate("fake", dev, build, genomes, batch[0][:1], log=lambda s: None)
+    assert isinstance(p, LatencyPredictor) and dev.measured == 4 and set(p.features) <= set(FEW)
+    rec = record(p)
+    assert rec["fitted_on"] == 4 and rec["held_out"]["n"] == 4 and rec["label"] == "predicted"
+    q = LatencyPredictor.from_dict(rec["model"])
+    f = candidate_features(build({"layers": 2, "width_0": 32, "width_1": 16}), batch[0][:1])
+    assert [k["op"] for k in f["kernels"]] == ["linear", "linear", "linear"]
+    assert q.predict_ms(f) == p.predict_ms(f) > 0
+    # the bigger model never predicts faster than the smaller (non-negative additive costs)
+    small = candidate_features(build(genomes[0]), batch[0][:1])
+    big = candidate_features(build(genomes[-1]), batch[0][:1])
+    assert p.method != "additive" or p.predict_ms(big) >= p.predict_ms(small)
+
+
+def test_search_uses_a_given_predictor_without_measuring(tmp_path, batch):
+    from devices.predictor import LatencyPredictor
+
+    pts = [({"flops": f, "params": f / 10}, 0.01 + f * 1e-6) for f in (1e3, 5e3, 2e4, 8e4)]
+    pred = LatencyPredictor.fit("fake", pts, method="additive")
+    dev = FakeDevice()
+    r = search(mlp_space(), PROXIES["params"], batch, defaults=DEFAULTS, devices={"fake": dev}, trials=4,
+               population=2, storage=f"sqlite:///{tmp_path / 's.db'}", predictors={"fake": pred}, log=lambda s: None)
+    assert dev.measured == 0 and r.latency_models["fake"]["fitted_on"] == 4
+    assert all(c.metrics["latency_label"] == "predicted" for c in r.candidates)
+    c = r.candidates[0]
+    assert c.metrics["latency_ms"]["fake"] == pytest.approx(0.01 + c.metrics["flops"] * 1e-6, rel=1e-6)

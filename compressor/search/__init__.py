@@ -4,7 +4,7 @@
     proxies.py        DisWOT, NASWOT, synflow, params, FLOPs: score an untrained candidate
     compressor_ga.py  the Compressor paper's size-budget GA and its closed-form cost model (a check)
     nsga.py           NSGA-II (Optuna) over proxy score and per-device latency, under the recipe's budgets
-    latency.py        a per-device latency model fitted on a few measured candidates
+    latency.py        measured latency, or devices.predictor fitted on a few measured candidates
 
 Registries are plain dicts; nothing heavy is imported here.
 """

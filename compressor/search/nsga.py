@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .latency import LatencyModel, calibrate, measure_model
+from .latency import calibrate, candidate_features, measure_model, record
 from ..models import MLP, ResNet, count_params
 from .proxies import conv_linear_flops, cost
 from .spaces import Space, genome_key
@@ -91,13 +91,15 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
            devices: dict | None = None, size_mb: float | None = None, latency_ms: dict | None = None,
            trials: int = 200, population: int = 50, seed: int = 0, storage: str | None = None,
            study_name: str = "search", latency: str = "predict", calibration: int = 6,
-           measure_kw: dict | None = None, log: Callable[[str], None] = print, shared: bool | None = None,
+           measure_kw: dict | None = None, predictors: dict | None = None,
+           log: Callable[[str], None] = print, shared: bool | None = None,
            sampler_seed: int | None = None) -> SearchResult:
     """Run (or resume) the NSGA-II study and return every candidate, the Pareto front and the best
     candidate meeting every budget (None when none does: the caller says which budget is tightest).
 
-    ``devices`` maps a target name to a Device; ``latency`` "predict" fits a per-device model on
-    ``calibration`` measured candidates, "measure" measures every candidate (slow, exact).
+    ``devices`` maps a target name to a Device; ``latency`` "predict" fits the device's
+    devices.predictor.LatencyPredictor on ``calibration`` measured candidates (or uses the one given in
+    ``predictors``, e.g. loaded from `compress calibrate`), "measure" measures every candidate (slow, exact).
     ``shared`` drives the stored study directly so other workers see each trial at once (default: for
     any storage but SQLite); ``sampler_seed`` (default ``seed``) must differ between workers, or they
     would all propose the same genomes.
@@ -159,15 +161,20 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
         torch.manual_seed(seed)  # the same genome gets the same initial weights in any process
         return space.build(genome, defaults)
 
-    # Latency models: fitted once per study and kept in it, so a resumed search (or another worker)
-    # predicts with the same model instead of refitting on new, noisy measurements.
-    models: dict[str, LatencyModel] = {}
+    # Latency predictors: fitted once per study and kept in it, so a resumed search (or another worker)
+    # predicts with the same one instead of refitting on new, noisy measurements.
+    from devices.predictor import LatencyPredictor
+
+    models: dict[str, LatencyPredictor] = {}
     saved = stored.user_attrs.get("latency_models", {})
     for name, dev in devices.items():
         if latency == "measure":
             continue
-        if name in saved:
-            models[name] = LatencyModel.from_dict(saved[name])
+        if name in (predictors or {}):
+            models[name] = predictors[name]
+            continue
+        if "model" in saved.get(name, {}):  # a study from before devices.predictor has no "model": refit
+            models[name] = LatencyPredictor.from_dict(saved[name]["model"])
             continue
         rng = random.Random(seed)
         sample = sorted((space.sample(rng) for _ in range(max(64, 8 * calibration))),
@@ -175,7 +182,7 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
         # Spread over the FLOPs range: the fit must cover small and large candidates alike.
         picks = [sample[round(i * (len(sample) - 1) / max(1, calibration - 1))] for i in range(calibration)]
         models[name] = calibrate(name, dev, build, picks, example, log=log, **measure_kw)
-        saved[name] = models[name].to_dict()
+        saved[name] = record(models[name])
         stored.set_user_attr("latency_models", saved)
 
     cache: dict[str, dict] = {}
@@ -191,9 +198,10 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
         torch.manual_seed(seed)
         score = float(proxy(model, batch, teacher_view))
         lat = {}
+        feats = candidate_features(model, example) if models else None
         for name, dev in devices.items():
             lat[name] = measure_model(model, example, dev, **measure_kw) if latency == "measure" \
-                else models[name].predict(f, n)
+                else models[name].predict_ms(feats)
         scored += 1
         return {"params": n, "flops": f, "size_mb": 4 * n / 1e6, "score": score, "latency_ms": lat,
                 "latency_label": "measured" if latency == "measure" else "predicted"}
@@ -276,7 +284,7 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
         cands.append(Candidate(space.family, rec["genome"], rec["key"], m, not over, over))
     front = pareto(cands, objectives)
     best = front[0] if front else None
-    return SearchResult(best, front, cands, {k: v.to_dict() for k, v in models.items()}, objectives,
+    return SearchResult(best, front, cands, {k: record(v) for k, v in models.items()}, objectives,
                         _redact(storage), study_name, seconds, scored, added)
 
 
