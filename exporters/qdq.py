@@ -90,7 +90,8 @@ def quantize_static(fp32: str | Path, out: str | Path, calibration, *, activatio
 
     if activations not in ("uint8", "int8"):
         raise ExportError(f"activations {activations!r}: use uint8 or int8")
-    out = Path(out)
+    # Absolute paths: the quantizer runs with a temporary working directory.
+    fp32, out = Path(fp32).resolve(), Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     names = [i.name for i in ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()]
     cwd = os.getcwd()
@@ -134,7 +135,8 @@ def quantize_dynamic(fp32: str | Path, out: str | Path, *, keep_float=(), per_ch
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    out = Path(out)
+    # Absolute paths: the quantizer runs with a temporary working directory.
+    fp32, out = Path(fp32).resolve(), Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="compressor-ptq-") as tmp:

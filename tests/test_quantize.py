@@ -218,3 +218,22 @@ def test_pipeline_ptq_ort_ships_int8_beside_fp32(tiny_recipe, tmp_path):
     assert rec["metrics"]["checks"]["quantized_nodes"] > 0 and rec["metrics"]["activations"] == "uint8"
     prof = next(s for s in m["stages"] if s["name"] == "profile")["metrics"]["local-cpu"]
     assert "student_int8_b1_p50_ms" in prof and "speedup_b1" in prof
+
+
+def test_quantizers_take_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """Both ORT quantizers work in a temporary directory; relative paths (runs/<name>, the CLI's
+    default) must still point where the caller meant."""
+    from exporters.onnx import export_onnx
+    from exporters.qdq import quantize_dynamic, quantize_static, run_onnxruntime
+
+    monkeypatch.chdir(tmp_path)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(40, 8)
+    export_onnx(model, (x[:2],), "rel/fp32.onnx")
+    quantize_dynamic("rel/fp32.onnx", "rel/dyn.onnx")
+    quantize_static("rel/fp32.onnx", "rel/static.onnx", x.numpy())
+    ref = model(x).detach().numpy()
+    for name in ("dyn", "static"):
+        assert (tmp_path / "rel" / f"{name}.onnx").is_file()
+        got = run_onnxruntime(f"rel/{name}.onnx", x.numpy())
+        assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
