@@ -168,6 +168,10 @@ class SearchSpec(_Section):
     batch_size: int = Field(64, ge=2, description="samples the proxies score on")
     storage: str | None = Field(None, description="Optuna storage URL (default: SQLite in the run directory)")
     study: str | None = Field(None, description="study name (default: <recipe name>-search)")
+    seed_pruned: bool | PruneSpec | None = Field(
+        None, description="enqueue the teacher pruned (LAPTOP-Diff) as a candidate, so it competes on the Pareto "
+        "front and, when chosen, becomes the student with the teacher's weights. A prune spec ({by, remove}) "
+        "says how to prune it; true uses the recipe's prune section; default: seed when there is a prune section")
 
 
 class PruneSpec(_Section):
