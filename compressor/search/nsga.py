@@ -233,7 +233,7 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
     t0 = time.time()
     every = max(1, todo // 10)
 
-    bar = _progress_bar(progress_bar, todo, study_name)
+    bar = _progress_bar(progress_bar, todo, "search" if study_name == "search" else f"search {study_name}")
     best_seen = [None]  # (score, genome) of the best trial meeting every budget, for the bar
 
     def progress(study, trial):
@@ -244,7 +244,8 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
                     (best_seen[0] is None or trial.values[0] > best_seen[0][0]):
                 best_seen[0] = (trial.values[0], rec.get("genome"))
             b = best_seen[0]
-            bar.update(advance=1, best="none yet" if b is None else f"{b[0]:.4g} {b[1]}")
+            bar.update(advance=1, best="none yet" if b is None else
+                       f"{b[0]:.4g} (" + " ".join(f"{k}={v}" for k, v in (b[1] or {}).items()) + ")")
         if (i - done) % population == 0:
             write_back()
         if (i - done) % every == 0 or i == trials:
@@ -290,10 +291,13 @@ class _Bar:
 
     def __init__(self, total: int, title: str, console):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.table import Column
 
-        # Log lines printed while the bar is live go above it (rich redirects stdout and stderr).
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("best {task.fields[best]}"),
+        # Log lines printed while the bar is live go above it (rich redirects stdout and stderr). The
+        # counts come first and keep their width; a long genome is cut at the terminal's edge.
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                                 TimeRemainingColumn(),
+                                 TextColumn("best {task.fields[best]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
                                  console=console, transient=False, redirect_stdout=True, redirect_stderr=True)
         self.task = self.progress.add_task(title, total=total, best="none yet")
         self.progress.start()
@@ -318,7 +322,7 @@ def _progress_bar(enabled: bool | None, total: int, title: str) -> _Bar | None:
     if not enabled or total <= 0:
         return None
     try:
-        return _Bar(total, f"search {title}", _console())
+        return _Bar(total, title, _console())
     except ImportError:  # rich is optional: the log lines say the same, less often
         return None
 
