@@ -139,3 +139,28 @@ def test_pipeline_search_and_prune_the_pruned_teacher_wins(deep_tiny, tmp_path):
     student.load_state_dict(torch.load(out / "model" / "student.pt", weights_only=True))
     cands = json.loads((out / "search" / "candidates.json").read_text())["candidates"]
     assert [c.get("origin") for c in cands] == ["pruned teacher"]
+
+
+def test_seed_record_and_prune_stage_when_another_candidate_wins():
+    from types import SimpleNamespace
+
+    from compressor import prune as P
+    from compressor.bundle import StageRecord
+    from compressor.recipe import PruneSpec
+    from compressor.search.nsga import Candidate
+    from compressor.search.spaces import genome_key
+    from compressor.search.stage import _seed_record
+
+    seed = {"genome": {"layers": 1, "width_0": 8, "width_1": 8}, "removed": ["body.1"], "prune": {}}
+    mine = Candidate("mlp", seed["genome"], genome_key(seed["genome"]), {"score": 1.0, "size_mb": 0.1},
+                     origin="pruned teacher")
+    other = Candidate("mlp", {"layers": 2}, "k2", {"score": 2.0, "size_mb": 0.2})
+    result = SimpleNamespace(candidates=[mine, other], front=[other, mine], best=other)
+    rec = _seed_record(seed, result)
+    assert not rec["chosen"] and rec["on_front"] and rec["feasible_rank"] == 2 and rec["feasible"] == 2
+    # The prune stage leaves the searched student alone and says why.
+    ctx = SimpleNamespace(recipe=SimpleNamespace(prune=PruneSpec(by="units", remove=1)), student="searched",
+                          records={"search": StageRecord("search", metrics={"pruned_seed": rec})}, log=lambda s: None)
+    out = P.stage(ctx)
+    assert ctx.student == "searched" and "another candidate" in out.metrics["skipped"]
+    assert out.metrics["chosen_by_search"] is False
