@@ -166,6 +166,8 @@ class SearchSpec(_Section):
     latency: Literal["predict", "measure"] = Field("predict", description="predict from a per-device model, or measure each")
     calibration: int = Field(6, ge=3, description="candidates measured per device to fit the latency model")
     batch_size: int = Field(64, ge=2, description="samples the proxies score on")
+    proxy_seeds: int = Field(1, ge=1, description="average the proxy over this many (initialisation, batch) "
+                             "pairs: slower by as much, less noisy (4 is a good value for diswot)")
     storage: str | None = Field(None, description="Optuna storage URL (default: SQLite in the run directory)")
     study: str | None = Field(None, description="study name (default: <recipe name>-search)")
     seed_pruned: bool | PruneSpec | None = Field(

@@ -164,3 +164,40 @@ def test_seed_record_and_prune_stage_when_another_candidate_wins():
     out = P.stage(ctx)
     assert ctx.student == "searched" and "another candidate" in out.metrics["skipped"]
     assert out.metrics["chosen_by_search"] is False
+
+
+def test_proxy_averaged_over_more_batches(tmp_path, batch):
+    x, y = batch
+    other = (x * 2 + 1, y)
+    inits = []
+
+    def proxy(model, b, view):
+        inits.append(float(next(model.parameters()).detach().flatten()[0]))
+        return float(b[0].sum()) + (view or 0)
+
+    r = nsga.search(mlp_space(), proxy, batch, defaults=DEFAULTS, trials=1, population=2, log=lambda s: None,
+                    storage=f"sqlite:///{tmp_path / 's.db'}", teacher_view=0.0, more_batches=[(other, 10.0)])
+    expected = (float(x.sum()) + float(other[0].sum()) + 10.0) / 2
+    assert r.candidates[0].metrics["score"] == pytest.approx(expected, rel=1e-5)
+    assert len(inits) == 2 and inits[0] != inits[1]  # the second pair scores another initialisation
+
+
+def test_search_spec_proxy_seeds_reaches_the_search(tiny_recipe, monkeypatch, tmp_path):
+    from compressor.data import load_data
+    from compressor.recipe import load_recipe
+    from compressor.search import stage
+
+    seen = {}
+
+    def fake_search(space, proxy, batch, **kw):
+        seen["batch"], seen["more"] = batch, kw["more_batches"]
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(nsga, "search", fake_search)
+    r = load_recipe({**tiny_recipe, "search": {"proxy": "naswot", "batch_size": 16, "proxy_seeds": 3}})
+    data = load_data(r.data, 0)
+    teacher = ResNet(widths=(8, 16), depths=(1, 1), in_channels=1)
+    with pytest.raises(RuntimeError, match="stop"):
+        stage.run_search(r, data, teacher, r.search, tmp_path, log=lambda s: None)
+    assert len(seen["batch"][0]) == 16 and len(seen["more"]) == 2
+    assert not torch.equal(seen["more"][0][0][0], seen["batch"][0])  # other samples

@@ -87,8 +87,14 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print):
     space = from_spec(spec, teacher, recipe.teacher.model)
     log(f"search: {space.family} space of {space.size:,} students ({', '.join(f'{g}: {c}' for g, c in space.genes.items())})")
     seed = pruned_seed(recipe, data, teacher, spec, space, log)
-    batch = data.tensors("train", limit=spec.batch_size)
-    view = TeacherView.of(teacher, batch) if spec.proxy == "diswot" else None
+    n = spec.batch_size
+    xs, ys = data.tensors("train", limit=n * spec.proxy_seeds)
+    batches = [(xs[i:i + n], ys[i:i + n]) for i in range(0, len(xs), n) if len(xs[i:i + n]) >= 2]
+    if len(batches) < spec.proxy_seeds:
+        log(f"search: the training split holds {len(batches)} batches of {n}, so the proxy averages {len(batches)} "
+            f"pairs instead of search.proxy_seeds {spec.proxy_seeds}")
+    pairs = [(b, TeacherView.of(teacher, b) if spec.proxy == "diswot" else None) for b in batches]
+    (batch, view), more = pairs[0], pairs[1:]
     run_dir.mkdir(parents=True, exist_ok=True)
     storage = spec.storage or f"sqlite:///{(run_dir / 'search.db').resolve()}"
     b = recipe.budgets
@@ -97,7 +103,7 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print):
                     trials=spec.trials, population=spec.population, seed=recipe.seed, storage=storage,
                     study_name=spec.study or f"{recipe.name}-search", latency=spec.latency,
                     calibration=spec.calibration, measure_kw={"warmup": 5, "runs": 30, "max_seconds": 2.0},
-                    log=log, seeds=[seed] if seed else None)
+                    log=log, seeds=[seed] if seed else None, more_batches=more)
     return space, result, seed
 
 
