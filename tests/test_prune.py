@@ -288,3 +288,23 @@ def test_shipped_prune_recipe():
 
     r = load_recipe("quickstart-prune")
     assert r.prune.by == "latency" and (r.prune.device or r.targets)
+
+
+@pytest.mark.slow
+def test_pipeline_prunes_by_latency(deep_tiny, tmp_path, monkeypatch):
+    """The prune stage with by: latency: the device comes from prune.device (a fake that times ONNX size)."""
+    import devices
+
+    import compressor
+    from compressor.bundle import read_manifest
+
+    dev = SizeDevice()
+    dev.why_unavailable = lambda: None
+    monkeypatch.setattr(devices, "get_device", lambda profile: dev)
+    deep_tiny["prune"] = {"by": "latency", "remove": 0.2, "device": "local-cpu", "calibration_batches": 1}
+    out = compressor.run(deep_tiny, tmp_path / "b", log=lambda s: None)
+    rec = next(s for s in read_manifest(out)["stages"] if s["name"] == "prune")
+    lat = rec["metrics"]["latency"]
+    assert rec["config"]["by"] == "latency" and rec["outputs"]["removed"]
+    assert lat["saved_ms"] >= 0.2 * lat["teacher_ms"] * 0.99 and "warning" not in lat
+    assert all(u["latency_ms"] > 0 for u in rec["metrics"]["units"])
