@@ -8,6 +8,10 @@ per minute. Writes benchmarks/results/search_rank.json and .md.
 
     python benchmarks/search_rank.py                  # 16 candidates, 6 epochs (about 10 minutes on 2 shared cores)
     python benchmarks/search_rank.py --candidates 24 --epochs 5
+    # harder, so distilled accuracies spread: 8x8 digits, 2 epochs, 20% noisy training labels; each proxy
+    # averaged over 4 (init seed, batch) pairs, each accuracy over 2 training seeds
+    python benchmarks/search_rank.py --image-size 8 --epochs 2 --label-noise 0.2 --proxy-seeds 4 \
+        --train-seeds 2 --candidates 24 --size-mb 0.2 --tag .hard
 """
 from __future__ import annotations
 
@@ -76,6 +80,12 @@ def main(argv=None):
                          "where the parameter count can no longer rank them")
     ap.add_argument("--tag", default="", help="suffix for the result files (search_rank<tag>.json/.md)")
     ap.add_argument("--search-trials", type=int, default=150, help="NSGA-II trials for the speed figure")
+    ap.add_argument("--proxy-seeds", type=int, default=3,
+                    help="average each proxy over this many (init seed, batch) pairs, as DisWOT advises")
+    ap.add_argument("--train-seeds", type=int, default=1,
+                    help="average each candidate's distilled accuracy over this many training seeds")
+    ap.add_argument("--label-noise", type=float, default=0.0,
+                    help="fraction of training labels replaced by random ones (teacher and students; test stays clean)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -84,6 +94,15 @@ def main(argv=None):
 
     ds = digits(args.image_size)
     train_set, val, test = _split(ds, (0.1, 0.2), args.seed)
+    if args.label_noise > 0:
+        # Noisy training labels make the task harder without touching the held-out labels.
+        x_all, y_all = ds.tensors
+        y_all = y_all.clone()
+        g = torch.Generator().manual_seed(args.seed)
+        idx = torch.tensor(train_set.indices)
+        flip = idx[torch.randperm(len(idx), generator=g)[:round(args.label_noise * len(idx))]]
+        y_all[flip] = torch.randint(0, 10, (len(flip),), generator=g)
+        ds.tensors = (x_all, y_all)
     data = DataSplits(train_set, val, test, tuple(ds.tensors[0].shape[1:]), 10, {})
     torch.manual_seed(args.seed)
     teacher = ResNet((32, 64, 128), (2, 2, 2), in_channels=1, num_classes=10)
@@ -97,6 +116,10 @@ def main(argv=None):
     batch = data.tensors("train", limit=64)
     example = batch[0][:1]
     view = TeacherView.of(teacher, batch)
+    # Several (init seed, batch) pairs: a proxy on one random init and one batch of 64 is noisy.
+    xs, ys = data.tensors("train", limit=64 * args.proxy_seeds)
+    pairs = [(args.seed + k, (xs[64 * k:64 * (k + 1)], ys[64 * k:64 * (k + 1)])) for k in range(args.proxy_seeds)]
+    views = [TeacherView.of(teacher, b) for _, b in pairs]
 
     # Candidates: distinct genomes under the size budget, sampled uniformly from the space.
     rng = random.Random(args.seed)
@@ -114,16 +137,24 @@ def main(argv=None):
     for i, g in enumerate(genomes):
         row = {"genome": g, "config": space.config(g)}
         for name, fn in PROXIES.items():
-            torch.manual_seed(args.seed)
-            model = space.build(g, defaults)
-            t = time.time()
-            row[name] = float(fn(model, batch, view))
-            proxy_seconds[name] += time.time() - t
-        torch.manual_seed(args.seed)
-        student = space.build(g, defaults)
+            scores = []
+            for (seed, b), v in zip(pairs, views):
+                torch.manual_seed(seed)
+                model = space.build(g, defaults)
+                t = time.time()
+                scores.append(float(fn(model, b, v)))
+                proxy_seconds[name] += (time.time() - t) / len(pairs)
+            row[name] = sum(scores) / len(scores)
+            row[f"{name}_first"] = scores[0]  # one seed and batch, as before, to show what averaging buys
+        accs = []
         t = time.time()
-        train(student, data, args.epochs, args.lr, args.seed, teacher=teacher.eval())
-        row["accuracy"] = evaluate(student, data.loader("test", 256))
+        for k in range(args.train_seeds):
+            torch.manual_seed(args.seed + k)
+            student = space.build(g, defaults)
+            train(student, data, args.epochs, args.lr, args.seed + k, teacher=teacher.eval())
+            accs.append(evaluate(student, data.loader("test", 256)))
+        row["accuracy"] = sum(accs) / len(accs)
+        row["accuracies"] = accs
         row["train_s"] = round(time.time() - t, 1)
         rows.append(row)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +164,10 @@ def main(argv=None):
 
     acc = [r["accuracy"] for r in rows]
     taus = {name: kendall([r[name] for r in rows], acc) for name in PROXIES}
+    taus_first = {name: kendall([r[f"{name}_first"] for r in rows], acc) for name in PROXIES}
+    # How far the ground truth itself is from noise-free: tau between two training seeds' accuracies.
+    seed_tau = kendall([r["accuracies"][0] for r in rows], [r["accuracies"][1] for r in rows]) \
+        if args.train_seeds > 1 else None
 
     # Search speed: the NSGA-II driver end to end (build, proxy, storage), DisWOT, no latency device.
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,18 +180,24 @@ def main(argv=None):
     out = {"benchmark": "search_rank", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "setup": {**vars(args), "out": str(args.out), "teacher_accuracy": t_acc, "space": space.to_dict(),
                      "torch_threads": 1, "distill": "0.7 KD (T=4) + 0.3 CE, AdamW, one-cycle, batch 64"},
-           "kendall_tau": taus, "proxy_candidates_per_minute": per_proxy,
+           "kendall_tau": taus, "kendall_tau_one_seed": taus_first, "accuracy_tau_between_training_seeds": seed_tau,
+           "proxy_candidates_per_minute": per_proxy,
            "search": {k: speed[k] for k in ("trials", "unique", "seconds", "scored_here", "candidates_per_minute")},
            "rows": rows, "seconds": round(time.time() - t_all, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"search_rank{args.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
-    md = [f"# Proxy ranking vs distilled accuracy (digits {args.image_size}x{args.image_size})", "",
+    noise = f", {args.label_noise:.0%} of training labels random" if args.label_noise else ""
+    md = [f"# Proxy ranking vs distilled accuracy (digits {args.image_size}x{args.image_size}{noise})", "",
           f"{len(rows)} candidates of the teacher's ResNet space, each {args.min_mb}..{args.size_mb} MB, distilled for "
-          f"{args.epochs} epochs (same budget, seed {args.seed}); teacher accuracy {t_acc:.4f}. "
-          f"Distilled accuracy spans {min(acc):.4f}..{max(acc):.4f}.", "",
-          "| proxy | Kendall tau vs distilled accuracy | candidates/min (proxy alone, 1 thread) |", "|---|---|---|"]
+          f"{args.epochs} epochs (same budget; accuracy averaged over {args.train_seeds} training seed(s)); teacher "
+          f"accuracy {t_acc:.4f}. Distilled accuracy spans {min(acc):.4f}..{max(acc):.4f}. Each proxy is averaged "
+          f"over {args.proxy_seeds} (init seed, batch of 64) pairs."
+          + (f" Kendall tau between two training seeds' accuracies (the ground truth's own noise): {seed_tau:+.3f}."
+             if seed_tau is not None else ""), "",
+          f"| proxy | Kendall tau vs distilled accuracy ({args.proxy_seeds} seeds averaged) | one seed and batch | "
+          "candidates/min (proxy alone, 1 thread) |", "|---|---|---|---|"]
     for name in PROXIES:
-        md.append(f"| {name} | {taus[name]:+.3f} | {per_proxy.get(name, 'n/a')} |")
+        md.append(f"| {name} | {taus[name]:+.3f} | {taus_first[name]:+.3f} | {per_proxy.get(name, 'n/a')} |")
     md += ["", f"NSGA-II search with DisWOT (build + proxy + SQLite study): {speed['scored_here']} candidates "
                f"scored in {speed['seconds']} s = **{speed['candidates_per_minute']} candidates/min** "
                f"({speed['trials']} trials, {speed['unique']} unique).", "",

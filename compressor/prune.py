@@ -33,6 +33,7 @@ class Unit:
     params: int
     flops: int = 0
     loss: float = float("nan")  # s_i, the output loss when this unit alone is removed
+    latency_ms: float = 0.0  # by: latency: the latency its removal saves on the device (measured or predicted)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,11 +208,17 @@ def select(units: list[Unit], by: str, budget: float) -> list[Unit]:
     sums (capped at the budget) with dominated states dropped. Repeated blocks share their cost, so
     the distinct sums stay few (a stack of n equal layers has n + 1).
     """
-    cost = [1 if by == "units" else getattr(u, by) for u in units]
+    cost = [1 if by == "units" else getattr(u, COST[by]) for u in units]
     total = sum(cost)
     if budget > total:
         raise UserError(f"prune: removing every prunable unit ({len(units)}: {', '.join(u.path for u in units)}) "
-                        f"saves {total:,} {by}, short of the {budget:,.0f} asked; lower prune.remove")
+                        f"saves {total:,.6g} {by}, short of the {budget:,.6g} asked; lower prune.remove")
+    shown = budget
+    if by == "latency":
+        # Milliseconds are floats: every subset would be a state of its own. On a grid of 1/1000 of the
+        # budget the states stay at most 1001, and a unit's cost moves by at most 0.05% of the budget.
+        cost = [round(c * 1000 / budget) for c in cost]
+        budget = 1000
     # state: capped cost -> (least loss, chosen indices)
     states: dict[float, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
     for i, u in enumerate(units):
@@ -227,9 +234,85 @@ def select(units: list[Unit], by: str, budget: float) -> list[Unit]:
         states = kept
     chosen = states[budget][1]
     if len(chosen) == len(units):
-        raise UserError(f"prune: a budget of {budget:,.0f} {by} removes every prunable unit "
+        raise UserError(f"prune: a budget of {shown:,.6g} {by} removes every prunable unit "
                         f"({', '.join(u.path for u in units)}), which leaves no model; lower prune.remove")
     return [units[i] for i in sorted(chosen)]
+
+
+COST = {"params": "params", "flops": "flops", "latency": "latency_ms"}  # budget -> Unit attribute
+
+
+def _features(model: nn.Module, x: torch.Tensor, removed) -> dict:
+    """The latency predictor's features (compressor.calibrate) of ``model`` without the ``removed``
+    units, computed on a copy where they are deleted from their container: an nn.Identity standing in
+    for a block exports to nothing, so it must not count as a layer or an activation."""
+    from .calibrate import features
+
+    m = copy.deepcopy(model)
+    for p in removed:
+        parent, child = _split(p)
+        del (m.get_submodule(parent) if parent else m)._modules[child]  # containers run what remains
+    return features(m.eval(), x)
+
+
+# --------------------------------------------------------------------------- latency as the budget
+
+def measure_round_robin(models, example: torch.Tensor, device, *, rounds: int = 3, warmup: int = 10,
+                        runs: int = 50, max_seconds: float = 2.0) -> list[float]:
+    """Milliseconds at batch 1 for each model on ``device``: each exported to ONNX once, then all measured
+    ``rounds`` times in turn, keeping each one's fastest run (``min_ms``). Round robin spreads a shared
+    machine's slow spells over every model, and the fastest run is the figure that repeats (the same
+    statistic as `compress calibrate`)."""
+    import tempfile
+    from pathlib import Path
+
+    from exporters.onnx import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="compressor-prune-") as tmp:
+        paths = []
+        for i, m in enumerate(models):
+            paths.append(Path(tmp) / f"variant{i}.onnx")
+            export_onnx(m, (example[:1],), paths[-1], dynamic_batch=False)
+        best = [float("inf")] * len(paths)
+        for _ in range(rounds):
+            for i, path in enumerate(paths):
+                m = device.measure(path, batch=1, warmup=warmup, runs=runs, max_seconds=max_seconds)
+                best[i] = min(best[i], float(getattr(m, "min_ms", None) or m.p50_ms))
+    return best
+
+
+@torch.no_grad()
+def unit_latencies(model: nn.Module, units: list[Unit], example, *, device=None, predictor=None,
+                   rounds: int = 3, log=print, **measure_kw) -> dict:
+    """Fill each unit's ``latency_ms``: the teacher's latency minus the teacher's without that unit alone.
+
+    With a ``device`` every variant (a pruned copy) is measured ``rounds`` times round robin and its fastest
+    run kept (a shared machine only ever adds time, so the minimum is the repeatable figure). With a ``predictor``
+    (devices.predictor.LatencyPredictor) each variant's features go through it instead. A unit whose
+    difference comes out negative (noise) saves 0. Latency is close to additive over sequential blocks,
+    so the knapsack over these costs is the same problem as over parameters.
+    """
+    if isinstance(example, dict):
+        raise UserError("prune by: latency exports the model with one tensor input; this teacher takes a dict "
+                        "(Hugging Face inputs): prune by params or flops instead")
+    model.eval()
+    x = example[:1]
+    variants = [[]] + [[u.path] for u in units]
+    if predictor is not None:
+        def one(paths):
+            return predictor.predict_ms(_features(model, x, paths))
+
+        ms = [one(v) for v in variants]
+        how = f"predicted ({predictor.device} {predictor.method} predictor)"
+    else:
+        ms = measure_round_robin([build_pruned(model, v).eval() for v in variants], x, device, rounds=rounds,
+                                 **measure_kw)
+        how = f"measured (fastest run of {rounds} rounds, round robin)"
+    for u, m in zip(units, ms[1:]):
+        u.latency_ms = max(0.0, ms[0] - m)
+    log(f"prune: teacher {ms[0]:.4g} ms {how}; removing one unit saves "
+        + ", ".join(f"{u.path} {u.latency_ms:.3g}" for u in units) + " ms")
+    return {"teacher_ms": ms[0], "how": how}
 
 
 def calibration_batches(data, batch_size: int, n: int) -> list:
@@ -241,15 +324,23 @@ def calibration_batches(data, batch_size: int, n: int) -> list:
     return batches
 
 
-def prune_teacher(teacher: nn.Module, batches, by: str = "params", remove: float = 0.5, log=print):
-    """Find, score and select units; return (pruned student, record dict with every unit's numbers)."""
+def prune_teacher(teacher: nn.Module, batches, by: str = "params", remove: float = 0.5, log=print, *,
+                  device=None, predictor=None, measure_kw: dict | None = None):
+    """Find, score and select units; return (pruned student, record dict with every unit's numbers).
+    ``by="latency"`` needs a ``device`` to measure on or a latency ``predictor``."""
     units = find_units(teacher, batches[0])
     if not units:
         raise UserError(f"prune: {type(teacher).__name__} has no prunable unit (a block in an nn.Sequential or "
                         "nn.ModuleList whose output has its input's shape); drop the prune section")
     score_units(teacher, units, batches)
-    total = {"params": sum(p.numel() for p in teacher.parameters()), "flops": flops(teacher, batches[0]),
-             "units": len(units)}[by]
+    lat = {}
+    if by == "latency":
+        if device is None and predictor is None:
+            raise UserError("prune by: latency needs a device to measure on or a latency predictor")
+        lat = unit_latencies(teacher, units, batches[0], device=device, predictor=predictor, log=log,
+                             **(measure_kw or {}))
+    total = {"params": lambda: sum(p.numel() for p in teacher.parameters()), "flops": lambda: flops(teacher, batches[0]),
+             "units": lambda: len(units), "latency": lambda: lat["teacher_ms"]}[by]()
     budget = remove if by == "units" else remove * total
     chosen = select(units, by, budget)
     removed = [u.path for u in chosen]
@@ -262,7 +353,54 @@ def prune_teacher(teacher: nn.Module, batches, by: str = "params", remove: float
     info = {"units": [u.to_dict() for u in units], "removed": removed, "by": by, "remove": remove,
             "budget": budget, "predicted_loss": predicted, "measured_loss": measured,
             "params": sum(p.numel() for p in student.parameters()), "flops": flops(student, batches[0])}
+    if by == "latency":
+        # The latency the knapsack counted on (sum of single-unit savings) against the pruned model's own.
+        saved = sum(u.latency_ms for u in chosen)
+        if predictor is not None:
+            after = predictor.predict_ms(_features(teacher, batches[0][:1], removed))
+            before = lat["teacher_ms"]
+        else:
+            # The teacher again beside the pruned model, so both figures share the machine's state.
+            before, after = measure_round_robin([teacher, student.eval()], batches[0], device, **(measure_kw or {}))
+        info["latency"] = {"how": lat["how"], "teacher_ms": before, "sum_of_unit_savings_ms": saved,
+                           "pruned_ms": after, "saved_ms": before - after}
+        if after >= before:
+            info["latency"]["warning"] = "the pruned model was not faster than the teacher in this measurement"
+            log(f"prune: warning: the pruned model measured {after:.4g} ms against the teacher's {before:.4g} ms: "
+                "this machine's noise is larger than the savings; latency: predict (a calibrated predictor) or "
+                "by: flops is steadier here")
+        log(f"prune: latency {before:.4g} -> {after:.4g} ms ({lat['how'].split(' ')[0]}; "
+            f"the units' savings summed to {saved:.4g} ms, budget {budget:.4g} ms)")
     return student, info
+
+
+def latency_source(spec, targets, log=print) -> dict:
+    """prune_teacher's keyword arguments for a ``by: latency`` spec: the device to measure on (the
+    spec's, else the recipe's first target) or the predictor to predict with."""
+    if spec.by != "latency":
+        return {}
+    if spec.latency == "predict":
+        from devices import DeviceError
+        from devices.predictor import LatencyPredictor
+
+        try:
+            return {"predictor": LatencyPredictor.load(spec.predictor)}
+        except DeviceError as e:
+            raise UserError(f"prune.predictor: {e}") from None
+    from devices import DeviceError, get_device, load_profile
+
+    name = spec.device or (targets[0] if targets else None)
+    if name is None:
+        raise UserError("prune by: latency needs prune.device (a device profile) or a target to measure on")
+    try:
+        dev = get_device(load_profile(name))
+    except DeviceError as e:
+        raise UserError(f"prune.device: {e}") from None
+    why = dev.why_unavailable()
+    if why:
+        raise UserError(f"prune by: latency cannot measure on {name} ({why}); use latency: predict with a "
+                        "predictor, or by: flops")
+    return {"device": dev, "measure_kw": {"warmup": 10, "runs": 50, "max_seconds": 2.0}}
 
 
 # ------------------------------------------------------------------------------------- additivity
@@ -334,8 +472,19 @@ def stage(ctx):
     spec = ctx.recipe.prune
     if spec is None:
         return StageRecord("prune", metrics={"skipped": "no prune section in the recipe"})
+    search = getattr(ctx, "records", {}).get("search")
+    seeded = (search.metrics.get("pruned_seed") or {}) if search is not None else {}
+    if seeded.get("seeded"):
+        # The search already weighed the pruned teacher against its candidates; its choice stands.
+        won = seeded["chosen"]
+        why = ("the search chose the pruned teacher" if won else
+               f"the search chose another candidate over the pruned teacher ({', '.join(seeded['removed'])} removed)")
+        ctx.log(f"prune: {why}; the student stays the search's")
+        return StageRecord("prune", config=spec.model_dump(mode="json"),
+                           metrics={"skipped": f"{why} (search.seed_pruned)", "chosen_by_search": won})
     batches = calibration_batches(ctx.data, ctx.recipe.data.batch_size, spec.calibration_batches)
-    student, info = prune_teacher(ctx.teacher, batches, spec.by, spec.remove, log=ctx.log)
+    student, info = prune_teacher(ctx.teacher, batches, spec.by, spec.remove, log=ctx.log,
+                                  **latency_source(spec, ctx.recipe.targets, ctx.log))
     ctx.student = student
     ctx.genome = _genome(ctx, info["removed"])
     ctx.log(f"the pruned teacher replaces the recipe's student: {info['params']:,} params, "

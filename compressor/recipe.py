@@ -169,17 +169,30 @@ class SearchSpec(_Section):
     latency: Literal["predict", "measure"] = Field("predict", description="predict from a per-device model, or measure each")
     calibration: int = Field(6, ge=3, description="candidates measured per device to fit the latency model")
     batch_size: int = Field(64, ge=2, description="samples the proxies score on")
+    proxy_seeds: int = Field(1, ge=1, description="average the proxy over this many (initialisation, batch) "
+                             "pairs: slower by as much, less noisy (4 is a good value for diswot)")
     storage: str | None = Field(None, description="Optuna storage URL (default: SQLite in the run directory)")
     study: str | None = Field(None, description="study name (default: <recipe name>-search)")
+    seed_pruned: bool | PruneSpec | None = Field(
+        None, description="enqueue the teacher pruned (LAPTOP-Diff) as a candidate, so it competes on the Pareto "
+        "front and, when chosen, becomes the student with the teacher's weights. A prune spec ({by, remove}) "
+        "says how to prune it; true uses the recipe's prune section; default: seed when there is a prune section")
 
 
 class PruneSpec(_Section):
     """One-shot layer pruning of the teacher (compressor/prune.py); the pruned teacher becomes the student."""
 
-    by: Literal["params", "flops", "units"] = Field("params", description="what the budget counts")
-    remove: float = Field(gt=0, description="params/flops: the fraction of the teacher's to remove (0.3 = 30%); "
-                                            "units: how many blocks/layers to remove")
+    by: Literal["params", "flops", "units", "latency"] = Field("params", description="what the budget counts")
+    remove: float = Field(gt=0, description="params/flops/latency: the fraction of the teacher's to remove "
+                                            "(0.3 = 30%); units: how many blocks/layers to remove")
     calibration_batches: int = Field(4, ge=1, description="training batches the output-loss criterion averages over")
+    device: str | None = Field(None, description="by: latency: the device profile whose latency counts "
+                                                 "(default: the recipe's first target)")
+    latency: Literal["measure", "predict"] = Field(
+        "measure", description="by: latency: measure the teacher without each unit on the device, or predict "
+        "it with the device's latency predictor (`compress calibrate DEVICE`)")
+    predictor: str | None = Field(None, description="latency: predict: the predictor JSON written by "
+                                                    "`compress calibrate` (predictors/<device>-<space>.json)")
 
     @model_validator(mode="after")
     def _amount(self):
@@ -187,6 +200,10 @@ class PruneSpec(_Section):
             raise ValueError("with by: units, remove is a whole number of units")
         if self.by != "units" and self.remove >= 1:
             raise ValueError(f"with by: {self.by}, remove is a fraction below 1 (0.3 removes 30%)")
+        if self.by != "latency" and (self.device or self.predictor or "latency" in self.model_fields_set):
+            raise ValueError(f"device, latency and predictor go with by: latency (this section has by: {self.by})")
+        if self.latency == "predict" and not self.predictor:
+            raise ValueError("latency: predict needs predictor: the JSON file `compress calibrate DEVICE` wrote")
         return self
 
 

@@ -194,3 +194,117 @@ def test_restore_rebuilds_the_student_from_the_record():
     ctx = SimpleNamespace(teacher=m, student="kept", genome={})
     P.restore(ctx, StageRecord("prune", metrics={"skipped": "no prune section in the recipe"}))
     assert ctx.student == "kept"
+
+
+# ------------------------------------------------------------------------------ latency as the budget
+
+class SizeDevice:
+    """Latency proportional to the ONNX file size: deterministic, close to additive over blocks."""
+
+    def __init__(self):
+        self.measured = 0
+
+    def measure(self, path, **kw):
+        import os
+        from types import SimpleNamespace
+
+        self.measured += 1
+        return SimpleNamespace(p50_ms=os.path.getsize(path) / 1e4)
+
+
+def test_knapsack_by_latency_matches_brute_force():
+    units = [P.Unit(f"u{i}", 1, loss=l, latency_ms=ms)
+             for i, (l, ms) in enumerate([(0.3, 0.12), (0.1, 0.05), (0.25, 0.31), (0.05, 0.02), (0.4, 0.2)])]
+    for budget in (0.05, 0.1, 0.22, 0.4, 0.6):
+        best = min((s for r in range(1, 5) for s in itertools.combinations(units, r)
+                    if sum(u.latency_ms for u in s) >= budget), key=lambda s: sum(u.loss for u in s))
+        assert [u.path for u in P.select(units, "latency", budget)] == [u.path for u in best]
+
+
+def test_prune_by_measured_latency():
+    m = resnet()
+    x = torch.randn(8, 1, 16, 16)
+    dev = SizeDevice()
+    logs = []
+    student, info = P.prune_teacher(m, [x], "latency", 0.3, device=dev, log=logs.append,
+                                    measure_kw={"runs": 5})
+    # 3 rounds of the teacher and its 3 one-unit variants, then 3 rounds of the teacher and the pruned model.
+    assert dev.measured == 3 * 4 + 3 * 2
+    units = {u["path"]: u for u in info["units"]}
+    # The wide block (16 channels) is the costly one on this device; its removal meets 30%.
+    assert units["stages.1.1"]["latency_ms"] > units["stages.0.0"]["latency_ms"] > 0
+    lat = info["latency"]
+    assert lat["saved_ms"] >= 0.3 * lat["teacher_ms"] * 0.99
+    assert lat["pruned_ms"] == pytest.approx(lat["teacher_ms"] - lat["sum_of_unit_savings_ms"], rel=0.05)
+    assert any("measured" in l for l in logs)
+
+
+def test_prune_by_predicted_latency():
+    from devices.predictor import LatencyPredictor
+
+    from compressor.calibrate import features
+
+    # A predictor fitted on three ResNets whose "latency" is their FLOPs: removing a block saves its FLOPs.
+    x = torch.randn(4, 1, 16, 16)
+    samples = []
+    for w in ((4, 8), (8, 16), (8, 8), (16, 16)):
+        for d in ((1, 1), (2, 1), (2, 2), (1, 3)):
+            f = features(ResNet(widths=w, depths=d, in_channels=1), x)
+            samples.append(({"flops": f["flops"], "params": f["params"], "n_Identity": f["n_Identity"]},
+                            f["flops"] / 1e6))
+    pred = LatencyPredictor.fit("fake", samples, method="additive")
+    m = resnet()
+    student, info = P.prune_teacher(m, [x], "latency", 0.2, predictor=pred, log=lambda s: None)
+    assert info["latency"]["how"].startswith("predicted")
+    assert all(u["latency_ms"] > 0 for u in info["units"])
+    assert info["latency"]["saved_ms"] >= 0.2 * info["latency"]["teacher_ms"] * 0.99
+
+
+def test_latency_needs_a_device_or_predictor():
+    with pytest.raises(UserError, match="needs a device"):
+        P.prune_teacher(resnet(), [torch.randn(2, 1, 16, 16)], "latency", 0.3, log=lambda s: None)
+
+
+def test_recipe_prune_by_latency_is_validated(tiny_recipe):
+    from compressor.recipe import load_recipe
+
+    tiny_recipe["prune"] = {"by": "latency", "remove": 0.3, "latency": "predict"}
+    with pytest.raises(UserError, match="predict needs predictor"):
+        load_recipe(tiny_recipe)
+    tiny_recipe["prune"] = {"by": "params", "remove": 0.3, "device": "local-cpu"}
+    with pytest.raises(UserError, match="go with by: latency"):
+        load_recipe(tiny_recipe)
+    tiny_recipe["prune"] = {"by": "latency", "remove": 0.3, "device": "local-cpu"}
+    assert load_recipe(tiny_recipe).prune.latency == "measure"
+    tiny_recipe["targets"] = []
+    tiny_recipe["prune"] = {"by": "latency", "remove": 0.3}
+    r = load_recipe(tiny_recipe)
+    with pytest.raises(UserError, match="needs prune.device"):
+        P.latency_source(r.prune, r.targets)
+
+
+def test_shipped_prune_recipe():
+    from compressor.recipe import load_recipe
+
+    r = load_recipe("quickstart-prune")
+    assert r.prune.by == "latency" and (r.prune.device or r.targets)
+
+
+@pytest.mark.slow
+def test_pipeline_prunes_by_latency(deep_tiny, tmp_path, monkeypatch):
+    """The prune stage with by: latency: the device comes from prune.device (a fake that times ONNX size)."""
+    import devices
+
+    import compressor
+    from compressor.bundle import read_manifest
+
+    dev = SizeDevice()
+    dev.why_unavailable = lambda: None
+    monkeypatch.setattr(devices, "get_device", lambda profile: dev)
+    deep_tiny["prune"] = {"by": "latency", "remove": 0.2, "device": "local-cpu", "calibration_batches": 1}
+    out = compressor.run(deep_tiny, tmp_path / "b", log=lambda s: None)
+    rec = next(s for s in read_manifest(out)["stages"] if s["name"] == "prune")
+    lat = rec["metrics"]["latency"]
+    assert rec["config"]["by"] == "latency" and rec["outputs"]["removed"]
+    assert lat["saved_ms"] >= 0.2 * lat["teacher_ms"] * 0.99 and "warning" not in lat
+    assert all(u["latency_ms"] > 0 for u in rec["metrics"]["units"])

@@ -164,6 +164,45 @@ def from_spec(spec, teacher: nn.Module, teacher_name: str = "") -> Space:
 DEFAULT_BUILDER = {"cnn": "resnet", "mlp": "mlp", "transformer": "compressor.search.spaces:encoder_classifier"}
 
 
+def pruned_genome(space: Space, teacher: nn.Module, removed, defaults: dict | None = None) -> tuple[dict | None, str]:
+    """The genome of the teacher with ``removed`` units gone, in ``space``; (None, why) when the space
+    cannot express it. A ResNet's block removed is one block fewer in its stage; a Transformer layer
+    removed is one layer fewer. The built genome must have the pruned teacher's parameter shapes, so
+    the teacher's weights fit it (checked, not assumed)."""
+    from ..prune import build_pruned
+
+    genome: dict = {}
+    if space.family == "cnn" and isinstance(teacher, ResNet):
+        depths = [len(s) for s in teacher.stages]
+        for p in removed:
+            parts = p.split(".")
+            if len(parts) != 3 or parts[0] != "stages":
+                return None, f"unit {p} is not a block of a stage"
+            depths[int(parts[1])] -= 1
+        for i, s in enumerate(teacher.stages):
+            genome[f"width_{i}"], genome[f"depth_{i}"] = s[0].conv1.out_channels, depths[i]
+        genome["kernel"] = teacher.stem[0].kernel_size[0]
+        if "stages" in space.genes:
+            genome["stages"] = len(depths)
+    elif space.family == "transformer" and isinstance(teacher, EncoderClassifier):
+        genome = {"layers": teacher.layers - len(removed), "hidden": teacher.hidden,
+                  "heads": teacher.encoder.layers[0].self_attn.num_heads, "ffn": teacher.ffn,
+                  "vocab": teacher.vocab}
+    else:
+        return None, f"a {type(teacher).__name__} teacher has no genome in the {space.family} space"
+    missing = [g for g in space.genes if g not in genome]
+    if missing:
+        return None, f"the space has genes the pruned teacher does not set ({', '.join(missing)})"
+    out = [f"{g}={genome[g]}" for g in space.genes if genome[g] not in space.genes[g]]
+    if out:
+        return None, f"{', '.join(out)} not among the space's choices"
+    genome = {g: genome[g] for g in space.genes}
+    shapes = lambda m: sorted(tuple(p.shape) for p in m.state_dict().values())  # noqa: E731
+    if shapes(space.build(genome, defaults)) != shapes(build_pruned(teacher, removed)):
+        return None, f"the genome {genome} builds a model of other shapes than the pruned teacher"
+    return genome, ""
+
+
 # ------------------------------------------------------------------- a small encoder to build from
 
 class EncoderClassifier(nn.Module):

@@ -38,8 +38,46 @@ def _devices(recipe, log) -> dict:
     return out
 
 
+PRUNED = "pruned teacher"  # the origin of the seeded candidate
+
+
+def _seed_spec(recipe, spec):
+    """The prune settings the pruned-teacher seed uses, or None when the search is not seeded."""
+    want = spec.seed_pruned
+    if want is None:  # default: seed when the recipe prunes too
+        return recipe.prune
+    if want is True:
+        if recipe.prune is None:
+            raise UserError("search.seed_pruned: true uses the recipe's prune section, and there is none: "
+                            "give the settings instead (search.seed_pruned: {by: params, remove: 0.5})")
+        return recipe.prune
+    return want or None
+
+
+def pruned_seed(recipe, data, teacher, spec, space, log=print) -> dict | None:
+    """Prune the teacher as the recipe says (LAPTOP-Diff) and return its genome in ``space`` with what
+    was removed; None when not asked, or (with a log line) when the space cannot express it."""
+    from ..prune import calibration_batches, latency_source, prune_teacher
+    from .spaces import pruned_genome
+
+    ps = _seed_spec(recipe, spec)
+    if ps is None:
+        return None
+    batches = calibration_batches(data, recipe.data.batch_size, ps.calibration_batches)
+    _, info = prune_teacher(teacher, batches, ps.by, ps.remove, log=log, **latency_source(ps, recipe.targets, log))
+    genome, why = pruned_genome(space, teacher, info["removed"], _defaults(data))
+    if genome is None:
+        if spec.seed_pruned is not None:  # asked for explicitly: say it cannot be done
+            raise UserError(f"search.seed_pruned: the pruned teacher is not in the search space: {why}")
+        log(f"search: the pruned teacher is not in the search space ({why}); not seeded, the prune stage decides")
+        return None
+    return {"genome": genome, "origin": PRUNED, "removed": info["removed"],
+            "prune": {k: v for k, v in info.items() if k != "units"}}
+
+
 def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bool = False):
-    """Run the search the recipe asks for; return (space, result). ``run_dir`` holds the SQLite study.
+    """Run the search the recipe asks for; return (space, result, seed). ``run_dir`` holds the SQLite
+    study; ``seed`` is the pruned teacher's seed (pruned_seed) or None.
 
     A storage named in the recipe, or ``worker``, is shared: it is used directly (each trial stored as
     it ends) so other processes see every trial. A worker draws its own sampler seed; the recipe's
@@ -53,8 +91,15 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bo
         raise UserError(f"search.proxy {spec.proxy!r}: known proxies are {', '.join(PROXIES)}")
     space = from_spec(spec, teacher, recipe.teacher.model)
     log(f"search: {space.family} space of {space.size:,} students ({', '.join(f'{g}: {c}' for g, c in space.genes.items())})")
-    batch = data.tensors("train", limit=spec.batch_size)
-    view = TeacherView.of(teacher, batch) if spec.proxy == "diswot" else None
+    seed = pruned_seed(recipe, data, teacher, spec, space, log)
+    n = spec.batch_size
+    xs, ys = data.tensors("train", limit=n * spec.proxy_seeds)
+    batches = [(xs[i:i + n], ys[i:i + n]) for i in range(0, len(xs), n) if len(xs[i:i + n]) >= 2]
+    if len(batches) < spec.proxy_seeds:
+        log(f"search: the training split holds {len(batches)} batches of {n}, so the proxy averages {len(batches)} "
+            f"pairs instead of search.proxy_seeds {spec.proxy_seeds}")
+    pairs = [(b, TeacherView.of(teacher, b) if spec.proxy == "diswot" else None) for b in batches]
+    (batch, view), more = pairs[0], pairs[1:]
     run_dir.mkdir(parents=True, exist_ok=True)
     storage = spec.storage or f"sqlite:///{(run_dir / 'search.db').resolve()}"
     b = recipe.budgets
@@ -69,8 +114,25 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bo
                     trials=spec.trials, population=spec.population, seed=recipe.seed, storage=storage,
                     study_name=spec.study or f"{recipe.name}-search", latency=spec.latency,
                     calibration=spec.calibration, measure_kw={"warmup": 5, "runs": 30, "max_seconds": 2.0},
-                    log=log, shared=worker or spec.storage is not None, sampler_seed=sampler_seed)
-    return space, result
+                    log=log, shared=worker or spec.storage is not None, sampler_seed=sampler_seed,
+                    seeds=[seed] if seed else None, more_batches=more)
+    return space, result, seed
+
+
+def _seed_record(seed, result) -> dict | None:
+    """What became of the pruned-teacher seed: its candidate, its rank by score, whether it was chosen."""
+    if seed is None:
+        return None
+    from .spaces import genome_key
+
+    key = genome_key(seed["genome"])
+    mine = next((c for c in result.candidates if c.key == key), None)
+    ranked = sorted({c.key: c for c in result.candidates if c.feasible}.values(), key=lambda c: -c.metrics["score"])
+    rank = next((i + 1 for i, c in enumerate(ranked) if c.key == key), None)
+    return {"seeded": True, "genome": seed["genome"], "key": key, "removed": seed["removed"],
+            "chosen": result.best is not None and result.best.key == key,
+            "on_front": any(c.key == key for c in result.front), "feasible_rank": rank,
+            "feasible": len(ranked), "candidate": mine.to_dict() if mine else None, "prune": seed["prune"]}
 
 
 def plot_front(result, path: Path) -> Path:
@@ -127,25 +189,45 @@ def stage(ctx) -> StageRecord:
     spec = ctx.recipe.search
     if spec is None:
         return StageRecord("search", metrics={"skipped": "the recipe has no search section"})
-    space, result = run_search(ctx.recipe, ctx.data, ctx.teacher, spec, ctx.scratch, ctx.log)
+    space, result, seed = run_search(ctx.recipe, ctx.data, ctx.teacher, spec, ctx.scratch, ctx.log)
     b = ctx.recipe.budgets
     files = {k: f"search/{v}" for k, v in write_outputs(space, result, ctx.work / "search").items()}
     if result.best is None:
         raise UserError(tightest(result, b.size_mb, dict(b.latency_ms)))
     best = result.best
     defaults = _defaults(ctx.data)
-    torch.manual_seed(ctx.recipe.seed)
-    ctx.student = space.build(best.genome, defaults)
-    ctx.genome = {"model": space.builder, "config": space.config(best.genome), "defaults": defaults,
-                  "search": {"family": space.family, "genes": best.genome, "key": best.key}}
+    seeded = _seed_record(seed, result)
+    found = {"family": space.family, "genes": best.genome, "key": best.key}
+    if seeded and seeded["chosen"]:
+        # The pruned teacher won: it keeps the teacher's weights (the proxy scored its architecture at
+        # random init, like every candidate). Its genome is the prune stage's, so prune.rebuild() and the
+        # shipped weights rebuild it.
+        from ..prune import build_pruned
+
+        ctx.student = build_pruned(ctx.teacher, seed["removed"])
+        t = ctx.recipe.teacher
+        ctx.genome = {"model": t.model, "config": t.kwargs, "defaults": ctx.genome.get("defaults", defaults),
+                      "pruned_from": "teacher", "removed": list(seed["removed"]), "search": found}
+        ctx.log(f"search: the pruned teacher ({', '.join(seed['removed'])} removed) is the best candidate; "
+                "it keeps the teacher's weights")
+    else:
+        torch.manual_seed(ctx.recipe.seed)
+        ctx.student = space.build(best.genome, defaults)
+        ctx.genome = {"model": space.builder, "config": space.config(best.genome), "defaults": defaults,
+                      "search": found}
+        if seeded:
+            ctx.log(f"search: the pruned teacher ranked {seeded['feasible_rank'] or 'infeasible'} of "
+                    f"{seeded['feasible']} candidates meeting the budgets"
+                    f"{' (on the Pareto front)' if seeded['on_front'] else ''}; not chosen")
     m = best.metrics
     lat = ", ".join(f"{d} {v:.3f} ms ({m['latency_label']})" for d, v in m["latency_ms"].items())
-    ctx.log(f"search: chose {ctx.genome['config']} ({m['params']:,} params, {m['flops'] / 1e6:.1f} MFLOPs, "
+    ctx.log(f"search: chose {space.config(best.genome)} ({m['params']:,} params, {m['flops'] / 1e6:.1f} MFLOPs, "
             f"{m['size_mb']:.3f} MB{', ' + lat if lat else ''}; score {m['score']:.4g}); plot in {files['plot']}")
     return StageRecord("search", config=spec.model_dump(mode="json"),
                        metrics={**result.summary(), "space": space.to_dict(), "best": best.to_dict(),
                                 "front": [c.to_dict() for c in result.front],
-                                "latency_models": result.latency_models},
+                                "latency_models": result.latency_models,
+                                **({"pruned_seed": seeded} if seeded else {})},
                        outputs={**files, "student": ctx.genome})
 
 
@@ -154,7 +236,12 @@ def restore(ctx, rec: StageRecord) -> None:
         return
     g = rec.outputs["student"]
     torch.manual_seed(ctx.recipe.seed)
-    ctx.student = build_model(g["model"], g["config"], g["defaults"], what="searched student")
+    if "removed" in g:  # the pruned teacher was chosen; its weights come from the distill stage's record
+        from ..prune import build_pruned
+
+        ctx.student = build_pruned(ctx.teacher, g["removed"])
+    else:
+        ctx.student = build_model(g["model"], g["config"], g["defaults"], what="searched student")
     ctx.genome = g
 
 
@@ -170,12 +257,14 @@ def search_command(recipe, out: Path, log=print, worker: bool = False) -> dict:
     data = load_data(recipe.data, recipe.seed)
     teacher, _ = load_teacher(recipe, data, log=log)
     spec = recipe.search or SearchSpec()
-    space, result = run_search(recipe, data, teacher, spec, out, log, worker=worker)
+    space, result, seed = run_search(recipe, data, teacher, spec, out, log, worker=worker)
     write_outputs(space, result, out)
     b = recipe.budgets
     if result.best is None:
         raise UserError(tightest(result, b.size_mb, dict(b.latency_ms)))
+    seeded = _seed_record(seed, result)
     best = {"student": {"model": space.builder, "config": space.config(result.best.genome)},
-            **result.best.to_dict(), "front": len(result.front), **result.summary()}
+            **result.best.to_dict(), "front": len(result.front), **result.summary(),
+            **({"pruned_seed": {k: v for k, v in seeded.items() if k != "candidate"}} if seeded else {})}
     atomic_write(out / "best.json", json.dumps(best, indent=2) + "\n")
     return best
