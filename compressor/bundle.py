@@ -60,11 +60,17 @@ class StageRecord:
         return cls(**d)
 
 
-def toolchain_versions() -> dict:
+# What a manifest records; a Hugging Face run adds transformers, quantization and OpenVINO runs theirs.
+TOOLCHAIN = ("compressor", "torch", "pytorch-lightning", "onnx", "onnxruntime", "numpy", "scikit-learn",
+             "transformers", "nncf", "openvino")
+
+
+def toolchain_versions(dists=TOOLCHAIN) -> dict:
+    """Versions of the installed ``dists`` (those not installed are left out)."""
     from importlib import metadata
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("compressor", "torch", "pytorch-lightning", "onnx", "onnxruntime", "numpy", "scikit-learn"):
+    for dist in dists:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

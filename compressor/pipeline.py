@@ -333,10 +333,27 @@ def _dims(ctx: Context, prof, art: Artifact, batch: int) -> dict:
         return {}
     if prof.runtime != "openvino":
         return {"dims": dims}
+    # An OpenVINO IR loses the ONNX axis names ('?'): take them from the ONNX file the IR came from.
+    named = {i["name"]: i["shape"] for a in ctx.artifacts + ctx.reference if a.format == "onnx"
+             for i in a.inputs or []}
     shapes = {}
     for i in art.inputs or []:
-        shapes[i["name"]] = [batch if k == 0 and not isinstance(d, int) else
-                             (d if isinstance(d, int) and d > 0 else int(dims.get(d, 1))) for k, d in enumerate(i["shape"])]
+        shape = []
+        for k, d in enumerate(i["shape"]):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+                continue
+            source = named.get(i["name"], [])
+            name = d if isinstance(d, str) and d in dims else (source[k] if k < len(source) else None)
+            if k == 0 and name not in dims:
+                shape.append(batch)
+            elif name in dims:
+                shape.append(int(dims[name]))
+            elif len(dims) == 1:  # one size given, one unnamed axis besides the batch: that one
+                shape.append(int(next(iter(dims.values()))))
+            else:
+                raise DeviceError(f"{art.path}: input {i['name']} axis {k} has no size; set profile.dims")
+        shapes[i["name"]] = shape
     return {"dims": shapes} if shapes else {}
 
 

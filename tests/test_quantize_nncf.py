@@ -11,6 +11,8 @@ from torch import nn
 pytest.importorskip("nncf")
 pytest.importorskip("torchao")  # nncf.strip(NATIVE) needs it
 
+from compressor.pipeline import Context  # noqa: E402
+from compressor.tasks import Classification  # noqa: E402
 from compressor.quantize import _nncf_export, _nncf_quantize, fold_batchnorm  # noqa: E402
 from compressor.recipe import load_recipe  # noqa: E402
 from exporters.qdq import check_qdq, run_onnxruntime  # noqa: E402
@@ -19,7 +21,7 @@ from exporters.qdq import check_qdq, run_onnxruntime  # noqa: E402
 def _ctx(tmp_path, model_input):
     recipe = load_recipe({"name": "t", "teacher": {"model": "resnet"}, "data": {"dataset": "digits"},
                           "student": {"model": "resnet"}, "quantize": {"mode": "ptq-nncf"}})
-    return SimpleNamespace(recipe=recipe, work=tmp_path, log=lambda s: None,
+    return SimpleNamespace(recipe=recipe, work=tmp_path, log=lambda s: None, task=Classification(),
                            example=lambda n=1: model_input[:n])
 
 
@@ -67,10 +69,9 @@ def test_qat_kd_stage(tiny_recipe, tmp_path):
     recipe = load_recipe(r)
     data = load_data(recipe.data, 0)
     torch.manual_seed(0)
-    ctx = SimpleNamespace(recipe=recipe, work=tmp_path, scratch=tmp_path / "work", data=data, log=lambda s: None,
-                          teacher=ResNet(widths=(8,), depths=(1,), in_channels=1).eval(),
-                          student=ResNet(widths=(4, 8), depths=(1, 1), in_channels=1).eval(),
-                          example=lambda n=1: data.tensors("test", limit=n)[0], artifacts=[], quality={})
+    ctx = Context(recipe, tmp_path, data, teacher=ResNet(widths=(8,), depths=(1,), in_channels=1).eval(),
+                  teacher_origin={}, student=ResNet(widths=(4, 8), depths=(1, 1), in_channels=1).eval(), genome={},
+                  task=Classification(), log=lambda s: None)
     rec = stage(ctx).metrics
     assert rec["tool"] == "nncf" and rec["bn_folded"] and rec["qat"]["epochs"] == 1
     assert set(rec["checks"]["ops"]) <= {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Add", "Relu",
