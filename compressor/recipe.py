@@ -200,7 +200,9 @@ class PruneSpec(_Section):
             raise ValueError("with by: units, remove is a whole number of units")
         if self.by != "units" and self.remove >= 1:
             raise ValueError(f"with by: {self.by}, remove is a fraction below 1 (0.3 removes 30%)")
-        if self.by != "latency" and (self.device or self.predictor or "latency" in self.model_fields_set):
+        # Only values that differ from the defaults: a resolved recipe (a bundle's recipe.yaml, or one
+        # with --set overrides) spells out latency: measure, and must load again.
+        if self.by != "latency" and (self.device or self.predictor or self.latency != "measure"):
             raise ValueError(f"device, latency and predictor go with by: latency (this section has by: {self.by})")
         if self.latency == "predict" and not self.predictor:
             raise ValueError("latency: predict needs predictor: the JSON file `compress calibrate DEVICE` wrote")

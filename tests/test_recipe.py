@@ -77,3 +77,20 @@ def test_a_list_is_not_a_recipe(tmp_path):
     p.write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="YAML mapping"):
         load_recipe(str(p))
+
+
+def test_every_shipped_recipe_survives_its_own_resolved_dump():
+    """A bundle's recipe.yaml is the resolved recipe with every default spelled out; it must load
+    again (and `--set` re-validates that dump too)."""
+    from compressor.recipe import builtin_recipe, dump_recipe, load_recipe
+
+    import yaml
+    from importlib import resources
+
+    for path in sorted((resources.files("profiles") / "recipes").iterdir()):
+        if path.name.endswith(".yaml"):
+            name = path.name[:-5]
+            r = load_recipe(name)
+            assert load_recipe(yaml.safe_load(dump_recipe(r))) == r, name
+            assert load_recipe(name, ["seed=1"]).seed == 1
+            assert builtin_recipe(name) is not None
