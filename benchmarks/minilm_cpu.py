@@ -132,7 +132,7 @@ def export_teacher(recipe: dict, data, work: Path) -> Path:
 def dynamic_int8(fp32: Path, out: Path) -> Path:
     from exporters.qdq import quantize_dynamic
 
-    if not out.is_file():
+    if not out.is_file() or out.stat().st_mtime < Path(fp32).stat().st_mtime:
         quantize_dynamic(fp32, out)
     return out
 
@@ -142,7 +142,7 @@ def nncf_openvino(fp32: Path, out: Path, calib: list[dict]) -> Path:
     import nncf
     import openvino as ov
 
-    if not out.is_file():
+    if not out.is_file() or out.stat().st_mtime < Path(fp32).stat().st_mtime:  # made from an older file: redo
         model = ov.Core().read_model(str(fp32))
         q = nncf.quantize(model, nncf.Dataset(calib), model_type=nncf.ModelType.TRANSFORMER,
                           subset_size=len(calib))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import random
+import warnings
 
 import torch
 from torch.utils.data import Dataset
@@ -30,15 +31,17 @@ def module_docstrings(name: str, min_chars: int = 40, max_chars: int = 400) -> l
     except ImportError:
         return []
     out = []
-    objs = [mod] + [getattr(mod, a, None) for a in dir(mod) if not a.startswith("_")]
-    for o in objs:
-        members = [getattr(o, a, None) for a in vars(o) if not a.startswith("_")] if inspect.isclass(o) else []
-        for f in [o, *members]:
-            d = inspect.getdoc(f) if f is not None else None
-            if d:
-                para = " ".join(d.split("\n\n")[0].split())
-                if min_chars <= len(para) <= max_chars:
-                    out.append(para)
+    with warnings.catch_warnings():  # reading every attribute trips deprecation warnings (torch.TypedStorage)
+        warnings.simplefilter("ignore")
+        objs = [mod] + [getattr(mod, a, None) for a in dir(mod) if not a.startswith("_")]
+        for o in objs:
+            members = [getattr(o, a, None) for a in vars(o) if not a.startswith("_")] if inspect.isclass(o) else []
+            for f in [o, *members]:
+                d = inspect.getdoc(f) if f is not None else None
+                if d:
+                    para = " ".join(d.split("\n\n")[0].split())
+                    if min_chars <= len(para) <= max_chars:
+                        out.append(para)
     return list(dict.fromkeys(out))
 
 
@@ -76,12 +79,14 @@ class TokenizedText(Dataset):
 
 def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None = None,
                train_modules: list[str] | None = None, test_modules: list[str] | None = None,
-               max_length: int = 128, max_train: int = 3000, max_test: int = 400, seed: int = 0) -> dict:
-    """Docstrings of ``train_modules`` for training and of ``test_modules`` (disjoint) held out,
-    tokenised with the teacher's tokenizer (filled in from a Hugging Face teacher when left out)."""
+               extra_train_modules: list[str] | None = None, max_length: int = 128, max_train: int = 3000,
+               max_test: int = 400, seed: int = 0) -> dict:
+    """Docstrings of ``train_modules`` (+ ``extra_train_modules``, e.g. installed packages such as numpy)
+    for training and of ``test_modules`` (disjoint) held out, tokenised with the teacher's tokenizer
+    (filled in from a Hugging Face teacher when left out). Modules that are not installed give nothing."""
     from .hf import tokenizer
 
-    train_modules = list(train_modules or TRAIN_MODULES)
+    train_modules = list(train_modules or TRAIN_MODULES) + list(extra_train_modules or [])
     test_modules = list(test_modules or HELD_OUT_MODULES)
     both = set(train_modules) & set(test_modules)
     if both:

@@ -41,6 +41,8 @@ def test_docstrings_come_from_disjoint_modules(bert_dir):
     assert meta["dims"] == {"sequence": 32} and meta["num_classes"] == len(meta["test_modules"])
     train_txt = set(data.train.dataset.texts) if hasattr(data.train, "dataset") else set(data.train.texts)
     assert train_txt.isdisjoint(data.test.texts)
+    more = _data(bert_dir, extra_train_modules=["colorsys", "not_a_module_here"])
+    assert more.meta["train_modules"][-1] == "colorsys"  # a missing module gives nothing, not an error
     texts, labels, used = labelled_docstrings(["json", "heapq"])
     assert used == ["json", "heapq"] and set(labels) == {0, 1} and len(texts) == len(set(texts))
 
