@@ -28,7 +28,8 @@ def run(recipe, out_dir, overrides, resume, force):
     from .pipeline import run as run_pipeline
 
     bundle = run_pipeline(recipe, out_dir, overrides=overrides, resume=resume, force=force)
-    click.echo(str(bundle))
+    if bundle is not None:  # None: a follower rank of a multi-process distillation; rank 0 writes it
+        click.echo(str(bundle))
 
 
 @cli.command()

@@ -506,6 +506,56 @@ def _data_defaults(recipe: Recipe) -> dict:
     return {}
 
 
+def _context(recipe: Recipe, work: Path, log) -> Context:
+    """Data, task, teacher and the recipe's student (if any), checked against each other."""
+    torch.manual_seed(recipe.seed)
+    data = load_data(recipe.data, recipe.seed, defaults=_data_defaults(recipe))
+    task = get_task(recipe.task)
+    teacher, origin = load_teacher(recipe, data, log=log)
+    student, genome = build_student(recipe, data)
+    if student is not None:
+        s_width, t_width = check_fits(student, data, "student", task), check_fits(teacher, data, "teacher", task)
+        if s_width != t_width and recipe.task == "classification":
+            raise UserError(f"the student outputs {s_width} classes and the teacher {t_width}: "
+                            "distillation needs the same classes")
+    return Context(recipe, work, data, teacher, origin, student, genome, task=task, log=log)
+
+
+def follower_rank() -> int:
+    """This process's global rank when a launcher started it to join another process's run: Lightning's
+    plain ``ddp`` re-runs the command for each extra device (LOCAL_RANK), torchrun and SLURM start one
+    per device (RANK), a multi-node job one per node (NODE_RANK). 0 for the process that leads."""
+    env = os.environ
+    if env.get("RANK", "").isdigit():
+        return int(env["RANK"])
+    local, node = env.get("LOCAL_RANK", "0"), env.get("NODE_RANK", "0")
+    return max(int(local) if local.isdigit() else 0, int(node) if node.isdigit() else 0)
+
+
+def _follow(recipe: Recipe, work: Path, rank: int, log, wait_s: float = 24 * 3600) -> None:
+    """A follower rank: wait for the leader's records of the stages before distillation, rebuild what
+    they made (the searched or pruned student) from them, join the distillation, then leave
+    everything else, the bundle included, to rank 0. It never creates, refuses or deletes the run
+    directory, so --force and --resume on the re-run command line do no harm. Several nodes need the
+    run directory on a disk they share."""
+    from .distill.train import fit
+
+    before = STAGE_ORDER[:STAGE_ORDER.index("distill")]
+    markers = [work / "stages" / f"{n}.json" for n in before]
+    deadline = time.time() + wait_s
+    while not all(m.is_file() for m in markers):
+        if time.time() > deadline:
+            raise UserError(f"rank {rank}: rank 0's records of {', '.join(before)} never appeared in {work}")
+        time.sleep(1.0)
+    ctx = _context(recipe, work, log)
+    for name, marker in zip(before, markers):
+        STAGES[name][1](ctx, StageRecord.from_dict(json.loads(marker.read_text())))
+    log(f"rank {rank}: joining the distillation of {work}; rank 0 writes the bundle")
+    fit(ctx.student, ctx.teacher, ctx.data, recipe.distill, recipe.data, ctx.scratch / "checkpoints",
+        seed=recipe.seed, log=log, val_metric=ctx.task.val_metric)
+    return None
+
+
 def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | None = None, *,
         overrides=(), resume: bool = False, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
     """Run every stage of ``recipe`` and write the bundle; return the bundle's path."""
@@ -514,6 +564,9 @@ def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | 
     log = log or (lambda s: print(s, file=sys.stderr))
     out = Path(out_dir or Path("runs") / recipe.name)
     work = out.with_name(out.name + ".partial")
+    rank = follower_rank()
+    if rank:
+        return _follow(recipe, work, rank, log)
     if out.exists() and not force:
         raise UserError(f"{out} already exists: pass --force to replace it, or --out to write elsewhere")
     if work.exists() and not resume:
@@ -535,17 +588,7 @@ def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | 
     write_json(work / "run.json", run_json)
     t_run = time.time()
     try:
-        torch.manual_seed(recipe.seed)
-        data = load_data(recipe.data, recipe.seed, defaults=_data_defaults(recipe))
-        task = get_task(recipe.task)
-        teacher, origin = load_teacher(recipe, data, log=log)
-        student, genome = build_student(recipe, data)
-        if student is not None:
-            s_width, t_width = check_fits(student, data, "student", task), check_fits(teacher, data, "teacher", task)
-            if s_width != t_width and recipe.task == "classification":
-                raise UserError(f"the student outputs {s_width} classes and the teacher {t_width}: "
-                                "distillation needs the same classes")
-        ctx = Context(recipe, work, data, teacher, origin, student, genome, task=task, log=log)
+        ctx = _context(recipe, work, log)
         parent = None
         for name in STAGE_ORDER:
             if name not in STAGES:

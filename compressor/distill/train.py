@@ -37,6 +37,8 @@ class EpochLog(pl.Callback):
         self.t0 = time.time()
 
     def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
+        if not trainer.is_global_zero:  # one line per epoch, not one per rank
+            return
         m = trainer.callback_metrics
         loss = float(m["train_loss"]) if "train_loss" in m else float("nan")
         self.emit(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: train loss {loss:.4f}, "
