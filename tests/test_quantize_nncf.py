@@ -45,6 +45,16 @@ def test_nncf_export_is_standard_qdq(tmp_path, act):
     with torch.no_grad():
         ref = stripped(x).numpy()
     assert np.abs(run_onnxruntime(out, x.numpy()) - ref).max() < 0.05
+    # TensorRT's side, checked without TensorRT: `polygraphy inspect model` reads the int8 file, and in
+    # int8 mode every Q/DQ is symmetric int8 with zero point 0
+    # (NNCF's exported zero points are computed: `polygraphy surgeon sanitize --fold-constants` first,
+    # as the TensorRT exporter does.)
+    pytest.importorskip("polygraphy")
+    from exporters.tensorrt import check_onnx, sanitize
+
+    trt = check_onnx(sanitize(out, tmp_path / "sanitized.onnx"), inspect=True)
+    assert "ONNX Model" in trt["inspect"] and "QuantizeLinear" in trt["ops"]
+    assert trt["ok"] == (act == "int8"), trt["problems"][:3]
 
 
 def test_nncf_keep_float(tmp_path):
