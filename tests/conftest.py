@@ -35,3 +35,27 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return compressor.run(dict(TINY), out, log=lambda s: None)
+
+
+@pytest.fixture
+def deep_tiny(tiny_recipe):
+    """Two blocks per stage, so the teacher has three prunable units (stages.0.0, stages.0.1, stages.1.1)."""
+    tiny_recipe["teacher"]["kwargs"]["depths"] = [2, 2]
+    tiny_recipe["distill"]["epochs"] = 1
+    tiny_recipe["targets"] = []
+    return tiny_recipe
+
+
+def mlp_space():
+    """A small MLP search space over 16 features and 4 classes (with the ``batch`` fixture)."""
+    from compressor.search.spaces import Space
+
+    return Space("mlp", "mlp", {"layers": [1, 2], "width_0": [8, 16, 32, 64], "width_1": [8, 16, 32]})
+
+
+@pytest.fixture
+def batch():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)

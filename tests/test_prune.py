@@ -133,14 +133,6 @@ def test_recipe_prune_section_is_validated(tiny_recipe):
         load_recipe(tiny_recipe)
 
 
-@pytest.fixture
-def deep_tiny(tiny_recipe):
-    # Two blocks per stage, so the teacher has three prunable units (stages.0.0, stages.0.1, stages.1.1).
-    tiny_recipe["teacher"]["kwargs"]["depths"] = [2, 2]
-    tiny_recipe["distill"]["epochs"] = 1
-    tiny_recipe["targets"] = []
-    return tiny_recipe
-
 
 def test_pipeline_prunes_the_teacher_into_the_student(deep_tiny, tmp_path):
     import compressor

@@ -3,12 +3,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from compressor.errors import UserError
 from compressor.search import PROXIES
 from compressor.search.nsga import pareto, search, tightest
-from compressor.search.spaces import Space
+from conftest import mlp_space
 
 optuna = pytest.importorskip("optuna")
 
@@ -24,16 +23,6 @@ class FakeDevice:
 
         self.measured += 1
         return SimpleNamespace(p50_ms=os.path.getsize(path) / 1e4)
-
-
-def mlp_space():
-    return Space("mlp", "mlp", {"layers": [1, 2], "width_0": [8, 16, 32, 64], "width_1": [8, 16, 32]})
-
-
-@pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
 
 
 DEFAULTS = {"in_features": 16, "num_classes": 4}

@@ -11,20 +11,11 @@ from compressor.models import ResNet
 from compressor.search import PROXIES
 from compressor.search import nsga
 from compressor.search.spaces import EncoderClassifier, Space, detect, pruned_genome, transformer_space
+from conftest import mlp_space
 
 optuna = pytest.importorskip("optuna")
 
 DEFAULTS = {"in_features": 16, "num_classes": 4}
-
-
-def mlp_space():
-    return Space("mlp", "mlp", {"layers": [1, 2], "width_0": [8, 16, 32, 64], "width_1": [8, 16, 32]})
-
-
-@pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
 
 
 def test_progress_bar_shows_the_best_so_far(tmp_path, batch, monkeypatch):
@@ -106,13 +97,6 @@ def test_seed_pruned_true_needs_a_prune_section(tiny_recipe):
     r = load_recipe({**tiny_recipe, "search": {"seed_pruned": False}, "prune": {"by": "units", "remove": 1}})
     assert _seed_spec(r, r.search) is None
 
-
-@pytest.fixture
-def deep_tiny(tiny_recipe):
-    tiny_recipe["teacher"]["kwargs"]["depths"] = [2, 2]
-    tiny_recipe["distill"]["epochs"] = 1
-    tiny_recipe["targets"] = []
-    return tiny_recipe
 
 
 @pytest.mark.slow
