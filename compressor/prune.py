@@ -25,6 +25,7 @@ from torch import nn
 
 from .distill.hooks import first_tensor
 from .errors import UserError
+from .tasks import call, take
 
 
 @dataclass
@@ -37,11 +38,6 @@ class Unit:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def call(model: nn.Module, batch):
-    """Run a batch that is a tensor or a dict of tensors (Hugging Face inputs)."""
-    return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
 def output(model: nn.Module, batch) -> torch.Tensor:
@@ -178,7 +174,7 @@ def set_loss(model: nn.Module, paths, batches, refs=None) -> float:
 def flops(model: nn.Module, example) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    one = {k: v[:1] for k, v in example.items()} if isinstance(example, dict) else example[:1]
+    one = take(example, 1)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         call(model, one)
     return int(fc.get_total_flops())
