@@ -175,8 +175,13 @@ def flops(model: nn.Module, example) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     one = take(example, 1)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        call(model, one)
+    was = model.training
+    model.eval()  # as deployed: in training mode dropout sends attention down a path with more matmuls
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            call(model, one)
+    finally:
+        model.train(was)
     return int(fc.get_total_flops())
 
 
@@ -458,7 +463,16 @@ def rebuild(genome: dict) -> nn.Module:
     from .models import build_model
 
     teacher = build_model(genome["model"], genome["config"], genome.get("defaults"), what="pruned teacher")
-    return build_pruned(teacher, genome["removed"])
+    return narrowed(build_pruned(teacher, genome["removed"]), genome.get("width"))
+
+
+def narrowed(student: nn.Module, plan: dict | None) -> nn.Module:
+    """The layer-pruned teacher with the width plan's neurons and heads cut (compressor/width.py)."""
+    if not plan:
+        return student
+    from .width import apply_plan
+
+    return apply_plan(student, plan)
 
 
 def stage(ctx):
@@ -479,27 +493,57 @@ def stage(ctx):
         return StageRecord("prune", config=spec.model_dump(mode="json"),
                            metrics={"skipped": f"{why} (search.seed_pruned)", "chosen_by_search": won})
     batches = calibration_batches(ctx.data, ctx.recipe.data.batch_size, spec.calibration_batches)
-    student, info = prune_teacher(ctx.teacher, batches, spec.by, spec.remove, log=ctx.log,
-                                  **latency_source(spec, ctx.recipe.targets, ctx.log))
+    if spec.remove:
+        student, info = prune_teacher(ctx.teacher, batches, spec.by, spec.remove, log=ctx.log,
+                                      **latency_source(spec, ctx.recipe.targets, ctx.log))
+    else:  # width only
+        student, info = build_pruned(ctx.teacher, []), {"removed": []}
+    plan = None
+    if spec.width is not None:
+        from .width import prune_width
+
+        w = spec.width
+        student, plan, info["width"] = prune_width(student, batches, w.remove, ffn=w.ffn, heads=w.heads,
+                                                   multiple=w.multiple, projections=w.projections, log=ctx.log)
+        info["params"] = sum(p.numel() for p in student.parameters())
+        info["flops"] = flops(student, batches[0])
+        # The whole cut (layers and width) against the teacher, as the layer criterion measures it.
+        info["measured_loss"] = _sq_error_mean(ctx.teacher, student, batches)
     ctx.student = student
-    ctx.genome = _genome(ctx, info["removed"])
+    ctx.genome = _genome(ctx, info["removed"], plan)
     ctx.log(f"the pruned teacher replaces the recipe's student: {info['params']:,} params, "
             f"{info['flops'] / 1e6:.1f} MFLOPs")
     return StageRecord("prune", config=spec.model_dump(mode="json"),
                        metrics={k: v for k, v in info.items() if k != "removed"},
-                       outputs={"removed": info["removed"], "genome": ctx.genome})
+                       outputs={"removed": info["removed"], "width": plan, "genome": ctx.genome})
+
+
+@torch.no_grad()
+def _sq_error_mean(teacher: nn.Module, student: nn.Module, batches) -> float:
+    was = student.training
+    teacher.eval()
+    student.eval()
+    total, n = 0.0, 0
+    for b in batches:
+        ref = output(teacher, b)
+        total, n = total + _sq_error(output(student, b), ref), n + len(ref)
+    student.train(was)
+    return total / n
 
 
 def restore(ctx, rec) -> None:
     if "removed" in rec.outputs:
-        ctx.student = build_pruned(ctx.teacher, rec.outputs["removed"])
+        ctx.student = narrowed(build_pruned(ctx.teacher, rec.outputs["removed"]), rec.outputs.get("width"))
         ctx.genome = rec.outputs["genome"]
 
 
-def _genome(ctx, removed) -> dict:
+def _genome(ctx, removed, plan=None) -> dict:
     t = ctx.recipe.teacher
-    return {"model": t.model, "config": t.kwargs, "defaults": ctx.genome.get("defaults", {}),
-            "pruned_from": "teacher", "removed": list(removed)}
+    g = {"model": t.model, "config": t.kwargs, "defaults": ctx.genome.get("defaults", {}),
+         "pruned_from": "teacher", "removed": list(removed)}
+    if plan:
+        g["width"] = plan
+    return g
 
 
 def main(argv=None) -> None:

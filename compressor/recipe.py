@@ -179,12 +179,26 @@ class SearchSpec(_Section):
         "says how to prune it; true uses the recipe's prune section; default: seed when there is a prune section")
 
 
+class WidthSpec(_Section):
+    """Width pruning after the layers (compressor/width.py): FFN neurons and attention heads cut out of the
+    teacher's weights, chosen by their linearised output loss under a FLOPs budget."""
+
+    remove: float = Field(gt=0, lt=1, description="the fraction of the (layer-pruned) model's FLOPs to remove")
+    ffn: bool = Field(True, description="cut neurons between a Linear and the next (Transformer FFNs, MLPs)")
+    heads: bool = Field(True, description="cut attention heads (modules with prune_heads: Hugging Face's)")
+    multiple: int = Field(16, ge=1, description="kept FFN widths are multiples of this (GEMM kernels prefer it)")
+    projections: int = Field(4, ge=1, description="random output projections per calibration batch")
+
+
 class PruneSpec(_Section):
-    """One-shot layer pruning of the teacher (compressor/prune.py); the pruned teacher becomes the student."""
+    """One-shot layer pruning of the teacher (compressor/prune.py), then optionally width pruning
+    (compressor/width.py); the pruned teacher becomes the student."""
 
     by: Literal["params", "flops", "units", "latency"] = Field("params", description="what the budget counts")
-    remove: float = Field(gt=0, description="params/flops/latency: the fraction of the teacher's to remove "
-                                            "(0.3 = 30%); units: how many blocks/layers to remove")
+    remove: float = Field(ge=0, description="params/flops/latency: the fraction of the teacher's to remove "
+                                            "(0.3 = 30%); units: how many blocks/layers to remove; 0: no layers, "
+                                            "only width")
+    width: WidthSpec | None = Field(None, description="also narrow the layers that stay")
     calibration_batches: int = Field(4, ge=1, description="training batches the output-loss criterion averages over")
     device: str | None = Field(None, description="by: latency: the device profile whose latency counts "
                                                  "(default: the recipe's first target)")
@@ -196,6 +210,8 @@ class PruneSpec(_Section):
 
     @model_validator(mode="after")
     def _amount(self):
+        if self.remove == 0 and self.width is None:
+            raise ValueError("remove: 0 prunes nothing; give prune.width, or a remove above 0")
         if self.by == "units" and self.remove != int(self.remove):
             raise ValueError("with by: units, remove is a whole number of units")
         if self.by != "units" and self.remove >= 1:

@@ -1,0 +1,354 @@
+"""Width pruning: FFN neurons and attention heads cut out of the teacher's own weights.
+
+Layer pruning (compressor/prune.py) removes whole blocks; this narrows the blocks that stay. Together they
+make a student much smaller than the teacher that still starts from the teacher's weights.
+
+1. Groups, found on any model and checked numerically, never assumed from names:
+   - an FFN pair: a Linear A and the next Linear B (in execution order) with B.in_features ==
+     A.out_features, such that cutting channels out of A's outputs and B's inputs gives exactly the model
+     with those channels of B's input set to zero. An elementwise activation between them passes; a
+     LayerNorm, a residual use of A's output or a reshape into heads does not (the check fails or the
+     sliced copy does not run). In a Transformer layer that is the intermediate/output pair.
+   - attention heads: a module with ``prune_heads`` (Hugging Face's attention modules) whose child holds
+     ``num_attention_heads`` and ``attention_head_size``. Head h's output is a head-wide slice of the
+     input of the attention's output Linear (the ``gate``); pruned with the module's own ``prune_heads``,
+     checked the same way.
+2. Criterion: LAPTOP-Diff's output loss (prune.py), linearised so thousands of elements cost a few
+   backward passes. With a mask m on each gate's input (per neuron, or per head slice), removing element j
+   changes the output by about -dy/dm_j, so s_j = E ||dy/dm_j||^2 per sample. It is estimated with random
+   projections: for r ~ N(0, I), E_r (r . dy/dm)^2 = ||dy/dm||^2, and the sum over a batch has the
+   per-sample squares as its expectation. Scores are taken at the model's output, so they compare across
+   layers and between neurons and heads.
+3. Selection: neurons go in blocks of ``multiple`` (the lowest-scoring first within a pair, so kept widths
+   stay multiples of ``multiple``, which the GEMM kernels prefer), heads one at a time. The cheapest next
+   block or head per FLOP it saves is taken until the FLOPs removed reach the budget; every pair keeps one
+   block and every attention one head.
+4. The plan (kept neurons per FFN pair, removed heads per attention, by module path) goes into the
+   genome: ``apply_plan`` on the layer-pruned teacher rebuilds the student.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .prune import flops, output
+
+
+@dataclass
+class Group:
+    kind: str  # "ffn" or "heads"
+    path: str  # ffn: B, the Linear whose input channels go; heads: the attention module
+    gate: str  # the Linear whose input the mask scales (ffn: B itself; heads: the attention's output Linear)
+    producer: str  # ffn: A, whose output rows go; heads: the child holding num_attention_heads
+    size: int  # neurons or heads
+    width: int  # gate input channels per element: 1 for a neuron, head_dim for a head
+    flops: float = 0.0  # FLOPs one element costs per sample (counted on the calibration example)
+    scores: list = field(default_factory=list)  # s_j per element
+
+    def summary(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "size": self.size, "flops_per_element": self.flops}
+
+
+# ------------------------------------------------------------------------------------------ finding
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(_get(model, parent), child, module)
+
+
+@contextmanager
+def _swapped(model: nn.Module, modules: dict):
+    """``model`` with the modules at the given paths replaced while the block runs."""
+    old = {p: _get(model, p) for p in modules}
+    for p, m in modules.items():
+        _set(model, p, m)
+    try:
+        yield model
+    finally:
+        for p, m in old.items():
+            _set(model, p, m)
+
+
+@contextmanager
+def _gated(model: nn.Module, gates: dict):
+    """Multiply each gate Linear's input by its mask (a tensor over its input channels)."""
+    handles = [_get(model, p).register_forward_pre_hook(
+        lambda _m, args, mask=mask: (args[0] * mask, *args[1:])) for p, mask in gates.items()]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _linear_order(model: nn.Module, example) -> list[str]:
+    """The Linear layers' paths in the order a forward pass first calls them."""
+    order, handles = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(lambda _m, _a, _o, name=name: order.append(name)))
+    try:
+        output(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def sliced_linear(lin: nn.Linear, *, rows=None, cols=None) -> nn.Linear:
+    """A copy of ``lin`` keeping only the given output rows and/or input columns."""
+    w = lin.weight.detach()
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+    out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None).to(w.dtype)
+    out.weight.data.copy_(w)
+    if lin.bias is not None:
+        out.bias.data.copy_(lin.bias.detach() if rows is None else lin.bias.detach()[rows])
+    return out
+
+
+def _ffn_swap(model: nn.Module, g: Group, keep) -> dict:
+    keep = torch.as_tensor(sorted(keep), dtype=torch.long)
+    return {g.producer: sliced_linear(_get(model, g.producer), rows=keep),
+            g.path: sliced_linear(_get(model, g.path), cols=keep)}
+
+
+def _heads_swap(model: nn.Module, g: Group, removed) -> dict:
+    att = copy.deepcopy(_get(model, g.path))
+    att.prune_heads(sorted(int(h) for h in removed))
+    return {g.path: att}
+
+
+def _mask(g: Group, removed, device=None) -> torch.Tensor:
+    m = torch.ones(g.size * g.width, device=device)
+    for j in removed:
+        m[j * g.width:(j + 1) * g.width] = 0
+    return m
+
+
+@torch.no_grad()
+def _exact(model: nn.Module, g: Group, example, tol: float = 1e-4) -> bool:
+    """Whether cutting half the group's elements equals zeroing them at the gate (on ``example``)."""
+    gen = torch.Generator().manual_seed(0)
+    removed = torch.randperm(g.size, generator=gen)[: max(1, g.size // 2)].tolist()
+    with _gated(model, {g.gate: _mask(g, removed)}):
+        ref = output(model, example)
+    keep = [j for j in range(g.size) if j not in set(removed)]
+    swap = _ffn_swap(model, g, keep) if g.kind == "ffn" else _heads_swap(model, g, removed)
+    try:
+        with _swapped(model, swap):
+            got = output(model, example)
+    except (RuntimeError, ValueError, IndexError):  # a reshape into heads, a residual of the wrong width
+        return False
+    return got.shape == ref.shape and float((got - ref).abs().max()) <= tol * (1 + float(ref.abs().max()))
+
+
+def _head_groups(model: nn.Module, order: list[str], example) -> list[Group]:
+    groups = []
+    for path, m in model.named_modules():
+        if not callable(getattr(m, "prune_heads", None)) or hasattr(m, "base_model_prefix"):
+            continue  # a PreTrainedModel's prune_heads takes a dict over layers; its layers' modules come next
+        holder = next(((p, c) for p, c in m.named_modules()
+                       if hasattr(c, "num_attention_heads") and hasattr(c, "attention_head_size")), None)
+        if holder is None:
+            continue
+        n, d = int(holder[1].num_attention_heads), int(holder[1].attention_head_size)
+        prefix = f"{path}." if path else ""
+        gates = [p for p in order if p.startswith(prefix) and _get(model, p).in_features == n * d]
+        if n < 2 or not gates:
+            continue
+        g = Group("heads", path, gates[-1], f"{prefix}{holder[0]}".rstrip("."), n, d)
+        if _exact(model, g, example):
+            groups.append(g)
+    return groups
+
+
+def _ffn_groups(model: nn.Module, order: list[str], example, taken: list[Group]) -> list[Group]:
+    inside = tuple(f"{g.path}." for g in taken)
+    groups = []
+    for i, a in enumerate(order):
+        if a.startswith(inside):
+            continue
+        A = _get(model, a)
+        b = next((p for p in order[i + 1:] if _get(model, p).in_features == A.out_features), None)
+        if b is None or b.startswith(inside) or A.out_features < 2:
+            continue
+        g = Group("ffn", b, b, a, A.out_features, 1)
+        if _exact(model, g, example):
+            groups.append(g)
+    return groups
+
+
+def find_groups(model: nn.Module, example, ffn: bool = True, heads: bool = True) -> list[Group]:
+    """The model's prunable FFN pairs and attention-head sets, each checked to cut exactly."""
+    was = model.training
+    model.eval()
+    try:
+        order = _linear_order(model, example)
+        hg = _head_groups(model, order, example) if heads else []
+        fg = _ffn_groups(model, order, example, hg) if ffn else []
+    finally:
+        model.train(was)
+    return hg + fg
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+def score_groups(model: nn.Module, groups: list[Group], batches, projections: int = 4, seed: int = 0) -> list[Group]:
+    """Fill each group's ``scores`` (s_j = E ||dy/dm_j||^2 per sample) and ``flops`` (per element)."""
+    was = model.training
+    req = [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    masks = {g.gate: torch.ones(g.size, requires_grad=True) for g in groups}
+    acc = {g.gate: torch.zeros(g.size) for g in groups}
+    samples = 0
+    try:
+        gates = {g.gate: (lambda g=g: masks[g.gate].repeat_interleave(g.width)) for g in groups}
+        handles = [_get(model, p).register_forward_pre_hook(
+            lambda _m, args, f=f: (args[0] * f(), *args[1:])) for p, f in gates.items()]
+        try:
+            for b in batches:
+                y = output(model, b)
+                samples += len(y)
+                for k in range(projections):
+                    r = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+                    grads = torch.autograd.grad((y * r).sum(), list(masks.values()),
+                                                retain_graph=k < projections - 1)
+                    for gate, gr in zip(masks, grads):
+                        acc[gate] += gr.detach().float() ** 2
+        finally:
+            for h in handles:
+                h.remove()
+        for g in groups:
+            g.scores = (acc[g.gate] / (projections * samples)).tolist()
+        base = flops(model, batches[0])
+        for g in groups:
+            one = _ffn_swap(model, g, range(1, g.size)) if g.kind == "ffn" else _heads_swap(model, g, [0])
+            with _swapped(model, one):
+                g.flops = float(base - flops(model, batches[0]))
+    finally:
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+        model.train(was)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------- selection
+
+def select(groups: list[Group], budget: float, multiple: int = 16) -> dict:
+    """The plan that removes at least ``budget`` FLOPs per sample at the least summed score: blocks of
+    ``multiple`` neurons (lowest scores first) and single heads, cheapest score per FLOP first."""
+    order = {g.path: sorted(range(g.size), key=lambda j: g.scores[j]) for g in groups}
+    taken = {g.path: 0 for g in groups}  # elements removed so far (a prefix of order[path])
+
+    def next_block(g: Group):
+        t = taken[g.path]
+        if g.kind == "heads":
+            n = 1 if t < g.size - 1 else 0
+        else:
+            step = multiple if g.size > multiple else 1
+            n = (g.size - t) % step or step  # the first block leaves a multiple of `step` kept
+            if g.size - t - n < step:
+                n = 0  # keep one block
+        if not n:
+            return None
+        idx = order[g.path][t:t + n]
+        return sum(g.scores[j] for j in idx) / (n * g.flops or 1e-30), n
+
+    saved = 0.0
+    while saved < budget:
+        options = [(b[0], g, b[1]) for g in groups if g.flops > 0 and (b := next_block(g)) is not None]
+        if not options:
+            total = saved
+            raise UserError(f"prune.width: cutting every FFN pair to one block of {multiple} and every attention "
+                            f"to one head saves {total:,.0f} FLOPs per sample, short of the {budget:,.0f} asked; "
+                            "lower prune.width.remove")
+        _, g, n = min(options, key=lambda o: o[0])
+        taken[g.path] += n
+        saved += n * g.flops
+    plan = {"ffn": {}, "heads": {}}
+    for g in groups:
+        gone = order[g.path][:taken[g.path]]
+        if not gone:
+            continue
+        if g.kind == "ffn":
+            plan["ffn"][g.path] = {"producer": g.producer, "keep": sorted(set(range(g.size)) - set(gone))}
+        else:
+            plan["heads"][g.path] = sorted(gone)
+    return plan
+
+
+def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
+    """Cut the plan's neurons and heads out of ``model`` in place (its weights are the teacher's)."""
+    for path, p in plan.get("ffn", {}).items():
+        keep = torch.as_tensor(p["keep"], dtype=torch.long)
+        _set(model, p["producer"], sliced_linear(_get(model, p["producer"]), rows=keep))
+        _set(model, path, sliced_linear(_get(model, path), cols=keep))
+    for path, removed in plan.get("heads", {}).items():
+        _get(model, path).prune_heads([int(h) for h in removed])
+    return model
+
+
+@torch.no_grad()
+def _plan_error(model: nn.Module, pruned: nn.Module, groups: list[Group], plan: dict, batch) -> float:
+    """Max |pruned - gated original|: the cut model against the original with the same elements zeroed."""
+    by_path = {g.path: g for g in groups}
+    gates = {}
+    for path, p in plan["ffn"].items():
+        g = by_path[path]
+        gates[g.gate] = _mask(g, sorted(set(range(g.size)) - set(p["keep"])))
+    for path, removed in plan["heads"].items():
+        g = by_path[path]
+        gates[g.gate] = _mask(g, removed)
+    model.eval()
+    pruned.eval()
+    with _gated(model, gates):
+        ref = output(model, batch)
+    return float((output(pruned, batch) - ref).abs().max())
+
+
+def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, heads: bool = True,
+                multiple: int = 16, projections: int = 4, log=print):
+    """Find, score and select; return (a narrower copy of ``model``, record dict)."""
+    groups = find_groups(model, batches[0], ffn=ffn, heads=heads)
+    if not groups:
+        kinds = " or ".join(k for k, on in (("FFN pairs", ffn), ("attention heads", heads)) if on)
+        raise UserError(f"prune.width: {type(model).__name__} has no {kinds} that can be cut exactly "
+                        "(docs/distillation.md, Width); drop prune.width")
+    score_groups(model, groups, batches, projections=projections)
+    total = flops(model, batches[0])
+    plan = select(groups, remove * total, multiple)
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    err = _plan_error(model, pruned, groups, plan, batches[0])
+    after = flops(pruned, batches[0])
+    predicted = sum(g.scores[j] for g in groups for j in _removed(g, plan))
+    kept = {g.path: g.size - len(_removed(g, plan)) for g in groups}
+    said = [f"{kind} " + ", ".join(f"{kept[g.path]}/{g.size}" for g in groups if g.kind == k)
+            for k, kind in (("heads", "heads kept per attention"), ("ffn", "neurons kept per FFN pair"))
+            if any(g.kind == k for g in groups)]
+    log(f"prune.width: {'; '.join(said)}; FLOPs {total / 1e6:.4g} -> {after / 1e6:.4g} M per sample; "
+        f"linearised output loss {predicted:.4g}, cut vs zeroed max |diff| {err:.2g}")
+    info = {"groups": [g.summary() | {"kept": kept[g.path]} for g in groups], "remove": remove,
+            "flops_before": total, "flops_after": after, "predicted_loss": predicted,
+            "max_abs_diff_vs_masked": err, "multiple": multiple, "projections": projections}
+    return pruned.requires_grad_(True), plan, info
+
+
+def _removed(g: Group, plan: dict) -> list[int]:
+    if g.kind == "heads":
+        return list(plan["heads"].get(g.path, []))
+    p = plan["ffn"].get(g.path)
+    return [] if p is None else sorted(set(range(g.size)) - set(p["keep"]))

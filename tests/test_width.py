@@ -1,0 +1,186 @@
+"""Width pruning (compressor/width.py): which Linear pairs and attention modules can be cut exactly, the
+linearised output-loss criterion against the real loss, the FLOPs-budgeted selection, and the pruned
+student through `compress run` and back from its genome."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from compressor import width as W
+from compressor.errors import UserError
+from compressor.prune import flops, output, rebuild, spearman
+
+
+class Residual(nn.Module):
+    def __init__(self, d=16, h=48):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class Leaky(nn.Module):
+    """fc1's output also feeds a sum, so cutting its channels changes more than fc2's input."""
+
+    def __init__(self, d=16, h=48):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) + h.sum(-1, keepdim=True)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), Residual(), nn.LayerNorm(16), nn.Linear(16, 32), nn.ReLU(),
+                         nn.Linear(32, 16), nn.LayerNorm(16), Leaky(), nn.Linear(16, 5)).eval()
+
+
+def test_groups_are_the_pairs_that_cut_exactly():
+    groups = W.find_groups(_mlp(), torch.randn(6, 8))
+    assert [(g.producer, g.path, g.size) for g in groups] == [("1.fc1", "1.fc2", 48), ("3", "5", 32),
+                                                                ("7.fc2", "8", 16)]
+    # Not: 0 -> 1.fc1 (a residual uses 0's output), 5 -> 7.fc1 (a LayerNorm between), Leaky's fc1 -> fc2
+    # (its output feeds a sum too). 7.fc2 -> 8 is one: the sum it meets is broadcast over the channels,
+    # so channel j of 8's input is fc2's channel j plus a shared term, and both go with the column.
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_bert import make_tiny_bert
+
+    from compressor.hf import hf_encoder
+
+    d = make_tiny_bert(tmp_path_factory.mktemp("hf") / "tiny-bert", layers=3, hidden=32, heads=4)
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(5, 60, (12, 20)), "attention_mask": torch.ones(12, 20, dtype=torch.long)}
+    batch["attention_mask"][:5, 14:] = 0
+    return d, hf_encoder(path=str(d)).eval(), batch
+
+
+def test_hf_encoder_groups_are_heads_and_ffn_pairs(bert):
+    _, model, batch = bert
+    groups = W.find_groups(model, batch)
+    heads = [g for g in groups if g.kind == "heads"]
+    ffn = [g for g in groups if g.kind == "ffn"]
+    assert [g.path for g in heads] == [f"model.encoder.layer.{i}.attention" for i in range(3)]
+    assert all(g.gate.endswith("attention.output.dense") and g.size == 4 and g.width == 8 for g in heads)
+    assert [(g.producer, g.path) for g in ffn] == [
+        (f"model.encoder.layer.{i}.intermediate.dense", f"model.encoder.layer.{i}.output.dense") for i in range(3)]
+
+
+def test_linearised_scores_rank_heads_by_their_real_output_loss(bert):
+    """s_j (first order, random projections) against E||y(without head j) - y||^2, every head alone."""
+    _, model, batch = bert
+    groups = [g for g in W.find_groups(model, batch) if g.kind == "heads"]
+    W.score_groups(model, groups, [batch], projections=16)
+    ref = output(model, batch)
+    real, est = [], []
+    for g in groups:
+        for j in range(g.size):
+            with W._swapped(model, W._heads_swap(model, g, [j])), torch.no_grad():
+                real.append(float((output(model, batch) - ref).pow(2).sum(1).mean()))
+            est.append(g.scores[j])
+    assert spearman(est, real) > 0.7, (est, real)
+
+
+def _group(kind, size, flops_each, scores, path):
+    g = W.Group(kind, path, path, path + ".producer", size, 1 if kind == "ffn" else 8, flops_each)
+    g.scores = scores
+    return g
+
+
+def test_select_meets_the_budget_in_blocks_and_keeps_one_of_each():
+    ffn = _group("ffn", 40, 10.0, [float(j) for j in range(40)], "f")
+    heads = _group("heads", 3, 100.0, [0.5, 50.0, 0.1], "h")
+    plan = W.select([ffn, heads], budget=250.0, multiple=8)
+    # Cheapest per FLOP first: head 2 (0.001/FLOP), head 0 (0.005), then the first 8-block of neurons
+    # (0.35/FLOP) rather than head 1 (0.5/FLOP): 280 FLOPs in all.
+    assert plan["heads"] == {"h": [0, 2]}
+    assert plan["ffn"]["f"]["keep"] == list(range(8, 40))
+    # Everything but one block and one head is the most a budget can take.
+    plan = W.select([ffn, heads], budget=200 + 32 * 10, multiple=8)
+    assert len(plan["ffn"]["f"]["keep"]) == 8 and len(plan["heads"]["h"]) == 2
+    with pytest.raises(UserError, match="lower prune.width.remove"):
+        W.select([ffn, heads], budget=200 + 32 * 10 + 1, multiple=8)
+    # A width that is not a multiple: the first block takes the remainder, so what stays is a multiple.
+    odd = _group("ffn", 37, 10.0, [float(j) for j in range(37)], "o")
+    assert len(W.select([odd], budget=10.0, multiple=8)["ffn"]["o"]["keep"]) == 32
+
+
+def test_prune_width_cuts_exactly_and_meets_the_budget(bert):
+    _, model, batch = bert
+    pruned, plan, info = W.prune_width(model, [batch], 0.4, multiple=8, log=lambda s: None)
+    assert info["max_abs_diff_vs_masked"] < 1e-5
+    assert info["flops_after"] <= 0.6 * info["flops_before"] and info["flops_after"] == flops(pruned, batch)
+    assert all(len(p["keep"]) % 8 == 0 for p in plan["ffn"].values())
+    assert all(len(h) < 4 for h in plan["heads"].values())
+    assert pruned(**batch).shape == (12, 32)
+    # The plan alone, on a fresh copy of the model, gives the same student.
+    again = W.apply_plan(copy.deepcopy(model), json.loads(json.dumps(plan)))
+    torch.testing.assert_close(again(**batch), pruned(**batch))
+    # The model handed in is unchanged.
+    assert model.model.encoder.layer[0].intermediate.dense.out_features == 64
+
+
+def test_no_group_is_a_clear_error():
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    with pytest.raises(UserError, match="no FFN pairs or attention heads"):
+        W.prune_width(conv, [torch.randn(2, 1, 8, 8)], 0.3)
+
+
+def test_width_spec_checks():
+    from pydantic import ValidationError
+
+    from compressor.recipe import PruneSpec
+
+    with pytest.raises(ValidationError, match="remove: 0 prunes nothing"):
+        PruneSpec(by="units", remove=0)
+    with pytest.raises(ValidationError):
+        PruneSpec(by="units", remove=1, width={"remove": 1.0})
+    assert PruneSpec(by="units", remove=0, width={"remove": 0.5}).width.multiple == 16
+
+
+@pytest.mark.slow
+def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path):
+    """Drop one of three layers, cut 40% of the rest's FLOPs in heads and neurons, distil, export: the
+    bundle verifies, and the genome in the manifest rebuilds a student that loads the shipped weights."""
+    from compressor.bundle import verify
+    from compressor.pipeline import run
+
+    d, _, _ = bert
+    recipe = {
+        "name": "tiny-width", "task": "embedding",
+        "teacher": {"model": "hf-encoder", "kwargs": {"path": str(d)}},
+        "data": {"dataset": "docstrings", "kwargs": {"max_length": 32, "max_train": 120, "max_test": 60},
+                 "batch_size": 32},
+        "prune": {"by": "units", "remove": 1, "width": {"remove": 0.4, "multiple": 8}},
+        "distill": {"epochs": 1, "lr": 1e-3, "losses": [
+            {"name": "cosine", "relation": 1.0},
+            {"name": "minilm", "heads": 8, "pairs": [["model.encoder.layer.1.attention.self",
+                                                      "model.encoder.layer.2.attention.self"]]}]},
+        "targets": ["local-cpu"],
+        "profile": {"batch_sizes": [1], "runs": 5, "warmup": 1},
+    }
+    out = run(recipe, tmp_path / "bundle", log=lambda s: None)
+    m = json.loads((out / "manifest.json").read_text())
+    prune = next(s for s in m["stages"] if s["name"] == "prune")
+    w = prune["metrics"]["width"]
+    assert w["flops_after"] <= 0.6 * w["flops_before"] and w["max_abs_diff_vs_masked"] < 1e-5
+    genome = m["student"]
+    assert genome["width"] == prune["outputs"]["width"] and len(genome["removed"]) == 1
+    student = rebuild(genome)
+    student.load_state_dict(torch.load(out / "model" / "student.pt"))  # shapes match the shipped weights
+    assert m["quality"]["student"]["agreement"] > 0.3
+    verify(out)
