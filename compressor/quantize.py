@@ -7,7 +7,8 @@ Modes (recipe ``quantize.mode``):
     qat-kd    bits 8: NNCF fake quantization fine-tuned with the distillation losses against the teacher
               (Polino et al.'s quantized distillation), exported as standard QDQ.
               bits 2-4: Polino's bucketed uniform weight quantization (shadow fp weights, straight-through
-              gradient), fine-tuned the same way; the file stores 4-bit codes.
+              gradient), fine-tuned the same way; the file stores 4-bit codes: Linear layers whose
+              in_features the bucket divides as ONNX Runtime's MatMulNBits, the rest folded at load.
     none      only the fp32 student ships.
 
 The student in ``ctx.student`` stays fp32 (the export stage ships it too); this stage writes its own file,

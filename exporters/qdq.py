@@ -8,6 +8,8 @@ File -> file, like every exporter (it never imports compressor):
   not deliberately kept in float, per-channel weight scales.
 - ``pack_bucketed``: rewrite fp32 weights that lie on Polino's bucketed b-bit grid as 4-bit codes
   (UINT4 DequantizeLinear, opset 21) so the file shrinks; ONNX Runtime dequantizes them at load time.
+- ``pack_w4``: the same weights as com.microsoft.MatMulNBits where a Linear's buckets are K-blocks (ORT
+  computes with the 4-bit codes), ``pack_bucketed`` for the rest, with the reason per layer.
 - ``run_onnxruntime`` / ``run_openvino``: outputs of a file on a batch, for parity checks.
 """
 from __future__ import annotations
