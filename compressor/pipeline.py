@@ -359,7 +359,7 @@ def _dims(ctx: Context, prof, art: Artifact, batch: int) -> dict:
 
 def profile(ctx: Context) -> StageRecord:
     spec = ctx.recipe.profile
-    metrics, skipped = {}, {}
+    metrics, skipped, not_measured = {}, {}, {}
     # FLOPs per sample of what each file holds (int8 files run the same operations); counted now, since
     # search and prune may have replaced the student after analyze.
     x = ctx.flops_example()
@@ -379,6 +379,14 @@ def profile(ctx: Context) -> StageRecord:
                              "source": "measured: threads x the fastest 1-thread fp32 torch GEMM, n 256-1024"}
         elif prof.peak_gflops:
             peaks[target] = {"gflops": prof.peak_gflops, "source": f"profile {prof.name} (datasheet)"}
+        for art in ctx.artifacts:  # a quantized file this device does not run: say so, not silently
+            if art.role == "student" and art.precision not in prof.precisions and art.precision.startswith("w"):
+                why = f"{target} lists precisions {', '.join(prof.precisions)}, not {art.precision}"
+                if art.extra.get("matmulnbits") and prof.runtime != "onnxruntime":
+                    why += (f"; its MatMulNBits is an ONNX Runtime contrib op (com.microsoft domain), not a "
+                            f"{prof.runtime} precision")
+                not_measured.setdefault(target, {})[art.path] = why
+                ctx.log(f"{target}: {art.path} not measured ({why})")
         for art in _runnable(ctx, prof):
             key = art.role if art.precision == "fp32" else f"{art.role}_{art.precision}"  # student_int8
             for batch in spec.batch_sizes:
@@ -407,7 +415,7 @@ def profile(ctx: Context) -> StageRecord:
                     f"{d[f'teacher_b{batch}_p50_ms']:.3f} ms ({d[f'speedup_b{batch}']:.1f}x faster)")
     return StageRecord("profile", config=spec.model_dump(mode="json"),
                        metrics={**metrics, "skipped": skipped, "peak_gflops": peaks, "flops": flops,
-                                "params": params},
+                                "params": params, **({"not_measured": not_measured} if not_measured else {})},
                        outputs={"measurements": [m.to_dict() for m in ctx.measurements]})
 
 

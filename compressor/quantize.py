@@ -7,7 +7,8 @@ Modes (recipe ``quantize.mode``):
     qat-kd    bits 8: NNCF fake quantization fine-tuned with the distillation losses against the teacher
               (Polino et al.'s quantized distillation), exported as standard QDQ.
               bits 2-4: Polino's bucketed uniform weight quantization (shadow fp weights, straight-through
-              gradient), fine-tuned the same way; the file stores 4-bit codes.
+              gradient), fine-tuned the same way; the file stores 4-bit codes: Linear layers whose
+              in_features the bucket divides as ONNX Runtime's MatMulNBits, the rest folded at load.
     none      only the fp32 student ships.
 
 The student in ``ctx.student`` stays fp32 (the export stage ships it too); this stage writes its own file,
@@ -352,8 +353,10 @@ def compressed_bits(model: nn.Module, quantized: dict[str, tuple[int, int]]) -> 
 def polino(ctx, spec, keep) -> tuple[dict, Path, nn.Module]:
     from torch.nn.utils import parametrize
 
-    from exporters.onnx import parity
-    from exporters.qdq import pack_bucketed
+    from exporters import ExportError
+    from exporters.qdq import pack_w4
+
+    from .tasks import call
 
     model = fold_batchnorm(ctx.student, ctx.log) if spec.fold_bn else copy.deepcopy(ctx.student).eval()
     layers = {n: (spec.bits, spec.bucket) for n, m in model.named_modules()
@@ -369,6 +372,9 @@ def polino(ctx, spec, keep) -> tuple[dict, Path, nn.Module]:
             f"{info['before_finetune_accuracy']:.4f}; fine-tuning {spec.epochs} epochs against the teacher")
     info["qat"] = qat_fit(model, ctx, spec, f"w{spec.bits}")
     info["fake_quant_accuracy"] = _evaluate(model, ctx)
+    held_out = ctx.example(64)  # a real batch through the fake-quantized model (the BucketQuant forward)
+    with torch.no_grad():
+        reference = call(model.eval(), held_out)
     for n in layers:  # bake the quantized values into plain weights
         parametrize.remove_parametrizations(mods[n], "weight", leave_parametrized=True)
     fp32_bits = sum(p.numel() for p in model.parameters()) * 32 + \
@@ -378,15 +384,50 @@ def polino(ctx, spec, keep) -> tuple[dict, Path, nn.Module]:
     grid = ctx.scratch / "quantize" / f"student.w{spec.bits}-grid.onnx"
     _export(ctx, model, grid)
     out = ctx.work / "model" / f"student.w{spec.bits}.onnx"
-    # Initializer names are the parameter names as long as the exporter had nothing left to fold.
-    info["export"] = pack_bucketed(grid, out, {f"{n}.weight": v for n, v in layers.items()})
-    info["export"]["note"] = ("ONNX Runtime folds the 4-bit weights to fp32 when the session starts: the file is "
-                              "smaller, the arithmetic and latency those of fp32")
+    # Linear layers whose buckets are K-blocks become MatMulNBits (ORT computes with the 4-bit codes); the
+    # rest keep 4-bit codes that ORT folds to fp32 at session start. The record says which and why.
+    weights = {n: {"weight": mods[n].weight.detach().cpu().numpy(), "bits": b, "bucket": k,
+                   "kind": type(mods[n]).__name__} for n, (b, k) in layers.items()}
     try:
-        info["parity"] = parity(out, model, ctx.example(64), atol=1e-4, rtol=1e-3)
-    except Exception as e:
+        info["export"] = pack_w4(grid, out, weights)
+    except ExportError as e:
         raise StageError("quantize", f"4-bit ONNX: {e}") from None
+    nbits, folded = info["export"]["matmulnbits"], info["export"]["folded"]
+    ctx.log(f"quantize: {len(nbits)} of {len(layers)} layers as MatMulNBits"
+            + (f"; folded at load: {', '.join(f'{n} ({why})' for n, why in folded.items())}" if folded else ""))
+    info["parity"] = w4_parity(out, reference, held_out)
     return info, out, model
+
+
+# 4-bit codes times a float scale, plus a float offset: the file and the fake-quantized model compute the same
+# weights up to fp32 rounding; what differs is the summation order of ORT's kernels (measured ~1e-7 relative).
+W4_ATOL, W4_RTOL = 1e-4, 1e-3
+
+
+def w4_parity(path: Path, reference, x, atol: float = W4_ATOL, rtol: float = W4_RTOL) -> dict:
+    """ONNX Runtime's output of the 4-bit file against the fake-quantized PyTorch model's (``reference``,
+    computed with the BucketQuant parametrization on) on the batch ``x``; raises beyond |d| <= atol + rtol|ref|."""
+    import numpy as np
+
+    from exporters.qdq import run_onnxruntime
+
+    from .tasks import size, to_numpy
+
+    ref = reference if isinstance(reference, np.ndarray) else \
+        (reference[0] if isinstance(reference, (tuple, list)) else reference).detach().cpu().numpy()
+    try:
+        got = run_onnxruntime(path, to_numpy(x))
+    except Exception as e:
+        raise StageError("quantize", f"onnxruntime cannot run {path.name}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    diff = np.abs(got - ref)
+    out = {"against": "fake-quantized PyTorch (BucketQuant)", "runtime": "onnxruntime CPU", "samples": size(x),
+           "max_abs": float(diff.max()), "max_rel_to_range": float(diff.max() / (np.abs(ref).max() or 1.0)),
+           "tolerance": f"|ORT - PyTorch| <= {atol} + {rtol} x |PyTorch|"}
+    if not np.all(diff <= atol + rtol * np.abs(ref)):
+        raise StageError("quantize", f"4-bit ONNX {path.name} differs from the fake-quantized model by up to "
+                         f"{out['max_abs']:.3g} ({out['tolerance']})")
+    return out
 
 
 # ------------------------------------------------------------------------------------- the stage
@@ -438,10 +479,14 @@ def stage(ctx) -> StageRecord:
     art = describe(out, precision=precision, role="student", parent="quantize")
     art.path = out.relative_to(ctx.work).as_posix()
     art.extra.update(mode=spec.mode, bits=spec.bits, checks=checks, parity=info.get("parity"))
+    nbits = info.get("export", {}).get("matmulnbits")
+    if nbits:
+        art.extra.update(matmulnbits=len(nbits), folded=info["export"]["folded"], note=info["export"]["note"])
     metrics = {**info, "checks": checks, **quality, "bytes": art.bytes}
-    # A w<b> file computes in fp32 (ORT folds its 4-bit weights at load), and device profiles list
-    # compute precisions: it ships but is not measured as its own precision.
-    if precision == "int8":
+    # Device profiles list compute precisions. A w<b> file with MatMulNBits computes with its 4-bit weights
+    # in ONNX Runtime and is measured where a profile lists its precision (local-cpu: w4); one with only
+    # folded weights computes in fp32 (ORT folds them at load): it ships, but is not a precision of its own.
+    if precision == "int8" or nbits:
         ctx.artifacts.append(art)
     ctx.quality[f"student_{precision}"] = {**quality, "mode": spec.mode,
                                            **({"fake_quant_accuracy": info["fake_quant_accuracy"]}
@@ -457,7 +502,7 @@ def restore(ctx, rec: StageRecord) -> None:
     if "student" not in rec.outputs:
         return
     art = Artifact.from_dict(rec.outputs["student"])
-    if art.precision == "int8":
+    if art.precision == "int8" or art.extra.get("matmulnbits"):
         ctx.artifacts.append(art)
     q = {k: v for k, v in rec.metrics.items() if k.startswith("onnx_")} | {"mode": rec.config["mode"]}
     if "fake_quant_accuracy" in rec.metrics:
