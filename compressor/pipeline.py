@@ -313,6 +313,9 @@ def _runnable(ctx: Context, prof) -> list[Artifact]:
     from exporters.targets import FORMATS
 
     formats = FORMATS.get(prof.runtime, ("onnx",))
+    if prof.runtime == "tensorrt" and not prof.local:
+        # trtexec builds the engine on the board: one built here would not run on its GPU
+        formats = ("onnx",)
     best: dict[tuple[str, str], Artifact] = {}
     for art in [*ctx.artifacts, *ctx.reference]:
         if art.format not in formats or art.precision not in prof.precisions:
