@@ -584,6 +584,10 @@ def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | 
                             "use the same recipe, or --force to start over")
     for target in recipe.targets:
         load_profile(target)  # an unknown device fails now, before any work
+    if recipe.search is not None:
+        from .search.latency import load_predictors
+
+        load_predictors(recipe)  # so does a missing or foreign search.predictor file
     fresh = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
     for stray in work.rglob(".*.tmp"):  # a write cut short by a crash; its target was never replaced
