@@ -313,6 +313,9 @@ def _runnable(ctx: Context, prof) -> list[Artifact]:
     from exporters.targets import FORMATS
 
     formats = FORMATS.get(prof.runtime, ("onnx",))
+    if prof.runtime == "tensorrt" and not prof.local:
+        # trtexec builds the engine on the board: one built here would not run on its GPU
+        formats = ("onnx",)
     best: dict[tuple[str, str], Artifact] = {}
     for art in [*ctx.artifacts, *ctx.reference]:
         if art.format not in formats or art.precision not in prof.precisions:
@@ -589,6 +592,10 @@ def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | 
                             "use the same recipe, or --force to start over")
     for target in recipe.targets:
         load_profile(target)  # an unknown device fails now, before any work
+    if recipe.search is not None:
+        from .search.latency import load_predictors
+
+        load_predictors(recipe)  # so does a missing or foreign search.predictor file
     fresh = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
     for stray in work.rglob(".*.tmp"):  # a write cut short by a crash; its target was never replaced

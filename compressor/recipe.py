@@ -168,6 +168,10 @@ class SearchSpec(_Section):
     space: dict[str, list[Any]] = Field(default_factory=dict, description="gene -> choices; overrides the detected space")
     latency: Literal["predict", "measure"] = Field("predict", description="predict from a per-device model, or measure each")
     calibration: int = Field(6, ge=3, description="candidates measured per device to fit the latency model")
+    predictor: str | None = Field(None, description="latency: predict: a predictor file written by `compress "
+                                  "calibrate` (predictors/<device>-<space>.json) for one of the targets; the search "
+                                  "predicts that target's latency with it instead of fitting its own on `calibration` "
+                                  "candidates")
     batch_size: int = Field(64, ge=2, description="samples the proxies score on")
     proxy_seeds: int = Field(1, ge=1, description="average the proxy over this many (initialisation, batch) "
                              "pairs: slower by as much, less noisy (4 is a good value for diswot)")
@@ -177,6 +181,12 @@ class SearchSpec(_Section):
         None, description="enqueue the teacher pruned (LAPTOP-Diff) as a candidate, so it competes on the Pareto "
         "front and, when chosen, becomes the student with the teacher's weights. A prune spec ({by, remove}) "
         "says how to prune it; true uses the recipe's prune section; default: seed when there is a prune section")
+
+    @model_validator(mode="after")
+    def _predictor(self):
+        if self.predictor and self.latency == "measure":
+            raise ValueError("predictor goes with latency: predict (this section has latency: measure)")
+        return self
 
 
 class WidthSpec(_Section):

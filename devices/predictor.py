@@ -193,6 +193,8 @@ class LatencyPredictor:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatencyPredictor":
+        if not isinstance(d, dict):
+            raise ValueError(f"a latency predictor is a JSON object, not {type(d).__name__}")
         if d.get("schema") != SCHEMA:
             raise ValueError(f"latency predictor schema {d.get('schema')!r}: this version reads {SCHEMA}")
         return cls(**d)
@@ -215,8 +217,15 @@ class LatencyPredictor:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except FileNotFoundError:
             raise DeviceError(f"latency predictor {path} does not exist: run `compress calibrate DEVICE`") from None
-        except (ValueError, TypeError) as e:
-            raise DeviceError(f"latency predictor {path} is not readable: {e}") from None
+        except IsADirectoryError:
+            raise DeviceError(f"latency predictor {path} is a directory, not the JSON file `compress calibrate` "
+                              "wrote") from None
+        except OSError as e:
+            raise DeviceError(f"latency predictor {path} cannot be read: {e.strerror or e}") from None
+        except (ValueError, TypeError, AttributeError, KeyError) as e:  # not JSON, not a predictor's fields
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DeviceError(f"latency predictor {path} is not readable: {first} (expected the JSON file "
+                              "`compress calibrate` wrote)") from None
 
 
 def accuracy(predictor: LatencyPredictor, samples) -> dict:

@@ -13,8 +13,11 @@ Profile options (all optional):
     known_hosts: path    a known_hosts file (UserKnownHostsFile)
     python: python3      the board's Python (needs the runtime and numpy)
     workdir: $TMPDIR     where the per-measurement temporary directory goes on the board (default /tmp)
-    connect_timeout_s: 10, run_timeout_s: (max_seconds + 120)
+    connect_timeout_s: 10, run_timeout_s: (max_seconds + 120; TensorRT: + 600 for the engine build)
     target_cv: 0         passed to the script: stop once the spread is stable
+    device: CPU          openvino: the OpenVINO device on the board (CPU, GPU, NPU)
+    trtexec: path        tensorrt: the board's trtexec (default: on PATH, then /usr/src/tensorrt/bin/trtexec)
+    warmup_ms: 500       tensorrt: trtexec --warmUp
 """
 from __future__ import annotations
 
@@ -29,11 +32,24 @@ from urllib.parse import urlsplit
 from .measurement import Measurement
 from .profile import DeviceError, DeviceProfile
 
-# runtime -> the standalone script in devices/ that measures it (needs only that runtime on the board)
-SCRIPTS = {"onnxruntime": "bench_onnxruntime.py"}
-# what the script needs on the board, checked by available()
-IMPORTS = {"onnxruntime": "import numpy, onnxruntime; print(onnxruntime.__version__)"}
+# runtime -> the standalone script in devices/ that measures it (needs only that runtime on the board);
+# it goes to the board as bench.py, with HELPERS beside it under their own names
+SCRIPTS = {"onnxruntime": "bench_onnxruntime.py", "openvino": "bench_openvino.py", "tensorrt": "bench_trtexec.py"}
+# the shared timing loop, statistics and host description (imports onnxruntime only to measure with it)
+HELPERS = {"openvino": ["bench_onnxruntime.py"], "tensorrt": ["bench_onnxruntime.py"]}
+# what the script needs on the board, checked by available() with the board's Python (argv[1]: the
+# profile's options.trtexec, or "")
+IMPORTS = {
+    "onnxruntime": "import numpy, onnxruntime; print(onnxruntime.__version__)",
+    "openvino": "import numpy, openvino; print(openvino.get_version())",
+    "tensorrt": ("import numpy, shutil, sys\n"
+                 "c = [sys.argv[1]] if sys.argv[1:] and sys.argv[1] else ['trtexec', '/usr/src/tensorrt/bin/trtexec']\n"
+                 "p = next((shutil.which(x) for x in c if shutil.which(x)), None)\n"
+                 "print(p) if p else sys.exit('trtexec not found on the board (looked for ' + ', '.join(c) + '): "
+                 "install TensorRT (JetPack ships /usr/src/tensorrt/bin/trtexec) or set options.trtexec in the profile')"),
+}
 NOISY_CV = 0.5
+TRT_BUILD_S = 600  # a run on a TensorRT board builds the engine first: minutes on a Jetson
 
 
 def parse_connection(connection: str) -> tuple[str | None, str, int | None]:
@@ -152,6 +168,8 @@ class RemoteDevice:
     def why_unavailable(self) -> str | None:
         """Reachable, host key known, login works, and the board's Python imports the runtime."""
         cmd = f"{shlex.quote(self.python)} -c {shlex.quote(IMPORTS[self.profile.runtime])}"
+        if self.profile.runtime == "tensorrt":
+            cmd += f" {shlex.quote(str(self.profile.options.get('trtexec') or ''))}"
         try:
             r = self._ssh(cmd, self.connect_timeout + 20, "checking it")
         except DeviceError as e:
@@ -161,8 +179,11 @@ class RemoteDevice:
         if r.returncode == 255:
             return str(self._error(r, "connecting")).split(": ", 1)[-1]
         last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
-        return (f"remote board {self.where}: `{self.python}` cannot import {self.profile.runtime} and numpy "
-                f"({last}); install them on the board")
+        if last.startswith("trtexec not found"):
+            return f"remote board {self.where}: {last}"
+        what = "numpy" if self.profile.runtime == "tensorrt" else f"{self.profile.runtime} and numpy"
+        return (f"remote board {self.where}: `{self.python}` cannot import {what} ({last}); install "
+                f"{'it' if what == 'numpy' else 'them'} on the board")
 
     def measure(self, model: str | Path, *, batch: int = 1, warmup: int = 10, runs: int = 100,
                 max_seconds: float = 30.0, precision: str = "fp32", dims: dict | None = None) -> Measurement:
@@ -172,8 +193,9 @@ class RemoteDevice:
         if precision not in self.profile.precisions:
             raise DeviceError(f"device {self.profile.name} does not list precision {precision!r} "
                               f"(it lists {', '.join(self.profile.precisions)})")
-        files = [model, *_external_data(model)]
-        timeout = float(self.run_timeout or max_seconds + 120)
+        runtime = self.profile.runtime
+        files = [model, *_companions(model)]
+        timeout = float(self.run_timeout or max_seconds + 120 + (TRT_BUILD_S if runtime == "tensorrt" else 0))
         # One temporary directory per measurement, made by the board's mktemp; removed by the run itself
         # (trap on exit and hang-up) and once more from here if the run failed.
         parent = self.profile.options.get("workdir")
@@ -188,15 +210,14 @@ class RemoteDevice:
             with tempfile.TemporaryDirectory(prefix="compressor-remote-") as tmp:
                 bench = Path(tmp) / "bench.py"
                 bench.write_bytes(self.script.read_bytes())
-                self._scp([bench, *files], rdir, timeout)
+                helpers = [self.script.parent / h for h in HELPERS.get(runtime, [])]
+                self._scp([bench, *helpers, *files], rdir, timeout)
             args = [self.python, "bench.py", model.name, "--batch", str(batch), "--threads",
                     str(self.profile.threads), "--warmup", str(warmup), "--runs", str(runs),
-                    "--max-seconds", str(max_seconds)]
+                    "--max-seconds", str(max_seconds), *self._runtime_args(model, batch, precision, dims, timeout)]
             target_cv = float(self.profile.options.get("target_cv", 0) or 0)
             if target_cv > 0:
                 args += ["--target-cv", str(target_cv)]
-            for k, v in (dims or {}).items():
-                args += ["--dim", f"{k}={v}"]
             q = shlex.quote(rdir)
             cmd = f"trap 'rm -rf {q}' EXIT HUP INT TERM; cd {q} && {shlex.join(args)}"
             r = self._ssh(cmd, timeout, "measuring")
@@ -228,6 +249,77 @@ class RemoteDevice:
         if m.cv > NOISY_CV:
             m.notes.append(f"wide spread: coefficient of variation {m.cv:.2f}")
         return m
+
+
+    def _runtime_args(self, model: Path, batch: int, precision: str, dims: dict | None, timeout: float) -> list[str]:
+        """The script's shape and runtime arguments. ONNX Runtime takes named axes (``--dim``); OpenVINO and
+        trtexec see no axis names, so they get each input's full shape (``--shape``): given as such
+        (the profile stage's OpenVINO dims), or resolved here from the ONNX file's named axes."""
+        runtime, opts, dims = self.profile.runtime, self.profile.options, dict(dims or {})
+        full = {k: v for k, v in dims.items() if isinstance(v, (list, tuple))}
+        named = {k: v for k, v in dims.items() if k not in full}
+        args = []
+        if runtime == "onnxruntime":
+            return [a for k, v in named.items() for a in ("--dim", f"{k}={v}")]
+        if model.suffix == ".onnx":
+            full = {**onnx_shapes(model, batch, named, dynamic_only=runtime == "tensorrt"), **full}
+            named = {}
+        args += [a for k, v in full.items() for a in ("--shape", f"{k}={','.join(str(int(d)) for d in v)}")]
+        args += [a for k, v in named.items() for a in ("--dim", f"{k}={v}")]
+        args += ["--precision", precision]
+        if runtime == "openvino":
+            args += ["--device", str(opts.get("device", "CPU"))]
+        elif runtime == "tensorrt":
+            args += ["--warmup-ms", str(int(opts.get("warmup_ms", 500))), "--timeout", str(max(1.0, timeout - 5))]
+            if opts.get("trtexec"):
+                args += ["--trtexec", str(opts["trtexec"])]
+        return args
+
+
+def onnx_shapes(model: Path, batch: int, dims: dict, dynamic_only: bool = False) -> dict:
+    """{input: full shape} of an ONNX file at ``batch`` with named axes sized by ``dims`` (read here, where
+    onnx is installed; the board may have only its runtime). ``dynamic_only``: only inputs that have a
+    dynamic axis (trtexec refuses shapes for static ones). {} when onnx cannot read the file: the
+    script on the board then says what is missing."""
+    try:
+        import onnx
+
+        m = onnx.load(str(model), load_external_data=False)
+    except Exception:
+        return {}
+    inits = {t.name for t in m.graph.initializer}
+    out = {}
+    for v in m.graph.input:
+        if v.name in inits:
+            continue
+        shape, dynamic = [], False
+        for k, d in enumerate(v.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                shape.append(int(d.dim_value))
+                continue
+            dynamic = True
+            if d.dim_param and d.dim_param in dims:
+                shape.append(int(dims[d.dim_param]))
+            elif k == 0:
+                shape.append(int(batch))
+            elif len(dims) == 1:  # one size given, one unnamed axis besides the batch: that one
+                shape.append(int(next(iter(dims.values()))))
+            else:
+                raise DeviceError(f"{model.name}: input {v.name!r} axis {k} ({d.dim_param or '?'}) has no size: "
+                                  f"give it in dims ({d.dim_param or 'name'}=N)")
+        if dynamic or not dynamic_only:
+            out[v.name] = shape
+    return out
+
+
+def _companions(model: Path) -> list[Path]:
+    """Files a model needs beside it on the board: an IR's .bin, an ONNX file's external data."""
+    if model.suffix == ".xml":
+        weights = model.with_suffix(".bin")
+        if not weights.is_file():
+            raise DeviceError(f"{model.name}: the OpenVINO IR's weights {weights.name} are not beside it")
+        return [weights]
+    return _external_data(model)
 
 
 def _external_data(model: Path) -> list[Path]:

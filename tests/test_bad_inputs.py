@@ -43,6 +43,13 @@ def _flip(path: Path, at: int = 200):
     path.write_bytes(bytes(data))
 
 
+def _predictor(path: Path, device: str):
+    from devices.predictor import LatencyPredictor
+
+    pts = [({"flops": f, "params": f / 10}, 0.01 + f * 1e-6) for f in (1e3, 5e3, 2e4, 8e4)]
+    LatencyPredictor.fit(device, pts, method="additive").save(path)
+
+
 SETUP = {
     "pickled_checkpoint": lambda tmp, b: torch.save(torch.nn.Linear(2, 2), tmp / "whole_model.pt"),
     "other_checkpoint": lambda tmp, b: torch.save(torch.nn.Linear(2, 2).state_dict(), tmp / "other.pt"),
@@ -56,6 +63,8 @@ SETUP = {
         json.dumps({**json.loads((b / "manifest.json").read_text()), "schema": "compressor.manifest/0"})),
     "delete_report": lambda tmp, b: (b / "report.md").unlink(),
     "existing_out": lambda tmp, b: (tmp / "out").mkdir(),
+    "garbage_predictor": lambda tmp, b: (tmp / "garbage.json").write_text('{"schema": 1, "device": "local-cpu"'),
+    "other_device_predictor": lambda tmp, b: _predictor(tmp / "pi.json", "raspberry-pi-5"),
 }
 
 

@@ -94,14 +94,14 @@ Subsystem sftp internal-sftp
         (d / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
         (d / "ssh_config").write_text("IdentitiesOnly yes\n")  # nothing from the user's ~/.ssh/config
 
-    def profile(self, path: Path, **options) -> Path:
+    def profile(self, path: Path, runtime: str = "onnxruntime", precisions=("fp32",), **options) -> Path:
         opts = {"ssh_config": str(self.dir / "ssh_config"), "identity_file": str(self.dir / "user_key"),
                 "known_hosts": str(self.dir / "known_hosts"), "python": sys.executable,
                 "connect_timeout_s": 5, "workdir": str(self.dir), **options}
         user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
         path.write_text(yaml.safe_dump({
-            "name": "loopback-board", "kind": "cpu", "runtime": "onnxruntime", "threads": 1,
-            "precisions": ["fp32"], "connection": f"ssh://{user}@127.0.0.1:{self.port}", "options": opts}))
+            "name": "loopback-board", "kind": "cpu", "runtime": runtime, "threads": 1,
+            "precisions": list(precisions), "connection": f"ssh://{user}@127.0.0.1:{self.port}", "options": opts}))
         return path
 
     def kill(self):

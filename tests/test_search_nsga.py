@@ -170,3 +170,68 @@ def test_search_uses_a_given_predictor_without_measuring(tmp_path, batch):
     assert all(c.metrics["latency_label"] == "predicted" for c in r.candidates)
     c = r.candidates[0]
     assert c.metrics["latency_ms"]["fake"] == pytest.approx(0.01 + c.metrics["flops"] * 1e-6, rel=1e-6)
+
+
+def test_recipe_search_predictor_from_compress_calibrate(tmp_path, tiny_recipe, capsys, monkeypatch):
+    """search.predictor: a file `compress calibrate` wrote predicts its target; nothing is measured, and
+    the record names the file and its stored cross-validated error."""
+    import shutil
+
+    import yaml
+
+    from compressor.cli import main
+    from compressor.data import load_data
+    from compressor.models import ResNet
+    from compressor.recipe import load_recipe
+    from compressor.search import latency, nsga, stage
+    from devices.predictor import LatencyPredictor
+
+    assert main(["calibrate", "local-cpu", "--samples", "6", "--rounds", "1", "--runs", "10", "--max-seconds", "0.3",
+                 "--out", str(tmp_path / "predictors"), "--json"]) == 0
+    capsys.readouterr()
+    path = tmp_path / "predictors" / "local-cpu-digits.json"
+    stored = LatencyPredictor.load(path).meta["cross_validation"]
+
+    def no_measuring(*a, **k):
+        raise AssertionError("a target with a calibrated predictor is never measured by the search")
+
+    monkeypatch.setattr(latency, "measure_model", no_measuring)
+    monkeypatch.setattr(nsga, "measure_model", no_measuring)
+    search = {"proxy": "params", "trials": 4, "population": 2, "batch_size": 16, "predictor": str(path)}
+    r = load_recipe({**tiny_recipe, "search": search})
+    data = load_data(r.data, 0)
+    teacher = ResNet(widths=(8, 16), depths=(1, 1), in_channels=1)
+    lines = []
+    _, result, _ = stage.run_search(r, data, teacher, r.search, tmp_path / "run", log=lines.append)
+    rec = result.latency_models["local-cpu"]
+    assert rec["source"] == str(path) and rec["held_out"] == stored and rec["fitted_on"] == 6
+    assert rec["device"] == "local-cpu" and rec["space"] == "digits"
+    assert any(f"predicted by {path}" in ln and "5-fold MAPE" in ln for ln in lines)
+    assert all(c.metrics["latency_label"] == "predicted" and c.metrics["latency_ms"]["local-cpu"] > 0
+               for c in result.candidates)
+
+    # A target that cannot be reached now is still predicted (a board over SSH, here a closed port).
+    if shutil.which("ssh"):
+        board = tmp_path / "board.yaml"
+        board.write_text(yaml.safe_dump({"name": "far-board", "kind": "cpu", "runtime": "onnxruntime",
+                                         "connection": "ssh://nobody@127.0.0.1:1", "options": {"connect_timeout_s": 2}}))
+        far = LatencyPredictor.load(path)
+        far.device = "far-board"
+        far.save(tmp_path / "far.json")
+        r = load_recipe({**tiny_recipe, "targets": [str(board)],
+                         "search": {**search, "predictor": str(tmp_path / "far.json")}})
+        lines = []
+        _, result, _ = stage.run_search(r, data, teacher, r.search, tmp_path / "far", log=lines.append)
+        assert any("cannot be measured now" in ln for ln in lines)
+        assert result.latency_models[str(board)]["source"] == str(tmp_path / "far.json")
+
+    # One line each: a missing file, a malformed one, another device's predictor, and measure with a predictor.
+    for bad, msg in ((tmp_path / "nope.json", "search.predictor: latency predictor .* does not exist"),
+                     (tmp_path / "bad.json", "search.predictor: latency predictor .* is not readable"),
+                     (tmp_path / "far.json", "calibrated for device 'far-board', which is not one of the recipe's targets")):
+        (tmp_path / "bad.json").write_text("[1, 2]")
+        with pytest.raises(UserError, match=msg) as e:
+            latency.load_predictors(load_recipe({**tiny_recipe, "search": {**search, "predictor": str(bad)}}))
+        assert "\n" not in str(e.value)
+    with pytest.raises(Exception, match="predictor goes with latency: predict"):
+        load_recipe({**tiny_recipe, "search": {**search, "latency": "measure"}})

@@ -58,8 +58,39 @@ def calibrate(device_name: str, device, build, genomes: list[dict], example: tor
 
 
 def record(pred) -> dict:
-    """The stage record's account of a predictor: which one, fitted on what, its held-out error, and the
-    whole predictor (so a resumed search predicts with the same one)."""
-    return {"predictor": "devices.predictor.LatencyPredictor", "method": pred.method, "features": pred.features,
-            "fitted_on": len(pred.points), "held_out": pred.meta.get("cross_validation"), "label": "predicted",
-            "model": pred.to_dict()}
+    """The stage record's account of a predictor: which one (a file from `compress calibrate`, or fitted by
+    the search), fitted on what, its cross-validated error, and the whole predictor (so a resumed search
+    predicts with the same one)."""
+    return {"predictor": "devices.predictor.LatencyPredictor", "source": pred.meta.get("source", "fitted by the search"),
+            "device": pred.device, "space": pred.space, "fitted_at": pred.fitted_at, "method": pred.method,
+            "features": pred.features, "fitted_on": len(pred.points), "held_out": pred.meta.get("cross_validation"),
+            "label": "predicted", "model": pred.to_dict()}
+
+
+def load_predictors(recipe) -> dict:
+    """{target: LatencyPredictor} for ``search.predictor`` (a file from `compress calibrate`): the search
+    predicts that target with it instead of fitting its own. A missing or unreadable file, or one calibrated
+    for a device that is not one of the recipe's targets, is a one-line UserError."""
+    from devices import DeviceError, load_profile
+    from devices.predictor import LatencyPredictor
+
+    from ..errors import UserError
+
+    spec = recipe.search
+    if spec is None or not spec.predictor:
+        return {}
+    try:
+        pred = LatencyPredictor.load(spec.predictor)
+    except DeviceError as e:
+        raise UserError(f"search.predictor: {e}") from None
+    for target in recipe.targets:
+        try:
+            name = load_profile(target).name
+        except DeviceError:
+            name = None
+        if pred.device in (target, name):
+            pred.meta["source"] = str(spec.predictor)
+            return {target: pred}
+    raise UserError(f"search.predictor: {spec.predictor} was calibrated for device {pred.device!r}, which is not one "
+                    f"of the recipe's targets ({', '.join(recipe.targets) or 'none'}); add it to targets or calibrate "
+                    f"a target (`compress calibrate TARGET`)")

@@ -22,14 +22,18 @@ def _defaults(data) -> dict:
             "in_features": int(torch.Size(data.input_shape).numel())}
 
 
-def _devices(recipe, log) -> dict:
+def _devices(recipe, log, predicted=()) -> dict:
+    """{target: Device} whose latency the search uses; a target with a calibrated predictor stays in even
+    when it cannot be reached now (a board over SSH): it is predicted, never measured."""
     from devices import get_device, load_profile
 
     out = {}
     for target in recipe.targets:
         dev = get_device(load_profile(target))
         why = dev.why_unavailable()
-        if why:
+        if why and target in predicted:
+            log(f"search: {target} cannot be measured now ({why}); its latency comes from the predictor alone")
+        elif why:
             if target in recipe.budgets.latency_ms:
                 raise UserError(f"search: budgets.latency_ms has {target}, but it cannot be measured ({why})")
             log(f"search: {target} not used for latency ({why})")
@@ -89,12 +93,20 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bo
     it ends) so other processes see every trial. A worker draws its own sampler seed; the recipe's
     seed still builds each candidate, so every worker scores a genome alike."""
     from . import PROXIES
+    from .latency import load_predictors
     from .nsga import search
     from .proxies import TeacherView
     from .spaces import from_spec
 
     if spec.proxy not in PROXIES:
         raise UserError(f"search.proxy {spec.proxy!r}: known proxies are {', '.join(PROXIES)}")
+    predictors = load_predictors(recipe)
+    for target, pred in predictors.items():
+        cv = pred.meta.get("cross_validation") or {}
+        err = (f"5-fold MAPE {cv['mape']:.1%}, {cv['within_10pct']:.0%} within 10%" if "mape" in cv
+               else "no cross-validated error stored")
+        log(f"search: latency on {target} predicted by {spec.predictor} ({pred.method}, {len(pred.points)} "
+            f"measured candidates of space {pred.space or '?'}, fitted {pred.fitted_at}; {err})")
     space = from_spec(spec, teacher, recipe.teacher.model)
     log(f"search: {space.family} space of {space.size:,} students ({', '.join(f'{g}: {c}' for g, c in space.genes.items())})")
     seed = pruned_seed(recipe, data, teacher, spec, space, log)
@@ -116,12 +128,12 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bo
         sampler_seed = secrets.randbelow(2**31)
         log(f"search: worker on study {spec.study or recipe.name + '-search'!r}, sampler seed {sampler_seed}")
     result = search(space, PROXIES[spec.proxy], batch, teacher_view=view, defaults=_defaults(data),
-                    devices=_devices(recipe, log), size_mb=b.size_mb, latency_ms=dict(b.latency_ms),
+                    devices=_devices(recipe, log, predictors), size_mb=b.size_mb, latency_ms=dict(b.latency_ms),
                     trials=spec.trials, population=spec.population, seed=recipe.seed, storage=storage,
                     study_name=spec.study or f"{recipe.name}-search", latency=spec.latency,
                     calibration=spec.calibration, measure_kw={"warmup": 5, "runs": 30, "max_seconds": 2.0},
                     log=log, shared=worker or spec.storage is not None, sampler_seed=sampler_seed,
-                    seeds=[seed] if seed else None, more_batches=more)
+                    seeds=[seed] if seed else None, more_batches=more, predictors=predictors)
     return space, result, seed
 
 
