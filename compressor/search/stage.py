@@ -274,11 +274,10 @@ def search_command(recipe, out: Path, log=print, worker: bool = False) -> dict:
     """`compress search`: the search alone, its study and outputs in ``out``; returns the best.
     ``worker``: one of several processes adding trials to a shared study (see run_search)."""
     from ..data import load_data
+    from ..pipeline import _data_defaults
     from ..recipe import SearchSpec
     from ..teacher import load_teacher
     from .nsga import tightest
-
-    from ..pipeline import _data_defaults
 
     torch.manual_seed(recipe.seed)
     data = load_data(recipe.data, recipe.seed, defaults=_data_defaults(recipe))  # a text teacher's tokenizer
