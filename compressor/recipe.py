@@ -160,7 +160,8 @@ class Budgets(_Section):
 class SearchSpec(_Section):
     """Student search (compressor/search/): when set, the searched student replaces `student`."""
 
-    proxy: str = Field("diswot", description="zero-cost proxy (compressor.search.PROXIES): diswot, naswot, synflow, params, flops")
+    proxy: str = Field("diswot", description="zero-cost proxy (compressor.search.PROXIES): diswot, naswot, synflow, "
+                       "params, flops; for task: embedding diswot takes its relation form and synflow is refused")
     trials: int = Field(200, ge=1)
     population: int = Field(50, ge=2, description="NSGA-II population size")
     family: Literal["cnn", "mlp", "transformer", "hf-encoder"] | None = Field(None, description="default: detected from the teacher")
