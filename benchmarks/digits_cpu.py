@@ -130,7 +130,7 @@ def rows_of(bundle: Path, setting: str) -> list[dict]:
         if setting != "full" and r["role"] == "teacher":
             continue  # the teacher is the same file in every setting: reported once, from `full`
         row = {"setting": setting, "model": r["key"], "params": r["params"], "flops": r["flops"],
-               "bytes": r["bytes"], "accuracy": r["accuracy"]}
+               "bytes": r["bytes"], "accuracy": r.get("quality", r.get("accuracy"))}  # report.models calls it quality
         for b in (1, 32):
             meas = _measurement(m, r["path"], "local-cpu", b)
             row[f"b{b}_p50_ms"] = meas["p50_ms"] if meas else None
@@ -372,6 +372,8 @@ def markdown(res: dict) -> str:
             lines.append(f"- pruned: profiles/recipes/quickstart-prune.yaml (LAPTOP-Diff, remove 40% of the teacher's "
                          f"measured latency, kd + ce + feature_norm): removed {', '.join(r['removed']) or 'nothing'} "
                          "from the teacher, then distilled.")
+    if res.get("note"):
+        lines += ["", res["note"]]
     peak = res.get("peak_gflops")
     lines += ["", f"Peak: {_f(peak, '.1f')} GFLOP/s (2 x the fastest 1-thread fp32 torch GEMM, n 256-1024, probed when "
                   "the results were written). int8 files are charged the fp32 FLOPs. int8: ONNX Runtime static QDQ (uint8 "
@@ -423,6 +425,8 @@ def main(argv=None) -> int:
                                                             "quickstart's 15)")
     p.add_argument("--few", default="kd:0,kd:1,ce:0,ce:1", help="few-label runs, mode:seed (mode kd or ce)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (for tests); figures mean nothing")
+    p.add_argument("--note", default="", help="a sentence for the results page (e.g. the load while reused "
+                                              "bundles were made, which the start's load average does not show)")
     p.add_argument("--no-write", action="store_true", help="run the settings, write no results (parallel workers)")
     a = p.parse_args(argv)
     global EPOCHS
@@ -435,7 +439,7 @@ def main(argv=None) -> int:
     few = [(m, int(sd)) for m, _, sd in (x.strip().partition(":") for x in a.few.split(",") if x.strip())]
     t0 = time.time()
     res = {"benchmark": "digits_cpu", "machine": machine(), "tiny": a.tiny, "settings": settings, "rows": [],
-           "unavailable": {}, "distill_epochs_override": a.epochs}
+           "unavailable": {}, "distill_epochs_override": a.epochs, "note": a.note}
     a.work.mkdir(parents=True, exist_ok=True)
     bundles = {}
     if "full" in settings or not teacher_checkpoint(a.tiny):  # every table needs the teacher; fewlabel its weights
