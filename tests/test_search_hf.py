@@ -127,6 +127,7 @@ def test_compress_run_with_search_on_an_embedding_teacher(bert_dir, tmp_path):
                                        "calibration": 3, "space": {"hidden_size": [8, 16]}})
     out = run(recipe, tmp_path / "bundle", log=lambda s: None)
     verify(out)
+    assert main(["verify", str(out)]) == 0  # and `compress verify` says so
     m = json.loads((out / "manifest.json").read_text())
     rec = next(s for s in m["stages"] if s["name"] == "search")
     assert rec["metrics"]["proxy"]["name"] == "diswot" and "relation only" in rec["metrics"]["proxy"]["form"]
