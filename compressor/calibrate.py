@@ -67,9 +67,15 @@ _FAMILIES = {"convolution": "conv", "mm": "matmul", "addmm": "matmul", "bmm": "m
              "_scaled_dot_product_cudnn_attention": "attention"}
 
 
-def features(model: nn.Module, example: torch.Tensor) -> dict:
-    """The predictor's inputs for one model at batch 1."""
+def features(model: nn.Module, example) -> dict:
+    """The predictor's inputs for one model at batch 1. ``example``: a tensor or a dict of tensors
+    (a text encoder's input_ids and attention_mask)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from .tasks import call, take
+
+    x = take(example, 1)
+    n_in = sum(v.numel() for v in x.values()) if isinstance(x, dict) else x.numel()
 
     model = model.eval()
     act, counts, attn, conv = [0], {}, [0], {}
@@ -109,7 +115,7 @@ def features(model: nn.Module, example: torch.Tensor) -> dict:
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(example[:1])
+            call(model, x)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
         for h in handles:
@@ -122,7 +128,7 @@ def features(model: nn.Module, example: torch.Tensor) -> dict:
     if attn[0] and "flops_attention" not in fam:  # a torch that counts it itself is not counted twice
         fam["flops_attention"] = fam.get("flops_attention", 0) + attn[0]
     return {"flops": int(fc.get_total_flops()) + attn[0], "params": sum(p.numel() for p in model.parameters()),
-            "activations": act[0], "layers": len(leaves), "input_elements": example[:1].numel(), **fam, **conv,
+            "activations": act[0], "layers": len(leaves), "input_elements": n_in, **fam, **conv,
             **counts}
 
 
@@ -136,7 +142,7 @@ _ELTWISE = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
 _POOLS = {"mean", "avg_pool2d", "max_pool2d", "max_pool2d_with_indices", "_adaptive_avg_pool2d", "adaptive_max_pool2d"}
 
 
-def kernels(model: nn.Module, example: torch.Tensor) -> list[dict]:
+def kernels(model: nn.Module, example) -> list[dict]:
     """The model as the list of kernels an inference runtime runs, in execution order (nn-Meter's
     kernel split): aten operators recorded at batch 1, with a convolution's BatchNorm and activation
     folded into it (every runtime fuses them: ONNX export folds BN, ONNX Runtime fuses Conv+ReLU), an
@@ -156,12 +162,14 @@ def kernels(model: nn.Module, example: torch.Tensor) -> list[dict]:
             self.ops.append((func.__name__.split(".")[0], args, out))  # keeps tensors alive: ids stay unique
             return out
 
+    from .tasks import call, take
+
     model = model.eval()
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the exported graph has the plain operators
     try:
         with torch.no_grad(), Record() as rec:
-            model(example[:1])
+            call(model, take(example, 1))
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     out, producer = [], {}  # id(tensor) -> the kernel that wrote it

@@ -21,6 +21,20 @@ from .errors import UserError
 # What a config override may change: the same names as the transformers config attributes.
 CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
 
+# What a Hugging Face student inherits from its teacher unless its config says otherwise.
+INHERITED = ("path", "package", "pooling", "normalize")
+
+
+def inherited(teacher_spec) -> dict:
+    """The hf-encoder builder arguments a student takes from the recipe's teacher entry: where the
+    model lives (its kwargs' path or package, or the teacher named as a directory) and its pooling."""
+    from .models import is_hf_dir
+
+    out = {k: v for k, v in teacher_spec.kwargs.items() if k in INHERITED}
+    if not out.keys() & {"path", "package"} and is_hf_dir(teacher_spec.model):
+        out["path"] = teacher_spec.model
+    return out
+
 
 def model_dir(path: str | None = None, package: str | None = None) -> Path:
     """The local directory holding ``config.json``: ``path`` itself, or what ``package.get_model_path()``

@@ -75,19 +75,17 @@ class Context:
         return self.recipe.metric
 
 
-# What a Hugging Face student inherits from its teacher unless its config says otherwise.
-HF_INHERITED = ("path", "package", "pooling", "normalize")
-
-
 def build_student(recipe: Recipe, data: DataSplits) -> tuple[nn.Module | None, dict]:
     if recipe.student is None:  # search or prune makes it
         return None, {}
     defaults = {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
                 "in_features": int(torch.Size(data.input_shape).numel())}
     if recipe.student.model == "hf-encoder":  # the teacher's own class with a smaller config
-        defaults.update({k: v for k, v in recipe.teacher.kwargs.items() if k in HF_INHERITED})
-        if not recipe.student.config.keys() & {"path", "package"} and is_hf_dir(recipe.teacher.model):
-            defaults["path"] = recipe.teacher.model
+        from .hf import inherited
+
+        own = recipe.student.config.keys() & {"path", "package"}  # a student from another directory
+        defaults.update({k: v for k, v in inherited(recipe.teacher).items()
+                         if not (own and k in ("path", "package"))})
     model = build_model(recipe.student.model, recipe.student.config, defaults, what="student")
     genome = {"model": recipe.student.model, "config": recipe.student.config, "defaults": defaults}
     return model, genome

@@ -160,10 +160,11 @@ class Budgets(_Section):
 class SearchSpec(_Section):
     """Student search (compressor/search/): when set, the searched student replaces `student`."""
 
-    proxy: str = Field("diswot", description="zero-cost proxy (compressor.search.PROXIES): diswot, naswot, synflow, params, flops")
+    proxy: str = Field("diswot", description="zero-cost proxy (compressor.search.PROXIES): diswot, naswot, synflow, "
+                       "params, flops; for task: embedding diswot takes its relation form and synflow is refused")
     trials: int = Field(200, ge=1)
     population: int = Field(50, ge=2, description="NSGA-II population size")
-    family: Literal["cnn", "mlp", "transformer"] | None = Field(None, description="default: detected from the teacher")
+    family: Literal["cnn", "mlp", "transformer", "hf-encoder"] | None = Field(None, description="default: detected from the teacher")
     builder: str | None = Field(None, description="student builder (a built-in name or 'module:function'); default: the family's")
     space: dict[str, list[Any]] = Field(default_factory=dict, description="gene -> choices; overrides the detected space")
     latency: Literal["predict", "measure"] = Field("predict", description="predict from a per-device model, or measure each")
@@ -274,8 +275,12 @@ class Recipe(_Section):
             raise ValueError("student: is required unless search: or prune: makes the student")
         if self.task == "embedding":
             if self.search is not None:
-                raise ValueError("search: covers classification students today; for an embedding teacher "
-                                 "use prune: (layers of the teacher) or student: hf-encoder with a smaller config")
+                from .search.proxies import check_task
+
+                try:  # a proxy that needs logits (or an all-ones input) has no embedding form
+                    check_task(self.search.proxy, "embedding")
+                except UserError as e:
+                    raise ValueError(str(e)) from None
             if "losses" not in self.distill.model_fields_set:
                 self.distill.losses = [LossSpec(name="cosine", weight=1.0, relation=1.0)]
             bad = [l.name for l in self.distill.losses if l.name in NEEDS_LOGITS]

@@ -70,3 +70,25 @@ def test_gap_closed_and_markdown():
     md = b.markdown(res)
     assert "90.0%** of the gap" in md and "| searched | not run |" in md and "(goal: >= 80% at <= 1/10: met)" in md
     assert "| teacher | all labels | 0.9900 |" in md and "0.7800, 0.8000" in md
+
+
+def test_searched_and_pruned_rows():
+    """The pruned row is the shipped quickstart-prune recipe; searched and pruned students say what they are,
+    and a few-labels section not rerun says when it was measured."""
+    import yaml
+
+    b = _bench()
+    shipped = yaml.safe_load((b.ROOT / "profiles" / "recipes" / "quickstart-prune.yaml").read_text())
+    assert b.recipe_for("pruned", False, None) == {**shipped, "name": "digits-pruned"}
+    assert b.recipe_for("searched", False, None)["search"]["proxy"] == "diswot"
+    base = {"params": 10, "flops": 3.0, "bytes": 1, "accuracy": 0.99, "b1_p50_ms": 1.0, "b32_p50_ms": 9.0,
+            "b1_gflops": 1.0, "b32_gflops": 2.0, "b1_of_peak": 0.1, "b32_of_peak": 0.2}
+    rows = [{**base, "setting": "searched", "model": "student", "genome": {"widths": [8, 16, 32]},
+             "search": {"trials": 40, "feasible": 30, "seconds": 12.0}},
+            {**base, "setting": "pruned", "model": "student", "removed": ["stages.1.1", "stages.2.1"]}]
+    f = b.few_label_summary(0.99, 340.0, 10.0, [0.97], {"subset": [0.79]})
+    md = b.markdown({"machine": b.machine(), "rows": rows, "peak_gflops": 100.0, "few_labels": f,
+                     "few_labels_from": "2026-11-27T23:45:54Z"})
+    assert "| searched | student |" in md and "| pruned | student |" in md
+    assert "chosen {'widths': [8, 16, 32]}" in md and "removed stages.1.1, stages.2.1" in md
+    assert "from the run of 2026-11-27T23:45:54Z" in md

@@ -133,7 +133,7 @@ class _PairTerm(nn.Module):
     def teacher_paths(self):
         return [t for _, t in self.pairs]
 
-    def build(self, student_features: dict, teacher_features: dict) -> None:
+    def build(self, student_features: dict, teacher_features: dict, **_) -> None:
         """Create the adapters from one batch's features; DistillModule calls this before its optimizer exists."""
         if len(self.adapters) == len(self.pairs):
             return
@@ -361,23 +361,37 @@ class Cosine(nn.Module):
 
     ``relation`` adds that weight times the mean squared difference between the student's and the
     teacher's pairwise cosine-similarity matrices over the batch: what a retrieval user sees (which
-    sentences are close), and what the embedding task's agreement metric ranks."""
+    sentences are close), and what the embedding task's agreement metric ranks.
+
+    A student narrower than the teacher (a searched hf-encoder student may be) gets a learned linear
+    projection to the teacher's width for the first term (TinyBERT's W; built by DistillModule before
+    its optimizer, trained with the student, never exported); the relation term compares the
+    student's own embeddings, since similarity matrices compare any two widths."""
 
     def __init__(self, relation: float = 0.0):
         super().__init__()
         if relation < 0:
             raise ValueError("loss 'cosine': relation >= 0")
         self.relation = float(relation)
+        self.adapter: nn.Module | None = None
+
+    def build(self, student_features=None, teacher_features=None, *, student=None, teacher=None, **_) -> None:
+        if self.adapter is not None or student is None or teacher is None:
+            return
+        if student.dim() == 2 == teacher.dim() and len(student) == len(teacher) and student.shape[1] != teacher.shape[1]:
+            self.adapter = nn.Linear(student.shape[1], teacher.shape[1], bias=False).to(student.device)
 
     def forward(self, *, student, teacher, **_):
         from ..errors import UserError
 
-        if student.shape != teacher.shape:
+        direct = student if self.adapter is None else self.adapter(student)
+        if direct.shape != teacher.shape:
             raise UserError(f"loss cosine: the student's embedding {_shape(student)} and the teacher's "
                             f"{_shape(teacher)} differ in shape; project with a feature term instead")
-        s, t = F.normalize(student.flatten(1), dim=-1), F.normalize(teacher.flatten(1), dim=-1)
-        loss = (1 - (s * t).sum(-1)).mean()
+        d, t = F.normalize(direct.flatten(1), dim=-1), F.normalize(teacher.flatten(1), dim=-1)
+        loss = (1 - (d * t).sum(-1)).mean()
         if self.relation:
+            s = F.normalize(student.flatten(1), dim=-1)
             loss = loss + self.relation * (s @ s.T - t @ t.T).pow(2).mean()
         return loss
 

@@ -24,8 +24,19 @@ from .hooks import capture, check_paths
 # What validation reports, and the best checkpoint is chosen by: name -> f(student out, teacher out, labels).
 VAL_METRICS = {
     "acc": lambda s, t, y: (s.argmax(-1) == y).float().mean(),  # classification: top-1 accuracy
-    "cosine": lambda s, t, y: F.cosine_similarity(s.flatten(1), t.flatten(1), dim=-1).mean(),  # embeddings
+    "cosine": lambda s, t, y: _cosine(s, t),  # embeddings
 }
+
+
+def _cosine(s, t):
+    """Mean cosine between student and teacher embeddings; for a student of another width (a searched
+    one may be narrower), the mean cosine between their pairwise-similarity rows over the batch: the
+    same scale (1: the same geometry), and comparable within a run, whose width is fixed."""
+    s, t = s.flatten(1), t.flatten(1)
+    if s.shape == t.shape:
+        return F.cosine_similarity(s, t, dim=-1).mean()
+    s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    return F.cosine_similarity(s @ s.T, t @ t.T, dim=-1).mean()
 
 
 def _call(model, x):
@@ -75,7 +86,7 @@ class DistillModule(pl.LightningModule):
         finally:
             self.student.train(was)
         for term in terms:
-            term.build(sf, tf)
+            term.build(sf, tf, student=s, teacher=t)  # the outputs too: cosine sizes its projection on them
 
     def _forward(self, x):
         with capture(self.teacher, self.teacher_paths, "teacher") as tf, torch.no_grad():

@@ -21,26 +21,31 @@ RICH = 20
 FEW = ["flops", "params", "activations", "k_n"]
 
 
-def measure_model(model: nn.Module, example: torch.Tensor, device, *, warmup: int = 5, runs: int = 30,
+def measure_model(model: nn.Module, example, device, *, warmup: int = 5, runs: int = 30,
                   max_seconds: float = 2.0) -> float:
-    """p50 milliseconds at batch 1: export to ONNX in a temporary directory and measure on ``device``."""
+    """p50 milliseconds at batch 1: export to ONNX in a temporary directory and measure on ``device``.
+    ``example`` is a tensor or a dict of tensors (a text encoder's input_ids and attention_mask: two
+    ONNX inputs, at the example's own sequence length, so the device needs no dims)."""
     from exporters.onnx import export_onnx
 
+    from ..tasks import as_tuple, onnx_io, take
+
+    x = take(example, 1)
     with tempfile.TemporaryDirectory(prefix="compressor-search-") as tmp:
         path = Path(tmp) / "candidate.onnx"
-        export_onnx(model, (example[:1],), path, dynamic_batch=False)
+        export_onnx(model, as_tuple(x), path, dynamic_batch=False, **onnx_io(x, "output", dynamic_batch=False))
         m = device.measure(path, batch=1, warmup=warmup, runs=runs, max_seconds=max_seconds)
     return float(m.p50_ms)
 
 
-def candidate_features(model: nn.Module, example: torch.Tensor) -> dict:
+def candidate_features(model: nn.Module, example) -> dict:
     """What the predictor reads: whole-model features and the kernel list (compressor/calibrate.py)."""
     from ..calibrate import features, kernels
 
     return {**features(model, example), "kernels": kernels(model, example)}
 
 
-def calibrate(device_name: str, device, build, genomes: list[dict], example: torch.Tensor, log=print,
+def calibrate(device_name: str, device, build, genomes: list[dict], example, log=print,
               **measure_kw):
     """Measure ``genomes`` (``build(genome) -> nn.Module``) on ``device`` and fit its LatencyPredictor."""
     from devices.predictor import LatencyPredictor, cross_validate

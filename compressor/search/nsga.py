@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import UserError
 from .latency import calibrate, candidate_features, measure_model, record
-from ..models import MLP, ResNet, count_params
+from ..models import MLP, ResNet, count_flops, count_params
+from ..tasks import take
 from .proxies import conv_linear_flops, cost
 from .spaces import Space, genome_key
 
@@ -54,9 +55,10 @@ class SearchResult:
     seconds: float
     scored: int  # candidates scored in this process (not taken from the study)
     added: int = 0  # trials this process completed and stored (several workers: each one's share)
+    proxy: dict = field(default_factory=dict)  # name, task and the form it took (set by the search stage)
 
     def summary(self) -> dict:
-        return {"trials": len(self.candidates), "unique": len({c.key for c in self.candidates}),
+        return {**({"proxy": self.proxy} if self.proxy else {}), "trials": len(self.candidates), "unique": len({c.key for c in self.candidates}),
                 "feasible": sum(c.feasible for c in self.candidates), "objectives": self.objectives,
                 "storage": self.storage, "study": self.study, "seconds": round(self.seconds, 2),
                 "scored_here": self.scored, "added_here": self.added,
@@ -101,7 +103,7 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
            measure_kw: dict | None = None, predictors: dict | None = None,
            log: Callable[[str], None] = print, shared: bool | None = None,
            sampler_seed: int | None = None, seeds: list[dict] | None = None,
-           progress_bar: bool | None = None, more_batches: list | None = None) -> SearchResult:
+           progress_bar: bool | None = None, more_batches: list | None = None, example=None) -> SearchResult:
     """Run (or resume) the NSGA-II study and return every candidate, the Pareto front and the best
     candidate meeting every budget (None when none does: the caller says which budget is tightest).
 
@@ -117,11 +119,14 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
     ``more_batches``: further ``(batch, teacher_view)`` pairs; the score is then the mean of the proxy over
     ``batch`` at init seed ``seed`` and pair k at init seed ``seed + k`` (a one-batch, one-init proxy is
     noisy: averaging 4 took DisWOT's Kendall tau from +0.13 to +0.32 in benchmarks/search_rank.py).
+    ``example``: one input as the devices run it, for FLOPs and latency (token inputs at the profiled
+    sequence length, compressor.tasks.at_length); default: the batch's first sample. Inputs may be a
+    tensor or a dict of tensors (input_ids, attention_mask).
     """
     optuna = _optuna()
     devices, latency_ms = dict(devices or {}), dict(latency_ms or {})
     measure_kw = dict(measure_kw or {})
-    example = batch[0][:1]
+    example = take(batch[0], 1) if example is None else example
     objectives = ["score"] + ([f"latency_ms[{d}]" for d in devices] or ["size_mb"])
     directions = ["maximize"] + ["minimize"] * (len(objectives) - 1)
     storage = storage or "sqlite:///search.db"
@@ -192,7 +197,7 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
             continue
         rng = random.Random(seed)
         sample = sorted((space.sample(rng) for _ in range(max(64, 8 * calibration))),
-                        key=lambda g: cost(lambda: space.build(g, defaults), example)[1])
+                        key=lambda g: cost(lambda: space.skeleton(g, defaults), example)[1])
         # Spread over the FLOPs range: the fit must cover small and large candidates alike.
         picks = [sample[round(i * (len(sample) - 1) / max(1, calibration - 1))] for i in range(calibration)]
         models[name] = calibrate(name, dev, build, picks, example, log=log, **measure_kw)
@@ -207,8 +212,10 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
         model = build(genome)  # the recipe's seed, not the sampler's: every worker scores a genome alike
         if isinstance(model, (ResNet, MLP)):  # all their arithmetic is in Conv2d/Linear: hooks suffice
             n, f = count_params(model), conv_linear_flops(model, example)
+        elif space.family == "hf-encoder":  # counted as the pipeline counts it (one sample, profiled length)
+            n, f = count_params(model), count_flops(model, example)
         else:
-            n, f = cost(lambda: space.build(genome, defaults), example)
+            n, f = cost(lambda: space.skeleton(genome, defaults), example)
         torch.manual_seed(seed)
         score = float(proxy(model, batch, teacher_view))
         if more_batches:

@@ -1,8 +1,13 @@
 """Zero-cost proxies: score an untrained candidate without training it. Larger is better for every one.
 
-Each proxy is ``fn(student, batch, teacher=None) -> float`` where ``batch`` is an (inputs, labels) pair;
-PROXIES (in compressor/search/__init__.py) maps names to them. A proxy that needs the teacher takes a
-``TeacherView``, computed once per search, so the teacher runs once and is never modified.
+Each proxy is ``fn(student, batch, teacher=None) -> float`` where ``batch`` is an (inputs, labels) pair
+and the inputs are a tensor or a dict of tensors (Hugging Face: input_ids, attention_mask); PROXIES (in
+compressor/search/__init__.py) maps names to them. A proxy that needs the teacher takes a ``TeacherView``,
+computed once per search, so the teacher runs once and is never modified.
+
+For ``task: embedding`` (a sentence encoder: no classifier, no logits) DisWOT keeps its relation term
+alone, over the embeddings; NASWOT, params and FLOPs need no classifier either; synflow is refused
+(``check_task``). ``FORMS`` says in words what each proxy computes for each task, for the stage record.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..models import count_flops, count_params
+from ..tasks import call, take
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -25,8 +32,6 @@ def classifier(model: nn.Module) -> nn.Linear:
         if isinstance(m, nn.Linear):
             last = m
     if last is None:
-        from ..errors import UserError
-
         raise UserError(f"{type(model).__name__} has no nn.Linear classifier, which DisWOT needs")
     return last
 
@@ -55,19 +60,40 @@ def _gram(f: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TeacherView:
-    """What DisWOT needs from the teacher for one batch: classifier-weight gradient and feature Gram."""
+    """What DisWOT needs from the teacher for one batch: classifier-weight gradient and feature Gram.
+    ``grad`` is None for an embedding teacher: the relation term alone, over its embeddings."""
 
-    grad: torch.Tensor  # (classes, channels)
+    grad: torch.Tensor | None  # (classes, channels); None: task embedding (no classifier)
     gram: torch.Tensor  # (batch, batch), row-normalised
 
     @classmethod
-    def of(cls, teacher: nn.Module, batch) -> "TeacherView":
+    def of(cls, teacher: nn.Module, batch, task: str = "classification") -> "TeacherView":
+        x, y = batch
+        if task == "embedding":
+            return cls(None, _embedding_gram(teacher, x))
         # A copy in train mode (BatchNorm on batch statistics, as DisWOT does) so the real teacher's
         # running statistics and gradients stay untouched.
         t = copy.deepcopy(teacher).train()
-        x, y = batch
         g, gram = _grad_and_gram(t, x, y)
         return cls(g, gram)
+
+
+@torch.no_grad()
+def _embedding_gram(model: nn.Module, x) -> torch.Tensor:
+    """Row-normalised batch Gram of a sentence encoder's embeddings, centred over the batch first.
+
+    Centred because sentence embeddings share one dominant direction, and an encoder at init far more
+    so: the tiny test BERT's pairwise cosines are 0.977 +- 0.009, so every uncentred Gram is nearly the
+    all-ones matrix and every candidate scored within 1e-5 of every other. Centring (as linear CKA
+    does) compares how the batch is arranged around its mean. In eval mode: an encoder has no
+    BatchNorm whose batch statistics DisWOT's train mode is for, and dropout would only add noise."""
+    was = model.training
+    model.eval()
+    try:
+        e = call(model, x).float().flatten(1)
+    finally:
+        model.train(was)
+    return _gram(e - e.mean(0, keepdim=True))
 
 
 def _grad_and_gram(model: nn.Module, x, y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +132,14 @@ def relation_distance(gram_s: torch.Tensor, gram_t: torch.Tensor) -> float:
 
 def diswot(student: nn.Module, batch, teacher: TeacherView | nn.Module, form: str = "gram") -> float:
     """-(semantic + relation) distance to the teacher. ``form`` "gram" by default so that candidates
-    with and without the teacher's channel count are scored on one scale within a search."""
+    with and without the teacher's channel count are scored on one scale within a search. With an
+    embedding teacher's view (no classifier gradient) it is -relation over the embeddings: the batch
+    Gram of the student's embeddings against the teacher's, which compares any two widths."""
     if isinstance(teacher, nn.Module):
         teacher = TeacherView.of(teacher, batch)
     x, y = batch
+    if teacher.grad is None:
+        return -relation_distance(_embedding_gram(student, x), teacher.gram)
     was = student.training
     student.train()
     try:
@@ -150,7 +180,7 @@ def naswot(student: nn.Module, batch, teacher=None) -> float:
     mode = _ActivationCodes()
     try:
         with mode:
-            student(x)
+            call(student, x)
     finally:
         student.train(was)
     if not mode.codes:
@@ -178,7 +208,8 @@ def _swap_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 def synflow(student: nn.Module, batch, teacher=None) -> float:
     """Synaptic flow (Tanaka et al. 2020): weights -> |weights| in float64, BatchNorm off, an input of
     ones, R = sum of outputs, score = sum |theta * dR/dtheta|. Data-free. The model is given back as it
-    came: dtype, signs and BatchNorm layers restored."""
+    came: dtype, signs and BatchNorm layers restored. Token ids (a tensor or a dict) have no all-ones
+    input: the first sample's are used. For task: embedding it is refused (check_task)."""
     x, _ = batch
     dtype = next(student.parameters()).dtype
     was = student.training
@@ -193,8 +224,9 @@ def synflow(student: nn.Module, batch, teacher=None) -> float:
                     p.abs_()
         student.eval()  # dropout off
         student.zero_grad(set_to_none=True)
-        inp = torch.ones((1, *x.shape[1:]), dtype=torch.float64) if x.is_floating_point() else x[:1]
-        torch.sum(student(inp)).backward()
+        inp = torch.ones((1, *x.shape[1:]), dtype=torch.float64) \
+            if isinstance(x, torch.Tensor) and x.is_floating_point() else take(x, 1)
+        torch.sum(call(student, inp)).backward()
         score = sum(float((p.detach() * p.grad).abs().sum()) for p in student.parameters() if p.grad is not None)
     finally:
         with torch.no_grad():
@@ -217,7 +249,41 @@ def params(student: nn.Module, batch, teacher=None) -> float:
 
 
 def flops(student: nn.Module, batch, teacher=None) -> float:
-    return float(count_flops(student, batch[0]))
+    return float(count_flops(student, batch[0]))  # the search itself counts at the profiled length
+
+
+# What each proxy computes, per task: the stage record says which form a search used.
+FORMS = {
+    "classification": {
+        "diswot": "semantic (row-normalised K x K Gram of the classifier-weight gradients) + relation "
+                  "(row-normalised batch Gram of the pre-pooling features)",
+        "naswot": "log|det K| of ReLU/GELU activation codes",
+        "synflow": "synaptic flow: |weights|, float64, all-ones input",
+        "params": "parameter count",
+        "flops": "forward FLOPs of one sample",
+    },
+    "embedding": {
+        "diswot": "relation only: row-normalised batch Gram of the batch-centred embeddings, student "
+                  "against teacher (no classifier, so no semantic term)",
+        "naswot": "log|det K| of ReLU/GELU activation codes, every token of the batch",
+        "params": "parameter count",
+        "flops": "forward FLOPs of one sample of the proxy batch (the candidates' flops metric is at the "
+                 "profiled sequence length)",
+    },
+}
+
+
+def check_task(proxy: str, task: str) -> str:
+    """The form ``proxy`` takes for ``task``; a UserError naming the alternatives when it has none."""
+    forms = FORMS.get(task, FORMS["classification"])
+    if not any(proxy in f for f in FORMS.values()):
+        return "a proxy registered outside compressor: its own form"
+    if proxy not in forms:
+        why = {"synflow": "it feeds an all-ones input and sums the outputs, and token ids have no all-ones "
+                          "input while an L2-normalised embedding's sum does not grow with the weights"}
+        raise UserError(f"search.proxy {proxy!r} does not apply to task: {task} ({why.get(proxy, 'it needs class logits')}); "
+                        f"use {', '.join(forms)}")
+    return forms[proxy]
 
 
 def conv_linear_flops(model: nn.Module, example: torch.Tensor) -> int:
@@ -249,9 +315,17 @@ def conv_linear_flops(model: nn.Module, example: torch.Tensor) -> int:
     return total
 
 
-def cost(build, example: torch.Tensor) -> tuple[int, int]:
+def cost(build, example) -> tuple[int, int]:
     """(params, FLOPs) of the model ``build()`` makes, built on the meta device: shapes only, no
-    weights and no arithmetic, so it is cheap enough to call for every candidate."""
-    with torch.device("meta"):
+    weights and no arithmetic, so it is cheap enough to call for every candidate. ``example``: a
+    tensor or a dict of tensors (token inputs). A model whose forward reads values (a Hugging Face
+    encoder checks its attention mask with .item()) cannot run on meta: it is built on the CPU instead."""
+    x = take(example, 1)
+    try:
+        with torch.device("meta"):
+            model = build()
+        meta = {k: v.to("meta") for k, v in x.items()} if isinstance(x, dict) else x.to("meta")
+        return count_params(model), count_flops(model, meta)
+    except (RuntimeError, NotImplementedError):
         model = build()
-    return count_params(model), count_flops(model, example[:1].to("meta"))
+        return count_params(model), count_flops(model, x)

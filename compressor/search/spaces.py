@@ -22,7 +22,7 @@ from ..models import MLP, ResNet, build_model
 
 @dataclass
 class Space:
-    family: str  # "cnn", "transformer", "mlp"
+    family: str  # "cnn", "transformer", "mlp", "hf-encoder"
     builder: str  # a compressor.models.MODELS name or 'module:function'
     genes: dict[str, list]  # gene -> choices, smallest first
     fixed: dict = field(default_factory=dict)  # builder keyword arguments that are not searched
@@ -46,6 +46,14 @@ class Space:
 
     def build(self, genome: dict, defaults: dict | None = None) -> nn.Module:
         return build_model(self.builder, self.config(genome), defaults, what="search candidate")
+
+    def skeleton(self, genome: dict, defaults: dict | None = None) -> nn.Module:
+        """The candidate's shapes without its weights (for cost counts on the meta device): a Hugging
+        Face student is built at random init, so nothing is read from the teacher's files."""
+        config = self.config(genome)
+        if self.family == "hf-encoder":
+            config = {**config, "init": "random"}
+        return build_model(self.builder, config, defaults, what="search candidate")
 
     def to_dict(self) -> dict:
         return {"family": self.family, "builder": self.builder, "genes": self.genes, "fixed": self.fixed}
@@ -79,7 +87,13 @@ def _transformer_config(g: dict) -> dict:
     return {k: g[k] for k in ("layers", "hidden", "heads", "ffn", "vocab")}
 
 
-TO_CONFIG = {"cnn": _cnn_config, "mlp": _mlp_config, "transformer": _transformer_config}
+def _hf_config(g: dict) -> dict:
+    # The genes are the transformers config names, so the genome is the hf-encoder builder's config
+    # overrides as they stand (plus `init` when the recipe's space makes it a gene).
+    return dict(g)
+
+
+TO_CONFIG = {"cnn": _cnn_config, "mlp": _mlp_config, "transformer": _transformer_config, "hf-encoder": _hf_config}
 
 
 # ------------------------------------------------------------------------- spaces from a teacher
@@ -124,6 +138,27 @@ def transformer_space(layers: int = 12, hidden: int = 768, ffn: int = 3072, voca
     }, dict(fixed or {}))
 
 
+def _eighths(full: int, step: int) -> list[int]:
+    """1/8, 2/8, ..., 8/8 of ``full`` rounded to multiples of ``step`` (at least ``step``), and ``full``."""
+    return sorted({max(step, round(full * k / 8 / step) * step) for k in range(1, 9)} | {full})
+
+
+def hf_encoder_space(layers: int, hidden: int, heads: int, ffn: int, fixed: dict | None = None) -> Space:
+    """Students of a Hugging Face encoder's own class, bounded by the teacher's config: layers 1..L,
+    attention heads among the divisors of the teacher's, hidden 1/8..1 of the teacher's in multiples of
+    lcm(heads, 8) (so every head count divides every hidden size, and widths stay vector-friendly),
+    FFN 1/8..1 of the teacher's in multiples of 8. The genes are the transformers config names, so a
+    genome is the hf-encoder builder's config (compressor/hf.py) as it stands."""
+    step = math.lcm(heads, 8)
+    hiddens = [h for h in _eighths(hidden, step) if h % heads == 0]
+    return Space("hf-encoder", "hf-encoder", {
+        "num_hidden_layers": list(range(1, layers + 1)),
+        "hidden_size": hiddens,
+        "num_attention_heads": [d for d in range(1, heads + 1) if heads % d == 0],
+        "intermediate_size": _eighths(ffn, 8),
+    }, {"init": "teacher", **(fixed or {})})
+
+
 def detect(teacher: nn.Module, teacher_name: str = "", teacher_kwargs: dict | None = None) -> Space | None:
     """The space of the teacher's family, read from its modules; None when the family is unknown."""
     if isinstance(teacher, ResNet):
@@ -134,6 +169,14 @@ def detect(teacher: nn.Module, teacher_name: str = "", teacher_kwargs: dict | No
     if isinstance(teacher, MLP):
         hidden = [m.out_features for m in teacher.body if isinstance(m, nn.Linear)]
         return mlp_space(hidden or [64])
+    from ..hf import SentenceEncoder, config_of
+
+    if isinstance(teacher, SentenceEncoder):
+        # hf-encoder: the same class with a smaller config, from the teacher's weights where shapes allow.
+        c = config_of(teacher)
+        if len(c) == 4:
+            return hf_encoder_space(c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"],
+                                    c["intermediate_size"])
     cfg = getattr(teacher, "config", None)
     if cfg is not None and hasattr(cfg, "num_hidden_layers") and hasattr(cfg, "hidden_size"):
         # A Hugging Face BERT-like encoder: the student is the paper's encoder, capped by the teacher.
@@ -161,7 +204,8 @@ def from_spec(spec, teacher: nn.Module, teacher_name: str = "") -> Space:
     return Space(family, builder, merged, dict(base.fixed) if base else {})
 
 
-DEFAULT_BUILDER = {"cnn": "resnet", "mlp": "mlp", "transformer": "compressor.search.spaces:encoder_classifier"}
+DEFAULT_BUILDER = {"cnn": "resnet", "mlp": "mlp", "transformer": "compressor.search.spaces:encoder_classifier",
+                   "hf-encoder": "hf-encoder"}
 
 
 def pruned_genome(space: Space, teacher: nn.Module, removed, defaults: dict | None = None) -> tuple[dict | None, str]:
@@ -188,6 +232,13 @@ def pruned_genome(space: Space, teacher: nn.Module, removed, defaults: dict | No
         genome = {"layers": teacher.layers - len(removed), "hidden": teacher.hidden,
                   "heads": teacher.encoder.layers[0].self_attn.num_heads, "ffn": teacher.ffn,
                   "vocab": teacher.vocab}
+    elif space.family == "hf-encoder":
+        from ..hf import config_of
+
+        c = config_of(teacher)
+        if len(c) != 4:
+            return None, f"a {type(teacher).__name__} teacher has no Hugging Face config"
+        genome = {**c, "num_hidden_layers": c["num_hidden_layers"] - len(removed), "init": "teacher"}
     else:
         return None, f"a {type(teacher).__name__} teacher has no genome in the {space.family} space"
     missing = [g for g in space.genes if g not in genome]

@@ -17,9 +17,27 @@ from ..errors import UserError
 from ..models import build_model
 
 
-def _defaults(data) -> dict:
-    return {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
-            "in_features": int(torch.Size(data.input_shape).numel())}
+def _defaults(data, recipe=None, space=None) -> dict:
+    """Builder arguments the genome leaves out: from the data, and for a Hugging Face student where the
+    teacher lives and how it pools (compressor.hf.inherited), so the genome rebuilds it alone."""
+    out = {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
+           "in_features": int(torch.Size(data.input_shape).numel())}
+    if recipe is not None and space is not None and space.family == "hf-encoder":
+        from ..hf import inherited
+
+        out.update(inherited(recipe.teacher))
+    return out
+
+
+def _rows(x, i: int, j: int):
+    """Samples i..j of a batch: a tensor or a dict of tensors (token inputs)."""
+    return {k: v[i:j] for k, v in x.items()} if isinstance(x, dict) else x[i:j]
+
+
+def sequence_length(recipe, data) -> int | None:
+    """The sequence length the devices run (the data's dims, or profile.dims): FLOPs and latency of a
+    text candidate are counted there, as the pipeline's analyze and profile stages count them."""
+    return {**data.meta.get("dims", {}), **recipe.profile.dims}.get("sequence")
 
 
 def _devices(recipe, log, predicted=()) -> dict:
@@ -75,7 +93,7 @@ def pruned_seed(recipe, data, teacher, spec, space, log=print) -> dict | None:
         return None
     batches = calibration_batches(data, recipe.data.batch_size, ps.calibration_batches)
     _, info = prune_teacher(teacher, batches, ps.by, ps.remove, log=log, **latency_source(ps, recipe.targets, log))
-    genome, why = pruned_genome(space, teacher, info["removed"], _defaults(data))
+    genome, why = pruned_genome(space, teacher, info["removed"], _defaults(data, recipe, space))
     if genome is None:
         if spec.seed_pruned is not None:  # asked for explicitly: say it cannot be done
             raise UserError(f"search.seed_pruned: the pruned teacher is not in the search space: {why}")
@@ -92,10 +110,11 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bo
     A storage named in the recipe, or ``worker``, is shared: it is used directly (each trial stored as
     it ends) so other processes see every trial. A worker draws its own sampler seed; the recipe's
     seed still builds each candidate, so every worker scores a genome alike."""
+    from ..tasks import at_length, size, take
     from . import PROXIES
     from .latency import load_predictors
     from .nsga import search
-    from .proxies import TeacherView
+    from .proxies import TeacherView, check_task
     from .spaces import from_spec
 
     if spec.proxy not in PROXIES:
@@ -107,16 +126,21 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bo
                else "no cross-validated error stored")
         log(f"search: latency on {target} predicted by {spec.predictor} ({pred.method}, {len(pred.points)} "
             f"measured candidates of space {pred.space or '?'}, fitted {pred.fitted_at}; {err})")
+    form = check_task(spec.proxy, recipe.task)
     space = from_spec(spec, teacher, recipe.teacher.model)
     log(f"search: {space.family} space of {space.size:,} students ({', '.join(f'{g}: {c}' for g, c in space.genes.items())})")
+    log(f"search: proxy {spec.proxy} for task {recipe.task}: {form}")
     seed = pruned_seed(recipe, data, teacher, spec, space, log)
     n = spec.batch_size
     xs, ys = data.tensors("train", limit=n * spec.proxy_seeds)
-    batches = [(xs[i:i + n], ys[i:i + n]) for i in range(0, len(xs), n) if len(xs[i:i + n]) >= 2]
+    total = size(xs)
+    batches = [(_rows(xs, i, i + n), ys[i:i + n]) for i in range(0, total, n) if min(total, i + n) - i >= 2]
     if len(batches) < spec.proxy_seeds:
         log(f"search: the training split holds {len(batches)} batches of {n}, so the proxy averages {len(batches)} "
             f"pairs instead of search.proxy_seeds {spec.proxy_seeds}")
-    pairs = [(b, TeacherView.of(teacher, b) if spec.proxy == "diswot" else None) for b in batches]
+    pairs = [(b, TeacherView.of(teacher, b, recipe.task) if spec.proxy == "diswot" else None) for b in batches]
+    # FLOPs and latency at the length the devices run (token inputs padded or cut to it)
+    example = at_length(take(xs, 1), sequence_length(recipe, data))
     (batch, view), more = pairs[0], pairs[1:]
     run_dir.mkdir(parents=True, exist_ok=True)
     storage = spec.storage or f"sqlite:///{(run_dir / 'search.db').resolve()}"
@@ -127,13 +151,14 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bo
 
         sampler_seed = secrets.randbelow(2**31)
         log(f"search: worker on study {spec.study or recipe.name + '-search'!r}, sampler seed {sampler_seed}")
-    result = search(space, PROXIES[spec.proxy], batch, teacher_view=view, defaults=_defaults(data),
+    result = search(space, PROXIES[spec.proxy], batch, teacher_view=view, defaults=_defaults(data, recipe, space),
                     devices=_devices(recipe, log, predictors), size_mb=b.size_mb, latency_ms=dict(b.latency_ms),
                     trials=spec.trials, population=spec.population, seed=recipe.seed, storage=storage,
                     study_name=spec.study or f"{recipe.name}-search", latency=spec.latency,
                     calibration=spec.calibration, measure_kw={"warmup": 5, "runs": 30, "max_seconds": 2.0},
                     log=log, shared=worker or spec.storage is not None, sampler_seed=sampler_seed,
-                    seeds=[seed] if seed else None, more_batches=more, predictors=predictors)
+                    seeds=[seed] if seed else None, more_batches=more, predictors=predictors, example=example)
+    result.proxy = {"name": spec.proxy, "task": recipe.task, "form": form}
     return space, result, seed
 
 
@@ -213,7 +238,7 @@ def stage(ctx) -> StageRecord:
     if result.best is None:
         raise UserError(tightest(result, b.size_mb, dict(b.latency_ms)))
     best = result.best
-    defaults = _defaults(ctx.data)
+    defaults = _defaults(ctx.data, ctx.recipe, space)
     seeded = _seed_record(seed, result)
     found = {"family": space.family, "genes": best.genome, "key": best.key}
     if seeded and seeded["chosen"]:
@@ -267,12 +292,13 @@ def search_command(recipe, out: Path, log=print, worker: bool = False) -> dict:
     """`compress search`: the search alone, its study and outputs in ``out``; returns the best.
     ``worker``: one of several processes adding trials to a shared study (see run_search)."""
     from ..data import load_data
+    from ..pipeline import _data_defaults
     from ..recipe import SearchSpec
     from ..teacher import load_teacher
     from .nsga import tightest
 
     torch.manual_seed(recipe.seed)
-    data = load_data(recipe.data, recipe.seed)
+    data = load_data(recipe.data, recipe.seed, defaults=_data_defaults(recipe))  # a text teacher's tokenizer
     teacher, _ = load_teacher(recipe, data, log=log)
     spec = recipe.search or SearchSpec()
     space, result, seed = run_search(recipe, data, teacher, spec, out, log, worker=worker)
@@ -281,7 +307,8 @@ def search_command(recipe, out: Path, log=print, worker: bool = False) -> dict:
     if result.best is None:
         raise UserError(tightest(result, b.size_mb, dict(b.latency_ms)))
     seeded = _seed_record(seed, result)
-    best = {"student": {"model": space.builder, "config": space.config(result.best.genome)},
+    best = {"student": {"model": space.builder, "config": space.config(result.best.genome),
+                        "defaults": _defaults(data, recipe, space)},
             **result.best.to_dict(), "front": len(result.front), **result.summary(),
             **({"pruned_seed": {k: v for k, v in seeded.items() if k != "candidate"}} if seeded else {})}
     atomic_write(out / "best.json", json.dumps(best, indent=2) + "\n")

@@ -1,0 +1,171 @@
+"""Student search over Hugging Face encoder students for `task: embedding` (issue 3): the space from the
+teacher's config, the proxies' embedding forms, `compress search` on the tiny BERT, and `compress run`
+with a search section end to end."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from compressor.bundle import verify  # noqa: E402
+from compressor.cli import main  # noqa: E402
+from compressor.data import load_data  # noqa: E402
+from compressor.errors import UserError  # noqa: E402
+from compressor.hf import hf_encoder  # noqa: E402
+from compressor.models import build_model, count_params  # noqa: E402
+from compressor.pipeline import run  # noqa: E402
+from compressor.recipe import DataSpec, load_recipe  # noqa: E402
+from compressor.search.proxies import TeacherView, check_task, cost, diswot, naswot  # noqa: E402
+from compressor.search.spaces import detect  # noqa: E402
+from compressor.tasks import at_length, call, take  # noqa: E402
+
+from tiny_bert import make_tiny_bert  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("hf") / "tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def text_batch(bert_dir):
+    data = load_data(DataSpec(dataset="docstrings", kwargs={"max_length": 32, "max_train": 200, "max_test": 80},
+                              batch_size=16), seed=0, defaults={"tokenizer_path": str(bert_dir)})
+    return data.tensors("train", limit=32)
+
+
+def _recipe(bert_dir, **over) -> dict:
+    r = {
+        "name": "tiny-text-search", "task": "embedding",
+        "teacher": {"model": "hf-encoder", "kwargs": {"path": str(bert_dir)}},
+        "data": {"dataset": "docstrings", "kwargs": {"max_length": 32, "max_train": 200, "max_test": 80},
+                 "batch_size": 32},
+        "search": {"trials": 12, "population": 6, "batch_size": 32, "calibration": 3},
+        "distill": {"epochs": 1, "lr": 1e-3},
+        "targets": ["local-cpu"],
+        "budgets": {"size_mb": 0.1},
+        "profile": {"batch_sizes": [1], "runs": 10, "warmup": 2, "max_seconds": 5},
+    }
+    r.update(over)
+    return r
+
+
+def test_space_comes_from_the_teachers_config(bert_dir):
+    teacher = hf_encoder(path=str(bert_dir))  # 4 layers, hidden 32, 4 heads, FFN 64
+    space = detect(teacher)
+    assert space.family == "hf-encoder" and space.builder == "hf-encoder"
+    g = space.genes
+    assert g["num_hidden_layers"] == [1, 2, 3, 4] and g["num_attention_heads"] == [1, 2, 4]
+    assert max(g["hidden_size"]) == 32 and max(g["intermediate_size"]) == 64
+    assert all(h % a == 0 for h in g["hidden_size"] for a in g["num_attention_heads"])
+    genome = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+    assert space.config(genome) == {**genome, "init": "teacher"}  # plain data: the builder's config
+    student = space.build(genome, {"path": str(bert_dir)})
+    # init: teacher where shapes allow: the same width loads layer i from the teacher's layer i
+    assert torch.equal(student.model.encoder.layer[1].output.dense.weight, teacher.model.encoder.layer[1].output.dense.weight)
+    narrow = space.build({**genome, "hidden_size": 16}, {"path": str(bert_dir)})
+    assert narrow.model.config.hidden_size == 16
+
+
+def test_embedding_proxies_and_their_forms(bert_dir, text_batch):
+    teacher = hf_encoder(path=str(bert_dir))
+    space = detect(teacher)
+    view = TeacherView.of(teacher, text_batch, "embedding")
+    assert view.grad is None and view.gram.shape == (32, 32)
+    assert diswot(teacher, text_batch, view) == pytest.approx(0.0, abs=1e-9)
+    small = space.build({"num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 2,
+                         "intermediate_size": 16}, {"path": str(bert_dir)})
+    score = diswot(small, text_batch, view)
+    assert math.isfinite(score) and score < -1e-4  # centred Gram: candidates are told apart
+    assert math.isfinite(naswot(small, text_batch))
+    ex = at_length(take(text_batch[0], 1), 32)
+    n, f = cost(lambda: space.skeleton({"num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 2,
+                                        "intermediate_size": 16}, {"path": str(bert_dir)}), ex)
+    assert n == count_params(small) and f > 0
+    assert "relation only" in check_task("diswot", "embedding")
+    with pytest.raises(UserError, match="synflow.*use diswot, naswot, params, flops"):
+        check_task("synflow", "embedding")
+    with pytest.raises(UserError, match="does not apply to task: embedding"):
+        load_recipe(_recipe(bert_dir, search={"proxy": "synflow"}))
+
+
+@pytest.mark.slow
+def test_compress_search_on_tiny_bert(bert_dir, tmp_path, capsys):
+    """`compress search` over the tiny BERT: finishes, meets the size budget, says which proxy form it
+    used, predicts latency from ONNX exports with two inputs, and its genome rebuilds a running student."""
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_recipe(bert_dir)))
+    assert main(["search", str(path), "--out", str(tmp_path / "s")]) == 0
+    best = json.loads((tmp_path / "s" / "best.json").read_text())
+    err = capsys.readouterr().err
+    assert "relation only" in best["proxy"]["form"] and best["proxy"]["task"] == "embedding"
+    assert best["trials"] == 12 and best["feasible"] >= 1
+    m = best["metrics"]
+    assert m["size_mb"] <= 0.1 and m["latency_label"] == "predicted" and m["latency_ms"]["local-cpu"] > 0
+    assert "latency predictor for local-cpu" in err
+    # FLOPs at the data's 32 tokens, counted as the pipeline counts them
+    s = best["student"]
+    student = build_model(s["model"], s["config"], s["defaults"])
+    x = {"input_ids": torch.zeros(2, 32, dtype=torch.long), "attention_mask": torch.ones(2, 32, dtype=torch.long)}
+    with torch.no_grad():
+        e = call(student.eval(), x)
+    assert e.shape == (2, s["config"]["hidden_size"]) and count_params(student) == m["params"]
+    cands = json.loads((tmp_path / "s" / "candidates.json").read_text())
+    assert {c["genome"]["hidden_size"] % c["genome"]["num_attention_heads"] for c in cands["candidates"]} == {0}
+
+
+@pytest.mark.slow
+def test_compress_run_with_search_on_an_embedding_teacher(bert_dir, tmp_path):
+    """search -> distill (cosine + relation; a narrower student gets a learned projection) -> export
+    with token inputs -> profile; the bundle verifies and its manifest rebuilds the searched student."""
+    # Narrower than the teacher's 32 (search.space overrides a gene), so the cosine term's projection runs.
+    recipe = _recipe(bert_dir, search={"trials": 8, "population": 4, "batch_size": 32, "latency": "predict",
+                                       "calibration": 3, "space": {"hidden_size": [8, 16]}})
+    out = run(recipe, tmp_path / "bundle", log=lambda s: None)
+    verify(out)
+    assert main(["verify", str(out)]) == 0  # and `compress verify` says so
+    m = json.loads((out / "manifest.json").read_text())
+    rec = next(s for s in m["stages"] if s["name"] == "search")
+    assert rec["metrics"]["proxy"]["name"] == "diswot" and "relation only" in rec["metrics"]["proxy"]["form"]
+    assert rec["metrics"]["best"]["metrics"]["size_mb"] <= 0.1
+    g = rec["outputs"]["student"]
+    assert g["model"] == "hf-encoder" and g["defaults"]["path"] == str(bert_dir)
+    assert g["config"]["hidden_size"] in (8, 16) and g["config"]["init"] == "teacher"
+    student = build_model(g["model"], g["config"], g["defaults"])
+    student.load_state_dict(torch.load(out / "model" / "student.pt", weights_only=True))
+    assert m["quality"]["student"]["onnx_agreement"] == pytest.approx(m["quality"]["student"]["agreement"], abs=1e-3)
+    assert (out / "model" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_cosine_projects_a_narrower_students_embedding():
+    from compressor.distill.losses import Cosine
+    from compressor.distill.module import VAL_METRICS
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(8, 32, generator=g), torch.randn(8, 16, generator=g, requires_grad=True)
+    loss = Cosine(relation=1.0)
+    with pytest.raises(UserError, match="differ in shape"):
+        loss(student=s, teacher=t)  # no projection until DistillModule builds it
+    loss.build({}, {}, student=s.detach(), teacher=t)
+    assert tuple(loss.adapter.weight.shape) == (32, 16)
+    out = loss(student=s, teacher=t)
+    out.backward()
+    assert torch.isfinite(out) and s.grad is not None and loss.adapter.weight.grad is not None
+    # Validation compares pairwise-similarity rows across widths: the same geometry scores 1.
+    wide = torch.cat([t[:, :16], torch.zeros(8, 16)], 1)
+    assert float(VAL_METRICS["cosine"](t[:, :16], wide, None)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_pruned_teacher_is_a_genome_of_the_space(bert_dir):
+    from compressor.search.spaces import pruned_genome
+
+    teacher = hf_encoder(path=str(bert_dir))
+    space = detect(teacher)
+    genome, why = pruned_genome(space, teacher, ["model.encoder.layer.1", "model.encoder.layer.2"],
+                                {"path": str(bert_dir)})
+    assert why == "" and genome == {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                                    "intermediate_size": 64}
