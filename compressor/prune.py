@@ -508,6 +508,8 @@ def stage(ctx):
         info["params"] = sum(p.numel() for p in student.parameters())
         info["flops"] = flops(student, batches[0])
         # The whole cut (layers and width) against the teacher, as the layer criterion measures it.
+        if "measured_loss" in info:
+            info["layers_measured_loss"] = info["measured_loss"]
         info["measured_loss"] = _sq_error_mean(ctx.teacher, student, batches)
     ctx.student = student
     ctx.genome = _genome(ctx, info["removed"], plan)
