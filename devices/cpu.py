@@ -19,7 +19,8 @@ class OnnxRuntimeCPU:
 
     def why_unavailable(self) -> str | None:
         if not self.profile.local:
-            return f"{self.profile.name} is reached over {self.profile.connection}: remote devices come later"
+            return (f"{self.profile.name} is reached over {self.profile.connection}: this class measures here; "
+                    "get_device() gives a remote board a devices.remote.RemoteDevice")
         try:
             import onnxruntime  # noqa: F401
         except ImportError:

@@ -103,7 +103,8 @@ class GPUDevice:
 
     def why_unavailable(self) -> str | None:
         if not self.profile.local:
-            return f"{self.profile.name} is reached over {self.profile.connection}: remote devices come later"
+            return (f"{self.profile.name} is reached over {self.profile.connection}: this class measures here; "
+                    "get_device() gives a remote board a devices.remote.RemoteDevice")
         if not self.runtimes():
             return ("no CUDA GPU here: torch.cuda.is_available() is False, TensorRT is not installed and "
                     "ONNX Runtime has no CUDAExecutionProvider")

@@ -7,6 +7,7 @@ from torch import nn
 
 import devices.gpu as gpu
 from devices import DeviceError, get_device
+from devices.remote import RemoteDevice
 
 NO_CUDA = "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
 
@@ -18,7 +19,12 @@ def test_unavailable_without_cuda_says_why():
     assert not dev.available() and "no CUDA GPU here" in dev.why_unavailable()
     with pytest.raises(DeviceError, match="not available"):
         dev.measure("model.onnx")
-    assert "remote devices come later" in get_device("jetson-orin-nano").why_unavailable()
+    # a board over SSH is a RemoteDevice; the shipped Jetson's host does not resolve here
+    jetson = get_device("jetson-orin-nano")
+    assert isinstance(jetson, RemoteDevice) and not jetson.available()
+    assert "jetson-orin-nano.local" in jetson.why_unavailable()
+    # the local-only class, handed a remote profile directly, says where remote boards go
+    assert "RemoteDevice" in gpu.GPUDevice(jetson.profile).why_unavailable()
 
 
 @pytest.fixture
