@@ -339,14 +339,37 @@ def _pack4(codes) -> bytes:
     return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
 
 
+def _integer_codes(b, grid: dict, bits: int, what: str):
+    """Codes of the bucket rows ``b`` (n_buckets, bucket) on an integer-zero-point grid {"scales",
+    "zero_points"} (one per bucket): (codes uint8, scale fp32, zero point uint8, worst distance to the grid
+    in steps). The weights were computed as (q - zp) * scale, so w / scale + zp is within an ulp of q."""
+    import numpy as np
+
+    scale = np.asarray(grid["scales"], np.float32).reshape(-1)
+    zp = np.asarray(grid["zero_points"]).reshape(-1)
+    levels = 2 ** bits - 1
+    if scale.size != len(b) or zp.size != len(b):
+        raise ExportError(f"{what}: the grid has {scale.size} scales and {zp.size} zero points for {len(b)} buckets")
+    if zp.min() < 0 or zp.max() > levels or not np.array_equal(zp, np.rint(zp)):
+        raise ExportError(f"{what}: zero points must be integers in 0..{levels}")
+    zp = zp.astype(np.uint8)
+    codes = np.clip(np.rint(b / scale[:, None]) + zp[:, None], 0, levels).astype(np.uint8)
+    back = (codes.astype(np.float32) - zp[:, None].astype(np.float32)) * scale[:, None]
+    worst = float(np.abs(back - b).max() / max(float(scale.max()), 1e-12))
+    return codes, scale, zp, worst
+
+
 def pack_bucketed(fp32: str | Path, out: str | Path, weights: dict) -> dict:
     """Store Polino-quantized weights as 4-bit codes: ``weights`` maps initializer name -> (bits, bucket),
     or (bits, bucket, True) for an initializer that holds the weight transposed (a Linear exported as
-    MatMul: the buckets run over the module's own (out, in) layout, then a Transpose rebuilds it).
+    MatMul: the buckets run over the module's own (out, in) layout, then a Transpose rebuilds it), or
+    (bits, bucket, transposed, grid) for integer zero points, grid = {"scales", "zero_points"} per bucket.
 
     Each listed weight must already lie on its bucketed grid (w = alpha * k / (2^b - 1) + beta per bucket
     of ``bucket`` flattened values). It becomes UINT4 codes (n_buckets x bucket, padded) -> Cast -> Mul
-    scale -> Add beta -> reshape back: standard ONNX (opset 21). Not DequantizeLinear: ONNX Runtime never
+    scale -> Add beta -> reshape back: standard ONNX (opset 21). With integer zero points (w = (q - zp) *
+    scale) the zero points are UINT4 too and the chain is Cast -> Sub zp -> Mul scale, the fake quantizer's
+    own order of operations, so the folded weight is bit-exact. Not DequantizeLinear: ONNX Runtime never
     constant-folds DQ (it keeps it for QDQ fusion), so a DQ would dequantize on every run (measured 2x
     slower than fp32 on the quickstart); Cast/Mul/Add fold at session start, so the file shrinks and the
     arithmetic is plain fp32. ONNX has no 2- or 3-bit type ORT runs: those use 4-bit containers too (the
@@ -366,7 +389,7 @@ def pack_bucketed(fp32: str | Path, out: str | Path, weights: dict) -> dict:
         raise ExportError(f"pack_bucketed: no initializer named {', '.join(missing)}")
     nodes, packed, worst = [], {}, 0.0
     for name, spec in weights.items():
-        bits, bucket, transposed = (*spec, False)[:3]
+        bits, bucket, transposed, grid = (*spec, False, None)[:4]
         if bits > 4:
             raise ExportError(f"pack_bucketed: {name} has {bits} bits; only 2-4 are packed")
         w = numpy_helper.to_array(inits[name]).astype(np.float32)
@@ -375,31 +398,43 @@ def pack_bucketed(fp32: str | Path, out: str | Path, weights: dict) -> dict:
         flat = w.reshape(-1)
         pad = (-flat.size) % bucket
         b = np.concatenate([flat, np.full(pad, flat[-1], np.float32)]).reshape(-1, bucket)
-        lo, hi = b.min(1), b.max(1)
         levels = 2 ** bits - 1
-        scale = np.maximum(hi - lo, 1e-12) / levels
-        codes = np.clip(np.rint((b - lo[:, None]) / scale[:, None]), 0, levels).astype(np.uint8)
-        back = (codes * scale[:, None] + lo[:, None]).reshape(-1)[:flat.size]
-        worst = max(worst, float(np.abs(back - flat).max() / max(float(scale.max()), 1e-12)))
-        m.graph.initializer.remove(inits[name])
         c, s, lo_n, sh = (f"{name}.q{bits}", f"{name}.scale", f"{name}.beta", f"{name}.shape")
+        if grid is None:  # Polino's float offset: alpha and beta are the bucket's range and minimum
+            lo, hi = b.min(1), b.max(1)
+            scale = np.maximum(hi - lo, 1e-12) / levels
+            codes = np.clip(np.rint((b - lo[:, None]) / scale[:, None]), 0, levels).astype(np.uint8)
+            back = (codes * scale[:, None] + lo[:, None]).reshape(-1)[:flat.size]
+            off = float(np.abs(back - flat).max() / max(float(scale.max()), 1e-12))
+            offset = [numpy_helper.from_array(lo[:, None].astype(np.float32), lo_n)]
+            dq = [helper.make_node("Cast", [c], [f"{name}.k"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [f"{name}.k", s], [f"{name}.dq"]),
+                  helper.make_node("Add", [f"{name}.dq", lo_n], [f"{name}.deq"])]
+        else:  # integer zero points: (q - zp) * scale
+            codes, scale, zp, off = _integer_codes(b, grid, bits, f"pack_bucketed: {name}")
+            z = f"{name}.zp{bits}"
+            offset = [helper.make_tensor(z, TensorProto.UINT4, [len(zp), 1], _pack4(zp), raw=True)]
+            dq = [helper.make_node("Cast", [c], [f"{name}.k"], to=TensorProto.FLOAT),
+                  helper.make_node("Cast", [z], [f"{name}.z"], to=TensorProto.FLOAT),
+                  helper.make_node("Sub", [f"{name}.k", f"{name}.z"], [f"{name}.kz"]),
+                  helper.make_node("Mul", [f"{name}.kz", s], [f"{name}.deq"])]
+        worst = max(worst, off)
+        m.graph.initializer.remove(inits[name])
         m.graph.initializer.extend([
             helper.make_tensor(c, TensorProto.UINT4, list(codes.shape), _pack4(codes), raw=True),
-            numpy_helper.from_array(scale[:, None].astype(np.float32), s),
-            numpy_helper.from_array(lo[:, None].astype(np.float32), lo_n),
+            numpy_helper.from_array(scale[:, None].astype(np.float32), s), *offset,
             numpy_helper.from_array(np.array([-1], np.int64), f"{name}.flat"),
             numpy_helper.from_array(np.array([0], np.int64), f"{name}.start"),
             numpy_helper.from_array(np.array([flat.size], np.int64), f"{name}.end"),
             numpy_helper.from_array(np.array(w.shape, np.int64), sh)])
-        nodes += [helper.make_node("Cast", [c], [f"{name}.k"], to=TensorProto.FLOAT),
-                  helper.make_node("Mul", [f"{name}.k", s], [f"{name}.dq"]),
-                  helper.make_node("Add", [f"{name}.dq", lo_n], [f"{name}.deq"]),
+        nodes += [*dq,
                   helper.make_node("Reshape", [f"{name}.deq", f"{name}.flat"], [f"{name}.f"]),
                   helper.make_node("Slice", [f"{name}.f", f"{name}.start", f"{name}.end"], [f"{name}.s"]),
                   helper.make_node("Reshape", [f"{name}.s", sh], [f"{name}.t" if transposed else name])]
         if transposed:
             nodes.append(helper.make_node("Transpose", [f"{name}.t"], [name], perm=[1, 0]))
-        packed[name] = {"bits": bits, "bucket": bucket, "buckets": int(len(scale)), "numel": int(flat.size)}
+        packed[name] = {"bits": bits, "bucket": bucket, "buckets": int(len(scale)), "numel": int(flat.size),
+                        "zero_point": "float" if grid is None else "integer"}
     if worst > 1e-3:  # in units of a quantization step: the weights were not on the grid
         raise ExportError(f"pack_bucketed: weights are off their {bits}-bit grid by {worst:.3g} steps")
     for n in reversed(nodes):  # producers first, so the graph stays topologically sorted
@@ -415,15 +450,43 @@ def pack_bucketed(fp32: str | Path, out: str | Path, weights: dict) -> dict:
         part.unlink()
         raise ExportError(f"packed 4-bit ONNX fails onnx.checker: {str(e).splitlines()[0]}") from None
     os.replace(part, out)
-    return {"packed": packed, "opset": 21, "storage": "UINT4 codes -> Cast, per-bucket fp32 scale and beta"}
+    kinds = {p["zero_point"] for p in packed.values()}
+    storage = " / ".join(("UINT4 codes -> Cast, per-bucket fp32 scale and beta" if k == "float" else
+                          "UINT4 codes and UINT4 zero points -> Cast -> Sub -> Mul per-bucket fp32 scale")
+                         for k in sorted(kinds) or ["float"])
+    return {"packed": packed, "opset": 21, "storage": storage}
 
 
 # ----------------------------------------------- 4-bit weights that ONNX Runtime computes with: MatMulNBits
 
 NBITS_NOTE = ("com.microsoft.MatMulNBits is an ONNX Runtime contrib op: kernels in the CPU provider (measured "
-              "here) and in CUDA/DirectML/WebGPU (not checked here); TensorRT does not take it. Its float zero "
-              "points (what Polino's offset needs) turn off ORT's CPU weight prepacking: the CPU kernel "
-              "dequantizes the 4-bit weight on every run, then runs an fp32 GEMM")
+              "here) and in CUDA/DirectML/WebGPU (not checked here); TensorRT does not take it.")
+NBITS_ZP_NOTE = {
+    "integer": " Its zero points are uint8 (two 4-bit values per byte), so ORT's CPU kernel prepacks the weight "
+               "once at session start (MLAS 4-bit GEMM, fp32 activations).",
+    "float": " Its float zero points (Polino's exact offset) turn off ORT's CPU weight prepacking: the CPU kernel "
+             "dequantizes the 4-bit weight on every run, then runs an fp32 GEMM."}
+
+
+def pack_zero_points(zp):
+    """(N, k_blocks) integer zero points (0..15) -> MatMulNBits' uint8 layout (N, ceil(k_blocks / 2)): the
+    packing of B, block 2j in the low nibble of byte j and block 2j + 1 in its high nibble, an odd row
+    padded with a 0 nibble (ORT's own quantizer writes it so, matmul_nbits_quantizer.py)."""
+    import numpy as np
+
+    zp = np.asarray(zp, np.uint8)
+    if zp.shape[1] % 2:
+        zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+    return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_zero_points(packed, k_blocks: int):
+    """The inverse of ``pack_zero_points``: (N, ceil(k_blocks / 2)) uint8 -> (N, k_blocks) zero points."""
+    import numpy as np
+
+    packed = np.asarray(packed, np.uint8)
+    both = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+    return both[:, :k_blocks]
 
 
 def _weight_source(name: str, w, inits: dict, consumers: dict):
@@ -483,6 +546,12 @@ def pack_w4(fp32: str | Path, out: str | Path, layers: dict) -> dict:
     and float zero points = -beta / scale, both (N, k_blocks) fp32, so (q - zp) * scale = beta + alpha * q /
     levels. A Gemm's bias becomes the op's bias input. 2- and 3-bit codes sit in 4-bit containers (levels
     2^b - 1, the op's bits stay 4). Returns which layers became MatMulNBits and, for the rest, why not.
+
+    A layer with ``"grid": {"scales", "zero_points"}`` (one per bucket, flattened bucket order: the quantizer's
+    integer zero points, w = (q - zp) * scale) gets those scales and uint8 zero points instead, packed as the
+    op's spec says for uint8 zero points: the same packing as B, (N, ceil(k_blocks / 2)), two 4-bit values per
+    byte, the lower K-block in the low nibble, each row padded to whole bytes. ORT's CPU kernel prepacks such
+    a weight; it does not prepack one with float zero points. Folded layers take the grid too.
     """
     import numpy as np
     import onnx
@@ -517,11 +586,12 @@ def pack_w4(fp32: str | Path, out: str | Path, layers: dict) -> dict:
             why = f"{bits} bits"
         else:
             why = next((r for r in (_nbits_consumer(c, init, transposed, inits, w.shape[0]) for c in consumers[init]) if r), None)
+        grid = spec.get("grid")
         if why:
             folded[path] = why
-            fold_spec[init] = (bits, bucket, transposed)
+            fold_spec[init] = (bits, bucket, transposed, grid)
         else:
-            plans.append((path, w, bits, bucket, init, [c.name for c in consumers[init]]))
+            plans.append((path, w, bits, bucket, init, [c.name for c in consumers[init]], grid))
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(f".{out.name}.nbits.tmp")
     if fold_spec:  # first the folded layers (pack_bucketed moves the graph to opset 21 for UINT4), then MatMulNBits
@@ -529,22 +599,28 @@ def pack_w4(fp32: str | Path, out: str | Path, layers: dict) -> dict:
         m = onnx.load(str(part))
         g = m.graph
         inits = {t.name: t for t in g.initializer}
-    for path, w, bits, bucket, init, readers in plans:
+    for path, w, bits, bucket, init, readers, grid in plans:
         n_out, k = w.shape
         kb, levels = k // bucket, 2 ** bits - 1
         b = w.reshape(n_out, kb, bucket)
-        lo, hi = b.min(-1), b.max(-1)
-        scale = (np.maximum(hi - lo, 1e-12) / levels).astype(np.float32)
-        codes = np.clip(np.rint((b - lo[..., None]) / scale[..., None]), 0, levels).astype(np.uint8)
-        zp = (-lo / scale).astype(np.float32)
-        back = (codes - zp[..., None]) * scale[..., None]  # the op's own formula
-        off = float(np.abs(back - b).max() / max(float(scale.max()), 1e-12))
+        if grid is None:  # Polino's float offset: float zero points
+            lo, hi = b.min(-1), b.max(-1)
+            scale = (np.maximum(hi - lo, 1e-12) / levels).astype(np.float32)
+            codes = np.clip(np.rint((b - lo[..., None]) / scale[..., None]), 0, levels).astype(np.uint8)
+            zp = (-lo / scale).astype(np.float32)
+            back = (codes - zp[..., None]) * scale[..., None]  # the op's own formula
+            off = float(np.abs(back - b).max() / max(float(scale.max()), 1e-12))
+            zp_init = numpy_helper.from_array(zp, f"{path}.zero_points")
+        else:  # integer zero points: uint8, two per byte along K-blocks, each row padded to whole bytes
+            codes, scale, zp, off = _integer_codes(b.reshape(-1, bucket), grid, bits, f"pack_w4: {path}")
+            codes, scale, zp = codes.reshape(n_out, kb, bucket), scale.reshape(n_out, kb), zp.reshape(n_out, kb)
+            zp_init = numpy_helper.from_array(pack_zero_points(zp), f"{path}.zero_points")
         if off > 1e-2:  # in quantization steps (fp32 rounding of zp is ~1e-6 of a step)
             raise ExportError(f"pack_w4: {path}.weight is off its {bits}-bit grid by {off:.3g} steps")
         packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
         names = [f"{path}.q4", f"{path}.scales", f"{path}.zero_points"]
         g.initializer.extend([numpy_helper.from_array(packed, names[0]), numpy_helper.from_array(scale, names[1]),
-                              numpy_helper.from_array(zp, names[2])])
+                              zp_init])
         for node in [n for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1:2] == [init]]:
             ins = [node.input[0], *names]
             if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
@@ -558,7 +634,8 @@ def pack_w4(fp32: str | Path, out: str | Path, layers: dict) -> dict:
             g.node.insert(list(g.node).index(node), new)
             g.node.remove(node)
         nbits[path] = {"initializer": init, "K": k, "N": n_out, "block_size": bucket, "k_blocks": kb,
-                       "code_bits": bits, "nodes": [f"{r}_Q4" for r in readers]}
+                       "code_bits": bits, "zero_points": "float32" if grid is None else "uint8 (4-bit, packed)",
+                       "nodes": [f"{r}_Q4" for r in readers]}
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     for t in [t for t in g.initializer if t.name not in used]:
         g.initializer.remove(t)
@@ -572,6 +649,8 @@ def pack_w4(fp32: str | Path, out: str | Path, layers: dict) -> dict:
         ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ExportError(f"pack_w4: ONNX Runtime cannot load {out.name}: {str(e).splitlines()[0][:200]}") from None
+    kinds = sorted({"float" if p[-1] is None else "integer" for p in plans})
     return {"matmulnbits": nbits, "folded": folded, "fp32": missing,
-            "folded_storage": (record or {}).get("storage"), "note": NBITS_NOTE if nbits else
+            "folded_storage": (record or {}).get("storage"),
+            "note": NBITS_NOTE + "".join(NBITS_ZP_NOTE[z] for z in kinds) if nbits else
             "no layer fits MatMulNBits: ONNX Runtime folds the 4-bit weights to fp32 when the session starts"}

@@ -13,7 +13,7 @@ from compressor.errors import StageError, UserError
 from compressor.tasks import Classification
 from compressor.models import ResNet
 from compressor.quantize import (BucketQuant, bucket_quantize, calibration_inputs, compressed_bits, fold_batchnorm,
-                                 float_layers, qat_fit)
+                                 float_layers, integer_grid, qat_fit)
 from compressor.recipe import load_recipe
 from exporters import ExportError
 from exporters.onnx import export_onnx
@@ -56,10 +56,30 @@ def test_bucket_quantize_golden():
     assert (q - x).abs().max() <= (x.max() - x.min()) / 3 / 2 + 1e-6
 
 
-def test_straight_through_gradient_reaches_the_shadow_weight():
+def test_bucket_quantize_integer_zero_point_golden():
+    """scale = range / (2^b - 1), zp = round(-min / scale), w_q = (clamp(round(w / scale) + zp) - zp) * scale."""
+    w = torch.tensor([-1.0, -0.4, 0.6, 2.0, 10.0, 11.0, 12.0, 13.0])
+    q = bucket_quantize(w, 2, 4, "integer")
+    # first bucket: scale 1, zp 1, q = [0, 1, 2, 3]; the second holds only positive values, so its range is
+    # widened to [0, 13] (zp 0, scale 13/3) instead of clipping its top at 13 - 10 = 3 steps
+    assert torch.allclose(q, torch.tensor([-1.0, 0, 1, 2, 26 / 3, 13, 13, 13]))
+    scale, zp = integer_grid(w, 2, 4)
+    assert torch.allclose(scale.view(-1), torch.tensor([1.0, 13 / 3])) and zp.view(-1).tolist() == [1.0, 0.0]
+    x = torch.randn(3, 5, 7)  # 105 values: the last bucket is padded; every bucket on 4 levels of its own grid
+    q = bucket_quantize(x, 2, 16, "integer")
+    scale, zp = integer_grid(x, 2, 16)
+    steps = torch.cat([q.reshape(-1), q.reshape(-1)[-1:].expand(7)]).view(-1, 16) / scale + zp
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.min() > -1e-4 and steps.max() < 3 + 1e-4
+    assert ((q - x).abs().view(-1)[:96].view(-1, 16) <= scale[:6] / 2 + 1e-6).all()
+    with pytest.raises(ValueError, match="zero_point"):
+        bucket_quantize(x, 2, 16, "int")
+
+
+@pytest.mark.parametrize("zero_point", ["float", "integer"])
+def test_straight_through_gradient_reaches_the_shadow_weight(zero_point):
     w = torch.randn(300, requires_grad=True)
     c = torch.randn(300)
-    (BucketQuant(2, 256)(w) * c).sum().backward()
+    (BucketQuant(2, 256, zero_point)(w) * c).sum().backward()
     assert torch.equal(w.grad, c)
 
 
@@ -67,6 +87,8 @@ def test_compressed_size_counts_bits_and_bucket_scales():
     m = nn.Sequential(nn.Linear(100, 10, bias=False), nn.Linear(10, 2))
     # 1000 weights at 4 bits + 4 buckets x (alpha, beta) in fp32; the second layer stays fp32 (22 values)
     assert compressed_bits(m, {"0": (4, 256)}) == 1000 * 4 + 4 * 64 + 22 * 32
+    # integer zero points: an fp32 scale and a 4-bit zero point per bucket
+    assert compressed_bits(m, {"0": (4, 256)}, "integer") == 1000 * 4 + 4 * (32 + 4) + 22 * 32
 
 
 def test_fold_batchnorm_keeps_outputs_and_the_class():
@@ -95,6 +117,29 @@ def test_pack_bucketed_is_standard_onnx_that_ort_runs(tmp_path):
     with pytest.raises(ExportError, match="off their"):  # weights not on the grid are refused
         export_onnx(nn.Linear(300, 4).eval(), (torch.randn(2, 300),), grid)
         pack_bucketed(grid, out, {"weight": (4, 64)})
+
+
+def test_pack_bucketed_integer_zero_points_are_exact(tmp_path):
+    """Integer grids fold as UINT4 codes and UINT4 zero points -> Cast -> Sub -> Mul: the fake quantizer's own
+    arithmetic, so ORT matches it to fp32 rounding; a grid that does not fit the weight is refused."""
+    m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    grids = {}
+    with torch.no_grad():
+        for name, layer in (("0.weight", m[0]), ("3.weight", m[3])):
+            bq = BucketQuant(4, 64, "integer")
+            grids[name] = bq.grid(layer.weight)
+            layer.weight.copy_(bq(layer.weight))
+    grid = tmp_path / "grid.onnx"
+    export_onnx(m, (torch.randn(2, 1, 8, 8),), grid)
+    out = tmp_path / "w4.onnx"
+    info = pack_bucketed(grid, out, {k: (4, 64, False, g) for k, g in grids.items()})
+    assert info["packed"]["3.weight"]["zero_point"] == "integer" and "Sub" in info["storage"]
+    x = torch.randn(5, 1, 8, 8)
+    assert np.abs(run_onnxruntime(out, x.numpy()) - m(x).detach().numpy()).max() < 1e-5
+    assert [n.op_type for n in onnx.load(str(out)).graph.node].count("Sub") == 2
+    bad = {k: (4, 64, False, {**g, "scales": g["scales"] * 1.3}) for k, g in grids.items()}
+    with pytest.raises(ExportError, match="off their"):
+        pack_bucketed(grid, out, bad)
 
 
 # ------------------------------------------------------------------------------------ ORT and QDQ

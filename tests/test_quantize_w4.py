@@ -15,19 +15,25 @@ from exporters.onnx import export_onnx
 from exporters.qdq import pack_w4, run_onnxruntime
 
 
-def _fake_quant(model, bits=4, bucket=256, x=None):
+def _fake_quant(model, bits=4, bucket=256, x=None, zero_point="float"):
     """Polino's parametrization on every Conv/Linear; returns (reference output on ``x`` with the
-    parametrization on, the layers dict pack_w4 takes) and leaves the quantized values baked in."""
+    parametrization on, the layers dict pack_w4 takes) and leaves the quantized values baked in. With
+    integer zero points each layer carries its grid (scales, zero points), as the stage passes it."""
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     mods = dict(model.named_modules())
     for n in layers:
-        parametrize.register_parametrization(mods[n], "weight", BucketQuant(bits, bucket))
+        parametrize.register_parametrization(mods[n], "weight", BucketQuant(bits, bucket, zero_point))
     with torch.no_grad():
         ref = model.eval()(x).numpy()
+    grids = {n: mods[n].parametrizations.weight[0].grid(mods[n].parametrizations.weight.original) for n in layers}
     for n in layers:
         parametrize.remove_parametrizations(mods[n], "weight", leave_parametrized=True)
     return ref, {n: {"weight": mods[n].weight.detach().numpy(), "bits": bits, "bucket": bucket,
-                     "kind": type(mods[n]).__name__} for n in layers}
+                     "kind": type(mods[n]).__name__, **({"grid": grids[n]} if grids[n] else {})} for n in layers}
+
+
+def _inits(path):
+    return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
 def _ops(path):
@@ -45,14 +51,16 @@ class Stack(nn.Module):
         return self.head(torch.relu(self.down(torch.relu(self.up(x)))))
 
 
+@pytest.mark.parametrize("zero_point", ["integer", "float"])
 @pytest.mark.parametrize("shape", [(8, 512), (2, 16, 512)], ids=["gemm", "matmul-3d"])
-def test_linear_stack_becomes_matmulnbits_that_ort_runs(tmp_path, shape):
+def test_linear_stack_becomes_matmulnbits_that_ort_runs(tmp_path, shape, zero_point):
     """2-d input exports Gemm (weight as is), 3-d input MatMul (a transposed copy under another name): both
-    become MatMulNBits, match the fake-quantized model, and shrink the weights ~7x."""
+    become MatMulNBits, match the fake-quantized model, and shrink the weights ~7x; the zero points are uint8
+    for an integer grid, fp32 for Polino's float offset."""
     torch.manual_seed(0)
     x = torch.randn(*shape)
     model = Stack()
-    ref, layers = _fake_quant(model, x=x)
+    ref, layers = _fake_quant(model, x=x, zero_point=zero_point)
     grid, out = tmp_path / "grid.onnx", tmp_path / "w4.onnx"
     export_onnx(model, (x,), grid)
     info = pack_w4(grid, out, layers)
@@ -69,6 +77,9 @@ def test_linear_stack_becomes_matmulnbits_that_ort_runs(tmp_path, shape):
     assert w4_parity(out, ref, x)["max_abs"] < W4_ATOL
     ratio = grid.stat().st_size / out.stat().st_size  # 4 bits + two fp32 per 256 weights: 32 / 4.25 = 7.5
     assert 6 <= ratio <= 8.1, ratio
+    zp = _inits(out)["up.zero_points"]
+    assert (zp.dtype, zp.shape) == ((np.uint8, (1024, 1)) if zero_point == "integer" else (np.float32, (1024, 2)))
+    assert ("uint8" in info["matmulnbits"]["up"]["zero_points"]) == (zero_point == "integer")
 
 
 def test_codes_are_packed_low_nibble_first_along_k(tmp_path):
@@ -92,6 +103,55 @@ def test_codes_are_packed_low_nibble_first_along_k(tmp_path):
     assert np.abs(run_onnxruntime(tmp_path / "w4.onnx", x.numpy()) - ref).max() < W4_ATOL
 
 
+def test_integer_zero_points_are_packed_as_ort_reads_them(tmp_path):
+    """A golden layout with an odd number of K-blocks: output column 0 has three blocks of 16 whose ranges
+    give zero points 0 ([0, 1.5]), 15 ([-1.5, 0]) and 5 ([-0.5, 1.0]), all with scale 0.1; they pack as the op
+    spec's uint8 zero points, two per byte, the lower block in the low nibble, the row padded: 0xF0, 0x05.
+    ORT computes with exactly these (a different layout would shift every block's weights)."""
+    lin = nn.Linear(48, 2, bias=False)
+    ramp = torch.arange(16.0) * 0.1
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([torch.cat([ramp, ramp - 1.5, ramp - 0.5]), torch.linspace(1.0, -0.5, 48)]))
+    x = torch.randn(3, 48)
+    ref, layers = _fake_quant(lin, bucket=16, x=x, zero_point="integer")
+    assert layers[""]["grid"]["zero_points"][:3].tolist() == [0, 15, 5]
+    export_onnx(lin, (x,), tmp_path / "g.onnx")
+    info = pack_w4(tmp_path / "g.onnx", tmp_path / "w4.onnx", {"lin": {**layers[""], "kind": "Linear"}})
+    i = _inits(tmp_path / "w4.onnx")
+    zp, s = i["lin.zero_points"], i["lin.scales"]
+    assert zp.dtype == np.uint8 and zp.shape == (2, 2) and s.shape == (2, 3) and s.dtype == np.float32
+    assert list(zp[0]) == [0xF0, 0x05] and np.allclose(s[0], 0.1)
+    assert info["matmulnbits"]["lin"]["k_blocks"] == 3
+    assert np.abs(run_onnxruntime(tmp_path / "w4.onnx", x.numpy()) - ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(4, 384), (2, 8, 384)], ids=["gemm", "matmul-3d"])
+def test_packed_zero_points_decode_to_the_quantizers(tmp_path, shape):
+    """Integer zero points unpacked from the file are BucketQuant's own (k_blocks 3, 6 and 1: odd rows are padded),
+    and ORT's output matches the fake-quantized PyTorch model (the one QAT trains) within 1e-4."""
+    from exporters.qdq import unpack_zero_points
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(384, 768), nn.ReLU(), nn.Linear(768, 128), nn.ReLU(), nn.Linear(128, 8))
+    x = torch.randn(*shape)
+    ref, layers = _fake_quant(model, bucket=128, x=x, zero_point="integer")
+    export_onnx(model, (x,), tmp_path / "g.onnx")
+    info = pack_w4(tmp_path / "g.onnx", tmp_path / "w4.onnx", layers)
+    assert sorted(info["matmulnbits"]) == ["0", "2", "4"] and not info["folded"]
+    inits = _inits(tmp_path / "w4.onnx")
+    for name, (n, kb) in {"0": (768, 3), "2": (128, 6), "4": (8, 1)}.items():
+        packed = inits[f"{name}.zero_points"]
+        assert packed.dtype == np.uint8 and packed.shape == (n, (kb + 1) // 2)
+        want = layers[name]["grid"]["zero_points"].reshape(n, kb)
+        assert np.array_equal(unpack_zero_points(packed, kb), want)
+        assert np.array_equal(inits[f"{name}.scales"], layers[name]["grid"]["scales"].reshape(n, kb))
+    assert len(np.unique(want)) > 1  # the check is not vacuous: zero points differ between blocks
+    assert "prepacks" in info["note"]
+    got = run_onnxruntime(tmp_path / "w4.onnx", x.numpy())
+    assert np.abs(got - ref).max() < W4_ATOL
+    assert w4_parity(tmp_path / "w4.onnx", ref, x)["max_abs"] < W4_ATOL
+
+
 class Mixed(nn.Module):
     """A Conv and a Linear whose in_features (144) the bucket (64) does not divide stay folded; the last
     Linear (in 256) fits."""
@@ -106,18 +166,21 @@ class Mixed(nn.Module):
         return self.out(torch.relu(self.fc(torch.flatten(torch.relu(self.conv(x)), 1))))
 
 
-def test_layers_that_do_not_fit_stay_folded_with_the_reason(tmp_path):
+@pytest.mark.parametrize("zero_point", ["float", "integer"])
+def test_layers_that_do_not_fit_stay_folded_with_the_reason(tmp_path, zero_point):
     torch.manual_seed(0)
     x = torch.randn(4, 1, 8, 8)
     model = Mixed()
-    ref, layers = _fake_quant(model, bucket=64, x=x)
+    ref, layers = _fake_quant(model, bucket=64, x=x, zero_point=zero_point)
     export_onnx(model, (x,), tmp_path / "g.onnx")
     info = pack_w4(tmp_path / "g.onnx", tmp_path / "w4.onnx", layers)
     assert list(info["matmulnbits"]) == ["out"]
     assert "in_features 144 is not a multiple of the bucket 64" in info["folded"]["fc"]
     assert info["folded"]["conv"].startswith("Conv2d")
     ops = _ops(tmp_path / "w4.onnx")
-    assert ops.count("MatMulNBits") == 1 and ops.count("Cast") == 2 and "Conv" in ops
+    # folded: codes -> Cast (and, for integer zero points, zero points -> Cast, then Sub)
+    assert ops.count("MatMulNBits") == 1 and ops.count("Cast") == (2 if zero_point == "float" else 4) and "Conv" in ops
+    assert ops.count("Sub") == (0 if zero_point == "float" else 2)
     types = {t.data_type for t in onnx.load(str(tmp_path / "w4.onnx")).graph.initializer}
     assert onnx.TensorProto.UINT4 in types  # the folded layers keep 4-bit codes
     assert np.abs(run_onnxruntime(tmp_path / "w4.onnx", x.numpy()) - ref).max() < W4_ATOL
