@@ -410,8 +410,9 @@ def polino(ctx, spec, keep) -> tuple[dict, Path, nn.Module]:
         raise UserError("quantize: no Conv/Linear layer is left to quantize after quantize.keep_float")
     mods = dict(model.named_modules())
     for n in layers:
-        parametrize.register_parametrization(mods[n], "weight", BucketQuant(spec.bits, spec.bucket))
-    info = {"tool": "polino-bucketed", "bits": spec.bits, "bucket": spec.bucket, "layers": len(layers),
+        parametrize.register_parametrization(mods[n], "weight", BucketQuant(spec.bits, spec.bucket, spec.zero_point))
+    info = {"tool": "polino-bucketed", "bits": spec.bits, "bucket": spec.bucket, "zero_point": spec.zero_point,
+            "layers": len(layers),
             "bn_folded": _bn_count(model) == 0, "before_finetune_accuracy": _evaluate(model, ctx)}
     ctx.log(f"quantize: {spec.bits}-bit bucketed weights on {len(layers)} layers, accuracy before fine-tuning "
             f"{info['before_finetune_accuracy']:.4f}; fine-tuning {spec.epochs} epochs against the teacher")
@@ -420,11 +421,15 @@ def polino(ctx, spec, keep) -> tuple[dict, Path, nn.Module]:
     held_out = ctx.example(64)  # a real batch through the fake-quantized model (the BucketQuant forward)
     with torch.no_grad():
         reference = call(model.eval(), held_out)
+    # Integer zero points: the grid (scale, zero point per bucket) comes from the shadow weight, before baking;
+    # the quantized weight alone does not give it back (its min and max need not be on levels 0 and 2^b - 1).
+    grids = {n: mods[n].parametrizations.weight[0].grid(mods[n].parametrizations.weight.original) for n in layers}
     for n in layers:  # bake the quantized values into plain weights
         parametrize.remove_parametrizations(mods[n], "weight", leave_parametrized=True)
     fp32_bits = sum(p.numel() for p in model.parameters()) * 32 + \
         sum(b.numel() * b.element_size() * 8 for b in model.buffers())
-    info["size"] = {"fp32_bytes": fp32_bits // 8, "compressed_bytes": compressed_bits(model, layers) // 8}
+    info["size"] = {"fp32_bytes": fp32_bits // 8,
+                    "compressed_bytes": compressed_bits(model, layers, spec.zero_point) // 8}
     info["size"]["ratio"] = info["size"]["fp32_bytes"] / info["size"]["compressed_bytes"]
     grid = ctx.scratch / "quantize" / f"student.w{spec.bits}-grid.onnx"
     _export(ctx, model, grid)
@@ -432,7 +437,8 @@ def polino(ctx, spec, keep) -> tuple[dict, Path, nn.Module]:
     # Linear layers whose buckets are K-blocks become MatMulNBits (ORT computes with the 4-bit codes); the
     # rest keep 4-bit codes that ORT folds to fp32 at session start. The record says which and why.
     weights = {n: {"weight": mods[n].weight.detach().cpu().numpy(), "bits": b, "bucket": k,
-                   "kind": type(mods[n]).__name__} for n, (b, k) in layers.items()}
+                   "kind": type(mods[n]).__name__, **({"grid": grids[n]} if grids[n] else {})}
+               for n, (b, k) in layers.items()}
     try:
         info["export"] = pack_w4(grid, out, weights)
     except ExportError as e:

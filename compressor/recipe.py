@@ -121,6 +121,11 @@ class QuantizeSpec(_Section):
         "ptq-dynamic: ONNX Runtime dynamic int8 weights, per channel (no calibration; Transformers on CPUs)")
     bits: Literal[2, 3, 4, 8] = Field(8, description="8: int8 QDQ ONNX; 2-4: Polino bucketed weights (qat-kd only)")
     bucket: int = Field(256, ge=8, description="bucket size of Polino's uniform quantization (bits < 8)")
+    zero_point: Literal["integer", "float"] = Field(
+        "integer", description="bits < 8: integer: each bucket's offset is a whole number of steps (scale = "
+        "range / (2^b - 1), zero point in 0..2^b - 1, range widened to hold 0), in QAT and in the file, so ONNX "
+        "Runtime's MatMulNBits gets uint8 zero points and its fast prepacked kernel; float: Polino's exact "
+        "offset (beta = the bucket's minimum), which MatMulNBits only takes as float zero points (slow path)")
     calibration: int = Field(256, ge=32, description="training samples used to calibrate activation ranges "
                              "(fewer than 32 give ranges that swing with the sample)")
     activations: Literal["auto", "uint8", "int8"] = Field(

@@ -208,16 +208,18 @@ def test_parity_fails_on_a_wrong_file(tmp_path):
         w4_parity(tmp_path / "w4.onnx", ref * 1.01 + 0.01, x)
 
 
-def test_pipeline_profiles_the_matmulnbits_file(tiny_recipe, tmp_path):
+@pytest.mark.parametrize("zero_point", [None, "float"], ids=["default-integer", "float"])
+def test_pipeline_profiles_the_matmulnbits_file(tiny_recipe, tmp_path, zero_point):
     """An MLP student on 16x16 digits (in 256): Polino keeps the first and last layer float, body.4 and body.7
     (in 256) become MatMulNBits, body.10 (in 128) stays folded; local-cpu (lists w4) measures the file, openvino-cpu
-    says why it does not."""
+    says why it does not. By default the zero points are integers from QAT on (uint8 in the file); ``zero_point:
+    float`` still writes Polino's float zero points."""
     import compressor
 
     r = copy.deepcopy(tiny_recipe)
     r["student"] = {"model": "mlp", "config": {"in_features": 256, "hidden": [256, 256, 128, 64]}}
     r["distill"]["epochs"] = 1
-    r["quantize"] = {"mode": "qat-kd", "bits": 4, "epochs": 1}
+    r["quantize"] = {"mode": "qat-kd", "bits": 4, "epochs": 1, **({"zero_point": zero_point} if zero_point else {})}
     r["targets"] = ["local-cpu", "openvino-cpu"]
     out = compressor.run(r, tmp_path / "b", log=lambda s: None)
     m = json.loads((out / "manifest.json").read_text())
@@ -230,6 +232,14 @@ def test_pipeline_profiles_the_matmulnbits_file(tiny_recipe, tmp_path):
     assert w4["path"] == "model/student.w4.onnx" and w4["extra"]["matmulnbits"] == 2
     assert "CPU" in w4["extra"]["note"]
     assert "MatMulNBits" in _ops(out / w4["path"])
+    want = zero_point or "integer"
+    config = next(s for s in m["stages"] if s["name"] == "quantize")["config"]
+    assert rec["zero_point"] == config["zero_point"] == want
+    zps = {k: v for k, v in _inits(out / w4["path"]).items() if k.endswith(".zero_points")}
+    assert sorted(zps) == ["body.4.zero_points", "body.7.zero_points"]
+    assert all(v.dtype == (np.uint8 if want == "integer" else np.float32) for v in zps.values())
+    folded = rec["export"]["folded_storage"]
+    assert ("Sub" in folded) == (want == "integer")
     measured = {(x["device"], x["artifact"]) for x in m["measurements"]}
     assert ("local-cpu", "model/student.w4.onnx") in measured
     assert not any(d == "openvino-cpu" and a == "model/student.w4.onnx" for d, a in measured)

@@ -44,6 +44,8 @@ def test_override_does_not_mutate_input(tiny_recipe):
     ({"budgets": {"latency_ms": {"jetson": 3}}}, [], "not in targets"),
     ({}, ["distill.losses.7.weight=1"], "has no item 7"),
     ({}, ["noequals"], "expected KEY=VALUE"),
+    ({"quantize": {"mode": "qat-kd", "bits": 4, "zero_point": "int8"}}, [],
+     "quantize.zero_point: Input should be 'integer' or 'float'"),
 ])
 def test_bad_recipes_name_the_problem(tiny_recipe, data, overrides, needle):
     for k, v in data.items():
@@ -51,6 +53,12 @@ def test_bad_recipes_name_the_problem(tiny_recipe, data, overrides, needle):
     with pytest.raises(UserError, match=needle.replace("[", r"\[").replace("(", r"\(")) as e:
         load_recipe(tiny_recipe, overrides)
     assert "\n" not in str(e.value)
+
+
+def test_w4_zero_points_are_integer_unless_asked(tiny_recipe):
+    """Integer zero points by default (ORT's fast MatMulNBits kernel); float (Polino's exact offset) on request."""
+    assert load_recipe(tiny_recipe).quantize.zero_point == "integer"
+    assert load_recipe(tiny_recipe, ["quantize.zero_point=float"]).quantize.zero_point == "float"
 
 
 def test_missing_recipe_file(tmp_path):
