@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""ORT CPU latency of a MiniLM-sized Linear stack: fp32 vs Polino 4-bit as MatMulNBits vs 4-bit folded at load.
+"""ORT CPU latency of a MiniLM-sized Linear stack: fp32 vs Polino 4-bit MatMulNBits with float zero points vs
+with integer (uint8) zero points, side by side in one run.
 
-    python benchmarks/w4_matmulnbits.py [--out runs/w4-matmulnbits] [--rounds 3]
+    python benchmarks/w4_matmulnbits.py [--out runs/w4-matmulnbits] [--rounds 3] [--bucket 128]
+                                        [--json benchmarks/results/w4_matmulnbits.json]
 
 Six blocks of hidden 384, FFN 1536 (q, k, v, o: 384 -> 384; up 384 -> 1536; down 1536 -> 384), 128 tokens,
-random weights put on Polino's 4-bit bucketed grid (no training: latency and parity only). Files, all from
-the same weights: the fp32 export, ``pack_bucketed`` (every weight as UINT4 codes folded to fp32 at session
-start) and ``pack_w4`` (MatMulNBits where in_features is a multiple of the bucket, folded elsewhere), at
-bucket 256 (the default: only ``down``, in 1536, fits; 384 is not a multiple of 256) and bucket 128 (every
-layer fits). Measured with devices/bench_onnxruntime.measure (2 threads) side by side in one process, in
-interleaved rounds, keeping each file's best p50 (the machine is shared). Ratios are reported, not asserted.
+random weights put on the 4-bit bucketed grid by ``BucketQuant`` (no training: latency and parity only), once
+per zero-point mode from the same shadow weights: ``float`` (Polino's offset beta = the bucket's minimum, so
+MatMulNBits needs float zero points) and ``integer`` (a whole number of steps, uint8 zero points). Bucket 128
+(the default here): every layer's in_features (384, 1536) is a multiple of it, so all 36 Linears become
+MatMulNBits. Files: the fp32 export, and ``pack_w4`` of each grid. Each file's parity is its ORT output
+against its own fake-quantized PyTorch model on a real batch. Latency by devices/bench_onnxruntime.measure
+(ORT CPU, 2 threads), side by side in one process, in interleaved rounds, keeping each file's best p50 (the
+machine is shared). Ratios are reported, not asserted.
 """
 from __future__ import annotations
 
@@ -38,83 +42,86 @@ class Block(nn.Module):
         return x + self.down(torch.relu(self.up(x)))
 
 
-def build(bucket: int, x):
+def build(bucket: int, zero_point: str, x):
+    """The stack (seed 0) with every Linear on the b-bit grid: (model with the grid baked in, fake-quant
+    output on ``x``, the layers dict pack_w4 takes)."""
     from compressor.quantize import BucketQuant
 
     torch.manual_seed(0)
     model = nn.Sequential(*(Block() for _ in range(BLOCKS))).eval()
     lin = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for m in lin.values():
-        parametrize.register_parametrization(m, "weight", BucketQuant(4, bucket))
+        parametrize.register_parametrization(m, "weight", BucketQuant(4, bucket, zero_point))
     with torch.no_grad():
         ref = model(x).numpy()
+    grids = {n: m.parametrizations.weight[0].grid(m.parametrizations.weight.original) for n, m in lin.items()}
     for m in lin.values():
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-    return model, ref, {n: {"weight": m.weight.detach().numpy(), "bits": 4, "bucket": bucket, "kind": "Linear"}
-                        for n, m in lin.items()}
+    return model, ref, {n: {"weight": m.weight.detach().numpy(), "bits": 4, "bucket": bucket, "kind": "Linear",
+                            **({"grid": grids[n]} if grids[n] else {})} for n, m in lin.items()}
 
 
 def main():
     from devices import bench_onnxruntime
     from exporters.onnx import export_onnx
-    import onnx
-
-    from exporters.qdq import _weight_source, pack_bucketed, pack_w4, run_onnxruntime
+    from exporters.qdq import pack_w4, run_onnxruntime
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/w4-matmulnbits")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bucket", type=int, default=128)
+    ap.add_argument("--json", default=None, help="also write the results here (benchmarks/results/...)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     x = torch.randn(4, TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1))
     files, info = {}, {}
-    for bucket in (256, 128):
-        model, ref, layers = build(bucket, x)
-        grid = out / f"fp32.b{bucket}.onnx"
+    for zp in ("float", "integer"):
+        model, ref, layers = build(a.bucket, zp, x)
+        grid = out / f"grid-{zp}.b{a.bucket}.onnx"
         export_onnx(model, (x[:2],), grid)
-        if bucket == 256:
+        if zp == "float":  # fp32 runs the same graph whatever the weights: one fp32 file
             files["fp32"] = grid
-        folded = out / f"folded.b{bucket}.onnx"
-        rec = pack_w4(grid, out / f"w4.b{bucket}.onnx", layers)
-        files[f"w4 MatMulNBits, bucket {bucket}"] = out / f"w4.b{bucket}.onnx"
-        # pack_bucketed takes initializer names (MatMul holds a transposed copy): pack_w4's own lookup
-        g = onnx.load(str(grid)).graph
-        inits = {t.name: t for t in g.initializer}
-        consumers, names = {}, {}
-        for n in g.node:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n)
-        for p, s in layers.items():
-            init, tr = _weight_source(f"{p}.weight", s["weight"], inits, consumers)
-            names[init] = (4, bucket, tr)
-        pack_bucketed(grid, folded, names)
-        files[f"folded, bucket {bucket}"] = folded
-        for key in (f"w4 MatMulNBits, bucket {bucket}", f"folded, bucket {bucket}") + (("fp32",) if bucket == 256 else ()):
-            diff = float(np.abs(run_onnxruntime(files[key], x.numpy()) - ref).max())
-            info[key] = {"bytes": files[key].stat().st_size, "max_abs_vs_fake_quant": diff,
-                         "matmulnbits_layers": len(rec["matmulnbits"]) if key.startswith("w4") else 0,
-                         "layers": len(layers)}
+            info["fp32"] = {"ref": ref, "matmulnbits_layers": 0}
+        key = f"w4 MatMulNBits, {zp} zero points"
+        files[key] = out / f"w4-{zp}zp.b{a.bucket}.onnx"
+        rec = pack_w4(grid, files[key], layers)
+        info[key] = {"ref": ref, "matmulnbits_layers": len(rec["matmulnbits"]),
+                     "zero_points": next(iter(rec["matmulnbits"].values()))["zero_points"]}
+    for key, path in files.items():
+        i = info[key]
+        i.update(bytes=path.stat().st_size, layers=BLOCKS * 6,
+                 max_abs_vs_fake_quant=float(np.abs(run_onnxruntime(path, x.numpy()) - i.pop("ref")).max()))
     best = {k: {} for k in files}
     for r in range(a.rounds):
-        for batch, runs in ((1, 30), (32, 5)):
+        for batch, runs in ((1, 30), (32, 10)):
             for key, path in files.items():
                 m = bench_onnxruntime.measure(str(path), batch=batch, threads=a.threads, warmup=3 if batch == 1 else 1,
                                               runs=runs, max_seconds=60)
                 best[key][batch] = min(best[key].get(batch, float("inf")), m["p50_ms"])
+    import onnxruntime as ort
+
     load = os.getloadavg()
-    res = {"date": time.strftime("%Y-%m-%d"), "loadavg": load, "threads": a.threads, "rounds": a.rounds,
-           "shape": [TOKENS, HIDDEN], "files": {k: {**info[k], "p50_ms": best[k]} for k in files}}
-    (out / "results.json").write_text(json.dumps(res, indent=2))
     base = best["fp32"]
-    print(f"{res['date']}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, {a.threads} threads, "
-          f"best p50 of {a.rounds} interleaved rounds\n")
-    print("| file | MatMulNBits layers | size (MB) | max abs vs fake-quant | p50 b1 (ms) | vs fp32 | p50 b32 (ms) | vs fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
+    res = {"date": time.strftime("%Y-%m-%d"), "onnxruntime": ort.__version__, "cpus": os.cpu_count(),
+           "loadavg": load, "threads": a.threads, "rounds": a.rounds, "bucket": a.bucket,
+           "shape": [TOKENS, HIDDEN],
+           "files": {k: {**info[k], "p50_ms": best[k],
+                         "vs_fp32": {b: best[k][b] / base[b] for b in best[k]},
+                         "size_vs_fp32": info["fp32"]["bytes"] / info[k]["bytes"]} for k in files}}
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"{res['date']}, ORT {ort.__version__}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
+          f"{a.threads} threads, bucket {a.bucket}, best p50 of {a.rounds} interleaved rounds\n")
+    print("| file | MatMulNBits layers | size (MB) | fp32 size / size | max abs vs fake-quant | p50 b1 (ms) | vs fp32 "
+          "| p50 b32 (ms) | vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for k in files:
         i, p = info[k], best[k]
-        print(f"| {k} | {i['matmulnbits_layers']}/{i['layers']} | {i['bytes'] / 1e6:.2f} | {i['max_abs_vs_fake_quant']:.1e} | "
+        print(f"| {k} | {i['matmulnbits_layers']}/{i['layers']} | {i['bytes'] / 1e6:.2f} | "
+              f"{res['files'][k]['size_vs_fp32']:.1f}x | {i['max_abs_vs_fake_quant']:.1e} | "
               f"{p[1]:.2f} | {p[1] / base[1]:.2f}x | {p[32]:.1f} | {p[32] / base[32]:.2f}x |")
 
 
