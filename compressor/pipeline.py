@@ -521,6 +521,9 @@ def _context(recipe: Recipe, work: Path, log) -> Context:
     data = load_data(recipe.data, recipe.seed, defaults=_data_defaults(recipe))
     task = get_task(recipe.task)
     teacher, origin = load_teacher(recipe, data, log=log)
+    # Training a teacher on first use draws from the global RNG and loading a cached one does not, so the
+    # student's initialisation must not depend on which happened.
+    torch.manual_seed(recipe.seed)
     student, genome = build_student(recipe, data)
     if student is not None:
         s_width, t_width = check_fits(student, data, "student", task), check_fits(teacher, data, "teacher", task)

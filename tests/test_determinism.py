@@ -33,3 +33,17 @@ def test_same_recipe_and_seed_same_result(tmp_path):
     assert abs(la - lb) <= LOSS_TOLERANCE * abs(la)
     # the shipped weights and files are the same bytes, apart from what records the time
     assert a["files"]["model/student.pt"]["bytes"] == b["files"]["model/student.pt"]["bytes"]
+
+
+def test_student_does_not_depend_on_whether_the_teacher_was_cached(tmp_path, monkeypatch):
+    """The first run trains the teacher (drawing from the global RNG); the second loads it from the cache.
+    Both must start and end with the same student."""
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    r = json.loads(json.dumps(TINY))
+    r["targets"] = []
+    r["distill"]["epochs"] = 1
+    logs = [[], []]
+    ms = [compressor.verify(compressor.run(r, tmp_path / f"run{i}", log=logs[i].append)) for i in range(2)]
+    trained = [any(line.startswith("teacher epoch") for line in log) for log in logs]
+    assert trained == [True, False]
+    assert ms[0]["files"]["model/student.pt"]["sha256"] == ms[1]["files"]["model/student.pt"]["sha256"]
