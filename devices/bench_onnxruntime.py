@@ -158,6 +158,17 @@ def measure(model: str, batch: int = 1, threads: int = 0, warmup: int = 10, runs
     }
 
 
+def shape_arg(text: str) -> tuple[str, list[int]]:
+    """argparse type for ``--shape NAME=D0,D1,..`` (the OpenVINO and trtexec scripts' full input shapes)."""
+    name, _, dims = text.rpartition("=")
+    if not name or not dims:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=D0,D1,...")
+    try:
+        return name, [int(d) for d in dims.replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=D0,D1,... (whole numbers)") from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")

@@ -20,11 +20,13 @@ import json
 import sys
 
 if __package__:  # imported as devices.bench_openvino
-    from .bench_onnxruntime import host_info, stability, summarize, time_runs
+    from .bench_onnxruntime import host_info, shape_arg, stability, summarize, time_runs
 else:  # run as a script, bench_onnxruntime.py beside it
-    from bench_onnxruntime import host_info, stability, summarize, time_runs
+    from bench_onnxruntime import host_info, shape_arg, stability, summarize, time_runs
 
-# profile precision -> INFERENCE_PRECISION_HINT per device family (as devices/openvino.py)
+# profile precision -> INFERENCE_PRECISION_HINT per device family (devices/openvino.py uses this table too).
+# int8 models carry their own quantization (FakeQuantize from QDQ): what is not quantized runs at the
+# hint, so f32 on CPUs (bf16 would change the numbers twice) and f16 on NPUs (which have no f32).
 HINTS = {"CPU": {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"},
          "NPU": {"fp16": "f16", "int8": "f16"},
          "GPU": {"fp32": "f32", "fp16": "f16", "int8": "f16"}}
@@ -158,16 +160,6 @@ def measure(model: str, batch: int = 1, threads: int = 0, warmup: int = 10, runs
     }
 
 
-def _shape_arg(text: str) -> tuple[str, list[int]]:
-    name, _, dims = text.rpartition("=")
-    if not name or not dims:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=D0,D1,...")
-    try:
-        return name, [int(d) for d in dims.replace("x", ",").split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=D0,D1,... (whole numbers)") from None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="an IR .xml (its .bin beside it) or an .onnx file")
@@ -178,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=30.0)
     p.add_argument("--precision", default="fp32", help="fp32, bf16, fp16 or int8: sets INFERENCE_PRECISION_HINT")
     p.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, NPU")
-    p.add_argument("--shape", action="append", default=[], type=_shape_arg, metavar="NAME=D0,D1,..",
+    p.add_argument("--shape", action="append", default=[], type=shape_arg, metavar="NAME=D0,D1,..",
                    help="full static shape of an input with dynamic axes")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
                    help="size of the one dynamic axis besides the batch (OpenVINO keeps no axis names)")

@@ -27,9 +27,9 @@ import subprocess
 import sys
 
 if __package__:  # imported as devices.bench_trtexec
-    from .bench_onnxruntime import host_info, summarize
+    from .bench_onnxruntime import host_info, shape_arg, summarize
 else:  # run as a script, bench_onnxruntime.py beside it
-    from bench_onnxruntime import host_info, summarize
+    from bench_onnxruntime import host_info, shape_arg, summarize
 
 JETPACK_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
 NOT_FOUND = ("trtexec not found on the board (looked for {where}): install TensorRT (JetPack ships "
@@ -180,16 +180,6 @@ def measure(model: str, batch: int = 1, threads: int = 0, runs: int = 100, warmu
                   precision=precision, warmup_ms=warmup_ms, command=[os.path.basename(exe), *args])
 
 
-def _shape_arg(text: str) -> tuple[str, list[int]]:
-    name, _, dims = text.rpartition("=")
-    if not name or not dims:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=D0,D1,...")
-    try:
-        return name, [int(d) for d in dims.replace("x", ",").split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=D0,D1,... (whole numbers)") from None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="an .onnx file (built on the board) or an .engine/.plan built on it")
@@ -200,7 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=100, help="timed queries (trtexec --iterations, --duration=0)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="accepted for the common CLI; trtexec runs --runs")
     p.add_argument("--precision", default="fp32", help="fp32 (--noTF32), fp16 (--fp16), int8 (a QDQ ONNX: --int8 --fp16)")
-    p.add_argument("--shape", action="append", default=[], type=_shape_arg, metavar="NAME=D0,D1,..",
+    p.add_argument("--shape", action="append", default=[], type=shape_arg, metavar="NAME=D0,D1,..",
                    help="shape of an input with dynamic axes (trtexec --shapes)")
     p.add_argument("--trtexec", default=None, help=f"the trtexec binary (default: PATH, then {JETPACK_TRTEXEC})")
     p.add_argument("--timeout", type=float, default=None, help="seconds for trtexec (build and timing)")
