@@ -271,3 +271,45 @@ def test_candidates_without_an_undisturbed_round_are_measured_again(monkeypatch)
     # round 1: both disturbed; extra round 1: first disturbed, second clean; extra round 2: first only
     assert len(calls) == 2 + 2 + 1 and [p["disturbed"] for p in pts] == [[True, True, False], [True, False]]
     assert [p["latency_ms"] for p in pts] == [1.0, 1.0]
+
+
+def test_narrow_convolutions_pay_an_output_reorder():
+    """ONNX Runtime reorders the output of a conv with fewer than 16 output channels back from its
+    blocked layout: a cost per output element that wider convs do not pay; the fit recovers it."""
+    from devices.predictor import kernel_features
+
+    f = kernel_features([_conv(1, 8), _conv(8, 8), _conv(12, 24), _conv(16, 32)])
+    assert f["k_conv_reorder"] == 2 * 8 * 16 * 16  # the two 8-wide outputs; 24 and 32 stay blocked
+    assert "k_conv_reorder" not in kernel_features([_conv(12, 24)])
+    rng = random.Random(1)
+
+    def model():
+        ks = [_conv(rng.choice([1, 4, 8, 16, 32]), rng.choice([4, 8, 16, 32, 64]), h=rng.choice([8, 16, 32]))
+              for _ in range(rng.randint(2, 8))]
+        ms = 0.02 + sum(0.003 + 1e-9 * k["flops"] + (2e-6 * k["out"] if k["cout"] < 16 else 0) for k in ks)
+        return {"kernels": ks}, ms
+
+    train, test = [model() for _ in range(80)], [model() for _ in range(20)]
+    p = LatencyPredictor.fit("board", train, method="additive")
+    assert "k_conv_reorder" in p.features and accuracy(p, test)["within_10pct"] == 1.0
+
+
+def test_a_predictor_fitted_before_a_kernel_feature_existed_ignores_it():
+    from devices.predictor import KERNEL_FEATURES
+
+    rng = random.Random(2)
+    samples = [({"kernels": [_conv(rng.choice([8, 16]), rng.choice([8, 16, 32]))] * rng.randint(1, 4)},
+                rng.uniform(0.1, 0.3)) for _ in range(12)]
+    d = json.loads(LatencyPredictor.fit("board", samples, method="additive").to_json())
+    assert d["kernel_features"] == KERNEL_FEATURES
+    # an older file: no k_conv_reorder among its inputs, no kernel_features field
+    d["features"] = [k for k in d["features"] if k != "k_conv_reorder"]
+    d["coef"], d["scale"] = d["coef"][:len(d["features"])], d["scale"][:len(d["features"])]
+    for pt in d["points"]:
+        pt["features"].pop("k_conv_reorder", None)
+    del d["kernel_features"]
+    old = LatencyPredictor.from_dict(d)
+    assert old.kernel_features == 1 and old.predict(samples[0][0]).notes == []  # not "outside calibration"
+    again = old.update(samples[:3])
+    assert "k_conv_reorder" not in again.features and again.kernel_features == 1
+    assert again.predict(samples[0][0]).notes == []
