@@ -316,21 +316,22 @@ def measure_space(space: str, device, n: int, *, seed: int = 0, rounds: int = 3,
     return points
 
 
-def _latency(p: dict, statistic: str) -> float:
+def _latency(p: dict, statistic: str, count_disturbed: bool = False) -> float:
     """The figure a candidate's predictor point gets: the best undisturbed round (all rounds when
-    none was, or when the file predates the disturbance record)."""
+    none was, when ``count_disturbed``, or when the file predates the disturbance record)."""
     per_round = p["rounds_ms"] if statistic == "p50" else p["min_ms"]
-    ok = [v for v, d in zip(per_round, p.get("disturbed") or [False] * len(per_round)) if not d]
+    flags = [False] * len(per_round) if count_disturbed else p.get("disturbed") or [False] * len(per_round)
+    ok = [v for v, d in zip(per_round, flags) if not d]
     return min(ok or per_round)
 
 
-def _undisturbed(p: dict) -> bool:
-    return not p.get("disturbed") or not all(p["disturbed"])
+def _undisturbed(p: dict, count_disturbed: bool = False) -> bool:
+    return count_disturbed or not p.get("disturbed") or not all(p["disturbed"])
 
 
 def calibrate(device_name: str, spaces=("digits",), *, n: int = 80, holdout: float = 0.25, seed: int = 0,
               rounds: int = 3, statistic: str = "min", out_dir: str | Path = "predictors", refit: bool = False,
-              log=print, **measure_kw) -> dict:
+              count_disturbed: bool = False, log=print, **measure_kw) -> dict:
     """Measure, fit on the training share, report on the held-out share, then refit on everything and
     save ``<out_dir>/<device>-<space>.json``. Returns {space: report}. ``refit``: measure nothing, read
     the measurements an earlier calibration saved beside its predictor (a newer predictor, the same
@@ -358,28 +359,30 @@ def calibrate(device_name: str, spaces=("digits",), *, n: int = 80, holdout: flo
             rounds = max(len(p["min_ms"]) for p in pts)
         else:
             pts = measure_space(space, device, n, seed=seed, rounds=rounds, statistic=statistic, log=log,
-                                **measure_kw)
+                                extra_rounds=0 if count_disturbed else None, **measure_kw)
         out[space] = fit_and_report(profile.name, space, pts, holdout=holdout, seed=seed, rounds=rounds,
                                     statistic=statistic, out_dir=out_dir, save_measurements=not refit,
+                                    count_disturbed=count_disturbed,
                                     measure_kw=measure_kw, log=log)
     return out
 
 
 def fit_and_report(device_name: str, space: str, pts: list[dict], *, holdout: float, seed: int, rounds: int,
                    statistic: str, out_dir: str | Path, save_measurements: bool = True, measure_kw=None,
-                   log=print) -> dict:
+                   count_disturbed: bool = False, log=print) -> dict:
     """Fit on a seeded share of ``pts`` and report on the rest, 5-fold over all, and the measurement's
-    repeatability; save the predictor refitted on all points (and the measurements)."""
+    repeatability; save the predictor refitted on all points (and the measurements). Rounds marked
+    disturbed do not count unless ``count_disturbed`` (the behaviour before they were recorded)."""
     from devices.predictor import LatencyPredictor, accuracy, cross_validate
 
     from .bundle import atomic_write
 
     for p in pts:
-        p["latency_ms"] = _latency(p, statistic)
+        p["latency_ms"] = _latency(p, statistic, count_disturbed)
     # A candidate measured only while other processes held the cores it needed has no figure for this
     # device at this thread count (on 2 shared cores a 2-thread run then runs at 1-thread speed): it is
     # kept in the measurements file but neither fitted nor scored.
-    all_pts, pts = pts, [p for p in pts if _undisturbed(p)]
+    all_pts, pts = pts, [p for p in pts if _undisturbed(p, count_disturbed)]
     dropped = len(all_pts) - len(pts)
     if dropped:
         log(f"{space}: {dropped} of {len(all_pts)} candidates were measured only while other processes held "
@@ -399,6 +402,7 @@ def fit_and_report(device_name: str, space: str, pts: list[dict], *, holdout: fl
     final = LatencyPredictor.fit(device_name, [(p["features"], p["latency_ms"]) for p in pts], space=space)
     cv = cross_validate(final)
     final.meta.update(held_out={**acc, "train": len(train)}, cross_validation=cv, rounds=rounds, seed=seed,
+                      disturbed_rounds="counted" if count_disturbed else "left out",
                       latency=f"{statistic}: " + ("lowest p50 over the rounds" if statistic == "p50" else "fastest run over the rounds") + ", batch 1",
                       measure=measure_kw or {})
     path = Path(out_dir) / f"{device_name}-{space}.json"
@@ -408,6 +412,7 @@ def fit_and_report(device_name: str, space: str, pts: list[dict], *, holdout: fl
     if save_measurements:
         atomic_write(path.with_suffix(".measurements.json"), json.dumps(all_pts, indent=1).encode())
     per_round = [[v for v, d in zip(p["rounds_ms"] if statistic == "p50" else p["min_ms"],
+                                    [False] * len(p["min_ms"]) if count_disturbed else
                                     p.get("disturbed") or [False] * len(p["min_ms"])) if not d] for p in pts]
     rep = [abs(a - b) / min(a, b) for r in per_round for a, b in zip(r, r[1:])]
     # The fitted figure is the best of all rounds: its repeatability is nearer the best of the odd
@@ -422,7 +427,8 @@ def fit_and_report(device_name: str, space: str, pts: list[dict], *, holdout: fl
               # rounds during which other processes held cores the run needed (not counted), and
               # candidates that had no other round (left out)
               "disturbed_rounds": sum(sum(p.get("disturbed") or []) for p in all_pts),
-              "rounds_measured": sum(len(p["min_ms"]) for p in all_pts), "disturbed_candidates": dropped}
+              "rounds_measured": sum(len(p["min_ms"]) for p in all_pts), "disturbed_candidates": dropped,
+              "count_disturbed": count_disturbed}
     log(f"{space}: {acc['within_10pct']:.0%} of {acc['n']} held-out candidates within 10% of measured, "
         f"MAPE {acc['mape']:.1%}; 5-fold over all {len(pts)}: {cv['within_10pct']:.0%}, MAPE {cv['mape']:.1%} "
         f"(latencies {min(ms):.3f}-{max(ms):.3f} ms); predictor saved to {path}")

@@ -238,6 +238,10 @@ def test_fit_uses_undisturbed_rounds_and_leaves_out_candidates_that_had_none(tmp
     assert any("4 of 20 candidates" in line for line in logs)
     saved = json.loads((tmp_path / "board-digits.measurements.json").read_text())
     assert len(saved) == 20  # all kept, for refits
+    # --count-disturbed: every round counts and nothing is left out (the behaviour before)
+    c = fit_and_report("board", "digits", [dict(p) for p in pts], holdout=0.25, seed=0, rounds=2, statistic="min",
+                       out_dir=tmp_path / "c", count_disturbed=True, log=logs.append)
+    assert c["disturbed_candidates"] == 0 and c["n"] + c["train"] == 20 and c["count_disturbed"]
     # a file from before the disturbance record: every round counts, as it did
     old = [_measured(w, [0.1 + 0.01 * w, 0.2 + 0.01 * w], None) for w in range(1, 13)]
     assert fit_and_report("board", "old", old, holdout=0.25, seed=0, rounds=2, statistic="min", out_dir=tmp_path,
