@@ -257,9 +257,9 @@ def measure_space(space: str, device, n: int, *, seed: int = 0, rounds: int = 3,
     candidates at load average 7 on 2 cores (45% with 100 runs).
 
     Every round records the cores other processes kept busy (``other_cores``); a round during which
-    they took cores the run needed is marked ``disturbed`` and does not count. Candidates left with no
-    undisturbed round are measured again, round robin, up to ``extra_rounds`` more times (default:
-    ``rounds``); any still without one are kept, marked, and left out of the fit (fit_and_report)."""
+    they took cores the run needed is marked ``disturbed``. Candidates left with no undisturbed round
+    are measured again, round robin, up to ``extra_rounds`` more times (default: ``rounds``); any still
+    without one are kept, marked, and left out of the fit (fit_and_report)."""
     from exporters.onnx import export_onnx
 
     sample, build = SPACES[space]
@@ -316,13 +316,12 @@ def measure_space(space: str, device, n: int, *, seed: int = 0, rounds: int = 3,
     return points
 
 
-def _latency(p: dict, statistic: str, count_disturbed: bool = False) -> float:
-    """The figure a candidate's predictor point gets: the best undisturbed round (all rounds when
-    none was, when ``count_disturbed``, or when the file predates the disturbance record)."""
-    per_round = p["rounds_ms"] if statistic == "p50" else p["min_ms"]
-    flags = [False] * len(per_round) if count_disturbed else p.get("disturbed") or [False] * len(per_round)
-    ok = [v for v, d in zip(per_round, flags) if not d]
-    return min(ok or per_round)
+def _latency(p: dict, statistic: str) -> float:
+    """The figure a candidate's predictor point gets: its best round. Disturbed rounds count too: where
+    one is faster than the undisturbed ones (a small model, whose kernels ONNX Runtime's main thread ran
+    itself instead of waking a worker on an idle core), it is a real run of the same session. What the
+    minimum cannot undo is a candidate that never had the cores free, and _undisturbed leaves those out."""
+    return min(p["rounds_ms"] if statistic == "p50" else p["min_ms"])
 
 
 def _undisturbed(p: dict, count_disturbed: bool = False) -> bool:
@@ -371,14 +370,15 @@ def fit_and_report(device_name: str, space: str, pts: list[dict], *, holdout: fl
                    statistic: str, out_dir: str | Path, save_measurements: bool = True, measure_kw=None,
                    count_disturbed: bool = False, log=print) -> dict:
     """Fit on a seeded share of ``pts`` and report on the rest, 5-fold over all, and the measurement's
-    repeatability; save the predictor refitted on all points (and the measurements). Rounds marked
-    disturbed do not count unless ``count_disturbed`` (the behaviour before they were recorded)."""
+    repeatability; save the predictor refitted on all points (and the measurements). Candidates whose
+    every round was disturbed are left out unless ``count_disturbed`` (the behaviour before rounds
+    were marked)."""
     from devices.predictor import LatencyPredictor, accuracy, cross_validate
 
     from .bundle import atomic_write
 
     for p in pts:
-        p["latency_ms"] = _latency(p, statistic, count_disturbed)
+        p["latency_ms"] = _latency(p, statistic)
     # A candidate measured only while other processes held the cores it needed has no figure for this
     # device at this thread count (on 2 shared cores a 2-thread run then runs at 1-thread speed): it is
     # kept in the measurements file but neither fitted nor scored.
@@ -402,7 +402,7 @@ def fit_and_report(device_name: str, space: str, pts: list[dict], *, holdout: fl
     final = LatencyPredictor.fit(device_name, [(p["features"], p["latency_ms"]) for p in pts], space=space)
     cv = cross_validate(final)
     final.meta.update(held_out={**acc, "train": len(train)}, cross_validation=cv, rounds=rounds, seed=seed,
-                      disturbed_rounds="counted" if count_disturbed else "left out",
+                      undisturbed_round="not required" if count_disturbed else "required",
                       latency=f"{statistic}: " + ("lowest p50 over the rounds" if statistic == "p50" else "fastest run over the rounds") + ", batch 1",
                       measure=measure_kw or {})
     path = Path(out_dir) / f"{device_name}-{space}.json"
@@ -411,9 +411,7 @@ def fit_and_report(device_name: str, space: str, pts: list[dict], *, holdout: fl
     ms = [p["latency_ms"] for p in pts]
     if save_measurements:
         atomic_write(path.with_suffix(".measurements.json"), json.dumps(all_pts, indent=1).encode())
-    per_round = [[v for v, d in zip(p["rounds_ms"] if statistic == "p50" else p["min_ms"],
-                                    [False] * len(p["min_ms"]) if count_disturbed else
-                                    p.get("disturbed") or [False] * len(p["min_ms"])) if not d] for p in pts]
+    per_round = [p["rounds_ms"] if statistic == "p50" else p["min_ms"] for p in pts]
     rep = [abs(a - b) / min(a, b) for r in per_round for a, b in zip(r, r[1:])]
     # The fitted figure is the best of all rounds: its repeatability is nearer the best of the odd
     # rounds against the best of the even ones (split halves) than one round against the next.

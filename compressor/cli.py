@@ -163,8 +163,8 @@ def profile(model, device_name, batch, warmup, runs, max_seconds, precision, dim
 @click.option("--refit", is_flag=True,
               help="Measure nothing: refit on the measurements an earlier calibration saved in --out.")
 @click.option("--count-disturbed", is_flag=True,
-              help="Count rounds during which other processes held cores the run needed (the behaviour before "
-                   "they were recorded): the best figure seen however the cores were shared.")
+              help="Keep candidates measured only while other processes held cores the run needed (the "
+                   "behaviour before rounds were marked), and measure none again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
 def calibrate(device_name, spaces, samples, holdout, rounds, runs, max_seconds, statistic, seed, out_dir, refit,
               count_disturbed, as_json):
