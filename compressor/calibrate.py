@@ -387,7 +387,7 @@ def fit_and_report(device_name: str, space: str, pts: list[dict], *, holdout: fl
     if dropped:
         log(f"{space}: {dropped} of {len(all_pts)} candidates were measured only while other processes held "
             "cores the run needed: left out of the fit and the report")
-    if len(pts) < max(6, len(all_pts) // 4):
+    if len(pts) < max(4, -(-len(all_pts) // 4)):  # 4: three to fit, one to hold out
         from .errors import UserError
 
         raise UserError(f"{space}: only {len(pts)} of {len(all_pts)} candidates were measured with the cores the run "
