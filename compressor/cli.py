@@ -162,14 +162,18 @@ def profile(model, device_name, batch, warmup, runs, max_seconds, precision, dim
               help="Directory for <device>-<space>.json.")
 @click.option("--refit", is_flag=True,
               help="Measure nothing: refit on the measurements an earlier calibration saved in --out.")
+@click.option("--count-disturbed", is_flag=True,
+              help="Keep candidates measured only while other processes held cores the run needed (the "
+                   "behaviour before rounds were marked), and measure none again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
 def calibrate(device_name, spaces, samples, holdout, rounds, runs, max_seconds, statistic, seed, out_dir, refit,
-              as_json):
+              count_disturbed, as_json):
     """Measure sampled candidates on DEVICE, fit its latency predictor, report it on held-out candidates."""
     from .calibrate import calibrate as run_calibration
 
     report = run_calibration(device_name, tuple(spaces), n=samples, holdout=holdout, seed=seed, rounds=rounds,
-                             statistic=statistic, out_dir=out_dir, refit=refit, log=lambda s: click.echo(s, err=True), runs=runs,
+                             statistic=statistic, out_dir=out_dir, refit=refit, count_disturbed=count_disturbed,
+                             log=lambda s: click.echo(s, err=True), runs=runs,
                              max_seconds=max_seconds)
     if as_json:
         click.echo(json.dumps(report, indent=2))

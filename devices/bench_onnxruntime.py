@@ -115,6 +115,32 @@ def time_runs(run, runs: int, max_seconds: float, target_cv: float = 0.0, window
     return lat, "runs"
 
 
+def cpu_snapshot() -> tuple:
+    """(wall s, this process's CPU s over all its threads, all CPUs' busy s or None, CPU count). Busy
+    time is /proc/stat's (Linux: user, nice, system, irq, softirq, steal), so None elsewhere."""
+    wall, own, busy = time.perf_counter(), time.process_time(), None
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    return wall, own, busy, os.cpu_count() or 1
+
+
+def contention(before: tuple, after: tuple) -> dict:
+    """Cores other processes kept busy while we timed (busy time of all CPUs minus our own CPU time,
+    per second of wall time), and cores we used. A run with N threads on a machine with C cores is
+    undisturbed only while the others leave N cores free: on a shared 2-core machine a 2-thread run
+    otherwise runs at its 1-thread speed, and the fastest run of the window is no longer repeatable."""
+    wall = max(after[0] - before[0], 1e-9)
+    own = (after[1] - before[1]) / wall
+    d = {"own_cores": round(own, 3), "cpus": after[3]}
+    if before[2] is not None and after[2] is not None:
+        d["other_cores"] = round(max(0.0, (after[2] - before[2]) / wall - own), 3)
+    return d
+
+
 def stability(lat: list, stop: str, target_cv: float, window: int) -> dict:
     """How the timing loop ended, and the spread of its last window: goes into Measurement.extra."""
     w = lat[-max(int(window), 5):]
@@ -141,7 +167,9 @@ def measure(model: str, batch: int = 1, threads: int = 0, warmup: int = 10, runs
     feeds = make_inputs(session, batch, dims)
     for _ in range(max(warmup, 1)):
         session.run(None, feeds)
+    before = cpu_snapshot()
     lat, stop = time_runs(lambda: session.run(None, feeds), runs, max_seconds, target_cv, window)
+    busy = contention(before, cpu_snapshot())
     peak_rss_mb = None
     try:
         import resource
@@ -154,7 +182,7 @@ def measure(model: str, batch: int = 1, threads: int = 0, warmup: int = 10, runs
         "provider": session.get_providers()[0], "batch": batch, "threads": int(threads),
         "warmup": warmup, "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
         "peak_rss_mb": peak_rss_mb, "host": host_info(), "estimated": False,
-        **summarize(lat), "extra": stability(lat, stop, target_cv, window),
+        **summarize(lat), "extra": {**stability(lat, stop, target_cv, window), **busy},
     }
 
 

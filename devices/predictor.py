@@ -36,6 +36,10 @@ from pathlib import Path
 SCHEMA = 1
 METHODS = ("additive", "loglinear")
 LANES = 16  # fp32 lanes of a 512-bit vector register: ONNX Runtime's NCHWc block on AVX-512
+# Version of kernel_features, stored with a fit: a predictor fitted before a feature existed ignores it
+# (without noting it as uncalibrated). 2: k_conv_reorder.
+KERNEL_FEATURES = 2
+ADDED = {2: ("k_conv_reorder",)}
 
 
 def _up(c: int, lanes: int = LANES) -> int:
@@ -68,6 +72,11 @@ def kernel_features(kernels: list[dict], lanes: int = LANES) -> dict:
                    "k_conv_weights": cin * cout * k["k"] ** 2, "k_conv_n": 1, f"k_conv_n_{cls}": 1})
             if k.get("stride", 1) > 1:
                 add(k_conv_flops_strided=f)
+            if cout < lanes:
+                # ONNX Runtime pads such a convolution's output to one block and reorders it back to
+                # plain NCHW after it (a ReorderOutput node per conv): a copy of its output elements.
+                # Seen in the optimized graph of 4- and 8-wide ResNets; 24 and 48 stay blocked.
+                add(k_conv_reorder=k["out"])
         elif op == "linear":
             add(k_linear_flops=k["flops"], k_linear_weights=k["k"] * k["n"], k_linear_out=k["out"], k_linear_n=1)
         elif op == "attention":
@@ -119,6 +128,7 @@ class LatencyPredictor:
     constants: dict = field(default_factory=dict)  # features equal in every point (not in the fit)
     only: list | None = None  # the features the fit was restricted to (None: all it was given)
     schema: int = SCHEMA
+    kernel_features: int = KERNEL_FEATURES  # when fitted (files written before it was recorded: 1)
 
     # ------------------------------------------------------------------------------ fitting
 
@@ -152,8 +162,13 @@ class LatencyPredictor:
     def update(self, samples) -> "LatencyPredictor":
         """A new predictor fitted on the old points plus new measurements (same method choice rule)."""
         old = [(p["features"], p["latency_ms"]) for p in self.points]
-        return LatencyPredictor.fit(self.device, [*old, *samples], method="auto" if self.cv_mape else self.method,
-                                    space=self.space, only=self.only)
+        newer = [k for v in range(self.kernel_features + 1, KERNEL_FEATURES + 1) for k in ADDED.get(v, ())]
+        if newer:  # the old points were expanded without them: leave them out of the new ones too
+            samples = [({k: v for k, v in expand(f).items() if k not in newer}, y) for f, y in samples]
+        p = LatencyPredictor.fit(self.device, [*old, *samples], method="auto" if self.cv_mape else self.method,
+                                 space=self.space, only=self.only)
+        p.kernel_features = self.kernel_features  # its points are still the old feature set
+        return p
 
     # ------------------------------------------------------------------------------ predicting
 
@@ -162,6 +177,9 @@ class LatencyPredictor:
 
         notes = []
         features = expand(features)
+        for v in range(self.kernel_features + 1, KERNEL_FEATURES + 1):  # newer than this fit: not its inputs
+            for k in ADDED.get(v, ()):
+                features.pop(k, None)
         # A feature the calibration never varied (or never saw) cannot be weighed: say so when it differs.
         off = sorted(k for k, v in features.items() if k not in self.features
                      and (self.only is None or k in self.only)
@@ -197,7 +215,7 @@ class LatencyPredictor:
             raise ValueError(f"a latency predictor is a JSON object, not {type(d).__name__}")
         if d.get("schema") != SCHEMA:
             raise ValueError(f"latency predictor schema {d.get('schema')!r}: this version reads {SCHEMA}")
-        return cls(**d)
+        return cls(**{"kernel_features": 1, **d})
 
     def save(self, path: str | Path) -> Path:
         import os

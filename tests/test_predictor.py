@@ -102,8 +102,12 @@ def test_features_count_attention_and_layers():
     assert f["n_Conv2d"] == 6 and f["flops_conv"] > 0 and f["activations"] > 0 and f["params"] > 0
 
 
-def test_compress_calibrate_end_to_end(tmp_path, capsys):
+def test_compress_calibrate_end_to_end(tmp_path, capsys, monkeypatch):
+    from compressor import calibrate
     from compressor.cli import main
+
+    # on a busy CI machine every 2-thread round may be disturbed: this test is about the plumbing
+    monkeypatch.setattr(calibrate, "SPARE_CORES", 99.0)
 
     rc = main(["calibrate", "local-cpu", "--samples", "6", "--rounds", "1", "--runs", "10", "--max-seconds", "0.5",
                "--out", str(tmp_path), "--json"])
@@ -117,6 +121,7 @@ def test_compress_calibrate_end_to_end(tmp_path, capsys):
     raw = json.loads((tmp_path / "local-cpu-digits.measurements.json").read_text())
     assert len(raw) == 6 and {"genome", "features", "rounds_ms", "min_ms", "latency_ms"} <= set(raw[0])
     assert raw[0]["features"]["kernels"][0]["op"] == "conv"  # the kernel list is kept for refits
+    assert len(raw[0]["disturbed"]) == len(raw[0]["other_cores"]) == 1  # each round records the others' load
     assert any(k.startswith("k_conv_") for k in p.points[0]["features"])
     # --refit: the saved measurements, the same split, no new measurement
     capsys.readouterr()
@@ -190,3 +195,127 @@ def test_per_kernel_costs_are_recovered_from_whole_model_latencies():
     assert q.features == ["flops"] and q.only == ["flops"] and accuracy(q, test)["within_10pct"] < 0.9
     assert q.predict(test[0][0]).notes == []  # features left out on purpose are not "outside calibration"
     assert LatencyPredictor.from_dict(json.loads(q.to_json())).update(test).only == ["flops"]
+
+
+def test_contention_counts_the_cores_other_processes_kept_busy():
+    from devices.bench_onnxruntime import contention, cpu_snapshot
+
+    # 1 s: this process used 2 CPU s, all CPUs together were busy 3 s: others held 1 core
+    d = contention((10.0, 5.0, 100.0, 2), (11.0, 7.0, 103.0, 2))
+    assert d == {"own_cores": 2.0, "cpus": 2, "other_cores": 1.0}
+    assert "other_cores" not in contention((0.0, 0.0, None, 2), (1.0, 1.0, None, 2))  # no /proc/stat
+    wall, own, busy, cpus = cpu_snapshot()
+    assert wall > 0 and own > 0 and cpus >= 1 and (busy is None or busy > 0)
+
+
+def test_a_round_is_disturbed_when_others_take_the_cores_the_run_needs():
+    from compressor.calibrate import disturbed
+
+    assert disturbed(1.0, 2, 2) and not disturbed(0.1, 2, 2)  # 2 threads on 2 cores: both must be free
+    assert not disturbed(1.0, 2, 1) and disturbed(1.5, 2, 1)  # 1 thread: one free core is enough
+    assert disturbed(0.5, 2, 0)  # threads 0: the runtime takes every core
+    assert not disturbed(None, 2, 2) and not disturbed(1.0, None, 2)  # unknown: an old file, no /proc/stat
+
+
+def _measured(genome_w, ms, flags):
+    f = {"flops": 1e6 * genome_w, "activations": 1e3 * genome_w}
+    return {"genome": {"w": genome_w}, "features": f, "rounds_ms": list(ms), "min_ms": list(ms), "cv": [0.0] * len(ms),
+            **({"disturbed": flags, "other_cores": [1.0 if d else 0.0 for d in flags]} if flags is not None else {})}
+
+
+def test_fit_leaves_out_candidates_that_never_had_the_cores_free(tmp_path):
+    from compressor.calibrate import fit_and_report
+    from compressor.errors import UserError
+
+    # true latency 0.1 + 0.01 ms per unit of width; disturbed rounds ran at 1.8x (one core instead of two),
+    # except that a small model may run faster with the other core taken: its best round counts
+    pts = [_measured(w, [1.8 * (0.1 + 0.01 * w), 0.1 + 0.01 * w], [True, False]) for w in range(1, 16)]
+    pts += [_measured(16, [0.26, 0.27], [True, False])]
+    pts += [_measured(w, [1.8 * (0.1 + 0.01 * w)] * 2, [True, True]) for w in (17, 18, 19, 20)]
+    logs = []
+    r = fit_and_report("board", "digits", pts, holdout=0.25, seed=0, rounds=2, statistic="min", out_dir=tmp_path,
+                       log=logs.append)
+    assert r["disturbed_candidates"] == 4 and r["disturbed_rounds"] == 16 + 8 and r["rounds_measured"] == 40
+    assert r["n"] + r["train"] == 16 and r["within_10pct"] == 1.0 and r["max_ms"] == pytest.approx(0.26)
+    assert any("4 of 20 candidates" in line for line in logs)
+    saved = json.loads((tmp_path / "board-digits.measurements.json").read_text())
+    assert len(saved) == 20  # all kept, for refits
+    # --count-disturbed: nothing is left out (the behaviour before)
+    c = fit_and_report("board", "digits", [dict(p) for p in pts], holdout=0.25, seed=0, rounds=2, statistic="min",
+                       out_dir=tmp_path / "c", count_disturbed=True, log=logs.append)
+    assert c["disturbed_candidates"] == 0 and c["n"] + c["train"] == 20 and c["count_disturbed"]
+    # a file from before the disturbance record: every candidate counts, as it did
+    old = [_measured(w, [0.1 + 0.01 * w, 0.2 + 0.01 * w], None) for w in range(1, 13)]
+    assert fit_and_report("board", "old", old, holdout=0.25, seed=0, rounds=2, statistic="min", out_dir=tmp_path,
+                          log=logs.append)["disturbed_candidates"] == 0
+    # nearly everything disturbed: no predictor of 1-thread speeds under a 2-thread name
+    worse = [_measured(w, [1.0, 1.0], [True, True]) for w in range(1, 19)] + pts[:2]
+    with pytest.raises(UserError, match="quieter machine"):
+        fit_and_report("board", "busy", worse, holdout=0.25, seed=0, rounds=2, statistic="min", out_dir=tmp_path,
+                       log=logs.append)
+
+
+def test_candidates_without_an_undisturbed_round_are_measured_again(monkeypatch):
+    from types import SimpleNamespace
+
+    from compressor import calibrate
+
+    calls = []
+
+    class Busy:  # the first 3 windows find another process on a core, then the machine is quiet
+        profile = SimpleNamespace(threads=2)
+
+        def measure(self, path, **kw):
+            calls.append(path)
+            other = 1.0 if len(calls) <= 3 else 0.0
+            return SimpleNamespace(p50_ms=2.0 if other else 1.0, min_ms=1.8 if other else 1.0, cv=0.0,
+                                   extra={"other_cores": other, "cpus": 2})
+
+    monkeypatch.setattr(calibrate, "SPACES", {"digits": (calibrate.sample_digits,
+                                                         lambda g: calibrate.build_digits({**g, "widths": [4, 4], "depths": [1, 1]}))})
+    pts = calibrate.measure_space("digits", Busy(), 2, rounds=1, extra_rounds=2, log=lambda s: None)
+    # round 1: both disturbed; extra round 1: first disturbed, second clean; extra round 2: first only
+    assert len(calls) == 2 + 2 + 1 and [p["disturbed"] for p in pts] == [[True, True, False], [True, False]]
+    assert [p["latency_ms"] for p in pts] == [1.0, 1.0]  # the best round (here the undisturbed one)
+
+
+def test_narrow_convolutions_pay_an_output_reorder():
+    """ONNX Runtime reorders the output of a conv with fewer than 16 output channels back from its
+    blocked layout: a cost per output element that wider convs do not pay; the fit recovers it."""
+    from devices.predictor import kernel_features
+
+    f = kernel_features([_conv(1, 8), _conv(8, 8), _conv(12, 24), _conv(16, 32)])
+    assert f["k_conv_reorder"] == 2 * 8 * 16 * 16  # the two 8-wide outputs; 24 and 32 stay blocked
+    assert "k_conv_reorder" not in kernel_features([_conv(12, 24)])
+    rng = random.Random(1)
+
+    def model():
+        ks = [_conv(rng.choice([1, 4, 8, 16, 32]), rng.choice([4, 8, 16, 32, 64]), h=rng.choice([8, 16, 32]))
+              for _ in range(rng.randint(2, 8))]
+        ms = 0.02 + sum(0.003 + 1e-9 * k["flops"] + (2e-6 * k["out"] if k["cout"] < 16 else 0) for k in ks)
+        return {"kernels": ks}, ms
+
+    train, test = [model() for _ in range(80)], [model() for _ in range(20)]
+    p = LatencyPredictor.fit("board", train, method="additive")
+    assert "k_conv_reorder" in p.features and accuracy(p, test)["within_10pct"] == 1.0
+
+
+def test_a_predictor_fitted_before_a_kernel_feature_existed_ignores_it():
+    from devices.predictor import KERNEL_FEATURES
+
+    rng = random.Random(2)
+    samples = [({"kernels": [_conv(rng.choice([8, 16]), rng.choice([8, 16, 32]))] * rng.randint(1, 4)},
+                rng.uniform(0.1, 0.3)) for _ in range(12)]
+    d = json.loads(LatencyPredictor.fit("board", samples, method="additive").to_json())
+    assert d["kernel_features"] == KERNEL_FEATURES
+    # an older file: no k_conv_reorder among its inputs, no kernel_features field
+    d["features"] = [k for k in d["features"] if k != "k_conv_reorder"]
+    d["coef"], d["scale"] = d["coef"][:len(d["features"])], d["scale"][:len(d["features"])]
+    for pt in d["points"]:
+        pt["features"].pop("k_conv_reorder", None)
+    del d["kernel_features"]
+    old = LatencyPredictor.from_dict(d)
+    assert old.kernel_features == 1 and old.predict(samples[0][0]).notes == []  # not "outside calibration"
+    again = old.update(samples[:3])
+    assert "k_conv_reorder" not in again.features and again.kernel_features == 1
+    assert again.predict(samples[0][0]).notes == []
