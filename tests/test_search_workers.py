@@ -61,8 +61,9 @@ def two_workers(tmp_path, storage):
     assert sum(added) == len(complete) and all(a > 0 for a in added)
     # Each worker stops once the study holds TRIALS: at most the other's trial in flight goes over.
     assert TRIALS <= len(complete) <= TRIALS + 1
-    # A genome already in the study is reused, not scored again by the other worker. Two workers that
-    # draw the same new genome at the same instant both score it (neither can know): allow one such.
+    # A genome already in the study is reused, and one the other worker is scoring is waited for, not
+    # scored again. Only a genome drawn while the other is between its suggest calls can slip through:
+    # allow one such.
     assert len(keys) <= sum(scored) <= len(keys) + 1
     print(f"\n{storage.split(':')[0]}: {len(complete)} trials ({added[0]} + {added[1]}), {len(keys)} distinct "
           f"genomes, scored {scored[0]} + {scored[1]}, {len(trials) - len(complete)} failed; {seconds:.1f} s")

@@ -239,10 +239,9 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
         genome = {g: trial.suggest_categorical(g, choices) for g, choices in space.genes.items()}
         key = genome_key(genome)
         if key not in cache and shared:  # another worker may have scored it already: reuse, don't redo
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-                rec = t.user_attrs.get("candidate")
-                if rec:
-                    cache.setdefault(rec["key"], rec["metrics"])
+            _sync(study, cache)
+            if key not in cache:  # or be scoring it now: wait for its figures rather than score it twice
+                _await_other(optuna, study, trial, space, key, cache)
         if key not in cache:
             cache[key] = evaluate(genome)
         m = cache[key]
@@ -339,6 +338,40 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
     best = front[0] if front else None
     return SearchResult(best, front, cands, {k: record(v) for k, v in models.items()}, objectives,
                         _redact(storage), study_name, seconds, scored, added)
+
+
+def _sync(study, cache: dict) -> None:
+    """Every candidate the shared study's finished trials hold, into ``cache`` (key -> metrics)."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        rec = t.user_attrs.get("candidate")
+        if rec:
+            cache.setdefault(rec["key"], rec["metrics"])
+
+
+def _await_other(optuna, study, trial, space, key: str, cache: dict, poll_s: float = 0.05) -> None:
+    """When another worker's RUNNING trial with a lower number has the same genome, wait until it ends
+    and take its figures. The lower number scores and the higher waits, so two workers that draw one
+    genome at the same instant never both score it, and never wait on each other. A trial that fails,
+    or whose worker dies (its heartbeat stops; this loop marks it FAIL after GRACE_S), leaves ``key`` out
+    of ``cache``: the caller then scores it."""
+    def same(t):
+        return t.number < trial.number and genome_key({g: t.params.get(g) for g in space.genes}) == key
+
+    running = (optuna.trial.TrialState.RUNNING,)
+    if not any(same(t) for t in study.get_trials(deepcopy=False, states=running)):
+        return
+    t0 = last_check = time.time()
+    while any(same(t) for t in study.get_trials(deepcopy=False, states=running)):
+        time.sleep(poll_s)
+        if time.time() - last_check > GRACE_S:
+            last_check = time.time()
+            with _quiet(optuna):
+                optuna.storages.fail_stale_trials(study)
+        if time.time() - t0 > 30 * 60:  # a scoring this long is not one to wait for
+            return
+    _sync(study, cache)
 
 
 # A shared study's trials send a heartbeat; one silent for GRACE_S (its worker was killed) is marked
