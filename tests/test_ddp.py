@@ -13,6 +13,9 @@ TOLERANCE = 0.05  # absolute held-out accuracy
 
 def test_two_process_ddp_matches_one_process(tmp_path):
     r = json.loads(json.dumps(TINY))
+    # A student that nearly converges in 10 epochs (0.97 here): the 4-8 student stopped at 0.79 in one
+    # process and 0.88 in two on an AMD host, where float rounding took the two runs down different paths.
+    r["student"]["config"]["widths"] = [8, 16]
     r["distill"] = {"epochs": 10, "lr": 0.03}
     r["profile"]["runs"] = 5
     q = {}
@@ -22,7 +25,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         m = compressor.verify(out)
         assert m["recipe"]["distill"]["trainer"]["devices"] == devices
         q[strategy] = m["quality"]["student"]["accuracy"]
-    assert q["auto"] > 0.5
+    assert q["auto"] > 0.9
     assert abs(q["ddp_fork"] - q["auto"]) <= TOLERANCE, q
 
 
