@@ -56,6 +56,28 @@ def activation_type(spec, targets: list[str]) -> tuple[str, str]:
     return "uint8", "CPU targets: uint8 activations run fastest in ONNX Runtime on x86"
 
 
+def weight_range(spec, targets: list[str]) -> tuple[bool, str]:
+    """(reduced, why): whether int8 weights keep to 7 bits. x86 CPUs without VNNI run u8 x s8 products
+    through vpmaddubsw, which sums pairs in int16 and saturates on full-range weights, in ONNX Runtime and
+    OpenVINO alike; 7-bit weights cannot overflow (ORT's reduce_range, NNCF's overflow fix)."""
+    if spec.reduce_range != "auto":
+        return spec.reduce_range, "set in the recipe"
+    from devices import load_profile
+    from devices.bench_onnxruntime import int8_saturates
+
+    for t in targets:
+        p = load_profile(t)
+        if p.kind != "cpu":
+            continue
+        said = p.options.get("int8_saturates")
+        if said is not None:
+            if said:
+                return True, f"{t} profile options.int8_saturates"
+        elif p.local and int8_saturates():
+            return True, f"{t} is this host, an x86 CPU without VNNI: its int8 kernels saturate on 8-bit weights"
+    return False, "no CPU target whose int8 kernels saturate"
+
+
 def _export(ctx, model, path: Path, precision: str = "fp32"):
     """The student's ONNX export (inputs and dynamic axes as the export stage writes them)."""
     from exporters.onnx import export_onnx
@@ -173,13 +195,19 @@ def _evaluate(model, ctx) -> float:
     return ctx.score(model)[ctx.metric]
 
 
-def _parity(path: Path, reference, x, tol: float, what: str) -> dict:
+def _parity(path: Path, reference, x, tol: float, what: str, reduced: bool = True) -> dict:
     """ORT (and OpenVINO, when installed) against ``reference`` outputs. Against the fake-quantized model,
     raise when the worst difference exceeds ``tol`` times the largest |output|: runtimes run int8 kernels
     whose requantization rounds differently from float fake quant (on the quickstart ~1% of the logit
-    range, while int8 vs fp32 differ by ~10%). Against fp32 (ORT PTQ has no fake-quant model) it only reports."""
+    range, while int8 vs fp32 differ by ~10%). Against fp32 (ORT PTQ has no fake-quant model) it only reports.
+
+    A file with full-range int8 weights (``reduced`` False) made on a host whose int8 kernels saturate, for
+    targets that do not: both runtimes would be off here and right there. The enforced check then runs
+    ORT on the graph as written (optimizations off: DequantizeLinear and the float op, no integer kernel),
+    reports what the integer kernels gave beside it, and does not run OpenVINO."""
     import numpy as np
 
+    from devices.bench_onnxruntime import int8_saturates
     from exporters.qdq import run_onnxruntime, run_openvino
 
     from .tasks import size, to_numpy
@@ -187,7 +215,15 @@ def _parity(path: Path, reference, x, tol: float, what: str) -> dict:
     ref = reference if isinstance(reference, np.ndarray) else reference.detach().numpy()
     scale = float(np.abs(ref).max()) or 1.0
     out = {"against": what, "tolerance": f"{tol} x max|output| = {tol * scale:.3g}", "samples": size(x)}
-    for rt, fn in (("onnxruntime", run_onnxruntime), ("openvino", run_openvino)):
+    runtimes = (("onnxruntime", run_onnxruntime), ("openvino", run_openvino))
+    if not reduced and what != "fp32 PyTorch" and int8_saturates():
+        out["note"] = ("8-bit weights on a host whose int8 kernels saturate (x86 without VNNI): ONNX Runtime "
+                       "checked with graph optimizations off, OpenVINO not run")
+        got = run_onnxruntime(path, to_numpy(x))
+        out["onnxruntime_integer_kernels"] = {"max_rel_to_range": float(np.abs(got - ref).max()) / scale,
+                                              "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
+        runtimes = (("onnxruntime", lambda p, v: run_onnxruntime(p, v, optimized=False)),)
+    for rt, fn in runtimes:
         try:
             got = fn(path, to_numpy(x))
         except Exception as e:
@@ -207,7 +243,7 @@ def _parity(path: Path, reference, x, tol: float, what: str) -> dict:
 
 # ---------------------------------------------------------------------------------------- the modes
 
-def ptq_ort(ctx, spec, calib, act, keep) -> tuple[dict, Path]:
+def ptq_ort(ctx, spec, calib, act, keep, reduce_range: bool = False) -> tuple[dict, Path]:
     from exporters.qdq import quantize_dynamic, quantize_static
 
     from .tasks import to_numpy
@@ -216,8 +252,8 @@ def ptq_ort(ctx, spec, calib, act, keep) -> tuple[dict, Path]:
     _export(ctx, ctx.student, fp32)
     out = ctx.work / "model" / "student.int8.onnx"
     if spec.mode == "ptq-dynamic":
-        return quantize_dynamic(fp32, out, keep_float=keep), out
-    info = quantize_static(fp32, out, to_numpy(calib), activations=act, keep_float=keep)
+        return quantize_dynamic(fp32, out, keep_float=keep, reduce_range=reduce_range), out
+    info = quantize_static(fp32, out, to_numpy(calib), activations=act, keep_float=keep, reduce_range=reduce_range)
     return info, out
 
 
@@ -226,7 +262,7 @@ def _is_transformer(model: nn.Module) -> bool:
                type(m).__name__.endswith(("SelfAttention", "Attention")) for m in model.modules())
 
 
-def _nncf_quantize(model, calib, spec, act, keep, ctx):
+def _nncf_quantize(model, calib, spec, act, keep, ctx, reduce_range: bool = False):
     import os
 
     # NNCF compiles a C++ extension on first use (~30 s idle) and gives up after 60 s: on a busy
@@ -251,6 +287,10 @@ def _nncf_quantize(model, calib, spec, act, keep, ctx):
         try:
             # Transformers get NNCF's own scheme (no quantizers on the softmax/LayerNorm paths).
             kind = {"model_type": nncf.ModelType.TRANSFORMER} if _is_transformer(model) else {}
+            if reduce_range:  # 7-bit weights everywhere (NNCF's default fixes only the first layer)
+                from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+                kind["advanced_parameters"] = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
             q = nncf.quantize(model.eval(), nncf.Dataset(batches), subset_size=len(batches), ignored_scope=ignored,
                               **kind)
         except Exception as e:
@@ -291,10 +331,11 @@ def _nncf_export(q, ctx, spec):
     return stripped, out
 
 
-def nncf_int8(ctx, spec, calib, act, keep) -> tuple[dict, Path, nn.Module]:
+def nncf_int8(ctx, spec, calib, act, keep, reduce_range: bool = False) -> tuple[dict, Path, nn.Module]:
     model = fold_batchnorm(ctx.student, ctx.log) if spec.fold_bn else copy.deepcopy(ctx.student).eval()
-    info = {"tool": "nncf", "activations": act, "bn_folded": _bn_count(model) == 0}
-    q = _nncf_quantize(model, calib, spec, act, keep, ctx)
+    info = {"tool": "nncf", "activations": act, "bn_folded": _bn_count(model) == 0,
+            "weights": "int8 symmetric per-channel" + (", 7-bit range (overflow fix)" if reduce_range else "")}
+    q = _nncf_quantize(model, calib, spec, act, keep, ctx, reduce_range)
     info["ptq_fake_quant_accuracy"] = _evaluate(q, ctx)
     if spec.mode == "qat-kd":
         ctx.log(f"quantize: NNCF int8 after calibration {info['ptq_fake_quant_accuracy']:.4f}; "
@@ -507,22 +548,25 @@ def stage(ctx) -> StageRecord:
             calib, n = calibration_inputs(ctx, spec)
             act, why = activation_type(spec, ctx.recipe.targets)
             ctx.log(f"quantize: {spec.mode}, {n} calibration samples, {act} activations ({why})")
+        reduced, reduced_why = weight_range(spec, ctx.recipe.targets)
+        if reduced:
+            ctx.log(f"quantize: 7-bit int8 weights ({reduced_why})")
         if spec.mode in ("ptq-ort", "ptq-dynamic"):
-            info, out = ptq_ort(ctx, spec, calib, act, keep)
+            info, out = ptq_ort(ctx, spec, calib, act, keep, reduced)
             with torch.no_grad():
                 ref, what = call(ctx.student.eval(), held_out), "fp32 PyTorch"
         else:
-            info, out, model = nncf_int8(ctx, spec, calib, act, keep)
+            info, out, model = nncf_int8(ctx, spec, calib, act, keep, reduced)
             with torch.no_grad():
                 ref, what = call(model.eval(), held_out), "fake-quantized PyTorch"
-        info["activations_why"] = why
+        info.update(activations_why=why, reduce_range=reduced, reduce_range_why=reduced_why)
         if isinstance(ctx.student, nn.Sequential) and spec.mode not in ("ptq-ort", "ptq-dynamic"):
             keep = keep + [f"net.{k}" for k in keep]  # NNCF ran on the wrapped model (_Wrap)
         try:
             checks = {} if spec.mode == "ptq-dynamic" else check_qdq(out, keep_float=keep)
         except Exception as e:
             raise StageError("quantize", str(e)) from None
-        info["parity"] = _parity(out, ref, held_out, spec.parity_tol, what)
+        info["parity"] = _parity(out, ref, held_out, spec.parity_tol, what, reduced)
         precision = "int8"
     info.update(float_layers=keep, unhandled_layers=unhandled)
     quality = _quality_onnx(out, ctx)

@@ -130,6 +130,10 @@ class QuantizeSpec(_Section):
                              "(fewer than 32 give ranges that swing with the sample)")
     activations: Literal["auto", "uint8", "int8"] = Field(
         "auto", description="auto: int8 (symmetric) for GPU/NPU targets, uint8 on CPUs (faster in ONNX Runtime)")
+    reduce_range: Literal["auto"] | bool = Field(
+        "auto", description="int8 weights in 7 bits (ONNX Runtime's reduce_range, NNCF's overflow fix). auto: "
+        "when a CPU target's int8 kernels saturate on full-range weights (x86 without VNNI; read from this "
+        "host for a local target, from options.int8_saturates in a remote profile)")
     epochs: int = Field(3, ge=1, description="QAT fine-tuning epochs")
     lr: float = Field(5e-4, gt=0, description="QAT learning rate (a fraction of the distillation one)")
     keep_float: list[str] | None = Field(

@@ -19,9 +19,43 @@ import sys
 import time
 
 
+# x86 CPUs with one of these multiply u8 x s8 with a 32-bit dot product (VNNI). Without them ONNX Runtime's
+# and OpenVINO's int8 kernels use vpmaddubsw, which adds each pair of u8 x s8 products in int16 and saturates
+# when weights use the full int8 range (measured on an AVX2 AMD EPYC host: a QDQ Linear 8-16-4 off by 25-50% of
+# its output range in both runtimes; 7-bit weights, ORT's reduce_range or NNCF's overflow fix, are exact).
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 'flags', Arm 'Features'); empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def int8_saturates(machine: str | None = None, flags: set[str] | None = None) -> bool | None:
+    """Whether this CPU's u8 x s8 int8 kernels saturate on full-range int8 weights: an x86 CPU without VNNI.
+    None where the flags cannot be read (not Linux); False on other architectures."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    flags = cpu_flags() if flags is None else flags
+    if not flags:
+        return None
+    return not any(f in flags for f in VNNI_FLAGS)
+
+
 def host_info() -> dict:
-    """CPU model, core count and frequency governor, where the OS exposes them."""
+    """CPU model, core count, frequency governor and whether int8 kernels saturate, where the OS says."""
     info = {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()}
+    saturates = int8_saturates()
+    if saturates is not None:
+        info["int8_saturates"] = saturates
     if hasattr(os, "sched_getaffinity"):
         info["cpus_allowed"] = len(os.sched_getaffinity(0))  # what this process may use (taskset, cgroups)
     try:

@@ -107,13 +107,15 @@ def _prepared(fp32, out, keep_float):
 
 
 def quantize_static(fp32: str | Path, out: str | Path, calibration, *, activations: str = "uint8",
-                    keep_float=(), per_channel: bool = True) -> dict:
+                    keep_float=(), per_channel: bool = True, reduce_range: bool = False) -> dict:
     """ONNX Runtime static QDQ quantization of ``fp32`` into ``out``; returns what it did.
 
     int8 per-channel symmetric weights always. Activations: ``uint8`` (asymmetric; what ONNX Runtime's
     x86 kernels run fastest) or ``int8`` (symmetric, zero point 0: what TensorRT requires). Nodes that
-    belong to a module path in ``keep_float`` stay in float. Runs in a temporary directory because the
-    quantizer (and its calibrator) leave large intermediate files in the working directory.
+    belong to a module path in ``keep_float`` stay in float. ``reduce_range``: weights use 7 bits of the
+    int8 range, for x86 CPUs without VNNI, whose u8 x s8 kernels otherwise saturate
+    (devices.bench_onnxruntime.int8_saturates). Runs in a temporary directory because the quantizer (and
+    its calibrator) leave large intermediate files in the working directory.
     """
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
@@ -125,34 +127,39 @@ def quantize_static(fp32: str | Path, out: str | Path, calibration, *, activatio
     with _prepared(fp32, out, keep_float) as (pre, tmp_out, excluded):
         ort_quantize_static(
             str(pre), str(tmp_out), _Reader(names, calibration), quant_format=QuantFormat.QDQ,
-            per_channel=per_channel, weight_type=QuantType.QInt8,
+            per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
             nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
             # int8 mode is TensorRT's: zero points 0 and biases left float (it fuses them itself).
             extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True,
                            "QuantizeBias": activations != "int8"})
     return {"tool": "onnxruntime.quantization.quantize_static", "onnxruntime": ort.__version__,
-            "activations": activations, "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
+            "activations": activations, "weights": _weights(per_channel, reduce_range),
             "calibration_samples": _length(calibration), "calibration_method": "MinMax",
             "nodes_kept_float": excluded}
 
 
-def quantize_dynamic(fp32: str | Path, out: str | Path, *, keep_float=(), per_channel: bool = True) -> dict:
+def _weights(per_channel: bool, reduce_range: bool) -> str:
+    return ("int8 symmetric " + ("per-channel" if per_channel else "per-tensor")
+            + (", 7-bit range (reduce_range)" if reduce_range else ""))
+
+
+def quantize_dynamic(fp32: str | Path, out: str | Path, *, keep_float=(), per_channel: bool = True,
+                     reduce_range: bool = False) -> dict:
     """ONNX Runtime dynamic quantization: int8 weights (per channel), activations quantized at run time
     from each tensor's own range, so no calibration data. What Optimum's ORTQuantizer does for
     Transformers on CPUs (avx512_vnni config); its MatMulInteger kernels run in ONNX Runtime, not in
-    TensorRT. Run in a temporary directory, as the static quantizer."""
+    TensorRT. Run in a temporary directory, as the static quantizer; ``reduce_range`` as there."""
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     with _prepared(fp32, out, keep_float) as (pre, tmp_out, excluded):
-        ort_quantize_dynamic(str(pre), str(tmp_out), per_channel=per_channel, weight_type=QuantType.QInt8,
-                             nodes_to_exclude=excluded)
+        ort_quantize_dynamic(str(pre), str(tmp_out), per_channel=per_channel, reduce_range=reduce_range,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
     return {"tool": "onnxruntime.quantization.quantize_dynamic", "onnxruntime": ort.__version__,
             "activations": "dynamic (uint8, range per tensor at run time)",
-            "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
-            "nodes_kept_float": excluded}
+            "weights": _weights(per_channel, reduce_range), "nodes_kept_float": excluded}
 
 
 def _producer(graph) -> dict:
@@ -306,10 +313,15 @@ def fold_weight_quantizers(path: str | Path) -> dict:
     return {"weights_folded": folded, "bytes_before": before, "bytes": path.stat().st_size}
 
 
-def run_onnxruntime(path: str | Path, x):
+def run_onnxruntime(path: str | Path, x, optimized: bool = True):
+    """Outputs through ONNX Runtime's CPU provider. ``optimized=False`` turns graph optimizations off: a QDQ
+    graph then runs as written (DequantizeLinear, then the float op), with no integer kernel."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    if not optimized:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return sess.run(None, _named([i.name for i in sess.get_inputs()], x))[0]
 
 
