@@ -360,7 +360,7 @@ def _dims(ctx: Context, prof, art: Artifact, batch: int) -> dict:
 
 def profile(ctx: Context) -> StageRecord:
     spec = ctx.recipe.profile
-    metrics, skipped, not_measured = {}, {}, {}
+    metrics, skipped, not_measured, saturated = {}, {}, {}, {}
     # FLOPs per sample of what each file holds (int8 files run the same operations); counted now, since
     # search and prune may have replaced the student after analyze.
     x = ctx.flops_example()
@@ -400,6 +400,16 @@ def profile(ctx: Context) -> StageRecord:
                     ctx.log(f"{target}: {art.path} not measured ({e})")
                     break
                 m.artifact = art.path
+                if art.extra.get("reduce_range") is False and m.host.get("int8_saturates"):
+                    # A board the quantize stage could not see (remote, no options.int8_saturates) reports
+                    # its CPU: int8 kernels that saturate on this file's full-range weights give wrong outputs.
+                    note = (f"{target}: its CPU has no VNNI, so its int8 kernels saturate on the 8-bit weights of "
+                            f"{art.path} (outputs may be wrong): set options.int8_saturates: true in its profile, "
+                            "or quantize.reduce_range: true, and run again")
+                    m.notes.append(note)
+                    if target not in saturated:
+                        saturated[target] = note
+                        ctx.log(f"warning: {note}")
                 m.add_roofline(flops.get(art.role), prof)
                 if target in peaks and m.gflops:  # against the measured peak where there is one
                     m.peak_gflops = peaks[target]["gflops"]
@@ -416,7 +426,8 @@ def profile(ctx: Context) -> StageRecord:
                     f"{d[f'teacher_b{batch}_p50_ms']:.3f} ms ({d[f'speedup_b{batch}']:.1f}x faster)")
     return StageRecord("profile", config=spec.model_dump(mode="json"),
                        metrics={**metrics, "skipped": skipped, "peak_gflops": peaks, "flops": flops,
-                                "params": params, **({"not_measured": not_measured} if not_measured else {})},
+                                "params": params, **({"not_measured": not_measured} if not_measured else {}),
+                                **({"int8_saturates": saturated} if saturated else {})},
                        outputs={"measurements": [m.to_dict() for m in ctx.measurements]})
 
 

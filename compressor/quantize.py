@@ -573,7 +573,8 @@ def stage(ctx) -> StageRecord:
     acc = quality[f"onnx_{ctx.metric}"]
     art = describe(out, precision=precision, role="student", parent="quantize")
     art.path = out.relative_to(ctx.work).as_posix()
-    art.extra.update(mode=spec.mode, bits=spec.bits, checks=checks, parity=info.get("parity"))
+    art.extra.update(mode=spec.mode, bits=spec.bits, checks=checks, parity=info.get("parity"),
+                     **({"reduce_range": info["reduce_range"]} if "reduce_range" in info else {}))
     nbits = info.get("export", {}).get("matmulnbits")
     if nbits:
         art.extra.update(matmulnbits=len(nbits), folded=info["export"]["folded"], note=info["export"]["note"])

@@ -119,3 +119,26 @@ def test_nncf_overflow_fix_gives_seven_bit_weights_that_run_right(saturating, tm
     with torch.no_grad():
         fq = stripped(xt).numpy()
     assert _off(run_onnxruntime(out, x), fq) < 0.02
+
+
+def test_profile_warns_when_a_measured_cpu_saturates_on_full_range_weights(tiny_recipe, tmp_path):
+    """The quantize stage cannot see a remote board's CPU; the measurement reports it (host.int8_saturates),
+    and the profile stage warns about a file with 8-bit weights there. Here the board is this host."""
+    import json
+
+    import compressor
+
+    tiny_recipe["quantize"] = {"mode": "ptq-ort", "calibration": 64, "reduce_range": False}
+    tiny_recipe["distill"]["epochs"] = 1
+    logs = []
+    out = compressor.run(tiny_recipe, tmp_path / "b", log=logs.append)
+    m = json.loads((out / "manifest.json").read_text())
+    prof = next(s for s in m["stages"] if s["name"] == "profile")["metrics"]
+    int8 = [x for x in m["measurements"] if x["artifact"] == "model/student.int8.onnx"]
+    assert int8 and all(x["host"].get("int8_saturates") is SATURATES for x in int8)
+    if SATURATES:
+        assert "local-cpu" in prof["int8_saturates"] and "reduce_range: true" in prof["int8_saturates"]["local-cpu"]
+        assert any("saturate" in n for n in int8[0]["notes"])
+        assert sum(line.startswith("warning: local-cpu: its CPU has no VNNI") for line in logs) == 1
+    else:
+        assert "int8_saturates" not in prof
