@@ -21,8 +21,8 @@ import time
 
 # x86 CPUs with one of these multiply u8 x s8 with a 32-bit dot product (VNNI). Without them ONNX Runtime's
 # and OpenVINO's int8 kernels use vpmaddubsw, which adds each pair of u8 x s8 products in int16 and saturates
-# when weights use the full int8 range (measured on an AVX2 AMD EPYC host: a QDQ Linear 8-16-4 off by 25-50% of
-# its output range in both runtimes; 7-bit weights, ORT's reduce_range or NNCF's overflow fix, are exact).
+# when weights use the full int8 range (measured on an AVX2 AMD EPYC host: a QDQ Linear 8-16-4 off by 8-48% of
+# its output range in both runtimes; 7-bit weights, ORT's reduce_range or NNCF's overflow fix, do not saturate).
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
