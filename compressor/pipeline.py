@@ -459,10 +459,17 @@ def _check_budgets(ctx: Context) -> list[dict]:
         out.append({"budget": f"latency_ms[{dev}]", "limit": limit, "value": m.p50_ms if m else None,
                     "met": (m.p50_ms <= limit) if m else None})
     if b.max_quality_drop is not None and "student" in ctx.quality:
-        t, s = ctx.quality["teacher"][ctx.metric], ctx.quality["student"][ctx.metric]
-        drop = (t - s) / t if t else 0.0
-        out.append({"budget": "max_quality_drop", "limit": b.max_quality_drop, "value": drop,
-                    "met": drop <= b.max_quality_drop})
+        t = ctx.quality["teacher"][ctx.metric]
+        # The fp32 student, then each quantized file that ships (student_int8, student_w4: their quality in
+        # ONNX Runtime): a budget on quality holds for every file in the bundle.
+        for key, q in ctx.quality.items():
+            s = q.get(ctx.metric) if key == "student" else q.get(f"onnx_{ctx.metric}")
+            if s is None or not (key == "student" or key.startswith("student_")):
+                continue
+            drop = (t - s) / t if t else 0.0
+            name = "max_quality_drop" + ("" if key == "student" else f"[{key.removeprefix('student_')}]")
+            out.append({"budget": name, "limit": b.max_quality_drop, "value": drop,
+                        "met": drop <= b.max_quality_drop})
     return out
 
 

@@ -130,10 +130,16 @@ def test_profile_warns_when_a_measured_cpu_saturates_on_full_range_weights(tiny_
 
     tiny_recipe["quantize"] = {"mode": "ptq-ort", "calibration": 64, "reduce_range": False}
     tiny_recipe["distill"]["epochs"] = 1
+    tiny_recipe["budgets"] = {"max_quality_drop": 0.5}
     logs = []
     out = compressor.run(tiny_recipe, tmp_path / "b", log=logs.append)
     m = json.loads((out / "manifest.json").read_text())
     prof = next(s for s in m["stages"] if s["name"] == "profile")["metrics"]
+    # the quality budget holds for the int8 file too (the one that saturation would spoil)
+    assert {b["budget"] for b in m["budgets"]} == {"max_quality_drop", "max_quality_drop[int8]"}
+    drop = next(b["value"] for b in m["budgets"] if b["budget"] == "max_quality_drop[int8]")
+    t = m["quality"]["teacher"]["accuracy"]
+    assert drop == pytest.approx((t - m["quality"]["student_int8"]["onnx_accuracy"]) / t)
     int8 = [x for x in m["measurements"] if x["artifact"] == "model/student.int8.onnx"]
     assert int8 and all(x["host"].get("int8_saturates") is SATURATES for x in int8)
     if SATURATES:
