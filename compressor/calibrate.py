@@ -64,21 +64,21 @@ SPACES = {"digits": (sample_digits, build_digits), "transformer": (sample_transf
 # aten operator -> feature family for per-operator FLOPs
 _FAMILIES = {"convolution": "conv", "mm": "matmul", "addmm": "matmul", "bmm": "matmul", "baddbmm": "matmul",
              "_scaled_dot_product_efficient_attention": "attention", "_scaled_dot_product_flash_attention": "attention",
-             "_scaled_dot_product_cudnn_attention": "attention"}
+             "_scaled_dot_product_cudnn_attention": "attention",
+             "_scaled_dot_product_flash_attention_for_cpu": "attention"}
 
 
 def features(model: nn.Module, example) -> dict:
     """The predictor's inputs for one model at batch 1. ``example``: a tensor or a dict of tensors
     (a text encoder's input_ids and attention_mask)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .tasks import call, take
+    from .flops import flop_counts
+    from .tasks import take
 
     x = take(example, 1)
     n_in = sum(v.numel() for v in x.values()) if isinstance(x, dict) else x.numel()
 
     model = model.eval()
-    act, counts, attn, conv = [0], {}, [0], {}
+    act, counts, conv = [0], {}, {}
 
     def hook(mod, inp, out):
         if isinstance(out, torch.Tensor):
@@ -98,36 +98,24 @@ def features(model: nn.Module, example) -> dict:
                 up = lambda c: -(-c // lanes) * lanes  # noqa: E731
                 conv[f"flops_conv_pad{lanes}"] = conv.get(f"flops_conv_pad{lanes}", 0) + f * (
                     up(mod.in_channels // mod.groups) * up(mod.out_channels)) // ((mod.in_channels // mod.groups) * mod.out_channels)
-        if isinstance(mod, nn.MultiheadAttention) and inp and isinstance(inp[0], torch.Tensor):
-            # softmax(QK^T)V: 2 matmuls of L x L x E multiply-adds; the CPU's fused attention kernel is
-            # invisible to the FLOP counter
-            q = inp[0]
-            seq = q.shape[1] if mod.batch_first or q.dim() == 2 else q.shape[0]
-            attn[0] += 4 * seq * seq * mod.embed_dim
 
     leaves = [m for m in model.modules() if not list(m.children()) or isinstance(m, nn.MultiheadAttention)]
     handles = [m.register_forward_hook(hook) for m in leaves]
     for m in leaves:
         counts[f"n_{type(m).__name__}"] = counts.get(f"n_{type(m).__name__}", 0) + 1
-    # Attention's eval fast path is one fused kernel that the FLOP counter does not see; the exported
-    # ONNX graph has the plain operators, so count those.
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    # The one FLOP counter (compressor/flops.py) turns attention's fused fast path off and counts CPU
+    # attention's matmuls, as the exported ONNX graph runs them.
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            call(model, x)
+        total, per_op = flop_counts(model, x)
     finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
         for h in handles:
             h.remove()
     fam = {}
-    for op, n in fc.get_flop_counts().get("Global", {}).items():
-        name = getattr(op, "__name__", str(op)).split(".")[0]
+    for op, n in per_op.items():
+        name = op.split(".")[0]
         key = f"flops_{_FAMILIES.get(name, 'other')}"
         fam[key] = fam.get(key, 0) + int(n)
-    if attn[0] and "flops_attention" not in fam:  # a torch that counts it itself is not counted twice
-        fam["flops_attention"] = fam.get("flops_attention", 0) + attn[0]
-    return {"flops": int(fc.get_total_flops()) + attn[0], "params": sum(p.numel() for p in model.parameters()),
+    return {"flops": total, "params": sum(p.numel() for p in model.parameters()),
             "activations": act[0], "layers": len(leaves), "input_elements": n_in, **fam, **conv,
             **counts}
 

@@ -117,6 +117,53 @@ def hf_encoder(path: str | None = None, package: str | None = None, pooling: str
     return SentenceEncoder(model, pooling, normalize)
 
 
+def architecture(path: str | None = None, package: str | None = None) -> str:
+    """The first entry of config.json's ``architectures`` ("" when it names none); read without transformers."""
+    import json
+
+    try:
+        cfg = json.loads((model_dir(path, package) / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return (cfg.get("architectures") or [""])[0] or ""
+
+
+def is_classifier(path: str | None = None, package: str | None = None) -> bool:
+    return architecture(path, package).endswith(("ForImageClassification", "ForSequenceClassification"))
+
+
+def hf_classifier(path: str | None = None, package: str | None = None, init: str = "teacher", **config) -> nn.Module:
+    """A Hugging Face image or sequence classifier (``AutoModelForImageClassification`` /
+    ``AutoModelForSequenceClassification``, chosen by config.json's architectures) from a local directory,
+    adapted to return its logits (compressor/intake.py): its module paths stay the Hugging Face ones
+    (``resnet.encoder.stages.0``, ``bert.encoder.layer.1``). ``config`` overrides attributes of its config
+    (a student of the teacher's class: ``num_hidden_layers: 2``); ``init: teacher`` loads every weight
+    whose shape still fits."""
+    from .intake import adapt
+
+    if init not in ("teacher", "random"):
+        raise UserError(f"hf-classifier init {init!r}: use teacher or random")
+    tf = _transformers()
+    where = model_dir(path, package)
+    cfg = tf.AutoConfig.from_pretrained(where)
+    unknown = [k for k in config if not hasattr(cfg, k)]
+    if unknown:
+        raise UserError(f"hf-classifier: {type(cfg).__name__} has no {', '.join(sorted(unknown))}")
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    arch = architecture(path, package)
+    if arch.endswith("ForImageClassification"):
+        auto = tf.AutoModelForImageClassification
+    elif arch.endswith("ForSequenceClassification"):
+        auto = tf.AutoModelForSequenceClassification
+    else:
+        raise UserError(f"hf-classifier: {where} is a {arch or 'model with no architectures in config.json'}, not an "
+                        "image or sequence classifier; a sentence encoder is hf-encoder")
+    model = auto.from_config(cfg) if init == "random" else auto.from_pretrained(where, config=cfg,
+                                                                               ignore_mismatched_sizes=True)
+    return adapt(model.eval(), "logits")
+
+
 def tokenizer(path: str | None = None, package: str | None = None):
     return _transformers().AutoTokenizer.from_pretrained(model_dir(path, package))
 
@@ -130,7 +177,8 @@ def config_of(model: nn.Module) -> dict:
 def tokenizer_files(path: str | None = None, package: str | None = None) -> list[Path]:
     """The files a deployment needs to turn text into the model's inputs."""
     d = model_dir(path, package)
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "config.json")
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "config.json",
+             "preprocessor_config.json")
     return [d / n for n in names if (d / n).is_file()]
 
 

@@ -93,8 +93,18 @@ def hf_encoder(**kwargs) -> nn.Module:
     return build(**kwargs)
 
 
+def hf_classifier(**kwargs) -> nn.Module:
+    """A Hugging Face image or sequence classifier, returning its logits (compressor/hf.py)."""
+    from .hf import hf_classifier as build
+
+    return build(**kwargs)
+
+
 # name -> builder(**config) -> nn.Module
-MODELS = {"resnet": ResNet, "digits-resnet": digits_resnet, "mlp": MLP, "hf-encoder": hf_encoder}
+MODELS = {"resnet": ResNet, "digits-resnet": digits_resnet, "mlp": MLP, "hf-encoder": hf_encoder,
+          "hf-classifier": hf_classifier}
+
+HF_BUILDERS = ("hf-encoder", "hf-classifier")
 
 
 def resolve_ref(ref: str, what: str):
@@ -126,8 +136,10 @@ def is_hf_dir(name: str) -> bool:
 def build_model(name: str, config: dict, defaults: dict | None = None, what: str = "model") -> nn.Module:
     """Build a model from a registry name or ``module:function``; ``defaults`` fill accepted keywords."""
     if name not in MODELS and ":" not in name and is_hf_dir(name):
+        from .hf import is_classifier
+
         config = {"path": name, **config}  # a local Hugging Face model directory
-        name = "hf-encoder"
+        name = "hf-classifier" if is_classifier(path=name) else "hf-encoder"
     fn = MODELS.get(name) if ":" not in name else resolve_ref(name, what)
     if fn is None:
         raise UserError(f"{what} {name!r} is not a built-in model ({', '.join(sorted(MODELS))}) "
@@ -137,10 +149,10 @@ def build_model(name: str, config: dict, defaults: dict | None = None, what: str
         accepted = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         accepted = {}
-    if fn is hf_encoder:
+    if fn in (hf_encoder, hf_classifier):
         from . import hf
 
-        accepted = inspect.signature(hf.hf_encoder).parameters
+        accepted = inspect.signature(getattr(hf, fn.__name__)).parameters
     for k, v in (defaults or {}).items():
         if k not in kwargs and k in accepted:
             kwargs[k] = v
@@ -160,15 +172,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, example) -> int:
-    """Forward FLOPs of one sample (torch.utils.flop_counter; a multiply-add counts as 2). ``example``
-    is a tensor or a dict of tensors (token inputs: count at the sequence length it has)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Forward FLOPs of one sample: compressor.flops.count_flops, the one counter."""
+    from .flops import count_flops as count
 
-    from .tasks import call, take
-
-    was = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        call(model, take(example, 1))
-    model.train(was)
-    return int(fc.get_total_flops())
+    return count(model, example)

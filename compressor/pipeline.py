@@ -26,7 +26,7 @@ from . import report
 from .bundle import MANIFEST, SCHEMA, StageRecord, atomic_write, file_hashes, now, toolchain_versions, write_json
 from .data import DataSplits, load_data
 from .errors import StageError, UserError
-from .models import is_hf_dir, build_model, count_flops, count_params
+from .models import HF_BUILDERS, build_model, count_flops, count_params, is_hf_dir
 from .recipe import Recipe, dump_recipe, load_recipe
 from .tasks import as_tuple, at_length, get_task, onnx_io
 from .teacher import check_fits, load_teacher
@@ -80,12 +80,13 @@ def build_student(recipe: Recipe, data: DataSplits) -> tuple[nn.Module | None, d
         return None, {}
     defaults = {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
                 "in_features": int(torch.Size(data.input_shape).numel())}
-    if recipe.student.model == "hf-encoder":  # the teacher's own class with a smaller config
+    if recipe.student.model in HF_BUILDERS:  # the teacher's own class with a smaller config
         from .hf import inherited
 
         own = recipe.student.config.keys() & {"path", "package"}  # a student from another directory
         defaults.update({k: v for k, v in inherited(recipe.teacher).items()
-                         if not (own and k in ("path", "package"))})
+                         if not (own and k in ("path", "package"))
+                         and (recipe.student.model == "hf-encoder" or k in ("path", "package"))})
     model = build_model(recipe.student.model, recipe.student.config, defaults, what="student")
     genome = {"model": recipe.student.model, "config": recipe.student.config, "defaults": defaults}
     return model, genome
@@ -200,7 +201,18 @@ def export(ctx: Context) -> StageRecord:
         try:
             check = parity(path, model, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol)
         except Exception as e:
-            raise StageError("export", f"{role}: {e}") from None
+            if art.extra.get("exporter") != "torchscript":
+                raise StageError("export", f"{role}: {e}") from None
+            # A TorchScript trace can bake Python values in (len(x) of the example's batch, say): the
+            # torch.export graph keeps them symbolic. Try it before giving up.
+            ctx.log(f"export: {role}: the TorchScript export does not match PyTorch ({str(e).splitlines()[0][:160]}); "
+                    "trying torch.export")
+            art = export_onnx(model, as_tuple(x), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch,
+                              role=role, dynamo_first=True, **names)
+            try:
+                check = parity(path, model, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol)
+            except Exception as e2:
+                raise StageError("export", f"{role}: {e2}") from None
         art.path = path.relative_to(ctx.work).as_posix()
         art.extra["parity"] = check
         (ctx.artifacts if role == "student" else ctx.reference).append(art)
@@ -213,7 +225,7 @@ def export(ctx: Context) -> StageRecord:
     ctx.quality.setdefault("student", {})[key] = onnx_quality[ctx.metric]
     ctx.log(f"exported student.onnx ({metrics['student']['bytes'] / 1e6:.3f} MB), parity max abs error "
             f"{metrics['student']['parity_max_abs']:.2e}, ONNX Runtime {ctx.metric} {onnx_quality[ctx.metric]:.4f}")
-    if "hf-encoder" in (ctx.recipe.teacher.model, ctx.genome.get("model")) or is_hf_dir(ctx.recipe.teacher.model):
+    if {ctx.recipe.teacher.model, ctx.genome.get("model")} & set(HF_BUILDERS) or is_hf_dir(ctx.recipe.teacher.model):
         outputs["tokenizer"] = _copy_tokenizer(ctx)
     metrics["targets"], outputs["targets"] = _export_for_targets(ctx)
     return StageRecord("export", config=spec.model_dump(mode="json"), metrics=metrics, outputs=outputs)
@@ -329,7 +341,9 @@ def _runnable(ctx: Context, prof) -> list[Artifact]:
 def _dims(ctx: Context, prof, art: Artifact, batch: int) -> dict:
     """Sizes of symbolic input axes besides the batch (a sequence length), in the form the device takes:
     ONNX Runtime scripts name the axis, OpenVINO wants each input's full shape."""
-    dims = {**ctx.data.meta.get("dims", {}), **ctx.recipe.profile.dims}
+    x = ctx.example(1)
+    seq = {"sequence": int(next(v for v in x.values() if v.dim() == 2).shape[1])} if isinstance(x, dict) else {}
+    dims = {**seq, **ctx.data.meta.get("dims", {}), **ctx.recipe.profile.dims}  # default: the data's own length
     if not dims:
         return {}
     if prof.runtime != "openvino":
@@ -526,7 +540,7 @@ def _finalize(ctx: Context, out: Path, force: bool) -> Path:
 def _data_defaults(recipe: Recipe) -> dict:
     """A Hugging Face teacher lends the data its tokenizer."""
     t = recipe.teacher
-    if t.model == "hf-encoder":
+    if t.model in HF_BUILDERS:
         return {"tokenizer_path": t.kwargs.get("path"), "tokenizer_package": t.kwargs.get("package")}
     if is_hf_dir(t.model):
         return {"tokenizer_path": t.model}

@@ -25,7 +25,7 @@ from torch import nn
 
 from .distill.hooks import first_tensor
 from .errors import UserError
-from .tasks import call, take
+from .tasks import call
 
 
 @dataclass
@@ -55,8 +55,9 @@ def _first_input(args, kwargs):
 
 
 @torch.no_grad()
-def find_units(model: nn.Module, example) -> list[Unit]:
-    """The prunable units of ``model``, in module order, found on one forward pass of ``example``."""
+def find_units(model: nn.Module, example, ignore=()) -> list[Unit]:
+    """The prunable units of ``model``, in module order, found on one forward pass of ``example``;
+    none at or under the ``ignore`` paths."""
     shapes, handles = {}, []
 
     def hook_for(name):
@@ -78,20 +79,29 @@ def find_units(model: nn.Module, example) -> list[Unit]:
             h.remove()
         model.train(was)
     units: list[Unit] = []
+    containers: list[Unit] = []
     for parent_name, parent in model.named_modules():
         if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
             continue
         for child_name, child in parent.named_children():
             path = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, (nn.Sequential, nn.ModuleList)) or not list(child.children()):
-                continue  # containers are searched inside; a bare layer is not a block
+            if not list(child.children()) or path in ignore or path.startswith(tuple(p + "." for p in ignore)):
+                continue  # a bare layer is not a block
             n_params = sum(p.numel() for p in child.parameters())
             i, o = shapes.get(path, (None, None))
             if n_params and i is not None and i == o:
-                units.append(Unit(path, n_params))
+                (containers if isinstance(child, (nn.Sequential, nn.ModuleList)) else units).append(Unit(path, n_params))
     # The outermost unit wins: a block inside a removable block is not a unit of its own.
     paths = [u.path for u in units]
-    return [u for u in units if not any(u.path.startswith(p + ".") for p in paths if p != u.path)]
+    units = [u for u in units if not any(u.path.startswith(p + ".") for p in paths if p != u.path)]
+    # A container (an nn.Sequential block in a ModuleList, its residual added in the parent's forward) is a
+    # unit when it holds no unit of its own: a stage of residual blocks is searched inside instead.
+    paths = [u.path for u in units]
+    units += [c for c in containers if not any(p.startswith(c.path + ".") or c.path.startswith(p + ".") for p in paths)]
+    paths = [u.path for u in units]
+    units = [u for u in units if not any(u.path.startswith(p + ".") for p in paths if p != u.path)]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(units, key=lambda u: order[u.path])
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -172,17 +182,10 @@ def set_loss(model: nn.Module, paths, batches, refs=None) -> float:
 
 
 def flops(model: nn.Module, example) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one sample of ``example`` (compressor.flops, the one counter)."""
+    from .flops import count_flops
 
-    one = take(example, 1)
-    was = model.training
-    model.eval()  # as deployed: in training mode dropout sends attention down a path with more matmuls
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            call(model, one)
-    finally:
-        model.train(was)
-    return int(fc.get_total_flops())
+    return count_flops(model, example)
 
 
 @torch.no_grad()
@@ -316,23 +319,26 @@ def unit_latencies(model: nn.Module, units: list[Unit], example, *, device=None,
     return {"teacher_ms": ms[0], "how": how}
 
 
-def calibration_batches(data, batch_size: int, n: int) -> list:
-    batches = []
-    for x, _ in data.loader("train", batch_size):
+def calibration_batches(data, batch_size: int, n: int, labels: bool = False):
+    """The first ``n`` training batches (inputs; with ``labels``, also their labels: (inputs, labels))."""
+    batches, ys = [], []
+    for x, y in data.loader("train", batch_size):
         batches.append(x)
+        ys.append(y)
         if len(batches) == n:
             break
-    return batches
+    return (batches, ys) if labels else batches
 
 
 def prune_teacher(teacher: nn.Module, batches, by: str = "params", remove: float = 0.5, log=print, *,
-                  device=None, predictor=None, measure_kw: dict | None = None):
+                  device=None, predictor=None, measure_kw: dict | None = None, ignore=()):
     """Find, score and select units; return (pruned student, record dict with every unit's numbers).
     ``by="latency"`` needs a ``device`` to measure on or a latency ``predictor``."""
-    units = find_units(teacher, batches[0])
+    units = find_units(teacher, batches[0], ignore)
     if not units:
         raise UserError(f"prune: {type(teacher).__name__} has no prunable unit (a block in an nn.Sequential or "
-                        "nn.ModuleList whose output has its input's shape); drop the prune section")
+                        "nn.ModuleList whose output has its input's shape); prune its channels instead "
+                        "(prune: {channels: {remove: 0.5}}) or drop the prune section")
     score_units(teacher, units, batches)
     lat = {}
     if by == "latency":
@@ -463,16 +469,21 @@ def rebuild(genome: dict) -> nn.Module:
     from .models import build_model
 
     teacher = build_model(genome["model"], genome["config"], genome.get("defaults"), what="pruned teacher")
-    return narrowed(build_pruned(teacher, genome["removed"]), genome.get("width"))
+    return narrowed(build_pruned(teacher, genome["removed"]), genome.get("width"), genome.get("channels"))
 
 
-def narrowed(student: nn.Module, plan: dict | None) -> nn.Module:
-    """The layer-pruned teacher with the width plan's neurons and heads cut (compressor/width.py)."""
-    if not plan:
-        return student
-    from .width import apply_plan
+def narrowed(student: nn.Module, plan: dict | None, channels: dict | None = None) -> nn.Module:
+    """The layer-pruned teacher with the width plan's neurons and heads cut (compressor/width.py), then
+    reshaped to the channel plan (compressor/structural.py: shapes only, load the pruned weights next)."""
+    if plan:
+        from .width import apply_plan
 
-    return apply_plan(student, plan)
+        student = apply_plan(student, plan)
+    if channels:
+        from .structural import apply_plan as reshape
+
+        student = reshape(student, channels)
+    return student
 
 
 def stage(ctx):
@@ -492,11 +503,12 @@ def stage(ctx):
         ctx.log(f"prune: {why}; the student stays the search's")
         return StageRecord("prune", config=spec.model_dump(mode="json"),
                            metrics={"skipped": f"{why} (search.seed_pruned)", "chosen_by_search": won})
-    batches = calibration_batches(ctx.data, ctx.recipe.data.batch_size, spec.calibration_batches)
+    batches, labels = calibration_batches(ctx.data, ctx.recipe.data.batch_size, spec.calibration_batches,
+                                          labels=True)
     if spec.remove:
-        student, info = prune_teacher(ctx.teacher, batches, spec.by, spec.remove, log=ctx.log,
+        student, info = prune_teacher(ctx.teacher, batches, spec.by, spec.remove, log=ctx.log, ignore=spec.ignore,
                                       **latency_source(spec, ctx.recipe.targets, ctx.log))
-    else:  # width only
+    else:  # width or channels only
         student, info = build_pruned(ctx.teacher, []), {"removed": []}
     plan = None
     if spec.width is not None:
@@ -505,6 +517,15 @@ def stage(ctx):
         w = spec.width
         student, plan, info["width"] = prune_width(student, batches, w.remove, ffn=w.ffn, heads=w.heads,
                                                    multiple=w.multiple, projections=w.projections, log=ctx.log)
+    channels = None
+    if spec.channels is not None:
+        from .structural import prune_channels
+
+        c = spec.channels
+        student, channels, info["channels"] = prune_channels(
+            student, batches, c.remove, by=c.by, importance=c.importance, ignore=spec.ignore, keep_stem=c.keep_stem,
+            heads=c.heads, multiple=c.multiple, projections=c.projections, labels=labels, log=ctx.log)
+    if spec.width is not None or spec.channels is not None:
         info["params"] = sum(p.numel() for p in student.parameters())
         info["flops"] = flops(student, batches[0])
         # The whole cut (layers and width) against the teacher, as the layer criterion measures it.
@@ -512,12 +533,18 @@ def stage(ctx):
             info["layers_measured_loss"] = info["measured_loss"]
         info["measured_loss"] = _sq_error_mean(ctx.teacher, student, batches)
     ctx.student = student
-    ctx.genome = _genome(ctx, info["removed"], plan)
+    ctx.genome = _genome(ctx, info["removed"], plan, channels)
+    if channels:
+        # Resuming before distillation has saved its weights needs the pruned teacher's own.
+        path = ctx.scratch / "pruned.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(student.state_dict(), path.with_name(".pruned.pt.tmp"))
+        path.with_name(".pruned.pt.tmp").replace(path)
     ctx.log(f"the pruned teacher replaces the recipe's student: {info['params']:,} params, "
             f"{info['flops'] / 1e6:.1f} MFLOPs")
     return StageRecord("prune", config=spec.model_dump(mode="json"),
                        metrics={k: v for k, v in info.items() if k != "removed"},
-                       outputs={"removed": info["removed"], "width": plan, "genome": ctx.genome})
+                       outputs={"removed": info["removed"], "width": plan, "channels": channels, "genome": ctx.genome})
 
 
 @torch.no_grad()
@@ -535,16 +562,23 @@ def _sq_error_mean(teacher: nn.Module, student: nn.Module, batches) -> float:
 
 def restore(ctx, rec) -> None:
     if "removed" in rec.outputs:
-        ctx.student = narrowed(build_pruned(ctx.teacher, rec.outputs["removed"]), rec.outputs.get("width"))
+        ctx.student = narrowed(build_pruned(ctx.teacher, rec.outputs["removed"]), rec.outputs.get("width"),
+                               rec.outputs.get("channels"))
         ctx.genome = rec.outputs["genome"]
+        if rec.outputs.get("channels"):
+            from .teacher import load_state
+
+            ctx.student.load_state_dict(load_state(ctx.scratch / "pruned.pt", "pruned teacher"))
 
 
-def _genome(ctx, removed, plan=None) -> dict:
+def _genome(ctx, removed, plan=None, channels=None) -> dict:
     t = ctx.recipe.teacher
     g = {"model": t.model, "config": t.kwargs, "defaults": ctx.genome.get("defaults", {}),
          "pruned_from": "teacher", "removed": list(removed)}
     if plan:
         g["width"] = plan
+    if channels:
+        g["channels"] = channels
     return g
 
 

@@ -210,15 +210,37 @@ class WidthSpec(_Section):
     projections: int = Field(4, ge=1, description="random output projections per calibration batch")
 
 
+class ChannelsSpec(_Section):
+    """Structural pruning of any model (compressor/structural.py, torch-pruning's DepGraph): channels,
+    neurons and attention heads, with every coupled slice (residual adds, depthwise convolutions,
+    BatchNorm, attention) cut together, under a FLOPs or params budget."""
+
+    remove: float = Field(gt=0, lt=1, description="the fraction of the (layer-pruned) model's FLOPs or params to remove")
+    by: Literal["flops", "params"] = Field("flops", description="what the budget counts")
+    importance: Literal["output-loss", "taylor", "magnitude"] = Field(
+        "output-loss", description="output-loss: the output loss against the teacher (second-order, Fisher by "
+        "random output projections) per FLOP; taylor: first-order Taylor of the labelled cross-entropy; "
+        "magnitude: L2 weight norm (torch-pruning's default)")
+    heads: bool = Field(True, description="remove whole attention heads where the layout is known (Hugging Face attention)")
+    multiple: int | None = Field(8, ge=1, description="kept widths are multiples of this (GEMM kernels prefer it); null: any")
+    keep_stem: bool = Field(False, description="keep the input stem's outputs (in most models the residual stream's width)")
+    projections: int = Field(4, ge=1, description="output-loss: random output projections per calibration batch")
+
+
 class PruneSpec(_Section):
     """One-shot layer pruning of the teacher (compressor/prune.py), then optionally width pruning
-    (compressor/width.py); the pruned teacher becomes the student."""
+    (compressor/width.py) and structural pruning of any model (compressor/structural.py); the pruned
+    teacher becomes the student."""
 
     by: Literal["params", "flops", "units", "latency"] = Field("params", description="what the budget counts")
-    remove: float = Field(ge=0, description="params/flops/latency: the fraction of the teacher's to remove "
-                                            "(0.3 = 30%); units: how many blocks/layers to remove; 0: no layers, "
-                                            "only width")
+    remove: float = Field(0, ge=0, description="params/flops/latency: the fraction of the teacher's to remove "
+                                               "(0.3 = 30%); units: how many blocks/layers to remove; 0: no layers, "
+                                               "only width or channels")
     width: WidthSpec | None = Field(None, description="also narrow the layers that stay")
+    channels: ChannelsSpec | None = Field(None, description="also prune channels, neurons and heads of any model "
+                                                             "(torch-pruning's dependency graph)")
+    ignore: list[str] = Field(default_factory=list, description="module paths that pruning leaves as they are "
+                                                                 "(the classifier head is always kept)")
     calibration_batches: int = Field(4, ge=1, description="training batches the output-loss criterion averages over")
     device: str | None = Field(None, description="by: latency: the device profile whose latency counts "
                                                  "(default: the recipe's first target)")
@@ -230,8 +252,8 @@ class PruneSpec(_Section):
 
     @model_validator(mode="after")
     def _amount(self):
-        if self.remove == 0 and self.width is None:
-            raise ValueError("remove: 0 prunes nothing; give prune.width, or a remove above 0")
+        if self.remove == 0 and self.width is None and self.channels is None:
+            raise ValueError("remove: 0 prunes nothing; give prune.channels or prune.width, or a remove above 0")
         if self.by == "units" and self.remove != int(self.remove):
             raise ValueError("with by: units, remove is a whole number of units")
         if self.by != "units" and self.remove >= 1:

@@ -58,6 +58,8 @@ def evaluate(model: nn.Module, loader) -> float:
 def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, seed: int,
                      log=print) -> nn.Module:
     """Plain cross-entropy training (AdamW, cosine schedule): how a demo teacher comes to be."""
+    from .tasks import call
+
     torch.manual_seed(seed)
     loader = data.loader("train", batch_size, shuffle=True, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
@@ -66,7 +68,7 @@ def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, 
         model.train()
         t0, seen, loss_sum = time.time(), 0, 0.0
         for x, y in loader:
-            loss = F.cross_entropy(model(x), y, ignore_index=-1)  # -1: an unlabelled sample (few-label data)
+            loss = F.cross_entropy(call(model, x), y, ignore_index=-1)  # -1: an unlabelled sample (few-label data)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -90,6 +92,10 @@ def load_teacher(recipe, data: DataSplits, log=print) -> tuple[nn.Module, dict]:
     defaults = {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
                 "in_features": int(torch.Size(data.input_shape).numel())}
     model = build_model(spec.model, spec.kwargs, defaults, what="teacher")
+    from .tasks import get_task
+
+    task = get_task(recipe.task)
+    check_fits(model.eval(), data, "teacher", task)  # before any training: adapts a tuple/ModelOutput forward
     origin = {"model": spec.model, "kwargs": spec.kwargs}
     if spec.checkpoint:
         _load_into(model, load_state(spec.checkpoint, "teacher"), f"teacher checkpoint {spec.checkpoint}")
@@ -108,9 +114,7 @@ def load_teacher(recipe, data: DataSplits, log=print) -> tuple[nn.Module, dict]:
             torch.save(model.state_dict(), tmp)
             os.replace(tmp, path)
             origin.update(trained=spec.train.model_dump(), train_seconds=round(time.time() - t0, 1), cached=str(path))
-    from .tasks import get_task
-
-    check_fits(model.eval(), data, "teacher", get_task(recipe.task))
+    check_fits(model.eval(), data, "teacher", task)
     return model, origin
 
 
@@ -128,9 +132,14 @@ def check_fits(model: nn.Module, data: DataSplits, what: str, task=None) -> int:
     from .tasks import Classification, call, size
 
     x, _ = data.tensors("train", limit=2)
+    from .intake import intake
+
     try:
         with torch.no_grad():
             y = call(model.eval(), x)
+            if not isinstance(y, torch.Tensor):  # a tuple or a Hugging Face ModelOutput: take its logits
+                intake(model, y, (task or Classification()).output)
+                y = call(model, x)
     except UserError:
         raise
     except Exception as e:

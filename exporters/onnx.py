@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from .artifact import Artifact, ExportError, sha256
@@ -41,13 +43,80 @@ def describe(path: str | Path, precision: str = "fp32", role: str = "student", p
                     opset=opset, toolchain={"onnx": onnx.__version__}, role=role, parent=parent)
 
 
+@contextmanager
+def plain_attention():
+    """nn.TransformerEncoder / nn.MultiheadAttention without their fused eval fast path
+    (``aten::_transformer_encoder_layer_fwd``, which no ONNX exporter takes): the plain operators are traced."""
+    import torch
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+_OP = re.compile(r"aten(?:::|\.)([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def culprit(model, example_inputs: tuple, op: str) -> str | None:
+    """The path of the innermost module whose forward ran the aten operator ``op`` (None if none did):
+    one forward pass under a dispatch mode that records operators, with hooks keeping the module stack."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stack, found, handles = [], [], []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not found and func.__name__.split(".")[0] == op:
+                found.append(stack[-1] if stack else "")
+            return func(*args, **(kwargs or {}))
+
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(lambda _m, _a, name=name: stack.append(name)))
+        handles.append(m.register_forward_hook(lambda _m, _a, _o: stack.pop()))
+    try:
+        with torch.no_grad(), plain_attention(), Record():
+            model(*example_inputs)
+    except Exception:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def _why(model, example_inputs, errors: list[Exception]) -> str:
+    """One line: each exporter's first error line, and the module that runs the operator they name."""
+    lines = [f"{type(e).__name__}: {str(e).strip().splitlines()[0][:240]}" if str(e).strip() else type(e).__name__
+             for e in errors]
+    ops = [m.group(1) for e in errors for m in [_OP.search(str(e))] if m]
+    where = ""
+    for op in dict.fromkeys(ops):
+        path = culprit(model, example_inputs, op)
+        if path is not None:
+            where = (f"; operator aten::{op} runs in module {path or '(the model itself)'} "
+                     f"({type(model.get_submodule(path)).__name__ if path else type(model).__name__}): rewrite it "
+                     "with exportable operators, or keep it out of the student")
+            break
+    return " / ".join(dict.fromkeys(lines)) + where
+
+
 def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=("input",),
                 output_names=("logits",), opset: int = 17, dynamic_batch: bool = True,
-                dynamic_axes: dict | None = None, precision: str = "fp32", role: str = "student") -> Artifact:
+                dynamic_axes: dict | None = None, precision: str = "fp32", role: str = "student",
+                dynamo_first: bool = False) -> Artifact:
     """Export ``model`` (eval mode) to ``path``; written to a temporary name and renamed.
 
     ``example_inputs`` are positional (input_ids, attention_mask for a text encoder); ``dynamic_axes``
-    names axes besides the batch ({"input_ids": {0: "batch", 1: "sequence"}}, Optimum's names)."""
+    names axes besides the batch ({"input_ids": {0: "batch", 1: "sequence"}}, Optimum's names).
+
+    The TorchScript exporter runs first (NNCF's QDQ export needs it), torch.export's second when it fails;
+    ``dynamo_first`` swaps them (a model whose TorchScript trace baked a batch size in, seen as a failed
+    parity check at another batch size). A model neither takes raises ExportError naming the operator and
+    the module that runs it."""
     import onnx
     import torch
 
@@ -61,22 +130,25 @@ def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=(
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp = scratch / path.name
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), plain_attention():
             warnings.simplefilter("ignore")
             # The TorchScript exporter (dynamo=False) is fast and is the path that NNCF's QDQ export
             # needs too; torch.export-based export is the fallback for models it cannot trace.
-            try:
-                torch.onnx.export(model, example_inputs, str(tmp), input_names=list(input_names),
-                                  output_names=list(output_names), dynamic_axes=axes, opset_version=opset,
-                                  dynamo=False, external_data=big)
-            except Exception as first:
+            errors = []
+            for dynamo in ((True, False) if dynamo_first else (False, True)):
                 try:
                     torch.onnx.export(model, example_inputs, str(tmp), input_names=list(input_names),
                                       output_names=list(output_names), dynamic_axes=axes,
-                                      opset_version=max(opset, 18), dynamo=True, external_data=big)
-                except Exception:
-                    raise ExportError(f"ONNX export of {type(model).__name__} failed: "
-                                      f"{type(first).__name__}: {str(first).splitlines()[0][:300]}") from None
+                                      opset_version=max(opset, 18) if dynamo else opset, dynamo=dynamo,
+                                      external_data=big)
+                    break
+                except Exception as e:  # the exporters raise a zoo of types
+                    errors.append(e)
+                    for stray in scratch.iterdir():
+                        shutil.rmtree(stray, ignore_errors=True) if stray.is_dir() else stray.unlink()
+            else:
+                raise ExportError(f"ONNX export of {type(model).__name__} failed with both exporters: "
+                                  f"{_why(model, example_inputs, errors)}")
         if big:
             # Protobuf caps a model at 2 GB: weights go to one ``<name>.data`` file beside it, whatever
             # layout the exporter chose.
@@ -98,6 +170,7 @@ def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=(
         shutil.rmtree(scratch, ignore_errors=True)
     art = describe(path, precision=precision, role=role)
     art.toolchain["torch"] = torch.__version__
+    art.extra["exporter"] = "dynamo" if dynamo else "torchscript"
     return art
 
 

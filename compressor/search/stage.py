@@ -85,8 +85,9 @@ def pruned_seed(recipe, data, teacher, spec, space, log=print) -> dict | None:
     ps = _seed_spec(recipe, spec)
     if ps is None:
         return None
-    if ps.width is not None or ps.remove == 0:
-        why = "prune.width cuts neurons and heads per layer, which a search space's genome does not express"
+    if ps.width is not None or ps.channels is not None or ps.remove == 0:
+        why = ("prune.width and prune.channels cut neurons, channels and heads per layer, which a search space's "
+               "genome does not express")
         if spec.seed_pruned is not None:
             raise UserError(f"search.seed_pruned: the pruned teacher is not in the search space: {why}")
         log(f"search: the pruned teacher is not in the search space ({why}); not seeded, the prune stage decides")

@@ -1,0 +1,143 @@
+"""Models nobody on the team designed the toolchain for: what a user brings. Each builder takes
+``in_channels`` and ``num_classes`` (the data fills them) and returns an nn.Module that none of
+compressor's builders made. Recipes name them as ``user_models:<builder>``.
+
+- vit: a vision Transformer from nn.TransformerEncoder (nn.MultiheadAttention, a class token and
+  position embeddings as bare nn.Parameters).
+- residual_mlp: blocks in an nn.ModuleList, each an nn.Sequential; the residual add is in forward, and
+  forward returns a tuple (logits, features).
+- dw_cnn: inverted residual blocks with depthwise convolutions and squeeze-excite.
+- hf_resnet, hf_mobilenet, hf_vit, hf_bert: tiny-config Hugging Face classifiers at random
+  initialisation (they return ModelOutput).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ViT(nn.Module):
+    def __init__(self, in_channels=1, num_classes=10, image_size=16, patch=4, dim=32, depth=3, heads=4, mlp=128):
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, dim, patch, patch)
+        n = (image_size // patch) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(len(h), -1, -1), h], 1) + self.pos
+        return self.head(self.norm(self.encoder(h))[:, 0])
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, in_channels=1, num_classes=10, image_size=16, dim=96, hidden=192, depth=4):
+        super().__init__()
+        self.inp = nn.Linear(in_channels * image_size * image_size, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
+                                                  nn.Linear(hidden, dim)) for _ in range(depth))
+        self.out = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        h = self.inp(x.flatten(1))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h), h  # logits and features: a tuple, as many user models return
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, max(1, c // r), 1), nn.Conv2d(max(1, c // r), c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c, expand=4):
+        super().__init__()
+        h = c * expand
+        self.body = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
+                                  nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
+                                  SqueezeExcite(h), nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class DepthwiseCNN(nn.Module):
+    def __init__(self, in_channels=1, num_classes=10, widths=(16, 32), blocks=2):
+        super().__init__()
+        layers, c = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU6()], widths[0]
+        for i, w in enumerate(widths):
+            if w != c:  # MobileNet's transition: a 1x1 to the new width, then a stride-2 depthwise convolution
+                layers += [nn.Conv2d(c, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU6(),
+                           nn.Conv2d(w, w, 3, 2, 1, groups=w, bias=False), nn.BatchNorm2d(w), nn.ReLU6()]
+                c = w
+            layers += [InvertedResidual(c) for _ in range(blocks)]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+def vit(in_channels=1, num_classes=10, **kw):
+    return ViT(in_channels, num_classes, **kw)
+
+
+def residual_mlp(in_channels=1, num_classes=10, **kw):
+    return ResidualMLP(in_channels, num_classes, **kw)
+
+
+def dw_cnn(in_channels=1, num_classes=10, **kw):
+    return DepthwiseCNN(in_channels, num_classes, **kw)
+
+
+def _hf(config_cls: str, model_cls: str, **cfg):
+    import transformers
+
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**cfg)).eval()
+
+
+def hf_resnet(in_channels=1, num_classes=10):
+    return _hf("ResNetConfig", "ResNetForImageClassification", num_channels=in_channels, num_labels=num_classes,
+               embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", downsample_in_first_stage=False)
+
+
+def hf_mobilenet(in_channels=1, num_classes=10):
+    return _hf("MobileNetV2Config", "MobileNetV2ForImageClassification", num_channels=in_channels,
+               num_labels=num_classes, image_size=16, depth_multiplier=0.25, min_depth=4)
+
+
+def hf_vit(in_channels=1, num_classes=10):
+    return _hf("ViTConfig", "ViTForImageClassification", num_channels=in_channels, num_labels=num_classes,
+               image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def hf_bert(num_classes=4, vocab_size=256):
+    return _hf("BertConfig", "BertForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
+               hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def token_data(n: int = 600, length: int = 16, vocab: int = 256, classes: int = 4, seed: int = 0):
+    """A sequence classification task a small BERT learns: the class is which quarter of the vocabulary
+    most tokens come from. Yields ({input_ids, attention_mask}, label)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    span = vocab // classes
+    ids = torch.randint(1, vocab, (n, length), generator=g)
+    mask_major = torch.rand(n, length, generator=g) < 0.6
+    major = labels[:, None] * span + torch.randint(0, span, (n, length), generator=g)
+    ids = torch.where(mask_major, major.clamp_min(1), ids)
+    att = torch.ones(n, length, dtype=torch.long)
+    return [({"input_ids": ids[i], "attention_mask": att[i]}, int(labels[i])) for i in range(n)]
