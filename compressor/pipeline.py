@@ -103,6 +103,7 @@ def analyze(ctx: Context) -> StageRecord:
         info[role] = {"params": count_params(model), "flops": count_flops(model, x),
                       "layers": [{"path": n, "type": type(m).__name__, "params": count_params(m)}
                                  for n, m in model.named_children()]}
+    _check_exports(ctx)
     quality = ctx.task.teacher_score(ctx.teacher, ctx.data, ctx.recipe.data.batch_size)
     info["teacher"].update(quality)
     ctx.quality["teacher"] = quality
@@ -115,6 +116,18 @@ def analyze(ctx: Context) -> StageRecord:
                  f"({t['flops'] / max(s['flops'], 1):.1f}x fewer)")
     ctx.log(line)
     return StageRecord("analyze", config={"teacher": ctx.teacher_origin, "student": ctx.genome}, metrics=info)
+
+
+def _check_exports(ctx: Context) -> None:
+    """Export the teacher once now: a model that no ONNX exporter takes (an unsupported operator) fails in
+    seconds, naming the operator and its module, not after the distillation. Its students are built from it
+    or alongside it, so they usually share its operators."""
+    from exporters.onnx import export_onnx
+
+    x = ctx.example(2)
+    names = onnx_io(x, ctx.task.output, ctx.recipe.export.dynamic_batch)
+    export_onnx(ctx.teacher, as_tuple(x), ctx.scratch / "teacher.onnx", opset=ctx.recipe.export.opset,
+                dynamic_batch=ctx.recipe.export.dynamic_batch, role="teacher", **names)
 
 
 def restore_analyze(ctx: Context, rec: StageRecord) -> None:

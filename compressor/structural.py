@@ -351,8 +351,14 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     except UserError:
         raise
     except GroupError as e:
-        raise UserError(f"prune.channels: torch-pruning cannot prune the channels of {', '.join(e.modules[:4])} "
-                        f"({e}); add {'it' if len(e.modules) == 1 else 'them'} to prune.ignore") from None
+        def said(p):
+            m = model.get_submodule(p)
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1:
+                return f"{p} ({type(m).__name__} {m.in_channels}->{m.out_channels} in {m.groups} groups)"
+            return f"{p} ({type(m).__name__})"
+
+        raise UserError(f"prune.channels: torch-pruning cannot prune the channels of {', '.join(map(said, e.modules[:3]))} "
+                        f"({e}); add it and the layer that feeds it to prune.ignore") from None
     except Exception as e:
         raise UserError(f"prune.channels: torch-pruning cannot prune {type(model).__name__}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}; leave the module out with prune.ignore") from None

@@ -57,6 +57,7 @@ def plain_attention():
         torch.backends.mha.set_fastpath_enabled(before)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _OP = re.compile(r"aten(?:::|\.)([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -76,7 +77,7 @@ def culprit(model, example_inputs: tuple, op: str) -> str | None:
 
     for name, m in model.named_modules():
         handles.append(m.register_forward_pre_hook(lambda _m, _a, name=name: stack.append(name)))
-        handles.append(m.register_forward_hook(lambda _m, _a, _o: stack.pop()))
+        handles.append(m.register_forward_hook(lambda _m, _a, _o: stack.pop() and None))  # None: output unchanged
     try:
         with torch.no_grad(), plain_attention(), Record():
             model(*example_inputs)
@@ -90,18 +91,19 @@ def culprit(model, example_inputs: tuple, op: str) -> str | None:
 
 def _why(model, example_inputs, errors: list[Exception]) -> str:
     """One line: each exporter's first error line, and the module that runs the operator they name."""
-    lines = [f"{type(e).__name__}: {str(e).strip().splitlines()[0][:240]}" if str(e).strip() else type(e).__name__
-             for e in errors]
-    ops = [m.group(1) for e in errors for m in [_OP.search(str(e))] if m]
-    where = ""
+    def first_line(e):
+        text = _ANSI.sub("", str(e)).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+    ops = [m.group(1) for e in errors for m in [_OP.search(_ANSI.sub("", str(e)))] if m]
     for op in dict.fromkeys(ops):
         path = culprit(model, example_inputs, op)
         if path is not None:
-            where = (f"; operator aten::{op} runs in module {path or '(the model itself)'} "
-                     f"({type(model.get_submodule(path)).__name__ if path else type(model).__name__}): rewrite it "
-                     "with exportable operators, or keep it out of the student")
-            break
-    return " / ".join(dict.fromkeys(lines)) + where
+            kind = type(model.get_submodule(path)).__name__ if path else type(model).__name__
+            return (f"operator aten::{op} runs in module {path or '(the model itself)'} ({kind}), and neither "
+                    f"exporter converts it ({first_line(errors[0])}): rewrite it with exportable operators, or "
+                    "keep it out of the student")
+    return " / ".join(dict.fromkeys(first_line(e) for e in errors))
 
 
 def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=("input",),

@@ -43,3 +43,23 @@ def no_test_split():
 
 def tiny_split():
     return TensorDataset(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))
+
+
+class _Histogram(torch.nn.Module):
+    """A feature no ONNX exporter converts (aten::histc)."""
+
+    def forward(self, x):
+        return x + torch.histc(x, 8).sum() * 0
+
+
+def unexportable():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 32), _Histogram(), torch.nn.Linear(32, 10))
+
+
+def channel_multiplier():
+    """A depthwise convolution with a channel multiplier (8 -> 16 in 8 groups): its channels have no coupling
+    torch-pruning's dependency graph can follow."""
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 16, 3, padding=1, groups=8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(16, 16, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(16, 10))
