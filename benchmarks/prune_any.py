@@ -407,7 +407,11 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="distillation epochs, the same for every student")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_any.json"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads for training and pruning (ONNX Runtime "
+                   "latency uses the local-cpu profile's 2): on a shared 2-core machine a second torch thread "
+                   "mostly waits at barriers, and a busy neighbour can make it many times slower")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     models = [s.strip() for s in a.models.split(",") if s.strip()]
     for s in models:
         if s not in MODELS:
