@@ -285,3 +285,26 @@ def test_layer_pruning_of_a_residual_mlp_runs_end_to_end(tiny_recipe, tmp_path):
                             log=lambda s: None)
     man = compressor.verify(bundle)
     assert len(man["student"]["removed"]) >= 1 and all(p.startswith("blocks.") for p in man["student"]["removed"])
+
+
+def _import_or_skip(name):
+    try:
+        return __import__(name)
+    except Exception as e:  # the registry's torchvision is a CUDA build: it fails to load with the CPU torch
+        pytest.skip(f"{name} does not load here ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+
+
+@pytest.mark.parametrize("lib", ["torchvision", "timm"])
+def test_torchvision_and_timm_models_when_installed(lib):
+    from compressor.structural import prune_channels
+
+    mod = _import_or_skip(lib)
+    if lib == "torchvision":
+        model = mod.models.resnet18(num_classes=10).eval()
+    else:
+        model = mod.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    before = count_flops(model, x)
+    assert before == independent_flops(model, x)
+    pruned, _, _ = prune_channels(model, [x], 0.5, log=lambda s: None)
+    assert count_flops(pruned, x) <= 0.52 * before and pruned(x).shape == (4, 10)
