@@ -114,7 +114,7 @@ def digits_resnet(log):
     data = load_data(recipe.data, recipe.seed)
     teacher, origin = load_teacher(recipe, data, log=log)
     info = {"model": "digits-resnet (compressor.models)", "image_size": recipe.data.kwargs.get("image_size"),
-            "trained": "cached" if "trained" not in origin else f"now, {origin['train_seconds']} s",
+            "trained": "earlier, cached" if "trained" not in origin else f"now, {origin['train_seconds']} s",
             "train": recipe.teacher.train.model_dump(mode="json")}
     return recipe, data, teacher, info
 
@@ -133,7 +133,7 @@ def vit(log):
     info = {"model": "ViT (benchmarks/prune_any.py)", "config": VIT, "train": VIT_TRAIN, "image_size": VIT["image_size"]}
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        info["trained"] = "cached"
+        info["trained"] = "earlier, cached"
     else:
         log(f"training the ViT teacher ({VIT_TRAIN['epochs']} epochs)")
         t0 = time.time()
@@ -330,12 +330,12 @@ def markdown(r: dict) -> str:
         "# Channel pruning of any model: ours vs torch-pruning's default vs random init",
         "",
         f"`{r['command']}` ({r['date']}, {r['seconds'] / 60:.1f} min). Machine: {m['cpu']} ({m['cores']} cores; {flags}), "
-        f"torch {v['torch']} ({m['torch_threads']} threads), torch-pruning {v['torch-pruning']}, ONNX Runtime "
+        f"torch {v['torch']} ({m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)}), torch-pruning {v['torch-pruning']}, ONNX Runtime "
         f"{v['onnxruntime']} at {m['ort_threads']} threads; load average {m['load_average'][0]} at the start, "
         f"{r['load_after'][0]} at the end (a shared machine).",
         "",
         f"Every student has at most {1 - r['remove']:.0%} of its teacher's FLOPs and is then distilled the same "
-        f"{r['epochs']} epochs (the quickstart's distill settings: {r['distill_losses']}, AdamW, cosine, seed "
+        f"{r['epochs']} epoch{'s' * (r['epochs'] != 1)} (the quickstart's distill settings: {r['distill_losses']}, AdamW, cosine, seed "
         f"{r['distill_seed']}, best validation epoch kept):",
         "",
         "- **ours**: `compressor.structural.prune_channels(by=\"flops\", importance=\"output-loss\")`: DepGraph "

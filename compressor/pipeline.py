@@ -209,8 +209,8 @@ def export(ctx: Context) -> StageRecord:
     names = onnx_io(x, ctx.task.output, spec.dynamic_batch)
     for role, model, path in (("student", ctx.student, ctx.work / "model" / "student.onnx"),
                               ("teacher", ctx.teacher, ctx.scratch / "teacher.onnx")):
-        art = export_onnx(model, as_tuple(x), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch,
-                          role=role, **names)
+        art = _export_hf(ctx, model, x, path, role) or export_onnx(
+            model, as_tuple(x), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch, role=role, **names)
         try:
             check = parity(path, model, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol)
         except Exception as e:
@@ -242,6 +242,31 @@ def export(ctx: Context) -> StageRecord:
         outputs["tokenizer"] = _copy_tokenizer(ctx)
     metrics["targets"], outputs["targets"] = _export_for_targets(ctx)
     return StageRecord("export", config=spec.model_dump(mode="json"), metrics=metrics, outputs=outputs)
+
+
+def _export_hf(ctx: Context, model, x, path: Path, role: str) -> Artifact | None:
+    """A Hugging Face classifier through Optimum's exporter, where Optimum supports it and the data gives
+    every input it takes; None (and a log line) where not: torch.onnx.export then runs as for any model."""
+    from exporters import ExportError
+    from exporters.onnx import export_optimum
+
+    from .intake import is_adapted, is_hf_model, unadapted
+
+    if ctx.recipe.task != "classification" or not (is_hf_model(model) and is_adapted(model)):
+        return None
+    arch = type(model).__name__
+    task = "image-classification" if arch.endswith("ForImageClassification") else (
+        "text-classification" if arch.endswith("ForSequenceClassification") else None)
+    if task is None or not ctx.recipe.export.dynamic_batch:
+        return None
+    example = x if isinstance(x, dict) else {"pixel_values": x}
+    try:
+        with unadapted(model):
+            return export_optimum(model, path, task=task, example_inputs=example, opset=ctx.recipe.export.opset,
+                                  role=role)
+    except ExportError as e:
+        ctx.log(f"export: {role}: {e}; exporting with torch.onnx.export instead")
+        return None
 
 
 def _export_for_targets(ctx: Context) -> tuple[dict, list[dict]]:

@@ -176,6 +176,64 @@ def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=(
     return art
 
 
+# Optimum's axis names -> ours (the bench scripts' --dim sequence=N, the profile's dims)
+_AXES = {"batch_size": "batch", "sequence_length": "sequence"}
+
+
+def export_optimum(model, path: str | Path, *, task: str, example_inputs: dict, opset: int = 17,
+                   role: str = "student") -> Artifact:
+    """A Hugging Face model through Optimum's exporter (what `optimum-cli export onnx` runs), so its inputs,
+    outputs and dynamic axes are the ones Optimum users know. ``model`` must return its ModelOutput.
+    Axes are renamed to ours (batch, sequence); the other symbolic axes (an image's height and width) are
+    fixed to ``example_inputs``' sizes, as the rest of the toolchain runs one shape. Raises ExportError
+    when Optimum is missing, does not support the architecture, or wants an input the data does not give."""
+    import onnx
+
+    try:
+        from optimum.exporters.onnx import onnx_export_from_model
+    except ImportError as e:
+        raise ExportError(f"Optimum's ONNX exporter is not installed ({e})") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                onnx_export_from_model(model, scratch, task=task, opset=opset, do_validation=False)
+            except Exception as e:
+                raise ExportError(f"Optimum does not export {type(model).__name__} for {task}: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        proto = onnx.load(str(scratch / "model.onnx"))
+        names = [i.name for i in proto.graph.input]
+        extra = [n for n in names if n not in example_inputs]
+        if extra:
+            raise ExportError(f"Optimum's export of {type(model).__name__} takes {', '.join(extra)}, which the data "
+                              f"does not give (it gives {', '.join(example_inputs)})")
+        for v in [*proto.graph.input, *proto.graph.output]:
+            shape = example_inputs[v.name].shape if v.name in example_inputs else None
+            for k, d in enumerate(v.type.tensor_type.shape.dim):
+                if d.dim_param in _AXES:
+                    d.dim_param = _AXES[d.dim_param]
+                elif d.dim_param and shape is not None:
+                    d.dim_value = int(shape[k])  # clears dim_param
+        tmp = scratch / f"fixed-{path.name}"
+        onnx.save_model(proto, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"Optimum's ONNX fails onnx.checker: {str(e).splitlines()[0]}") from None
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    art = describe(path, role=role)
+    import optimum.version
+
+    art.toolchain["optimum"] = optimum.version.__version__
+    art.extra["exporter"] = "optimum"
+    return art
+
+
 def parity(path: str | Path, model, inputs, *, atol: float = 1e-4, rtol: float = 1e-3) -> dict:
     """Compare ONNX Runtime against PyTorch on ``inputs`` (a batch tensor, or a dict of tensors named as
     the model's inputs); raise on a mismatch.

@@ -1,0 +1,271 @@
+"""Any model, the whole pipeline: models nobody designed the toolchain for, pruned to half their FLOPs and distilled.
+
+For each architecture of tests/user_models.py (vit, residual_mlp, dw_cnn: nn.Modules defined there; hf_resnet,
+hf_mobilenet, hf_vit, hf_bert: tiny-config Hugging Face classifiers) one `compressor.run` of the tests' tiny recipe
+(tests/conftest.py TINY, tests/test_any_model.py `_recipe`), changed as stated:
+
+    teacher   user_models:<name>, trained on first use (TEACHER_TRAIN below: epochs and lr per model) and cached
+              in $COMPRESSOR_CACHE (default here: /tmp/compressor-any-model-cache)
+    data      digits at 16x16, 1 channel (hf_bert: user_models:token_data, 16 tokens, 4 classes)
+    student   none: prune: {channels: {remove: 0.5}} makes it (torch-pruning's dependency graph, output-loss
+              importance per FLOP), then distill: {epochs: 5, lr: 0.003} (the default kd + ce), the same for all
+    targets   [local-cpu]: the profile stage measures teacher and student at batch 1 in ONNX Runtime
+              (warmup 20, 200 runs, at most 5 s each)
+
+    python benchmarks/any_model.py                                   # all seven, results in benchmarks/results/
+    python benchmarks/any_model.py --models vit,hf_bert --out /tmp/any_model.json
+
+Per model: the teacher's params; its FLOPs as the analyze stage counts them (torch.utils.flop_counter) and by an
+independent count from module shapes (tests/test_any_model.py `independent_flops`, on one example of the same
+builder's model); the pruned student's FLOPs (prune stage) and their ratio to the teacher's; held-out accuracy of
+teacher and student and the retained fraction (manifest `quality`); batch-1 p50 latency of both (profile stage,
+local-cpu) and the speedup; the seconds of the whole run (teacher training included when it was not cached). A run
+that fails is a row with its error line. Writes the JSON and a .md beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+sys.path.insert(0, str(ROOT))  # devices/ and exporters/ live beside compressor/
+sys.path.insert(0, str(TESTS))  # user_models, conftest, test_any_model
+os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+os.environ.setdefault("COMPRESSOR_CACHE", "/tmp/compressor-any-model-cache")
+
+MODELS = ("vit", "residual_mlp", "dw_cnn", "hf_resnet", "hf_mobilenet", "hf_vit", "hf_bert")
+# Teacher training per model: long enough for a reasonably accurate teacher, under ~2 minutes each on 2 cores.
+TEACHER_TRAIN = {
+    "vit": {"epochs": 20, "lr": 1e-3},
+    "residual_mlp": {"epochs": 15, "lr": 0.003},
+    "dw_cnn": {"epochs": 15, "lr": 0.003},
+    "hf_resnet": {"epochs": 15, "lr": 0.003},
+    "hf_mobilenet": {"epochs": 15, "lr": 0.003},
+    "hf_vit": {"epochs": 20, "lr": 1e-3},
+    "hf_bert": {"epochs": 15, "lr": 0.003},
+}
+PRUNE = {"channels": {"remove": 0.5}}
+DISTILL = {"epochs": 5, "lr": 0.003}
+PROFILE = {"batch_sizes": [1], "warmup": 20, "runs": 200, "max_seconds": 5}
+TARGET = "local-cpu"
+
+
+def recipe_for(name: str) -> dict:
+    """The tests' tiny recipe (conftest TINY) made into `_recipe`'s whole run, with the schedules above."""
+    from conftest import TINY
+
+    r = copy.deepcopy(TINY)
+    r["name"] = f"any-{name.replace('_', '-')}"
+    r["teacher"] = {"model": f"user_models:{name}", "train": dict(TEACHER_TRAIN[name])}
+    r.pop("student", None)
+    r["prune"] = copy.deepcopy(PRUNE)
+    r["distill"] = dict(DISTILL)
+    r["profile"] = copy.deepcopy(PROFILE)
+    r["targets"] = [TARGET]
+    if name == "hf_bert":
+        r["data"] = {"dataset": "user_models:token_data", "batch_size": 64}
+    return r
+
+
+def machine() -> dict:
+    import onnxruntime
+    import torch
+    from importlib import metadata
+
+    cpu, flags = "unknown", set()
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+        cpu = next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
+        flags = set(next(l.split(":", 1)[1].split() for l in lines if l.startswith("flags")))
+    except (OSError, StopIteration):
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    for dist in ("transformers", "torch-pruning", "compressor", "pytorch-lightning", "onnx"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"cpu": cpu, "cpu_flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile")},
+            "cores": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+            "load_average": [round(v, 2) for v in os.getloadavg()], "versions": versions,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def independent(name: str) -> int:
+    """The teacher's FLOPs on one example by tests/test_any_model.py's count from module shapes: the same
+    builder's model (random weights: FLOPs do not depend on them), taken in by compressor.intake."""
+    import torch
+    import user_models as U
+    from test_any_model import _call, _example, independent_flops
+
+    from compressor.intake import intake
+
+    model = getattr(U, name)().eval()
+    x = _example(name)
+    with torch.no_grad():
+        out = _call(model, x)
+    intake(model, out)
+    return independent_flops(model, x)  # counts on x[:1]
+
+
+def _stage(m: dict, name: str) -> dict:
+    return next((s for s in m["stages"] if s["name"] == name), {}).get("metrics") or {}
+
+
+def row_of(name: str, bundle: Path) -> dict:
+    from compressor.bundle import read_manifest
+
+    m = read_manifest(bundle)
+    analyze, prune, profile = _stage(m, "analyze"), _stage(m, "prune"), _stage(m, "profile")
+    lat = profile.get(TARGET) or {}
+    t_flops, s_flops = analyze["teacher"]["flops"], prune.get("flops")
+    t_ms, s_ms = lat.get("teacher_b1_p50_ms"), lat.get("student_b1_p50_ms")
+    q = m.get("quality") or {}
+    teacher = m.get("teacher") or {}
+    return {"model": name, "params": analyze["teacher"]["params"], "student_params": prune.get("params"),
+            "flops": t_flops, "flops_independent": None, "student_flops": s_flops,
+            "flops_ratio": s_flops / t_flops if s_flops and t_flops else None,
+            "channels_ratio": (prune.get("channels") or {}).get("ratio"),
+            "teacher_accuracy": (q.get("teacher") or {}).get("accuracy"),
+            "student_accuracy": (q.get("student") or {}).get("accuracy"),
+            "student_onnx_accuracy": (q.get("student") or {}).get("onnx_accuracy"),
+            "retained": q.get("retained"),
+            "teacher_b1_p50_ms": t_ms, "student_b1_p50_ms": s_ms,
+            "speedup_b1": t_ms / s_ms if t_ms and s_ms else None,
+            "parity_max_abs": (_stage(m, "export").get("student") or {}).get("parity_max_abs"),
+            "teacher_trained_now": "train_seconds" in teacher and bool(teacher.get("train_seconds")),
+            "teacher_train_seconds": teacher.get("train_seconds"),
+            "distill_seconds": (_stage(m, "distill") or {}).get("train_seconds"),
+            "test_size": (m.get("data") or {}).get("test")}
+
+
+def run_model(name: str, work: Path, log) -> dict:
+    import compressor
+
+    recipe = recipe_for(name)
+    t0 = time.time()
+    row: dict = {"model": name}
+    try:
+        log(f"[{name}] running")
+        bundle = compressor.run(recipe, work / name, force=True, log=lambda s: log(f"  {name}: {s}"))
+        row = row_of(name, bundle)
+    except Exception as e:  # a model that fails is a row with its error; the others still run
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    row["seconds"] = round(time.time() - t0, 1)
+    try:
+        row["flops_independent"] = independent(name)
+        if row.get("flops"):
+            row["flops_agreement"] = row["flops"] / row["flops_independent"]
+    except Exception as e:
+        traceback.print_exc()
+        row["flops_independent_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    row["teacher_train"] = TEACHER_TRAIN[name]
+    log(f"[{name}] {'failed: ' + row['error'] if 'error' in row else 'done'} in {row['seconds']:.0f} s")
+    return row
+
+
+def _f(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown(res: dict) -> str:
+    mc = res["machine"]
+    v, fl = mc["versions"], mc["cpu_flags"]
+    flags = ", ".join(f"{k} {'yes' if on else 'no'}" for k, on in fl.items())
+    lines = ["# Any model: prune to half the FLOPs, distil, measure", "",
+             f"    {res['command']}", "",
+             f"{mc['date']}; {mc['cpu']} ({flags}), {mc['cores']} cores (load average {mc['load_average'][0]:.1f} at "
+             f"the start), torch {v['torch']}, transformers {v.get('transformers')}, torch-pruning "
+             f"{v.get('torch-pruning')}, ONNX Runtime {v['onnxruntime']}. Whole run: {res['seconds']:.0f} s.", "",
+             f"Each row is one `compressor.run` (tests' tiny recipe): teacher `user_models:<model>` trained on first "
+             f"use (epochs / lr in the column), prune `{json.dumps(res['prune'])}`, distill "
+             f"`{json.dumps(res['distill'])}` (kd + ce), latency p50 at batch 1 on {TARGET} (ONNX Runtime, warmup "
+             f"{res['profile']['warmup']}, {res['profile']['runs']} runs). Image models: digits 16x16, 1 channel "
+             f"(test split {res.get('test_size', {}).get('digits', 'n/a')}); hf_bert: user_models:token_data "
+             f"(test split {res.get('test_size', {}).get('token_data', 'n/a')}). FLOPs per sample; independent: "
+             "tests/test_any_model.py `independent_flops` on the same builder's model; seconds: the whole run, "
+             "teacher training included where it was not cached (*).", "",
+             "| model | teacher train | params | FLOPs (ours) | FLOPs (independent) | pruned FLOPs (ratio) | teacher acc | "
+             "student acc | retained | teacher b1 p50 ms | student b1 p50 ms | speedup | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        tt = r.get("teacher_train") or {}
+        train = f"{tt.get('epochs')} ep, lr {tt.get('lr'):g}" if tt else ""
+        indep = _f(r.get("flops_independent"), ",") if "flops_independent_error" not in r else "error"
+        if "error" in r:
+            lines.append(f"| {r['model']} | {train} | | | {indep} | | | | | | | | {_f(r.get('seconds'), '.0f')} |")
+            continue
+        star = "*" if r.get("teacher_trained_now") else ""
+        lines.append(
+            f"| {r['model']} | {train} | {r['params']:,} | {_f(r['flops'], ',')} | {indep} | "
+            f"{_f(r['student_flops'], ',')} ({_f(r['flops_ratio'], '.3f')}) | {_f(r['teacher_accuracy'], '.4f')} | "
+            f"{_f(r['student_accuracy'], '.4f')} | {_f(r['retained'], '.3f')} | {_f(r['teacher_b1_p50_ms'], '.3f')} | "
+            f"{_f(r['student_b1_p50_ms'], '.3f')} | {_f(r['speedup_b1'], '.2f')}x | {_f(r['seconds'], '.0f')}{star} |")
+    errors = [r for r in res["rows"] if "error" in r or "flops_independent_error" in r]
+    if errors:
+        lines.append("")
+        for r in errors:
+            if "error" in r:
+                lines.append(f"- {r['model']}: the run failed: `{r['error']}`")
+            if "flops_independent_error" in r:
+                lines.append(f"- {r['model']}: the independent count failed: `{r['flops_independent_error']}`")
+    lines += ["", "Latencies were measured on a shared 2-core machine (other jobs ran beside this one), so absolute "
+                  "milliseconds are noisy: the teacher / student ratios, each pair measured in the same run, are what "
+                  "to compare."]
+    return "\n".join(lines)
+
+
+def _rel(arg: str) -> str:
+    """An argument as the command line gave it, with this checkout's root taken out (no absolute paths)."""
+    return arg.replace(str(ROOT) + os.sep, "")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "any_model.json",
+                   help="the results JSON (the .md is written beside it)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/any-model-bench"), help="the bundles (replaced each run)")
+    a = p.parse_args(argv)
+    models = [s.strip() for s in a.models.split(",") if s.strip()]
+    for s in models:
+        if s not in MODELS:
+            p.error(f"unknown model {s!r}: {', '.join(MODELS)}")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.time()
+    args = " ".join(_rel(x) for x in (argv if argv is not None else sys.argv[1:]))
+    res = {"benchmark": "any_model", "command": f"python benchmarks/any_model.py {args}".strip(),
+           "machine": machine(), "models": models, "teacher_train": {m: TEACHER_TRAIN[m] for m in models},
+           "prune": PRUNE, "distill": DISTILL, "profile": PROFILE, "target": TARGET, "rows": []}
+    log(f"COMPRESSOR_CACHE={os.environ['COMPRESSOR_CACHE']}, bundles in {a.work}")
+    a.work.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        res["rows"].append(run_model(name, a.work, log))
+    sizes = {}
+    for r in res["rows"]:
+        if r.get("test_size"):
+            sizes["token_data" if r["model"] == "hf_bert" else "digits"] = r["test_size"]
+    res["test_size"] = sizes
+    res["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    res["seconds"] = round(time.time() - t0, 1)
+    from compressor.bundle import atomic_write
+
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(a.out, json.dumps(res, indent=2, default=str) + "\n")
+    md = markdown(res)
+    atomic_write(a.out.with_suffix(".md"), md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
