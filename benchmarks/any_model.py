@@ -235,7 +235,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "any_model.json",
                    help="the results JSON (the .md is written beside it)")
     p.add_argument("--work", type=Path, default=Path("/tmp/any-model-bench"), help="the bundles (replaced each run)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for training, pruning and distillation "
+                   "(ONNX Runtime latency uses the local-cpu profile's 2): on a shared 2-core machine a second torch "
+                   "thread mostly waits at barriers (measured here: a ViT training step 13 ms at 1 thread, 1.5 s at 2)")
     a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
     models = [s.strip() for s in a.models.split(",") if s.strip()]
     for s in models:
         if s not in MODELS:
@@ -245,7 +251,8 @@ def main(argv=None) -> int:
     args = " ".join(_rel(x) for x in (argv if argv is not None else sys.argv[1:]))
     res = {"benchmark": "any_model", "command": f"python benchmarks/any_model.py {args}".strip(),
            "machine": machine(), "models": models, "teacher_train": {m: TEACHER_TRAIN[m] for m in models},
-           "prune": PRUNE, "distill": DISTILL, "profile": PROFILE, "target": TARGET, "rows": []}
+           "prune": PRUNE, "distill": DISTILL, "profile": PROFILE, "target": TARGET, "torch_threads": a.threads,
+           "rows": []}
     log(f"COMPRESSOR_CACHE={os.environ['COMPRESSOR_CACHE']}, bundles in {a.work}")
     a.work.mkdir(parents=True, exist_ok=True)
     for name in models:

@@ -126,8 +126,9 @@ def vit(log):
 
     recipe = load_recipe("quickstart", overrides=[f"data.kwargs.image_size={VIT['image_size']}"])
     data = load_data(recipe.data, recipe.seed)
+    torch.manual_seed(VIT_TRAIN["seed"])  # the initial weights too (train_supervised seeds only the training)
     model = ViT(data.input_shape[0], data.num_classes, **VIT)
-    key = json.dumps({"vit": VIT, "train": VIT_TRAIN, "data": recipe.data.model_dump(mode="json"),
+    key = json.dumps({"vit": VIT, "train": VIT_TRAIN, "init": "seeded", "data": recipe.data.model_dump(mode="json"),
                       "seed": recipe.seed}, sort_keys=True)
     path = cache_dir() / "teachers" / f"bench-vit-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     info = {"model": "ViT (benchmarks/prune_any.py)", "config": VIT, "train": VIT_TRAIN, "image_size": VIT["image_size"]}

@@ -638,6 +638,55 @@ def _follow(recipe: Recipe, work: Path, rank: int, log, wait_s: float = 24 * 360
     return None
 
 
+def _hold() -> None:
+    """For tests that must act while a run is between stages, on any host: while the file named by
+    COMPRESSOR_HOLD exists, the run waits after each stage it records."""
+    hold = os.environ.get("COMPRESSOR_HOLD")
+    while hold and os.path.exists(hold):
+        time.sleep(0.05)
+
+
+class RunLock:
+    """An OS lock (flock) on ``<out>.lock`` held while a run uses ``<out>.partial``: a second run, --resume
+    or --force on the same directory refuses at once, naming the holder. The kernel drops the lock when
+    its process dies, so a run killed with -9 leaves it free for --resume. The file holds the holder's
+    pid and start time, for the message."""
+
+    def __init__(self, out: Path):
+        self.path = out.with_name(out.name + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self, work: Path) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = os.read(fd, 200).decode(errors="replace").split()
+                os.close(fd)
+                who = f"pid {held[0]}, started {held[1]}" if len(held) >= 2 else "another process"
+                raise UserError(f"a run ({who}) is using {work}; wait for it to finish, or stop it first") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break  # the file we locked is still the lock file (a finishing run unlinks it)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {now()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: a waiting run then makes a fresh file
+            os.close(self.fd)
+            self.fd = None
+
+
 def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | None = None, *,
         overrides=(), resume: bool = False, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
     """Run every stage of ``recipe`` and write the bundle; return the bundle's path."""
@@ -649,6 +698,14 @@ def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | 
     rank = follower_rank()
     if rank:
         return _follow(recipe, work, rank, log)
+    lock = RunLock(out).acquire(work)  # before looking at the directories: another run may be changing them
+    try:
+        return _run(recipe, source, out, work, overrides, resume, force, log)
+    finally:
+        lock.release()
+
+
+def _run(recipe: Recipe, source, out: Path, work: Path, overrides, resume: bool, force: bool, log) -> Path:
     if out.exists() and not force:
         raise UserError(f"{out} already exists: pass --force to replace it, or --out to write elsewhere")
     if work.exists() and not resume:
@@ -692,6 +749,7 @@ def run(recipe: Recipe | str | Path | dict | None = None, out_dir: str | Path | 
                 rec = stage(ctx)
                 rec.seconds, rec.started, rec.parent = round(time.time() - t0, 3), started, parent
                 write_json(marker, rec.to_dict())
+                _hold()
             ctx.records[name] = rec
             if not rec.metrics.get("skipped"):  # a stage with no recipe section is nobody's parent
                 parent = name

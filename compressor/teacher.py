@@ -119,10 +119,42 @@ def load_teacher(recipe, data: DataSplits, log=print) -> tuple[nn.Module, dict]:
 
 
 def _load_into(model: nn.Module, state: dict, what: str) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{what} does not fit the model: {str(e).splitlines()[1 if len(str(e).splitlines()) > 1 else 0].strip()}") from None
+    """Load ``state`` into ``model``, or one line that fits on a screen: the counts, the first keys, and
+    whether it looks like a wrapped model's checkpoint (every key under one prefix) or another architecture."""
+    want, have = set(model.state_dict()), set(state)
+    missing, unexpected = sorted(want - have), sorted(have - want)
+    shapes = sorted(k for k in want & have if tuple(model.state_dict()[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        raise UserError(f"{what} does not fit the model: {mismatch(model.state_dict(), state)}")
+    model.load_state_dict(state)
+
+
+def mismatch(want: dict, have: dict, shown: int = 3) -> str:
+    """How a state_dict differs from a model's, in one line, with the fix where one is plain."""
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shapes = sorted(k for k in set(want) & set(have) if tuple(want[k].shape) != tuple(have[k].shape))
+
+    def few(keys):
+        return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(want)} keys missing ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of other shapes ({k}: {tuple(have[k].shape)} in the checkpoint, "
+                     f"{tuple(want[k].shape)} in the model)")
+    line = "; ".join(parts)
+    for prefix in ("module.", "model.", "_orig_mod.", "student.", "teacher."):
+        if have and all(k.startswith(prefix) for k in have) and {k[len(prefix):] for k in have} >= set(want):
+            return (f"{line}: every key starts with {prefix!r}, a checkpoint of a wrapped model (DataParallel, "
+                    f"a LightningModule, torch.compile): save model.{prefix.rstrip('.')}.state_dict() instead, or "
+                    f"strip the prefix: {{k.removeprefix({prefix!r}): v for k, v in state.items()}}")
+    if missing and not (set(want) & set(have)):
+        return f"{line}: no key in common, a checkpoint of another architecture"
+    return line + ": a checkpoint of another configuration or architecture; build the model it was saved from"
 
 
 def check_fits(model: nn.Module, data: DataSplits, what: str, task=None) -> int:

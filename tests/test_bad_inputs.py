@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from compressor.cli import main
+from compressor.models import ResNet
 from conftest import TINY
 
 HERE = Path(__file__).parent / "bad_inputs"
@@ -53,6 +54,9 @@ def _predictor(path: Path, device: str):
 SETUP = {
     "pickled_checkpoint": lambda tmp, b: torch.save(torch.nn.Linear(2, 2), tmp / "whole_model.pt"),
     "other_checkpoint": lambda tmp, b: torch.save(torch.nn.Linear(2, 2).state_dict(), tmp / "other.pt"),
+    "wrapped_checkpoint": lambda tmp, b: torch.save(
+        {f"module.{k}": v for k, v in ResNet(widths=(8, 16), depths=(1, 1), in_channels=1).state_dict().items()},
+        tmp / "wrapped.pt"),
     "garbage_checkpoint": lambda tmp, b: (tmp / "garbage.pt").write_bytes(b"not a checkpoint"),
     "onnx_file": _onnx,
     "garbage_onnx": lambda tmp, b: (tmp / "garbage.onnx").write_bytes(b"\x08\x07garbage" * 50),

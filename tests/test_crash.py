@@ -11,9 +11,11 @@ import yaml
 from conftest import TINY
 
 
-def start(recipe_path, out, *extra):
+def start(recipe_path, out, *extra, hold=None):
+    """``hold``: a file; while it exists the run waits after each stage it records (COMPRESSOR_HOLD)."""
+    env = {**os.environ, **({"COMPRESSOR_HOLD": str(hold)} if hold else {})}
     return subprocess.Popen([sys.executable, "-m", "compressor.cli", "run", str(recipe_path), "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def wait_for(path, proc, timeout=180):
@@ -140,3 +142,39 @@ def test_sigkill_during_search_then_resume(tmp_path):
         assert (c["key"], c["metrics"]) == (after["key"], after["metrics"])
     print(f"\nsearch killed {killed_at:.1f} s after start: {len(before)} trials stored (last progress line "
           f"{logged[-1]}); the resumed run added {100 - len(before)}; whole test {time.time() - t0:.1f} s")
+
+
+def test_a_second_run_on_the_same_directory_refuses_at_once(tmp_path):
+    recipe, out = recipe_file(tmp_path, epochs=2), tmp_path / "b"
+    hold = tmp_path / "hold"
+    hold.touch()
+    first = start(recipe, out, hold=hold)
+    wait_for(tmp_path / "b.partial" / "stages" / "analyze.json", first)  # held after analyze, however fast the host
+    for extra in ([], ["--resume"], ["--force"]):
+        t0 = time.time()
+        second = subprocess.run([sys.executable, "-m", "compressor.cli", "run", str(recipe), "--out", str(out), *extra],
+                                capture_output=True, text=True, timeout=120)
+        assert first.poll() is None
+        assert second.returncode == 2, second.stderr
+        assert f"a run (pid {first.pid}, started " in second.stderr and "b.partial" in second.stderr
+        assert "Traceback" not in second.stderr and time.time() - t0 < 60
+    hold.unlink()
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    v = subprocess.run([sys.executable, "-m", "compressor.cli", "verify", str(out)], capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
+    assert not (tmp_path / "b.lock").exists()
+
+
+def test_a_killed_runs_lock_is_free_for_resume(tmp_path):
+    recipe, out = recipe_file(tmp_path, epochs=2), tmp_path / "b"
+    hold = tmp_path / "hold"
+    hold.touch()
+    p = start(recipe, out, hold=hold)
+    wait_for(tmp_path / "b.partial" / "stages" / "analyze.json", p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert (tmp_path / "b.lock").exists()  # the file stays; the kernel released its lock
+    r = subprocess.run([sys.executable, "-m", "compressor.cli", "run", str(recipe), "--out", str(out), "--resume"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "b.lock").exists()
