@@ -90,6 +90,17 @@ def file_hashes(root: Path) -> dict[str, dict]:
     return out
 
 
+def _listing(root: Path) -> list[str]:
+    """Every file and symlink under ``root`` (relative, posix), without following symlinked folders."""
+    out = []
+    for d, dirs, files in os.walk(root, followlinks=False):
+        for name in files + [x for x in dirs if (Path(d) / x).is_symlink()]:
+            rel = (Path(d) / name).relative_to(root).as_posix()
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
 def read_manifest(bundle: str | Path) -> dict:
     bundle = Path(bundle)
     path = bundle / MANIFEST if bundle.is_dir() else bundle
@@ -106,6 +117,11 @@ def read_manifest(bundle: str | Path) -> dict:
     for key, kind in (("files", dict), ("stages", list), ("artifacts", list), ("measurements", list)):
         if not isinstance(m.get(key), kind):
             raise BundleError(f"{path}: '{key}' is missing or not a {kind.__name__}")
+    # A bundle from elsewhere is data, not trust: every path it names stays inside it.
+    named = list(m["files"]) + [a.get("path") for a in m["artifacts"] if isinstance(a, dict)]
+    for rel in named:
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel:
+            raise BundleError(f"{path}: the manifest names {rel!r}, a path that leaves the bundle; refusing it")
     return m
 
 
@@ -114,18 +130,24 @@ def verify(bundle: str | Path) -> dict:
     bundle = Path(bundle)
     m = read_manifest(bundle)
     problems = []
+    root = bundle.resolve()
     for rel, info in m["files"].items():
         p = bundle / rel
         if not isinstance(info, dict) or "sha256" not in info:
             problems.append(f"{rel}: no hash recorded")
-        elif ".." in Path(rel).parts or Path(rel).is_absolute():
-            problems.append(f"{rel}: path leaves the bundle")
+        elif not p.resolve().is_relative_to(root):  # through a symlink (the file's or a folder's)
+            problems.append(f"{rel}: a symlink that leads out of the bundle; not followed")
+        elif p.is_symlink():
+            problems.append(f"{rel}: a symlink; a bundle holds plain files")
         elif not p.is_file():
             problems.append(f"{rel}: missing")
+        elif isinstance(info.get("bytes"), int) and p.stat().st_size != info["bytes"]:
+            # Before hashing: a file larger than the manifest says is never read whole.
+            problems.append(f"{rel}: {p.stat().st_size:,} bytes, the manifest says {info['bytes']:,}")
         elif sha256(p) != info["sha256"]:
             problems.append(f"{rel}: modified (sha256 differs from the manifest)")
     listed = set(m["files"])
-    extra = [rel for rel in file_hashes(bundle) if rel not in listed]
+    extra = [rel for rel in _listing(bundle) if rel not in listed]
     problems += [f"{rel}: not listed in the manifest" for rel in extra]
     if problems:
         raise BundleError(f"bundle {bundle} failed verification: {problems[0]}"

@@ -66,10 +66,21 @@ SETUP = {
     "wrong_schema": lambda tmp, b: (b / "manifest.json").write_text(
         json.dumps({**json.loads((b / "manifest.json").read_text()), "schema": "compressor.manifest/0"})),
     "delete_report": lambda tmp, b: (b / "report.md").unlink(),
+    "traversal": lambda tmp, b: _manifest(b, lambda m: m["files"].update({"../../etc/passwd": {"sha256": "0" * 64}})),
+    "symlink_out": lambda tmp, b: ((tmp / "outside.md").write_bytes((b / "report.md").read_bytes()),
+                                   (b / "report.md").unlink(), (b / "report.md").symlink_to(tmp / "outside.md")),
+    "size_lie": lambda tmp, b: _manifest(b, lambda m: m["files"]["report.md"].update({"bytes": 10})),
+    "absolute_artifact": lambda tmp, b: _manifest(b, lambda m: m["artifacts"][0].update({"path": "/etc/passwd"})),
     "existing_out": lambda tmp, b: (tmp / "out").mkdir(),
     "garbage_predictor": lambda tmp, b: (tmp / "garbage.json").write_text('{"schema": 1, "device": "local-cpu"'),
     "other_device_predictor": lambda tmp, b: _predictor(tmp / "pi.json", "raspberry-pi-5"),
 }
+
+
+def _manifest(b, change):
+    m = json.loads((b / "manifest.json").read_text())
+    change(m)
+    (b / "manifest.json").write_text(json.dumps(m))
 
 
 def test_corpus_is_large_and_unique():
