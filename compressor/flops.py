@@ -13,22 +13,15 @@ things hide arithmetic from it, and both are handled here:
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
+from exporters.onnx import plain_attention
 
-@contextmanager
-def no_fastpath():
-    """nn.MultiheadAttention / nn.TransformerEncoder without the fused eval fast path, restored after.
-    Counting, hooking, tracing and exporting all need the plain operators."""
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
+
+# nn.MultiheadAttention / nn.TransformerEncoder without the fused eval fast path, restored after: counting,
+# hooking, tracing and exporting all need the plain operators (one context, shared with the exporter).
+no_fastpath = plain_attention
 
 
 def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

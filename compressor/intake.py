@@ -24,14 +24,15 @@ from .errors import UserError
 ADAPTED = "_compressor_output"  # the attribute that marks an adapted model: "logits" or "embedding"
 
 
-def _first_tensor(out):
+def first_tensor(out):
+    """The first tensor in what a model or module returned (a tensor, a tuple, a list or a dict of them)."""
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (tuple, list)):
         for o in out:
-            t = _first_tensor(o)
+            t = first_tensor(o)
             if t is not None:
                 return t
     return None
@@ -54,7 +55,7 @@ def select_output(out, kind: str = "logits", attention_mask=None):
                     m = attention_mask.unsqueeze(-1).to(h.dtype)
                     return (h * m).sum(1) / m.sum(1).clamp_min(1)
                 return h.mean(1)
-    t = _first_tensor(out)
+    t = first_tensor(out)
     if t is None:
         raise UserError(f"the model returned {type(out).__name__} with no tensor in it; a model returns logits, "
                         "a tuple led by them, or a Hugging Face ModelOutput")

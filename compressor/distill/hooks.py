@@ -15,20 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-
-
-def first_tensor(out):
-    """The tensor a module produced: Hugging Face layers return tuples or ModelOutput dicts."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            t = first_tensor(o)
-            if t is not None:
-                return t
-    return None
+from ..intake import first_tensor  # noqa: F401  (re-exported: the tensor a hooked module produced)
 
 
 def resolve(model: nn.Module, path: str, role: str) -> nn.Module:
