@@ -26,6 +26,7 @@ from . import report
 from .bundle import MANIFEST, SCHEMA, StageRecord, atomic_write, file_hashes, now, toolchain_versions, write_json
 from .data import DataSplits, load_data
 from .errors import StageError, UserError
+from .hold import hold
 from .models import HF_BUILDERS, build_model, count_flops, count_params, is_hf_dir
 from .recipe import Recipe, dump_recipe, load_recipe
 from .tasks import as_tuple, at_length, get_task, onnx_io
@@ -638,14 +639,6 @@ def _follow(recipe: Recipe, work: Path, rank: int, log, wait_s: float = 24 * 360
     return None
 
 
-def _hold() -> None:
-    """For tests that must act while a run is between stages, on any host: while the file named by
-    COMPRESSOR_HOLD exists, the run waits after each stage it records."""
-    hold = os.environ.get("COMPRESSOR_HOLD")
-    while hold and os.path.exists(hold):
-        time.sleep(0.05)
-
-
 class RunLock:
     """An OS lock (flock) on ``<out>.lock`` held while a run uses ``<out>.partial``: a second run, --resume
     or --force on the same directory refuses at once, naming the holder. The kernel drops the lock when
@@ -749,7 +742,7 @@ def _run(recipe: Recipe, source, out: Path, work: Path, overrides, resume: bool,
                 rec = stage(ctx)
                 rec.seconds, rec.started, rec.parent = round(time.time() - t0, 3), started, parent
                 write_json(marker, rec.to_dict())
-                _hold()
+                hold("stage")  # tests only (COMPRESSOR_HOLD): act between stages on any host
             ctx.records[name] = rec
             if not rec.metrics.get("skipped"):  # a stage with no recipe section is nobody's parent
                 parent = name

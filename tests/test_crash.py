@@ -57,9 +57,11 @@ def test_sigkill_during_distillation_then_resume(tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_with_a_resume_line(tmp_path):
-    recipe, out = recipe_file(tmp_path, epochs=40), tmp_path / "b"
-    p = start(recipe, out)
-    wait_for(tmp_path / "b.partial" / "work" / "checkpoints" / "last.ckpt", p)
+    recipe, out = recipe_file(tmp_path, epochs=6), tmp_path / "b"
+    hold = tmp_path / "hold"
+    hold.write_text("epoch")  # the run waits at each epoch's start: the signal lands in distillation on any host
+    p = start(recipe, out, hold=hold)
+    wait_for(tmp_path / "b.partial" / "stages" / "search.json", p)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err

@@ -27,6 +27,15 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
+class Hold(pl.Callback):
+    """Tests only (COMPRESSOR_HOLD, compressor/hold.py): wait at the start of each epoch while the file exists."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        from ..hold import hold
+
+        hold("epoch")
+
+
 class EpochLog(pl.Callback):
     """One line per epoch where there is no terminal for a progress bar (CI, logs)."""
 
@@ -62,6 +71,10 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
                                         save_last=True, save_top_k=1)
     interactive = sys.stderr.isatty()
     callbacks = [ckpt, pl.callbacks.RichProgressBar() if interactive else EpochLog(log, val_metric)]
+    from ..hold import active
+
+    if active():
+        callbacks.append(Hold())
     t = spec.trainer
     trainer = pl.Trainer(max_epochs=spec.epochs, accelerator=t.accelerator, devices=t.devices,
                          strategy=t.strategy, num_nodes=t.num_nodes, precision=t.precision,

@@ -1,0 +1,24 @@
+"""A pause that tests control, so crash, signal and lock tests act at a state the run reports, never at
+a time that a faster host outruns. While the file named by COMPRESSOR_HOLD exists, a run waits after each
+stage it records (``where="stage"``) and at the start of each distillation epoch (``where="epoch"``);
+a file whose text names one of them holds there alone. Unset (always, outside tests), it costs nothing."""
+from __future__ import annotations
+
+import os
+import time
+
+
+def hold(where: str) -> None:
+    path = os.environ.get("COMPRESSOR_HOLD")
+    while path and os.path.exists(path):
+        try:
+            wanted = open(path).read().strip()
+        except OSError:
+            wanted = ""
+        if wanted and wanted != where:
+            return
+        time.sleep(0.05)
+
+
+def active() -> bool:
+    return bool(os.environ.get("COMPRESSOR_HOLD"))
