@@ -228,11 +228,13 @@ class GroupError(Exception):
         self.modules = modules
 
 
-def _named(importance, model: nn.Module, keep: int = 0):
+def _named(importance, model: nn.Module, keep: int = 0, heads=()):
     """``importance`` that, when it fails on a group, says which modules the group holds; with ``keep``,
     each group's ``keep`` most important channels score +inf. torch-pruning's global threshold has no
     per-group cap: a group whose every channel falls under it is skipped whole (measured on a ViT: an FFN
-    cut to 16 of 256 neurons at one ratio came back to 256 at a higher one), so the cost stops falling."""
+    cut to 16 of 256 neurons at one ratio came back to 256 at a higher one), so the cost stops falling.
+    Groups holding an attention's ``heads`` layers are left as scored: their heads are ranked on their own,
+    and +inf there made the heads' threshold infinite (every head went)."""
     names = {m: n for n, m in model.named_modules()}
 
     class Named(type(importance)):
@@ -245,7 +247,7 @@ def _named(importance, model: nn.Module, keep: int = 0):
                 odd = [n for n in mods if isinstance(names_rev.get(n), nn.modules.conv._ConvNd)
                        and names_rev[n].groups > 1]
                 raise GroupError(odd or mods, e) from None
-            if keep and imp is not None and len(imp) > keep:
+            if keep and imp is not None and len(imp) > keep and not any(d.target.module in heads for d, _ in group):
                 imp = imp.clone()
                 imp[torch.topk(imp, keep).indices] = float("inf")
             return imp
@@ -274,7 +276,8 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     ignored = [m.get_submodule(p) for p in ignored_paths]
     mha = [x for x in m.modules() if isinstance(x, nn.MultiheadAttention)]
     pruner = tp.pruner.MetaPruner(
-        m, _take1(example), importance=_named(importance(m), m, keep=max(multiple or 1, 1) if global_pruning else 0),
+        m, _take1(example), importance=_named(importance(m), m, keep=max(multiple or 1, 1) if global_pruning else 0,
+                                              heads=set(num_heads)),
         global_pruning=global_pruning, pruning_ratio=ratio,
         max_pruning_ratio=0.95, ignored_layers=ignored, num_heads={**num_heads, **{a: a.num_heads for a in mha}},
         prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
@@ -349,12 +352,16 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
                 c = _cost(cand, example, by)
                 least = c if least is None else min(least, c)
                 if c <= target:
-                    best, hi = (mid, cand, c, allocation), mid
+                    if best is None or c > best[2]:  # the closest to the budget from below
+                        best = (mid, cand, c, allocation)
+                    hi = mid
                     if c >= target - tolerance * total:
                         break
                 else:
                     lo = mid
-            if best is not None:
+            # Whole heads and multiples of 8 make the cost jump: a global cut that lands well under the
+            # budget gives way to a uniform one that lands closer.
+            if best is not None and best[2] >= target - tolerance * total:
                 break
     except UserError:
         raise
