@@ -36,10 +36,18 @@ def recipe_file(tmp_path, epochs=6):
 def test_sigkill_during_distillation_then_resume(tmp_path):
     recipe, out = recipe_file(tmp_path), tmp_path / "b"
     last = tmp_path / "b.partial" / "work" / "checkpoints" / "last.ckpt"
-    p = start(recipe, out)
+    hold = tmp_path / "hold"
+    hold.write_text("epoch")  # the run waits at each epoch's start: it cannot finish before the kill
+    p = start(recipe, out, hold=hold)
     wait_for(last, p)
-    time.sleep(0.3)  # let the checkpoint's rename settle
-    epoch_at_kill = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    epoch_at_kill = None
+    for _ in range(200):  # the checkpoint may be mid-rename when it first appears
+        try:
+            epoch_at_kill = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+            break
+        except Exception:
+            time.sleep(0.05)
+    assert epoch_at_kill is not None
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not out.exists()
