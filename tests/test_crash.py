@@ -69,7 +69,7 @@ def test_ctrl_c_stops_cleanly_with_a_resume_line(tmp_path):
     hold = tmp_path / "hold"
     hold.write_text("epoch")  # the run waits at each epoch's start: the signal lands in distillation on any host
     p = start(recipe, out, hold=hold)
-    wait_for(tmp_path / "b.partial" / "stages" / "search.json", p)
+    wait_for(tmp_path / "b.partial" / "work" / "checkpoints" / "last.ckpt", p)  # in distillation, held at epoch 2
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err

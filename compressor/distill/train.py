@@ -28,12 +28,14 @@ def quiet_lightning() -> None:
 
 
 class Hold(pl.Callback):
-    """Tests only (COMPRESSOR_HOLD, compressor/hold.py): wait at the start of each epoch while the file exists."""
+    """Tests only (COMPRESSOR_HOLD, compressor/hold.py): wait at the start of each epoch after the first (so
+    a checkpoint exists) while the file exists."""
 
     def on_train_epoch_start(self, trainer, pl_module):
         from ..hold import hold
 
-        hold("epoch")
+        if trainer.current_epoch > 0:
+            hold("epoch")
 
 
 class EpochLog(pl.Callback):
@@ -101,11 +103,20 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
         if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1) after its own clean-up
             raise KeyboardInterrupt from None
         raise
+    device = str(trainer.strategy.root_device)
+    # Every stage after this one (export, ONNX Runtime parity, quantization calibration, quality) runs on
+    # the CPU, whatever device trained: the student comes back there, with the best epoch's weights.
+    # (After a GPU fit Lightning leaves the module on the GPU, and the ONNX export fed it CPU tensors.)
     best = ckpt.best_model_path
     if best:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        student.to_empty(device="cpu")  # fresh CPU storage; every tensor is then loaded from the checkpoint
         student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+    else:
+        student.cpu()
     student.eval()
     return {"epochs": trainer.current_epoch, f"best_val_{val_metric}": float(ckpt.best_model_score or float("nan")),
             "train_seconds": round(time.time() - t0, 1), "final_train_loss":
-            float(trainer.callback_metrics.get("train_loss", float("nan")))}
+            float(trainer.callback_metrics.get("train_loss", float("nan"))),
+            "trained_on": {"device": device, "precision": str(t.precision), "strategy": str(t.strategy),
+                           "devices": t.devices}}
