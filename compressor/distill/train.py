@@ -107,13 +107,16 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
     # Every stage after this one (export, ONNX Runtime parity, quantization calibration, quality) runs on
     # the CPU, whatever device trained: the student comes back there, with the best epoch's weights.
     # (After a GPU fit Lightning leaves the module on the GPU, and the ONNX export fed it CPU tensors.)
+    try:
+        student.cpu()  # non-persistent buffers (a Hugging Face model's position_ids) are in no checkpoint
+    except NotImplementedError:
+        # A device whose tensors cannot be copied out (the meta device the tests stand in for a GPU with):
+        # fresh CPU storage, every tensor of which the checkpoint then fills.
+        student.to_empty(device="cpu")
     best = ckpt.best_model_path
     if best:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        student.to_empty(device="cpu")  # fresh CPU storage; every tensor is then loaded from the checkpoint
         student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
-    else:
-        student.cpu()
     student.eval()
     return {"epochs": trainer.current_epoch, f"best_val_{val_metric}": float(ckpt.best_model_score or float("nan")),
             "train_seconds": round(time.time() - t0, 1), "final_train_loss":
