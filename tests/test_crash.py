@@ -71,7 +71,11 @@ def test_ctrl_c_stops_cleanly_with_a_resume_line(tmp_path):
     p = start(recipe, out, hold=hold)
     wait_for(tmp_path / "b.partial" / "work" / "checkpoints" / "last.ckpt", p)  # in distillation, held at epoch 2
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    try:
+        _, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError(f"still running 120 s after SIGINT:\n{p.communicate()[1][-3000:]}") from None
     assert p.returncode == 130, err
     assert "Traceback" not in err
     resume_lines = [l for l in err.splitlines() if "--resume" in l]
