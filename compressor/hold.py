@@ -10,7 +10,9 @@ import time
 
 
 def hold(where: str) -> None:
+    """Wait while the hold file exists; ``<file>.held`` (holding ``where``) says the run is waiting."""
     path = os.environ.get("COMPRESSOR_HOLD")
+    told = False
     while path and os.path.exists(path):
         try:
             wanted = open(path).read().strip()
@@ -18,6 +20,10 @@ def hold(where: str) -> None:
             wanted = ""
         if wanted and wanted != where:
             return
+        if not told:
+            with open(path + ".held", "w") as f:
+                f.write(where)
+            told = True
         time.sleep(0.05)
 
 

@@ -14,8 +14,11 @@ from conftest import TINY
 def start(recipe_path, out, *extra, hold=None):
     """``hold``: a file; while it exists the run waits after each stage it records (COMPRESSOR_HOLD)."""
     env = {**os.environ, **({"COMPRESSOR_HOLD": str(hold)} if hold else {})}
+    # A shell that starts the test runner in the background (`pytest ... &`) ignores SIGINT, and its
+    # children inherit that, so Python would never raise KeyboardInterrupt: give the run the default.
     return subprocess.Popen([sys.executable, "-m", "compressor.cli", "run", str(recipe_path), "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(path, proc, timeout=180):
@@ -69,7 +72,7 @@ def test_ctrl_c_stops_cleanly_with_a_resume_line(tmp_path):
     hold = tmp_path / "hold"
     hold.write_text("epoch")  # the run waits at each epoch's start: the signal lands in distillation on any host
     p = start(recipe, out, hold=hold)
-    wait_for(tmp_path / "b.partial" / "work" / "checkpoints" / "last.ckpt", p)  # in distillation, held at epoch 2
+    wait_for(tmp_path / "hold.held", p)  # in distillation, waiting at the second epoch's start
     p.send_signal(signal.SIGINT)
     try:
         _, err = p.communicate(timeout=120)
