@@ -13,6 +13,8 @@ things hide arithmetic from it, and both are handled here:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -40,29 +42,44 @@ def _custom_mapping() -> dict:
     return mapping
 
 
-def _take1(example):
-    return {k: v[:1] for k, v in example.items()} if isinstance(example, dict) else example[:1]
+@contextmanager
+def _counting(model: nn.Module, example, batch_one: bool = True):
+    """A FlopCounterMode that has run ``model`` once on ``example`` (its first sample with ``batch_one``)
+    in eval mode, without gradients, the fast path off and CPU attention counted."""
+    from torch.utils.flop_counter import FlopCounterMode
 
+    from .tasks import call, take
 
-def _call(model: nn.Module, x):
-    return model(**x) if isinstance(x, dict) else model(x)
+    x = take(example, 1) if batch_one else example
+    was = model.training
+    model.eval()  # as deployed: in training mode dropout sends attention down a path with more matmuls
+    try:
+        with no_fastpath(), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as fc:
+            call(model, x)
+    finally:
+        model.train(was)
+    yield fc
 
 
 def flop_counts(model: nn.Module, example, *, batch_one: bool = True) -> tuple[int, dict]:
     """(total FLOPs, {aten op name: FLOPs}) of one forward pass in eval mode, without gradients.
     ``example`` is a tensor or a dict of tensors; with ``batch_one`` only its first sample runs."""
-    from torch.utils.flop_counter import FlopCounterMode
+    with _counting(model, example, batch_one) as fc:
+        per_op = {getattr(op, "__name__", str(op)): int(n) for op, n in fc.get_flop_counts().get("Global", {}).items()}
+        return int(fc.get_total_flops()), per_op
 
-    x = _take1(example) if batch_one else example
-    was = model.training
-    model.eval()  # as deployed: in training mode dropout sends attention down a path with more matmuls
-    try:
-        with no_fastpath(), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as fc:
-            _call(model, x)
-    finally:
-        model.train(was)
-    per_op = {getattr(op, "__name__", str(op)): int(n) for op, n in fc.get_flop_counts().get("Global", {}).items()}
-    return int(fc.get_total_flops()), per_op
+
+def flops_by_module(model: nn.Module, example) -> dict[str, int]:
+    """FLOPs of one sample per module path ("" the model itself; a module's count includes its children's)."""
+    with _counting(model, example) as fc:
+        counts = fc.get_flop_counts()
+    out = {}
+    for name, ops in counts.items():
+        if name == "Global":
+            continue
+        # The counter names modules by their path under the root's class name ("ViT.encoder.layers.0").
+        out[name.split(".", 1)[1] if "." in name else ""] = int(sum(ops.values()))
+    return out
 
 
 def count_flops(model: nn.Module, example) -> int:

@@ -37,7 +37,9 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .flops import count_flops, no_fastpath
+from .flops import count_flops, flops_by_module, no_fastpath
+from .intake import select_output
+from .tasks import call, take
 
 IMPORTANCE = ("output-loss", "taylor", "magnitude")
 
@@ -55,18 +57,8 @@ def _tp():
     return tp
 
 
-def _take1(x):
-    return {k: v[:1] for k, v in x.items()} if isinstance(x, dict) else x[:1]
-
-
-def _call(model, x):
-    return model(**x) if isinstance(x, dict) else model(x)
-
-
 def _output(model, x):
-    from .intake import select_output
-
-    return select_output(_call(model, x))
+    return select_output(call(model, x))
 
 
 # --------------------------------------------------------------------------------------- structure
@@ -80,7 +72,7 @@ def _weighted_order(model: nn.Module, example) -> list[str]:
             handles.append(m.register_forward_hook(lambda _m, _a, _o, name=name: order.append(name)))
     try:
         with no_fastpath():
-            _call(model.eval(), _take1(example))
+            call(model.eval(), take(example, 1))
     finally:
         for h in handles:
             h.remove()
@@ -122,32 +114,10 @@ def _fix_heads(atts, num_heads: dict) -> None:
             raise _TooFar
         m.num_attention_heads = n
         m.attention_head_size = m.query.out_features // n
-        m.all_head_size = m.query.out_features
-        if getattr(m, "config", None) is not None and hasattr(m.config, "num_attention_heads"):
-            pass  # the config is shared by every layer; each layer reads its own attributes
+        m.all_head_size = m.query.out_features  # each layer reads its own attributes, not the shared config
 
 
 # --------------------------------------------------------------------------------------- importance
-
-def _module_flops(model: nn.Module, example) -> dict[str, int]:
-    """FLOPs per module path (each module's own and its children's), one sample."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .flops import _custom_mapping
-
-    with no_fastpath(), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as fc:
-        _call(model.eval(), _take1(example))
-    root = type(model).__name__
-    out = {}
-    for name, ops in fc.get_flop_counts().items():
-        if name == "Global":
-            continue
-        path = name.split(".", 1)[1] if "." in name else ""
-        if name.split(".")[0] != root and name != root:
-            path = name
-        out[path] = int(sum(ops.values()))
-    return out
-
 
 def fisher(model: nn.Module, batches, projections: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     """diag(J^T J) per parameter (summed over samples, averaged over projections): E_r (d(r.y)/dw)^2."""
@@ -276,12 +246,12 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     ignored = [m.get_submodule(p) for p in ignored_paths]
     mha = [x for x in m.modules() if isinstance(x, nn.MultiheadAttention)]
     pruner = tp.pruner.MetaPruner(
-        m, _take1(example), importance=_named(importance(m), m, keep=max(multiple or 1, 1) if global_pruning else 0,
+        m, take(example, 1), importance=_named(importance(m), m, keep=max(multiple or 1, 1) if global_pruning else 0,
                                               heads=set(num_heads)),
         global_pruning=global_pruning, pruning_ratio=ratio,
         max_pruning_ratio=0.95, ignored_layers=ignored, num_heads={**num_heads, **{a: a.num_heads for a in mha}},
         prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
-        round_to=multiple, forward_fn=lambda mod, x: _call(mod, x))
+        round_to=multiple, forward_fn=call)
     with no_fastpath():
         pruner.step()
     _fix_heads(atts, pruner.num_heads)
@@ -311,13 +281,12 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     for p in ignore:
         resolve(model, p, "model")  # a UserError naming the module paths that exist
     ignored_paths = list(dict.fromkeys([*kept, *ignore]))
-    paths = None
     grads = None
     if importance == "magnitude":
         def imp(m):
             return tp.importance.GroupMagnitudeImportance(p=2)
     else:
-        mflops = _module_flops(model, example)
+        mflops = flops_by_module(model, example)
         if importance == "output-loss":
             grads = fisher(model, batches, projections)
             base = tp.importance.GroupHessianImportance
@@ -326,10 +295,10 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
                 raise UserError("prune.channels.importance: taylor needs labelled batches")
             grads = ce_gradients(model, batches, labels)
             base = tp.importance.GroupTaylorImportance
+        per_flop = _per_flop(base)
 
         def imp(m):
-            names = {mod: name for name, mod in m.named_modules()}
-            return _per_flop(base)(mflops, names, normalizer=None)
+            return per_flop(mflops, {mod: name for name, mod in m.named_modules()}, normalizer=None)
 
     total = _cost(model, example, by)
     target = (1 - remove) * total
@@ -388,7 +357,8 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     info = {"by": by, "remove": remove, "importance": importance, "allocation": allocation, "ratio": round(ratio, 4),
             "kept": kept,
             "ignore": list(ignore), f"{by}_before": total, f"{by}_after": after,
-            "params": sum(p.numel() for p in pruned.parameters()), "flops": count_flops(pruned, example),
+            "params": sum(p.numel() for p in pruned.parameters()),
+            "flops": int(after) if by == "flops" else count_flops(pruned, example),
             "modules_changed": len(plan["modules"]), "batchnorm_recalibrated": bn}
     log(f"prune.channels: {importance} importance, {allocation} ratio {ratio:.3f}: {by} {total:,.0f} -> {after:,.0f} "
         f"({after / total:.1%}); {len(plan['modules'])} modules narrowed; kept {', '.join(ignored_paths) or 'nothing'}")
@@ -413,7 +383,7 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
         m.train()
     try:
         for b in batches:
-            _call(model, b)
+            call(model, b)
     finally:
         for m, mom in saved:
             m.momentum = mom
@@ -440,11 +410,11 @@ def plan_of(before: nn.Module, after: nn.Module) -> dict:
         o = old.get(path)
         if o is None:
             continue
-        attrs = {k: v for k, v in _attrs(m).items() if _attrs(o).get(k) != v}
+        before_attrs = _attrs(o)
+        attrs = {k: v for k, v in _attrs(m).items() if before_attrs.get(k) != v}
+        old_tensors = {**o._parameters, **o._buffers}
         shapes = {n: list(t.shape) for n, t in [*m._parameters.items(), *m._buffers.items()]
-                  if t is not None and n in {**o._parameters, **o._buffers}
-                  and {**o._parameters, **o._buffers}[n] is not None
-                  and tuple(t.shape) != tuple({**o._parameters, **o._buffers}[n].shape)}
+                  if t is not None and old_tensors.get(n) is not None and t.shape != old_tensors[n].shape}
         if attrs or shapes:
             modules[path] = {"attrs": attrs, "shapes": shapes}
     return {"modules": modules}
