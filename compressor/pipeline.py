@@ -52,6 +52,7 @@ class Context:
     measurements: list[Measurement] = field(default_factory=list)
     records: dict[str, StageRecord] = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
+    teacher_onnx: Artifact | None = None  # analyze's export of the teacher, reused by the export stage
 
     @property
     def scratch(self) -> Path:
@@ -120,15 +121,23 @@ def analyze(ctx: Context) -> StageRecord:
 
 
 def _check_exports(ctx: Context) -> None:
-    """Export the teacher once now: a model that no ONNX exporter takes (an unsupported operator) fails in
-    seconds, naming the operator and its module, not after the distillation. Its students are built from it
-    or alongside it, so they usually share its operators."""
+    """Export the teacher now, the file the export stage then checks and measures: a model that no ONNX
+    exporter takes (an unsupported operator) fails in seconds, naming the operator and its module, not
+    after the distillation. Its students are built from it or alongside it, so they usually share its
+    operators."""
+    ctx.teacher_onnx = _export_model(ctx, ctx.teacher, ctx.scratch / "teacher.onnx", "teacher")
+
+
+def _export_model(ctx: Context, model, path: Path, role: str, *, dynamo_first: bool = False) -> Artifact:
+    """``model``'s ONNX file: Optimum's for a Hugging Face classifier where Optimum takes it, else
+    torch.onnx.export (``dynamo_first``: torch.export's exporter before the TorchScript one)."""
     from exporters.onnx import export_onnx
 
+    spec = ctx.recipe.export
     x = ctx.example(2)
-    names = onnx_io(x, ctx.task.output, ctx.recipe.export.dynamic_batch)
-    export_onnx(ctx.teacher, as_tuple(x), ctx.scratch / "teacher.onnx", opset=ctx.recipe.export.opset,
-                dynamic_batch=ctx.recipe.export.dynamic_batch, role="teacher", **names)
+    art = None if dynamo_first else _export_hf(ctx, model, x, path, role)
+    return art or export_onnx(model, as_tuple(x), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch,
+                              role=role, dynamo_first=dynamo_first, **onnx_io(x, ctx.task.output, spec.dynamic_batch))
 
 
 def restore_analyze(ctx: Context, rec: StageRecord) -> None:
@@ -201,17 +210,15 @@ def restore_quantize(ctx: Context, rec: StageRecord) -> None:
 
 
 def export(ctx: Context) -> StageRecord:
-    from exporters.onnx import export_onnx, parity
+    from exporters.onnx import parity
 
     spec = ctx.recipe.export
-    x = ctx.example(2)
     held_out = ctx.example(spec.parity.samples)
     metrics, outputs = {}, {}
-    names = onnx_io(x, ctx.task.output, spec.dynamic_batch)
     for role, model, path in (("student", ctx.student, ctx.work / "model" / "student.onnx"),
                               ("teacher", ctx.teacher, ctx.scratch / "teacher.onnx")):
-        art = _export_hf(ctx, model, x, path, role) or export_onnx(
-            model, as_tuple(x), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch, role=role, **names)
+        # The teacher's file is analyze's, unless this run resumed after analyze.
+        art = ctx.teacher_onnx if role == "teacher" and ctx.teacher_onnx else _export_model(ctx, model, path, role)
         try:
             check = parity(path, model, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol)
         except Exception as e:
@@ -221,8 +228,7 @@ def export(ctx: Context) -> StageRecord:
             # torch.export graph keeps them symbolic. Try it before giving up.
             ctx.log(f"export: {role}: the TorchScript export does not match PyTorch ({str(e).splitlines()[0][:160]}); "
                     "trying torch.export")
-            art = export_onnx(model, as_tuple(x), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch,
-                              role=role, dynamo_first=True, **names)
+            art = _export_model(ctx, model, path, role, dynamo_first=True)
             try:
                 check = parity(path, model, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol)
             except Exception as e2:
