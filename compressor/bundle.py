@@ -83,11 +83,8 @@ def now() -> str:
 
 
 def file_hashes(root: Path) -> dict[str, dict]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            out[p.relative_to(root).as_posix()] = {"sha256": sha256(p), "bytes": p.stat().st_size}
-    return out
+    return {rel: {"sha256": sha256(root / rel), "bytes": (root / rel).stat().st_size}
+            for rel in _listing(root) if (root / rel).is_file()}
 
 
 def _listing(root: Path) -> list[str]:

@@ -151,7 +151,7 @@ def hf_classifier(path: str | None = None, package: str | None = None, init: str
         raise UserError(f"hf-classifier: {type(cfg).__name__} has no {', '.join(sorted(unknown))}")
     for k, v in config.items():
         setattr(cfg, k, v)
-    arch = architecture(path, package)
+    arch = (cfg.architectures or [""])[0] or ""
     if arch.endswith("ForImageClassification"):
         auto = tf.AutoModelForImageClassification
     elif arch.endswith("ForSequenceClassification"):

@@ -121,18 +121,19 @@ def load_teacher(recipe, data: DataSplits, log=print) -> tuple[nn.Module, dict]:
 def _load_into(model: nn.Module, state: dict, what: str) -> None:
     """Load ``state`` into ``model``, or one line that fits on a screen: the counts, the first keys, and
     whether it looks like a wrapped model's checkpoint (every key under one prefix) or another architecture."""
-    want, have = set(model.state_dict()), set(state)
-    missing, unexpected = sorted(want - have), sorted(have - want)
-    shapes = sorted(k for k in want & have if tuple(model.state_dict()[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or shapes:
-        raise UserError(f"{what} does not fit the model: {mismatch(model.state_dict(), state)}")
+    problem = mismatch(model.state_dict(), state)
+    if problem:
+        raise UserError(f"{what} does not fit the model: {problem}")
     model.load_state_dict(state)
 
 
-def mismatch(want: dict, have: dict, shown: int = 3) -> str:
-    """How a state_dict differs from a model's, in one line, with the fix where one is plain."""
+def mismatch(want: dict, have: dict, shown: int = 3) -> str | None:
+    """How a state_dict differs from a model's, in one line, with the fix where one is plain; None where
+    it fits."""
     missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     shapes = sorted(k for k in set(want) & set(have) if tuple(want[k].shape) != tuple(have[k].shape))
+    if not (missing or unexpected or shapes):
+        return None
 
     def few(keys):
         return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
