@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -37,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 sys.path.insert(0, str(ROOT))  # devices/ and exporters/ live beside compressor/
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import host  # noqa: E402  (benchmarks/host.py: the machine record)
 sys.path.insert(0, str(TESTS))  # user_models, conftest, test_any_model
 os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 os.environ.setdefault("COMPRESSOR_CACHE", "/tmp/compressor-any-model-cache")
@@ -77,27 +78,7 @@ def recipe_for(name: str) -> dict:
 
 
 def machine() -> dict:
-    import onnxruntime
-    import torch
-    from importlib import metadata
-
-    cpu, flags = "unknown", set()
-    try:
-        lines = open("/proc/cpuinfo").read().splitlines()
-        cpu = next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
-        flags = set(next(l.split(":", 1)[1].split() for l in lines if l.startswith("flags")))
-    except (OSError, StopIteration):
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
-    for dist in ("transformers", "torch-pruning", "compressor", "pytorch-lightning", "onnx"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {"cpu": cpu, "cpu_flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile")},
-            "cores": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-            "load_average": [round(v, 2) for v in os.getloadavg()], "versions": versions,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return host.machine(("transformers", "torch-pruning", "compressor", "pytorch-lightning", "onnx"))
 
 
 def independent(name: str) -> int:

@@ -26,7 +26,6 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,6 +37,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # devices/ and exporters/ live beside compressor/
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import host  # noqa: E402  (benchmarks/host.py: the machine record)
 
 MODELS = ("digits-resnet", "vit")
 METHODS = ("ours", "torch-pruning magnitude", "scratch")
@@ -75,31 +76,11 @@ class ViT(nn.Module):
 
 
 def machine() -> dict:
-    import onnxruntime
-    from importlib import metadata
-
     import torch_pruning
 
-    cpu, flags = "unknown", set()
-    try:
-        lines = open("/proc/cpuinfo").read().splitlines()
-        cpu = next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
-        flags = set(next(l.split(":", 1)[1].split() for l in lines if l.startswith("flags")))
-    except (OSError, StopIteration):
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "torch-pruning": metadata.version("torch-pruning"),
-                "torch_pruning.__version__": getattr(torch_pruning, "__version__", None),
-                "onnxruntime": onnxruntime.__version__}
-    for dist in ("compressor", "pytorch-lightning", "onnx"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"cpu": cpu, "cpu_flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile")},
-            "cores": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-            "ort_threads": 2, "load_average": [round(v, 2) for v in os.getloadavg()], "versions": versions,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    m = host.machine(("torch-pruning", "compressor", "pytorch-lightning", "onnx"), ort_threads=2)
+    m["versions"]["torch_pruning.__version__"] = getattr(torch_pruning, "__version__", None)
+    return m
 
 
 # ------------------------------------------------------------------------------------------ teachers

@@ -1,0 +1,30 @@
+"""What a benchmark records about the machine it ran on: the CPU and its flags (bf16 and int8 paths depend
+on them), cores, threads, load, and the versions that matter, read the way the device scripts read them."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from importlib import metadata
+
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx_tile")
+
+
+def machine(dists=("compressor", "pytorch-lightning", "onnx"), **extra) -> dict:
+    """The machine record; ``dists`` are the distributions whose versions to add (None where missing)."""
+    import onnxruntime
+    import torch
+
+    from devices.bench_onnxruntime import cpu_flags, host_info
+
+    flags = cpu_flags()
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    for dist in dists:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"cpu": host_info().get("cpu_model", "unknown"), "cpu_flags": {f: f in flags for f in FLAGS},
+            "cores": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+            **extra, "load_average": [round(v, 2) for v in os.getloadavg()], "versions": versions,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
