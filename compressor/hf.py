@@ -128,8 +128,18 @@ def architecture(path: str | None = None, package: str | None = None) -> str:
     return (cfg.get("architectures") or [""])[0] or ""
 
 
+# A classifier architecture's name ending -> (Optimum's task, transformers' Auto class)
+CLASSIFIERS = {"ForImageClassification": ("image-classification", "AutoModelForImageClassification"),
+               "ForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification")}
+
+
+def classifier_kind(arch: str) -> tuple[str, str] | None:
+    """(Optimum task, Auto class name) of a classifier architecture such as ResNetForImageClassification."""
+    return next((kind for end, kind in CLASSIFIERS.items() if arch.endswith(end)), None)
+
+
 def is_classifier(path: str | None = None, package: str | None = None) -> bool:
-    return architecture(path, package).endswith(("ForImageClassification", "ForSequenceClassification"))
+    return classifier_kind(architecture(path, package)) is not None
 
 
 def hf_classifier(path: str | None = None, package: str | None = None, init: str = "teacher", **config) -> nn.Module:
@@ -152,13 +162,11 @@ def hf_classifier(path: str | None = None, package: str | None = None, init: str
     for k, v in config.items():
         setattr(cfg, k, v)
     arch = (cfg.architectures or [""])[0] or ""
-    if arch.endswith("ForImageClassification"):
-        auto = tf.AutoModelForImageClassification
-    elif arch.endswith("ForSequenceClassification"):
-        auto = tf.AutoModelForSequenceClassification
-    else:
+    kind = classifier_kind(arch)
+    if kind is None:
         raise UserError(f"hf-classifier: {where} is a {arch or 'model with no architectures in config.json'}, not an "
                         "image or sequence classifier; a sentence encoder is hf-encoder")
+    auto = getattr(tf, kind[1])
     model = auto.from_config(cfg) if init == "random" else auto.from_pretrained(where, config=cfg,
                                                                                ignore_mismatched_sizes=True)
     return adapt(model.eval(), "logits")

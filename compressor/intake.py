@@ -15,6 +15,7 @@ FLOP counting, ONNX export and parity) then sees one tensor.
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -79,20 +80,15 @@ def is_adapted(model: nn.Module) -> bool:
     return getattr(model, ADAPTED, None) is not None
 
 
+@contextmanager
 def unadapted(model: nn.Module):
     """A context in which ``model`` runs its class's own forward (Optimum's exporter reads ModelOutput names)."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def ctx():
-        fwd = model.__dict__.pop("forward", None)
-        try:
-            yield model
-        finally:
-            if fwd is not None:
-                model.forward = fwd
-
-    return ctx()
+    fwd = model.__dict__.pop("forward", None)
+    try:
+        yield model
+    finally:
+        if fwd is not None:
+            model.forward = fwd
 
 
 def is_hf_model(model: nn.Module) -> bool:

@@ -261,11 +261,12 @@ def _export_hf(ctx: Context, model, x, path: Path, role: str) -> Artifact | None
 
     if ctx.recipe.task != "classification" or not (is_hf_model(model) and is_adapted(model)):
         return None
-    arch = type(model).__name__
-    task = "image-classification" if arch.endswith("ForImageClassification") else (
-        "text-classification" if arch.endswith("ForSequenceClassification") else None)
-    if task is None or not ctx.recipe.export.dynamic_batch:
+    from .hf import classifier_kind
+
+    kind = classifier_kind(type(model).__name__)
+    if kind is None or not ctx.recipe.export.dynamic_batch:
         return None
+    task = kind[0]
     example = x if isinstance(x, dict) else {"pixel_values": x}
     try:
         with unadapted(model):
