@@ -1,8 +1,7 @@
 """A pause that tests control, so crash, signal and lock tests act at a state the run reports, never at
 a time that a faster host outruns. While the file named by COMPRESSOR_HOLD exists, a run waits after each
 stage it records (``where="stage"``) and at the start of each distillation epoch after the first
-(``where="epoch"``, so a checkpoint exists);
-a file whose text names one of them holds there alone. Unset (always, outside tests), it costs nothing."""
+(``where="epoch"``, so a checkpoint exists); a file whose text names one of them holds there alone. Unset (always, outside tests), it costs nothing."""
 from __future__ import annotations
 
 import os

@@ -16,6 +16,7 @@ import user_models as U  # noqa: E402
 
 from compressor.flops import count_flops  # noqa: E402
 from compressor.intake import intake, is_adapted  # noqa: E402
+from compressor.tasks import call as _call  # noqa: E402
 
 OWN = ["vit", "residual_mlp", "dw_cnn"]
 HF = ["hf_resnet", "hf_mobilenet", "hf_vit", "hf_bert"]
@@ -33,10 +34,6 @@ def _example(name, n=2):
         return {"input_ids": torch.randint(1, 256, (n, 16), generator=g),
                 "attention_mask": torch.ones(n, 16, dtype=torch.long)}
     return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-
-
-def _call(m, x):
-    return m(**x) if isinstance(x, dict) else m(x)
 
 
 def _model(name):
