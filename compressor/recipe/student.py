@@ -1,0 +1,110 @@
+"""The sections that make the student from the teacher instead of naming it: search, and pruning (layers,
+width, channels)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .sections import _Section
+
+
+class SearchSpec(_Section):
+    """Student search (compressor/search/): when set, the searched student replaces `student`."""
+
+    proxy: str = Field("diswot", description="zero-cost proxy (compressor.search.PROXIES): diswot, naswot, synflow, "
+                       "params, flops; for task: embedding diswot takes its relation form and synflow is refused")
+    trials: int = Field(200, ge=1)
+    population: int = Field(50, ge=2, description="NSGA-II population size")
+    family: Literal["cnn", "mlp", "transformer", "hf-encoder"] | None = Field(None, description="default: detected from the teacher")
+    builder: str | None = Field(None, description="student builder (a built-in name or 'module:function'); default: the family's")
+    space: dict[str, list[Any]] = Field(default_factory=dict, description="gene -> choices; overrides the detected space")
+    latency: Literal["predict", "measure"] = Field("predict", description="predict from a per-device model, or measure each")
+    calibration: int = Field(6, ge=3, description="candidates measured per device to fit the latency model")
+    predictor: str | None = Field(None, description="latency: predict: a predictor file written by `compress "
+                                  "calibrate` (predictors/<device>-<space>.json) for one of the targets; the search "
+                                  "predicts that target's latency with it instead of fitting its own on `calibration` "
+                                  "candidates")
+    batch_size: int = Field(64, ge=2, description="samples the proxies score on")
+    proxy_seeds: int = Field(1, ge=1, description="average the proxy over this many (initialisation, batch) "
+                             "pairs: slower by as much, less noisy (4 is a good value for diswot)")
+    storage: str | None = Field(None, description="Optuna storage URL (default: SQLite in the run directory)")
+    study: str | None = Field(None, description="study name (default: <recipe name>-search)")
+    seed_pruned: bool | PruneSpec | None = Field(
+        None, description="enqueue the teacher pruned (LAPTOP-Diff) as a candidate, so it competes on the Pareto "
+        "front and, when chosen, becomes the student with the teacher's weights. A prune spec ({by, remove}) "
+        "says how to prune it; true uses the recipe's prune section; default: seed when there is a prune section")
+
+    @model_validator(mode="after")
+    def _predictor(self):
+        if self.predictor and self.latency == "measure":
+            raise ValueError("predictor goes with latency: predict (this section has latency: measure)")
+        return self
+
+
+class WidthSpec(_Section):
+    """Width pruning after the layers (compressor/width.py): FFN neurons and attention heads cut out of the
+    teacher's weights, chosen by their linearised output loss under a FLOPs budget."""
+
+    remove: float = Field(gt=0, lt=1, description="the fraction of the (layer-pruned) model's FLOPs to remove")
+    ffn: bool = Field(True, description="cut neurons between a Linear and the next (Transformer FFNs, MLPs)")
+    heads: bool = Field(True, description="cut attention heads (modules with prune_heads: Hugging Face's)")
+    multiple: int = Field(16, ge=1, description="kept FFN widths are multiples of this (GEMM kernels prefer it)")
+    projections: int = Field(4, ge=1, description="random output projections per calibration batch")
+
+
+class ChannelsSpec(_Section):
+    """Structural pruning of any model (compressor/structural/, torch-pruning's DepGraph): channels,
+    neurons and attention heads, with every coupled slice (residual adds, depthwise convolutions,
+    BatchNorm, attention) cut together, under a FLOPs or params budget."""
+
+    remove: float = Field(gt=0, lt=1, description="the fraction of the (layer-pruned) model's FLOPs or params to remove")
+    by: Literal["flops", "params"] = Field("flops", description="what the budget counts")
+    importance: Literal["output-loss", "taylor", "magnitude"] = Field(
+        "output-loss", description="output-loss: the output loss against the teacher (second-order, Fisher by "
+        "random output projections) per FLOP; taylor: first-order Taylor of the labelled cross-entropy; "
+        "magnitude: L2 weight norm (torch-pruning's default)")
+    heads: bool = Field(True, description="remove whole attention heads where the layout is known (Hugging Face attention)")
+    multiple: int | None = Field(8, ge=1, description="kept widths are multiples of this (GEMM kernels prefer it); null: any")
+    keep_stem: bool = Field(False, description="keep the input stem's outputs (in most models the residual stream's width)")
+    projections: int = Field(4, ge=1, description="output-loss: random output projections per calibration batch")
+
+
+class PruneSpec(_Section):
+    """One-shot layer pruning of the teacher (compressor/prune.py), then optionally width pruning
+    (compressor/width.py) and structural pruning of any model (compressor/structural/); the pruned
+    teacher becomes the student."""
+
+    by: Literal["params", "flops", "units", "latency"] = Field("params", description="what the budget counts")
+    remove: float = Field(0, ge=0, description="params/flops/latency: the fraction of the teacher's to remove "
+                                               "(0.3 = 30%); units: how many blocks/layers to remove; 0: no layers, "
+                                               "only width or channels")
+    width: WidthSpec | None = Field(None, description="also narrow the layers that stay")
+    channels: ChannelsSpec | None = Field(None, description="also prune channels, neurons and heads of any model "
+                                                             "(torch-pruning's dependency graph)")
+    ignore: list[str] = Field(default_factory=list, description="module paths that pruning leaves as they are "
+                                                                 "(the classifier head is always kept)")
+    calibration_batches: int = Field(4, ge=1, description="training batches the output-loss criterion averages over")
+    device: str | None = Field(None, description="by: latency: the device profile whose latency counts "
+                                                 "(default: the recipe's first target)")
+    latency: Literal["measure", "predict"] = Field(
+        "measure", description="by: latency: measure the teacher without each unit on the device, or predict "
+        "it with the device's latency predictor (`compress calibrate DEVICE`)")
+    predictor: str | None = Field(None, description="latency: predict: the predictor JSON written by "
+                                                    "`compress calibrate` (predictors/<device>-<space>.json)")
+
+    @model_validator(mode="after")
+    def _amount(self):
+        if self.remove == 0 and self.width is None and self.channels is None:
+            raise ValueError("remove: 0 prunes nothing; give prune.channels or prune.width, or a remove above 0")
+        if self.by == "units" and self.remove != int(self.remove):
+            raise ValueError("with by: units, remove is a whole number of units")
+        if self.by != "units" and self.remove >= 1:
+            raise ValueError(f"with by: {self.by}, remove is a fraction below 1 (0.3 removes 30%)")
+        # Only values that differ from the defaults: a resolved recipe (a bundle's recipe.yaml, or one
+        # with --set overrides) spells out latency: measure, and must load again.
+        if self.by != "latency" and (self.device or self.predictor or self.latency != "measure"):
+            raise ValueError(f"device, latency and predictor go with by: latency (this section has by: {self.by})")
+        if self.latency == "predict" and not self.predictor:
+            raise ValueError("latency: predict needs predictor: the JSON file `compress calibrate DEVICE` wrote")
+        return self

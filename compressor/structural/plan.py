@@ -1,0 +1,54 @@
+"""The plan: what pruning changed, as plain data (attributes and tensor shapes per module), and the
+skeleton rebuilt from it that the pruned weights load into."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Plain attributes DepGraph changes on the modules it prunes, and the Hugging Face attention fields.
+_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+          "normalized_shape", "embed_dim", "kdim", "vdim", "num_heads", "head_dim", "num_embeddings",
+          "embedding_dim", "num_attention_heads", "attention_head_size", "all_head_size", "scaling")
+
+
+def _attrs(m: nn.Module) -> dict:
+    out = {}
+    for a in _ATTRS:
+        v = m.__dict__.get(a)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) or isinstance(v, tuple) and all(isinstance(i, int) for i in v):
+            out[a] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def plan_of(before: nn.Module, after: nn.Module) -> dict:
+    """What changed, as plain data: per module path, its changed attributes and tensor shapes."""
+    modules = {}
+    old = dict(before.named_modules())
+    for path, m in after.named_modules():
+        o = old.get(path)
+        if o is None:
+            continue
+        before_attrs = _attrs(o)
+        attrs = {k: v for k, v in _attrs(m).items() if before_attrs.get(k) != v}
+        old_tensors = {**o._parameters, **o._buffers}
+        shapes = {n: list(t.shape) for n, t in [*m._parameters.items(), *m._buffers.items()]
+                  if t is not None and old_tensors.get(n) is not None and t.shape != old_tensors[n].shape}
+        if attrs or shapes:
+            modules[path] = {"attrs": attrs, "shapes": shapes}
+    return {"modules": modules}
+
+
+def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
+    """The skeleton of the pruned model: ``model`` (the unpruned one) with the plan's attributes and
+    tensor shapes, in place. Load the pruned weights into it."""
+    for path, change in plan.get("modules", {}).items():
+        m = model.get_submodule(path) if path else model
+        for k, v in change["attrs"].items():
+            setattr(m, k, tuple(v) if isinstance(getattr(m, k, None), tuple) else v)
+        for n, shape in change["shapes"].items():
+            if n in m._parameters:
+                p = m._parameters[n]
+                m._parameters[n] = nn.Parameter(torch.zeros(shape, dtype=p.dtype), requires_grad=p.requires_grad)
+            else:
+                m._buffers[n] = torch.zeros(shape, dtype=m._buffers[n].dtype)
+    return model

@@ -1,0 +1,178 @@
+"""The pruning driver: a pruning ratio found by bisection (global, then uniform allocation) until the
+FLOPs or params budget is met, then BatchNorm recalibrated and the plan recorded."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..flops import count_flops, flops_by_module, no_fastpath
+from ..tasks import call, take
+from .importance import IMPORTANCE, GroupError, _named, _per_flop, ce_gradients, fisher
+from .plan import plan_of
+from .structure import _fix_heads, _TooFar, _tp, head_layout, kept_by_default
+
+
+def _set_grads(model: nn.Module, grads: dict) -> None:
+    for n, p in model.named_parameters():
+        g = grads.get(n)
+        p.grad = None if g is None else g.clone()
+
+
+def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: bool, multiple: int | None,
+                global_pruning: bool = True):
+    tp = _tp()
+    m = copy.deepcopy(model).eval()
+    if grads is not None:
+        _set_grads(m, grads)
+    num_heads, atts = head_layout(m)
+    # Every attention keeps at least one head.
+    head_ratio = min(ratio, min((1 - 1 / n for n in num_heads.values()), default=0.0) - 1e-6) if heads else 0.0
+    ignored = [m.get_submodule(p) for p in ignored_paths]
+    mha = [x for x in m.modules() if isinstance(x, nn.MultiheadAttention)]
+    pruner = tp.pruner.MetaPruner(
+        m, take(example, 1), importance=_named(importance(m), m, keep=max(multiple or 1, 1) if global_pruning else 0,
+                                              heads=set(num_heads)),
+        global_pruning=global_pruning, pruning_ratio=ratio,
+        max_pruning_ratio=0.95, ignored_layers=ignored, num_heads={**num_heads, **{a: a.num_heads for a in mha}},
+        prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
+        round_to=multiple, forward_fn=call)
+    with no_fastpath():
+        pruner.step()
+    _fix_heads(atts, pruner.num_heads)
+    for p in m.parameters():
+        p.grad = None
+    return m
+
+
+def _cost(model, example, by: str) -> float:
+    return float(count_flops(model, example) if by == "flops" else sum(p.numel() for p in model.parameters()))
+
+
+def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops", importance: str = "output-loss",
+                   ignore=(), keep_stem: bool = False, heads: bool = True, multiple: int | None = 8,
+                   projections: int = 4, labels=None, tolerance: float = 0.02, log=print):
+    """Prune channels, neurons and heads until ``remove`` of the model's FLOPs (or params) are gone.
+    Returns (pruned copy, plan, record dict)."""
+    tp = _tp()
+    if by not in ("flops", "params"):
+        raise UserError(f"prune.channels.by {by!r}: use flops or params")
+    if importance not in IMPORTANCE:
+        raise UserError(f"prune.channels.importance {importance!r}: use {', '.join(IMPORTANCE)}")
+    example = batches[0]
+    from ..distill.hooks import resolve
+
+    kept = {p: why for p, why in kept_by_default(model, example).items() if keep_stem or why != "input stem"}
+    for p in ignore:
+        resolve(model, p, "model")  # a UserError naming the module paths that exist
+    ignored_paths = list(dict.fromkeys([*kept, *ignore]))
+    grads = None
+    if importance == "magnitude":
+        def imp(m):
+            return tp.importance.GroupMagnitudeImportance(p=2)
+    else:
+        mflops = flops_by_module(model, example)
+        if importance == "output-loss":
+            grads = fisher(model, batches, projections)
+            base = tp.importance.GroupHessianImportance
+        else:
+            if labels is None:
+                raise UserError("prune.channels.importance: taylor needs labelled batches")
+            grads = ce_gradients(model, batches, labels)
+            base = tp.importance.GroupTaylorImportance
+        per_flop = _per_flop(base)
+
+        def imp(m):
+            return per_flop(mflops, {mod: name for name, mod in m.named_modules()}, normalizer=None)
+
+    total = _cost(model, example, by)
+    target = (1 - remove) * total
+    # Bisection on the ratio. Global allocation first (the least important channels anywhere go first);
+    # where some group cannot give enough (attention left without a head, a group at its limit) the cost is
+    # not monotonic near the top and the budget may be out of reach: then every group loses the same share
+    # (uniform), which reaches any budget the structure allows. The least cost seen goes in the error.
+    best, least = None, None
+    try:
+        for allocation in ("global", "uniform"):
+            lo, hi = 0.0, 0.9
+            for _ in range(12):
+                mid = (lo + hi) / 2
+                try:
+                    cand = _prune_copy(model, example, mid, imp, grads, ignored_paths, heads, multiple,
+                                       global_pruning=allocation == "global")
+                except _TooFar:
+                    hi = mid
+                    continue
+                c = _cost(cand, example, by)
+                least = c if least is None else min(least, c)
+                if c <= target:
+                    if best is None or c > best[2]:  # the closest to the budget from below
+                        best = (mid, cand, c, allocation)
+                    hi = mid
+                    if c >= target - tolerance * total:
+                        break
+                else:
+                    lo = mid
+            # Whole heads and multiples of 8 make the cost jump: a global cut that lands well under the
+            # budget gives way to a uniform one that lands closer.
+            if best is not None and best[2] >= target - tolerance * total:
+                break
+    except UserError:
+        raise
+    except GroupError as e:
+        def said(p):
+            m = model.get_submodule(p)
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1:
+                return f"{p} ({type(m).__name__} {m.in_channels}->{m.out_channels} in {m.groups} groups)"
+            return f"{p} ({type(m).__name__})"
+
+        raise UserError(f"prune.channels: torch-pruning cannot prune the channels of {', '.join(map(said, e.modules[:3]))} "
+                        f"({e}); add it and the layer that feeds it to prune.ignore") from None
+    except Exception as e:
+        raise UserError(f"prune.channels: torch-pruning cannot prune {type(model).__name__}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}; leave the module out with prune.ignore") from None
+    if best is None:
+        raise UserError(f"prune.channels: the most that pruning every group DepGraph found (kept: "
+                        f"{', '.join(ignored_paths) or 'none'}; multiple {multiple}) removes leaves {least:,.0f} {by} of "
+                        f"{total:,.0f}, above the {target:,.0f} asked; lower prune.channels.remove, its multiple, or "
+                        "prune.ignore")
+    ratio, pruned, after, allocation = best
+    bn = recalibrate_batchnorm(pruned, batches)
+    plan = plan_of(model, pruned)
+    info = {"by": by, "remove": remove, "importance": importance, "allocation": allocation, "ratio": round(ratio, 4),
+            "kept": kept,
+            "ignore": list(ignore), f"{by}_before": total, f"{by}_after": after,
+            "params": sum(p.numel() for p in pruned.parameters()),
+            "flops": int(after) if by == "flops" else count_flops(pruned, example),
+            "modules_changed": len(plan["modules"]), "batchnorm_recalibrated": bn}
+    log(f"prune.channels: {importance} importance, {allocation} ratio {ratio:.3f}: {by} {total:,.0f} -> {after:,.0f} "
+        f"({after / total:.1%}); {len(plan['modules'])} modules narrowed; kept {', '.join(ignored_paths) or 'nothing'}")
+    return pruned.requires_grad_(True), plan, info
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> int:
+    """Recompute BatchNorm running statistics on ``batches`` (a cumulative average): pruning changes every
+    BatchNorm's input distribution, and stale statistics alone can take a pruned CNN to chance accuracy.
+    Returns how many BatchNorm layers were recalibrated."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    was = model.training
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches
+    model.eval()
+    for m in bns:
+        m.train()
+    try:
+        for b in batches:
+            call(model, b)
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was)
+    return len(bns)

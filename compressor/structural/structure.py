@@ -1,0 +1,77 @@
+"""What pruning needs to know of a model's structure: torch-pruning itself, the order a forward pass calls
+the weighted modules in, the stem and head kept by default, and the Hugging Face attention head layout."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..flops import no_fastpath
+from ..intake import select_output
+from ..tasks import call, take
+
+
+def _tp():
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise UserError("prune.channels needs torch-pruning: pip install -c constraints.txt -e '.[prune]'") from None
+    return tp
+
+
+def _output(model, x):
+    return select_output(call(model, x))
+
+
+@torch.no_grad()
+def _weighted_order(model: nn.Module, example) -> list[str]:
+    """Paths of the modules with weights (conv, linear, embedding) in the order a forward pass calls them."""
+    order, handles = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)):
+            handles.append(m.register_forward_hook(lambda _m, _a, _o, name=name: order.append(name)))
+    try:
+        with no_fastpath():
+            call(model.eval(), take(example, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def kept_by_default(model: nn.Module, example) -> dict[str, str]:
+    """The input stem (the first weighted module a forward calls) and the classifier head (the last):
+    {path: why}. Embeddings count as the stem of a text model."""
+    order = _weighted_order(model, example)
+    if not order:
+        return {}
+    stem = [p for p in order if isinstance(model.get_submodule(p), nn.Embedding)] or order[:1]
+    return {**{p: "input stem" for p in stem}, order[-1]: "classifier head"}
+
+
+def head_layout(model: nn.Module) -> tuple[dict, list]:
+    """torch-pruning's ``num_heads`` ({q/k/v Linear: heads}) for Hugging Face-style attention, and those
+    attention modules (their head counts are set again after pruning)."""
+    heads, atts = {}, []
+    for m in model.modules():
+        n = getattr(m, "num_attention_heads", None)
+        qkv = [getattr(m, k, None) for k in ("query", "key", "value")]
+        if isinstance(n, int) and all(isinstance(q, nn.Linear) for q in qkv):
+            for q in qkv:
+                heads[q] = n
+            atts.append(m)
+    return heads, atts
+
+
+class _TooFar(Exception):
+    """A ratio that leaves some attention without a head: the bisection treats it as too much."""
+
+
+def _fix_heads(atts, num_heads: dict) -> None:
+    for m in atts:
+        n = num_heads[m.query]
+        if n < 1:
+            raise _TooFar
+        m.num_attention_heads = n
+        m.attention_head_size = m.query.out_features // n
+        m.all_head_size = m.query.out_features  # each layer reads its own attributes, not the shared config

@@ -1,0 +1,178 @@
+"""The QDQ graph: the rules ONNX Runtime, OpenVINO and TensorRT share (``check_qdq``), folding fake-quantized
+weights to int8 initializers (``fold_weight_quantizers``), and the node-name helpers both use."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from ..artifact import ExportError
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def module_path(node_name: str) -> str:
+    """The PyTorch module path of a node exported by the TorchScript exporter.
+
+    Node names look like ``/stages/stages.0/stages.0.0/conv1/Conv``: a segment with dots is a full path
+    from the root, one without is a child of the previous segment; the last segment is the op.
+    """
+    parts: list[str] = []
+    for seg in node_name.strip("/").split("/")[:-1]:
+        parts = seg.split(".") if "." in seg else [*parts, seg]
+    return ".".join(parts)
+
+
+def _in_scope(path: str, scopes) -> bool:
+    return any(path == s or path.startswith(s + ".") for s in scopes)
+
+
+def _producer(graph) -> dict:
+    return {o: n for n in graph.node for o in n.output}
+
+
+# Ops that only move values: a DQ before them still feeds the next op exact quantized values, and ORT and
+# TensorRT both move Q/DQ across them (NNCF puts the head's quantizer before Flatten).
+SHAPE_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+def _dequantized(name: str, prod: dict):
+    """The DequantizeLinear node feeding ``name`` (through shape-only ops), or None."""
+    n = prod.get(name)
+    while n is not None and n.op_type in SHAPE_OPS:
+        n = prod.get(n.input[0])
+    return n if n is not None and n.op_type == "DequantizeLinear" else None
+
+
+def _constant(name: str, prod: dict, inits: dict) -> bool:
+    """Whether ``name`` is a weight: an initializer or Constant, possibly through DQ and shape-only ops."""
+    seen = 0
+    while seen < 16:
+        if name in inits:
+            return True
+        n = prod.get(name)
+        if n is None:
+            return False
+        if n.op_type == "Constant":
+            return True
+        if n.op_type not in (*SHAPE_OPS, "DequantizeLinear", "QuantizeLinear"):
+            return False
+        name, seen = n.input[0], seen + 1
+    return False
+
+
+def check_qdq(path: str | Path, keep_float=()) -> dict:
+    """Check the QDQ graph rules; raise ExportError on a violation, return a summary.
+
+    A Conv/Gemm/MatMul whose inputs are not both dequantized is allowed only when its module path is in
+    ``keep_float``, or when it is a MatMul of two activations (attention), and is then listed as float. ``tensorrt_ready`` says whether every Q/DQ is int8 with
+    zero point 0 (TensorRT's explicit quantization rejects uint8 and non-zero zero points).
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    ops = Counter(n.op_type for n in g.node)
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in g.node if n.domain not in ("", "ai.onnx")})
+    fake = sorted({n.op_type for n in g.node if "fakequant" in n.op_type.lower()})
+    if custom or fake:
+        raise ExportError(f"{Path(path).name} holds non-standard quantization ops {', '.join(custom + fake)}: "
+                          "ONNX Runtime, OpenVINO and TensorRT accept only QuantizeLinear/DequantizeLinear")
+    if not ops.get("DequantizeLinear"):
+        raise ExportError(f"{Path(path).name} has no DequantizeLinear: it is not quantized")
+    prod = _producer(g)
+    inits = {t.name: t for t in g.initializer}
+    quantized, floating, bad, per_channel = [], [], [], []
+    for n in g.node:
+        if n.op_type not in COMPUTE_OPS:
+            continue
+        dq = [_dequantized(i, prod) for i in n.input[:2]]
+        where = module_path(n.name) or n.name
+        if all(dq):
+            quantized.append(where)
+            scale = inits.get(_dequantized(n.input[1], prod).input[1])
+            per_channel.append(scale is not None and int(np.prod(scale.dims)) > 1)
+        elif keep_float and _in_scope(where, keep_float):
+            floating.append(where)
+        elif n.op_type == "MatMul" and not any(_constant(i, prod, inits) for i in n.input[:2]):
+            # Two activations (attention scores Q K^T, then P V): no weight to quantize. NNCF's transformer
+            # scheme and TensorRT's explicit quantization both leave them to the float (or fp16) kernels.
+            floating.append(f"{where} (activation x activation MatMul)")
+        else:
+            bad.append(f"{n.op_type} {where} (inputs {'/'.join('DQ' if d else 'float' for d in dq)})")
+    if bad:
+        raise ExportError(f"{Path(path).name}: {len(bad)} compute node(s) without Q/DQ on their inputs: "
+                          f"{'; '.join(bad[:5])}")
+    zero_points, types = [], set()
+    for n in g.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+            zp = inits[n.input[2]]
+            types.add(onnx.TensorProto.DataType.Name(zp.data_type).lower())
+            zero_points.append(bool(np.all(numpy_helper.to_array(zp) == 0)))
+    return {"ops": dict(sorted(ops.items())), "quantized_nodes": len(quantized), "float_nodes": floating,
+            "per_channel_weights": bool(per_channel) and all(per_channel), "qdq_types": sorted(types),
+            # int32 Q/DQ are quantized biases: constant-foldable (polygraphy surgeon sanitize --fold-constants).
+            "tensorrt_ready": types - {"int32"} <= {"int8"} and all(zero_points),
+            "opset": next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)}
+
+
+def fold_weight_quantizers(path: str | Path) -> dict:
+    """Replace each QuantizeLinear of a constant (a weight) by its int8 result, in place.
+
+    The TorchScript exporter writes fake-quantized weights as fp32 initializer -> QuantizeLinear ->
+    DequantizeLinear, so the file stays fp32-sized. Storing the int8 values (what ORT's own quantizer
+    writes) is the same graph numerically (np.rint rounds half to even, as QuantizeLinear does) at about a
+    quarter of the weight bytes.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = Path(path)
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    prod = _producer(g)
+
+    def const(name):
+        n = prod.get(name)
+        while n is not None and n.op_type == "Identity":
+            name, n = n.input[0], prod.get(n.input[0])
+        return inits.get(name) if n is None else None
+
+    before, folded = path.stat().st_size, 0
+    for n in list(g.node):
+        if n.op_type != "QuantizeLinear" or len(n.input) < 3:
+            continue
+        w, s, z = (const(i) for i in n.input[:3])
+        if w is None or s is None or z is None:
+            continue
+        x, scale, zp = (numpy_helper.to_array(t) for t in (w, s, z))
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        if scale.size > 1:  # per-channel: broadcast along the axis
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        info = np.iinfo(zp.dtype)
+        q = np.clip(np.rint(x / scale) + zp.astype(np.int32), info.min, info.max).astype(zp.dtype)
+        g.initializer.append(numpy_helper.from_array(q, n.output[0]))
+        g.node.remove(n)
+        folded += 1
+    # Drop what nothing reads any more: the Identity copies of zero points, the fp32 weights.
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)
+    part = path.with_name(f".{path.name}.tmp")
+    onnx.save(m, str(part))
+    onnx.checker.check_model(str(part), full_check=True)
+    os.replace(part, path)
+    return {"weights_folded": folded, "bytes_before": before, "bytes": path.stat().st_size}

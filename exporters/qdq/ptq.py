@@ -1,0 +1,118 @@
+"""ONNX Runtime's post-training quantization of an fp32 ONNX file: static QDQ (calibrated) and dynamic."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..artifact import ExportError
+from .graph import _in_scope, module_path
+from .run import _length, _named
+
+
+class _Reader:
+    """CalibrationDataReader over arrays of inputs (one, or a dict by input name), fed in batches
+    (ORT calls get_next until None)."""
+
+    def __init__(self, names: list[str], inputs, batch: int = 32):
+        feeds = _named(names, inputs)
+        n = _length(inputs)
+        self.batches = [{k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+@contextlib.contextmanager
+def _prepared(fp32, out, keep_float):
+    """Run an ONNX Runtime quantizer in a temporary working directory (it and its calibrator leave
+    large files there): yields (pre-processed model, output path, nodes kept float), then moves the
+    output to ``out`` (a temporary name, then a rename). Paths are resolved first, so relative ones
+    still mean the caller's directory."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32, out = Path(fp32).resolve(), Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="compressor-ptq-") as tmp:
+        os.chdir(tmp)
+        try:
+            pre = Path(tmp) / "pre.onnx"
+            # Pre-processing folds BatchNorm into Conv (else ORT keeps a float Conv: no QLinearConv fusion)
+            # and infers shapes; symbolic shape inference fails on some exported graphs, so skip it.
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            graph = onnx.load(str(pre))
+            excluded = [n.name for n in graph.graph.node if keep_float and _in_scope(module_path(n.name), keep_float)]
+            tmp_out = Path(tmp) / "int8.onnx"
+            yield pre, tmp_out, excluded
+            part = out.with_name(f".{out.name}.tmp")
+            shutil.copyfile(tmp_out, part)
+            os.replace(part, out)
+        finally:
+            os.chdir(cwd)
+
+
+def quantize_static(fp32: str | Path, out: str | Path, calibration, *, activations: str = "uint8",
+                    keep_float=(), per_channel: bool = True, reduce_range: bool = False) -> dict:
+    """ONNX Runtime static QDQ quantization of ``fp32`` into ``out``; returns what it did.
+
+    int8 per-channel symmetric weights always. Activations: ``uint8`` (asymmetric; what ONNX Runtime's
+    x86 kernels run fastest) or ``int8`` (symmetric, zero point 0: what TensorRT requires). Nodes that
+    belong to a module path in ``keep_float`` stay in float. ``reduce_range``: weights use 7 bits of the
+    int8 range, for x86 CPUs without VNNI, whose u8 x s8 kernels otherwise saturate
+    (devices.bench_onnxruntime.int8_saturates). Runs in a temporary directory because the quantizer (and
+    its calibrator) leave large intermediate files in the working directory.
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    if activations not in ("uint8", "int8"):
+        raise ExportError(f"activations {activations!r}: use uint8 or int8")
+    names = [i.name for i in ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()]
+    with _prepared(fp32, out, keep_float) as (pre, tmp_out, excluded):
+        ort_quantize_static(
+            str(pre), str(tmp_out), _Reader(names, calibration), quant_format=QuantFormat.QDQ,
+            per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+            nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+            # int8 mode is TensorRT's: zero points 0 and biases left float (it fuses them itself).
+            extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True,
+                           "QuantizeBias": activations != "int8"})
+    return {"tool": "onnxruntime.quantization.quantize_static", "onnxruntime": ort.__version__,
+            "activations": activations, "weights": _weights(per_channel, reduce_range),
+            "calibration_samples": _length(calibration), "calibration_method": "MinMax",
+            "nodes_kept_float": excluded}
+
+
+def _weights(per_channel: bool, reduce_range: bool) -> str:
+    return ("int8 symmetric " + ("per-channel" if per_channel else "per-tensor")
+            + (", 7-bit range (reduce_range)" if reduce_range else ""))
+
+
+def quantize_dynamic(fp32: str | Path, out: str | Path, *, keep_float=(), per_channel: bool = True,
+                     reduce_range: bool = False) -> dict:
+    """ONNX Runtime dynamic quantization: int8 weights (per channel), activations quantized at run time
+    from each tensor's own range, so no calibration data. What Optimum's ORTQuantizer does for
+    Transformers on CPUs (avx512_vnni config); its MatMulInteger kernels run in ONNX Runtime, not in
+    TensorRT. Run in a temporary directory, as the static quantizer; ``reduce_range`` as there."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    with _prepared(fp32, out, keep_float) as (pre, tmp_out, excluded):
+        ort_quantize_dynamic(str(pre), str(tmp_out), per_channel=per_channel, reduce_range=reduce_range,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+    return {"tool": "onnxruntime.quantization.quantize_dynamic", "onnxruntime": ort.__version__,
+            "activations": "dynamic (uint8, range per tensor at run time)",
+            "weights": _weights(per_channel, reduce_range), "nodes_kept_float": excluded}
