@@ -8,58 +8,17 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-IMAGE = 32  # the digits space at the quickstart teacher's resolution
-SEQ = 64  # tokens per sample in the Transformer space
+# The sampled model families (calibrate_spaces.py), imported from here by the CLI and the tests.
+from .calibrate_spaces import (IMAGE, SEQ, SPACES, TinyTransformer, build_digits,  # noqa: F401
+                               build_transformer, sample_digits, sample_transformer)
+
 LANES = (8, 16)  # fp32 lanes of the vector units that conv FLOPs are rounded up to
-
-
-class TinyTransformer(nn.Module):
-    """Token embeddings in, class logits out: a small nn.TransformerEncoder with a mean-pooled head."""
-
-    def __init__(self, d_model=64, nhead=4, layers=2, ffn=128, num_classes=10):
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(d_model, nhead, ffn, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, num_classes)
-
-    def forward(self, x):
-        return self.head(self.encoder(x).mean(1))
-
-
-def sample_digits(rng: random.Random) -> dict:
-    stages = rng.choice([2, 3])
-    widths, w = [], rng.choice([4, 8, 12, 16, 24, 32])
-    for _ in range(stages):
-        widths.append(w)
-        w = min(128, w * rng.choice([1, 2, 2]))
-    return {"widths": widths, "depths": [rng.choice([1, 1, 2, 3]) for _ in range(stages)],
-            "kernel": rng.choice([3, 3, 5])}
-
-
-def sample_transformer(rng: random.Random) -> dict:
-    d = rng.choice([32, 64, 96, 128, 192])
-    return {"d_model": d, "nhead": rng.choice([h for h in (2, 4, 8) if d % h == 0]),
-            "layers": rng.choice([1, 2, 3, 4, 6]), "ffn": d * rng.choice([2, 4])}
-
-
-def build_digits(g: dict):
-    from .models import ResNet
-
-    return ResNet(in_channels=1, num_classes=10, **g), torch.randn(1, 1, IMAGE, IMAGE)
-
-
-def build_transformer(g: dict):
-    return TinyTransformer(**g), torch.randn(1, SEQ, g["d_model"])
-
-
-SPACES = {"digits": (sample_digits, build_digits), "transformer": (sample_transformer, build_transformer)}
 
 # aten operator -> feature family for per-operator FLOPs
 _FAMILIES = {"convolution": "conv", "mm": "matmul", "addmm": "matmul", "bmm": "matmul", "baddbmm": "matmul",
@@ -234,10 +193,11 @@ def disturbed(other_cores, cpus, threads) -> bool:
 def measure_space(space: str, device, n: int, *, seed: int = 0, rounds: int = 3, warmup: int = 10,
                   runs: int = 3000, max_seconds: float = 0.25, statistic: str = "min", log=print,
                   extra_rounds: int | None = None) -> list[dict]:
-    """Sample ``n`` distinct genomes, export each to ONNX, measure each ``rounds`` times (round robin, so
-    slow drifts of a shared machine spread over all candidates) and keep the lowest p50 (``statistic``
-    "p50") or the fastest single run ("min": interference from other processes only ever adds time, so
-    on a shared or throttling machine the minimum is the most repeatable figure).
+    """Sample ``n`` distinct genomes, export each to ONNX and measure each ``rounds`` times through one
+    compressor.measure.Meter (round robin, so slow drifts of a shared machine spread over all
+    candidates) and keep the lowest p50 (``statistic`` "p50") or the fastest single run ("min":
+    interference from other processes only ever adds time, so on a shared or throttling machine the
+    minimum is the most repeatable figure).
 
     Each measurement is a time window (``max_seconds``, ``runs`` only caps it), not a run count: 100 runs
     of a 0.05 ms model last 5 ms, and under load such a window often holds no undisturbed run. With
@@ -248,7 +208,7 @@ def measure_space(space: str, device, n: int, *, seed: int = 0, rounds: int = 3,
     they took cores the run needed is marked ``disturbed``. Candidates left with no undisturbed round
     are measured again, round robin, up to ``extra_rounds`` more times (default: ``rounds``); any still
     without one are kept, marked, and left out of the fit (fit_and_report)."""
-    from exporters.onnx import export_onnx
+    from .measure import Meter
 
     sample, build = SPACES[space]
     rng, seen, points = random.Random(seed), set(), []
@@ -263,21 +223,15 @@ def measure_space(space: str, device, n: int, *, seed: int = 0, rounds: int = 3,
         # the kernel list travels in the features: the predictor expands it (devices.predictor.kernel_features)
         points.append({"genome": g, "features": {**features(model, example), "kernels": kernels(model, example)},
                        "model": model, "example": example})
-    with tempfile.TemporaryDirectory(prefix="compressor-calibrate-") as tmp:
-        fast = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)  # else the trace holds one fused op ONNX lacks
-        try:
-            for i, p in enumerate(points):
-                p["path"] = Path(tmp) / f"c{i}.onnx"
-                export_onnx(p.pop("model"), (p.pop("example"),), p["path"], dynamic_batch=False)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fast)
+    with Meter(device, warmup=warmup, runs=runs, max_seconds=max_seconds) as meter:
+        for p in points:
+            p["path"] = meter.export(p.pop("model"), p.pop("example"))
         t0 = time.time()
         threads = getattr(getattr(device, "profile", None), "threads", 0) or 0
 
         def measure(todo):
             for p in todo:
-                m = device.measure(p["path"], batch=1, warmup=warmup, runs=runs, max_seconds=max_seconds)
+                m = meter.measure_file(p["path"], batch=1, fresh=True)  # every round a new window
                 p.setdefault("p50_ms", []).append(m.p50_ms)
                 p.setdefault("min_ms", []).append(m.min_ms)
                 p.setdefault("cv", []).append(m.cv)
@@ -363,7 +317,7 @@ def fit_and_report(device_name: str, space: str, pts: list[dict], *, holdout: fl
     were marked)."""
     from devices.predictor import LatencyPredictor, accuracy, cross_validate
 
-    from .bundle import atomic_write
+    from .files import atomic_write
 
     for p in pts:
         p["latency_ms"] = _latency(p, statistic)

@@ -6,11 +6,12 @@ calibrate DEVICE``), fits this, and predicts the rest. The caller computes each 
 ``flops_conv``, ``n_Conv2d``. Two models, both small enough to store as JSON and evaluate with numpy:
 
 - ``additive``: latency = overhead + sum of non-negative costs per feature unit (ms per FLOP, per
-  activation element, per layer of a type), fitted by non-negative least squares on relative error.
+  activation element, per layer of a type), fitted by non-negative least squares on relative error
+  (scikit-learn's LinearRegression(positive=True), which is scipy's NNLS).
   It is the shape of nn-Meter's per-kernel sum with features instead of a kernel table, and it
   extrapolates sanely: more work never predicts less time.
-- ``loglinear``: ridge regression of log latency on log(1 + feature): catches sub-linear scaling
-  (small layers underusing the cores) that an additive model misses.
+- ``loglinear``: ridge regression (scikit-learn's Ridge) of log latency on standardised log(1 + feature):
+  catches sub-linear scaling (small layers underusing the cores) that an additive model misses.
 
 ``method="auto"`` picks the one with the lower cross-validated mean absolute percentage error on the
 measurements. Saved with the device name, the space, the fit date, the points it was fitted on (so new
@@ -21,9 +22,9 @@ kernels a runtime runs (compressor.calibrate.kernels: conv with its BN and activ
 attention, add, pool, norm, ...; plain dicts). ``kernel_features`` turns them into sums per kernel type:
 conv FLOPs split by channel alignment to the vector width and by kernel size, bytes in and out, weights,
 kernel counts. The additive model then learns one cost per unit of each, i.e. a per-kernel-type linear
-cost summed over the kernels. nn-Meter measures each kernel alone and sums the lookups; on a small CPU
-under load that was worse here (a lone kernel pays the session's fixed cost and misses the layout
-reorders it shares with its neighbours in a model): see docs/devices-remote.md.
+cost summed over the kernels. nn-Meter measures each kernel alone and sums the lookups instead; fitting
+on whole models keeps what a lone kernel misses (the session's fixed cost, and the layout reorders a
+kernel shares with its neighbours in a model).
 """
 from __future__ import annotations
 
@@ -257,65 +258,62 @@ def accuracy(predictor: LatencyPredictor, samples) -> dict:
 
 
 def _design(pts):
+    """Feature names (sorted), the matrix of the features that vary, latencies, and the constant ones."""
     import numpy as np
+    from sklearn.feature_extraction import DictVectorizer
 
-    names = sorted({k for p in pts for k in p["features"]})
-    x = np.array([[p["features"].get(k, 0.0) for k in names] for p in pts], dtype=np.float64)
-    keep = [j for j in range(len(names)) if np.ptp(x[:, j]) > 0]  # constant columns carry nothing
-    const = {names[j]: float(x[0, j]) for j in range(len(names)) if j not in keep}
-    return [names[j] for j in keep], x[:, keep], np.array([p["latency_ms"] for p in pts]), const
+    vec = DictVectorizer(sparse=False)  # sorted names; a feature a point lacks is 0
+    x = vec.fit_transform([p["features"] for p in pts])
+    names = list(vec.get_feature_names_out())
+    keep = np.ptp(x, axis=0) > 0 if x.size else np.zeros(0, bool)  # constant columns carry nothing
+    const = {n: float(x[0, j]) for j, n in enumerate(names) if not keep[j]}
+    return [n for j, n in enumerate(names) if keep[j]], x[:, keep], np.array([p["latency_ms"] for p in pts]), const
 
 
 def _fit(device, pts, method, alpha) -> LatencyPredictor:
     import numpy as np
+    from sklearn.linear_model import LinearRegression, Ridge
+    from sklearn.preprocessing import StandardScaler
 
     names, x, y, const = _design(pts)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if method == "additive":
+        # Non-negative least squares on relative error: overhead + per-unit costs, all >= 0 (the overhead
+        # too, so it is a column of ones rather than sklearn's free intercept); weights 1/y^2 make the
+        # squared error relative. LinearRegression(positive=True) is scipy's NNLS.
         scale = np.maximum(np.abs(x).max(0), 1e-12) if x.size else np.ones(0)
-        a = np.hstack([np.ones((len(y), 1)), x / scale]) / y[:, None]  # rows weighted: relative error
-        sol = _nnls(a, np.ones(len(y)))
+        a = np.hstack([np.ones((len(y), 1)), x / scale])
+        sol = LinearRegression(positive=True, fit_intercept=False).fit(a, y, sample_weight=y ** -2.0).coef_
         return LatencyPredictor(device, method, names, [float(c) for c in sol[1:]], float(sol[0]),
                                 [float(s) for s in scale], now, points=pts, constants=const)
-    lx = np.log1p(np.maximum(x, 0))
-    mu, sd = lx.mean(0), lx.std(0)
-    sd[sd == 0] = 1.0
-    z = (lx - mu) / sd
+    # ridge regression of log latency on standardised log(1 + feature)
     ly = np.log(y)
-    b0 = ly.mean()
-    coef = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (ly - b0)) if z.size else np.zeros(0)
+    if x.shape[1]:
+        z = StandardScaler()
+        ridge = Ridge(alpha=alpha).fit(z.fit_transform(np.log1p(np.maximum(x, 0))), ly)
+        mu, sd, coef, b0 = z.mean_, z.scale_, ridge.coef_, ridge.intercept_
+    else:
+        mu = sd = coef = np.zeros(0)
+        b0 = ly.mean()
     scale = [float(v) for pair in zip(mu, sd) for v in pair]
     return LatencyPredictor(device, method, names, [float(c) for c in coef], float(b0), scale, now, points=pts,
                             constants=const)
 
 
-def _nnls(a, b):
-    """Non-negative least squares (scipy when present; else projected gradient, fine at this size)."""
-    import numpy as np
-
-    try:
-        from scipy.optimize import nnls
-
-        return nnls(a, b, maxiter=50 * a.shape[1] + 500)[0]
-    except ImportError:
-        x = np.zeros(a.shape[1])
-        step = 1.0 / max(np.linalg.norm(a, 2) ** 2, 1e-12)
-        for _ in range(20000):
-            x = np.maximum(0.0, x - step * (a.T @ (a @ x - b)))
-        return x
-
-
 def _cv_errors(pts, method, folds, alpha) -> list[float]:
-    """Absolute percentage errors of K-fold cross-validation (deterministic folds)."""
+    """Absolute percentage errors of K-fold cross-validation. The folds are deterministic and
+    interleaved (point j is held out in fold j mod k): points sorted by size (the search's calibration
+    picks) then put small and large candidates in every fold, so no fold extrapolates."""
+    import numpy as np
+    from sklearn.model_selection import PredefinedSplit
+
     k = min(folds, len(pts))
     errs = []
-    for i in range(k):
-        test = pts[i::k]
-        train = [p for j, p in enumerate(pts) if j % k != i]
-        if len(train) < 2:
+    for train_idx, test_idx in PredefinedSplit(np.arange(len(pts)) % k).split():
+        if len(train_idx) < 2:
             continue
-        m = _fit("cv", train, method, alpha)
-        errs += [abs(m.predict_ms(p["features"]) - p["latency_ms"]) / p["latency_ms"] for p in test]
+        m = _fit("cv", [pts[j] for j in train_idx], method, alpha)
+        errs += [abs(m.predict_ms(pts[j]["features"]) - pts[j]["latency_ms"]) / pts[j]["latency_ms"] for j in test_idx]
     return errs
 
 

@@ -10,32 +10,25 @@ reader can judge the search's latencies.
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
-import torch
 from torch import nn
 
 # Below this many measured candidates the predictor keeps only the whole-model features in FEW.
 RICH = 20
 FEW = ["flops", "params", "activations", "k_n"]
+# The search's measurement settings (a candidate is measured once, for its p50).
+MEASURE = {"warmup": 5, "runs": 30, "max_seconds": 2.0}
 
 
-def measure_model(model: nn.Module, example, device, *, warmup: int = 5, runs: int = 30,
-                  max_seconds: float = 2.0) -> float:
-    """p50 milliseconds at batch 1: export to ONNX in a temporary directory and measure on ``device``.
-    ``example`` is a tensor or a dict of tensors (a text encoder's input_ids and attention_mask: two
-    ONNX inputs, at the example's own sequence length, so the device needs no dims)."""
-    from exporters.onnx import export_onnx
+def measure_model(model: nn.Module, example, device, *, warmup: int = MEASURE["warmup"], runs: int = MEASURE["runs"],
+                  max_seconds: float = MEASURE["max_seconds"]) -> float:
+    """p50 milliseconds at batch 1 of one model on ``device`` (compressor.measure.Meter: exported to ONNX
+    in a temporary directory, measured once). ``example`` is a tensor or a dict of tensors (a text
+    encoder's input_ids and attention_mask: two ONNX inputs, at the example's own sequence length, so the
+    device needs no dims)."""
+    from ..measure import Meter
 
-    from ..tasks import as_tuple, onnx_io, take
-
-    x = take(example, 1)
-    with tempfile.TemporaryDirectory(prefix="compressor-search-") as tmp:
-        path = Path(tmp) / "candidate.onnx"
-        export_onnx(model, as_tuple(x), path, dynamic_batch=False, **onnx_io(x, "output", dynamic_batch=False))
-        m = device.measure(path, batch=1, warmup=warmup, runs=runs, max_seconds=max_seconds)
-    return float(m.p50_ms)
+    with Meter(device, warmup=warmup, runs=runs, max_seconds=max_seconds) as meter:
+        return meter.latency_ms(model, example)
 
 
 def candidate_features(model: nn.Module, example) -> dict:
@@ -50,16 +43,52 @@ def calibrate(device_name: str, device, build, genomes: list[dict], example, log
     """Measure ``genomes`` (``build(genome) -> nn.Module``) on ``device`` and fit its LatencyPredictor."""
     from devices.predictor import LatencyPredictor, cross_validate
 
+    from ..measure import Meter
+
     samples = []
-    for g in genomes:
-        model = build(g)
-        samples.append((candidate_features(model, example), measure_model(model, example, device, **measure_kw)))
+    with Meter(device, **{**MEASURE, **measure_kw}) as meter:  # one export and timing cache for them all
+        for g in genomes:
+            model = build(g)
+            samples.append((candidate_features(model, example), meter.latency_ms(model, example)))
     pred = LatencyPredictor.fit(device_name, samples, space="search", only=None if len(samples) >= RICH else FEW)
     cv = cross_validate(pred, folds=min(5, len(samples)))
     pred.meta.update(cross_validation=cv, latency="p50 of one measurement, batch 1", measure=measure_kw)
     log(f"latency predictor for {device_name}: {pred.method} on {len(pred.features)} features from {len(samples)} "
         f"measured candidates; cross-validated MAPE {cv['mape']:.1%}, {cv['within_10pct']:.0%} within 10%")
     return pred
+
+
+def fit_or_reuse(devices: dict, stored, space, build, example, *, given: dict | None = None, defaults=None,
+                 seed: int = 0, calibration: int = 6, log=print, **measure_kw) -> dict:
+    """{target: LatencyPredictor} for the search's ``devices``: the one ``given`` for a target (a file from
+    `compress calibrate`), else the one the Optuna study ``stored`` already keeps (a resumed search, or
+    another worker, predicts with the same one instead of refitting on new, noisy measurements), else
+    one fitted now on ``calibration`` genomes of ``space`` spread over its FLOPs range, and kept in the
+    study (its user attribute ``latency_models``, as ``record`` writes it)."""
+    import random
+
+    from devices.predictor import LatencyPredictor
+
+    from .proxies import cost
+
+    models = {}
+    saved = stored.user_attrs.get("latency_models", {})
+    for name, dev in devices.items():
+        if name in (given or {}):
+            models[name] = given[name]
+            continue
+        if "model" in saved.get(name, {}):  # a study from before devices.predictor has no "model": refit
+            models[name] = LatencyPredictor.from_dict(saved[name]["model"])
+            continue
+        rng = random.Random(seed)
+        sample = sorted((space.sample(rng) for _ in range(max(64, 8 * calibration))),
+                        key=lambda g: cost(lambda: space.skeleton(g, defaults), example)[1])
+        # Spread over the FLOPs range: the fit must cover small and large candidates alike.
+        picks = [sample[round(i * (len(sample) - 1) / max(1, calibration - 1))] for i in range(calibration)]
+        models[name] = calibrate(name, dev, build, picks, example, log=log, **measure_kw)
+        saved[name] = record(models[name])
+        stored.set_user_attr("latency_models", saved)
+    return models
 
 
 def record(pred) -> dict:

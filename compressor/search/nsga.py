@@ -9,91 +9,22 @@ search resumes where it stopped; a PostgreSQL URL lets several workers share one
 from __future__ import annotations
 
 import contextlib
-import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .latency import calibrate, candidate_features, measure_model, record
+from .latency import candidate_features, fit_or_reuse, measure_model, record
 from ..models import MLP, ResNet, count_flops, count_params
 from ..tasks import take
 from .proxies import conv_linear_flops, cost
+# Candidates, the result and its front live in results.py; imported from here by the search stage and tests.
+from .results import Candidate, SearchResult, _objective_value, _optuna, candidates, pareto, tightest  # noqa: F401
 from .spaces import Space, genome_key
-
-
-@dataclass
-class Candidate:
-    family: str
-    genome: dict
-    key: str
-    metrics: dict  # params, flops, size_mb, score, latency_ms {device: ms}, latency_label
-    feasible: bool = True
-    violations: dict = field(default_factory=dict)  # budget -> value over its limit
-    origin: str | None = None  # set for a seeded candidate (e.g. "pruned teacher"); None when sampled
-
-    def to_dict(self) -> dict:
-        return {"family": self.family, "genome": self.genome, "key": self.key, "metrics": self.metrics,
-                "feasible": self.feasible, "violations": self.violations,
-                **({"origin": self.origin} if self.origin else {})}
-
-
-@dataclass
-class SearchResult:
-    best: Candidate | None
-    front: list[Candidate]
-    candidates: list[Candidate]
-    latency_models: dict
-    objectives: list[str]
-    storage: str
-    study: str
-    seconds: float
-    scored: int  # candidates scored in this process (not taken from the study)
-    added: int = 0  # trials this process completed and stored (several workers: each one's share)
-    proxy: dict = field(default_factory=dict)  # name, task and the form it took (set by the search stage)
-
-    def summary(self) -> dict:
-        return {**({"proxy": self.proxy} if self.proxy else {}), "trials": len(self.candidates), "unique": len({c.key for c in self.candidates}),
-                "feasible": sum(c.feasible for c in self.candidates), "objectives": self.objectives,
-                "storage": self.storage, "study": self.study, "seconds": round(self.seconds, 2),
-                "scored_here": self.scored, "added_here": self.added,
-                "candidates_per_minute": round(60 * self.scored / self.seconds, 1) if self.seconds and self.scored else None}
-
-
-def _optuna():
-    try:
-        import optuna
-    except ImportError:
-        raise UserError("search needs optuna: pip install 'compressor[search]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna
-
-
-def pareto(cands: list[Candidate], objectives: list[str]) -> list[Candidate]:
-    """Non-dominated feasible candidates (score maximised, the rest minimised), by score."""
-    def vec(c):
-        return [-c.metrics["score"], *(_objective_value(c, o) for o in objectives[1:])]
-
-    pool = {}
-    for c in cands:  # the first trial of a genome stands for it (a seed keeps its origin)
-        if c.feasible:
-            pool.setdefault(c.key, c)
-    pool = pool.values()
-    vecs = [(c, vec(c)) for c in pool]
-    front = [c for c, v in vecs
-             if not any(all(a <= b for a, b in zip(w, v)) and any(a < b for a, b in zip(w, v)) for _, w in vecs)]
-    return sorted(front, key=lambda c: -c.metrics["score"])
-
-
-def _objective_value(c: Candidate, objective: str) -> float:
-    if objective.startswith("latency_ms["):
-        return c.metrics["latency_ms"][objective[len("latency_ms["):-1]]
-    return c.metrics[objective]
 
 
 def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults: dict | None = None,
@@ -182,27 +113,9 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
 
     # Latency predictors: fitted once per study and kept in it, so a resumed search (or another worker)
     # predicts with the same one instead of refitting on new, noisy measurements.
-    from devices.predictor import LatencyPredictor
-
-    models: dict[str, LatencyPredictor] = {}
-    saved = stored.user_attrs.get("latency_models", {})
-    for name, dev in devices.items():
-        if latency == "measure":
-            continue
-        if name in (predictors or {}):
-            models[name] = predictors[name]
-            continue
-        if "model" in saved.get(name, {}):  # a study from before devices.predictor has no "model": refit
-            models[name] = LatencyPredictor.from_dict(saved[name]["model"])
-            continue
-        rng = random.Random(seed)
-        sample = sorted((space.sample(rng) for _ in range(max(64, 8 * calibration))),
-                        key=lambda g: cost(lambda: space.skeleton(g, defaults), example)[1])
-        # Spread over the FLOPs range: the fit must cover small and large candidates alike.
-        picks = [sample[round(i * (len(sample) - 1) / max(1, calibration - 1))] for i in range(calibration)]
-        models[name] = calibrate(name, dev, build, picks, example, log=log, **measure_kw)
-        saved[name] = record(models[name])
-        stored.set_user_attr("latency_models", saved)
+    models = {} if latency == "measure" else fit_or_reuse(
+        devices, stored, space, build, example, given=predictors, defaults=defaults, seed=seed,
+        calibration=calibration, log=log, **measure_kw)
 
     cache: dict[str, dict] = {}
     scored = 0
@@ -324,16 +237,7 @@ def search(space: Space, proxy: Callable, batch, *, teacher_view=None, defaults:
         write_back()  # also on Ctrl-C: the finished trials are kept for --resume
     seconds = time.time() - t0
 
-    limits = {"size_mb": size_mb, **{f"latency_ms[{d}]": v for d, v in latency_ms.items()}}
-    cands = []
-    for t in study.trials:
-        if t.state.name != "COMPLETE" or "candidate" not in t.user_attrs:
-            continue
-        rec = t.user_attrs["candidate"]
-        m = rec["metrics"]
-        values = {"size_mb": m["size_mb"], **{f"latency_ms[{d}]": m["latency_ms"][d] for d in latency_ms}}
-        over = {b: values[b] - lim for b, lim in limits.items() if lim is not None and values[b] > lim}
-        cands.append(Candidate(space.family, rec["genome"], rec["key"], m, not over, over, rec.get("origin")))
+    cands = candidates(study.trials, space.family, size_mb, latency_ms)
     front = pareto(cands, objectives)
     best = front[0] if front else None
     return SearchResult(best, front, cands, {k: record(v) for k, v in models.items()}, objectives,
@@ -471,22 +375,3 @@ def _redact(url: str) -> str:
         cred, host = rest.rsplit("@", 1)
         return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}"
     return url
-
-
-def tightest(result: SearchResult, size_mb: float | None, latency_ms: dict) -> str:
-    """A one-line explanation of why no candidate met every budget, naming the tightest budget: the one
-    whose best value over all candidates is furthest over its limit, relative to the limit."""
-    limits = {"size_mb": size_mb, **{f"latency_ms[{d}]": v for d, v in latency_ms.items()}}
-    worst, text = -1.0, ""
-    for b, lim in limits.items():
-        if lim is None or not result.candidates:
-            continue
-        vals = [c.metrics["size_mb"] if b == "size_mb" else c.metrics["latency_ms"][b[len("latency_ms["):-1]]
-                for c in result.candidates]
-        low = min(vals)
-        ratio = low / lim
-        if ratio > worst:
-            label = "" if b == "size_mb" else f" ({result.candidates[0].metrics['latency_label']})"
-            worst, text = ratio, f"{b} {lim:g} (the smallest among {len(vals)} candidates is {low:.4g}{label})"
-    return (f"search: no candidate meets every budget; the tightest is {text}: relax it or widen the "
-            "search space") if text else "search: no candidate was evaluated"

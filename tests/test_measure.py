@@ -1,0 +1,92 @@
+"""compressor.measure.Meter: one export per model content, one timing per ONNX file, and a round robin
+that keeps each model's fastest run; on the local ONNX Runtime CPU device (no timing is asserted)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import exporters.onnx
+from compressor.measure import Meter, model_key
+from devices import get_device
+
+FAST = {"warmup": 1, "runs": 5, "max_seconds": 0.05}
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """Counts the real exports (export_onnx is imported by the Meter at call time)."""
+    calls = []
+    real = exporters.onnx.export_onnx
+
+    def counting(*a, **k):
+        calls.append(a[2])
+        return real(*a, **k)
+
+    monkeypatch.setattr(exporters.onnx, "export_onnx", counting)
+    return calls
+
+
+def test_the_same_model_is_exported_and_timed_once(tmp_path, exports):
+    dev = get_device("local-cpu")
+    x = torch.randn(4, 8)
+    with Meter(dev, cache_dir=tmp_path, **FAST) as meter:
+        a = meter.latency_ms(_tiny(), x)
+        b = meter.latency_ms(_tiny(), x)  # another object with the same architecture and weights
+        assert a > 0 and a == b  # the same file: the same timing within a run
+        assert len(exports) == 1 and meter.exports == 1 and meter.measurements == 1
+        assert len(list(tmp_path.glob("*.onnx"))) == 1
+        # a changed weight is another model: exported again
+        changed = _tiny()
+        with torch.no_grad():
+            changed[0].weight[0, 0] += 1.0
+        assert meter.latency_ms(changed, x) > 0
+        assert len(exports) == 2 and len(list(tmp_path.glob("*.onnx"))) == 2
+        # another input shape too; a batch of the same sample shape is not (batch 1 is exported)
+        assert model_key(_tiny(), x[:1]) == model_key(_tiny(), torch.randn(1, 8))
+        assert model_key(_tiny(), x[:1]) != model_key(_tiny(), torch.randn(1, 8, dtype=torch.float64))
+        meter.export(_tiny(), torch.randn(1, 1, 8))
+        assert len(exports) == 3
+    # a cache directory given again: its files are reused by a new Meter
+    with Meter(dev, cache_dir=tmp_path, **FAST) as again:
+        again.export(_tiny(), x)
+        assert again.exports == 0 and len(exports) == 3
+
+
+def test_round_robin_returns_one_positive_figure_per_model(exports):
+    measured = []
+    dev = get_device("local-cpu")
+
+    class Counting:  # the local CPU device, counting its measurements
+        def measure(self, path, **kw):
+            measured.append(path)
+            return dev.measure(path, **kw)
+
+    models = [_tiny(0), _tiny(1), _tiny(0)]  # the third has the first one's content
+    with Meter(Counting(), **FAST) as meter:
+        ms = meter.latencies_ms(models, torch.randn(2, 8), rounds=2)
+        cache = meter.cache_dir
+        assert cache.is_dir()
+    assert not cache.exists()  # a temporary cache is removed with the Meter
+    assert len(ms) == 3 and all(isinstance(v, float) and v > 0 and math.isfinite(v) for v in ms)
+    assert ms[0] == ms[2]  # one file, one figure
+    assert len(exports) == 2 and len(measured) == 2 * 2  # two distinct files, measured every round
+
+
+def test_a_device_without_min_ms_gives_its_p50(tmp_path):
+    from types import SimpleNamespace
+
+    class P50Only:
+        def measure(self, path, **kw):
+            return SimpleNamespace(p50_ms=1.5)
+
+    with Meter(P50Only(), cache_dir=tmp_path) as meter:
+        assert meter.latencies_ms([_tiny()], torch.randn(1, 8), rounds=2) == [1.5]
+        path = meter.export(_tiny(), torch.randn(1, 8))
+        assert meter.measure_file(path).p50_ms == 1.5 and meter.measurements == 2  # cached after the rounds
+        assert meter.measure_file(path, fresh=True) and meter.measurements == 3
