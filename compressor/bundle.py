@@ -15,6 +15,7 @@ from pathlib import Path
 from exporters.artifact import sha256
 
 from .errors import UserError
+from .files import atomic_write, write_json  # noqa: F401  (where callers found them)
 
 SCHEMA = "compressor.manifest/1"
 MANIFEST = "manifest.json"
@@ -22,22 +23,6 @@ MANIFEST = "manifest.json"
 
 class BundleError(UserError):
     pass
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def write_json(path: str | Path, obj) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 @dataclass
@@ -51,9 +36,13 @@ class StageRecord:
     seconds: float = 0.0
     parent: str | None = None
     started: str = ""
+    skipped: str | None = None  # why the stage did nothing (compressor.stages: its skip())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["skipped"] is None:
+            del d["skipped"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "StageRecord":

@@ -49,7 +49,7 @@ def search(recipe, out_dir, overrides, storage, study, worker):
     import yaml
 
     from .recipe import SearchSpec, load_recipe
-    from .search.stage import search_command
+    from .stages.search import search_command
 
     r = load_recipe(recipe, overrides)
     given = {k: v for k, v in (("storage", storage), ("study", study)) if v}
@@ -206,11 +206,14 @@ def main(argv=None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except Exception as e:
-        from .errors import user_errors
+        from devices import DeviceError
+        from exporters import ExportError
+
+        from .errors import UserError
 
         if DEBUG:
             raise
-        if isinstance(e, user_errors()):
+        if isinstance(e, (UserError, DeviceError, ExportError)):  # the user's to fix, in any subsystem
             click.echo(f"error: {e}", err=True)
             return 2
         click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)

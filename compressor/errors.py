@@ -13,10 +13,3 @@ class StageError(UserError):
         super().__init__(f"{stage}: {message}")
         self.stage = stage
 
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Every exception type that is the user's to fix, across compressor, exporters and devices."""
-    from devices import DeviceError
-    from exporters import ExportError
-
-    return (UserError, DeviceError, ExportError)

@@ -25,11 +25,17 @@ CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "inter
 INHERITED = ("path", "package", "pooling", "normalize")
 
 
+def is_hf_dir(name: str) -> bool:
+    """Whether ``name`` is a local directory holding a Hugging Face model (its config.json)."""
+    try:
+        return (Path(name).expanduser() / "config.json").is_file()
+    except (OSError, ValueError):  # not a usable path at all
+        return False
+
+
 def inherited(teacher_spec) -> dict:
     """The hf-encoder builder arguments a student takes from the recipe's teacher entry: where the
     model lives (its kwargs' path or package, or the teacher named as a directory) and its pooling."""
-    from .models import is_hf_dir
-
     out = {k: v for k, v in teacher_spec.kwargs.items() if k in INHERITED}
     if not out.keys() & {"path", "package"} and is_hf_dir(teacher_spec.model):
         out["path"] = teacher_spec.model

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ from torch import nn
 
 from .errors import UserError
 from .flops import count_flops  # noqa: F401  (the one counter, re-exported where callers found it)
+from .hf import is_hf_dir  # noqa: F401  (callers find it here too)
 
 
 class BasicBlock(nn.Module):
@@ -125,13 +125,6 @@ def resolve_ref(ref: str, what: str):
     if not callable(fn):
         raise UserError(f"{what} {ref!r}: {attr!r} is not callable")
     return fn
-
-
-def is_hf_dir(name: str) -> bool:
-    try:
-        return (Path(name).expanduser() / "config.json").is_file()
-    except (OSError, ValueError):  # not a usable path at all
-        return False
 
 
 def build_model(name: str, config: dict, defaults: dict | None = None, what: str = "model") -> nn.Module:

@@ -15,18 +15,16 @@
 from __future__ import annotations
 
 import copy
-import math
-import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from .distill.hooks import first_tensor
+from .intake import first_tensor
 from .errors import UserError
 from .flops import count_flops as flops  # the one counter, under the name width.py and tests use
-from .tasks import call
+from .tasks import call, output
 
 
 @dataclass
@@ -39,13 +37,6 @@ class Unit:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def output(model: nn.Module, batch) -> torch.Tensor:
-    y = first_tensor(call(model, batch))
-    if y is None:
-        raise UserError(f"{type(model).__name__} returned no tensor; layer pruning compares outputs")
-    return y
 
 
 def _first_input(args, kwargs):
@@ -255,28 +246,15 @@ def _features(model: nn.Module, x: torch.Tensor, removed) -> dict:
 
 # --------------------------------------------------------------------------- latency as the budget
 
-def measure_round_robin(models, example: torch.Tensor, device, *, rounds: int = 3, warmup: int = 10,
-                        runs: int = 50, max_seconds: float = 2.0) -> list[float]:
-    """Milliseconds at batch 1 for each model on ``device``: each exported to ONNX once, then all measured
-    ``rounds`` times in turn, keeping each one's fastest run (``min_ms``). Round robin spreads a shared
-    machine's slow spells over every model, and the fastest run is the figure that repeats (the same
-    statistic as `compress calibrate`)."""
-    import tempfile
-    from pathlib import Path
+def measure_round_robin(models, example, device, *, rounds: int = 3, warmup: int = 10, runs: int = 50,
+                        max_seconds: float = 2.0) -> list[float]:
+    """Milliseconds at batch 1 for each model on ``device``, measured ``rounds`` times in turn, each one's
+    fastest run kept (compressor.measure.Meter.latencies_ms): round robin spreads a shared machine's slow
+    spells over every model, and the fastest run is the figure that repeats."""
+    from .measure import Meter
 
-    from exporters.onnx import export_onnx
-
-    with tempfile.TemporaryDirectory(prefix="compressor-prune-") as tmp:
-        paths = []
-        for i, m in enumerate(models):
-            paths.append(Path(tmp) / f"variant{i}.onnx")
-            export_onnx(m, (example[:1],), paths[-1], dynamic_batch=False)
-        best = [float("inf")] * len(paths)
-        for _ in range(rounds):
-            for i, path in enumerate(paths):
-                m = device.measure(path, batch=1, warmup=warmup, runs=runs, max_seconds=max_seconds)
-                best[i] = min(best[i], float(getattr(m, "min_ms", None) or m.p50_ms))
-    return best
+    with Meter(device, warmup=warmup, runs=runs, max_seconds=max_seconds) as meter:
+        return meter.latencies_ms(models, example, rounds=rounds)
 
 
 @torch.no_grad()
@@ -375,87 +353,7 @@ def prune_teacher(teacher: nn.Module, batches, by: str = "params", remove: float
     return student, info
 
 
-def latency_source(spec, targets, log=print) -> dict:
-    """prune_teacher's keyword arguments for a ``by: latency`` spec: the device to measure on (the
-    spec's, else the recipe's first target) or the predictor to predict with."""
-    if spec.by != "latency":
-        return {}
-    if spec.latency == "predict":
-        from devices import DeviceError
-        from devices.predictor import LatencyPredictor
-
-        try:
-            return {"predictor": LatencyPredictor.load(spec.predictor)}
-        except DeviceError as e:
-            raise UserError(f"prune.predictor: {e}") from None
-    from devices import DeviceError, get_device, load_profile
-
-    name = spec.device or (targets[0] if targets else None)
-    if name is None:
-        raise UserError("prune by: latency needs prune.device (a device profile) or a target to measure on")
-    try:
-        dev = get_device(load_profile(name))
-    except DeviceError as e:
-        raise UserError(f"prune.device: {e}") from None
-    why = dev.why_unavailable()
-    if why:
-        raise UserError(f"prune by: latency cannot measure on {name} ({why}); use latency: predict with a "
-                        "predictor, or by: flops")
-    return {"device": dev, "measure_kw": {"warmup": 10, "runs": 50, "max_seconds": 2.0}}
-
-
-# ------------------------------------------------------------------------------------- additivity
-
-def spearman(a, b) -> float:
-    """Spearman's rank correlation (average ranks for ties), without scipy."""
-    def ranks(x):
-        x = list(x)
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    va = math.sqrt(sum((x - ma) ** 2 for x in ra))
-    vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
-    return cov / (va * vb) if va and vb else float("nan")
-
-
-@torch.no_grad()
-def additivity(model: nn.Module, batches, n_sets: int = 40, seed: int = 0, units: list[Unit] | None = None) -> dict:
-    """LAPTOP-Diff's premise, measured: for random sets of 2..n-1 units, the rank correlation between
-    the sum of single-unit losses and the measured loss of removing the set together."""
-    units = units or score_units(model, find_units(model, batches[0]), batches, with_flops=False)
-    if len(units) < 3:
-        raise UserError(f"additivity needs at least 3 prunable units, {type(model).__name__} has {len(units)}")
-    model.eval()
-    refs = [output(model, b) for b in batches]
-    rng = random.Random(seed)
-    seen, rows = set(), []
-    for _ in range(n_sets * 20):
-        if len(rows) == n_sets:
-            break
-        k = rng.randint(2, len(units) - 1)
-        s = tuple(sorted(rng.sample(range(len(units)), k)))
-        if s in seen:
-            continue
-        seen.add(s)
-        rows.append({"removed": [units[i].path for i in s], "predicted": sum(units[i].loss for i in s),
-                     "measured": set_loss(model, [units[i].path for i in s], batches, refs)})
-    return {"spearman": spearman([r["predicted"] for r in rows], [r["measured"] for r in rows]),
-            "sets": len(rows), "units": [u.to_dict() for u in units], "rows": rows}
-
-
-# ------------------------------------------------------------------------------------ the pipeline stage
+# ------------------------------------------------------------------------------------ pruned students
 
 def rebuild(genome: dict) -> nn.Module:
     """A pruned student from its genome alone (the teacher's builder, config and removed units); its
@@ -468,7 +366,7 @@ def rebuild(genome: dict) -> nn.Module:
 
 def narrowed(student: nn.Module, plan: dict | None, channels: dict | None = None) -> nn.Module:
     """The layer-pruned teacher with the width plan's neurons and heads cut (compressor/width.py), then
-    reshaped to the channel plan (compressor/structural.py: shapes only, load the pruned weights next)."""
+    reshaped to the channel plan (compressor/structural/: shapes only, load the pruned weights next)."""
     if plan:
         from .width import apply_plan
 
@@ -480,69 +378,9 @@ def narrowed(student: nn.Module, plan: dict | None, channels: dict | None = None
     return student
 
 
-def stage(ctx):
-    """The pipeline's prune stage: with a ``prune:`` section the pruned teacher replaces the student."""
-    from .bundle import StageRecord
-
-    spec = ctx.recipe.prune
-    if spec is None:
-        return StageRecord("prune", metrics={"skipped": "no prune section in the recipe"})
-    search = getattr(ctx, "records", {}).get("search")
-    seeded = (search.metrics.get("pruned_seed") or {}) if search is not None else {}
-    if seeded.get("seeded"):
-        # The search already weighed the pruned teacher against its candidates; its choice stands.
-        won = seeded["chosen"]
-        why = ("the search chose the pruned teacher" if won else
-               f"the search chose another candidate over the pruned teacher ({', '.join(seeded['removed'])} removed)")
-        ctx.log(f"prune: {why}; the student stays the search's")
-        return StageRecord("prune", config=spec.model_dump(mode="json"),
-                           metrics={"skipped": f"{why} (search.seed_pruned)", "chosen_by_search": won})
-    batches, labels = calibration_batches(ctx.data, ctx.recipe.data.batch_size, spec.calibration_batches,
-                                          labels=True)
-    if spec.remove:
-        student, info = prune_teacher(ctx.teacher, batches, spec.by, spec.remove, log=ctx.log, ignore=spec.ignore,
-                                      **latency_source(spec, ctx.recipe.targets, ctx.log))
-    else:  # width or channels only
-        student, info = build_pruned(ctx.teacher, []), {"removed": []}
-    plan = None
-    if spec.width is not None:
-        from .width import prune_width
-
-        w = spec.width
-        student, plan, info["width"] = prune_width(student, batches, w.remove, ffn=w.ffn, heads=w.heads,
-                                                   multiple=w.multiple, projections=w.projections, log=ctx.log)
-    channels = None
-    if spec.channels is not None:
-        from .structural import prune_channels
-
-        c = spec.channels
-        student, channels, info["channels"] = prune_channels(
-            student, batches, c.remove, by=c.by, importance=c.importance, ignore=spec.ignore, keep_stem=c.keep_stem,
-            heads=c.heads, multiple=c.multiple, projections=c.projections, labels=labels, log=ctx.log)
-    if spec.width is not None or spec.channels is not None:
-        info["params"] = sum(p.numel() for p in student.parameters())
-        info["flops"] = flops(student, batches[0])
-        # The whole cut (layers and width) against the teacher, as the layer criterion measures it.
-        if "measured_loss" in info:
-            info["layers_measured_loss"] = info["measured_loss"]
-        info["measured_loss"] = _sq_error_mean(ctx.teacher, student, batches)
-    ctx.student = student
-    ctx.genome = _genome(ctx, info["removed"], plan, channels)
-    if channels:
-        # Resuming before distillation has saved its weights needs the pruned teacher's own.
-        path = ctx.scratch / "pruned.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(student.state_dict(), path.with_name(".pruned.pt.tmp"))
-        path.with_name(".pruned.pt.tmp").replace(path)
-    ctx.log(f"the pruned teacher replaces the recipe's student: {info['params']:,} params, "
-            f"{info['flops'] / 1e6:.1f} MFLOPs")
-    return StageRecord("prune", config=spec.model_dump(mode="json"),
-                       metrics={k: v for k, v in info.items() if k != "removed"},
-                       outputs={"removed": info["removed"], "width": plan, "channels": channels, "genome": ctx.genome})
-
-
 @torch.no_grad()
-def _sq_error_mean(teacher: nn.Module, student: nn.Module, batches) -> float:
+def sq_error_mean(teacher: nn.Module, student: nn.Module, batches) -> float:
+    """The mean squared error of ``student``'s outputs against ``teacher``'s over ``batches``, per sample."""
     was = student.training
     teacher.eval()
     student.eval()
@@ -552,54 +390,3 @@ def _sq_error_mean(teacher: nn.Module, student: nn.Module, batches) -> float:
         total, n = total + _sq_error(output(student, b), ref), n + len(ref)
     student.train(was)
     return total / n
-
-
-def restore(ctx, rec) -> None:
-    if "removed" in rec.outputs:
-        ctx.student = narrowed(build_pruned(ctx.teacher, rec.outputs["removed"]), rec.outputs.get("width"),
-                               rec.outputs.get("channels"))
-        ctx.genome = rec.outputs["genome"]
-        if rec.outputs.get("channels"):
-            from .teacher import load_state
-
-            ctx.student.load_state_dict(load_state(ctx.scratch / "pruned.pt", "pruned teacher"))
-
-
-def _genome(ctx, removed, plan=None, channels=None) -> dict:
-    t = ctx.recipe.teacher
-    g = {"model": t.model, "config": t.kwargs, "defaults": ctx.genome.get("defaults", {}),
-         "pruned_from": "teacher", "removed": list(removed)}
-    if plan:
-        g["width"] = plan
-    if channels:
-        g["channels"] = channels
-    return g
-
-
-def main(argv=None) -> None:
-    """python -m compressor.prune additivity [--recipe quickstart] [--sets 40] [--batches 4]: the rank
-    correlation between summed single-unit losses and measured set losses on a recipe's teacher."""
-    import argparse
-    import json
-
-    from .data import load_data
-    from .recipe import load_recipe
-    from .teacher import load_teacher
-
-    ap = argparse.ArgumentParser(prog="python -m compressor.prune")
-    ap.add_argument("what", choices=["additivity"])
-    ap.add_argument("--recipe", default="quickstart")
-    ap.add_argument("--sets", type=int, default=40)
-    ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    recipe = load_recipe(args.recipe)
-    data = load_data(recipe.data, recipe.seed)
-    teacher, _ = load_teacher(recipe, data)
-    batches = calibration_batches(data, recipe.data.batch_size, args.batches)
-    r = additivity(teacher, batches, n_sets=args.sets, seed=args.seed)
-    print(json.dumps({k: r[k] for k in ("spearman", "sets")} | {"units": [(u["path"], u["loss"]) for u in r["units"]]}))
-
-
-if __name__ == "__main__":
-    main()

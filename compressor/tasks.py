@@ -14,15 +14,23 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .intake import first_tensor
 
 
 def call(model: nn.Module, x):
     """Run a batch that is a tensor or a dict of tensors (Hugging Face inputs)."""
     return model(**x) if isinstance(x, dict) else model(x)
+
+
+def output(model: nn.Module, batch) -> torch.Tensor:
+    """``model``'s output tensor on ``batch`` (the first tensor of a tuple or a ModelOutput)."""
+    y = first_tensor(call(model, batch))
+    if y is None:
+        raise UserError(f"{type(model).__name__} returned no tensor; pruning compares outputs")
+    return y
 
 
 def take(x, n: int):

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .prune import flops, output
+from .flops import count_flops as flops
+from .tasks import output
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,9 +19,19 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from devices.ethos import cpu_ops as vela_cpu_ops  # one reader of Vela's output (exporters may use devices)
-
 from .artifact import Artifact, ExportError, sha256
+
+# Vela names an operator it leaves on the CPU in its warnings (the CPU: lines say only "Passthrough").
+# devices/ethos.py reads the same output for its estimates; exporters never import devices.
+_REJECTED = re.compile(r"^Warning \(supported operators\) operator: (\w+), ofm: '(.*)'")
+_CPU_OP = re.compile(r"^\s*CPU:\s*(\S+)\s*=\s*(.*?)\s*(\(outputs.*\))?$")
+
+
+def vela_cpu_ops(stdout: str) -> list[str]:
+    """'TYPE (tensor name)' for each operator Vela leaves on the CPU."""
+    lines = stdout.splitlines()
+    ops = [f"{m.group(1)} ({m.group(2)[-60:]})" for ln in lines if (m := _REJECTED.match(ln))]
+    return ops or [f"{m.group(1)} ({m.group(2)[-60:]})" for ln in lines if (m := _CPU_OP.match(ln))]
 
 
 def _first_line(e: BaseException) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.quantize import weight_range
+from compressor.stages.quantize import weight_range
 from compressor.recipe import load_recipe
 from devices.bench_onnxruntime import host_info, int8_saturates
 from exporters.onnx import export_onnx
@@ -103,7 +103,8 @@ def test_nncf_overflow_fix_gives_seven_bit_weights_that_run_right(saturating, tm
     from onnx import numpy_helper
     from types import SimpleNamespace
 
-    from compressor.quantize import _nncf_export, _nncf_quantize
+    from compressor.quantize import nncf_quantize
+    from compressor.stages.quantize import _nncf_export
     from compressor.tasks import Classification
 
     _, x, _, model = saturating
@@ -111,8 +112,8 @@ def test_nncf_overflow_fix_gives_seven_bit_weights_that_run_right(saturating, tm
     recipe = _recipe([], mode="ptq-nncf", reduce_range=True)
     ctx = SimpleNamespace(recipe=recipe, work=tmp_path, log=lambda s: None, task=Classification(),
                           example=lambda n=1: xt[:n])
-    q = _nncf_quantize(copy.deepcopy(model), xt, recipe.quantize, "uint8", [], ctx, reduce_range=True)
-    stripped, out = _nncf_export(q, ctx, recipe.quantize)
+    q = nncf_quantize(copy.deepcopy(model), xt, recipe.quantize, "uint8", [], reduce_range=True)
+    stripped, out = _nncf_export(q, ctx)
     weights = [numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
                if t.data_type == onnx.TensorProto.INT8 and t.dims]
     assert weights and all(w.min() >= -64 and w.max() <= 64 for w in weights)

@@ -1,7 +1,7 @@
 import pytest
 
 import compressor
-from compressor import pipeline
+from compressor import stages
 from compressor.errors import UserError
 
 
@@ -17,27 +17,29 @@ def test_api_run_reports_quality_and_speed(tiny_bundle):
 
 
 def test_stage_order_is_data():
-    assert list(pipeline.STAGE_ORDER).index("distill") < list(pipeline.STAGE_ORDER).index("export")
-    assert set(pipeline.STAGES) <= set(pipeline.STAGE_ORDER)
+    assert list(stages.NAMES).index("distill") < list(stages.NAMES).index("export")
+    for stage in stages.ORDER:  # one interface for every stage
+        assert {"name", "needs", "skip", "run", "restore"} <= set(vars(stage)), stage.__name__
+        assert stage.__name__.endswith("." + stage.name)
 
 
 def test_resume_after_a_failed_stage(tiny_recipe, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_profile = pipeline.STAGES["profile"]
     calls = {"distill": 0}
-    real_distill = pipeline.STAGES["distill"]
+    real_distill = stages.distill.run
 
     def counting_distill(ctx):
         calls["distill"] += 1
-        return real_distill[0](ctx)
+        return real_distill(ctx)
 
     def crash(ctx):
         raise RuntimeError("board unplugged")
 
-    monkeypatch.setitem(pipeline.STAGES, "distill", (counting_distill, real_distill[1]))
-    monkeypatch.setitem(pipeline.STAGES, "profile", (crash, real_profile[1]))
-    with pytest.raises(RuntimeError, match="board unplugged"):
-        compressor.run(tiny_recipe, out, log=lambda s: None)
+    monkeypatch.setattr(stages.distill, "run", counting_distill)
+    with monkeypatch.context() as m:
+        m.setattr(stages.profile, "run", crash)
+        with pytest.raises(RuntimeError, match="board unplugged"):
+            compressor.run(tiny_recipe, out, log=lambda s: None)
     partial = tmp_path / "run.partial"
     assert not out.exists() and partial.is_dir()
     finished = {p.stem for p in (partial / "stages").glob("*.json")}
@@ -49,13 +51,12 @@ def test_resume_after_a_failed_stage(tiny_recipe, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="recipe differs"):
         compressor.run(changed, out, resume=True, log=lambda s: None)
 
-    monkeypatch.setitem(pipeline.STAGES, "profile", real_profile)
     logs = []
     bundle = compressor.run(tiny_recipe, out, resume=True, log=logs.append)
     assert calls["distill"] == 1  # not repeated
     assert any("[distill] done earlier" in l for l in logs)
     m = compressor.verify(bundle)
-    assert [s["name"] for s in m["stages"]] == [n for n in pipeline.STAGE_ORDER if n in finished | {"profile"}]
+    assert [s["name"] for s in m["stages"]] == [n for n in stages.NAMES if n in finished | {"profile"}]
     assert not partial.exists()
     distilled = next(s for s in m["stages"] if s["name"] == "distill")
     assert m["quality"]["student"]["accuracy"] == distilled["metrics"]["accuracy"]

@@ -116,12 +116,6 @@ def test_prune_teacher_and_rebuild_from_genome():
     torch.testing.assert_close(rebuilt.eval()(x), student.eval()(x))
 
 
-def test_spearman():
-    assert P.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
-    assert P.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
-    assert P.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
-
-
 def test_recipe_prune_section_is_validated(tiny_recipe):
     from compressor.recipe import load_recipe
 
@@ -161,11 +155,13 @@ def test_pipeline_budget_removing_everything(deep_tiny, tmp_path):
 
 def test_additivity_report():
     """The mechanics of the additivity check (the figure on the quickstart teacher comes from
-    ``python -m compressor.prune additivity``; an untrained net here keeps the test fast)."""
+    ``python benchmarks/prune_additivity.py``; an untrained net here keeps the test fast)."""
     torch.manual_seed(0)
     m = ResNet(widths=(8, 16), depths=(3, 3), in_channels=1).eval()
     x = torch.randn(32, 1, 16, 16)
-    r = P.additivity(m, [x[:16], x[16:]], n_sets=12)
+    from compressor.additivity import additivity
+
+    r = additivity(m, [x[:16], x[16:]], n_sets=12)
     assert r["sets"] == 12 and len(r["units"]) == 5
     row = r["rows"][0]
     assert 2 <= len(row["removed"]) <= 4
@@ -177,14 +173,15 @@ def test_restore_rebuilds_the_student_from_the_record():
     from types import SimpleNamespace
 
     from compressor.bundle import StageRecord
+    from compressor.stages import prune as stage
 
     m = resnet()
     rec = StageRecord("prune", outputs={"removed": ["stages.0.1"], "genome": {"removed": ["stages.0.1"]}})
     ctx = SimpleNamespace(teacher=m, student=None, genome={})
-    P.restore(ctx, rec)
+    stage.restore(ctx, rec)
     assert isinstance(ctx.student.stages[0][1], nn.Identity) and ctx.genome["removed"] == ["stages.0.1"]
     ctx = SimpleNamespace(teacher=m, student="kept", genome={})
-    P.restore(ctx, StageRecord("prune", metrics={"skipped": "no prune section in the recipe"}))
+    stage.restore(ctx, StageRecord("prune", skipped="no prune section in the recipe"))
     assert ctx.student == "kept"
 
 
@@ -271,8 +268,10 @@ def test_recipe_prune_by_latency_is_validated(tiny_recipe):
     tiny_recipe["targets"] = []
     tiny_recipe["prune"] = {"by": "latency", "remove": 0.3}
     r = load_recipe(tiny_recipe)
+    from compressor.stages.prune import latency_source
+
     with pytest.raises(UserError, match="needs prune.device"):
-        P.latency_source(r.prune, r.targets)
+        latency_source(r.prune, r.targets)
 
 
 def test_shipped_prune_recipe():

@@ -12,8 +12,9 @@ from torch import nn
 from compressor.errors import StageError, UserError
 from compressor.tasks import Classification
 from compressor.models import ResNet
-from compressor.quantize import (BucketQuant, bucket_quantize, calibration_inputs, compressed_bits, fold_batchnorm,
-                                 float_layers, integer_grid, qat_fit)
+from compressor.quantize import (BucketQuant, bucket_quantize, compressed_bits, fold_batchnorm, float_layers,
+                                 integer_grid)
+from compressor.stages.quantize import calibration_inputs, qat_fit
 from compressor.recipe import load_recipe
 from exporters import ExportError
 from exporters.onnx import export_onnx

@@ -11,9 +11,10 @@ from torch import nn
 pytest.importorskip("nncf")
 pytest.importorskip("torchao")  # nncf.strip(NATIVE) needs it
 
-from compressor.pipeline import Context  # noqa: E402
+from compressor.context import Context  # noqa: E402
 from compressor.tasks import Classification  # noqa: E402
-from compressor.quantize import _nncf_export, _nncf_quantize, fold_batchnorm  # noqa: E402
+from compressor.quantize import fold_batchnorm, nncf_quantize  # noqa: E402
+from compressor.stages.quantize import _nncf_export  # noqa: E402
 from compressor.recipe import load_recipe  # noqa: E402
 from exporters.qdq import check_qdq, run_onnxruntime  # noqa: E402
 
@@ -34,8 +35,8 @@ def test_nncf_export_is_standard_qdq(tmp_path, act):
     x = torch.randn(64, 1, 12, 12)
     ctx = _ctx(tmp_path, x)
     spec = ctx.recipe.quantize
-    q = _nncf_quantize(fold_batchnorm(model, log=ctx.log), x, spec, act, [], ctx)
-    stripped, out = _nncf_export(q, ctx, spec)
+    q = nncf_quantize(fold_batchnorm(model, log=ctx.log), x, spec, act, [])
+    stripped, out = _nncf_export(q, ctx)
     c = check_qdq(out)
     assert c["quantized_nodes"] == 2 and c["per_channel_weights"]
     assert c["tensorrt_ready"] == (act == "int8")  # signed activations forced for TensorRT
@@ -62,8 +63,8 @@ def test_nncf_keep_float(tmp_path):
                           nn.Linear(8, 10)).eval()
     x = torch.randn(32, 1, 12, 12)
     ctx = _ctx(tmp_path, x)
-    q = _nncf_quantize(model, x, ctx.recipe.quantize, "uint8", ["4"], ctx)  # the head stays float
-    _, out = _nncf_export(q, ctx, ctx.recipe.quantize)
+    q = nncf_quantize(model, x, ctx.recipe.quantize, "uint8", ["4"])  # the head stays float
+    _, out = _nncf_export(q, ctx)
     assert check_qdq(out, keep_float=["net.4"])["float_nodes"] == ["net.4"]
 
 
@@ -72,7 +73,7 @@ def test_qat_kd_stage(tiny_recipe, tmp_path):
     ptq-ort in test_quantize.py): fake quant, one epoch against the teacher, QDQ export, checks, parity."""
     from compressor.data import load_data
     from compressor.models import ResNet
-    from compressor.quantize import stage
+    from compressor.stages.quantize import run as stage
 
     r = copy.deepcopy(tiny_recipe)
     r["quantize"] = {"mode": "qat-kd", "epochs": 1, "calibration": 64}

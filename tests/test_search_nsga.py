@@ -184,7 +184,8 @@ def test_recipe_search_predictor_from_compress_calibrate(tmp_path, tiny_recipe, 
     from compressor.data import load_data
     from compressor.models import ResNet
     from compressor.recipe import load_recipe
-    from compressor.search import latency, nsga, stage
+    from compressor.search import latency, nsga
+    from compressor.stages import search as stage
     from devices.predictor import LatencyPredictor
 
     monkeypatch.setattr(calibrate, "SPARE_CORES", 99.0)  # a busy CI machine: this test is not about load

@@ -85,7 +85,7 @@ def test_pruned_genome_of_a_resnet_and_an_encoder():
 
 def test_seed_pruned_true_needs_a_prune_section(tiny_recipe):
     from compressor.recipe import load_recipe
-    from compressor.search.stage import _seed_spec
+    from compressor.stages.search import _seed_spec
 
     r = load_recipe({**tiny_recipe, "search": {"seed_pruned": True}})
     with pytest.raises(UserError, match="seed_pruned: true uses the recipe's prune section"):
@@ -117,7 +117,7 @@ def test_pipeline_search_and_prune_the_pruned_teacher_wins(deep_tiny, tmp_path):
     seed = search["metrics"]["pruned_seed"]
     assert seed["chosen"] and seed["feasible_rank"] == 1 and len(seed["removed"]) == 1
     assert search["metrics"]["best"]["origin"] == "pruned teacher"
-    assert "search.seed_pruned" in prune["metrics"]["skipped"] and prune["metrics"]["chosen_by_search"]
+    assert "search.seed_pruned" in prune["skipped"] and seed["chosen"]
     assert man["student"]["removed"] == seed["removed"]
     student = P.rebuild(man["student"])
     student.load_state_dict(torch.load(out / "model" / "student.pt", weights_only=True))
@@ -128,12 +128,12 @@ def test_pipeline_search_and_prune_the_pruned_teacher_wins(deep_tiny, tmp_path):
 def test_seed_record_and_prune_stage_when_another_candidate_wins():
     from types import SimpleNamespace
 
-    from compressor import prune as P
     from compressor.bundle import StageRecord
     from compressor.recipe import PruneSpec
+    from compressor.stages import prune
     from compressor.search.nsga import Candidate
     from compressor.search.spaces import genome_key
-    from compressor.search.stage import _seed_record
+    from compressor.stages.search import _seed_record
 
     seed = {"genome": {"layers": 1, "width_0": 8, "width_1": 8}, "removed": ["body.1"], "prune": {}}
     mine = Candidate("mlp", seed["genome"], genome_key(seed["genome"]), {"score": 1.0, "size_mb": 0.1},
@@ -145,9 +145,8 @@ def test_seed_record_and_prune_stage_when_another_candidate_wins():
     # The prune stage leaves the searched student alone and says why.
     ctx = SimpleNamespace(recipe=SimpleNamespace(prune=PruneSpec(by="units", remove=1)), student="searched",
                           records={"search": StageRecord("search", metrics={"pruned_seed": rec})}, log=lambda s: None)
-    out = P.stage(ctx)
-    assert ctx.student == "searched" and "another candidate" in out.metrics["skipped"]
-    assert out.metrics["chosen_by_search"] is False
+    why = prune.skip(ctx)
+    assert ctx.student == "searched" and "another candidate" in why and "search.seed_pruned" in why
 
 
 def test_proxy_averaged_over_more_batches(tmp_path, batch):
@@ -169,7 +168,7 @@ def test_proxy_averaged_over_more_batches(tmp_path, batch):
 def test_search_spec_proxy_seeds_reaches_the_search(tiny_recipe, monkeypatch, tmp_path):
     from compressor.data import load_data
     from compressor.recipe import load_recipe
-    from compressor.search import stage
+    from compressor.stages import search as stage
 
     seen = {}
 

@@ -1,4 +1,5 @@
-"""The `search` pipeline stage and `compress search`: find the student, then hand it to the pipeline.
+"""search: find the student (compressor.search: NSGA-II over a space derived from the teacher), then hand
+it to the pipeline; also `compress search`, the search alone.
 
 The best candidate is the highest proxy score among those meeting every budget (size, latency per
 device); it replaces the recipe's student, and its genome goes into the manifest so the student can be
@@ -7,14 +8,18 @@ rebuilt from the bundle alone. The Pareto front goes into the stage record and a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from ..bundle import StageRecord, atomic_write, write_json
+from ..bundle import StageRecord
+from ..context import Context, load_inputs
 from ..errors import UserError
+from ..files import atomic_write, write_json
 from ..models import build_model
+
+name = "search"
+needs = ("teacher", "data", "genome")
 
 
 def _defaults(data, recipe=None, space=None) -> dict:
@@ -79,8 +84,9 @@ def _seed_spec(recipe, spec):
 def pruned_seed(recipe, data, teacher, spec, space, log=print) -> dict | None:
     """Prune the teacher as the recipe says (LAPTOP-Diff) and return its genome in ``space`` with what
     was removed; None when not asked, or (with a log line) when the space cannot express it."""
-    from ..prune import calibration_batches, latency_source, prune_teacher
-    from .spaces import pruned_genome
+    from ..prune import calibration_batches, prune_teacher
+    from ..search.spaces import pruned_genome
+    from .prune import latency_source
 
     ps = _seed_spec(recipe, spec)
     if ps is None:
@@ -111,12 +117,12 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bo
     A storage named in the recipe, or ``worker``, is shared: it is used directly (each trial stored as
     it ends) so other processes see every trial. A worker draws its own sampler seed; the recipe's
     seed still builds each candidate, so every worker scores a genome alike."""
+    from ..search import PROXIES
+    from ..search.latency import load_predictors
+    from ..search.nsga import search
+    from ..search.proxies import TeacherView, check_task
+    from ..search.spaces import from_spec
     from ..tasks import at_length, size, take
-    from . import PROXIES
-    from .latency import load_predictors
-    from .nsga import search
-    from .proxies import TeacherView, check_task
-    from .spaces import from_spec
 
     if spec.proxy not in PROXIES:
         raise UserError(f"search.proxy {spec.proxy!r}: known proxies are {', '.join(PROXIES)}")
@@ -167,7 +173,7 @@ def _seed_record(seed, result) -> dict | None:
     """What became of the pruned-teacher seed: its candidate, its rank by score, whether it was chosen."""
     if seed is None:
         return None
-    from .spaces import genome_key
+    from ..search.spaces import genome_key
 
     key = genome_key(seed["genome"])
     mine = next((c for c in result.candidates if c.key == key), None)
@@ -179,60 +185,24 @@ def _seed_record(seed, result) -> dict | None:
             "feasible": len(ranked), "candidate": mine.to_dict() if mine else None, "prune": seed["prune"]}
 
 
-def plot_front(result, path: Path) -> Path:
-    """Every candidate (score against its first cost objective), the feasible ones, the Pareto front
-    and the chosen one. Agg backend: no display needed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .nsga import _objective_value
-
-    obj = result.objectives[1]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for feasible, style in ((False, dict(c="0.75", s=12, label="over a budget")),
-                            (True, dict(c="tab:blue", s=14, label="meets every budget"))):
-        pts = [c for c in result.candidates if c.feasible == feasible]
-        if pts:
-            ax.scatter([_objective_value(c, obj) for c in pts], [c.metrics["score"] for c in pts], **style)
-    if result.front:
-        f = sorted(result.front, key=lambda c: _objective_value(c, obj))
-        ax.plot([_objective_value(c, obj) for c in f], [c.metrics["score"] for c in f], "o-", c="tab:red",
-                ms=4, label="Pareto front")
-    if result.best:
-        ax.scatter([_objective_value(result.best, obj)], [result.best.metrics["score"]], marker="*", s=180,
-                   c="gold", edgecolors="k", zorder=5, label="chosen")
-    label = result.candidates[0].metrics.get("latency_label", "") if result.candidates else ""
-    ax.set_xlabel(f"{obj}{f' ({label})' if obj.startswith('latency') else ''}")
-    ax.set_ylabel("proxy score (higher is better)")
-    ax.set_title(f"student search: {len(result.candidates)} trials")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A name the pipeline's stray-file sweep (".*.tmp") knows, and one per process: workers sharing an
-    # output directory each write their own.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
 def write_outputs(space, result, out: Path) -> dict:
     """candidates.json and pareto.png under ``out``; returns their names."""
     write_json(out / "candidates.json", {"space": space.to_dict(), **result.summary(),
                                          "candidates": [c.to_dict() for c in result.candidates]})
+    from ..search.plot import plot_front
+
     plot_front(result, out / "pareto.png")
     return {"candidates": "candidates.json", "plot": "pareto.png"}
 
 
-def stage(ctx) -> StageRecord:
-    from .nsga import tightest
+def skip(ctx: Context) -> str | None:
+    return None if ctx.recipe.search is not None else "the recipe has no search section"
+
+
+def run(ctx: Context) -> StageRecord:
+    from ..search.nsga import tightest
 
     spec = ctx.recipe.search
-    if spec is None:
-        return StageRecord("search", metrics={"skipped": "the recipe has no search section"})
     space, result, seed = run_search(ctx.recipe, ctx.data, ctx.teacher, spec, ctx.scratch, ctx.log)
     b = ctx.recipe.budgets
     files = {k: f"search/{v}" for k, v in write_outputs(space, result, ctx.work / "search").items()}
@@ -267,7 +237,7 @@ def stage(ctx) -> StageRecord:
     lat = ", ".join(f"{d} {v:.3f} ms ({m['latency_label']})" for d, v in m["latency_ms"].items())
     ctx.log(f"search: chose {space.config(best.genome)} ({m['params']:,} params, {m['flops'] / 1e6:.1f} MFLOPs, "
             f"{m['size_mb']:.3f} MB{', ' + lat if lat else ''}; score {m['score']:.4g}); plot in {files['plot']}")
-    return StageRecord("search", config=spec.model_dump(mode="json"),
+    return StageRecord(name, config=spec.model_dump(mode="json"),
                        metrics={**result.summary(), "space": space.to_dict(), "best": best.to_dict(),
                                 "front": [c.to_dict() for c in result.front],
                                 "latency_models": result.latency_models,
@@ -275,7 +245,7 @@ def stage(ctx) -> StageRecord:
                        outputs={**files, "student": ctx.genome})
 
 
-def restore(ctx, rec: StageRecord) -> None:
+def restore(ctx: Context, rec: StageRecord) -> None:
     if "student" not in rec.outputs:
         return
     g = rec.outputs["student"]
@@ -292,15 +262,10 @@ def restore(ctx, rec: StageRecord) -> None:
 def search_command(recipe, out: Path, log=print, worker: bool = False) -> dict:
     """`compress search`: the search alone, its study and outputs in ``out``; returns the best.
     ``worker``: one of several processes adding trials to a shared study (see run_search)."""
-    from ..data import load_data
-    from ..pipeline import _data_defaults
     from ..recipe import SearchSpec
-    from ..teacher import load_teacher
-    from .nsga import tightest
+    from ..search.nsga import tightest
 
-    torch.manual_seed(recipe.seed)
-    data = load_data(recipe.data, recipe.seed, defaults=_data_defaults(recipe))  # a text teacher's tokenizer
-    teacher, _ = load_teacher(recipe, data, log=log)
+    data, teacher, _ = load_inputs(recipe, log)  # a text teacher lends the data its tokenizer
     spec = recipe.search or SearchSpec()
     space, result, seed = run_search(recipe, data, teacher, spec, out, log, worker=worker)
     write_outputs(space, result, out)

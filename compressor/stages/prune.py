@@ -1,0 +1,129 @@
+"""prune: with a ``prune:`` section the teacher, cut as the recipe says, becomes the student: whole layers
+(compressor.prune, LAPTOP-Diff's output-loss criterion), FFN neurons and heads (compressor.width), channels
+of any model (compressor.structural). The genome in the record rebuilds it (compressor.prune.rebuild)."""
+from __future__ import annotations
+
+import torch
+
+from ..bundle import StageRecord
+from ..context import Context
+from ..errors import UserError
+from ..flops import count_flops as flops
+from ..prune import build_pruned, calibration_batches, narrowed, prune_teacher, sq_error_mean
+from ..recipe import PruneSpec
+
+name = "prune"
+needs = ("teacher", "data", "genome", "records")
+
+
+
+def skip(ctx: Context) -> str | None:
+    if ctx.recipe.prune is None:
+        return "no prune section in the recipe"
+    search = ctx.records.get("search")
+    seeded = (search.metrics.get("pruned_seed") or {}) if search is not None else {}
+    if seeded.get("seeded"):
+        # The search already weighed the pruned teacher against its candidates; its choice stands.
+        why = ("the search chose the pruned teacher" if seeded["chosen"] else
+               f"the search chose another candidate over the pruned teacher ({', '.join(seeded['removed'])} removed)")
+        ctx.log(f"prune: {why}; the student stays the search's")
+        return f"{why} (search.seed_pruned)"
+    return None
+
+
+def run(ctx: Context) -> StageRecord:
+    spec = ctx.recipe.prune
+    batches, labels = calibration_batches(ctx.data, ctx.recipe.data.batch_size, spec.calibration_batches,
+                                          labels=True)
+    if spec.remove:
+        student, info = prune_teacher(ctx.teacher, batches, spec.by, spec.remove, log=ctx.log, ignore=spec.ignore,
+                                      **latency_source(spec, ctx.recipe.targets, ctx.log))
+    else:  # width or channels only
+        student, info = build_pruned(ctx.teacher, []), {"removed": []}
+    plan = None
+    if spec.width is not None:
+        from ..width import prune_width
+
+        w = spec.width
+        student, plan, info["width"] = prune_width(student, batches, w.remove, ffn=w.ffn, heads=w.heads,
+                                                   multiple=w.multiple, projections=w.projections, log=ctx.log)
+    channels = None
+    if spec.channels is not None:
+        from ..structural import prune_channels
+
+        c = spec.channels
+        student, channels, info["channels"] = prune_channels(
+            student, batches, c.remove, by=c.by, importance=c.importance, ignore=spec.ignore, keep_stem=c.keep_stem,
+            heads=c.heads, multiple=c.multiple, projections=c.projections, labels=labels, log=ctx.log)
+    if spec.width is not None or spec.channels is not None:
+        info["params"] = sum(p.numel() for p in student.parameters())
+        info["flops"] = flops(student, batches[0])
+        # The whole cut (layers and width) against the teacher, as the layer criterion measures it.
+        if "measured_loss" in info:
+            info["layers_measured_loss"] = info["measured_loss"]
+        info["measured_loss"] = sq_error_mean(ctx.teacher, student, batches)
+    ctx.student = student
+    ctx.genome = _genome(ctx, info["removed"], plan, channels)
+    if channels:
+        # Resuming before distillation has saved its weights needs the pruned teacher's own.
+        path = ctx.scratch / "pruned.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(student.state_dict(), path.with_name(".pruned.pt.tmp"))
+        path.with_name(".pruned.pt.tmp").replace(path)
+    ctx.log(f"the pruned teacher replaces the recipe's student: {info['params']:,} params, "
+            f"{info['flops'] / 1e6:.1f} MFLOPs")
+    return StageRecord(name, config=spec.model_dump(mode="json"),
+                       metrics={k: v for k, v in info.items() if k != "removed"},
+                       outputs={"removed": info["removed"], "width": plan, "channels": channels, "genome": ctx.genome})
+
+
+
+def restore(ctx: Context, rec: StageRecord) -> None:
+    if "removed" in rec.outputs:
+        ctx.student = narrowed(build_pruned(ctx.teacher, rec.outputs["removed"]), rec.outputs.get("width"),
+                               rec.outputs.get("channels"))
+        ctx.genome = rec.outputs["genome"]
+        if rec.outputs.get("channels"):
+            from ..teacher import load_state
+
+            ctx.student.load_state_dict(load_state(ctx.scratch / "pruned.pt", "pruned teacher"))
+
+
+def _genome(ctx: Context, removed, plan=None, channels=None) -> dict:
+    t = ctx.recipe.teacher
+    g = {"model": t.model, "config": t.kwargs, "defaults": ctx.genome.get("defaults", {}),
+         "pruned_from": "teacher", "removed": list(removed)}
+    if plan:
+        g["width"] = plan
+    if channels:
+        g["channels"] = channels
+    return g
+
+
+def latency_source(spec: PruneSpec, targets, log=print) -> dict:
+    """prune_teacher's keyword arguments for a ``by: latency`` spec: the device to measure on (the
+    spec's, else the recipe's first target) or the predictor to predict with."""
+    if spec.by != "latency":
+        return {}
+    if spec.latency == "predict":
+        from devices import DeviceError
+        from devices.predictor import LatencyPredictor
+
+        try:
+            return {"predictor": LatencyPredictor.load(spec.predictor)}
+        except DeviceError as e:
+            raise UserError(f"prune.predictor: {e}") from None
+    from devices import DeviceError, get_device, load_profile
+
+    name = spec.device or (targets[0] if targets else None)
+    if name is None:
+        raise UserError("prune by: latency needs prune.device (a device profile) or a target to measure on")
+    try:
+        dev = get_device(load_profile(name))
+    except DeviceError as e:
+        raise UserError(f"prune.device: {e}") from None
+    why = dev.why_unavailable()
+    if why:
+        raise UserError(f"prune by: latency cannot measure on {name} ({why}); use latency: predict with a "
+                        "predictor, or by: flops")
+    return {"device": dev, "measure_kw": {"warmup": 10, "runs": 50, "max_seconds": 2.0}}
