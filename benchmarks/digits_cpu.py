@@ -39,6 +39,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from host import repo_path  # noqa: E402  (results hold no absolute paths)
+
 SETTINGS = ("full", "fewlabel", "searched", "pruned", "fewlabel-kd", "fewlabel-ce")
 EPOCHS = None  # --epochs: distill epochs of the pipeline settings (None: the recipe's)
 FEW_STUDENT = {"widths": [8, 16, 32], "depths": [1, 1, 1]}
@@ -465,7 +468,7 @@ def main(argv=None) -> int:
     prof = next(s for s in m["stages"] if s["name"] == "profile")["metrics"]
     res["bundle_peak_gflops"] = (prof.get("peak_gflops") or {}).get("local-cpu", {}).get("gflops")
     # One yardstick for every setting's rows (each bundle probed its own, at another moment of load).
-    from compressor.pipeline import gemm_peak_gflops
+    from devices.peak import gemm_peak_gflops
 
     res["peak_gflops"] = round(gemm_peak_gflops(2), 1)
     for r in res["rows"]:
@@ -506,7 +509,7 @@ def main(argv=None) -> int:
     if ckpt:
         from exporters.artifact import sha256
 
-        res["teacher_checkpoint"] = {"path": ckpt, "sha256": sha256(Path(ckpt))}
+        res["teacher_checkpoint"] = {"path": repo_path(ckpt), "sha256": sha256(Path(ckpt))}
     res["seconds"] = round(time.time() - t0, 1)
     from compressor.bundle import atomic_write
 

@@ -6,8 +6,21 @@ import os
 import platform
 import time
 from importlib import metadata
+from pathlib import Path
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx_tile")
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
+
+def repo_path(path) -> str:
+    """``path`` as a results file records it: relative to the repository root; ``~/...`` under the home
+    directory (the teacher cache); else only its name. Never an absolute path of the machine that ran."""
+    p = Path(path).expanduser().resolve()
+    for base, prefix in ((ROOT, ""), (Path.home().resolve(), "~/")):
+        if p.is_relative_to(base):
+            rel = p.relative_to(base).as_posix()
+            return prefix + rel if rel != "." else (prefix.rstrip("/") or ".")
+    return f"<outside the repository>/{p.name}"
 
 
 def machine(dists=("compressor", "pytorch-lightning", "onnx"), **extra) -> dict:

@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from host import repo_path  # noqa: E402  (results hold no absolute paths)
+
 SEQUENCE = 128
 THREADS = 2
 
@@ -276,7 +279,7 @@ def main(argv=None) -> int:
                 log(f"{role} {name}: unavailable ({row['unavailable']})")
                 continue
             path = Path(rt.path)
-            row["file"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+            row["file"] = repo_path(path)
             row["mb"] = (path.stat().st_size + (path.with_suffix(".bin").stat().st_size
                                                  if path.suffix == ".xml" else 0)) / 1e6
             row.update(quality(rt, held_out, labels, ref, teacher_probe))
@@ -307,7 +310,7 @@ def main(argv=None) -> int:
                       "goal_met": bool(fp["b1"]["p50_ms"] / fs["b1"]["p50_ms"] >= 4 and fs["agreement"] >= 0.9
                                        and fs["probe_retained"] >= 0.97)}
     res["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    res["bundle"] = {"path": str(bundle), "stages_seconds": round(sum(s["seconds"] for s in manifest["stages"])),
+    res["bundle"] = {"path": repo_path(bundle), "stages_seconds": round(sum(s["seconds"] for s in manifest["stages"])),
                      "student": manifest["student"], "quality": manifest["quality"]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

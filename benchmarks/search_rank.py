@@ -28,6 +28,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from host import repo_path  # noqa: E402  (results hold no absolute paths)
 
 from compressor.data import DataSplits, _split, digits  # noqa: E402
 from compressor.models import ResNet, count_params  # noqa: E402
@@ -63,9 +66,10 @@ def train(model, data: DataSplits, epochs: int, lr: float, seed: int, teacher=No
 
 
 def kendall(a, b) -> float:
+    """Kendall's tau-b (ties in either ranking counted as scipy does)."""
     from scipy.stats import kendalltau
 
-    return float(kendalltau(a, b).statistic)
+    return float(kendalltau(a, b, variant="b").statistic)
 
 
 def main(argv=None):
@@ -178,7 +182,7 @@ def main(argv=None):
     per_proxy = {k: round(60 * len(rows) / v, 1) for k, v in proxy_seconds.items() if v > 0}
 
     out = {"benchmark": "search_rank", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "setup": {**vars(args), "out": str(args.out), "teacher_accuracy": t_acc, "space": space.to_dict(),
+           "setup": {**vars(args), "out": repo_path(args.out), "teacher_accuracy": t_acc, "space": space.to_dict(),
                      "torch_threads": 1, "distill": "0.7 KD (T=4) + 0.3 CE, AdamW, one-cycle, batch 64"},
            "kendall_tau": taus, "kendall_tau_one_seed": taus_first, "accuracy_tau_between_training_seeds": seed_tau,
            "proxy_candidates_per_minute": per_proxy,

@@ -3,7 +3,7 @@
 with integer (uint8) zero points, side by side in one run.
 
     python benchmarks/w4_matmulnbits.py [--out runs/w4-matmulnbits] [--rounds 3] [--bucket 128]
-                                        [--json benchmarks/results/w4_matmulnbits.json]
+                                        [--json benchmarks/results/w4_matmulnbits.json]   # and its .md
 
 Six blocks of hidden 384, FFN 1536 (q, k, v, o: 384 -> 384; up 384 -> 1536; down 1536 -> 384), 128 tokens,
 random weights put on the 4-bit bucketed grid by ``BucketQuant`` (no training: latency and parity only), once
@@ -45,7 +45,7 @@ class Block(nn.Module):
 def build(bucket: int, zero_point: str, x):
     """The stack (seed 0) with every Linear on the b-bit grid: (model with the grid baked in, fake-quant
     output on ``x``, the layers dict pack_w4 takes)."""
-    from compressor.quantize import BucketQuant
+    from compressor.polino import BucketQuant
 
     torch.manual_seed(0)
     model = nn.Sequential(*(Block() for _ in range(BLOCKS))).eval()
@@ -113,16 +113,33 @@ def main():
     (out / "results.json").write_text(json.dumps(res, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
-    print(f"{res['date']}, ORT {ort.__version__}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
-          f"{a.threads} threads, bucket {a.bucket}, best p50 of {a.rounds} interleaved rounds\n")
-    print("| file | MatMulNBits layers | size (MB) | fp32 size / size | max abs vs fake-quant | p50 b1 (ms) | vs fp32 "
-          "| p50 b32 (ms) | vs fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for k in files:
-        i, p = info[k], best[k]
-        print(f"| {k} | {i['matmulnbits_layers']}/{i['layers']} | {i['bytes'] / 1e6:.2f} | "
-              f"{res['files'][k]['size_vs_fp32']:.1f}x | {i['max_abs_vs_fake_quant']:.1e} | "
-              f"{p[1]:.2f} | {p[1] / base[1]:.2f}x | {p[32]:.1f} | {p[32] / base[32]:.2f}x |")
+        Path(a.json).with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+
+
+def markdown(res: dict) -> str:
+    """The results table, from the dict main() writes (or the JSON read back: its batch keys are strings)."""
+    lo = res["loadavg"]
+    lines = [
+        "# 4-bit weights in ONNX Runtime: MatMulNBits with float and integer zero points", "",
+        (f"{res['date']}, ONNX Runtime {res['onnxruntime']} CPU, {res['threads']} threads, {res['cpus']} CPUs, load "
+         f"average {lo[0]:.1f} / {lo[1]:.1f} / {lo[2]:.1f}; best p50 of {res['rounds']} interleaved rounds. A stack of "
+         f"{BLOCKS} blocks (q, k, v, o {HIDDEN}->{HIDDEN}, up {HIDDEN}->{FFN}, down {FFN}->{HIDDEN}), input "
+         f"{res['shape'][0]} tokens x {res['shape'][1]}, random weights put on the 4-bit grid (bucket {res['bucket']}) "
+         "by BucketQuant from the same shadow weights; max abs is each file's ONNX Runtime output against its own "
+         "fake-quantized PyTorch model."), "",
+        ("| file | MatMulNBits layers | size (MB) | fp32 size / size | max abs vs fake-quant | p50 b1 (ms) | vs fp32 "
+         "| p50 b32 (ms) | vs fp32 |"),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {int(b): v for b, v in res["files"]["fp32"]["p50_ms"].items()}
+    for k, f in res["files"].items():
+        p = {int(b): v for b, v in f["p50_ms"].items()}
+        lines.append(f"| {k} | {f['matmulnbits_layers']}/{f['layers']} | {f['bytes'] / 1e6:.2f} | "
+                     f"{f['size_vs_fp32']:.1f}x | {f['max_abs_vs_fake_quant']:.1e} | {p[1]:.2f} | {p[1] / base[1]:.2f}x | "
+                     f"{p[32]:.1f} | {p[32] / base[32]:.2f}x |")
+    lines += ["", "Ratios are what to compare: the machine may have been shared, and the JSON records its load."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
