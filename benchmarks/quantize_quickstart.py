@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """fp32 student vs PTQ int8 vs QAT-with-teacher int8 on the quickstart: accuracy, size, ORT CPU latency.
 
-    COMPRESSOR_CACHE=/tmp/ccache python benchmarks/quantize_quickstart.py [--out runs/quantize-quickstart]
+    python benchmarks/quantize_quickstart.py [--out runs/quantize-quickstart] [--rounds 3] [--reuse]
 
 Distils the quickstart student once (or reuses <out>/student.pt), then runs the quantize stage in each mode
 from that same student, and measures every file with the local-cpu device (ONNX Runtime, 2 threads) in
 interleaved rounds, keeping each file's best p50 (the machine is shared: the best round is the least
-disturbed one). Writes <out>/results.json and prints a markdown table.
+disturbed one). Writes <out>/results.json, benchmarks/results/quantize_quickstart.json (--results) and its
+markdown table (``markdown``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from host import machine, repo_path  # noqa: E402  (results hold no absolute paths)
 
 MODES = [  # (label, quantize section)
     ("PTQ ORT int8 (uint8 act.)", {"mode": "ptq-ort"}),
@@ -40,12 +45,14 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="labels of modes to run")
     ap.add_argument("--reuse", action="store_true", help="reuse modes already quantized under --out (row.json)")
     ap.add_argument("--teacher-checkpoint", help="a teacher state_dict to use instead of the cached/trained one")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
+                    help="where quantize_quickstart.json and .md go")
     args = ap.parse_args()
 
+    from compressor.context import Context, build_student
     from compressor.data import load_data
-    from compressor.pipeline import Context, build_student
-    from compressor.quantize import stage
     from compressor.recipe import load_recipe
+    from compressor.stages.quantize import run as stage
     from compressor.tasks import get_task
     from compressor.teacher import evaluate, load_teacher
     from devices import get_device, load_profile
@@ -118,14 +125,30 @@ def main() -> None:
                 key = f"b{batch}"
                 r["p50_ms"][key] = min(r["p50_ms"].get(key, float("inf")), meas.p50_ms)
     (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
-    print("| model | ORT accuracy | ORT off by (of range) | size (kB) | p50 b1 (ms) | p50 b32 (ms) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
+    res = {"benchmark": "quantize_quickstart", "machine": machine(), "rounds": args.rounds,
+           "rows": [{**r, "path": repo_path(r["path"])} for r in rows]}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "quantize_quickstart.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (args.results / "quantize_quickstart.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+def markdown(res: dict) -> str:
+    """The results table, from the dict main() writes (or its JSON read back)."""
+    m = res["machine"]
+    lines = ["# Quantize modes on the quickstart student", "",
+             (f"{m['date']}, {m['cpu']}, ONNX Runtime {m['versions']['onnxruntime']}, load average "
+              f"{m['load_average'][0]} at the end. The same distilled student quantized in each mode; accuracy of "
+              "each file through ONNX Runtime on the held-out split; latency by the local-cpu device, best p50 of "
+              f"{res['rounds']} interleaved rounds."), "",
+             "| model | ORT accuracy | ORT off by (of the output range) | size (kB) | p50 b1 (ms) | p50 b32 (ms) |",
+             "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
         ort = (r.get("parity") or {}).get("onnxruntime")
         off = f"{ort['max_rel_to_range']:.1%} vs {r['parity']['against']}" if isinstance(ort, dict) else ""
-        print(f"| {r['label']} | {r['accuracy']:.4f} | {off} | {r['bytes'] / 1e3:.1f} | {r['p50_ms']['b1']:.3f} | "
-              f"{r['p50_ms']['b32']:.3f} |")
-
+        lines.append(f"| {r['label']} | {r['accuracy']:.4f} | {off} | {r['bytes'] / 1e3:.1f} | "
+                     f"{r['p50_ms']['b1']:.3f} | {r['p50_ms']['b32']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()
