@@ -16,7 +16,17 @@ class SearchSpec(_Section):
                        "params, flops; for task: embedding diswot takes its relation form and synflow is refused")
     trials: int = Field(200, ge=1)
     population: int = Field(50, ge=2, description="NSGA-II population size")
-    family: Literal["cnn", "mlp", "transformer", "hf-encoder"] | None = Field(None, description="default: detected from the teacher")
+    family: Literal["cnn", "mlp", "transformer", "hf-encoder", "teacher"] | None = Field(
+        None, description="default: detected from the teacher; teacher: the teacher's own sub-networks (drop residual "
+        "units, cut channels), each starting from the teacher's weights and ranked by short distillations")
+    channels: list[float] = Field([0.0, 0.25, 0.5, 0.625, 0.75], description="family teacher: the fractions of "
+                                  "FLOPs the channel pruning may remove")
+    max_flops: float | None = Field(None, gt=0, le=1, description="family teacher: a budget, the fraction of the "
+                                    "teacher's FLOPs a candidate may keep")
+    rungs: list[float] = Field([0.5, 1.5, 4.5], description="family teacher: epochs of short distillation (over "
+                               "rung_samples training samples) at each rung of successive halving")
+    rung_samples: int = Field(512, ge=16, description="family teacher: training samples a rung distils on")
+    eta: int = Field(3, ge=2, description="family teacher: after each rung the best 1/eta go on")
     builder: str | None = Field(None, description="student builder (a built-in name or 'module:function'); default: the family's")
     space: dict[str, list[Any]] = Field(default_factory=dict, description="gene -> choices; overrides the detected space")
     latency: Literal["predict", "measure"] = Field("predict", description="predict from a per-device model, or measure each")

@@ -21,6 +21,8 @@ def skip(ctx: Context) -> str | None:
     if ctx.recipe.prune is None:
         return "no prune section in the recipe"
     search = ctx.records.get("search")
+    if search is not None and not search.skipped and (search.config or {}).get("family") == "teacher":
+        return "the search cut the teacher already (search.family: teacher)"
     seeded = (search.metrics.get("pruned_seed") or {}) if search is not None else {}
     if seeded.get("seeded"):
         # The search already weighed the pruned teacher against its candidates; its choice stands.

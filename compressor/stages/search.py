@@ -203,6 +203,10 @@ def run(ctx: Context) -> StageRecord:
     from ..search.nsga import tightest
 
     spec = ctx.recipe.search
+    if spec.family == "teacher":  # the teacher's own sub-networks, ranked by short distillations
+        from . import subnets
+
+        return subnets.run(ctx, spec, _devices(ctx.recipe, ctx.log))
     space, result, seed = run_search(ctx.recipe, ctx.data, ctx.teacher, spec, ctx.scratch, ctx.log)
     b = ctx.recipe.budgets
     files = {k: f"search/{v}" for k, v in write_outputs(space, result, ctx.work / "search").items()}
@@ -250,6 +254,10 @@ def restore(ctx: Context, rec: StageRecord) -> None:
         return
     g = rec.outputs["student"]
     torch.manual_seed(ctx.recipe.seed)
+    if g.get("search", {}).get("family") == "teacher":  # a sub-network of the teacher, maybe channels cut
+        from . import subnets
+
+        return subnets.restore(ctx, g)
     if "removed" in g:  # the pruned teacher was chosen; its weights come from the distill stage's record
         from ..prune import build_pruned
 

@@ -53,9 +53,12 @@ def _cost(model, example, by: str) -> float:
 
 def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops", importance: str = "output-loss",
                    ignore=(), keep_stem: bool = False, heads: bool = True, multiple: int | None = 8,
-                   projections: int = 4, labels=None, tolerance: float = 0.02, log=print):
+                   projections: int = 4, labels=None, tolerance: float = 0.02, gradient_cache: dict | None = None,
+                   log=print):
     """Prune channels, neurons and heads until ``remove`` of the model's FLOPs (or params) are gone.
-    Returns (pruned copy, plan, record dict)."""
+    Returns (pruned copy, plan, record dict). ``gradient_cache``: a dict the output-loss (or taylor) gradients of
+    ``model`` are kept in and read from, so pruning one model to several budgets estimates them once."""
+    cache = gradient_cache if gradient_cache is not None else {}
     tp = _tp()
     if by not in ("flops", "params"):
         raise UserError(f"prune.channels.by {by!r}: use flops or params")
@@ -68,19 +71,19 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     for p in ignore:
         resolve(model, p, "model")  # a UserError naming the module paths that exist
     ignored_paths = list(dict.fromkeys([*kept, *ignore]))
-    grads = None
     if importance == "magnitude":
+        grads = None
         def imp(m):
             return tp.importance.GroupMagnitudeImportance(p=2)
     else:
         mflops = flops_by_module(model, example)
         if importance == "output-loss":
-            grads = fisher(model, batches, projections)
+            grads = cache.get(importance) or cache.setdefault(importance, fisher(model, batches, projections))
             base = tp.importance.GroupHessianImportance
         else:
             if labels is None:
                 raise UserError("prune.channels.importance: taylor needs labelled batches")
-            grads = ce_gradients(model, batches, labels)
+            grads = cache.get(importance) or cache.setdefault(importance, ce_gradients(model, batches, labels))
             base = tp.importance.GroupTaylorImportance
         per_flop = _per_flop(base)
 

@@ -1,0 +1,237 @@
+"""The teacher's own sub-networks as the search space, ranked by a ladder of rising fidelity.
+
+A genome keeps or drops each residual unit the teacher has (compressor.prune.find_units: blocks whose
+output has their input's shape) and removes a fraction of the remaining FLOPs by structural channel
+pruning (compressor.structural: channels, neurons and heads by their output loss per FLOP). A candidate
+is the teacher cut to its genome, with the teacher's weights: no family builder is needed, so any model
+the pruning understands can be searched, and ``removed`` plus ``channels`` rebuild it
+(compressor.prune.rebuild).
+
+The ladder (``successive_halving``): every genome's cost first (params, FLOPs; latency where a callable
+gives it), which filters those over a budget; the survivors then get a short distillation from the
+teacher's cached outputs, scored on held-out data; after each rung the best ``1/eta`` go on to a rung
+``eta`` times longer. Each rung's score and seconds stay in the candidate's record.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..flops import count_flops
+from ..prune import build_pruned, find_units
+from ..tasks import output, size, take
+
+CHANNELS = (0.0, 0.25, 0.5, 0.625, 0.75)  # fractions of FLOPs the channel pruning removes
+
+
+@dataclass
+class SubnetSpace:
+    units: list[str]  # the teacher's droppable units (module paths)
+    channels: list[float] = field(default_factory=lambda: list(CHANNELS))
+    family: str = "teacher"
+
+    @property
+    def genes(self) -> dict[str, list]:
+        return {**{f"drop:{u}": [0, 1] for u in self.units}, "channels": list(self.channels)}
+
+    @property
+    def size(self) -> int:
+        return (2 ** len(self.units) - (1 if self.units else 0)) * len(self.channels)
+
+    def genomes(self) -> list[dict]:
+        """Every genome, the teacher's own (nothing dropped, nothing cut) first. Some unit always stays
+        (as in layer pruning: a model without any is no model)."""
+        return [{**{f"drop:{u}": d for u, d in zip(self.units, drops)}, "channels": c}
+                for drops in itertools.product((0, 1), repeat=len(self.units))
+                if not (self.units and all(drops)) for c in self.channels]
+
+    def removed(self, genome: dict) -> list[str]:
+        return [u for u in self.units if genome.get(f"drop:{u}")]
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "genes": self.genes}
+
+
+def teacher_space(teacher: nn.Module, example, channels=CHANNELS, ignore=()) -> SubnetSpace:
+    units = [u.path for u in find_units(teacher, example, ignore=ignore)]
+    return SubnetSpace(units, sorted(set(float(c) for c in channels)))
+
+
+class Builder:
+    """Candidates of ``space``: the teacher without a genome's units (kept per set of units), then its
+    channels cut. The channels' importance is estimated once per set of units, for every cut of it."""
+
+    def __init__(self, space: SubnetSpace, teacher: nn.Module, batches, *, labels=None, ignore=()):
+        self.space, self.teacher, self.batches, self.labels, self.ignore = space, teacher, batches, labels, ignore
+        self._layers: dict[tuple, tuple[nn.Module, int, dict]] = {}
+
+    def layers(self, genome: dict) -> tuple[nn.Module, int, dict]:
+        """(the teacher without the genome's units, its FLOPs per sample, its gradient cache)."""
+        key = tuple(self.space.removed(genome))
+        if key not in self._layers:
+            m = build_pruned(self.teacher, list(key)).eval()
+            self._layers[key] = (m, count_flops(m, take(self.batches[0], 1)), {})
+        return self._layers[key]
+
+    def flops_estimate(self, genome: dict) -> float:
+        """FLOPs per sample before building: the channel cut removes its fraction within a few percent."""
+        return self.layers(genome)[1] * (1 - genome["channels"])
+
+    def __call__(self, genome: dict):
+        """(candidate, channel plan or None)."""
+        from ..structural import prune_channels
+
+        student, _, cache = self.layers(genome)
+        if not genome["channels"]:
+            return copy.deepcopy(student).eval(), None
+        student, plan, _ = prune_channels(student, self.batches, genome["channels"], by="flops", labels=self.labels,
+                                          ignore=self.ignore, gradient_cache=cache, log=lambda s: None)
+        return student.eval(), plan
+
+
+def build(space: SubnetSpace, teacher: nn.Module, genome: dict, batches, *, labels=None, ignore=()):
+    """(candidate, channel plan or None): the teacher without the genome's units, then its channels cut."""
+    return Builder(space, teacher, batches, labels=labels, ignore=ignore)(genome)
+
+
+# ------------------------------------------------------------------------------ short distillation
+
+@dataclass
+class Rung:
+    """What a short distillation trains on: inputs, the teacher's outputs on them (computed once, so every
+    candidate and rung reuses them) and held-out inputs with their labels (or the teacher's outputs)."""
+    x: object
+    teacher_out: torch.Tensor
+    val_x: object
+    val_y: torch.Tensor  # labels (classification) or the teacher's outputs (embedding)
+    task: str = "classification"
+    batch_size: int = 64
+    lr: float = 1e-3
+    temperature: float = 4.0
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, teacher: nn.Module, x, val_x, val_y, task: str = "classification", **kw) -> "Rung":
+        teacher.eval()
+        outs = [output(teacher, take_rows(x, i, i + 256)) for i in range(0, size(x), 256)]
+        if task != "classification":
+            val_y = torch.cat([output(teacher, take_rows(val_x, i, i + 256)) for i in range(0, size(val_x), 256)])
+        return cls(x, torch.cat(outs), val_x, val_y, task, **kw)
+
+    def train(self, model: nn.Module, epochs: float, seed: int = 0) -> nn.Module:
+        """A copy of ``model`` trained ``epochs`` passes over the rung's samples against the teacher's
+        outputs (KD with temperature for classification, cosine for embeddings)."""
+        model = copy.deepcopy(model).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr)
+        g = torch.Generator().manual_seed(seed)
+        n = size(self.x)
+        steps = max(1, round(epochs * n / self.batch_size))
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(int(epochs) + 1)])
+        for s in range(steps):
+            idx = order[s * self.batch_size:(s + 1) * self.batch_size]
+            if len(idx) < 2:
+                idx = torch.randperm(n, generator=g)[:self.batch_size]
+            xb = {k: v[idx] for k, v in self.x.items()} if isinstance(self.x, dict) else self.x[idx]
+            y, t = output(model, xb), self.teacher_out[idx]
+            if self.task == "classification":
+                T = self.temperature
+                loss = F.kl_div(F.log_softmax(y / T, -1), F.log_softmax(t / T, -1), reduction="batchmean",
+                                log_target=True) * T * T
+            else:
+                loss = (1 - F.cosine_similarity(y, t, dim=-1)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return model.eval()
+
+    @torch.no_grad()
+    def score(self, model: nn.Module) -> float:
+        """Held-out accuracy (classification) or mean cosine similarity to the teacher (embedding)."""
+        model.eval()
+        y = torch.cat([output(model, take_rows(self.val_x, i, i + 256)) for i in range(0, size(self.val_x), 256)])
+        if self.task == "classification":
+            return float((y.argmax(-1) == self.val_y).float().mean())
+        return float(F.cosine_similarity(y, self.val_y, dim=-1).mean())
+
+
+def take_rows(x, i: int, j: int):
+    return {k: v[i:j] for k, v in x.items()} if isinstance(x, dict) else x[i:j]
+
+
+# ------------------------------------------------------------------------------ the ladder
+
+@dataclass
+class Trial:
+    genome: dict
+    model: nn.Module | None = None
+    plan: dict | None = None
+    cost: dict = field(default_factory=dict)  # params, flops, latency_ms {device: ms}
+    feasible: bool = True
+    why: str = ""  # the budget it breaks
+    rungs: list[dict] = field(default_factory=list)  # {"epochs", "score", "seconds"} per rung reached
+
+    @property
+    def score(self) -> float | None:
+        return self.rungs[-1]["score"] if self.rungs else None
+
+    def to_dict(self) -> dict:
+        return {"genome": self.genome, "cost": self.cost, "feasible": self.feasible, "why": self.why,
+                "rungs": self.rungs, "rung": len(self.rungs), "score": self.score}
+
+
+def successive_halving(trials: list[Trial], rung: Rung, epochs: list[float], *, eta: int = 3, keep: int = 1,
+                       seed: int = 0, log: Callable[[str], None] = print) -> list[Trial]:
+    """Short distillations of the feasible ``trials``: all at ``epochs[0]``, the best ``1/eta`` of them at
+    ``epochs[1]``, and so on (never fewer than ``keep``). Returns the trials of the last rung, best first.
+    Each rung trains from the teacher's weights again (not from the previous rung's), so scores within a rung
+    compare like with like."""
+    alive = [t for t in trials if t.feasible]
+    if not alive:
+        return []
+    for k, ep in enumerate(epochs):
+        t0 = time.time()
+        for t in alive:
+            s0 = time.time()
+            score = rung.score(rung.train(t.model, ep, seed=seed))
+            t.rungs.append({"epochs": ep, "score": score, "seconds": round(time.time() - s0, 3)})
+        alive.sort(key=lambda t: (-t.score, t.cost["flops"]))
+        log(f"search: rung {k + 1} ({ep:g} epochs of {size(rung.x)} samples): {len(alive)} candidates in "
+            f"{time.time() - t0:.1f} s; best {alive[0].score:.4f}")
+        if k + 1 < len(epochs):
+            alive = alive[:max(keep, -(-len(alive) // eta))]
+    return alive
+
+
+def costs(model: nn.Module, example, latency: Callable[[nn.Module], dict] | None = None) -> dict:
+    out = {"params": sum(p.numel() for p in model.parameters()), "flops": count_flops(model, take(example, 1))}
+    if latency is not None:
+        out["latency_ms"] = latency(model)
+    return out
+
+
+def check_budget(cost: dict, *, max_flops: float | None = None, max_params: int | None = None,
+                 latency_ms: dict | None = None) -> str:
+    """'' when ``cost`` meets every budget, else the first one it breaks."""
+    if max_flops is not None and cost["flops"] > max_flops:
+        return f"{cost['flops'] / 1e6:.1f} MFLOPs > {max_flops / 1e6:.1f}"
+    if max_params is not None and cost["params"] > max_params:
+        return f"{cost['params']:,} params > {max_params:,}"
+    for dev, limit in (latency_ms or {}).items():
+        ms = cost.get("latency_ms", {}).get(dev)
+        if ms is not None and ms > limit:
+            return f"{dev} {ms:.3f} ms > {limit:.3f}"
+    return ""
+
+
+def no_budget_error() -> UserError:
+    return UserError("search.family: teacher needs a budget to search under: budgets.latency_ms, budgets.size_mb "
+                     "or search.max_flops (a fraction of the teacher's FLOPs)")
+

@@ -1,0 +1,163 @@
+"""The search stage's ``family: teacher``: the teacher's own sub-networks (compressor.search.subnets),
+filtered by the budgets, ranked by short distillations in successive halving; the winner keeps the
+teacher's weights and becomes the student."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..bundle import StageRecord
+from ..context import Context
+from ..errors import UserError
+from ..files import write_json
+from ..flops import count_flops
+from ..prune import calibration_batches, narrowed
+from ..search import subnets as S
+from ..tasks import size, take
+
+
+def latency_of(devices: dict, example, log) -> callable:
+    """A function: models -> [{device: b1 ms}], measured round robin on each device (compressor.measure)."""
+    from ..measure import Meter
+
+    def measure(models):
+        out = [{} for _ in models]
+        for name, dev in devices.items():
+            with Meter(dev, warmup=10, runs=50, max_seconds=1.0) as meter:
+                for row, ms in zip(out, meter.latencies_ms(models, example, rounds=3)):
+                    row[name] = ms
+        return out
+    return measure
+
+
+def run(ctx: Context, spec, devices: dict) -> StageRecord:
+    recipe, data, teacher = ctx.recipe, ctx.data, ctx.teacher
+    b = recipe.budgets
+    ignore = recipe.prune.ignore if recipe.prune is not None else ()
+    batches, labels = calibration_batches(data, recipe.data.batch_size, 4, labels=True)
+    example = ctx.flops_example()
+    space = S.teacher_space(teacher, batches[0], spec.channels, ignore=ignore)
+    t_flops = count_flops(teacher, example)
+    max_flops = spec.max_flops * t_flops if spec.max_flops else None
+    latency_ms = dict(b.latency_ms)
+    if max_flops is None and not latency_ms and b.size_mb is None:
+        raise S.no_budget_error()
+    genomes = space.genomes()
+    if len(genomes) > spec.trials:  # a large space: a seeded sample, the teacher's own genome among them
+        g = torch.Generator().manual_seed(recipe.seed)
+        genomes = [genomes[0]] + [genomes[i] for i in (torch.randperm(len(genomes) - 1, generator=g)[:spec.trials - 1] + 1)]
+    ctx.log(f"search: the teacher's sub-networks: {len(space.units)} droppable units ({', '.join(space.units)}), "
+            f"channel cuts {', '.join(f'{c:g}' for c in space.channels)}: {space.size} genomes, {len(genomes)} tried")
+    t0 = time.time()
+    build, trials = S.Builder(space, teacher, batches, labels=labels, ignore=ignore), []
+    for gnm in genomes:
+        # Rung 0: the budgets. FLOPs first (estimated before building: the cut's fraction lands within 2%), then
+        # FLOPs and size as built, then latency on each device for those left.
+        est = build.flops_estimate(gnm)
+        if max_flops is not None and est > max_flops * 1.03:
+            trials.append(S.Trial(gnm, cost={"flops": int(est), "estimated": True}, feasible=False,
+                                  why=f"about {est / 1e6:.1f} MFLOPs > {max_flops / 1e6:.1f}"))
+            continue
+        try:
+            model, plan = build(gnm)
+        except UserError as e:  # a cut the structure cannot give (groups at their multiple): not a candidate
+            trials.append(S.Trial(gnm, cost={"flops": int(est), "estimated": True}, feasible=False,
+                                  why=str(e).split(": ", 1)[-1][:200]))
+            continue
+        trials.append(S.Trial(gnm, model, plan, S.costs(model, example)))
+    built_s = time.time() - t0
+    for t in trials:
+        if t.why:
+            continue
+        t.cost["size_mb"] = t.cost["params"] * 4 / 1e6
+        t.why = S.check_budget(t.cost, max_flops=max_flops)
+        if not t.why and b.size_mb is not None and t.cost["size_mb"] > b.size_mb:
+            t.why = f"{t.cost['size_mb']:.3f} MB > {b.size_mb}"
+    left = [t for t in trials if not t.why]
+    if devices and left:
+        x1 = take(example, 1)
+        for t, lat in zip(left, latency_of(devices, x1, ctx.log)([t.model for t in left])):
+            t.cost["latency_ms"] = lat
+            t.why = S.check_budget(t.cost, latency_ms=latency_ms)
+    for t in trials:
+        t.feasible = not t.why
+    feasible = [t for t in trials if t.feasible]
+    ctx.log(f"search: {len(feasible)} of {len(trials)} candidates meet the budgets ({sum(t.model is not None for t in trials)} "
+            f"built; {time.time() - t0:.1f} s)")
+    if not feasible:
+        tight = min(trials, key=lambda t: t.cost["flops"])
+        raise UserError(f"search: no sub-network of the teacher meets the budgets; the smallest ({tight.cost['flops'] / 1e6:.1f} "
+                        f"MFLOPs) breaks one: {tight.why}")
+    # Rungs 1+: short distillations from the teacher's cached outputs, scored on the validation split.
+    xs, _ = data.tensors("train", limit=spec.rung_samples)
+    vx, vy = data.tensors("val", limit=1024)
+    rung = S.Rung.of(teacher, xs, vx, vy, recipe.task, batch_size=min(64, size(xs)))
+    final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, seed=recipe.seed, log=ctx.log)
+    best = final[0]
+    removed = space.removed(best.genome)
+    ctx.student = best.model
+    t = recipe.teacher
+    found = {"family": "teacher", "genes": best.genome, "rung_score": best.score}
+    ctx.genome = {"model": t.model, "config": t.kwargs, "defaults": ctx.genome.get("defaults", {}),
+                  "pruned_from": "teacher", "removed": removed, **({"channels": best.plan} if best.plan else {}),
+                  "search": found}
+    if best.plan:  # --resume before distillation has saved weights needs the cut teacher's own
+        path = ctx.scratch / "pruned.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(best.model.state_dict(), path.with_name(".pruned.pt.tmp"))
+        path.with_name(".pruned.pt.tmp").replace(path)
+    c = best.cost
+    lat = ", ".join(f"{d} {v:.3f} ms" for d, v in c.get("latency_ms", {}).items())
+    ctx.log(f"search: chose the teacher without {', '.join(removed) or 'no unit'}, {best.genome['channels']:.0%} of "
+            f"FLOPs cut by channels: {c['params']:,} params, {c['flops'] / 1e6:.1f} MFLOPs{', ' + lat if lat else ''}; "
+            f"rung score {best.score:.4f}")
+    rows = [t.to_dict() for t in trials]
+    write_json(ctx.work / "search" / "candidates.json", {"space": space.to_dict(), "candidates": rows})
+    plot(trials, best, ctx.work / "search" / "pareto.png")
+    return StageRecord("search", config=spec.model_dump(mode="json"),
+                       metrics={"space": space.to_dict(), "trials": len(trials), "feasible": len(feasible),
+                                "teacher_flops": t_flops, "max_flops": max_flops, "build_seconds": round(built_s, 2),
+                                "rungs": [{"epochs": e, "candidates": sum(len(t.rungs) > k for t in trials),
+                                           "seconds": round(sum(t.rungs[k]["seconds"] for t in trials if len(t.rungs) > k), 2)}
+                                          for k, e in enumerate(spec.rungs)],
+                                "best": best.to_dict(), "final": [t.to_dict() for t in final]},
+                       outputs={"candidates": "search/candidates.json", "plot": "search/pareto.png",
+                                "student": ctx.genome})
+
+
+def restore(ctx: Context, g: dict) -> None:
+    from ..prune import build_pruned
+    from ..teacher import load_state
+
+    ctx.student = narrowed(build_pruned(ctx.teacher, g["removed"]), None, g.get("channels"))
+    if g.get("channels"):
+        ctx.student.load_state_dict(load_state(ctx.scratch / "pruned.pt", "searched sub-network"))
+    ctx.genome = g
+
+
+def plot(trials, best, path) -> None:
+    """Each candidate's last rung score against its FLOPs, coloured by the rung it reached."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    over = [t for t in trials if not t.feasible]
+    if over:
+        ax.scatter([t.cost["flops"] / 1e6 for t in over], [0] * len(over), c="0.75", s=12, label="over a budget")
+    for k in range(max((len(t.rungs) for t in trials), default=0)):
+        pts = [t for t in trials if len(t.rungs) == k + 1]
+        if pts:
+            ax.scatter([t.cost["flops"] / 1e6 for t in pts], [t.score for t in pts], s=16, label=f"stopped at rung {k + 1}")
+    ax.scatter([best.cost["flops"] / 1e6], [best.score], marker="*", s=180, c="gold", edgecolors="k", zorder=5,
+               label="chosen")
+    ax.set_xlabel("MFLOPs per sample")
+    ax.set_ylabel("short-distillation score (held-out)")
+    ax.set_title(f"the teacher's sub-networks: {len(trials)} candidates")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)

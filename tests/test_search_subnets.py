@@ -1,0 +1,115 @@
+"""The search over the teacher's own sub-networks (search.family: teacher): the space, the candidates built
+from the teacher's weights, successive halving, and the pipeline on models it was not written for."""
+import copy
+
+import pytest
+import torch
+
+from compressor.models import ResNet
+from compressor.search import subnets as S
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def teacher():
+    torch.manual_seed(0)
+    return ResNet(widths=(16, 32), depths=(2, 2), in_channels=1, num_classes=10).eval()
+
+
+def test_space_of_a_resnet_and_its_candidates_keep_the_teachers_weights():
+    t, x = teacher(), torch.randn(32, 1, 16, 16)
+    space = S.teacher_space(t, x, channels=(0.0, 0.5))
+    assert space.units and space.size == (2 ** len(space.units) - 1) * 2 == len(space.genomes())
+    own = space.genomes()[0]
+    assert space.removed(own) == [] and own["channels"] == 0.0
+    model, plan = S.build(space, t, own, [x])
+    assert plan is None and torch.allclose(model(x), t(x))  # the teacher's own genome is the teacher
+    drop = {**own, f"drop:{space.units[-1]}": 1}
+    model, _ = S.build(space, t, drop, [x])
+    from compressor.prune import build_pruned
+
+    assert torch.allclose(model(x), build_pruned(t, [space.units[-1]])(x))  # dropped, weights kept
+    cut, plan = S.build(space, t, {**own, "channels": 0.5}, [x])
+    full, half = S.costs(t, x), S.costs(cut, x)
+    assert plan and 0.4 < half["flops"] / full["flops"] < 0.6
+    assert S.check_budget(half, max_flops=0.6 * full["flops"]) == ""
+    assert "MFLOPs" in S.check_budget(full, max_flops=0.6 * full["flops"])
+
+
+class FakeRung:
+    """Scores are fixed per model and rise with the epochs: the halving's bookkeeping, alone."""
+
+    x = torch.zeros(10, 1)
+
+    def train(self, model, epochs, seed=0):
+        return (model, epochs)
+
+    def score(self, trained):
+        model, epochs = trained
+        return model.quality * epochs
+
+
+def test_successive_halving_keeps_the_best_third_each_rung():
+    trials = []
+    for i in range(9):
+        m = torch.nn.Linear(1, 1)
+        m.quality = (i + 1) / 10
+        trials.append(S.Trial({"i": i}, m, cost={"flops": 100 - i}, feasible=i != 8))  # the best is infeasible
+    final = S.successive_halving(trials, FakeRung(), [1, 3, 9], eta=3, log=lambda s: None)
+    assert [t.genome["i"] for t in final] == [7]  # 8 feasible -> 3 -> 1
+    assert [len(t.rungs) for t in trials] == [1, 1, 1, 1, 1, 2, 2, 3, 0]
+    assert final[0].rungs[-1] == {"epochs": 9, "score": pytest.approx(0.8 * 9), "seconds": final[0].rungs[-1]["seconds"]}
+
+
+def test_a_short_distillation_moves_the_student_toward_the_teacher():
+    t, x = teacher(), torch.randn(96, 1, 16, 16)
+    space = S.teacher_space(t, x[:32], channels=(0.0, 0.5))
+    model, _ = S.build(space, t, {**space.genomes()[0], "channels": 0.5}, [x[:32]])
+    with torch.no_grad():
+        labels = t(x[64:]).argmax(-1)  # held-out labels: the teacher's own answers
+    rung = S.Rung.of(t, x[:64], x[64:], labels, lr=3e-3, batch_size=16)
+    before, after = rung.score(model), rung.score(rung.train(model, 8))
+    assert after > before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["residual_mlp", "vit"])
+def test_pipeline_searches_a_users_teacher(name, tiny_recipe, tmp_path):
+    import compressor
+    from compressor.bundle import read_manifest
+    from compressor.prune import rebuild
+
+    r = copy.deepcopy(tiny_recipe)
+    r["name"] = name.replace("_", "-")
+    r["teacher"] = {"model": f"user_models:{name}", "train": {"epochs": 2, "lr": 0.003}}
+    r.pop("student")
+    r["search"] = {"family": "teacher", "max_flops": 0.6, "channels": [0.0, 0.5], "rungs": [0.5, 1],
+                   "rung_samples": 128}
+    r["prune"] = {"channels": {"remove": 0.5}}  # ignored: the search cut the teacher already
+    r["distill"] = {"epochs": 1, "lr": 0.003}
+    r["targets"] = []
+    out = compressor.run(r, tmp_path / "b", log=lambda s: None)
+    man = read_manifest(out)
+    search = next(s for s in man["stages"] if s["name"] == "search")
+    prune = next(s for s in man["stages"] if s["name"] == "prune")
+    assert "search cut the teacher" in prune["skipped"]
+    best = search["metrics"]["best"]
+    assert best["feasible"] and best["cost"]["flops"] <= search["metrics"]["max_flops"]
+    assert len(best["rungs"]) == 2 and search["metrics"]["rungs"][0]["candidates"] >= search["metrics"]["rungs"][1]["candidates"]
+    g = man["student"]
+    assert g["search"]["family"] == "teacher" and g["pruned_from"] == "teacher"
+    student = rebuild(g)  # the genome alone rebuilds the shapes; the shipped weights load into them
+    student.load_state_dict(torch.load(out / "model" / "student.pt", weights_only=True))
+    assert (out / "search" / "pareto.png").is_file() and (out / "search" / "candidates.json").is_file()
+
+
+def test_a_teacher_search_without_a_budget_is_refused(tiny_recipe, tmp_path):
+    import compressor
+    from compressor.errors import UserError
+
+    r = copy.deepcopy(tiny_recipe)
+    r.pop("student")
+    r["search"] = {"family": "teacher"}
+    r["targets"] = []
+    with pytest.raises(UserError, match="needs a budget"):
+        compressor.run(r, tmp_path / "b", log=lambda s: None)
