@@ -45,6 +45,9 @@ def main() -> None:
         stages = {s["name"]: s for s in m["stages"]}
         search = stages.get("search", {})
         rows.append({"setting": setting, "recipe": recipe, "bundle": repo_path(bundle),
+                     "search_budget": {k: search["config"].get(k) for k in ("max_flops", "max_latency")}
+                     if search and not search.get("skipped") else None,
+                     "precision": stages["distill"]["metrics"]["trained_on"]["precision"],
                      "accuracy": m["quality"]["student"]["accuracy"],
                      "onnx_accuracy": m["quality"]["student"].get("onnx_accuracy"),
                      "teacher_accuracy": m["quality"]["teacher"]["accuracy"],
@@ -78,13 +81,20 @@ def main() -> None:
     print(markdown(res))
 
 
+def _budget(res: dict) -> str:
+    b = next((r["search_budget"] for r in res["rows"] if r.get("search_budget")), None) or {}
+    parts = [f"{b['max_flops']:.0%} of its FLOPs" if b.get("max_flops") else "",
+             f"{b['max_latency']:.0%} of its batch-1 latency" if b.get("max_latency") else ""]
+    return " and ".join(p for p in parts if p) or "the recipe's budgets"
+
+
 def markdown(res: dict) -> str:
     m, s = res["machine"], res["summary"]
     lines = ["# Searched against hand-picked student (quickstart)", "",
              f"{m['date']}, {m['cpu']}, {m['cores']} cores, CPU flags: {', '.join(f for f, on in m['cpu_flags'].items() if on) or 'none of note'}. "
-             "Same teacher, data and distillation epochs; the searched student is the best sub-network of the "
-             "teacher under 12% of its FLOPs, ranked by short distillations. Latency: the local-cpu device "
-             f"(ONNX Runtime), best p50 of {res['rounds']} interleaved rounds.", "",
+             "Same teacher, data and distillation epochs (and precision); the searched student is the best "
+             f"sub-network of the teacher under {_budget(res)}, ranked by short distillations. Latency: the local-cpu "
+             f"device (ONNX Runtime), best p50 of {res['rounds']} interleaved rounds.", "",
              "| setting | recipe | student | params | MFLOPs | held-out accuracy | p50 b1 (ms) | p50 b32 (ms) | search (s) | stages (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:

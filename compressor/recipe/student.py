@@ -23,6 +23,9 @@ class SearchSpec(_Section):
                                   "FLOPs the channel pruning may remove")
     max_flops: float | None = Field(None, gt=0, le=1, description="family teacher: a budget, the fraction of the "
                                     "teacher's FLOPs a candidate may keep")
+    max_latency: float | None = Field(None, gt=0, le=1, description="family teacher: a budget, the fraction of the "
+                                      "teacher's batch-1 latency a candidate may take on each target (measured side "
+                                      "by side, so it holds on any host)")
     rungs: list[float] = Field([0.5, 1.5, 4.5], description="family teacher: epochs of short distillation (over "
                                "rung_samples training samples) at each rung of successive halving")
     rung_samples: int = Field(512, ge=16, description="family teacher: training samples a rung distils on")

@@ -92,8 +92,12 @@ class Builder:
         student, _, cache = self.layers(genome)
         if not genome["channels"]:
             return copy.deepcopy(student).eval(), None
-        student, plan, _ = prune_channels(student, self.batches, genome["channels"], by="flops", labels=self.labels,
-                                          ignore=self.ignore, gradient_cache=cache, log=lambda s: None)
+        # Two batches and two projections estimate the channels' importance well enough to rank cuts
+        # (the prune stage's own cut uses more); the tolerance lets the bisection stop sooner.
+        student, plan, _ = prune_channels(student, self.batches[:2], genome["channels"], by="flops",
+                                          labels=self.labels[:2] if self.labels else None, projections=2,
+                                          ignore=self.ignore, gradient_cache=cache, tolerance=0.03,
+                                          log=lambda s: None)
         return student.eval(), plan
 
 
@@ -232,6 +236,6 @@ def check_budget(cost: dict, *, max_flops: float | None = None, max_params: int 
 
 
 def no_budget_error() -> UserError:
-    return UserError("search.family: teacher needs a budget to search under: budgets.latency_ms, budgets.size_mb "
-                     "or search.max_flops (a fraction of the teacher's FLOPs)")
+    return UserError("search.family: teacher needs a budget to search under: search.max_latency or search.max_flops "
+                     "(fractions of the teacher's latency or FLOPs), budgets.latency_ms or budgets.size_mb")
 

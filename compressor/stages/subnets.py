@@ -41,8 +41,10 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     t_flops = count_flops(teacher, example)
     max_flops = spec.max_flops * t_flops if spec.max_flops else None
     latency_ms = dict(b.latency_ms)
-    if max_flops is None and not latency_ms and b.size_mb is None:
+    if max_flops is None and not latency_ms and b.size_mb is None and spec.max_latency is None:
         raise S.no_budget_error()
+    if spec.max_latency is not None and not devices:
+        raise UserError("search.max_latency needs a target to measure on (targets: [local-cpu], say)")
     genomes = space.genomes()
     if len(genomes) > spec.trials:  # a large space: a seeded sample, the teacher's own genome among them
         g = torch.Generator().manual_seed(recipe.seed)
@@ -75,9 +77,14 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         if not t.why and b.size_mb is not None and t.cost["size_mb"] > b.size_mb:
             t.why = f"{t.cost['size_mb']:.3f} MB > {b.size_mb}"
     left = [t for t in trials if not t.why]
+    teacher_ms = {}
     if devices and left:
         x1 = take(example, 1)
-        for t, lat in zip(left, latency_of(devices, x1, ctx.log)([t.model for t in left])):
+        # The teacher measured beside the candidates: a budget relative to it holds on any host.
+        teacher_ms, *lats = latency_of(devices, x1, ctx.log)([teacher] + [t.model for t in left])
+        if spec.max_latency is not None:
+            latency_ms = {d: min(latency_ms.get(d, float("inf")), spec.max_latency * ms) for d, ms in teacher_ms.items()}
+        for t, lat in zip(left, lats):
             t.cost["latency_ms"] = lat
             t.why = S.check_budget(t.cost, latency_ms=latency_ms)
     for t in trials:
@@ -92,7 +99,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     # Rungs 1+: short distillations from the teacher's cached outputs, scored on the validation split.
     xs, _ = data.tensors("train", limit=spec.rung_samples)
     vx, vy = data.tensors("val", limit=1024)
-    rung = S.Rung.of(teacher, xs, vx, vy, recipe.task, batch_size=min(64, size(xs)))
+    rung = S.Rung.of(teacher, xs, vx, vy, recipe.task, batch_size=min(64, size(xs)), lr=recipe.distill.lr)
     final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, seed=recipe.seed, log=ctx.log)
     best = final[0]
     removed = space.removed(best.genome)
@@ -118,6 +125,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     return StageRecord("search", config=spec.model_dump(mode="json"),
                        metrics={"space": space.to_dict(), "trials": len(trials), "feasible": len(feasible),
                                 "teacher_flops": t_flops, "max_flops": max_flops, "build_seconds": round(built_s, 2),
+                                "teacher_latency_ms": teacher_ms, "latency_budget_ms": latency_ms,
                                 "rungs": [{"epochs": e, "candidates": sum(len(t.rungs) > k for t in trials),
                                            "seconds": round(sum(t.rungs[k]["seconds"] for t in trials if len(t.rungs) > k), 2)}
                                           for k, e in enumerate(spec.rungs)],
