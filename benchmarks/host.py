@@ -8,7 +8,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx_tile")
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 

@@ -68,6 +68,9 @@ class DistillModule(pl.LightningModule):
         # The modules feature terms read, each hooked once per step even when several terms name it.
         self.student_paths = list(dict.fromkeys(p for t in self.terms for p in getattr(t, "student_paths", ())))
         self.teacher_paths = list(dict.fromkeys(p for t in self.terms for p in getattr(t, "teacher_paths", ())))
+        # The teacher's outputs by training-sample index, when compressor.distill.cache computed them once:
+        # a batch (x, y, i) then looks them up instead of running the teacher.
+        self.teacher_cache: torch.Tensor | None = None
         check_paths(student, self.student_paths, "student")
         check_paths(teacher, self.teacher_paths, "teacher")
         if example is not None:
@@ -88,11 +91,17 @@ class DistillModule(pl.LightningModule):
         for term in terms:
             term.build(sf, tf, student=s, teacher=t)  # the outputs too: cosine sizes its projection on them
 
-    def _forward(self, x):
-        with capture(self.teacher, self.teacher_paths, "teacher") as tf, torch.no_grad():
-            t = _call(self.teacher, x)
+    def _forward(self, x, idx=None):
+        if idx is not None and self.teacher_cache is not None:
+            t, tf = None, {}
+        else:
+            with capture(self.teacher, self.teacher_paths, "teacher") as tf, torch.no_grad():
+                t = _call(self.teacher, x)
         with capture(self.student, self.student_paths, "student") as sf:
             s = _call(self.student, x)
+        if t is None:
+            first = s if isinstance(s, torch.Tensor) else next(v for v in (s if isinstance(s, (tuple, list)) else [s]))
+            t = self.teacher_cache[idx.cpu()].to(first.device, first.dtype)
         return s, t, sf, tf
 
     def forward(self, x):
@@ -104,8 +113,8 @@ class DistillModule(pl.LightningModule):
             if hasattr(term, "total_steps") and not term.total_steps:
                 term.total_steps = int(self.trainer.estimated_stepping_batches)
 
-    def _loss(self, x, y):
-        s, t, sf, tf = self._forward(x)
+    def _loss(self, x, y, idx=None):
+        s, t, sf, tf = self._forward(x, idx)
         mask = x.get("attention_mask") if isinstance(x, dict) else None
         parts = {n: w * term(student=s, teacher=t, target=y, student_features=sf, teacher_features=tf,
                              attention_mask=mask)
@@ -113,8 +122,8 @@ class DistillModule(pl.LightningModule):
         return sum(parts.values()), parts, s, t
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        total, parts, _, _ = self._loss(x, y)
+        x, y, *idx = batch  # (x, y, i): the sample indices of a cached teacher's outputs
+        total, parts, _, _ = self._loss(x, y, idx[0] if idx else None)
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f"distillation loss became {total.item()} at epoch {self.current_epoch}, step {batch_idx} "

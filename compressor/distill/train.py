@@ -57,6 +57,24 @@ class EpochLog(pl.Callback):
                  f"({time.time() - self.t0:.1f} s)")
 
 
+def precision(trainer_spec) -> tuple[str, str]:
+    """(Lightning precision, why). ``auto``: bf16 autocast where the hardware runs bf16 natively (a CUDA GPU
+    that supports it; a CPU with AMX or AVX512-BF16, read from its flags), fp32 elsewhere."""
+    want = trainer_spec.precision
+    if want != "auto":
+        return want, "set in the recipe"
+    if trainer_spec.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", f"{torch.cuda.get_device_name(0)} runs bf16"
+        return "32-true", f"{torch.cuda.get_device_name(0)} has no bf16"
+    from devices.bench_onnxruntime import cpu_flags
+
+    have = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    if have:
+        return "bf16-mixed", f"this CPU has {', '.join(have)}"
+    return "32-true", "this CPU has neither AMX nor AVX512-BF16"
+
+
 def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, log=print,
         val_metric: str = "acc") -> dict:
     """Distil ``teacher`` into ``student`` in place (best validation epoch kept); return training metrics."""
@@ -78,12 +96,26 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
     if active():
         callbacks.append(Hold())
     t = spec.trainer
+    prec, prec_why = precision(t)
+    if t.precision == "auto":
+        log(f"distill: precision {prec} ({prec_why})")
     trainer = pl.Trainer(max_epochs=spec.epochs, accelerator=t.accelerator, devices=t.devices,
-                         strategy=t.strategy, num_nodes=t.num_nodes, precision=t.precision,
+                         strategy=t.strategy, num_nodes=t.num_nodes, precision=prec,
                          deterministic=t.deterministic, callbacks=callbacks, logger=False,
                          enable_progress_bar=interactive, enable_model_summary=False,
                          default_root_dir=str(ckpt_dir.parent), num_sanity_val_steps=0, **t.extra)
-    train = data.loader("train", data_spec.batch_size, shuffle=True, workers=data_spec.workers, seed=seed)
+    cached = _cache_teacher(module, teacher, data, spec, ckpt_dir.parent / "teacher-cache", log)
+    if cached:
+        from torch.utils.data import DataLoader
+
+        from .cache import Indexed, collate_indexed
+
+        g = torch.Generator().manual_seed(seed)
+        train = DataLoader(Indexed(data.train), batch_size=data_spec.batch_size, shuffle=True,
+                           num_workers=data_spec.workers, generator=g, persistent_workers=data_spec.workers > 0,
+                           collate_fn=collate_indexed)
+    else:
+        train = data.loader("train", data_spec.batch_size, shuffle=True, workers=data_spec.workers, seed=seed)
     val = data.loader("val", data_spec.batch_size, workers=data_spec.workers)
     last = ckpt_dir / "last.ckpt"
     if last.is_file():
@@ -121,5 +153,27 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
     return {"epochs": trainer.current_epoch, f"best_val_{val_metric}": float(ckpt.best_model_score or float("nan")),
             "train_seconds": round(time.time() - t0, 1), "final_train_loss":
             float(trainer.callback_metrics.get("train_loss", float("nan"))),
-            "trained_on": {"device": device, "precision": str(t.precision), "strategy": str(t.strategy),
+            "teacher_outputs": "cached" if cached else "every batch",
+            "trained_on": {"device": device, "precision": prec, "strategy": str(t.strategy),
                            "devices": t.devices}}
+
+
+def _cache_teacher(module: DistillModule, teacher, data, spec, directory: Path, log) -> bool:
+    """Give ``module`` the teacher's outputs on the training split, computed once, where that is safe; log
+    which way the teacher runs."""
+    from ..data import collate
+    from .cache import deterministic, teacher_outputs
+
+    want = getattr(spec, "cache_teacher", "auto")
+    why = None
+    if want is False:
+        why = "distill.cache_teacher is false"
+    elif module.teacher_paths:
+        why = "a loss reads the teacher's hidden features"
+    elif not deterministic(data.train):
+        why = "the training data changes between reads (augmentation)"
+    if why:
+        log(f"distill: the teacher runs on every batch ({why})")
+        return False
+    module.teacher_cache = teacher_outputs(teacher, data.train, directory, collate, log=log)
+    return True

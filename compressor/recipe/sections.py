@@ -69,7 +69,8 @@ class TrainerSpec(_Section):
     devices: int | str | list[int] = 1
     strategy: str = "auto"
     num_nodes: int = Field(1, ge=1)
-    precision: str = "32-true"
+    precision: str = Field("auto", description="auto: bf16-mixed on a GPU with bf16 or a CPU with AMX or AVX512-BF16, "
+                           "32-true elsewhere; or any Lightning precision (32-true, bf16-mixed, 16-mixed)")
     deterministic: bool = False
     extra: dict[str, Any] = Field(default_factory=dict, description="any other Trainer keyword argument")
 
@@ -83,6 +84,9 @@ class DistillSpec(_Section):
     losses: list[LossSpec] = Field(default_factory=lambda: [LossSpec(name="kd", weight=0.7, temperature=4.0),
                                                            LossSpec(name="ce", weight=0.3)])
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    cache_teacher: Literal["auto"] | bool = Field(
+        "auto", description="compute the teacher's outputs once and look them up by sample (auto: when the training "
+        "data reads the same twice and no loss reads the teacher's hidden features)")
 
     @field_validator("losses")
     @classmethod

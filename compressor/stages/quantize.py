@@ -108,6 +108,8 @@ def qat_fit(model, ctx, spec, what: str) -> dict:
     from ..distill.train import fit
 
     d = ctx.recipe.distill.model_copy(update={"epochs": spec.epochs, "lr": spec.lr})
+    if d.trainer.precision == "auto":  # fake quantization trains in fp32: its grid is an fp32 grid
+        d = d.model_copy(update={"trainer": d.trainer.model_copy(update={"precision": "32-true"})})
     try:
         return fit(model, ctx.teacher, ctx.data, d, ctx.recipe.data, ctx.scratch / f"qat-{what}",
                    seed=ctx.recipe.seed, log=ctx.log, val_metric=ctx.task.val_metric)

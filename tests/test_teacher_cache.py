@@ -1,0 +1,97 @@
+"""The teacher's outputs computed once (compressor.distill.cache): the same training as running the teacher on
+every batch, a cache file reused, and the teacher still run where the data or a loss needs it."""
+import copy
+
+import pytest
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from compressor.data import collate, load_data
+from compressor.distill import cache
+from compressor.distill.train import fit
+from compressor.models import ResNet
+from compressor.recipe import load_recipe
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+class Jitter(Dataset):
+    """Random augmentation: each read of a sample differs."""
+
+    def __init__(self, n=8):
+        self.x = torch.randn(n, 3)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(3), 0
+
+
+def test_deterministic_tells_augmented_data_apart():
+    assert cache.deterministic(TensorDataset(torch.randn(8, 3), torch.zeros(8)))
+    assert not cache.deterministic(Jitter())
+
+
+def test_outputs_are_computed_once_and_read_back(tmp_path):
+    teacher = torch.nn.Linear(3, 4)
+    ds = TensorDataset(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))
+    with torch.no_grad():
+        expected = teacher(ds.tensors[0])
+    calls = []
+    teacher.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    first = cache.teacher_outputs(teacher, ds, tmp_path, collate, batch_size=4, log=lambda s: None)
+    assert sum(calls) == 10 and first.shape == (10, 4) and torch.allclose(first, expected)
+    again = cache.teacher_outputs(teacher, ds, tmp_path, collate, log=lambda s: None)
+    assert sum(calls) == 10 and torch.equal(first, again)  # read from the file, the teacher not run
+    with torch.no_grad():
+        teacher.weight.add_(1.0)  # another teacher: another file
+    cache.teacher_outputs(teacher, ds, tmp_path, collate, log=lambda s: None)
+    assert sum(calls) == 20 and len(list(tmp_path.glob("teacher-outputs-*.npy"))) == 2
+
+
+def _setup(tiny_recipe, **distill):
+    r = load_recipe({**tiny_recipe, "distill": {"epochs": 2, "lr": 0.01, **distill}})
+    data = load_data(r.data, 0)
+    torch.manual_seed(0)
+    teacher = ResNet(widths=(8, 16), depths=(1, 1), in_channels=1).eval()
+    torch.manual_seed(1)
+    student = ResNet(widths=(4, 8), depths=(1, 1), in_channels=1)
+    return r, data, teacher, student
+
+
+def test_cached_teacher_trains_the_same_student(tiny_recipe, tmp_path):
+    r, data, teacher, student = _setup(tiny_recipe)
+    logs = []
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    ra = fit(a, teacher, data, r.distill, r.data, tmp_path / "a" / "ckpt", log=logs.append)
+    rb = fit(b, teacher, data, r.distill.model_copy(update={"cache_teacher": False}), r.data, tmp_path / "b" / "ckpt",
+             log=logs.append)
+    assert ra["teacher_outputs"] == "cached" and rb["teacher_outputs"] == "every batch"
+    assert any("computed once and cached" in line for line in logs)
+    assert any("runs on every batch (distill.cache_teacher is false)" in line for line in logs)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
+
+
+def test_a_loss_on_hidden_features_keeps_the_teacher_running(tiny_recipe, tmp_path):
+    r, data, teacher, student = _setup(tiny_recipe, epochs=1, losses=[
+        {"name": "kd", "weight": 1.0},
+        {"name": "feature", "weight": 1.0, "pairs": [["stages.1", "stages.1"]]}])
+    logs = []
+    out = fit(student, teacher, data, r.distill, r.data, tmp_path / "ckpt", log=logs.append)
+    assert out["teacher_outputs"] == "every batch"
+    assert any("reads the teacher's hidden features" in line for line in logs)
+
+
+def test_precision_auto_follows_the_cpu_flags(monkeypatch):
+    import devices.bench_onnxruntime as bench
+    from compressor.distill.train import precision
+    from compressor.recipe import TrainerSpec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert precision(TrainerSpec(precision="auto")) == ("bf16-mixed", "this CPU has amx_bf16")
+    monkeypatch.setattr(bench, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert precision(TrainerSpec(precision="auto"))[0] == "32-true"
+    assert precision(TrainerSpec(precision="16-mixed")) == ("16-mixed", "set in the recipe")
