@@ -38,6 +38,11 @@ def take(x, n: int):
     return {k: v[:n] for k, v in x.items()} if isinstance(x, dict) else x[:n]
 
 
+def rows(x, i: int, j: int):
+    """Samples i..j of a batch: a tensor or a dict of tensors (token inputs)."""
+    return {k: v[i:j] for k, v in x.items()} if isinstance(x, dict) else x[i:j]
+
+
 def at_length(x, length: int | None):
     """Token inputs padded (mask 1, ids 0) or cut to ``length``: FLOPs and latency are counted at the
     sequence length the device runs, not at one sentence's own length."""

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..measure import _tensor_bytes, model_key
 from ..tasks import output
 
 
@@ -59,19 +60,15 @@ def _hash_tensor(h, v) -> None:
         for k in sorted(v):
             h.update(k.encode())
             _hash_tensor(h, v[k])
-    elif isinstance(v, torch.Tensor):
-        h.update(f"{v.dtype}{tuple(v.shape)}".encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     else:
-        h.update(repr(v).encode())
+        h.update(f"{v.dtype}{tuple(v.shape)}".encode())
+        h.update(_tensor_bytes(v))
 
 
 def key(teacher: torch.nn.Module, dataset: Dataset) -> str:
-    """The teacher's weights and the dataset's samples, hashed: the cache file's name."""
-    h = hashlib.sha256(f"{type(teacher).__qualname__}".encode())
-    for name, v in teacher.state_dict().items():
-        h.update(name.encode())
-        _hash_tensor(h, v)
+    """The teacher (compressor.measure.model_key: weights and architecture) and the dataset's samples,
+    hashed: the cache file's name."""
+    h = hashlib.sha256(model_key(teacher, dataset[0][0]).encode())
     for i in range(len(dataset)):
         _hash_tensor(h, dataset[i][0])
     return h.hexdigest()[:24]

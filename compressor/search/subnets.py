@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import UserError
 from ..flops import count_flops
 from ..prune import build_pruned, find_units
-from ..tasks import output, size, take
+from ..tasks import output, rows, size, take
 
 CHANNELS = (0.0, 0.25, 0.5, 0.625, 0.75)  # fractions of FLOPs the channel pruning removes
 
@@ -125,9 +125,9 @@ class Rung:
     @torch.no_grad()
     def of(cls, teacher: nn.Module, x, val_x, val_y, task: str = "classification", **kw) -> "Rung":
         teacher.eval()
-        outs = [output(teacher, take_rows(x, i, i + 256)) for i in range(0, size(x), 256)]
+        outs = [output(teacher, rows(x, i, i + 256)) for i in range(0, size(x), 256)]
         if task != "classification":
-            val_y = torch.cat([output(teacher, take_rows(val_x, i, i + 256)) for i in range(0, size(val_x), 256)])
+            val_y = torch.cat([output(teacher, rows(val_x, i, i + 256)) for i in range(0, size(val_x), 256)])
         return cls(x, torch.cat(outs), val_x, val_y, task, **kw)
 
     def train(self, model: nn.Module, epochs: float, seed: int = 0) -> nn.Module:
@@ -160,14 +160,10 @@ class Rung:
     def score(self, model: nn.Module) -> float:
         """Held-out accuracy (classification) or mean cosine similarity to the teacher (embedding)."""
         model.eval()
-        y = torch.cat([output(model, take_rows(self.val_x, i, i + 256)) for i in range(0, size(self.val_x), 256)])
+        y = torch.cat([output(model, rows(self.val_x, i, i + 256)) for i in range(0, size(self.val_x), 256)])
         if self.task == "classification":
             return float((y.argmax(-1) == self.val_y).float().mean())
         return float(F.cosine_similarity(y, self.val_y, dim=-1).mean())
-
-
-def take_rows(x, i: int, j: int):
-    return {k: v[i:j] for k, v in x.items()} if isinstance(x, dict) else x[i:j]
 
 
 # ------------------------------------------------------------------------------ the ladder

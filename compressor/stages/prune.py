@@ -67,11 +67,7 @@ def run(ctx: Context) -> StageRecord:
     ctx.student = student
     ctx.genome = _genome(ctx, info["removed"], plan, channels)
     if channels:
-        # Resuming before distillation has saved its weights needs the pruned teacher's own.
-        path = ctx.scratch / "pruned.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(student.state_dict(), path.with_name(".pruned.pt.tmp"))
-        path.with_name(".pruned.pt.tmp").replace(path)
+        keep_cut(ctx, student)
     ctx.log(f"the pruned teacher replaces the recipe's student: {info['params']:,} params, "
             f"{info['flops'] / 1e6:.1f} MFLOPs")
     return StageRecord(name, config=spec.model_dump(mode="json"),
@@ -82,13 +78,28 @@ def run(ctx: Context) -> StageRecord:
 
 def restore(ctx: Context, rec: StageRecord) -> None:
     if "removed" in rec.outputs:
-        ctx.student = narrowed(build_pruned(ctx.teacher, rec.outputs["removed"]), rec.outputs.get("width"),
-                               rec.outputs.get("channels"))
+        ctx.student = cut_teacher(ctx, rec.outputs["removed"], rec.outputs.get("width"), rec.outputs.get("channels"))
         ctx.genome = rec.outputs["genome"]
-        if rec.outputs.get("channels"):
-            from ..teacher import load_state
 
-            ctx.student.load_state_dict(load_state(ctx.scratch / "pruned.pt", "pruned teacher"))
+
+def keep_cut(ctx: Context, student) -> None:
+    """Save a channel-cut teacher's weights in scratch: resuming before distillation has saved the student's
+    needs them (a channel plan gives the shapes only)."""
+    path = ctx.scratch / "pruned.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(student.state_dict(), path.with_name(".pruned.pt.tmp"))
+    path.with_name(".pruned.pt.tmp").replace(path)
+
+
+def cut_teacher(ctx: Context, removed, width=None, channels=None):
+    """The teacher without ``removed`` units, narrowed to the width and channel plans; with a channel plan,
+    the weights keep_cut saved."""
+    student = narrowed(build_pruned(ctx.teacher, removed), width, channels)
+    if channels:
+        from ..teacher import load_state
+
+        student.load_state_dict(load_state(ctx.scratch / "pruned.pt", "cut teacher"))
+    return student
 
 
 def _genome(ctx: Context, removed, plan=None, channels=None) -> dict:

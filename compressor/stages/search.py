@@ -34,11 +34,6 @@ def _defaults(data, recipe=None, space=None) -> dict:
     return out
 
 
-def _rows(x, i: int, j: int):
-    """Samples i..j of a batch: a tensor or a dict of tensors (token inputs)."""
-    return {k: v[i:j] for k, v in x.items()} if isinstance(x, dict) else x[i:j]
-
-
 def sequence_length(recipe, data) -> int | None:
     """The sequence length the devices run (the data's dims, or profile.dims): FLOPs and latency of a
     text candidate are counted there, as the pipeline's analyze and profile stages count them."""
@@ -122,7 +117,7 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bo
     from ..search.nsga import search
     from ..search.proxies import TeacherView, check_task
     from ..search.spaces import from_spec
-    from ..tasks import at_length, size, take
+    from ..tasks import at_length, rows, size, take
 
     if spec.proxy not in PROXIES:
         raise UserError(f"search.proxy {spec.proxy!r}: known proxies are {', '.join(PROXIES)}")
@@ -141,7 +136,7 @@ def run_search(recipe, data, teacher, spec, run_dir: Path, log=print, worker: bo
     n = spec.batch_size
     xs, ys = data.tensors("train", limit=n * spec.proxy_seeds)
     total = size(xs)
-    batches = [(_rows(xs, i, i + n), ys[i:i + n]) for i in range(0, total, n) if min(total, i + n) - i >= 2]
+    batches = [(rows(xs, i, i + n), ys[i:i + n]) for i in range(0, total, n) if min(total, i + n) - i >= 2]
     if len(batches) < spec.proxy_seeds:
         log(f"search: the training split holds {len(batches)} batches of {n}, so the proxy averages {len(batches)} "
             f"pairs instead of search.proxy_seeds {spec.proxy_seeds}")

@@ -12,9 +12,10 @@ from ..context import Context
 from ..errors import UserError
 from ..files import write_json
 from ..flops import count_flops
-from ..prune import calibration_batches, narrowed
+from ..prune import calibration_batches
 from ..search import subnets as S
 from ..tasks import size, take
+from .prune import cut_teacher, keep_cut
 
 
 def latency_of(devices: dict, example, log) -> callable:
@@ -109,11 +110,8 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     ctx.genome = {"model": t.model, "config": t.kwargs, "defaults": ctx.genome.get("defaults", {}),
                   "pruned_from": "teacher", "removed": removed, **({"channels": best.plan} if best.plan else {}),
                   "search": found}
-    if best.plan:  # --resume before distillation has saved weights needs the cut teacher's own
-        path = ctx.scratch / "pruned.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(best.model.state_dict(), path.with_name(".pruned.pt.tmp"))
-        path.with_name(".pruned.pt.tmp").replace(path)
+    if best.plan:
+        keep_cut(ctx, best.model)
     c = best.cost
     lat = ", ".join(f"{d} {v:.3f} ms" for d, v in c.get("latency_ms", {}).items())
     ctx.log(f"search: chose the teacher without {', '.join(removed) or 'no unit'}, {best.genome['channels']:.0%} of "
@@ -135,12 +133,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
 
 
 def restore(ctx: Context, g: dict) -> None:
-    from ..prune import build_pruned
-    from ..teacher import load_state
-
-    ctx.student = narrowed(build_pruned(ctx.teacher, g["removed"]), None, g.get("channels"))
-    if g.get("channels"):
-        ctx.student.load_state_dict(load_state(ctx.scratch / "pruned.pt", "searched sub-network"))
+    ctx.student = cut_teacher(ctx, g["removed"], None, g.get("channels"))
     ctx.genome = g
 
 
