@@ -15,6 +15,7 @@ from torch import nn
 from .data import DataSplits
 from .errors import UserError
 from .models import build_model
+from .precision import resolve
 
 
 def cache_dir() -> Path:
@@ -56,8 +57,10 @@ def evaluate(model: nn.Module, loader) -> float:
 
 
 def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, seed: int,
-                     log=print) -> nn.Module:
-    """Plain cross-entropy training (AdamW, cosine schedule): how a demo teacher comes to be."""
+                     log=print, precision: str = "32-true") -> nn.Module:
+    """Plain cross-entropy training (AdamW, one-cycle schedule): how a demo teacher comes to be. ``precision``
+    (a Lightning name): ``bf16-mixed`` runs the forward pass under bf16 autocast."""
+    from .precision import autocast
     from .tasks import call
 
     torch.manual_seed(seed)
@@ -68,7 +71,8 @@ def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, 
         model.train()
         t0, seen, loss_sum = time.time(), 0, 0.0
         for x, y in loader:
-            loss = F.cross_entropy(call(model, x), y, ignore_index=-1)  # -1: an unlabelled sample (few-label data)
+            with autocast(precision):
+                loss = F.cross_entropy(call(model, x), y, ignore_index=-1)  # -1: an unlabelled sample (few-label data)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -81,7 +85,9 @@ def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, 
 
 def _cache_key(recipe) -> str:
     t, d = recipe.teacher, recipe.data
-    key = {"model": t.model, "kwargs": t.kwargs, "train": t.train.model_dump(), "dataset": d.dataset,
+    # The precision as resolved on this host: an AMX host's bf16 teacher is not an AVX2 host's fp32 one.
+    train = {**t.train.model_dump(), "precision": resolve(t.train.precision, "cpu")[0]}
+    key = {"model": t.model, "kwargs": t.kwargs, "train": train, "dataset": d.dataset,
            "data_kwargs": d.kwargs, "fractions": [d.val_fraction, d.test_fraction], "seed": recipe.seed}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -108,7 +114,10 @@ def load_teacher(recipe, data: DataSplits, log=print) -> tuple[nn.Module, dict]:
         else:
             log(f"training the teacher {spec.model} on {recipe.data.dataset} (first use; cached in {path})")
             t0 = time.time()
-            train_supervised(model, data, spec.train, spec.train.batch_size, recipe.seed, log=log)
+            prec, why = resolve(spec.train.precision, "cpu")  # the teacher trains on the CPU
+            log(f"teacher: precision {prec} ({why})")
+            train_supervised(model, data, spec.train, spec.train.batch_size, recipe.seed, log=log, precision=prec)
+            origin["precision"] = prec
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
             torch.save(model.state_dict(), tmp)

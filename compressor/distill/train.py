@@ -58,21 +58,11 @@ class EpochLog(pl.Callback):
 
 
 def precision(trainer_spec) -> tuple[str, str]:
-    """(Lightning precision, why). ``auto``: bf16 autocast where the hardware runs bf16 natively (a CUDA GPU
-    that supports it; a CPU with AMX or AVX512-BF16, read from its flags), fp32 elsewhere."""
-    want = trainer_spec.precision
-    if want != "auto":
-        return want, "set in the recipe"
-    if trainer_spec.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported():
-            return "bf16-mixed", f"{torch.cuda.get_device_name(0)} runs bf16"
-        return "32-true", f"{torch.cuda.get_device_name(0)} has no bf16"
-    from devices.bench_onnxruntime import cpu_flags
+    """(Lightning precision, why): compressor.precision.resolve for the trainer's accelerator (``auto``: bf16
+    where the hardware runs it natively)."""
+    from ..precision import resolve
 
-    have = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
-    if have:
-        return "bf16-mixed", f"this CPU has {', '.join(have)}"
-    return "32-true", "this CPU has neither AMX nor AVX512-BF16"
+    return resolve(trainer_spec.precision, trainer_spec.accelerator)
 
 
 def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, log=print,

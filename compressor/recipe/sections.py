@@ -18,6 +18,8 @@ class TrainSpec(_Section):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(64, ge=1, description="its own, so changing the distillation batch keeps the cached teacher")
+    precision: str = Field("auto", description="auto: bf16 autocast on a CPU with AMX or AVX512-BF16 (the teacher "
+                           "trains on the CPU), fp32 elsewhere; or 32-true, bf16-mixed")
 
 
 class TeacherSpec(_Section):

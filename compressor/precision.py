@@ -1,0 +1,28 @@
+"""Which training precision the hardware runs natively: bf16 autocast on a CUDA GPU that supports it and on a
+CPU whose flags list AMX or AVX512-BF16 (read from the CPU, never assumed), fp32 elsewhere. The distill stage's
+trainer and the teacher's training on first use both ask here."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve(want: str = "auto", accelerator: str = "cpu") -> tuple[str, str]:
+    """(Lightning precision name, why). ``want`` other than ``auto`` is returned as the recipe's choice."""
+    if want != "auto":
+        return want, "set in the recipe"
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", f"{torch.cuda.get_device_name(0)} runs bf16"
+        return "32-true", f"{torch.cuda.get_device_name(0)} has no bf16"
+    from devices.bench_onnxruntime import cpu_flags
+
+    have = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    if have:
+        return "bf16-mixed", f"this CPU has {', '.join(have)}"
+    return "32-true", "this CPU has neither AMX nor AVX512-BF16"
+
+
+def autocast(precision: str, device: str = "cpu"):
+    """A context for a forward pass at ``precision`` (a Lightning name): bf16 autocast for ``bf16-mixed``,
+    nothing for the rest."""
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
