@@ -113,3 +113,47 @@ def test_a_teacher_search_without_a_budget_is_refused(tiny_recipe, tmp_path):
     r["targets"] = []
     with pytest.raises(UserError, match="needs a budget"):
         compressor.run(r, tmp_path / "b", log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_rung_then_resume_reuses_the_scores(deep_tiny, tmp_path):
+    """kill -9 while the ladder runs; --resume reads the candidates' saved costs and rung scores and trains only
+    what was left."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    from test_crash import start, wait_for
+
+    r = copy.deepcopy(deep_tiny)
+    r.pop("student")
+    r["search"] = {"family": "teacher", "max_flops": 0.8, "channels": [0.0, 0.5], "rungs": [0.5, 1],
+                   "rung_samples": 128, "eta": 2}
+    recipe, out = tmp_path / "r.yaml", tmp_path / "b"
+    recipe.write_text(yaml.safe_dump(r))
+    hold = tmp_path / "hold"
+    hold.write_text("rung")  # the run waits after each new rung score, once it is saved
+    p = start(recipe, out, hold=hold)
+    wait_for(tmp_path / "hold.held", p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    ladder = tmp_path / "b.partial" / "work" / "search" / "ladder.json"
+    saved = json.loads(ladder.read_text())["trials"]
+    scored = {g: t["rungs"] for g, t in saved.items() if t["rungs"]}
+    assert len(scored) == 1 and not out.exists()
+
+    done = subprocess.run([sys.executable, "-m", "compressor.cli", "run", str(recipe), "--out", str(out), "--resume"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "restored from the interrupted run" in done.stderr and "(1 scores from the interrupted run)" in done.stderr
+    from compressor.bundle import read_manifest
+
+    rows = json.loads((out / "search" / "candidates.json").read_text())["candidates"]
+    for row in rows:  # the score saved before the kill is the one the resumed search ranked by
+        g = json.dumps(row["genome"], sort_keys=True)
+        if g in scored:
+            assert row["rungs"][0] == scored[g][0]
+    assert sum(bool(row["rungs"]) for row in rows) > 1
+    assert next(s for s in read_manifest(out)["stages"] if s["name"] == "search")["metrics"]["best"]["rung"] == 2

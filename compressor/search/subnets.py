@@ -156,10 +156,20 @@ class Rung:
             opt.step()
         return model.eval()
 
+    def recalibrate(self, model: nn.Module) -> nn.Module:
+        """Batch-norm statistics re-estimated on the rung's samples (as OFA does for each sub-network): a few
+        training steps move the running averages only a little, so without this a short rung would score stale
+        statistics, not the weights."""
+        from ..structural import recalibrate_batchnorm
+
+        recalibrate_batchnorm(model, [rows(self.x, i, i + 256) for i in range(0, size(self.x), 256)])
+        return model.eval()
+
     @torch.no_grad()
     def score(self, model: nn.Module) -> float:
-        """Held-out accuracy (classification) or mean cosine similarity to the teacher (embedding)."""
-        model.eval()
+        """Held-out accuracy (classification) or mean cosine similarity to the teacher (embedding), with the
+        batch-norm statistics re-estimated first."""
+        self.recalibrate(model)
         y = torch.cat([output(model, rows(self.val_x, i, i + 256)) for i in range(0, size(self.val_x), 256)])
         if self.task == "classification":
             return float((y.argmax(-1) == self.val_y).float().mean())
@@ -177,6 +187,7 @@ class Trial:
     feasible: bool = True
     why: str = ""  # the budget it breaks
     rungs: list[dict] = field(default_factory=list)  # {"epochs", "score", "seconds"} per rung reached
+    key: str = ""  # the built candidate's content hash (compressor.measure.model_key), for the Journal
 
     @property
     def score(self) -> float | None:
@@ -188,26 +199,73 @@ class Trial:
 
 
 def successive_halving(trials: list[Trial], rung: Rung, epochs: list[float], *, eta: int = 3, keep: int = 1,
-                       seed: int = 0, log: Callable[[str], None] = print) -> list[Trial]:
+                       seed: int = 0, log: Callable[[str], None] = print,
+                       scored: Callable[[Trial], None] | None = None) -> list[Trial]:
     """Short distillations of the feasible ``trials``: all at ``epochs[0]``, the best ``1/eta`` of them at
     ``epochs[1]``, and so on (never fewer than ``keep``). Returns the trials of the last rung, best first.
     Each rung trains from the teacher's weights again (not from the previous rung's), so scores within a rung
-    compare like with like."""
+    compare like with like. A trial that already has a rung's score (restored by a Journal) is not trained
+    again; ``scored`` is called after each new score."""
     alive = [t for t in trials if t.feasible]
     if not alive:
         return []
     for k, ep in enumerate(epochs):
-        t0 = time.time()
+        t0, reused = time.time(), 0
         for t in alive:
+            if len(t.rungs) > k:
+                reused += 1
+                continue
             s0 = time.time()
             score = rung.score(rung.train(t.model, ep, seed=seed))
             t.rungs.append({"epochs": ep, "score": score, "seconds": round(time.time() - s0, 3)})
-        alive.sort(key=lambda t: (-t.score, t.cost["flops"]))
+            if scored is not None:
+                scored(t)
+        alive.sort(key=lambda t: (-t.rungs[k]["score"], t.cost["flops"]))
         log(f"search: rung {k + 1} ({ep:g} epochs of {size(rung.x)} samples): {len(alive)} candidates in "
-            f"{time.time() - t0:.1f} s; best {alive[0].score:.4f}")
+            f"{time.time() - t0:.1f} s{f' ({reused} scores from the interrupted run)' if reused else ''}; "
+            f"best {alive[0].rungs[k]['score']:.4f}")
         if k + 1 < len(epochs):
             alive = alive[:max(keep, -(-len(alive) // eta))]
     return alive
+
+
+class Journal:
+    """The ladder's progress on disk, so a killed search resumes where it stopped: each candidate's cost (latency
+    included: measuring again would draw new noise and could change which candidates meet a budget) and rung
+    scores, saved after each one. A saved candidate is reused only when the one built now has the same content
+    hash (compressor.measure.model_key), and the whole file only when its ``key`` (the teacher, the data, the
+    search's settings) is the run's."""
+
+    def __init__(self, path, key: str):
+        import json
+
+        self.path, self.key, self.teacher_ms = path, key, {}
+        self.saved: dict[str, dict] = {}
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            if doc.get("key") == key:
+                self.saved, self.teacher_ms = doc["trials"], doc.get("teacher_ms", {})
+
+    def restore(self, trial: Trial, model_key: str) -> bool:
+        trial.key = model_key
+        got = self.saved.get(_genome_key(trial.genome))
+        if not got or got["model"] != model_key:
+            return False
+        trial.cost, trial.rungs = got["cost"], got["rungs"]
+        return True
+
+    def save(self, trials: list[Trial]) -> None:
+        from ..files import write_json
+
+        write_json(self.path, {"key": self.key, "teacher_ms": self.teacher_ms,
+                               "trials": {_genome_key(t.genome): {"model": t.key, "cost": t.cost, "rungs": t.rungs}
+                                          for t in trials if t.key}})
+
+
+def _genome_key(genome: dict) -> str:
+    import json
+
+    return json.dumps(genome, sort_keys=True)
 
 
 def costs(model: nn.Module, example, latency: Callable[[nn.Module], dict] | None = None) -> dict:

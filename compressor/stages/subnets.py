@@ -12,6 +12,8 @@ from ..context import Context
 from ..errors import UserError
 from ..files import write_json
 from ..flops import count_flops
+from ..hold import hold
+from ..measure import model_key
 from ..prune import calibration_batches
 from ..search import subnets as S
 from ..tasks import size, take
@@ -47,29 +49,47 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     if spec.max_latency is not None and not devices:
         raise UserError("search.max_latency needs a target to measure on (targets: [local-cpu], say)")
     genomes = space.genomes()
-    if len(genomes) > spec.trials:  # a large space: a seeded sample, the teacher's own genome among them
-        g = torch.Generator().manual_seed(recipe.seed)
-        genomes = [genomes[0]] + [genomes[i] for i in (torch.randperm(len(genomes) - 1, generator=g)[:spec.trials - 1] + 1)]
-    ctx.log(f"search: the teacher's sub-networks: {len(space.units)} droppable units ({', '.join(space.units)}), "
-            f"channel cuts {', '.join(f'{c:g}' for c in space.channels)}: {space.size} genomes, {len(genomes)} tried")
     t0 = time.time()
+    journal = S.Journal(ctx.scratch / "search" / "ladder.json", _journal_key(ctx, spec))
     build, trials = S.Builder(space, teacher, batches, labels=labels, ignore=ignore), []
+    if max_flops is not None:
+        # Rung 0, first half: FLOPs estimated before building (the cut's fraction lands within a few percent), over
+        # the whole space, so the trials below are spent on genomes that can meet the budget.
+        fits = []
+        for gnm in genomes:
+            est = build.flops_estimate(gnm)
+            if est > max_flops * 1.03:
+                trials.append(S.Trial(gnm, cost={"flops": int(est), "estimated": True}, feasible=False,
+                                      why=f"about {est / 1e6:.1f} MFLOPs > {max_flops / 1e6:.1f}"))
+            else:
+                fits.append(gnm)
+        genomes = fits
+    if len(genomes) > spec.trials:  # a large space: a seeded sample (the teacher's own genome in it, if it fits)
+        g = torch.Generator().manual_seed(recipe.seed)
+        first = genomes[:1] if not space.removed(genomes[0]) and not genomes[0]["channels"] else []
+        rest = genomes[len(first):]
+        genomes = first + [rest[i] for i in torch.randperm(len(rest), generator=g)[:spec.trials - len(first)]]
+    ctx.log(f"search: the teacher's sub-networks: {len(space.units)} droppable units ({', '.join(space.units)}), "
+            f"channel cuts {', '.join(f'{c:g}' for c in space.channels)}: {space.size} genomes"
+            f"{f', {len(trials)} over the FLOPs budget' if trials else ''}; {len(genomes)} tried")
     for gnm in genomes:
-        # Rung 0: the budgets. FLOPs first (estimated before building: the cut's fraction lands within 2%), then
-        # FLOPs and size as built, then latency on each device for those left.
+        # Rung 0, second half: FLOPs and size as built, then latency on each device for those left.
         est = build.flops_estimate(gnm)
-        if max_flops is not None and est > max_flops * 1.03:
-            trials.append(S.Trial(gnm, cost={"flops": int(est), "estimated": True}, feasible=False,
-                                  why=f"about {est / 1e6:.1f} MFLOPs > {max_flops / 1e6:.1f}"))
-            continue
         try:
             model, plan = build(gnm)
         except UserError as e:  # a cut the structure cannot give (groups at their multiple): not a candidate
             trials.append(S.Trial(gnm, cost={"flops": int(est), "estimated": True}, feasible=False,
                                   why=str(e).split(": ", 1)[-1][:200]))
             continue
-        trials.append(S.Trial(gnm, model, plan, S.costs(model, example)))
+        trial = S.Trial(gnm, model, plan)
+        if not journal.restore(trial, model_key(model, take(example, 1))):
+            trial.cost = S.costs(model, example)
+        trials.append(trial)
     built_s = time.time() - t0
+    restored = sum(bool(t.rungs) or "latency_ms" in t.cost for t in trials)
+    if restored:
+        ctx.log(f"search: {restored} candidates' costs and scores restored from the interrupted run "
+                f"({journal.path.relative_to(ctx.work)})")
     for t in trials:
         if t.why:
             continue
@@ -81,27 +101,40 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     teacher_ms = {}
     if devices and left:
         x1 = take(example, 1)
-        # The teacher measured beside the candidates: a budget relative to it holds on any host.
-        teacher_ms, *lats = latency_of(devices, x1, ctx.log)([teacher] + [t.model for t in left])
+        if journal.teacher_ms and all("latency_ms" in t.cost for t in left):
+            teacher_ms = journal.teacher_ms  # measured before the interruption: the same numbers, the same budgets
+        else:
+            # The teacher measured beside the candidates: a budget relative to it holds on any host.
+            teacher_ms, *lats = latency_of(devices, x1, ctx.log)([teacher] + [t.model for t in left])
+            for t, lat in zip(left, lats):
+                t.cost["latency_ms"] = lat
         if spec.max_latency is not None:
             latency_ms = {d: min(latency_ms.get(d, float("inf")), spec.max_latency * ms) for d, ms in teacher_ms.items()}
-        for t, lat in zip(left, lats):
-            t.cost["latency_ms"] = lat
+        for t in left:
             t.why = S.check_budget(t.cost, latency_ms=latency_ms)
+    journal.teacher_ms = teacher_ms
+    journal.save(trials)
     for t in trials:
         t.feasible = not t.why
     feasible = [t for t in trials if t.feasible]
     ctx.log(f"search: {len(feasible)} of {len(trials)} candidates meet the budgets ({sum(t.model is not None for t in trials)} "
             f"built; {time.time() - t0:.1f} s)")
     if not feasible:
-        tight = min(trials, key=lambda t: t.cost["flops"])
+        built = [t for t in trials if t.model is not None]  # the nearest miss: a built one says more
+        tight = min(built or trials, key=lambda t: t.cost["flops"])
         raise UserError(f"search: no sub-network of the teacher meets the budgets; the smallest ({tight.cost['flops'] / 1e6:.1f} "
                         f"MFLOPs) breaks one: {tight.why}")
     # Rungs 1+: short distillations from the teacher's cached outputs, scored on the validation split.
     xs, _ = data.tensors("train", limit=spec.rung_samples)
     vx, vy = data.tensors("val", limit=1024)
     rung = S.Rung.of(teacher, xs, vx, vy, recipe.task, batch_size=min(64, size(xs)), lr=recipe.distill.lr)
-    final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, seed=recipe.seed, log=ctx.log)
+
+    def scored(_):
+        journal.save(trials)
+        hold("rung")  # tests stop the run here (compressor.hold)
+
+    final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, seed=recipe.seed, log=ctx.log,
+                                 scored=scored)
     best = final[0]
     removed = space.removed(best.genome)
     ctx.student = best.model
@@ -130,6 +163,19 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
                                 "best": best.to_dict(), "final": [t.to_dict() for t in final]},
                        outputs={"candidates": "search/candidates.json", "plot": "search/pareto.png",
                                 "student": ctx.genome})
+
+
+def _journal_key(ctx: Context, spec) -> str:
+    """What the ladder's saved progress depends on: the teacher and the training data (the teacher-output cache's
+    key), the search's settings, the seed and the rungs' learning rate."""
+    import hashlib
+    import json
+
+    from ..distill.cache import key
+
+    ignore = ctx.recipe.prune.ignore if ctx.recipe.prune is not None else []
+    return hashlib.sha256(json.dumps([key(ctx.teacher, ctx.data.train), spec.model_dump(mode="json"), ctx.recipe.seed,
+                                      ctx.recipe.distill.lr, ignore], default=str).encode()).hexdigest()
 
 
 def restore(ctx: Context, g: dict) -> None:
