@@ -1,16 +1,21 @@
-"""Do the zero-cost proxies rank students the way distillation does? And how fast does the search score?
+"""Do the search's rankings order students the way distillation does?
 
-Samples candidates of the digits ResNet space (derived from the quickstart-style teacher) under one size
-budget, distils each with the same training budget (KD from the teacher, same epochs, lr, seed), and
+    python benchmarks/search_rank.py                  # the teacher's sub-networks (benchmarks/rank_subnets.py):
+                                                      # #params, FLOPs, DisWOT and each rung against the distilled
+                                                      # accuracy; writes results/search_rank.json and .md
+    python benchmarks/search_rank.py --rungs 0,0.5,1.5,4.5,13.5 --train-seeds 2
+
+--space family: the zero-cost proxies on a family space, and how fast the NSGA-II search scores. Samples
+candidates of the digits ResNet space (derived from the quickstart-style teacher) under one size budget, distils each with the same training budget (KD from the teacher, same epochs, lr, seed), and
 reports Kendall tau between each proxy's score and the distilled held-out accuracy. Parameter count is
 the baseline a proxy has to beat. Then runs the NSGA-II search with DisWOT to count candidates scored
-per minute. Writes benchmarks/results/search_rank.json and .md.
+per minute. Writes benchmarks/results/search_rank.family.json and .md (--tag).
 
-    python benchmarks/search_rank.py                  # 16 candidates, 6 epochs (about 10 minutes on 2 shared cores)
-    python benchmarks/search_rank.py --candidates 24 --epochs 5
+    python benchmarks/search_rank.py --space family   # 16 candidates, 6 epochs (about 10 minutes on 2 shared cores)
+    python benchmarks/search_rank.py --space family --candidates 24 --epochs 5
     # harder, so distilled accuracies spread: 8x8 digits, 2 epochs, 20% noisy training labels; each proxy
     # averaged over 4 (init seed, batch) pairs, each accuracy over 2 training seeds
-    python benchmarks/search_rank.py --image-size 8 --epochs 2 --label-noise 0.2 --proxy-seeds 4 \
+    python benchmarks/search_rank.py --space family --image-size 8 --epochs 2 --label-noise 0.2 --proxy-seeds 4 \
         --train-seeds 2 --candidates 24 --size-mb 0.2 --tag .hard
 """
 from __future__ import annotations
@@ -73,6 +78,17 @@ def kendall(a, b) -> float:
 
 
 def main(argv=None):
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--space", choices=("teacher", "family"), default="teacher")
+    known, rest = first.parse_known_args(argv)
+    if known.space == "teacher":
+        import rank_subnets
+
+        return rank_subnets.main(rest, out_dir=ROOT / "benchmarks" / "results")
+    family(rest)
+
+
+def family(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--candidates", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=6, help="distillation epochs per candidate (the same for all)")
@@ -82,7 +98,7 @@ def main(argv=None):
     ap.add_argument("--min-mb", type=float, default=0.0,
                     help="and a floor: a narrow band (e.g. 0.15..0.25) compares architectures of about equal size, "
                          "where the parameter count can no longer rank them")
-    ap.add_argument("--tag", default="", help="suffix for the result files (search_rank<tag>.json/.md)")
+    ap.add_argument("--tag", default=".family", help="suffix for the result files (search_rank<tag>.json/.md)")
     ap.add_argument("--search-trials", type=int, default=150, help="NSGA-II trials for the speed figure")
     ap.add_argument("--proxy-seeds", type=int, default=3,
                     help="average each proxy over this many (init seed, batch) pairs, as DisWOT advises")

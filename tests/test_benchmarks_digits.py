@@ -80,7 +80,9 @@ def test_searched_and_pruned_rows():
     b = _bench()
     shipped = yaml.safe_load((b.ROOT / "profiles" / "recipes" / "quickstart-prune.yaml").read_text())
     assert b.recipe_for("pruned", False, None) == {**shipped, "name": "digits-pruned"}
-    assert b.recipe_for("searched", False, None)["search"]["proxy"] == "diswot"
+    searched = yaml.safe_load((b.ROOT / "profiles" / "recipes" / "quickstart-search.yaml").read_text())
+    assert b.recipe_for("searched", False, None) == {**searched, "name": "digits-searched"}
+    assert b.recipe_for("searched", True, None)["search"]["family"] == "teacher"
     base = {"params": 10, "flops": 3.0, "bytes": 1, "accuracy": 0.99, "b1_p50_ms": 1.0, "b32_p50_ms": 9.0,
             "b1_gflops": 1.0, "b32_gflops": 2.0, "b1_of_peak": 0.1, "b32_of_peak": 0.2}
     rows = [{**base, "setting": "searched", "model": "student", "genome": {"widths": [8, 16, 32]},
