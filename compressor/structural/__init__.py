@@ -9,8 +9,9 @@ whole attention heads. So nothing here knows a model family: the structure comes
    (the classes), the input stem's with ``keep_stem`` (in most models the stem's outputs are the
    residual stream's width, so keeping it leaves only the blocks' inner widths: on a small ViT from
    nn.TransformerEncoder that floor was 87% of the FLOPs, on a tiny HF ResNet 79%), and those of the
-   modules in ``ignore``. Attention heads: nn.MultiheadAttention's are tied
-   to its embedding width (the residual stream), so only its FFN is narrowed; Hugging Face attention
+   modules in ``ignore``. Attention: nn.MultiheadAttention's embedding width is the residual stream's,
+   so it is narrowed with that group (its ``num_heads`` stay, ``head_dim`` shrinks; kept widths are
+   multiples of every such attention's head count as well as of ``multiple``); Hugging Face attention
    (a module with ``num_attention_heads`` and ``query``/``key``/``value``) loses whole heads.
 2. Importance, per channel of each group (small interchangeable classes, as in torch-pruning):
    - ``output-loss`` (default): the output loss against the teacher, as layer pruning uses it. At the

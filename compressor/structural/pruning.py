@@ -12,7 +12,7 @@ from ..flops import count_flops, flops_by_module, no_fastpath
 from ..tasks import call, take
 from .importance import IMPORTANCE, GroupError, _named, _per_flop, ce_gradients, fisher
 from .plan import plan_of
-from .structure import _fix_heads, _TooFar, _tp, head_layout, kept_by_default
+from .structure import _fix_heads, _TooFar, _tp, head_layout, kept_by_default, width_unit
 
 
 def _set_grads(model: nn.Module, grads: dict) -> None:
@@ -31,14 +31,14 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     # Every attention keeps at least one head.
     head_ratio = min(ratio, min((1 - 1 / n for n in num_heads.values()), default=0.0) - 1e-6) if heads else 0.0
     ignored = [m.get_submodule(p) for p in ignored_paths]
-    mha = [x for x in m.modules() if isinstance(x, nn.MultiheadAttention)]
+    unit = width_unit(m, multiple)
     pruner = tp.pruner.MetaPruner(
-        m, take(example, 1), importance=_named(importance(m), m, keep=max(multiple or 1, 1) if global_pruning else 0,
+        m, take(example, 1), importance=_named(importance(m), m, keep=(unit or 1) if global_pruning else 0,
                                               heads=set(num_heads)),
         global_pruning=global_pruning, pruning_ratio=ratio,
-        max_pruning_ratio=0.95, ignored_layers=ignored, num_heads={**num_heads, **{a: a.num_heads for a in mha}},
+        max_pruning_ratio=0.95, ignored_layers=ignored, num_heads=num_heads,
         prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
-        round_to=multiple, forward_fn=call)
+        round_to=unit, forward_fn=call)
     with no_fastpath():
         pruner.step()
     _fix_heads(atts, pruner.num_heads)

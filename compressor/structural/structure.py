@@ -2,6 +2,8 @@
 the weighted modules in, the stem and head kept by default, and the Hugging Face attention head layout."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -61,6 +63,18 @@ def head_layout(model: nn.Module) -> tuple[dict, list]:
                 heads[q] = n
             atts.append(m)
     return heads, atts
+
+
+def width_unit(model: nn.Module, multiple: int | None) -> int | None:
+    """torch-pruning's ``round_to``: ``multiple``, made a multiple of every nn.MultiheadAttention's head count.
+    nn.MultiheadAttention's embedding width is the residual stream's, cut like any channel group (torch-pruning's
+    MHA pruner keeps ``num_heads`` and narrows ``head_dim``), and must stay divisible by its heads; so it is not
+    given to torch-pruning as ``num_heads``, which takes the whole residual group for one attention's heads and,
+    without head-dim pruning, cuts nothing of it (a ViT kept its embedding width and every head)."""
+    heads = [a.num_heads for a in model.modules() if isinstance(a, nn.MultiheadAttention)]
+    if not heads:
+        return multiple
+    return math.lcm(multiple or 1, *heads)
 
 
 class _TooFar(Exception):
