@@ -21,11 +21,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from host import machine  # noqa: E402
 
 KD_CE = [{"name": "kd", "weight": 0.7, "temperature": 4.0}, {"name": "ce", "weight": 0.3}]
+# The quickstart-prune recipe's kind of term: the last stage's features, normalised (LAPTOP-Diff).
+FEAT = KD_CE + [{"name": "feature_norm", "weight": 1.0, "pairs": [["stages.2", "stages.2"]]}]
 SETTINGS = (  # label, losses, cache_teacher, precision
     ("plain CE (no teacher)", [{"name": "ce", "weight": 1.0}], True, "32-true"),
     ("KD + CE, teacher every batch", KD_CE, False, "32-true"),
     ("KD + CE, teacher outputs cached", KD_CE, True, "32-true"),
     ("KD + CE, teacher outputs cached, bf16 autocast", KD_CE, True, "bf16-mixed"),
+    ("KD + CE + feature_norm, teacher every batch", FEAT, False, "32-true"),
+    ("KD + CE + feature_norm, teacher outputs and features cached", FEAT, True, "32-true"),
 )
 
 

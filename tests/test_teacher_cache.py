@@ -75,14 +75,68 @@ def test_cached_teacher_trains_the_same_student(tiny_recipe, tmp_path):
         assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
 
 
-def test_a_loss_on_hidden_features_keeps_the_teacher_running(tiny_recipe, tmp_path):
+def test_hidden_features_are_cached_and_train_the_same_student(tiny_recipe, tmp_path):
     r, data, teacher, student = _setup(tiny_recipe, epochs=1, losses=[
         {"name": "kd", "weight": 1.0},
         {"name": "feature", "weight": 1.0, "pairs": [["stages.1", "stages.1"]]}])
     logs = []
-    out = fit(student, teacher, data, r.distill, r.data, tmp_path / "ckpt", log=logs.append)
-    assert out["teacher_outputs"] == "every batch"
-    assert any("reads the teacher's hidden features" in line for line in logs)
+    calls = []
+    teacher.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    out = fit(a, teacher, data, r.distill, r.data, tmp_path / "a" / "ckpt", log=logs.append)
+    assert out["teacher_outputs"] == "cached"
+    assert any("features at 1 module(s) on" in line and "float32" in line for line in logs)
+    train_calls = sum(calls) - len(data.val) * r.distill.epochs  # validation still runs the teacher
+    assert train_calls <= 2 * len(data.train) + 4  # once for the features, once for the outputs, and the probes
+    fit(b, teacher, data, r.distill.model_copy(update={"cache_teacher": False}), r.data, tmp_path / "b" / "ckpt",
+        log=logs.append)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
+
+
+class Tokens(torch.nn.Module):
+    """A token model whose hooked layers give N x L x D and N x L x L (two token axes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 4)
+        self.proj = torch.nn.Linear(4, 4)
+        self.rel = torch.nn.Identity()
+
+    def forward(self, input_ids, attention_mask):
+        h = self.proj(self.emb(input_ids)) * attention_mask[..., None]
+        return self.rel(h @ h.transpose(1, 2)).sum((1, 2))[:, None].expand(-1, 3)
+
+
+def test_token_features_are_stored_at_full_length_and_cut_to_each_batch(tmp_path):
+    torch.manual_seed(0)
+    n, length = 6, 8
+    ids = torch.randint(1, 20, (n, length))
+    mask = torch.zeros(n, length, dtype=torch.long)
+    for i, k in enumerate((3, 8, 2, 5, 4, 6)):
+        mask[i, :k] = 1
+
+    class Data(Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "attention_mask": mask[i]}, 0
+
+    model = Tokens().eval()
+    feats, axes = cache.teacher_features(model, Data(), tmp_path, collate, ["proj", "rel"], batch_size=2,
+                                         log=lambda s: None)
+    assert axes == {"proj": (1,), "rel": (1, 2)}
+    assert feats["proj"].shape == (n, length, 4) and feats["rel"].shape == (n, length, length)
+    x, _ = collate([Data()[i] for i in (0, 2)])  # a batch trimmed to 3 tokens
+    from compressor.distill.hooks import capture
+
+    with capture(model, ["proj", "rel"]) as live, torch.no_grad():
+        model(**x)
+    rows = [0, 2]
+    for p in ("proj", "rel"):
+        got = cache.cut_features(torch.from_numpy(feats[p][rows]), axes[p], x["attention_mask"].shape[1])
+        assert torch.allclose(got, live[p], atol=1e-6), p
 
 
 def test_precision_auto_follows_the_cpu_flags(monkeypatch):

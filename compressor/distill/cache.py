@@ -3,7 +3,10 @@
 When the training data gives the same sample every time it is read (no random augmentation), the teacher's
 output on sample ``i`` is the same in every epoch: it is computed once, kept on disk (a ``.npy`` file named
 by the teacher's and the data's content hashes, memory-mapped on reading) and looked up by sample index.
-Terms that read the teacher's hidden features (feature, attention, MiniLM) still run the teacher.
+The hidden features that terms read (feature, attention, MiniLM's Q/K/V) are cached the same way, one
+memory-mapped file per module, fp32 while the files stay small and fp16 beyond that; for token inputs
+they are stored at the data's full length and cut to each batch's (compressor.data trims a batch to its
+longest sentence).
 """
 from __future__ import annotations
 
@@ -15,7 +18,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..measure import _tensor_bytes, model_key
-from ..tasks import output
+from ..tasks import call, output
+from .hooks import capture
+
+FP32_BYTES = 256e6  # hidden features up to this size are cached in fp32 (exact), larger ones in fp16
+MAX_BYTES = 8e9  # and beyond this (on disk) the teacher runs every batch instead
 
 
 def _same(a, b) -> bool:
@@ -100,3 +107,90 @@ def teacher_outputs(teacher: torch.nn.Module, dataset: Dataset, directory: Path,
     log(f"distill: the teacher's outputs on {len(dataset)} training samples computed once and cached "
         f"({out.numel() * 4 / 1e6:.1f} MB)")
     return out
+
+
+def _cut(x, n: int):
+    """Token inputs (a dict with a 2-D attention mask) cut to their first ``n`` tokens."""
+    return {k: v[:, :n] if v.dim() == 2 else v for k, v in x.items()}
+
+
+@torch.no_grad()
+def token_axes(teacher: torch.nn.Module, x, paths) -> tuple[int, dict[str, tuple], dict[str, tuple[int, ...]]]:
+    """For token inputs ``x`` (one sample at the data's full length): (that length, each hooked feature's
+    shape at it without the batch axis, the axes of each that follow the number of tokens). The axes are found
+    by running the sample at the full length and one token shorter, whatever the module returns."""
+    length = x["attention_mask"].shape[-1]
+    shapes = []
+    for n in (length, length - 1):
+        with capture(teacher, paths, "teacher") as feats:
+            call(teacher, _cut(x, n))
+        shapes.append({p: tuple(f.shape[1:]) for p, f in feats.items()})
+    axes = {p: tuple(a + 1 for a, (u, v) in enumerate(zip(shapes[0][p], shapes[1][p])) if u != v) for p in paths}
+    return length, shapes[0], axes
+
+
+def cut_features(f: torch.Tensor, axes: tuple[int, ...], n: int) -> torch.Tensor:
+    for a in axes:
+        f = f.narrow(a, 0, n)
+    return f
+
+
+@torch.no_grad()
+def teacher_features(teacher: torch.nn.Module, dataset: Dataset, directory: Path, collate, paths,
+                     batch_size: int = 64, log=print):
+    """The teacher's hidden features at ``paths`` for every sample of ``dataset`` (row i: sample i), from
+    ``directory``'s files when they exist for this teacher, these samples and these paths, else computed and
+    stored there: ({path: memory-mapped array}, {path: token axes}); None when they would take more than
+    MAX_BYTES."""
+    paths = list(dict.fromkeys(paths))
+    was = teacher.training
+    teacher.eval()
+    x0 = dataset[0][0]
+    tokens = isinstance(x0, dict) and "attention_mask" in x0
+    x1 = {k: v[None] for k, v in x0.items()} if isinstance(x0, dict) else x0[None]
+    if tokens:
+        length, shapes, axes = token_axes(teacher, x1, paths)
+    else:
+        with capture(teacher, paths, "teacher") as feats:
+            call(teacher, x1)
+        length, shapes, axes = None, {p: tuple(f.shape[1:]) for p, f in feats.items()}, {p: () for p in paths}
+    n = len(dataset)
+    total = sum(n * int(np.prod(sh)) * 4 for sh in shapes.values())
+    if total > MAX_BYTES * 2:
+        teacher.train(was)
+        log(f"distill: the teacher's features on {n} samples would take {total / 2e9:.1f} GB in fp16; the teacher runs "
+            "on every batch")
+        return None
+    dtype = np.float32 if total <= FP32_BYTES else np.float16
+    h = hashlib.sha256((key(teacher, dataset) + repr(paths) + np.dtype(dtype).name).encode()).hexdigest()[:24]
+    files = {p: Path(directory) / f"teacher-features-{h}-{k}.npy" for k, p in enumerate(paths)}
+    if all(f.is_file() for f in files.values()):
+        teacher.train(was)
+        log(f"distill: the teacher's features at {len(paths)} module(s) on {n} training samples read from the cache")
+        return {p: np.load(f, mmap_mode="r") for p, f in files.items()}, axes
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    tmp = {p: f.with_name(f".{f.name}.tmp") for p, f in files.items()}
+    out = {p: np.lib.format.open_memmap(tmp[p], mode="w+", dtype=dtype, shape=(n, *shapes[p])) for p in paths}
+    device = next((q.device for q in teacher.parameters()), torch.device("cpu"))
+    i = 0
+    for x, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+        with capture(teacher, paths, "teacher") as feats:
+            call(teacher, x)
+        for p, f in feats.items():
+            f = f.float().cpu()
+            for a in axes[p]:  # a batch trimmed to its longest sentence: zeros up to the full length
+                pad = [0, 0] * (f.dim() - 1 - a) + [0, length - f.shape[a]]
+                f = torch.nn.functional.pad(f, pad)
+            out[p][i:i + len(f)] = f.numpy().astype(dtype)
+        i += len(next(iter(feats.values())))
+    teacher.train(was)
+    for p in paths:
+        if dtype == np.float16 and not np.isfinite(out[p]).all():
+            raise ValueError(f"the teacher's features at {p} overflow fp16; set distill.cache_teacher: false")
+        out[p].flush()
+        del out[p]
+        tmp[p].replace(files[p])
+    log(f"distill: the teacher's features at {len(paths)} module(s) on {n} training samples computed once and cached "
+        f"({total / (1 if dtype == np.float32 else 2) / 1e6:.1f} MB, {np.dtype(dtype).name})")
+    return {p: np.load(f, mmap_mode="r") for p, f in files.items()}, axes

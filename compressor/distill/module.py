@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,9 @@ class DistillModule(pl.LightningModule):
         # The teacher's outputs by training-sample index, when compressor.distill.cache computed them once:
         # a batch (x, y, i) then looks them up instead of running the teacher.
         self.teacher_cache: torch.Tensor | None = None
+        # And the hidden features the terms read, by module path (with the axes that follow a token batch's length).
+        self.teacher_feature_cache: dict = {}  # path -> a memory-mapped numpy array (compressor.distill.cache)
+        self.token_axes: dict[str, tuple[int, ...]] = {}
         check_paths(student, self.student_paths, "student")
         check_paths(teacher, self.teacher_paths, "teacher")
         if example is not None:
@@ -93,7 +97,7 @@ class DistillModule(pl.LightningModule):
 
     def _forward(self, x, idx=None):
         if idx is not None and self.teacher_cache is not None:
-            t, tf = None, {}
+            t, tf = None, self._cached_features(x, idx)
         else:
             with capture(self.teacher, self.teacher_paths, "teacher") as tf, torch.no_grad():
                 t = _call(self.teacher, x)
@@ -103,6 +107,16 @@ class DistillModule(pl.LightningModule):
             first = s if isinstance(s, torch.Tensor) else next(v for v in (s if isinstance(s, (tuple, list)) else [s]))
             t = self.teacher_cache[idx.cpu()].to(first.device, first.dtype)
         return s, t, sf, tf
+
+    def _cached_features(self, x, idx) -> dict:
+        from .cache import cut_features
+
+        if not self.teacher_paths:
+            return {}
+        n = x["attention_mask"].shape[1] if isinstance(x, dict) and "attention_mask" in x else None
+        rows = idx.cpu().numpy()
+        return {p: cut_features(torch.from_numpy(np.ascontiguousarray(self.teacher_feature_cache[p][rows])),
+                                self.token_axes[p], n).to(self.device, torch.float32) for p in self.teacher_paths}
 
     def forward(self, x):
         return _call(self.student, x)

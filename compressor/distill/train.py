@@ -152,18 +152,21 @@ def _cache_teacher(module: DistillModule, teacher, data, spec, directory: Path, 
     """Give ``module`` the teacher's outputs on the training split, computed once, where that is safe; log
     which way the teacher runs."""
     from ..data import collate
-    from .cache import deterministic, teacher_outputs
+    from .cache import deterministic, teacher_features, teacher_outputs
 
     want = getattr(spec, "cache_teacher", "auto")
     why = None
     if want is False:
         why = "distill.cache_teacher is false"
-    elif module.teacher_paths:
-        why = "a loss reads the teacher's hidden features"
     elif not deterministic(data.train):
         why = "the training data changes between reads (augmentation)"
     if why:
         log(f"distill: the teacher runs on every batch ({why})")
         return False
+    if module.teacher_paths:
+        got = teacher_features(teacher, data.train, directory, collate, module.teacher_paths, log=log)
+        if got is None:
+            return False
+        module.teacher_feature_cache, module.token_axes = got
     module.teacher_cache = teacher_outputs(teacher, data.train, directory, collate, log=log)
     return True
