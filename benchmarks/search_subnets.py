@@ -81,6 +81,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-search")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seeds", default="0", help="comma-separated recipe seeds: each runs the whole comparison again "
+                    "(data split, teacher, search, distillation); the summary averages them")
     ap.add_argument("--reuse", action="store_true", help="reuse bundles already under --out")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--model", choices=("quickstart", "vit"), default="quickstart")
@@ -89,61 +91,80 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "tests"))  # user_models
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])
         args.out = args.out.with_name(args.out.name + "-vit")
+    seeds = [int(x) for x in args.seeds.split(",")]
 
     import compressor
+    import yaml
     from devices import get_device, load_profile
 
-    rows, where = [], {}
-    for setting, recipe in SETTINGS:
-        bundle = args.out / setting
-        if args.model == "vit":
-            recipe = vit_recipe(setting, None if setting == "full" else budget_of(where["full"], vit_recipe("full")))
-        t0 = time.time()
-        if not (args.reuse and (bundle / "manifest.json").is_file()):
-            compressor.run(recipe, bundle, force=True)
-        where[setting] = bundle
-        m = json.loads((bundle / "manifest.json").read_text())
-        stages = {s["name"]: s for s in m["stages"]}
-        search = stages.get("search", {})
-        rows.append({"setting": setting, "recipe": recipe if isinstance(recipe, str) else recipe["name"],
-                     "bundle": repo_path(bundle),
-                     "search_budget": {k: search["config"].get(k) for k in ("max_flops", "max_latency")}
-                     if search and not search.get("skipped") else None,
-                     "precision": stages["distill"]["metrics"]["trained_on"]["precision"],
-                     "accuracy": m["quality"]["student"]["accuracy"],
-                     "onnx_accuracy": m["quality"]["student"].get("onnx_accuracy"),
-                     "teacher_accuracy": m["quality"]["teacher"]["accuracy"],
-                     "params": stages["profile"]["metrics"]["params"]["student"],
-                     "flops": stages["profile"]["metrics"]["flops"]["student"],
-                     "distill_epochs": stages["distill"]["config"]["epochs"],
-                     "search_seconds": None if search.get("skipped") else search.get("seconds"),
-                     "stage_seconds": round(sum(s["seconds"] for s in m["stages"]), 1),
-                     "ran_here_seconds": round(time.time() - t0, 1),
-                     "student": m["student"].get("config") if "removed" not in m["student"] else
-                     {"removed": m["student"]["removed"], "channels_cut": m["student"]["search"]["genes"]["channels"]}})
+    rows, where, recipes = [], {}, {}
+    for seed in seeds:
+        for setting, name in SETTINGS:
+            bundle = args.out / f"seed{seed}" / setting
+            if args.model == "vit":
+                full = recipes[(seed, "full")] if setting != "full" else None
+                recipe = vit_recipe(setting, None if full is None else budget_of(where[(seed, "full")], full))
+            else:
+                recipe = yaml.safe_load((ROOT / "profiles" / "recipes" / f"{name}.yaml").read_text())
+            recipe["seed"] = seed
+            recipes[(seed, setting)] = recipe
+            t0 = time.time()
+            if not (args.reuse and (bundle / "manifest.json").is_file()):
+                compressor.run(recipe, bundle, force=True)
+            where[(seed, setting)] = bundle
+            rows.append(row_of(bundle, setting, seed, recipe["name"], time.time() - t0))
     dev = get_device(load_profile("local-cpu"))
-    best = {(r["setting"], b): float("inf") for r in rows for b in (1, 32)}
-    for _ in range(args.rounds):  # round robin: a slow spell of the shared machine hits both files alike
+    best = {(r["seed"], r["setting"], b): float("inf") for r in rows for b in (1, 32)}
+    for _ in range(args.rounds):  # round robin: a slow spell of the shared machine hits every file alike
         for r in rows:
             for b in (1, 32):
-                meas = dev.measure(where[r["setting"]] / "model" / "student.onnx", batch=b, warmup=20, runs=200,
-                                   max_seconds=5.0)
-                best[(r["setting"], b)] = min(best[(r["setting"], b)], meas.p50_ms)
+                meas = dev.measure(where[(r["seed"], r["setting"])] / "model" / "student.onnx", batch=b, warmup=20,
+                                   runs=200, max_seconds=5.0)
+                best[(r["seed"], r["setting"], b)] = min(best[(r["seed"], r["setting"], b)], meas.p50_ms)
     for r in rows:
-        r["b1_p50_ms"], r["b32_p50_ms"] = best[(r["setting"], 1)], best[(r["setting"], 32)]
-    full, searched = rows
-    res = {"benchmark": "search_subnets", "model": args.model, "machine": machine(), "rounds": args.rounds, "rows": rows,
-           **({"recipes": {s: vit_recipe(s, None if s == "full" else rows[1]["search_budget"]) for s, _ in SETTINGS}}
-              if args.model == "vit" else {}),
-           "summary": {"accuracy_gain": searched["accuracy"] - full["accuracy"],
-                       "b1_ratio_searched_over_full": searched["b1_p50_ms"] / full["b1_p50_ms"],
-                       "dominates": searched["accuracy"] >= full["accuracy"]
-                       and searched["b1_p50_ms"] <= full["b1_p50_ms"]}}
+        r["b1_p50_ms"], r["b32_p50_ms"] = best[(r["seed"], r["setting"], 1)], best[(r["seed"], r["setting"], 32)]
+
+    def mean(setting, key):
+        vals = [r[key] for r in rows if r["setting"] == setting]
+        return sum(vals) / len(vals)
+
+    per_seed = [{"seed": sd, "dominates": s["accuracy"] >= f["accuracy"] and s["b1_p50_ms"] <= f["b1_p50_ms"]}
+                for sd in seeds for f in rows if f["seed"] == sd and f["setting"] == "full"
+                for s in rows if s["seed"] == sd and s["setting"] == "searched"]
+    acc = {k: mean(k, "accuracy") for k in ("full", "searched")}
+    b1 = {k: mean(k, "b1_p50_ms") for k in ("full", "searched")}
+    res = {"benchmark": "search_subnets", "model": args.model, "machine": machine(), "rounds": args.rounds,
+           "seeds": seeds, "rows": rows,
+           **({"recipes": {f"{s}/seed{sd}": r for (sd, s), r in recipes.items()}} if args.model == "vit" else {}),
+           "summary": {"mean_accuracy": acc, "mean_b1_p50_ms": b1, "accuracy_gain": acc["searched"] - acc["full"],
+                       "b1_ratio_searched_over_full": b1["searched"] / b1["full"], "per_seed": per_seed,
+                       "dominates": acc["searched"] >= acc["full"] and b1["searched"] <= b1["full"]}}
     args.results.mkdir(parents=True, exist_ok=True)
     stem = "search_subnets" + ("" if args.model == "quickstart" else f".{args.model}")
     (args.results / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     (args.results / f"{stem}.md").write_text(markdown(res))
     print(markdown(res))
+
+
+def row_of(bundle: Path, setting: str, seed: int, recipe: str, seconds: float) -> dict:
+    m = json.loads((bundle / "manifest.json").read_text())
+    stages = {s["name"]: s for s in m["stages"]}
+    search = stages.get("search", {})
+    return {"setting": setting, "seed": seed, "recipe": recipe, "bundle": repo_path(bundle),
+            "search_budget": {k: search["config"].get(k) for k in ("max_flops", "max_latency")}
+            if search and not search.get("skipped") else None,
+            "precision": stages["distill"]["metrics"]["trained_on"]["precision"],
+            "accuracy": m["quality"]["student"]["accuracy"],
+            "onnx_accuracy": m["quality"]["student"].get("onnx_accuracy"),
+            "teacher_accuracy": m["quality"]["teacher"]["accuracy"],
+            "params": stages["profile"]["metrics"]["params"]["student"],
+            "flops": stages["profile"]["metrics"]["flops"]["student"],
+            "distill_epochs": stages["distill"]["config"]["epochs"],
+            "search_seconds": None if search.get("skipped") else search.get("seconds"),
+            "stage_seconds": round(sum(s["seconds"] for s in m["stages"]), 1),
+            "ran_here_seconds": round(seconds, 1),
+            "student": m["student"].get("config") if "removed" not in m["student"] else
+            {"removed": m["student"]["removed"], "channels_cut": m["student"]["search"]["genes"]["channels"]}}
 
 
 def _budget(res: dict) -> str:
@@ -161,15 +182,20 @@ def markdown(res: dict) -> str:
              "Same teacher, data and distillation epochs (and precision); the searched student is the best "
              f"sub-network of the teacher under {_budget(res)}, ranked by short distillations. Latency: the local-cpu "
              f"device (ONNX Runtime), best p50 of {res['rounds']} interleaved rounds.", "",
-             "| setting | recipe | student | params | MFLOPs | held-out accuracy | p50 b1 (ms) | p50 b32 (ms) | search (s) | stages (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| seed | setting | recipe | student | params | MFLOPs | held-out accuracy | p50 b1 (ms) | p50 b32 (ms) | search (s) | stages (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {r['setting']} | {r['recipe']} | {json.dumps(r['student'])} | {r['params']:,} | "
+        lines.append(f"| {r.get('seed', 0)} | {r['setting']} | {r['recipe']} | {json.dumps(r['student'])} | {r['params']:,} | "
                      f"{r['flops'] / 1e6:.1f} | {r['accuracy']:.4f} | {r['b1_p50_ms']:.3f} | {r['b32_p50_ms']:.3f} | "
                      f"{r['search_seconds'] if r['search_seconds'] is not None else '-'} | {r['stage_seconds']} |")
-    lines += ["", f"Searched minus hand-picked accuracy: {s['accuracy_gain']:+.4f}; batch-1 latency ratio "
-              f"searched/hand-picked: {s['b1_ratio_searched_over_full']:.2f}; the searched student "
-              f"{'dominates' if s['dominates'] else 'does not dominate'} (at least as accurate and no slower).", ""]
+    n = len(res.get("seeds", [0]))
+    won = sum(p["dominates"] for p in s.get("per_seed", []))
+    lines += ["", f"Over {n} seed(s) (each its own data split, teacher, search and distillation): mean held-out accuracy "
+              f"searched {s['mean_accuracy']['searched']:.4f}, hand-picked {s['mean_accuracy']['full']:.4f} "
+              f"({s['accuracy_gain']:+.4f}); mean batch-1 latency ratio searched/hand-picked "
+              f"{s['b1_ratio_searched_over_full']:.2f}; on average the searched student "
+              f"{'dominates' if s['dominates'] else 'does not dominate'} (at least as accurate and no slower), "
+              f"and it does so in {won} of {n} seeds.", ""]
     return "\n".join(lines)
 
 
