@@ -60,9 +60,18 @@ def main(argv=None, out_dir: Path | None = None) -> None:
     ap.add_argument("--truth", type=Path, default=None, help="a previous result of the same recipe: its distilled "
                     "accuracies are reused (the ground truth does not depend on the rungs), only the rungs run")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--resummarize", type=Path, default=None, help="recompute the taus and the page of a result "
+                    "file from its rows (nothing runs)")
     ap.add_argument("--out", type=Path, default=out_dir)
     args = ap.parse_args(argv)
     t_all = time.time()
+    if args.resummarize:
+        res = json.loads(args.resummarize.read_text())
+        res.update(summarize(res["rows"], res["setup"]["rungs"], res["setup"]["train_seeds"]))
+        res["setup"].pop("ranked_by", None)
+        args.resummarize.write_text(json.dumps(res, indent=2) + "\n")
+        args.resummarize.with_suffix(".md").write_text(markdown(res))
+        return print(markdown(res))
 
     from compressor.context import load_inputs
     from compressor.distill.train import fit
@@ -139,37 +148,43 @@ def main(argv=None, out_dir: Path | None = None) -> None:
                   " ".join(f"{row[f'rung_{k + 1}']['acc']:.4f}" for k in range(len(spec.rungs))) +
                   f"; distilled {accs}")
 
-    acc = [r["accuracy"] for r in rows]
-    taus = {"params": kendall([r["params"] for r in rows], acc), "flops": kendall([r["flops"] for r in rows], acc),
-            "diswot": kendall([r["diswot"] for r in rows], acc)}
-    for k in range(len(spec.rungs)):
-        for s in SCORES:
-            taus[f"rung_{k + 1}" + ("" if s == "acc" else f"_{s}")] = kendall([r[f"rung_{k + 1}"][s] for r in rows], acc)
-    seed_tau = kendall([r["accuracies"][0] for r in rows], [r["accuracies"][1] for r in rows]) \
-        if args.train_seeds > 1 else None
-    # A second ground truth with more resolution than 1/359: the held-out cross-entropy after distillation.
-    nll = [-r["nll"] for r in rows]
-    taus_nll = {k: kendall([r[k] for r in rows], nll) for k in ("params", "flops", "diswot")}
-    for k in range(len(spec.rungs)):
-        for s in SCORES:
-            taus_nll[f"rung_{k + 1}" + ("" if s == "acc" else f"_{s}")] = kendall([r[f"rung_{k + 1}"][s] for r in rows], nll)
-    seed_tau_nll = kendall([r["nlls"][0] for r in rows], [r["nlls"][1] for r in rows]) if args.train_seeds > 1 else None
-    decides = f"rung_{len(spec.rungs)}"
-    res = {"benchmark": "search_rank", "space": "teacher", "machine": machine(), "recipe": args.recipe,
-           "setup": {"max_flops": frac, "teacher_flops": t_flops, "space_genomes": len(space.genomes()),
-                     "candidates": len(rows), "units": space.units, "channels": space.channels,
-                     "rungs": list(spec.rungs), "rung_samples": size(xs), "val_samples": size(vx),
-                     "train_seeds": args.train_seeds, "distill_epochs": recipe.distill.epochs,
-                     "test_samples": len(data.test), "ranked_by": decides},
-           "kendall_tau": taus, "accuracy_tau_between_training_seeds": seed_tau,
-           "kendall_tau_vs_heldout_nll": taus_nll, "nll_tau_between_training_seeds": seed_tau_nll,
-           "summary": {"deciding_rung": decides, "tau": taus[decides], "seed_tau": seed_tau,
-                       "beats_params_and_flops": taus[decides] > max(taus["params"], taus["flops"])},
-           "rows": rows, "seconds": round(time.time() - t_all, 1)}
+    setup = {"max_flops": frac, "teacher_flops": t_flops, "space_genomes": len(space.genomes()),
+             "candidates": len(rows), "units": space.units, "channels": space.channels,
+             "rungs": list(spec.rungs), "rung_samples": size(xs), "val_samples": size(vx),
+             "train_seeds": args.train_seeds, "distill_epochs": recipe.distill.epochs, "test_samples": len(data.test)}
+    res = {"benchmark": "search_rank", "space": "teacher", "machine": machine(), "recipe": args.recipe, "setup": setup,
+           **summarize(rows, setup["rungs"], args.train_seeds), "rows": rows, "seconds": round(time.time() - t_all, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"search_rank{args.tag}.json").write_text(json.dumps(res, indent=2) + "\n")
     (args.out / f"search_rank{args.tag}.md").write_text(markdown(res))
     print(markdown(res))
+
+
+def rung_name(epochs: float, score: str = "acc") -> str:
+    return f"rung_{epochs:g}ep" + ("" if score == "acc" else f"_{score}")
+
+
+def summarize(rows: list[dict], rungs: list[float], train_seeds: int) -> dict:
+    """Kendall tau of every ranking against the distilled accuracy and against minus the distilled held-out
+    cross-entropy (a ground truth finer than 1/359), and each ground truth's tau between two training seeds."""
+    truths = {"accuracy": [r["accuracy"] for r in rows], "nll": [-r["nll"] for r in rows]}
+    out = {}
+    for name, truth in truths.items():
+        taus = {k: kendall([r[k] for r in rows], truth) for k in ("params", "flops", "diswot")}
+        for k, ep in enumerate(rungs):
+            for s in SCORES:
+                taus[rung_name(ep, s)] = kendall([r[f"rung_{k + 1}"][s] for r in rows], truth)
+        out[name] = taus
+    per_seed = {"accuracy": "accuracies", "nll": "nlls"}
+    seed_tau = {n: kendall([r[k][0] for r in rows], [r[k][1] for r in rows]) if train_seeds > 1 else None
+                for n, k in per_seed.items()}
+    decides, taus = rung_name(rungs[-1]), out["accuracy"]
+    return {"kendall_tau": taus, "accuracy_tau_between_training_seeds": seed_tau["accuracy"],
+            "kendall_tau_vs_heldout_nll": out["nll"], "nll_tau_between_training_seeds": seed_tau["nll"],
+            "summary": {"deciding_rung": decides, "tau": taus[decides], "seed_tau": seed_tau["accuracy"],
+                        "tau_vs_nll": out["nll"][decides], "seed_tau_nll": seed_tau["nll"],
+                        "beats_params_flops_diswot": taus[decides] > max(taus["params"], taus["flops"], taus["diswot"])
+                        and out["nll"][decides] > max(out["nll"][k] for k in ("params", "flops", "diswot"))}}
 
 
 def markdown(res: dict) -> str:
@@ -186,17 +201,19 @@ def markdown(res: dict) -> str:
              f"({st['distill_epochs']} epochs, the distill stage's trainer), mean of {st['train_seeds']} training seeds; "
              f"it spans {min(acc):.4f}..{max(acc):.4f}. Rungs: {', '.join(f'{e:g}' for e in rungs)} epochs of KD over "
              f"{st['rung_samples']} training samples from the teacher's weights, scored on {st['val_samples']} "
-             "validation samples (rung 0 epochs: the cut candidate untrained); before scoring, each rung re-estimates the "
-             "batch-norm statistics on its training samples.", "",
+             "validation samples (0 epochs: the cut candidate untrained); before scoring, each rung re-estimates the "
+             "batch-norm statistics on its training samples. The search decides by its last rung "
+             f"({res['summary']['deciding_rung']} here).", "",
              "| ranking | Kendall tau vs distilled accuracy | vs minus distilled held-out cross-entropy |", "|---|---|---|"]
     for k, v in taus.items():
         lines.append(f"| {k} | {v:+.3f} | {res['kendall_tau_vs_heldout_nll'][k]:+.3f} |")
     if res["accuracy_tau_between_training_seeds"] is not None:
         lines.append(f"| (two training seeds against each other) | {res['accuracy_tau_between_training_seeds']:+.3f} | "
                      f"{res['nll_tau_between_training_seeds']:+.3f} |")
-    lines += ["", "`rung_k` scores a rung by validation accuracy (what the search ranks by), `_nll` by minus the "
-              "cross-entropy to the labels, `_kl` by minus the KL divergence to the teacher (T=4).", "",
-              "| removed | channels cut | params | MFLOPs | " + " | ".join(f"rung {k + 1}" for k in range(len(rungs)))
+    lines += ["", "`rung_<E>ep` scores the rung of E epochs by validation accuracy (what the search ranks by), `_nll` by "
+              "minus the cross-entropy to the labels, `_kl` by minus the KL divergence to the teacher (T=4). A tau "
+              "between two training seeds near zero means the distilled accuracies differ by noise alone.", "",
+              "| removed | channels cut | params | MFLOPs | " + " | ".join(f"{e:g} ep" for e in rungs)
               + " | distilled (seeds) |", "|---|---|---|---|" + "---|" * len(rungs) + "---|"]
     for r in sorted(res["rows"], key=lambda r: -r["accuracy"]):
         lines.append(f"| {', '.join(r['removed']) or '-'} | {r['genome']['channels']:g} | {r['params']:,} | "

@@ -45,14 +45,21 @@ def test_rank_page_and_rung_scores():
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
     s = r.rung_scores(logits, torch.tensor([0, 1, 1]), logits)
     assert abs(s["acc"] - 2 / 3) < 1e-6 and s["kl"] == 0.0 and s["nll"] < 0
-    rows = [{"genome": {"channels": 0.5}, "removed": ["a"], "params": 100 + i, "flops": 1e6, "accuracy": a,
-             "accuracies": [a, a], **{f"rung_{k}": {"acc": a} for k in (1, 2)}} for i, a in enumerate((0.9, 0.95))]
+    rows = [{"genome": {"channels": 0.5}, "removed": ["a"], "params": 100 + i, "flops": 1e6 - i, "accuracy": a,
+             "accuracies": [a, a], "nll": 1 - a, "nlls": [1 - a, 1 - a], "diswot": a,
+             **{f"rung_{k}": {"acc": a, "nll": a, "kl": a} for k in (1, 2)}} for i, a in enumerate((0.9, 0.95))]
+    got = r.summarize(rows, [1.5, 4.5], 2)
+    assert got["kendall_tau"]["rung_4.5ep"] == 1.0 and got["kendall_tau"]["flops"] == -1.0
+    assert got["summary"]["deciding_rung"] == "rung_4.5ep" and got["accuracy_tau_between_training_seeds"] == 1.0
     res = {"machine": _machine(), "recipe": "quickstart-search", "rows": rows,
            "setup": {"candidates": 2, "max_flops": 0.15, "teacher_flops": 2e8, "space_genomes": 45, "units": ["a"],
                      "channels": [0.5], "test_samples": 359, "distill_epochs": 15, "train_seeds": 2,
                      "rungs": [1.5, 4.5], "rung_samples": 512, "val_samples": 180},
-           "kendall_tau": {"params": 1.0, "rung_1": 1.0}, "kendall_tau_vs_heldout_nll": {"params": 1.0, "rung_1": 0.5},
-           "accuracy_tau_between_training_seeds": 1.0, "nll_tau_between_training_seeds": 1.0}
+           "kendall_tau": {"params": 1.0, "rung_4.5ep": 1.0},
+           "kendall_tau_vs_heldout_nll": {"params": 1.0, "rung_4.5ep": 0.5},
+           "accuracy_tau_between_training_seeds": 1.0, "nll_tau_between_training_seeds": 1.0,
+           "summary": {"deciding_rung": "rung_4.5ep"}}
     md = r.markdown(res)
-    assert "| rung_1 | +1.000 | +0.500 |" in md and "(two training seeds against each other)" in md
+    assert "| rung_4.5ep | +1.000 | +0.500 |" in md and "(two training seeds against each other)" in md
+    assert "| 1.5 ep | 4.5 ep |" in md
     assert "spans 0.9000..0.9500" in md and md.index("0.9500 (0.9500") < md.index("0.9000 (0.9000")

@@ -28,7 +28,8 @@ class SearchSpec(_Section):
                                       "by side, so it holds on any host)")
     rungs: list[float] = Field([1.5, 4.5, 13.5], description="family teacher: epochs of short distillation (over "
                                "rung_samples training samples) at each rung of successive halving; the last rung "
-                               "decides (benchmarks/results/search_rank.md: the longer, the closer to full distillation)")
+                               "decides (benchmarks/results/search_rank.md: a longer one ranks closer to full "
+                               "distillation)")
     rung_samples: int = Field(512, ge=16, description="family teacher: training samples a rung distils on")
     eta: int = Field(3, ge=2, description="family teacher: after each rung the best 1/eta go on")
     builder: str | None = Field(None, description="student builder (a built-in name or 'module:function'); default: the family's")
