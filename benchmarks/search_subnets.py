@@ -69,7 +69,7 @@ def budget_of(bundle: Path, recipe: dict, rounds: int = 3) -> dict:
     student, _ = build_student(r, data)
     student.load_state_dict(torch.load(bundle / "model" / "student.pt", weights_only=True))
     measure = latency_of({"local-cpu": get_device(load_profile("local-cpu"))}, take(data.tensors("test", limit=1)[0], 1),
-                         lambda s: None)
+                         r.export)
     best = [min(ms) for ms in zip(*([m["local-cpu"] for m in measure([teacher.eval(), student.eval()])]
                                     for _ in range(rounds)))]
     # The sample of genomes is drawn from those under a third of the teacher's FLOPs (at most two of its six

@@ -4,7 +4,11 @@ The search (compressor/search/latency.py), `compress calibrate` (compressor/cali
 pruning (compressor/prune.py) all need "this model, on that device, in milliseconds at batch 1". A
 ``Meter`` does it for all of them:
 
-- exports go to one cache directory, named by a content hash of the model (its state_dict tensors, its
+- exports are made as the export stage makes the file a bundle ships (dynamic batch axis, the recipe's
+  opset, checked against PyTorch, torch.export's exporter where a TorchScript trace does not match), so a
+  budget is held by the graph that ships, not by a friendlier one (a ViT's batch-1 TorchScript graph timed
+  0.079 ms where its shipped torch.export graph took 0.125);
+- they go to one cache directory, named by a content hash of the model (its state_dict tensors, its
   architecture's repr and class) and of the example's input names, shapes and dtypes: the same model is
   exported once, and a changed weight is a new file;
 - timings are cached by the ONNX file's sha256 (with the batch and the measurement settings): within a
@@ -81,9 +85,11 @@ class Meter:
     garbage collected). ``warmup``, ``runs``, ``max_seconds``: the measurement settings."""
 
     def __init__(self, device, *, warmup: int = DEFAULTS["warmup"], runs: int = DEFAULTS["runs"],
-                 max_seconds: float = DEFAULTS["max_seconds"], cache_dir: str | Path | None = None):
+                 max_seconds: float = DEFAULTS["max_seconds"], cache_dir: str | Path | None = None,
+                 opset: int = 17, dynamic_batch: bool = True):
         self.device = device
         self.settings = {"warmup": warmup, "runs": runs, "max_seconds": max_seconds}
+        self.opset, self.dynamic_batch = opset, dynamic_batch
         if cache_dir is None:
             self.cache_dir = Path(tempfile.mkdtemp(prefix="compressor-measure-"))
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.cache_dir), True)
@@ -93,6 +99,8 @@ class Meter:
             self._cleanup = None
         self._files: dict[str, Path] = {}  # model key -> its ONNX file in cache_dir
         self._digests: dict[Path, str] = {}  # a file of cache_dir -> its sha256 (content-addressed: fixed)
+        self._dims: dict[Path, dict] = {}  # a file of cache_dir -> the sizes of its symbolic axes besides the batch
+        self.exporter: dict[Path, str] = {}  # a file exported by this Meter -> the exporter that made it
         self._timings: dict[tuple, object] = {}  # (sha256, batch, settings) -> Measurement
         self.exports = 0  # models exported (not found in the cache)
         self.measurements = 0  # device.measure calls
@@ -111,10 +119,13 @@ class Meter:
     # ------------------------------------------------------------------------------ export
 
     def export(self, model: nn.Module, example) -> Path:
-        """``model`` as an ONNX file at batch 1 (inputs fixed to ``example``'s first sample: a tensor, or a
-        dict of tensors, e.g. a text encoder's input_ids and attention_mask at their own sequence length,
-        so the device needs no dims). Exported once per content; the cached file otherwise."""
-        from exporters.onnx import export_onnx
+        """``model`` as an ONNX file, made as the export stage makes the file a bundle ships (the same
+        exporter, opset and dynamic batch axis, checked against PyTorch at another batch size, torch.export
+        where a TorchScript trace does not match: exporters.onnx.export_checked), so the latency a search or
+        a pruning budget reads is the shipped graph's. Timed at batch 1 with ``example``'s first sample's
+        shapes (a text encoder's sequence length). Exported once per content; the cached file otherwise.
+        ``dynamic_batch=False``: a file fixed to that one sample, unchecked."""
+        from exporters.onnx import export_checked, export_onnx
 
         from .tasks import as_tuple, onnx_io, take
 
@@ -122,11 +133,19 @@ class Meter:
         key = model_key(model, x)
         if key in self._files:
             return self._files[key]
-        path = self.cache_dir / f"{key[:32]}.onnx"
+        path = self.cache_dir / f"{key[:32]}-{'batch' if self.dynamic_batch else 'b1'}-{self.opset}.onnx"
         if not path.is_file():  # else a cache directory given again: an earlier Meter exported it
-            export_onnx(model, as_tuple(x), path, dynamic_batch=False, **onnx_io(x, "output", dynamic_batch=False))
+            io = onnx_io(x, "output", dynamic_batch=self.dynamic_batch)
+            if self.dynamic_batch:
+                art = export_checked(model, as_tuple(_repeat(x, 2)), path, _repeat(x, 3), opset=self.opset,
+                                     dynamic_batch=True, **io)
+            else:
+                art = export_onnx(model, as_tuple(x), path, opset=self.opset, dynamic_batch=False, **io)
+            self.exporter[path] = art.extra["exporter"]
             self.exports += 1
         self._files[key], self._digests[path] = path, file_sha256(path)
+        if self.dynamic_batch and isinstance(x, dict):
+            self._dims[path] = {"sequence": int(v.shape[1]) for v in x.values() if v.dim() == 2}
         return path
 
     # ------------------------------------------------------------------------------ timing
@@ -140,7 +159,8 @@ class Meter:
         key = (digest, batch, tuple(sorted((k, repr(v)) for k, v in settings.items())))
         if not fresh and key in self._timings:
             return self._timings[key]
-        m = self.device.measure(path, batch=batch, **settings)
+        dims = self._dims.get(Path(path))
+        m = self.device.measure(path, batch=batch, **({"dims": dims} if dims else {}), **settings)
         self.measurements += 1
         self._timings.setdefault(key, m)
         return m
@@ -160,3 +180,10 @@ class Meter:
             for path in best:
                 best[path] = min(best[path], fastest_ms(self.measure_file(path, 1, fresh=True)))
         return [best[p] for p in paths]
+
+
+def _repeat(x, n: int):
+    """``x`` (one sample: a tensor, or a dict of tensors) as a batch of ``n`` copies."""
+    if isinstance(x, dict):
+        return {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in x.items()}
+    return x.repeat(n, *[1] * (x.dim() - 1))

@@ -176,6 +176,31 @@ def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=(
     return art
 
 
+def export_checked(model, example_inputs: tuple, path: str | Path, check_inputs, *, atol: float = 1e-4,
+                   rtol: float = 1e-3, log=None, **export_kw) -> Artifact:
+    """``export_onnx``, then ``parity`` against PyTorch on ``check_inputs`` (a batch of another size than
+    ``example_inputs``'): the file a bundle ships. A TorchScript file that fails the check is exported again
+    with torch.export's exporter first, which keeps Python values symbolic where a trace bakes them in (a
+    ``len(x)`` of the example's batch, say), and checked again. ``log`` hears about the second try. The
+    Artifact's ``extra["parity"]`` holds the check; a file that fails it twice raises ExportError."""
+    art = export_onnx(model, example_inputs, path, **export_kw)
+    try:
+        check = parity(path, model, check_inputs, atol=atol, rtol=rtol)
+    except Exception as e:
+        if art.extra.get("exporter") != "torchscript":
+            raise ExportError(str(e)) from None
+        if log is not None:
+            log(f"the TorchScript export of {type(model).__name__} does not match PyTorch "
+                f"({str(e).splitlines()[0][:160]}); trying torch.export")
+        art = export_onnx(model, example_inputs, path, **{**export_kw, "dynamo_first": True})
+        try:
+            check = parity(path, model, check_inputs, atol=atol, rtol=rtol)
+        except Exception as e2:
+            raise ExportError(str(e2)) from None
+    art.extra["parity"] = check
+    return art
+
+
 # Optimum's axis names -> ours (the bench scripts' --dim sequence=N, the profile's dims)
 _AXES = {"batch_size": "batch", "sequence_length": "sequence"}
 

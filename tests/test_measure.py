@@ -90,3 +90,59 @@ def test_a_device_without_min_ms_gives_its_p50(tmp_path):
         path = meter.export(_tiny(), torch.randn(1, 8))
         assert meter.measure_file(path).p50_ms == 1.5 and meter.measurements == 2  # cached after the rounds
         assert meter.measure_file(path, fresh=True) and meter.measurements == 3
+
+
+def test_the_meter_times_the_graph_the_export_stage_ships(tmp_path):
+    """A ViT whose class token is expanded to len(x): the TorchScript trace bakes the example's batch in.
+    The Meter used to export a batch-1 TorchScript file (which runs, and times differently from what ships);
+    it now exports as the export stage does: a dynamic batch, checked at another batch size, torch.export's
+    graph where the trace does not match."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from tests.user_models import ViT
+
+    torch.manual_seed(0)
+    vit, x = ViT(depth=1).eval(), torch.randn(1, 1, 16, 16)
+    with Meter(get_device("local-cpu"), cache_dir=tmp_path, **FAST) as meter:
+        path = meter.export(vit, x)
+        assert meter.exporter[path] == "dynamo"
+        assert meter.latency_ms(vit, x) > 0
+    batch = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value  # symbolic, as the shipped file's
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 3):
+        xs = torch.randn(n, 1, 16, 16)
+        with torch.no_grad():
+            np.testing.assert_allclose(sess.run(None, {"input": xs.numpy()})[0], vit(xs).numpy(), atol=1e-4, rtol=1e-3)
+    # the static form is still there for whoever asks for it: one sample, the trace unchecked
+    with Meter(get_device("local-cpu"), cache_dir=tmp_path, dynamic_batch=False, **FAST) as meter:
+        fixed = meter.export(vit, x)
+        assert fixed != path and meter.exporter[fixed] == "torchscript"
+    assert onnx.load(str(fixed)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def test_a_token_model_is_timed_at_its_examples_sequence_length(tmp_path):
+    """Dynamic batch and sequence axes, as a text encoder ships: the device is given the example's length."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+        def forward(self, input_ids, attention_mask):
+            m = attention_mask.unsqueeze(-1).float()
+            return self.out((self.emb(input_ids) * m).sum(1) / m.sum(1))
+
+    seen = []
+    dev = get_device("local-cpu")
+
+    class Recording:
+        def measure(self, path, **kw):
+            seen.append(kw.get("dims"))
+            return dev.measure(path, **kw)
+
+    x = {"input_ids": torch.randint(0, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    with Meter(Recording(), cache_dir=tmp_path, **FAST) as meter:
+        assert meter.latency_ms(Bag().eval(), x) > 0
+    assert seen == [{"sequence": 12}]

@@ -24,31 +24,17 @@ def skip(ctx: Context) -> str | None:
 
 
 def run(ctx: Context) -> StageRecord:
-    from exporters.onnx import parity
-
-    spec = ctx.recipe.export
-    held_out = ctx.example(spec.parity.samples)
     metrics, outputs = {}, {}
     for role, model, path in (("student", ctx.student, ctx.work / "model" / "student.onnx"),
                               ("teacher", ctx.teacher, ctx.scratch / "teacher.onnx")):
         # The teacher's file is analyze's, unless this run resumed after analyze.
-        art = ctx.teacher_onnx if role == "teacher" and ctx.teacher_onnx else export_model(ctx, model, path, role)
+        given = ctx.teacher_onnx if role == "teacher" and ctx.teacher_onnx else None
         try:
-            check = parity(path, model, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol)
+            art = shipped_onnx(ctx, model, path, role, given=given)
         except Exception as e:
-            if art.extra.get("exporter") != "torchscript":
-                raise StageError("export", f"{role}: {e}") from None
-            # A TorchScript trace can bake Python values in (len(x) of the example's batch, say): the
-            # torch.export graph keeps them symbolic. Try it before giving up.
-            ctx.log(f"export: {role}: the TorchScript export does not match PyTorch ({str(e).splitlines()[0][:160]}); "
-                    "trying torch.export")
-            art = export_model(ctx, model, path, role, dynamo_first=True)
-            try:
-                check = parity(path, model, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol)
-            except Exception as e2:
-                raise StageError("export", f"{role}: {e2}") from None
+            raise StageError("export", f"{role}: {e}") from None
+        check = art.extra["parity"]
         art.path = path.relative_to(ctx.work).as_posix()
-        art.extra["parity"] = check
         (ctx.artifacts if role == "student" else ctx.reference).append(art)
         metrics[role] = {"bytes": art.bytes, "parity_max_abs": check["max_abs"], "parity_max_rel": check["max_rel"]}
         outputs[role] = art.to_dict()
@@ -62,19 +48,45 @@ def run(ctx: Context) -> StageRecord:
     if {ctx.recipe.teacher.model, ctx.genome.get("model")} & set(HF_BUILDERS) or is_hf_dir(ctx.recipe.teacher.model):
         outputs["tokenizer"] = _copy_tokenizer(ctx)
     metrics["targets"], outputs["targets"] = _export_for_targets(ctx)
-    return StageRecord(name, config=spec.model_dump(mode="json"), metrics=metrics, outputs=outputs)
+    return StageRecord(name, config=ctx.recipe.export.model_dump(mode="json"), metrics=metrics, outputs=outputs)
 
 
-def export_model(ctx: Context, model, path: Path, role: str, *, dynamo_first: bool = False) -> Artifact:
-    """``model``'s ONNX file: Optimum's for a Hugging Face classifier where Optimum takes it, else
-    torch.onnx.export (``dynamo_first``: torch.export's exporter before the TorchScript one)."""
+def shipped_onnx(ctx: Context, model, path: Path, role: str, *, given: Artifact | None = None) -> Artifact:
+    """``model``'s ONNX file as the bundle ships it, checked against PyTorch on held-out inputs
+    (``extra["parity"]``): ``given`` (a file exported before), else Optimum's for a Hugging Face classifier
+    where Optimum takes it, else exporters.onnx.export_checked (TorchScript, torch.export where the trace
+    does not match)."""
+    from exporters.onnx import export_checked, parity
+
+    spec = ctx.recipe.export
+    held_out = ctx.example(spec.parity.samples)
+    x = ctx.example(2)
+    art = given or export_hf(ctx, model, x, path, role)
+    if art is not None:
+        try:
+            art.extra["parity"] = parity(path, model, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol)
+            return art
+        except Exception as e:
+            if art.extra.get("exporter") != "torchscript":
+                raise
+            ctx.log(f"export: {role}: the TorchScript export does not match PyTorch ({str(e).splitlines()[0][:160]}); "
+                    "trying torch.export")
+    return export_checked(model, as_tuple(x), path, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol,
+                          log=lambda s: ctx.log(f"export: {role}: {s}"), opset=spec.opset,
+                          dynamic_batch=spec.dynamic_batch, role=role, dynamo_first=art is not None,
+                          **onnx_io(x, ctx.task.output, spec.dynamic_batch))
+
+
+def export_model(ctx: Context, model, path: Path, role: str) -> Artifact:
+    """``model``'s ONNX file, unchecked (analyze's teacher, for its FLOPs and for the export stage to check):
+    Optimum's for a Hugging Face classifier where Optimum takes it, else torch.onnx.export."""
     from exporters.onnx import export_onnx
 
     spec = ctx.recipe.export
     x = ctx.example(2)
-    art = None if dynamo_first else export_hf(ctx, model, x, path, role)
-    return art or export_onnx(model, as_tuple(x), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch,
-                              role=role, dynamo_first=dynamo_first, **onnx_io(x, ctx.task.output, spec.dynamic_batch))
+    return export_hf(ctx, model, x, path, role) or export_onnx(
+        model, as_tuple(x), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch, role=role,
+        **onnx_io(x, ctx.task.output, spec.dynamic_batch))
 
 
 def export_hf(ctx: Context, model, x, path: Path, role: str) -> Artifact | None:

@@ -39,7 +39,7 @@ def run(ctx: Context) -> StageRecord:
                                           labels=True)
     if spec.remove:
         student, info = prune_teacher(ctx.teacher, batches, spec.by, spec.remove, log=ctx.log, ignore=spec.ignore,
-                                      **latency_source(spec, ctx.recipe.targets, ctx.log))
+                                      **latency_source(spec, ctx.recipe.targets, ctx.log, ctx.recipe.export))
     else:  # width or channels only
         student, info = build_pruned(ctx.teacher, []), {"removed": []}
     plan = None
@@ -113,9 +113,10 @@ def _genome(ctx: Context, removed, plan=None, channels=None) -> dict:
     return g
 
 
-def latency_source(spec: PruneSpec, targets, log=print) -> dict:
+def latency_source(spec: PruneSpec, targets, log=print, export=None) -> dict:
     """prune_teacher's keyword arguments for a ``by: latency`` spec: the device to measure on (the
-    spec's, else the recipe's first target) or the predictor to predict with."""
+    spec's, else the recipe's first target) or the predictor to predict with. ``export``: the recipe's
+    export section, so the models are timed as they will ship."""
     if spec.by != "latency":
         return {}
     if spec.latency == "predict":
@@ -139,4 +140,5 @@ def latency_source(spec: PruneSpec, targets, log=print) -> dict:
     if why:
         raise UserError(f"prune by: latency cannot measure on {name} ({why}); use latency: predict with a "
                         "predictor, or by: flops")
-    return {"device": dev, "measure_kw": {"warmup": 10, "runs": 50, "max_seconds": 2.0}}
+    shipped = {"opset": export.opset, "dynamic_batch": export.dynamic_batch} if export is not None else {}
+    return {"device": dev, "measure_kw": {"warmup": 10, "runs": 50, "max_seconds": 2.0, **shipped}}

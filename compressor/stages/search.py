@@ -94,7 +94,7 @@ def pruned_seed(recipe, data, teacher, spec, space, log=print) -> dict | None:
         log(f"search: the pruned teacher is not in the search space ({why}); not seeded, the prune stage decides")
         return None
     batches = calibration_batches(data, recipe.data.batch_size, ps.calibration_batches)
-    _, info = prune_teacher(teacher, batches, ps.by, ps.remove, log=log, **latency_source(ps, recipe.targets, log))
+    _, info = prune_teacher(teacher, batches, ps.by, ps.remove, log=log, **latency_source(ps, recipe.targets, log, recipe.export))
     genome, why = pruned_genome(space, teacher, info["removed"], _defaults(data, recipe, space))
     if genome is None:
         if spec.seed_pruned is not None:  # asked for explicitly: say it cannot be done

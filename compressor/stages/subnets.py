@@ -20,14 +20,16 @@ from ..tasks import size, take
 from .prune import cut_teacher, keep_cut
 
 
-def latency_of(devices: dict, example, log) -> callable:
-    """A function: models -> [{device: b1 ms}], measured round robin on each device (compressor.measure)."""
+def latency_of(devices: dict, example, export) -> callable:
+    """A function: models -> [{device: b1 ms}], measured round robin on each device (compressor.measure),
+    each model exported as ``export`` (the recipe's ExportSpec) ships it."""
     from ..measure import Meter
 
     def measure(models):
         out = [{} for _ in models]
         for name, dev in devices.items():
-            with Meter(dev, warmup=10, runs=50, max_seconds=1.0) as meter:
+            with Meter(dev, warmup=10, runs=50, max_seconds=1.0, opset=export.opset,
+                       dynamic_batch=export.dynamic_batch) as meter:
                 for row, ms in zip(out, meter.latencies_ms(models, example, rounds=3)):
                     row[name] = ms
         return out
@@ -105,7 +107,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
             teacher_ms = journal.teacher_ms  # measured before the interruption: the same numbers, the same budgets
         else:
             # The teacher measured beside the candidates: a budget relative to it holds on any host.
-            teacher_ms, *lats = latency_of(devices, x1, ctx.log)([teacher] + [t.model for t in left])
+            teacher_ms, *lats = latency_of(devices, x1, recipe.export)([teacher] + [t.model for t in left])
             for t, lat in zip(left, lats):
                 t.cost["latency_ms"] = lat
         if spec.max_latency is not None:
