@@ -58,7 +58,43 @@ def test_successive_halving_keeps_the_best_third_each_rung():
     final = S.successive_halving(trials, FakeRung(), [1, 3, 9], eta=3, log=lambda s: None)
     assert [t.genome["i"] for t in final] == [7]  # 8 feasible -> 3 -> 1
     assert [len(t.rungs) for t in trials] == [1, 1, 1, 1, 1, 2, 2, 3, 0]
-    assert final[0].rungs[-1] == {"epochs": 9, "score": pytest.approx(0.8 * 9), "seconds": final[0].rungs[-1]["seconds"]}
+    assert final[0].rungs[-1] == {"epochs": 9, "samples": 10, "score": pytest.approx(0.8 * 9),
+                                  "seconds": final[0].rungs[-1]["seconds"]}
+
+
+class Reversed(FakeRung):
+    """The final distillations: over more samples, and the order the short rungs saw turned around."""
+
+    x = torch.zeros(40, 1)
+    trained = 0
+
+    def train(self, model, epochs, seed=0):
+        Reversed.trained += 1
+        return (model, epochs)
+
+    def score(self, trained):
+        model, epochs = trained
+        return (1 - model.quality) * epochs
+
+
+def test_the_final_few_are_distilled_again_and_the_best_of_that_is_chosen():
+    """The ladder continued with another rung (search.final): the survivors of the short rungs, distilled as
+    long as the student will be, reorder; their score is a fourth rung, and a restored one is not trained again."""
+    trials = []
+    for i in range(9):
+        m = torch.nn.Linear(1, 1)
+        m.quality = (i + 1) / 10
+        trials.append(S.Trial({"i": i}, m, cost={"flops": 100 - i}))
+    short = S.successive_halving(trials, FakeRung(), [1, 3], eta=3, log=lambda s: None)
+    assert [t.genome["i"] for t in short] == [8, 7, 6]
+    final = S.successive_halving(short[:2], Reversed(), [15.0], log=lambda s: None, first=2)
+    assert [t.genome["i"] for t in final] == [7, 8]  # the final distillation decides, not the short rungs
+    assert final[0].rungs[2] == {"epochs": 15.0, "samples": 40, "score": pytest.approx(0.2 * 15),
+                                 "seconds": final[0].rungs[2]["seconds"]}
+    assert [len(t.rungs) for t in trials] == [1, 1, 1, 1, 1, 1, 2, 3, 3]
+    Reversed.trained = 0
+    again = S.successive_halving(short[:2], Reversed(), [15.0], log=lambda s: None, first=2)
+    assert Reversed.trained == 0 and [t.genome["i"] for t in again] == [7, 8]  # restored scores: nothing retrained
 
 
 def test_a_short_distillation_moves_the_student_toward_the_teacher():
@@ -95,7 +131,12 @@ def test_pipeline_searches_a_users_teacher(name, tiny_recipe, tmp_path):
     assert "search cut the teacher" in prune["skipped"]
     best = search["metrics"]["best"]
     assert best["feasible"] and best["cost"]["flops"] <= search["metrics"]["max_flops"]
-    assert len(best["rungs"]) == 2 and search["metrics"]["rungs"][0]["candidates"] >= search["metrics"]["rungs"][1]["candidates"]
+    rungs = search["metrics"]["rungs"]
+    assert rungs[0]["candidates"] >= rungs[1]["candidates"] >= rungs[2]["candidates"]
+    # the final few (search.final, 3 by default) distilled for the recipe's epochs on every training sample
+    assert len(best["rungs"]) == 3 and best["rungs"][2]["epochs"] == 1 and best["rungs"][2]["samples"] > 128
+    assert 1 < rungs[2]["candidates"] <= 3 and rungs[2]["epochs"] == 1
+    assert best["score"] == max(c["rungs"][2]["score"] for c in search["metrics"]["final"])
     g = man["student"]
     assert g["search"]["family"] == "teacher" and g["pruned_from"] == "teacher"
     student = rebuild(g)  # the genome alone rebuilds the shapes; the shipped weights load into them
@@ -156,4 +197,4 @@ def test_sigkill_mid_rung_then_resume_reuses_the_scores(deep_tiny, tmp_path):
         if g in scored:
             assert row["rungs"][0] == scored[g][0]
     assert sum(bool(row["rungs"]) for row in rows) > 1
-    assert next(s for s in read_manifest(out)["stages"] if s["name"] == "search")["metrics"]["best"]["rung"] == 2
+    assert next(s for s in read_manifest(out)["stages"] if s["name"] == "search")["metrics"]["best"]["rung"] == 3  # 2 + final

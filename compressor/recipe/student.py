@@ -32,6 +32,9 @@ class SearchSpec(_Section):
                                "distillation)")
     rung_samples: int = Field(512, ge=16, description="family teacher: training samples a rung distils on")
     eta: int = Field(3, ge=2, description="family teacher: after each rung the best 1/eta go on")
+    final: int = Field(3, ge=0, description="family teacher: the best this many of the last rung are each distilled "
+                       "for the recipe's distill epochs over the whole training split, and the best of them on the "
+                       "validation split is the student (0: the last rung decides)")
     builder: str | None = Field(None, description="student builder (a built-in name or 'module:function'); default: the family's")
     space: dict[str, list[Any]] = Field(default_factory=dict, description="gene -> choices; overrides the detected space")
     latency: Literal["predict", "measure"] = Field("predict", description="predict from a per-device model, or measure each")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -130,6 +130,14 @@ class Rung:
             val_y = torch.cat([output(teacher, rows(val_x, i, i + 256)) for i in range(0, size(val_x), 256)])
         return cls(x, torch.cat(outs), val_x, val_y, task, **kw)
 
+    @torch.no_grad()
+    def over(self, teacher: nn.Module, x) -> "Rung":
+        """This rung's validation set and settings, training on other inputs ``x`` (the teacher's outputs on
+        them computed once)."""
+        teacher.eval()
+        outs = torch.cat([output(teacher, rows(x, i, i + 256)) for i in range(0, size(x), 256)])
+        return replace(self, x=x, teacher_out=outs)
+
     def train(self, model: nn.Module, epochs: float, seed: int = 0) -> nn.Module:
         """A copy of ``model`` trained ``epochs`` passes over the rung's samples against the teacher's
         outputs (KD with temperature for classification, cosine for embeddings)."""
@@ -200,16 +208,18 @@ class Trial:
 
 def successive_halving(trials: list[Trial], rung: Rung, epochs: list[float], *, eta: int = 3, keep: int = 1,
                        seed: int = 0, log: Callable[[str], None] = print,
-                       scored: Callable[[Trial], None] | None = None) -> list[Trial]:
+                       scored: Callable[[Trial], None] | None = None, first: int = 0) -> list[Trial]:
     """Short distillations of the feasible ``trials``: all at ``epochs[0]``, the best ``1/eta`` of them at
     ``epochs[1]``, and so on (never fewer than ``keep``). Returns the trials of the last rung, best first.
     Each rung trains from the teacher's weights again (not from the previous rung's), so scores within a rung
     compare like with like. A trial that already has a rung's score (restored by a Journal) is not trained
-    again; ``scored`` is called after each new score."""
+    again; ``scored`` is called after each new score. ``first``: how many rungs the trials went through
+    before these (a ladder continued with another Rung: the final distillations)."""
     alive = [t for t in trials if t.feasible]
     if not alive:
         return []
-    for k, ep in enumerate(epochs):
+    for j, ep in enumerate(epochs):
+        k = first + j
         t0, reused = time.time(), 0
         for t in alive:
             if len(t.rungs) > k:
@@ -217,14 +227,15 @@ def successive_halving(trials: list[Trial], rung: Rung, epochs: list[float], *, 
                 continue
             s0 = time.time()
             score = rung.score(rung.train(t.model, ep, seed=seed))
-            t.rungs.append({"epochs": ep, "score": score, "seconds": round(time.time() - s0, 3)})
+            t.rungs.append({"epochs": ep, "samples": size(rung.x), "score": score,
+                            "seconds": round(time.time() - s0, 3)})
             if scored is not None:
                 scored(t)
         alive.sort(key=lambda t: (-t.rungs[k]["score"], t.cost["flops"]))
         log(f"search: rung {k + 1} ({ep:g} epochs of {size(rung.x)} samples): {len(alive)} candidates in "
             f"{time.time() - t0:.1f} s{f' ({reused} scores from the interrupted run)' if reused else ''}; "
             f"best {alive[0].rungs[k]['score']:.4f}")
-        if k + 1 < len(epochs):
+        if j + 1 < len(epochs):
             alive = alive[:max(keep, -(-len(alive) // eta))]
     return alive
 

@@ -137,6 +137,12 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
 
     final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, seed=recipe.seed, log=ctx.log,
                                  scored=scored)
+    if spec.final and len(final) > 1:
+        # The final few distilled as long as the student will be, on every training sample: what a short rung
+        # ranks is how a candidate starts, and sub-networks that start alike can end two points apart.
+        fx, _ = data.tensors("train")
+        final = S.successive_halving(final[:spec.final], rung.over(teacher, fx), [float(recipe.distill.epochs)], seed=recipe.seed,
+                                     log=ctx.log, scored=scored, first=len(spec.rungs))
     best = final[0]
     removed = space.removed(best.genome)
     ctx.student = best.model
@@ -152,6 +158,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     ctx.log(f"search: chose the teacher without {', '.join(removed) or 'no unit'}, {best.genome['channels']:.0%} of "
             f"FLOPs cut by channels: {c['params']:,} params, {c['flops'] / 1e6:.1f} MFLOPs{', ' + lat if lat else ''}; "
             f"rung score {best.score:.4f}")
+    ladder = [*spec.rungs, *([float(recipe.distill.epochs)] if any(len(t.rungs) > len(spec.rungs) for t in trials) else [])]
     rows = [t.to_dict() for t in trials]
     write_json(ctx.work / "search" / "candidates.json", {"space": space.to_dict(), "candidates": rows})
     plot(trials, best, ctx.work / "search" / "pareto.png")
@@ -161,7 +168,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
                                 "teacher_latency_ms": teacher_ms, "latency_budget_ms": latency_ms,
                                 "rungs": [{"epochs": e, "candidates": sum(len(t.rungs) > k for t in trials),
                                            "seconds": round(sum(t.rungs[k]["seconds"] for t in trials if len(t.rungs) > k), 2)}
-                                          for k, e in enumerate(spec.rungs)],
+                                          for k, e in enumerate(ladder)],
                                 "best": best.to_dict(), "final": [t.to_dict() for t in final]},
                        outputs={"candidates": "search/candidates.json", "plot": "search/pareto.png",
                                 "student": ctx.genome})
@@ -169,7 +176,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
 
 def _journal_key(ctx: Context, spec) -> str:
     """What the ladder's saved progress depends on: the teacher and the training data (the teacher-output cache's
-    key), the search's settings, the seed and the rungs' learning rate."""
+    key), the search's settings, the seed, the rungs' learning rate and the distill epochs (the final rung's)."""
     import hashlib
     import json
 
@@ -177,7 +184,7 @@ def _journal_key(ctx: Context, spec) -> str:
 
     ignore = ctx.recipe.prune.ignore if ctx.recipe.prune is not None else []
     return hashlib.sha256(json.dumps([key(ctx.teacher, ctx.data.train), spec.model_dump(mode="json"), ctx.recipe.seed,
-                                      ctx.recipe.distill.lr, ignore], default=str).encode()).hexdigest()
+                                      ctx.recipe.distill.lr, ignore, ctx.recipe.distill.epochs], default=str).encode()).hexdigest()
 
 
 def restore(ctx: Context, g: dict) -> None:
@@ -199,7 +206,7 @@ def plot(trials, best, path) -> None:
     for k in range(max((len(t.rungs) for t in trials), default=0)):
         pts = [t for t in trials if len(t.rungs) == k + 1]
         if pts:
-            ax.scatter([t.cost["flops"] / 1e6 for t in pts], [t.score for t in pts], s=16, label=f"stopped at rung {k + 1}")
+            ax.scatter([t.cost["flops"] / 1e6 for t in pts], [t.score for t in pts], s=16, label=f"stopped at rung {k + 1}{_rung_label(pts[0].rungs[k])}")
     ax.scatter([best.cost["flops"] / 1e6], [best.score], marker="*", s=180, c="gold", edgecolors="k", zorder=5,
                label="chosen")
     ax.set_xlabel("MFLOPs per sample")
@@ -210,3 +217,7 @@ def plot(trials, best, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def _rung_label(r: dict) -> str:
+    return f" ({r['epochs']:g} epochs of {r['samples']} samples)" if "samples" in r else ""
