@@ -177,13 +177,14 @@ def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=(
 
 
 def export_checked(model, example_inputs: tuple, path: str | Path, check_inputs, *, atol: float = 1e-4,
-                   rtol: float = 1e-3, log=None, **export_kw) -> Artifact:
-    """``export_onnx``, then ``parity`` against PyTorch on ``check_inputs`` (a batch of another size than
-    ``example_inputs``'): the file a bundle ships. A TorchScript file that fails the check is exported again
-    with torch.export's exporter first, which keeps Python values symbolic where a trace bakes them in (a
-    ``len(x)`` of the example's batch, say), and checked again. ``log`` hears about the second try. The
-    Artifact's ``extra["parity"]`` holds the check; a file that fails it twice raises ExportError."""
-    art = export_onnx(model, example_inputs, path, **export_kw)
+                   rtol: float = 1e-3, log=None, given: Artifact | None = None, **export_kw) -> Artifact:
+    """``export_onnx`` (or ``given``, a file already at ``path``), then ``parity`` against PyTorch on
+    ``check_inputs`` (a batch of another size than ``example_inputs``'): the file a bundle ships. A TorchScript
+    file that fails the check is exported again with torch.export's exporter first, which keeps Python values
+    symbolic where a trace bakes them in (a ``len(x)`` of the example's batch, say), and checked again. ``log``
+    hears about the second try. The Artifact's ``extra["parity"]`` holds the check; a file that fails it
+    twice raises ExportError."""
+    art = given or export_onnx(model, example_inputs, path, **export_kw)
     try:
         check = parity(path, model, check_inputs, atol=atol, rtol=rtol)
     except Exception as e:

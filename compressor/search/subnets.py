@@ -125,18 +125,15 @@ class Rung:
     @torch.no_grad()
     def of(cls, teacher: nn.Module, x, val_x, val_y, task: str = "classification", **kw) -> "Rung":
         teacher.eval()
-        outs = [output(teacher, rows(x, i, i + 256)) for i in range(0, size(x), 256)]
         if task != "classification":
-            val_y = torch.cat([output(teacher, rows(val_x, i, i + 256)) for i in range(0, size(val_x), 256)])
-        return cls(x, torch.cat(outs), val_x, val_y, task, **kw)
+            val_y = _outputs(teacher, val_x)
+        return cls(x, _outputs(teacher, x), val_x, val_y, task, **kw)
 
     @torch.no_grad()
     def over(self, teacher: nn.Module, x) -> "Rung":
         """This rung's validation set and settings, training on other inputs ``x`` (the teacher's outputs on
         them computed once)."""
-        teacher.eval()
-        outs = torch.cat([output(teacher, rows(x, i, i + 256)) for i in range(0, size(x), 256)])
-        return replace(self, x=x, teacher_out=outs)
+        return replace(self, x=x, teacher_out=_outputs(teacher.eval(), x))
 
     def train(self, model: nn.Module, epochs: float, seed: int = 0) -> nn.Module:
         """A copy of ``model`` trained ``epochs`` passes over the rung's samples against the teacher's
@@ -182,6 +179,11 @@ class Rung:
         if self.task == "classification":
             return float((y.argmax(-1) == self.val_y).float().mean())
         return float(F.cosine_similarity(y, self.val_y, dim=-1).mean())
+
+
+def _outputs(model: nn.Module, x) -> torch.Tensor:
+    """``model``'s outputs on ``x``, 256 samples at a time."""
+    return torch.cat([output(model, rows(x, i, i + 256)) for i in range(0, size(x), 256)])
 
 
 # ------------------------------------------------------------------------------ the ladder

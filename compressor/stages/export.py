@@ -56,25 +56,14 @@ def shipped_onnx(ctx: Context, model, path: Path, role: str, *, given: Artifact 
     (``extra["parity"]``): ``given`` (a file exported before), else Optimum's for a Hugging Face classifier
     where Optimum takes it, else exporters.onnx.export_checked (TorchScript, torch.export where the trace
     does not match)."""
-    from exporters.onnx import export_checked, parity
+    from exporters.onnx import export_checked
 
     spec = ctx.recipe.export
-    held_out = ctx.example(spec.parity.samples)
     x = ctx.example(2)
-    art = given or export_hf(ctx, model, x, path, role)
-    if art is not None:
-        try:
-            art.extra["parity"] = parity(path, model, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol)
-            return art
-        except Exception as e:
-            if art.extra.get("exporter") != "torchscript":
-                raise
-            ctx.log(f"export: {role}: the TorchScript export does not match PyTorch ({str(e).splitlines()[0][:160]}); "
-                    "trying torch.export")
-    return export_checked(model, as_tuple(x), path, held_out, atol=spec.parity.atol, rtol=spec.parity.rtol,
-                          log=lambda s: ctx.log(f"export: {role}: {s}"), opset=spec.opset,
-                          dynamic_batch=spec.dynamic_batch, role=role, dynamo_first=art is not None,
-                          **onnx_io(x, ctx.task.output, spec.dynamic_batch))
+    return export_checked(model, as_tuple(x), path, ctx.example(spec.parity.samples), atol=spec.parity.atol,
+                          rtol=spec.parity.rtol, log=lambda s: ctx.log(f"export: {role}: {s}"),
+                          given=given or export_hf(ctx, model, x, path, role), opset=spec.opset,
+                          dynamic_batch=spec.dynamic_batch, role=role, **onnx_io(x, ctx.task.output, spec.dynamic_batch))
 
 
 def export_model(ctx: Context, model, path: Path, role: str) -> Artifact:

@@ -137,10 +137,12 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
 
     final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, seed=recipe.seed, log=ctx.log,
                                  scored=scored)
+    ladder = list(spec.rungs)
     if spec.final and len(final) > 1:
         # The final few distilled as long as the student will be, on every training sample: what a short rung
         # ranks is how a candidate starts, and sub-networks that start alike can end two points apart.
         fx, _ = data.tensors("train")
+        ladder.append(float(recipe.distill.epochs))
         final = S.successive_halving(final[:spec.final], rung.over(teacher, fx), [float(recipe.distill.epochs)], seed=recipe.seed,
                                      log=ctx.log, scored=scored, first=len(spec.rungs))
     best = final[0]
@@ -158,7 +160,6 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     ctx.log(f"search: chose the teacher without {', '.join(removed) or 'no unit'}, {best.genome['channels']:.0%} of "
             f"FLOPs cut by channels: {c['params']:,} params, {c['flops'] / 1e6:.1f} MFLOPs{', ' + lat if lat else ''}; "
             f"rung score {best.score:.4f}")
-    ladder = [*spec.rungs, *([float(recipe.distill.epochs)] if any(len(t.rungs) > len(spec.rungs) for t in trials) else [])]
     rows = [t.to_dict() for t in trials]
     write_json(ctx.work / "search" / "candidates.json", {"space": space.to_dict(), "candidates": rows})
     plot(trials, best, ctx.work / "search" / "pareto.png")
