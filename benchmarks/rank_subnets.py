@@ -4,7 +4,9 @@ The candidates are the sub-networks of a recipe's teacher (compressor.search.sub
 that meet its FLOPs budget (a looser one with --max-flops). Each gets every ranking the search could use:
 #params, FLOPs, DisWOT (on the candidate with the teacher's weights) and each rung's short distillation
 (all candidates at every rung, no halving, so each rung has a Kendall tau of its own) scored three ways on
-the validation split (accuracy, minus the cross-entropy to the labels, minus the KL to the teacher). The
+the validation split (accuracy, minus the cross-entropy to the labels, minus the KL to the teacher) and by
+accuracy on every held-out sample (the validation split and the training samples the rung does not train on:
+what the search ranks by). The
 ground truth is the held-out accuracy after the recipe's own distillation (compressor.distill.train.fit, the
 distill stage's trainer), for two training seeds: Kendall tau between the seeds says how much of the ground
 truth is noise. Run through benchmarks/search_rank.py (the default space there).
@@ -23,7 +25,9 @@ import torch.nn.functional as F
 
 from host import machine
 
-SCORES = ("acc", "nll", "kl")  # the rung's score on the validation split: accuracy, -CE to labels, -KL to the teacher
+# the rung's score on the validation split: accuracy, -CE to labels, -KL to the teacher; held: accuracy on the
+# validation split and the training samples the rung does not train on (compressor.data.DataSplits.held_out)
+SCORES = ("acc", "nll", "kl", "held")
 
 
 def kendall(a, b) -> float:
@@ -40,11 +44,15 @@ def logits_of(model, x) -> torch.Tensor:
     return torch.cat([output(model, rows(x, i, i + 256)) for i in range(0, size(x), 256)]).float()
 
 
-def rung_scores(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> dict:
+def rung_scores(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0,
+                held: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(teacher_logits / T, -1), reduction="batchmean",
                   log_target=True) * T * T
-    return {"acc": float((logits.argmax(-1) == labels).float().mean()),
-            "nll": -float(F.cross_entropy(logits, labels)), "kl": -float(kl)}
+    out = {"acc": float((logits.argmax(-1) == labels).float().mean()),
+           "nll": -float(F.cross_entropy(logits, labels)), "kl": -float(kl)}
+    if held is not None:
+        out["held"] = float((held[0].argmax(-1) == held[1]).float().mean())
+    return out
 
 
 def main(argv=None, out_dir: Path | None = None) -> None:
@@ -59,6 +67,8 @@ def main(argv=None, out_dir: Path | None = None) -> None:
                     "search.rungs); 0 is the cut candidate with its batch-norm statistics re-estimated, untrained")
     ap.add_argument("--truth", type=Path, default=None, help="a previous result of the same recipe: its distilled "
                     "accuracies are reused (the ground truth does not depend on the rungs), only the rungs run")
+    ap.add_argument("--channels", default=None, help="comma-separated channel cuts (default: the recipe's "
+                    "search.channels); heavier cuts spread the distilled accuracies beyond the noise")
     ap.add_argument("--tag", default="")
     ap.add_argument("--resummarize", type=Path, default=None, help="recompute the taus and the page of a result "
                     "file from its rows (nothing runs)")
@@ -87,6 +97,8 @@ def main(argv=None, out_dir: Path | None = None) -> None:
     spec = recipe.search
     if args.rungs:
         spec = spec.model_copy(update={"rungs": [float(e) for e in args.rungs.split(",")]})
+    if args.channels:
+        spec = spec.model_copy(update={"channels": [float(c) for c in args.channels.split(",")]})
     data, teacher, _ = load_inputs(recipe)
     teacher.eval()
     batches, labels = calibration_batches(data, recipe.data.batch_size, 4, labels=True)
@@ -104,6 +116,7 @@ def main(argv=None, out_dir: Path | None = None) -> None:
 
     xs, _ = data.tensors("train", limit=args.rung_samples or spec.rung_samples)
     vx, vy = data.tensors("val", limit=1024)
+    hx, hy = data.held_out(size(xs))
     rung = S.Rung.of(teacher, xs, vx, vy, recipe.task, batch_size=min(64, size(xs)), lr=recipe.distill.lr)
     v_teacher = logits_of(teacher, vx)
     view = TeacherView.of(teacher, (batches[0], labels[0]))
@@ -125,7 +138,8 @@ def main(argv=None, out_dir: Path | None = None) -> None:
                 t0 = time.time()
                 trained = rung.train(model, ep, seed=recipe.seed) if ep else copy.deepcopy(model)
                 rung.recalibrate(trained)
-                row[f"rung_{k + 1}"] = {**rung_scores(logits_of(trained, vx), vy, v_teacher),
+                row[f"rung_{k + 1}"] = {**rung_scores(logits_of(trained, vx), vy, v_teacher,
+                                                      held=(logits_of(trained, hx), hy)),
                                         "seconds": round(time.time() - t0, 2)}
             accs, nlls, secs = [], [], []
             known = truth.get(json.dumps(gnm, sort_keys=True))
@@ -150,7 +164,7 @@ def main(argv=None, out_dir: Path | None = None) -> None:
 
     setup = {"max_flops": frac, "teacher_flops": t_flops, "space_genomes": len(space.genomes()),
              "candidates": len(rows), "units": space.units, "channels": space.channels,
-             "rungs": list(spec.rungs), "rung_samples": size(xs), "val_samples": size(vx),
+             "rungs": list(spec.rungs), "rung_samples": size(xs), "val_samples": size(vx), "held_samples": size(hx),
              "train_seeds": args.train_seeds, "distill_epochs": recipe.distill.epochs, "test_samples": len(data.test)}
     res = {"benchmark": "search_rank", "space": "teacher", "machine": machine(), "recipe": args.recipe, "setup": setup,
            **summarize(rows, setup["rungs"], args.train_seeds), "rows": rows, "seconds": round(time.time() - t_all, 1)}
@@ -173,12 +187,14 @@ def summarize(rows: list[dict], rungs: list[float], train_seeds: int) -> dict:
         taus = {k: kendall([r[k] for r in rows], truth) for k in ("params", "flops", "diswot")}
         for k, ep in enumerate(rungs):
             for s in SCORES:
-                taus[rung_name(ep, s)] = kendall([r[f"rung_{k + 1}"][s] for r in rows], truth)
+                if all(s in r[f"rung_{k + 1}"] for r in rows):  # results from before "held" lack it
+                    taus[rung_name(ep, s)] = kendall([r[f"rung_{k + 1}"][s] for r in rows], truth)
         out[name] = taus
     per_seed = {"accuracy": "accuracies", "nll": "nlls"}
     seed_tau = {n: kendall([r[k][0] for r in rows], [r[k][1] for r in rows]) if train_seeds > 1 else None
                 for n, k in per_seed.items()}
-    decides, taus = rung_name(rungs[-1]), out["accuracy"]
+    taus = out["accuracy"]
+    decides = rung_name(rungs[-1], "held") if rung_name(rungs[-1], "held") in taus else rung_name(rungs[-1])
     return {"kendall_tau": taus, "accuracy_tau_between_training_seeds": seed_tau["accuracy"],
             "kendall_tau_vs_heldout_nll": out["nll"], "nll_tau_between_training_seeds": seed_tau["nll"],
             "summary": {"deciding_rung": decides, "tau": taus[decides], "seed_tau": seed_tau["accuracy"],
@@ -201,8 +217,10 @@ def markdown(res: dict) -> str:
              f"({st['distill_epochs']} epochs, the distill stage's trainer), mean of {st['train_seeds']} training seeds; "
              f"it spans {min(acc):.4f}..{max(acc):.4f}. Rungs: {', '.join(f'{e:g}' for e in rungs)} epochs of KD over "
              f"{st['rung_samples']} training samples from the teacher's weights, scored on {st['val_samples']} "
-             "validation samples (0 epochs: the cut candidate untrained); before scoring, each rung re-estimates the "
-             "batch-norm statistics on its training samples. The search decides by its last rung "
+             "validation samples" + (f" (`_held`: on {st['held_samples']} held-out samples, the validation split and "
+             "the training samples the rung does not train on)" if st.get("held_samples") else "") +
+             " (0 epochs: the cut candidate untrained); before scoring, each rung re-estimates the "
+             "batch-norm statistics on its training samples. The search decides by its last short rung "
              f"({res['summary']['deciding_rung']} here).", "",
              "| ranking | Kendall tau vs distilled accuracy | vs minus distilled held-out cross-entropy |", "|---|---|---|"]
     for k, v in taus.items():
@@ -210,7 +228,8 @@ def markdown(res: dict) -> str:
     if res["accuracy_tau_between_training_seeds"] is not None:
         lines.append(f"| (two training seeds against each other) | {res['accuracy_tau_between_training_seeds']:+.3f} | "
                      f"{res['nll_tau_between_training_seeds']:+.3f} |")
-    lines += ["", "`rung_<E>ep` scores the rung of E epochs by validation accuracy (what the search ranks by), `_nll` by "
+    lines += ["", "`rung_<E>ep` scores the rung of E epochs by validation accuracy, `_held` by accuracy on every held-out "
+              "sample (what the search ranks by), `_nll` by "
               "minus the cross-entropy to the labels, `_kl` by minus the KL divergence to the teacher (T=4). A tau "
               "between two training seeds near zero means the distilled accuracies differ by noise alone.", "",
               "| removed | channels cut | params | MFLOPs | " + " | ".join(f"{e:g} ep" for e in rungs)

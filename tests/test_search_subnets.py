@@ -97,6 +97,34 @@ def test_the_final_few_are_distilled_again_and_the_best_of_that_is_chosen():
     assert Reversed.trained == 0 and [t.genome["i"] for t in again] == [7, 8]  # restored scores: nothing retrained
 
 
+def test_successive_halving_never_keeps_fewer_than_keep():
+    trials = []
+    for i in range(5):
+        m = torch.nn.Linear(1, 1)
+        m.quality = (i + 1) / 10
+        trials.append(S.Trial({"i": i}, m, cost={"flops": 100 - i}))
+    assert len(S.successive_halving(copy.deepcopy(trials), FakeRung(), [1, 3], eta=3, log=lambda s: None)) == 2
+    final = S.successive_halving(trials, FakeRung(), [1, 3], eta=3, keep=3, log=lambda s: None)
+    assert [t.genome["i"] for t in final] == [4, 3, 2]
+
+
+def test_rungs_score_on_the_validation_split_and_the_training_samples_they_do_not_train_on():
+    from compressor.data import DataSplits, HiddenLabels
+
+    x = torch.arange(20, dtype=torch.float32).reshape(20, 1)
+    y = torch.arange(20) % 2
+    train = torch.utils.data.TensorDataset(x[:14], y[:14])
+    data = DataSplits(train, torch.utils.data.TensorDataset(x[14:17], y[14:17]),
+                      torch.utils.data.TensorDataset(x[17:], y[17:]), (1,), 2)
+    hx, hy = data.held_out(8)
+    assert hx.flatten().tolist() == [14, 15, 16, 8, 9, 10, 11, 12, 13]  # never a sample the rung trains on
+    assert hy.tolist() == (torch.tensor([14, 15, 16, 8, 9, 10, 11, 12, 13]) % 2).tolist()
+    assert data.held_out(8, limit=4)[0].flatten().tolist() == [14, 15, 16, 8]
+    few = DataSplits(HiddenLabels(train, 0.3, seed=0), data.val, data.test, (1,), 2)
+    fx, fy = few.held_out(8)
+    assert (fy >= 0).all() and len(fx) < 9  # hidden labels cannot score
+
+
 def test_a_short_distillation_moves_the_student_toward_the_teacher():
     t, x = teacher(), torch.randn(96, 1, 16, 16)
     space = S.teacher_space(t, x[:32], channels=(0.0, 0.5))
@@ -135,7 +163,8 @@ def test_pipeline_searches_a_users_teacher(name, tiny_recipe, tmp_path):
     assert rungs[0]["candidates"] >= rungs[1]["candidates"] >= rungs[2]["candidates"]
     # the final few (search.final, 3 by default) distilled for the recipe's epochs on every training sample
     assert len(best["rungs"]) == 3 and best["rungs"][2]["epochs"] == 1 and best["rungs"][2]["samples"] > 128
-    assert 1 < rungs[2]["candidates"] <= 3 and rungs[2]["epochs"] == 1
+    # the last short rung keeps at least search.final candidates, so the final few are as many as asked
+    assert rungs[2]["candidates"] == min(3, search["metrics"]["feasible"]) and rungs[2]["epochs"] == 1
     assert best["score"] == max(c["rungs"][2]["score"] for c in search["metrics"]["final"])
     g = man["student"]
     assert g["search"]["family"] == "teacher" and g["pruned_from"] == "teacher"

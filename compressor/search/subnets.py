@@ -130,10 +130,14 @@ class Rung:
         return cls(x, _outputs(teacher, x), val_x, val_y, task, **kw)
 
     @torch.no_grad()
-    def over(self, teacher: nn.Module, x) -> "Rung":
-        """This rung's validation set and settings, training on other inputs ``x`` (the teacher's outputs on
-        them computed once)."""
-        return replace(self, x=x, teacher_out=_outputs(teacher.eval(), x))
+    def over(self, teacher: nn.Module, x, val_x=None, val_y=None) -> "Rung":
+        """This rung's settings, training on other inputs ``x`` (the teacher's outputs on them computed once),
+        scored on ``val_x``/``val_y`` when given (inputs ``x`` may include samples this rung scored on)."""
+        teacher.eval()
+        held = {}
+        if val_x is not None:
+            held = {"val_x": val_x, "val_y": val_y if self.task == "classification" else _outputs(teacher, val_x)}
+        return replace(self, x=x, teacher_out=_outputs(teacher, x), **held)
 
     def train(self, model: nn.Module, epochs: float, seed: int = 0) -> nn.Module:
         """A copy of ``model`` trained ``epochs`` passes over the rung's samples against the teacher's

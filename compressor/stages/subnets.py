@@ -127,23 +127,29 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         raise UserError(f"search: no sub-network of the teacher meets the budgets; the smallest ({tight.cost['flops'] / 1e6:.1f} "
                         f"MFLOPs) breaks one: {tight.why}")
     # Rungs 1+: short distillations from the teacher's cached outputs, scored on the validation split.
+    # The short rungs train on the first rung_samples training samples and score on every held-out sample: the
+    # validation split and the training samples they do not train on (on digits 180 + 746, not 180).
     xs, _ = data.tensors("train", limit=spec.rung_samples)
-    vx, vy = data.tensors("val", limit=1024)
-    rung = S.Rung.of(teacher, xs, vx, vy, recipe.task, batch_size=min(64, size(xs)), lr=recipe.distill.lr)
+    hx, hy = data.held_out(size(xs))
+    rung = S.Rung.of(teacher, xs, hx, hy, recipe.task, batch_size=min(64, size(xs)), lr=recipe.distill.lr)
+    ctx.log(f"search: rungs train on {size(xs)} samples and score on {size(hx)} held out "
+            f"({min(len(data.val), size(hx))} validation, the rest training samples the rungs do not see)")
 
     def scored(_):
         journal.save(trials)
         hold("rung")  # tests stop the run here (compressor.hold)
 
-    final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, seed=recipe.seed, log=ctx.log,
-                                 scored=scored)
+    final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, keep=max(1, spec.final), seed=recipe.seed,
+                                 log=ctx.log, scored=scored)
     ladder = list(spec.rungs)
     if spec.final and len(final) > 1:
         # The final few distilled as long as the student will be, on every training sample: what a short rung
         # ranks is how a candidate starts, and sub-networks that start alike can end two points apart.
+        # Trained on every training sample, they are scored on the validation split alone.
         fx, _ = data.tensors("train")
+        vx, vy = data.tensors("val", limit=2048)
         ladder.append(float(recipe.distill.epochs))
-        final = S.successive_halving(final[:spec.final], rung.over(teacher, fx), [float(recipe.distill.epochs)], seed=recipe.seed,
+        final = S.successive_halving(final[:spec.final], rung.over(teacher, fx, vx, vy), [float(recipe.distill.epochs)], seed=recipe.seed,
                                      log=ctx.log, scored=scored, first=len(spec.rungs))
     best = final[0]
     removed = space.removed(best.genome)
