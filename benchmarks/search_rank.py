@@ -4,6 +4,8 @@
                                                       # #params, FLOPs, DisWOT and each rung against the distilled
                                                       # accuracy; writes results/search_rank.json and .md
     python benchmarks/search_rank.py --rungs 0,0.5,1.5,4.5,13.5 --train-seeds 2
+    # a harder space, whose distilled accuracies spread (0.68..0.996): deep channel cuts under 8% of the FLOPs
+    python benchmarks/search_rank.py --channels 0.85,0.9,0.95 --max-flops 0.08 --tag .heavy
 
 --space family: the zero-cost proxies on a family space, and how fast the NSGA-II search scores. Samples
 candidates of the digits ResNet space (derived from the quickstart-style teacher) under one size budget, distils each with the same training budget (KD from the teacher, same epochs, lr, seed), and
