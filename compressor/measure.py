@@ -100,6 +100,7 @@ class Meter:
         self._files: dict[str, Path] = {}  # model key -> its ONNX file in cache_dir
         self._digests: dict[Path, str] = {}  # a file of cache_dir -> its sha256 (content-addressed: fixed)
         self._dims: dict[Path, dict] = {}  # a file of cache_dir -> the sizes of its symbolic axes besides the batch
+        self._shapes: dict[Path, dict] = {}  # a file of cache_dir -> each input's shape without the batch
         self.exporter: dict[Path, str] = {}  # a file exported by this Meter -> the exporter that made it
         self._timings: dict[tuple, object] = {}  # (sha256, batch, settings) -> Measurement
         self.exports = 0  # models exported (not found in the cache)
@@ -145,7 +146,10 @@ class Meter:
             self.exports += 1
         self._files[key], self._digests[path] = path, file_sha256(path)
         if self.dynamic_batch and isinstance(x, dict):
+            # ONNX Runtime's scripts size the axis by its name; OpenVINO (its IR keeps no axis names) wants each
+            # input's whole shape, the batch first.
             self._dims[path] = {"sequence": int(v.shape[1]) for v in x.values() if v.dim() == 2}
+            self._shapes[path] = {k: list(v.shape[1:]) for k, v in x.items()}
         return path
 
     # ------------------------------------------------------------------------------ timing
@@ -160,6 +164,8 @@ class Meter:
         if not fresh and key in self._timings:
             return self._timings[key]
         dims = self._dims.get(Path(path))
+        if dims and getattr(getattr(self.device, "profile", None), "runtime", None) == "openvino":
+            dims = {name: [batch, *shape] for name, shape in self._shapes[Path(path)].items()}
         m = self.device.measure(path, batch=batch, **({"dims": dims} if dims else {}), **settings)
         self.measurements += 1
         self._timings.setdefault(key, m)

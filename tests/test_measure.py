@@ -123,16 +123,20 @@ def test_the_meter_times_the_graph_the_export_stage_ships(tmp_path):
     assert onnx.load(str(fixed)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
 
 
+class Bag(nn.Module):
+    """A token model: dynamic batch and sequence axes, as a text encoder ships."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1).float()
+        return self.out((self.emb(input_ids) * m).sum(1) / m.sum(1))
+
+
 def test_a_token_model_is_timed_at_its_examples_sequence_length(tmp_path):
     """Dynamic batch and sequence axes, as a text encoder ships: the device is given the example's length."""
-    class Bag(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.out = nn.Embedding(50, 8), nn.Linear(8, 3)
-
-        def forward(self, input_ids, attention_mask):
-            m = attention_mask.unsqueeze(-1).float()
-            return self.out((self.emb(input_ids) * m).sum(1) / m.sum(1))
 
     seen = []
     dev = get_device("local-cpu")
@@ -146,3 +150,23 @@ def test_a_token_model_is_timed_at_its_examples_sequence_length(tmp_path):
     with Meter(Recording(), cache_dir=tmp_path, **FAST) as meter:
         assert meter.latency_ms(Bag().eval(), x) > 0
     assert seen == [{"sequence": 12}]
+
+
+def test_openvino_is_given_each_inputs_whole_shape(tmp_path):
+    """An OpenVINO device cannot size a nameless sequence axis from {"sequence": n}: the Meter hands it every
+    input's shape (a search or a latency budget on openvino-cpu with a text encoder failed without it)."""
+    pytest.importorskip("openvino")
+    dev = get_device("openvino-cpu")
+    seen = []
+
+    class Recording:
+        profile = dev.profile
+
+        def measure(self, path, **kw):
+            seen.append(kw.get("dims"))
+            return dev.measure(path, **kw)
+
+    x = {"input_ids": torch.randint(0, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    with Meter(Recording(), cache_dir=tmp_path, **FAST) as meter:
+        assert meter.latencies_ms([Bag().eval()], x, rounds=1)[0] > 0
+    assert seen == [{"input_ids": [1, 12], "attention_mask": [1, 12]}]
