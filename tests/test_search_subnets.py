@@ -36,6 +36,24 @@ def test_space_of_a_resnet_and_its_candidates_keep_the_teachers_weights():
     assert "MFLOPs" in S.check_budget(full, max_flops=0.6 * full["flops"])
 
 
+def test_a_large_space_is_cut_to_the_genomes_that_drop_the_units_of_least_output_loss():
+    space = S.SubnetSpace([f"layer.{i}" for i in range(6)], [0.0, 0.5])
+    loss = {f"layer.{i}": v for i, v in enumerate([0.5, 0.1, 0.2, 0.15, 0.3, 1.0])}
+    genomes = space.genomes()[1:]  # the teacher's own aside, as the stage does
+    picked = S.most_promising(genomes, space, loss, 24)
+    assert len(picked) == 24 and len({str(g) for g in picked}) == 24
+    groups = {(len(space.removed(g)), g["channels"]) for g in genomes}
+    assert {(len(space.removed(g)), g["channels"]) for g in picked} == groups  # every depth and cut is tried
+    for k in range(1, 6):  # and within each, the least loss first: dropping 1-3 is the best set of three
+        best = min((g for g in genomes if len(space.removed(g)) == k),
+                   key=lambda g: sum(loss[u] for u in space.removed(g)))
+        assert any(space.removed(g) == space.removed(best) for g in picked)
+    assert ["layer.1", "layer.2", "layer.3"] in [space.removed(g) for g in picked]
+    assert ["layer.0", "layer.4", "layer.5"] not in [space.removed(g) for g in picked]  # the worst set of three
+    whole = S.most_promising(genomes, space, loss, 500)
+    assert sorted(map(str, whole)) == sorted(map(str, genomes))  # a space that fits is kept whole
+
+
 class FakeRung:
     """Scores are fixed per model and rise with the epochs: the halving's bookkeeping, alone."""
 

@@ -14,7 +14,8 @@ class SearchSpec(_Section):
 
     proxy: str = Field("diswot", description="zero-cost proxy (compressor.search.PROXIES): diswot, naswot, synflow, "
                        "params, flops; for task: embedding diswot takes its relation form and synflow is refused")
-    trials: int = Field(200, ge=1)
+    trials: int = Field(200, ge=1, description="candidates scored (NSGA-II) or built (family teacher: a larger space is "
+                        "cut to this many, per depth and channel cut those dropping the units of least output loss)")
     population: int = Field(50, ge=2, description="NSGA-II population size")
     family: Literal["cnn", "mlp", "transformer", "hf-encoder", "teacher"] | None = Field(
         None, description="default: detected from the teacher; teacher: the teacher's own sub-networks (drop residual "

@@ -71,25 +71,30 @@ class Builder:
 
     def __init__(self, space: SubnetSpace, teacher: nn.Module, batches, *, labels=None, ignore=()):
         self.space, self.teacher, self.batches, self.labels, self.ignore = space, teacher, batches, labels, ignore
-        self._layers: dict[tuple, tuple[nn.Module, int, dict]] = {}
+        self._flops: dict[tuple, int] = {}
+        self._layers: dict[tuple, tuple[nn.Module, dict]] = {}
 
-    def layers(self, genome: dict) -> tuple[nn.Module, int, dict]:
-        """(the teacher without the genome's units, its FLOPs per sample, its gradient cache)."""
+    def layers(self, genome: dict) -> tuple[nn.Module, dict]:
+        """(the teacher without the genome's units, its gradient cache), kept for the genome's other cuts."""
         key = tuple(self.space.removed(genome))
         if key not in self._layers:
-            m = build_pruned(self.teacher, list(key)).eval()
-            self._layers[key] = (m, count_flops(m, take(self.batches[0], 1)), {})
+            self._layers[key] = (build_pruned(self.teacher, list(key)).eval(), {})
         return self._layers[key]
 
     def flops_estimate(self, genome: dict) -> float:
-        """FLOPs per sample before building: the channel cut removes its fraction within a few percent."""
-        return self.layers(genome)[1] * (1 - genome["channels"])
+        """FLOPs per sample before building: the channel cut removes its fraction within a few percent. Only
+        the count is kept per set of units (a large teacher's copies for every set would not fit in memory)."""
+        key = tuple(self.space.removed(genome))
+        if key not in self._flops:
+            m = self._layers[key][0] if key in self._layers else build_pruned(self.teacher, list(key)).eval()
+            self._flops[key] = count_flops(m, take(self.batches[0], 1))
+        return self._flops[key] * (1 - genome["channels"])
 
     def __call__(self, genome: dict):
         """(candidate, channel plan or None)."""
         from ..structural import prune_channels
 
-        student, _, cache = self.layers(genome)
+        student, cache = self.layers(genome)
         if not genome["channels"]:
             return copy.deepcopy(student).eval(), None
         # Two batches and two projections estimate the channels' importance well enough to rank cuts
@@ -104,6 +109,30 @@ class Builder:
 def build(space: SubnetSpace, teacher: nn.Module, genome: dict, batches, *, labels=None, ignore=()):
     """(candidate, channel plan or None): the teacher without the genome's units, then its channels cut."""
     return Builder(space, teacher, batches, labels=labels, ignore=ignore)(genome)
+
+
+def most_promising(genomes: list[dict], space: SubnetSpace, unit_loss: dict[str, float], n: int,
+                   seed: int = 0) -> list[dict]:
+    """``n`` of ``genomes`` for a space too large to build whole: within each group of genomes that drop as
+    many units and cut the same fraction of channels (alike in cost), the ones whose dropped units have the
+    least summed output loss (``unit_loss``: each unit's loss when removed alone, compressor.prune.score_units;
+    layer pruning's criterion, which adds up across units), taken a rank at a time across the groups so every
+    depth and width is tried. The last rank, where it does not fit whole, is a seeded sample of its groups."""
+    groups: dict[tuple, list[dict]] = {}
+    for g in genomes:
+        groups.setdefault((len(space.removed(g)), g["channels"]), []).append(g)
+    for members in groups.values():
+        members.sort(key=lambda g: sum(unit_loss[u] for u in space.removed(g)))
+    out: list[dict] = []
+    gen = torch.Generator().manual_seed(seed)
+    for rank in itertools.count():
+        row = [m[rank] for m in groups.values() if rank < len(m)]
+        if not row or len(out) >= n:
+            break
+        if len(out) + len(row) > n:
+            row = [row[i] for i in sorted(torch.randperm(len(row), generator=gen)[:n - len(out)].tolist())]
+        out.extend(row)
+    return out
 
 
 # ------------------------------------------------------------------------------ short distillation

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from ..bundle import StageRecord
 from ..context import Context
 from ..errors import UserError
@@ -14,7 +12,7 @@ from ..files import write_json
 from ..flops import count_flops
 from ..hold import hold
 from ..measure import model_key
-from ..prune import calibration_batches
+from ..prune import calibration_batches, find_units, score_units
 from ..search import subnets as S
 from ..tasks import size, take
 from .prune import cut_teacher, keep_cut
@@ -66,14 +64,18 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
             else:
                 fits.append(gnm)
         genomes = fits
-    if len(genomes) > spec.trials:  # a large space: a seeded sample (the teacher's own genome in it, if it fits)
-        g = torch.Generator().manual_seed(recipe.seed)
+    sampled = ""
+    if len(genomes) > spec.trials:
+        # A large space: per depth and cut, the genomes that drop the units layer pruning would drop first (the
+        # least summed single-unit output loss); the teacher's own genome in it, if it fits.
+        units = score_units(teacher, find_units(teacher, batches[0], ignore), batches[:2], with_flops=False)
         first = genomes[:1] if not space.removed(genomes[0]) and not genomes[0]["channels"] else []
-        rest = genomes[len(first):]
-        genomes = first + [rest[i] for i in torch.randperm(len(rest), generator=g)[:spec.trials - len(first)]]
+        genomes = first + S.most_promising(genomes[len(first):], space, {u.path: u.loss for u in units},
+                                           spec.trials - len(first), seed=recipe.seed)
+        sampled = " (per depth and cut, those dropping the units of least output loss)"
     ctx.log(f"search: the teacher's sub-networks: {len(space.units)} droppable units ({', '.join(space.units)}), "
             f"channel cuts {', '.join(f'{c:g}' for c in space.channels)}: {space.size} genomes"
-            f"{f', {len(trials)} over the FLOPs budget' if trials else ''}; {len(genomes)} tried")
+            f"{f', {len(trials)} over the FLOPs budget' if trials else ''}; {len(genomes)} tried{sampled}")
     for gnm in genomes:
         # Rung 0, second half: FLOPs and size as built, then latency on each device for those left.
         est = build.flops_estimate(gnm)
