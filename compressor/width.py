@@ -322,14 +322,16 @@ def _plan_error(model: nn.Module, pruned: nn.Module, groups: list[Group], plan: 
 
 
 def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, heads: bool = True,
-                multiple: int = 16, projections: int = 4, log=print):
-    """Find, score and select; return (a narrower copy of ``model``, record dict)."""
-    groups = find_groups(model, batches[0], ffn=ffn, heads=heads)
-    if not groups:
-        kinds = " or ".join(k for k, on in (("FFN pairs", ffn), ("attention heads", heads)) if on)
-        raise UserError(f"prune.width: {type(model).__name__} has no {kinds} that can be cut exactly "
-                        "(docs/distillation.md, Width); drop prune.width")
-    score_groups(model, groups, batches, projections=projections)
+                multiple: int = 16, projections: int = 4, log=print, groups: list[Group] | None = None):
+    """Find, score and select; return (a narrower copy of ``model``, plan, record dict). ``groups``: the
+    model's groups already scored (another cut of the same model: the search's channel genes)."""
+    if groups is None:
+        groups = find_groups(model, batches[0], ffn=ffn, heads=heads)
+        if not groups:
+            kinds = " or ".join(k for k, on in (("FFN pairs", ffn), ("attention heads", heads)) if on)
+            raise UserError(f"prune.width: {type(model).__name__} has no {kinds} that can be cut exactly "
+                            "(docs/distillation.md, Width); drop prune.width")
+        score_groups(model, groups, batches, projections=projections)
     total = flops(model, batches[0])
     plan = select(groups, remove * total, multiple)
     pruned = apply_plan(copy.deepcopy(model), plan)

@@ -169,3 +169,33 @@ def test_the_pruned_teacher_is_a_genome_of_the_space(bert_dir):
                                 {"path": str(bert_dir)})
     assert why == "" and genome == {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
                                     "intermediate_size": 64}
+
+
+def test_teacher_sub_networks_of_an_encoder_are_cut_by_heads_and_ffn_neurons(bert_dir, tmp_path):
+    """search.family: teacher on a Hugging Face encoder: the channel gene cuts attention heads and FFN neurons
+    (compressor.width, the hidden size stays), as the prune stage narrows an encoder; the structural channel
+    cut cannot prune a sentence encoder (MiniLM-L6's wrapper broke it on every genome). The genome's width
+    plan rebuilds the student, and a resumed run rebuilds it from the plan and the teacher's weights."""
+    from compressor.prune import rebuild
+    from compressor.search import subnets as S
+
+    recipe = _recipe(bert_dir, search={"family": "teacher", "max_flops": 0.6, "channels": [0.0, 0.5],
+                                       "rungs": [0.5, 1], "rung_samples": 64, "final": 2})
+    recipe.pop("budgets")
+    out = run(recipe, tmp_path / "bundle", log=lambda s: None)
+    verify(out)
+    m = json.loads((out / "manifest.json").read_text())
+    rec = next(s for s in m["stages"] if s["name"] == "search")
+    assert rec["metrics"]["feasible"] >= 2
+    built = [c for c in json.loads((out / "search" / "candidates.json").read_text())["candidates"]
+             if c["genome"]["channels"] and "cost" in c and "params" in c["cost"]]
+    assert built, "no channel-cut candidate was built"
+    g = m["student"]
+    assert "channels" not in g and (g.get("width") or g["removed"])
+    student = rebuild(g)
+    student.load_state_dict(torch.load(out / "model" / "student.pt", weights_only=True))
+    teacher = hf_encoder(path=str(bert_dir))
+    x = load_data(DataSpec(**recipe["data"]), seed=0, defaults={"tokenizer_path": str(bert_dir)}).tensors("train", limit=32)[0]
+    model, plan = S.build(S.teacher_space(teacher, x, (0.0, 0.5)), teacher,
+                          {**S.teacher_space(teacher, x, (0.0, 0.5)).genomes()[0], "channels": 0.5}, [x, x])
+    assert plan and set(plan) == {"heads", "ffn"} and count_params(model) < count_params(teacher)

@@ -67,10 +67,17 @@ def teacher_space(teacher: nn.Module, example, channels=CHANNELS, ignore=()) -> 
 
 class Builder:
     """Candidates of ``space``: the teacher without a genome's units (kept per set of units), then its
-    channels cut. The channels' importance is estimated once per set of units, for every cut of it."""
+    channels cut. The channels' importance is estimated once per set of units, for every cut of it.
+
+    ``cut`` says how: ``width`` (attention heads and FFN neurons, compressor.width: the hidden size stays)
+    for a teacher with Hugging Face attention (modules with ``prune_heads``), as the prune stage narrows an
+    encoder; ``channels`` (structural pruning, compressor.structural) for every other model."""
 
     def __init__(self, space: SubnetSpace, teacher: nn.Module, batches, *, labels=None, ignore=()):
+        from ..width import find_groups
+
         self.space, self.teacher, self.batches, self.labels, self.ignore = space, teacher, batches, labels, ignore
+        self.cut = "width" if find_groups(teacher, batches[0], ffn=False) else "channels"
         self._flops: dict[tuple, int] = {}
         self._layers: dict[tuple, tuple[nn.Module, dict]] = {}
 
@@ -91,12 +98,21 @@ class Builder:
         return self._flops[key] * (1 - genome["channels"])
 
     def __call__(self, genome: dict):
-        """(candidate, channel plan or None)."""
+        """(candidate, its plan (``self.cut``'s) or None)."""
         from ..structural import prune_channels
 
         student, cache = self.layers(genome)
         if not genome["channels"]:
             return copy.deepcopy(student).eval(), None
+        if self.cut == "width":
+            from ..width import find_groups, prune_width, score_groups
+
+            if "groups" not in cache:  # two batches, two projections: enough to rank cuts (as below)
+                cache["groups"] = score_groups(student, find_groups(student, self.batches[0]), self.batches[:2],
+                                               projections=2)
+            student, plan, _ = prune_width(student, self.batches[:2], genome["channels"], groups=cache["groups"],
+                                           log=lambda s: None)
+            return student.eval(), plan
         # Two batches and two projections estimate the channels' importance well enough to rank cuts
         # (the prune stage's own cut uses more); the tolerance lets the bisection stop sooner.
         student, plan, _ = prune_channels(student, self.batches[:2], genome["channels"], by="flops",
@@ -107,7 +123,7 @@ class Builder:
 
 
 def build(space: SubnetSpace, teacher: nn.Module, genome: dict, batches, *, labels=None, ignore=()):
-    """(candidate, channel plan or None): the teacher without the genome's units, then its channels cut."""
+    """(candidate, plan or None): the teacher without the genome's units, then its channels cut (Builder)."""
     return Builder(space, teacher, batches, labels=labels, ignore=ignore)(genome)
 
 

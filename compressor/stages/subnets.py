@@ -159,14 +159,14 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     t = recipe.teacher
     found = {"family": "teacher", "genes": best.genome, "rung_score": best.score}
     ctx.genome = {"model": t.model, "config": t.kwargs, "defaults": ctx.genome.get("defaults", {}),
-                  "pruned_from": "teacher", "removed": removed, **({"channels": best.plan} if best.plan else {}),
+                  "pruned_from": "teacher", "removed": removed, **({build.cut: best.plan} if best.plan else {}),
                   "search": found}
-    if best.plan:
+    if best.plan and build.cut == "channels":  # a width plan rebuilds from the teacher's weights alone
         keep_cut(ctx, best.model)
     c = best.cost
     lat = ", ".join(f"{d} {v:.3f} ms" for d, v in c.get("latency_ms", {}).items())
     ctx.log(f"search: chose the teacher without {', '.join(removed) or 'no unit'}, {best.genome['channels']:.0%} of "
-            f"FLOPs cut by channels: {c['params']:,} params, {c['flops'] / 1e6:.1f} MFLOPs{', ' + lat if lat else ''}; "
+            f"FLOPs cut by {'heads and FFN neurons' if build.cut == 'width' else 'channels'}: {c['params']:,} params, {c['flops'] / 1e6:.1f} MFLOPs{', ' + lat if lat else ''}; "
             f"rung score {best.score:.4f}")
     rows = [t.to_dict() for t in trials]
     write_json(ctx.work / "search" / "candidates.json", {"space": space.to_dict(), "candidates": rows})
@@ -197,7 +197,7 @@ def _journal_key(ctx: Context, spec) -> str:
 
 
 def restore(ctx: Context, g: dict) -> None:
-    ctx.student = cut_teacher(ctx, g["removed"], None, g.get("channels"))
+    ctx.student = cut_teacher(ctx, g["removed"], g.get("width"), g.get("channels"))
     ctx.genome = g
 
 
