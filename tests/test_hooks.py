@@ -23,6 +23,25 @@ def test_capture_records_outputs_and_removes_its_hooks():
     assert not any(m._forward_hooks for m in t.modules())
 
 
+def test_a_negative_index_names_the_last_layers_whatever_the_depth():
+    """`layer.-1` is the last layer of a list however many a pruned or searched student kept, so one recipe's
+    pairs fit every student the search may pick."""
+    from compressor.distill.module import DistillModule
+    from compressor.prune import build_pruned
+
+    _, t = models()
+    x = torch.randn(2, 1, 16, 16)
+    with capture(t, ["stages.-1", "stages.1.-1"]) as f:
+        t(x)
+    with capture(t, ["stages.1"]) as g:
+        t(x)
+    assert torch.equal(f["stages.-1"], g["stages.1"]) and torch.equal(f["stages.1.-1"], g["stages.1"])
+    short = build_pruned(t, ["stages.1"])  # one stage left: -1 is stage 0 now
+    DistillModule(short, t, [(1.0, build_loss("feature", pairs=[["stages.-1", "stages.-1"]]))])
+    with pytest.raises(UserError, match=r"no module 'stages\.-3'"):
+        DistillModule(short, t, [(1.0, build_loss("feature", pairs=[["stages.-3", "stages.-1"]]))])
+
+
 def test_first_tensor_of_tuples_and_dicts():
     a = torch.zeros(1)
     assert first_tensor((a, None)) is a and first_tensor({"last_hidden_state": a}) is a and first_tensor(3) is None

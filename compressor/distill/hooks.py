@@ -18,14 +18,29 @@ from ..errors import UserError
 from ..intake import first_tensor  # noqa: F401  (re-exported: the tensor a hooked module produced)
 
 
+def _walk(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)``, where a negative index counts from the end of a ModuleList or Sequential
+    (``encoder.layer.-1``: the last layer, however many a pruned or searched student kept)."""
+    m = model
+    for part in path.split(".") if path else []:
+        if part.startswith("-") and part[1:].isdigit() and isinstance(m, (nn.ModuleList, nn.Sequential)):
+            if int(part) < -len(m):
+                raise AttributeError(part)
+            m = m[int(part)]
+        else:
+            m = m.get_submodule(part)
+    return m
+
+
 def resolve(model: nn.Module, path: str, role: str) -> nn.Module:
-    """The submodule at ``path``, or a UserError naming it and what exists at that level."""
+    """The submodule at ``path`` (a negative index counts from the end of a list of layers), or a UserError
+    naming it and what exists at that level."""
     try:
-        return model.get_submodule(path)
+        return _walk(model, path)
     except AttributeError:
         parent, _, _ = path.rpartition(".")
         try:
-            names = [n for n, _ in model.get_submodule(parent).named_children()]
+            names = [n for n, _ in _walk(model, parent).named_children()]
         except AttributeError:
             names = [n for n, _ in model.named_children()]
             parent = ""
