@@ -199,3 +199,19 @@ def test_teacher_sub_networks_of_an_encoder_are_cut_by_heads_and_ffn_neurons(ber
     model, plan = S.build(S.teacher_space(teacher, x, (0.0, 0.5)), teacher,
                           {**S.teacher_space(teacher, x, (0.0, 0.5)).genomes()[0], "channels": 0.5}, [x, x])
     assert plan and set(plan) == {"heads", "ffn"} and count_params(model) < count_params(teacher)
+
+
+def test_teacher_sub_networks_are_costed_at_the_budgets_length(bert_dir, text_batch):
+    """The FLOPs estimate that picks which genomes to build counts at the example's length (the profile's
+    sequence), not the calibration batch's: at MiniLM's 64 against 128 tokens, 278 genomes passed a 20%
+    budget that few of them met once built."""
+    from compressor.flops import count_flops
+    from compressor.search import subnets as S
+
+    teacher = hf_encoder(path=str(bert_dir))
+    x = text_batch[0]
+    long = at_length(take(x, 1), 2 * x["input_ids"].shape[1])
+    space = S.teacher_space(teacher, x, (0.0,))
+    build = S.Builder(space, teacher, [x], example=long)
+    own = space.genomes()[0]
+    assert build.flops_estimate(own) == count_flops(teacher, long) > count_flops(teacher, take(x, 1))

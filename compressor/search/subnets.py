@@ -73,10 +73,13 @@ class Builder:
     for a teacher with Hugging Face attention (modules with ``prune_heads``), as the prune stage narrows an
     encoder; ``channels`` (structural pruning, compressor.structural) for every other model."""
 
-    def __init__(self, space: SubnetSpace, teacher: nn.Module, batches, *, labels=None, ignore=()):
+    def __init__(self, space: SubnetSpace, teacher: nn.Module, batches, *, labels=None, ignore=(), example=None):
         from ..width import find_groups
 
         self.space, self.teacher, self.batches, self.labels, self.ignore = space, teacher, batches, labels, ignore
+        # FLOPs are counted on one sample of ``example`` (the budget's: a text model's full length, which the
+        # calibration batches, cut to their longest sentence, may not have)
+        self.example = take(example if example is not None else batches[0], 1)
         self.cut = "width" if find_groups(teacher, batches[0], ffn=False) else "channels"
         self._flops: dict[tuple, int] = {}
         self._layers: dict[tuple, tuple[nn.Module, dict]] = {}
@@ -94,7 +97,7 @@ class Builder:
         key = tuple(self.space.removed(genome))
         if key not in self._flops:
             m = self._layers[key][0] if key in self._layers else build_pruned(self.teacher, list(key)).eval()
-            self._flops[key] = count_flops(m, take(self.batches[0], 1))
+            self._flops[key] = count_flops(m, self.example)
         return self._flops[key] * (1 - genome["channels"])
 
     def __call__(self, genome: dict):

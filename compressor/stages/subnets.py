@@ -51,7 +51,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     genomes = space.genomes()
     t0 = time.time()
     journal = S.Journal(ctx.scratch / "search" / "ladder.json", _journal_key(ctx, spec))
-    build, trials = S.Builder(space, teacher, batches, labels=labels, ignore=ignore), []
+    build, trials = S.Builder(space, teacher, batches, labels=labels, ignore=ignore, example=example), []
     if max_flops is not None:
         # Rung 0, first half: FLOPs estimated before building (the cut's fraction lands within a few percent), over
         # the whole space, so the trials below are spent on genomes that can meet the budget.
