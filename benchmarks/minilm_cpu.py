@@ -249,12 +249,11 @@ def main(argv=None) -> int:
     res["held_out"] = len(labels)
 
     from compressor.hf import hf_encoder
-    from compressor.prune import build_pruned, narrowed
+    from compressor.prune import rebuild
 
     teacher = hf_encoder(**t).eval()
     x128 = at_length(data.tensors("test", limit=1)[0], SEQUENCE)
-    pruned = next(s for s in manifest["stages"] if s["name"] == "prune")["outputs"]
-    student = narrowed(build_pruned(teacher, pruned["removed"]), pruned.get("width"))
+    student = rebuild(manifest["student"])  # pruned, or searched (search.family: teacher): its shapes
     sizes = {"teacher": (count_params(teacher), count_flops(teacher, x128)),
              "student": (count_params(student), count_flops(student, x128))}
     with torch.no_grad():
