@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import random
+import re
 import warnings
 
 import torch
@@ -24,8 +25,12 @@ HELD_OUT_MODULES = ("inspect", "dataclasses", "enum", "contextlib", "heapq", "bi
                     "pickle", "copy", "tempfile", "glob", "io", "codecs", "locale", "gettext")
 
 
-def module_docstrings(name: str, min_chars: int = 40, max_chars: int = 400) -> list[str]:
-    """First paragraphs of the public docstrings of module ``name`` and its classes' members."""
+def module_docstrings(name: str, min_chars: int = 40, max_chars: int = 400, paragraphs: str = "first") -> list[str]:
+    """Paragraphs of the public docstrings of module ``name`` and its classes' members: the first of each
+    docstring (a summary sentence), or ``paragraphs="all"``: those and every further prose paragraph (parameter
+    descriptions, notes; doctest lines and paragraphs mostly of symbols left out), about four times the text."""
+    if paragraphs not in ("first", "all"):
+        raise UserError(f"data docstrings: paragraphs {paragraphs!r}: use first or all")
     try:
         mod = importlib.import_module(name)
     except ImportError:
@@ -39,18 +44,28 @@ def module_docstrings(name: str, min_chars: int = 40, max_chars: int = 400) -> l
             for f in [o, *members]:
                 d = inspect.getdoc(f) if f is not None else None
                 if d:
-                    para = " ".join(d.split("\n\n")[0].split())
-                    if min_chars <= len(para) <= max_chars:
-                        out.append(para)
+                    paras = d.split("\n\n")
+                    for i, para in enumerate(paras[:1] if paragraphs == "first" else paras):
+                        para = _HEADER.sub("", " ".join(para.split()))
+                        if min_chars <= len(para) <= max_chars and (i == 0 or _prose(para)):
+                            out.append(para)
     return list(dict.fromkeys(out))
 
 
-def labelled_docstrings(modules) -> tuple[list[str], list[int], list[str]]:
+_HEADER = re.compile(r"^\w[\w ]{0,30} -{3,} ")  # a numpy-style section header: "Parameters ---------- "
+
+
+def _prose(para: str) -> bool:
+    """Not an example session (>>>, ...) nor a table, signature or formula: mostly letters and spaces."""
+    return not para.startswith((">>>", "...", "..")) and sum(c.isalpha() or c == " " for c in para) >= 0.8 * len(para)
+
+
+def labelled_docstrings(modules, paragraphs: str = "first") -> tuple[list[str], list[int], list[str]]:
     """Sentences, the index of the module each came from, and the modules that gave any. A sentence
     found in two modules (re-exported objects) keeps the first."""
     seen, texts, labels, used = set(), [], [], []
     for name in modules:
-        got = [s for s in module_docstrings(name) if s not in seen]
+        got = [s for s in module_docstrings(name, paragraphs=paragraphs) if s not in seen]
         if not got:
             continue
         seen.update(got)
@@ -80,10 +95,13 @@ class TokenizedText(Dataset):
 def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None = None,
                train_modules: list[str] | None = None, test_modules: list[str] | None = None,
                extra_train_modules: list[str] | None = None, max_length: int = 128, max_train: int = 3000,
-               max_test: int = 400, seed: int = 0) -> dict:
+               max_test: int = 400, seed: int = 0, train_paragraphs: str = "first") -> dict:
     """Docstrings of ``train_modules`` (+ ``extra_train_modules``, e.g. installed packages such as numpy)
     for training and of ``test_modules`` (disjoint) held out, tokenised with the teacher's tokenizer
-    (filled in from a Hugging Face teacher when left out). Modules that are not installed give nothing."""
+    (filled in from a Hugging Face teacher when left out). Modules that are not installed give nothing.
+    ``train_paragraphs: all`` trains on every prose paragraph of the training modules' docstrings, not only
+    the first (more unlabelled text for distillation); held-out sentences are always first paragraphs, so
+    quality figures compare across settings."""
     from .hf import tokenizer
 
     train_modules = list(train_modules or TRAIN_MODULES) + list(extra_train_modules or [])
@@ -98,14 +116,13 @@ def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None 
         raise UserError("data docstrings needs a tokenizer: a Hugging Face teacher gives its own, or set "
                         "data.kwargs.tokenizer_path (a model directory) or tokenizer_package")
     tok = tokenizer(tokenizer_path, tokenizer_package)
-    rng = random.Random(seed)
     splits, meta = {}, {}
     for split, modules, cap in (("train", train_modules, max_train), ("test", test_modules, max_test)):
-        texts, labels, used = labelled_docstrings(modules)
-        held = set(splits["train"].texts) if split == "test" else set()
-        pairs = [(t, y) for t, y in zip(texts, labels) if t not in held]
-        rng.shuffle(pairs)
-        pairs = pairs[:cap]
+        texts, labels, used = labelled_docstrings(modules, train_paragraphs if split == "train" else "first")
+        pairs = list(zip(texts, labels))
+        random.Random(seed).shuffle(pairs)  # each split its own draw: the held-out one whatever trains
+        held = set(splits["train"].texts) if split == "test" else set()  # a re-exported docstring trains
+        pairs = [(t, y) for t, y in pairs if t not in held][:cap]
         if len(pairs) < 8:
             raise UserError(f"data docstrings: only {len(pairs)} {split} sentences from modules "
                             f"{', '.join(modules)}; name modules with more documentation")
@@ -113,5 +130,6 @@ def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None 
         meta[f"{split}_modules"] = used
     meta.update(source="docstrings of installed Python modules (train and held-out from different modules)",
                 max_length=max_length, dims={"sequence": max_length}, num_classes=len(meta["test_modules"]),
+                train_paragraphs=train_paragraphs,
                 tokenizer=tokenizer_path or tokenizer_package)
     return {**splits, "meta": meta}

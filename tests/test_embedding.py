@@ -47,6 +47,22 @@ def test_docstrings_come_from_disjoint_modules(bert_dir):
     assert used == ["json", "heapq"] and set(labels) == {0, 1} and len(texts) == len(set(texts))
 
 
+def test_every_prose_paragraph_can_train_while_held_out_text_stays_first_paragraphs(bert_dir):
+    first = _data(bert_dir, max_train=100_000)
+    every = _data(bert_dir, max_train=100_000, train_paragraphs="all")
+    train_txt = set(every.train.dataset.texts) if hasattr(every.train, "dataset") else set(every.train.texts)
+    first_txt = set(first.train.dataset.texts) if hasattr(first.train, "dataset") else set(first.train.texts)
+    assert len(train_txt) > 2 * len(first_txt)  # more unlabelled text, from the same modules
+    # the same held-out draw, less any sentence the wider training text holds (a re-exported docstring)
+    unseen = [t for t in first.test.texts if t not in train_txt]
+    assert every.test.texts[:len(unseen)] == unseen and train_txt.isdisjoint(every.test.texts)
+    assert first_txt <= train_txt  # the first paragraphs as before, and more
+    assert not any(t.startswith(">>>") or "------" in t for t in train_txt - first_txt)  # no doctests, no rules
+    assert every.meta["train_paragraphs"] == "all"
+    with pytest.raises(UserError, match="paragraphs 'some'"):
+        _data(bert_dir, train_paragraphs="some")
+
+
 def test_batches_are_trimmed_to_their_longest_sentence(bert_dir):
     data = _data(bert_dir)
     x, y = data.tensors("test", limit=8)
