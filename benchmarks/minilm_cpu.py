@@ -198,6 +198,8 @@ def markdown(res: dict) -> str:
               f"probe {100 * s['student_probe_retained']:.1f}% of the teacher's (goal 97%).", "",
               f"Bundle: {res['bundle']['stages_seconds']} s of stages; student: {_student(res['bundle']['student'])}.",
               ""]
+    if res.get("overrides"):
+        lines += ["Recipe: minilm-l6 with " + " ".join(f"`--set {o}`" for o in res["overrides"]) + ".", ""]
     if res.get("note"):
         lines += [res["note"], ""]
     return "\n".join(lines)
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    res = {"machine": machine(), "note": args.note, "rounds": args.rounds}
+    res = {"machine": machine(), "note": args.note, "rounds": args.rounds, "overrides": args.overrides}
 
     import torch
 

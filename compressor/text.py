@@ -110,6 +110,9 @@ def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None 
     if both:
         raise UserError(f"data.kwargs: {', '.join(sorted(both))} in both train_modules and test_modules; "
                         "held-out text must come from other modules")
+    if train_paragraphs not in ("first", "all"):
+        raise UserError(f"data.kwargs.train_paragraphs {train_paragraphs!r}: use first (each docstring's summary) or all "
+                        "(every prose paragraph)")
     if not 8 <= max_length <= 512:
         raise UserError(f"data.kwargs.max_length {max_length}: use 8 to 512 tokens")
     if not (tokenizer_path or tokenizer_package):

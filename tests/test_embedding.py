@@ -59,7 +59,7 @@ def test_every_prose_paragraph_can_train_while_held_out_text_stays_first_paragra
     assert first_txt <= train_txt  # the first paragraphs as before, and more
     assert not any(t.startswith(">>>") or "------" in t for t in train_txt - first_txt)  # no doctests, no rules
     assert every.meta["train_paragraphs"] == "all"
-    with pytest.raises(UserError, match="paragraphs 'some'"):
+    with pytest.raises(UserError, match="train_paragraphs 'some'"):
         _data(bert_dir, train_paragraphs="some")
 
 
