@@ -128,7 +128,7 @@ def fold_weight_quantizers(path: str | Path) -> dict:
     """
     import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     path = Path(path)
     m = onnx.load(str(path))
