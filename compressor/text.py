@@ -23,13 +23,14 @@ TRAIN_MODULES = ("os", "json", "collections", "itertools", "functools", "pathlib
                  "tarfile", "zipfile", "csv", "sqlite3", "datetime", "calendar", "string", "textwrap", "difflib")
 HELD_OUT_MODULES = ("inspect", "dataclasses", "enum", "contextlib", "heapq", "bisect", "socket", "ssl",
                     "pickle", "copy", "tempfile", "glob", "io", "codecs", "locale", "gettext")
+PARAGRAPHS = ("first", "all")  # which paragraphs of a docstring: its summary, or every prose one
 
 
 def module_docstrings(name: str, min_chars: int = 40, max_chars: int = 400, paragraphs: str = "first") -> list[str]:
     """Paragraphs of the public docstrings of module ``name`` and its classes' members: the first of each
     docstring (a summary sentence), or ``paragraphs="all"``: those and every further prose paragraph (parameter
     descriptions, notes; doctest lines and paragraphs mostly of symbols left out), about four times the text."""
-    if paragraphs not in ("first", "all"):
+    if paragraphs not in PARAGRAPHS:
         raise UserError(f"data docstrings: paragraphs {paragraphs!r}: use first or all")
     try:
         mod = importlib.import_module(name)
@@ -110,7 +111,7 @@ def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None 
     if both:
         raise UserError(f"data.kwargs: {', '.join(sorted(both))} in both train_modules and test_modules; "
                         "held-out text must come from other modules")
-    if train_paragraphs not in ("first", "all"):
+    if train_paragraphs not in PARAGRAPHS:
         raise UserError(f"data.kwargs.train_paragraphs {train_paragraphs!r}: use first (each docstring's summary) or all "
                         "(every prose paragraph)")
     if not 8 <= max_length <= 512:

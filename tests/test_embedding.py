@@ -34,12 +34,17 @@ def _data(bert_dir, **kw) -> DataSplits:
                      defaults={"tokenizer_path": str(bert_dir)})
 
 
+def _train_texts(data: DataSplits) -> set[str]:
+    """Every sentence the train split was drawn from (the validation split is carved out of it)."""
+    return set(data.train.dataset.texts) if hasattr(data.train, "dataset") else set(data.train.texts)
+
+
 def test_docstrings_come_from_disjoint_modules(bert_dir):
     data = _data(bert_dir)
     meta = data.meta
     assert set(meta["train_modules"]).isdisjoint(meta["test_modules"])
     assert meta["dims"] == {"sequence": 32} and meta["num_classes"] == len(meta["test_modules"])
-    train_txt = set(data.train.dataset.texts) if hasattr(data.train, "dataset") else set(data.train.texts)
+    train_txt = _train_texts(data)
     assert train_txt.isdisjoint(data.test.texts)
     more = _data(bert_dir, extra_train_modules=["colorsys", "not_a_module_here"])
     assert more.meta["train_modules"][-1] == "colorsys"  # a missing module gives nothing, not an error
@@ -50,8 +55,7 @@ def test_docstrings_come_from_disjoint_modules(bert_dir):
 def test_every_prose_paragraph_can_train_while_held_out_text_stays_first_paragraphs(bert_dir):
     first = _data(bert_dir, max_train=100_000)
     every = _data(bert_dir, max_train=100_000, train_paragraphs="all")
-    train_txt = set(every.train.dataset.texts) if hasattr(every.train, "dataset") else set(every.train.texts)
-    first_txt = set(first.train.dataset.texts) if hasattr(first.train, "dataset") else set(first.train.texts)
+    train_txt, first_txt = _train_texts(every), _train_texts(first)
     assert len(train_txt) > 2 * len(first_txt)  # more unlabelled text, from the same modules
     # the same held-out draw, less any sentence the wider training text holds (a re-exported docstring)
     unseen = [t for t in first.test.texts if t not in train_txt]
