@@ -63,21 +63,23 @@ class Context:
         return self.recipe.metric
 
 
-def build_student(recipe: Recipe, data: DataSplits) -> tuple[nn.Module | None, dict]:
-    """The recipe's own student and its genome; (None, {}) when search or prune makes it."""
-    if recipe.student is None:
+def build_student(recipe: Recipe, data: DataSplits, spec=None) -> tuple[nn.Module | None, dict]:
+    """The recipe's own student and its genome; (None, {}) when search or prune makes it. ``spec``: another
+    StudentSpec built the same way (search.as_fast_as, say)."""
+    spec = spec or recipe.student
+    if spec is None:
         return None, {}
     defaults = {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
                 "in_features": int(torch.Size(data.input_shape).numel())}
-    if recipe.student.model in HF_BUILDERS:  # the teacher's own class with a smaller config
+    if spec.model in HF_BUILDERS:  # the teacher's own class with a smaller config
         from .hf import inherited
 
-        own = recipe.student.config.keys() & {"path", "package"}  # a student from another directory
+        own = spec.config.keys() & {"path", "package"}  # a student from another directory
         defaults.update({k: v for k, v in inherited(recipe.teacher).items()
                          if not (own and k in ("path", "package"))
-                         and (recipe.student.model == "hf-encoder" or k in ("path", "package"))})
-    model = build_model(recipe.student.model, recipe.student.config, defaults, what="student")
-    genome = {"model": recipe.student.model, "config": recipe.student.config, "defaults": defaults}
+                         and (spec.model == "hf-encoder" or k in ("path", "package"))})
+    model = build_model(spec.model, spec.config, defaults, what="student")
+    genome = {"model": spec.model, "config": spec.config, "defaults": defaults}
     return model, genome
 
 

@@ -1,6 +1,7 @@
 """The search over the teacher's own sub-networks (search.family: teacher): the space, the candidates built
 from the teacher's weights, successive halving, and the pipeline on models it was not written for."""
 import copy
+import json
 
 import pytest
 import torch
@@ -200,6 +201,45 @@ def test_a_teacher_search_without_a_budget_is_refused(tiny_recipe, tmp_path):
     r["search"] = {"family": "teacher"}
     r["targets"] = []
     with pytest.raises(UserError, match="needs a budget"):
+        compressor.run(r, tmp_path / "b", log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_as_fast_as_a_given_student_is_the_latency_budget_measured_beside_the_candidates(deep_tiny, tmp_path):
+    """search.as_fast_as alone is a budget: the named model is timed in the candidates' round robin and its
+    latency is the budget on the target; a candidate slower than it is out, with the reason."""
+    import compressor
+    from compressor.bundle import read_manifest
+
+    r = copy.deepcopy(deep_tiny)
+    r.pop("student")
+    r["targets"] = ["local-cpu"]
+    # the teacher's own shape with one block per stage: the sub-networks that drop a unit of each stage, or cut
+    # channels, are about as fast or faster; the teacher's own genome is slower
+    r["search"] = {"family": "teacher", "channels": [0.0, 0.5], "rungs": [0.5], "rung_samples": 128, "final": 0,
+                   "as_fast_as": {"model": "resnet", "config": {"widths": [8, 16], "depths": [1, 1]}}}
+    out = compressor.run(r, tmp_path / "b", log=lambda s: None)
+    m = next(s for s in read_manifest(out)["stages"] if s["name"] == "search")["metrics"]
+    ref = m["as_fast_as_latency_ms"]
+    assert set(ref) == {"local-cpu"} and m["latency_budget_ms"] == ref  # no other budget: it is the budget
+    rows = json.loads((out / "search" / "candidates.json").read_text())["candidates"]
+    measured = [c for c in rows if "latency_ms" in c["cost"]]
+    # nothing over a FLOPs budget: every candidate built was timed (the rest are cuts the structure cannot give)
+    assert len(measured) == sum(not c["cost"].get("estimated") for c in rows) >= 4
+    for c in measured:
+        over = c["cost"]["latency_ms"]["local-cpu"] > ref["local-cpu"]
+        assert c["feasible"] is not over and (not over or c["why"].startswith("local-cpu "))
+    assert m["best"]["cost"]["latency_ms"]["local-cpu"] <= ref["local-cpu"]
+
+
+def test_as_fast_as_needs_a_target_to_measure_on(deep_tiny, tmp_path):
+    import compressor
+    from compressor.errors import UserError
+
+    r = copy.deepcopy(deep_tiny)
+    r.pop("student")
+    r["search"] = {"family": "teacher", "as_fast_as": {"model": "resnet", "config": {"widths": [4, 8]}}}
+    with pytest.raises(UserError, match="search.as_fast_as needs a target"):
         compressor.run(r, tmp_path / "b", log=lambda s: None)
 
 

@@ -304,12 +304,13 @@ class Journal:
     def __init__(self, path, key: str):
         import json
 
-        self.path, self.key, self.teacher_ms = path, key, {}
+        self.path, self.key, self.teacher_ms, self.reference_ms = path, key, {}, {}
         self.saved: dict[str, dict] = {}
         if path.is_file():
             doc = json.loads(path.read_text())
             if doc.get("key") == key:
                 self.saved, self.teacher_ms = doc["trials"], doc.get("teacher_ms", {})
+                self.reference_ms = doc.get("as_fast_as_ms", {})
 
     def restore(self, trial: Trial, model_key: str) -> bool:
         trial.key = model_key
@@ -322,7 +323,7 @@ class Journal:
     def save(self, trials: list[Trial]) -> None:
         from ..files import write_json
 
-        write_json(self.path, {"key": self.key, "teacher_ms": self.teacher_ms,
+        write_json(self.path, {"key": self.key, "teacher_ms": self.teacher_ms, "as_fast_as_ms": self.reference_ms,
                                "trials": {_genome_key(t.genome): {"model": t.key, "cost": t.cost, "rungs": t.rungs}
                                           for t in trials if t.key}})
 
@@ -356,5 +357,6 @@ def check_budget(cost: dict, *, max_flops: float | None = None, max_params: int 
 
 def no_budget_error() -> UserError:
     return UserError("search.family: teacher needs a budget to search under: search.max_latency or search.max_flops "
-                     "(fractions of the teacher's latency or FLOPs), budgets.latency_ms or budgets.size_mb")
+                     "(fractions of the teacher's latency or FLOPs), search.as_fast_as (a model to be no slower "
+                     "than), budgets.latency_ms or budgets.size_mb")
 

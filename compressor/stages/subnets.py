@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from ..bundle import StageRecord
-from ..context import Context
+from ..context import Context, build_student
 from ..errors import UserError
 from ..files import write_json
 from ..flops import count_flops
@@ -44,10 +44,13 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     t_flops = count_flops(teacher, example)
     max_flops = spec.max_flops * t_flops if spec.max_flops else None
     latency_ms = dict(b.latency_ms)
-    if max_flops is None and not latency_ms and b.size_mb is None and spec.max_latency is None:
+    if max_flops is None and not latency_ms and b.size_mb is None and spec.max_latency is None and spec.as_fast_as is None:
         raise S.no_budget_error()
-    if spec.max_latency is not None and not devices:
-        raise UserError("search.max_latency needs a target to measure on (targets: [local-cpu], say)")
+    for name in ("max_latency", "as_fast_as"):
+        if getattr(spec, name) is not None and not devices:
+            raise UserError(f"search.{name} needs a target to measure on (targets: [local-cpu], say)")
+    # search.as_fast_as: the model to be no slower than, built now (a wrong builder fails before the long part)
+    reference = build_student(recipe, data, spec.as_fast_as)[0] if spec.as_fast_as is not None else None
     genomes = space.genomes()
     t0 = time.time()
     journal = S.Journal(ctx.scratch / "search" / "ladder.json", _journal_key(ctx, spec))
@@ -102,21 +105,30 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         if not t.why and b.size_mb is not None and t.cost["size_mb"] > b.size_mb:
             t.why = f"{t.cost['size_mb']:.3f} MB > {b.size_mb}"
     left = [t for t in trials if not t.why]
-    teacher_ms = {}
+    teacher_ms, reference_ms = {}, {}
     if devices and left:
         x1 = take(example, 1)
-        if journal.teacher_ms and all("latency_ms" in t.cost for t in left):
-            teacher_ms = journal.teacher_ms  # measured before the interruption: the same numbers, the same budgets
+        if journal.teacher_ms and all("latency_ms" in t.cost for t in left) and (reference is None or journal.reference_ms):
+            # measured before the interruption: the same numbers, the same budgets
+            teacher_ms, reference_ms = journal.teacher_ms, journal.reference_ms
         else:
-            # The teacher measured beside the candidates: a budget relative to it holds on any host.
-            teacher_ms, *lats = latency_of(devices, x1, recipe.export)([teacher] + [t.model for t in left])
+            # The teacher (and search.as_fast_as's model) measured beside the candidates, in one round robin: a
+            # budget relative to them holds on any host and through a slow spell.
+            teacher_ms, *lats = latency_of(devices, x1, recipe.export)(
+                [teacher] + ([reference.eval()] if reference is not None else []) + [t.model for t in left])
+            if reference is not None:
+                reference_ms, *lats = lats
             for t, lat in zip(left, lats):
                 t.cost["latency_ms"] = lat
         if spec.max_latency is not None:
             latency_ms = {d: min(latency_ms.get(d, float("inf")), spec.max_latency * ms) for d, ms in teacher_ms.items()}
+        if reference is not None:
+            latency_ms = {d: min(latency_ms.get(d, float("inf")), ms) for d, ms in reference_ms.items()}
+            ctx.log("search: as fast as " + ", ".join(f"{d} {ms:.3f} ms (teacher {teacher_ms[d]:.3f})"
+                                                      for d, ms in reference_ms.items()))
         for t in left:
             t.why = S.check_budget(t.cost, latency_ms=latency_ms)
-    journal.teacher_ms = teacher_ms
+    journal.teacher_ms, journal.reference_ms = teacher_ms, reference_ms
     journal.save(trials)
     for t in trials:
         t.feasible = not t.why
@@ -175,6 +187,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
                        metrics={"space": space.to_dict(), "trials": len(trials), "feasible": len(feasible),
                                 "teacher_flops": t_flops, "max_flops": max_flops, "build_seconds": round(built_s, 2),
                                 "teacher_latency_ms": teacher_ms, "latency_budget_ms": latency_ms,
+                                **({"as_fast_as_latency_ms": reference_ms} if reference is not None else {}),
                                 "rungs": [{"epochs": e, "candidates": sum(len(t.rungs) > k for t in trials),
                                            "seconds": round(sum(t.rungs[k]["seconds"] for t in trials if len(t.rungs) > k), 2)}
                                           for k, e in enumerate(ladder)],
