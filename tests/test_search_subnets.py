@@ -67,6 +67,9 @@ class FakeRung:
         model, epochs = trained
         return model.quality * epochs
 
+    def evaluate(self, trained):
+        return {"score": self.score(trained), "loss": getattr(trained[0], "loss", 1.0)}
+
 
 def test_successive_halving_keeps_the_best_third_each_rung():
     trials = []
@@ -77,8 +80,19 @@ def test_successive_halving_keeps_the_best_third_each_rung():
     final = S.successive_halving(trials, FakeRung(), [1, 3, 9], eta=3, log=lambda s: None)
     assert [t.genome["i"] for t in final] == [7]  # 8 feasible -> 3 -> 1
     assert [len(t.rungs) for t in trials] == [1, 1, 1, 1, 1, 2, 2, 3, 0]
-    assert final[0].rungs[-1] == {"epochs": 9, "samples": 10, "score": pytest.approx(0.8 * 9),
+    assert final[0].rungs[-1] == {"epochs": 9, "samples": 10, "score": pytest.approx(0.8 * 9), "loss": 1.0,
                                   "seconds": final[0].rungs[-1]["seconds"]}
+
+
+def test_a_tie_of_the_score_goes_to_the_lower_held_out_loss_then_to_fewer_flops():
+    """180 validation images score in steps of 1/180: the final few often tie, and the held-out loss orders them."""
+    trials = []
+    for i, loss in enumerate([0.30, 0.10, 0.20, 0.20]):
+        m = torch.nn.Linear(1, 1)
+        m.quality, m.loss = 0.9, loss
+        trials.append(S.Trial({"i": i}, m, cost={"flops": 100 - i}))
+    final = S.successive_halving(trials, FakeRung(), [1], log=lambda s: None)
+    assert [t.genome["i"] for t in final] == [1, 3, 2, 0]  # equal loss (2, 3): the fewer FLOPs first
 
 
 class Reversed(FakeRung):
@@ -108,7 +122,7 @@ def test_the_final_few_are_distilled_again_and_the_best_of_that_is_chosen():
     assert [t.genome["i"] for t in short] == [8, 7, 6]
     final = S.successive_halving(short[:2], Reversed(), [15.0], log=lambda s: None, first=2)
     assert [t.genome["i"] for t in final] == [7, 8]  # the final distillation decides, not the short rungs
-    assert final[0].rungs[2] == {"epochs": 15.0, "samples": 40, "score": pytest.approx(0.2 * 15),
+    assert final[0].rungs[2] == {"epochs": 15.0, "samples": 40, "score": pytest.approx(0.2 * 15), "loss": 1.0,
                                  "seconds": final[0].rungs[2]["seconds"]}
     assert [len(t.rungs) for t in trials] == [1, 1, 1, 1, 1, 1, 2, 3, 3]
     Reversed.trained = 0
