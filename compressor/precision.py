@@ -3,6 +3,8 @@ CPU whose flags list AMX or AVX512-BF16 (read from the CPU, never assumed), fp32
 trainer and the teacher's training on first use both ask here."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -24,5 +26,7 @@ def resolve(want: str = "auto", accelerator: str = "cpu") -> tuple[str, str]:
 
 def autocast(precision: str, device: str = "cpu"):
     """A context for a forward pass at ``precision`` (a Lightning name): bf16 autocast for ``bf16-mixed``,
-    nothing for the rest."""
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    nothing for the rest (on any device, the meta device included)."""
+    if not precision.startswith("bf16"):
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=torch.bfloat16)

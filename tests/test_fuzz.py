@@ -1,7 +1,6 @@
 """Property-based fuzz: the recipe loader and the manifest reader never raise anything but a UserError."""
 import json
 
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

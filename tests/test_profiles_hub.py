@@ -4,7 +4,7 @@ from importlib import resources
 
 import pytest
 
-from devices import DEVICES, DeviceError, Measurement, builtin_profiles, get_device, load_profile
+from devices import DEVICES, DeviceError, Measurement, get_device, load_profile
 from devices.measurement import peak_gflops
 
 SHIPPED = sorted(p.name[:-5] for p in (resources.files("profiles") / "devices").iterdir() if p.name.endswith(".yaml"))

@@ -50,6 +50,20 @@ def test_outputs_are_computed_once_and_read_back(tmp_path):
     assert sum(calls) == 20 and len(list(tmp_path.glob("teacher-outputs-*.npy"))) == 2
 
 
+def test_outputs_under_bf16_are_what_the_trainer_would_compute_and_kept_apart(tmp_path):
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    ds = TensorDataset(torch.randn(10, 16), torch.zeros(10, dtype=torch.long))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        live = teacher(ds.tensors[0]).float()  # a bf16-mixed trainer runs the teacher so on every batch
+    fp32 = cache.teacher_outputs(teacher, ds, tmp_path, collate, log=lambda s: None)
+    logs = []
+    bf16 = cache.teacher_outputs(teacher, ds, tmp_path, collate, log=logs.append, precision="bf16-mixed")
+    assert torch.equal(bf16, live) and not torch.equal(bf16, fp32)  # bf16 rounding, not the fp32 file
+    assert "under bf16 autocast" in logs[0]
+    assert sorted(f.name.endswith("-bf16.npy") for f in tmp_path.glob("teacher-outputs-*.npy")) == [False, True]
+
+
 def _setup(tiny_recipe, **distill):
     # fp32: under bf16 autocast the teacher run per batch rounds differently from its cached fp32 outputs
     r = load_recipe({**tiny_recipe, "distill": {"epochs": 2, "lr": 0.01, "trainer": {"precision": "32-true"}, **distill}})

@@ -3,6 +3,7 @@
 When the training data gives the same sample every time it is read (no random augmentation), the teacher's
 output on sample ``i`` is the same in every epoch: it is computed once, kept on disk (a ``.npy`` file named
 by the teacher's and the data's content hashes, memory-mapped on reading) and looked up by sample index.
+The teacher runs at the trainer's precision (bf16 autocast where the trainer uses it), as it would per batch.
 The hidden features that terms read (feature, attention, MiniLM's Q/K/V) are cached the same way, one
 memory-mapped file per module, fp32 while the files stay small and fp16 beyond that; for token inputs
 they are stored at the data's full length and cut to each batch's (compressor.data trims a batch to its
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..measure import _tensor_bytes, model_key
+from ..precision import autocast
 from ..tasks import call, output
 from .hooks import capture
 
@@ -72,6 +74,15 @@ def _hash_tensor(h, v) -> None:
         h.update(_tensor_bytes(v))
 
 
+def _suffix(precision: str) -> str:
+    """What a cache file's name adds for the precision its teacher ran at: nothing for fp32."""
+    return "-bf16" if precision.startswith("bf16") else ""
+
+
+def _at(precision: str) -> str:
+    return " under bf16 autocast" if precision.startswith("bf16") else ""
+
+
 def key(teacher: torch.nn.Module, dataset: Dataset) -> str:
     """The teacher (compressor.measure.model_key: weights and architecture) and the dataset's samples,
     hashed: the cache file's name."""
@@ -83,10 +94,12 @@ def key(teacher: torch.nn.Module, dataset: Dataset) -> str:
 
 @torch.no_grad()
 def teacher_outputs(teacher: torch.nn.Module, dataset: Dataset, directory: Path, collate, batch_size: int = 256,
-                    log=print) -> torch.Tensor:
+                    log=print, precision: str = "32-true") -> torch.Tensor:
     """The teacher's output for every sample of ``dataset`` (row i: sample i), from ``directory``'s cache file
-    when one exists for this teacher and these samples, else computed and stored there."""
-    path = Path(directory) / f"teacher-outputs-{key(teacher, dataset)}.npy"
+    when one exists for this teacher, these samples and this precision, else computed and stored there.
+    ``precision`` (a Lightning name) is the trainer's: ``bf16-mixed`` runs the teacher under bf16 autocast, as
+    the trainer would run it on every batch (2.7x faster than fp32 on an AVX512-BF16 CPU)."""
+    path = Path(directory) / f"teacher-outputs-{key(teacher, dataset)}{_suffix(precision)}.npy"
     if path.is_file():
         log(f"distill: the teacher's outputs on {len(dataset)} training samples read from {path.name}")
         return torch.from_numpy(np.load(path, mmap_mode="r").copy())
@@ -96,7 +109,8 @@ def teacher_outputs(teacher: torch.nn.Module, dataset: Dataset, directory: Path,
     rows = []
     for x, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
         x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
-        rows.append(output(teacher, x).float().cpu())
+        with autocast(precision, device.type):
+            rows.append(output(teacher, x).float().cpu())
     teacher.train(was)
     out = torch.cat(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +118,7 @@ def teacher_outputs(teacher: torch.nn.Module, dataset: Dataset, directory: Path,
     with open(tmp, "wb") as f:
         np.save(f, out.numpy())
     tmp.replace(path)
-    log(f"distill: the teacher's outputs on {len(dataset)} training samples computed once and cached "
+    log(f"distill: the teacher's outputs on {len(dataset)} training samples computed once{_at(precision)} and cached "
         f"({out.numel() * 4 / 1e6:.1f} MB)")
     return out
 
@@ -137,11 +151,11 @@ def cut_features(f: torch.Tensor, axes: tuple[int, ...], n: int) -> torch.Tensor
 
 @torch.no_grad()
 def teacher_features(teacher: torch.nn.Module, dataset: Dataset, directory: Path, collate, paths,
-                     batch_size: int = 64, log=print):
+                     batch_size: int = 64, log=print, precision: str = "32-true"):
     """The teacher's hidden features at ``paths`` for every sample of ``dataset`` (row i: sample i), from
     ``directory``'s files when they exist for this teacher, these samples and these paths, else computed and
     stored there: ({path: memory-mapped array}, {path: token axes}); None when they would take more than
-    MAX_BYTES."""
+    MAX_BYTES. ``precision``: as for teacher_outputs."""
     paths = list(dict.fromkeys(paths))
     was = teacher.training
     teacher.eval()
@@ -162,7 +176,7 @@ def teacher_features(teacher: torch.nn.Module, dataset: Dataset, directory: Path
             "on every batch")
         return None
     dtype = np.float32 if total <= FP32_BYTES else np.float16
-    h = hashlib.sha256((key(teacher, dataset) + repr(paths) + np.dtype(dtype).name).encode()).hexdigest()[:24]
+    h = hashlib.sha256((key(teacher, dataset) + repr(paths) + np.dtype(dtype).name + _suffix(precision)).encode()).hexdigest()[:24]
     files = {p: Path(directory) / f"teacher-features-{h}-{k}.npy" for k, p in enumerate(paths)}
     if all(f.is_file() for f in files.values()):
         teacher.train(was)
@@ -175,7 +189,7 @@ def teacher_features(teacher: torch.nn.Module, dataset: Dataset, directory: Path
     i = 0
     for x, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
         x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
-        with capture(teacher, paths, "teacher") as feats:
+        with capture(teacher, paths, "teacher") as feats, autocast(precision, device.type):
             call(teacher, x)
         for p, f in feats.items():
             f = f.float().cpu()
@@ -191,6 +205,6 @@ def teacher_features(teacher: torch.nn.Module, dataset: Dataset, directory: Path
         out[p].flush()
         del out[p]
         tmp[p].replace(files[p])
-    log(f"distill: the teacher's features at {len(paths)} module(s) on {n} training samples computed once and cached "
+    log(f"distill: the teacher's features at {len(paths)} module(s) on {n} training samples computed once{_at(precision)} and cached "
         f"({total / (1 if dtype == np.float32 else 2) / 1e6:.1f} MB, {np.dtype(dtype).name})")
     return {p: np.load(f, mmap_mode="r") for p, f in files.items()}, axes

@@ -94,7 +94,7 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
                          deterministic=t.deterministic, callbacks=callbacks, logger=False,
                          enable_progress_bar=interactive, enable_model_summary=False,
                          default_root_dir=str(ckpt_dir.parent), num_sanity_val_steps=0, **t.extra)
-    cached = _cache_teacher(module, teacher, data, spec, ckpt_dir.parent / "teacher-cache", log)
+    cached = _cache_teacher(module, teacher, data, spec, ckpt_dir.parent / "teacher-cache", log, prec)
     if cached:
         from torch.utils.data import DataLoader
 
@@ -148,9 +148,9 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
                            "devices": t.devices}}
 
 
-def _cache_teacher(module: DistillModule, teacher, data, spec, directory: Path, log) -> bool:
-    """Give ``module`` the teacher's outputs on the training split, computed once, where that is safe; log
-    which way the teacher runs."""
+def _cache_teacher(module: DistillModule, teacher, data, spec, directory: Path, log, precision: str = "32-true") -> bool:
+    """Give ``module`` the teacher's outputs on the training split, computed once (at the trainer's
+    ``precision``, as every batch would run it), where that is safe; log which way the teacher runs."""
     from ..data import collate
     from .cache import deterministic, teacher_features, teacher_outputs
 
@@ -164,9 +164,10 @@ def _cache_teacher(module: DistillModule, teacher, data, spec, directory: Path, 
         log(f"distill: the teacher runs on every batch ({why})")
         return False
     if module.teacher_paths:
-        got = teacher_features(teacher, data.train, directory, collate, module.teacher_paths, log=log)
+        got = teacher_features(teacher, data.train, directory, collate, module.teacher_paths, log=log,
+                               precision=precision)
         if got is None:
             return False
         module.teacher_feature_cache, module.token_axes = got
-    module.teacher_cache = teacher_outputs(teacher, data.train, directory, collate, log=log)
+    module.teacher_cache = teacher_outputs(teacher, data.train, directory, collate, log=log, precision=precision)
     return True
