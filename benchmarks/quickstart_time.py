@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Wall time of the quickstart as a new user meets it: `compress run` in a fresh directory with an empty
+teacher cache, so the first run's teacher training is included. With ``--against REV`` the same runs of that
+commit (a detached git worktree) alternate with this checkout's, back to back on one machine, and the
+summary gives the ratio.
+
+    python benchmarks/quickstart_time.py [--runs 2] [--against HEAD~1] [--recipe quickstart]
+
+Writes benchmarks/results/quickstart_time.json and .md (``--name`` for another pair).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from host import machine  # noqa: E402
+
+
+def git(*args, cwd=ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def one_run(source: Path, recipe: str, label: str, commit: str) -> dict:
+    """`compress run recipe` from ``source`` (a checkout: its packages first on the path) in a new directory
+    with an empty COMPRESSOR_CACHE; the wall time, the pipeline's own seconds and the manifest's figures."""
+    with tempfile.TemporaryDirectory(prefix="quickstart-time-") as tmp:
+        tmp = Path(tmp)
+        env = {**os.environ, "COMPRESSOR_CACHE": str(tmp / "cache"),
+               "PYTHONPATH": os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "compressor.cli", "run", recipe, "--out", str(tmp / "run")],
+                           cwd=tmp, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if p.returncode:
+            raise SystemExit(f"{label} ({commit}) failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+        log = p.stdout + p.stderr
+        m = re.search(r"bundle written to .* in (\d+) s", log)
+        man = json.loads((tmp / "run" / "manifest.json").read_text())
+    quality = man.get("quality", {})
+    return {"setting": label, "commit": commit, "wall_s": round(wall, 1),
+            "pipeline_s": int(m.group(1)) if m else None,
+            "teacher_train_s": (man.get("teacher") or {}).get("train_seconds"),
+            "teacher_precision": (man.get("teacher") or {}).get("precision"),
+            "stages_s": {s["name"]: s["seconds"] for s in man["stages"] if s.get("seconds", 0) >= 0.05},
+            "teacher_accuracy": (quality.get("teacher") or {}).get("accuracy"),
+            "student_accuracy": (quality.get("student") or {}).get("accuracy"),
+            "teacher_outputs": next((s.get("metrics", {}).get("teacher_outputs") for s in man["stages"]
+                                     if s["name"] == "distill"), None)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for label in dict.fromkeys(r["setting"] for r in rows):
+        rs = [r for r in rows if r["setting"] == label]
+        out[label] = {"runs": len(rs), "commit": rs[0]["commit"],
+                      "wall_s_median": round(statistics.median(r["wall_s"] for r in rs), 1),
+                      "pipeline_s_median": statistics.median(r["pipeline_s"] for r in rs if r["pipeline_s"] is not None)
+                      if any(r["pipeline_s"] is not None for r in rs) else None}
+    if "this checkout" in out and "against" in out:
+        out["wall_ratio"] = round(out["this checkout"]["wall_s_median"] / out["against"]["wall_s_median"], 3)
+    return out
+
+
+def markdown(res: dict) -> str:
+    h, s = res["host"], res["summary"]
+    flags = ", ".join(f for f, on in h["cpu_flags"].items() if on) or "none of note"
+    lines = [f"# The quickstart from a fresh directory, teacher training included ({res['recipe']})", "",
+             f"{h['date']}, {h['cpu']}, {h['cores']} cores, CPU flags: {flags}. Each run is `compress run "
+             f"{res['recipe']}` in a new directory with an empty teacher cache (COMPRESSOR_CACHE), one after the other "
+             "in one process tree; wall time includes Python's start and imports, pipeline is the run's own "
+             "`bundle written ... in N s`.", "",
+             "| setting | commit | wall (s) | pipeline (s) | teacher training (s) | teacher precision | stages (s) | "
+             "teacher acc | student acc |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items())
+        lines.append(f"| {r['setting']} | {r['commit']} | {r['wall_s']:.1f} | {r['pipeline_s']} | {r['teacher_train_s']} | "
+                     f"{r['teacher_precision']} | {st} | {r['teacher_accuracy']:.4f} | {r['student_accuracy']:.4f} |")
+    lines.append("")
+    for label, v in s.items():
+        if isinstance(v, dict):
+            lines.append(f"- {label} ({v['commit']}): median wall {v['wall_s_median']} s, pipeline {v['pipeline_s_median']} s "
+                         f"over {v['runs']} run(s).")
+    if "wall_ratio" in s:
+        lines.append(f"- this checkout / against: {s['wall_ratio']:.2f}x the wall time.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default="quickstart")
+    ap.add_argument("--runs", type=int, default=2, help="runs of each setting, alternating")
+    ap.add_argument("--against", help="a git revision to time back to back with this checkout")
+    ap.add_argument("--name", default="quickstart_time")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    here = git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    settings = [("this checkout", ROOT, here)]
+    worktree = None
+    if args.against:
+        worktree = Path(tempfile.mkdtemp(prefix="quickstart-against-")) / "src"
+        git("worktree", "add", "--detach", str(worktree), args.against)
+        settings.append(("against", worktree, git("rev-parse", "--short", args.against)))
+    rows = []
+    try:
+        for k in range(args.runs):
+            for label, source, commit in (settings if k % 2 == 0 else settings[::-1]):
+                r = one_run(source, args.recipe, label, commit)
+                print(f"{label} {commit}: wall {r['wall_s']} s, pipeline {r['pipeline_s']} s, stages {r['stages_s']}",
+                      flush=True)
+                rows.append(r)
+    finally:
+        if worktree is not None:
+            git("worktree", "remove", "--force", str(worktree))
+    res = {"recipe": args.recipe, "host": machine(), "rows": rows, "summary": summarise(rows)}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.results / f"{args.name}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

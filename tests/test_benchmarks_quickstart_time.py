@@ -1,0 +1,33 @@
+"""benchmarks/quickstart_time.py: one fresh run of a tiny recipe from a given source tree, and its page."""
+import importlib.util
+from pathlib import Path
+
+import yaml
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("quickstart_time", ROOT / "benchmarks" / "quickstart_time.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_fresh_run_trains_its_teacher_and_is_summarised(tmp_path):
+    qt = _bench()
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, "teacher": {**TINY["teacher"], "train": {"epochs": 1, "lr": 0.02}},
+                                      "distill": {"epochs": 1, "lr": 0.01}}))
+    row = qt.one_run(ROOT, str(recipe), "this checkout", "abc1234")
+    # An empty cache each time: the teacher trained in this run, and the manifest's figures came back.
+    assert row["teacher_train_s"] is not None and row["teacher_train_s"] > 0
+    assert row["pipeline_s"] is not None and row["wall_s"] >= row["pipeline_s"]
+    assert {"analyze", "distill", "profile"} <= set(row["stages_s"]) and 0 <= row["student_accuracy"] <= 1
+    other = {**row, "setting": "against", "commit": "def5678", "wall_s": row["wall_s"] * 2}
+    res = {"recipe": "tiny", "rows": [row, other], "summary": qt.summarise([row, other]),
+           "host": {"date": "2026-01-01T00:00:00Z", "cpu": "x", "cores": 2, "cpu_flags": {"avx2": True}}}
+    assert res["summary"]["wall_ratio"] == 0.5
+    page = qt.markdown(res)
+    assert "| this checkout | abc1234 |" in page and "0.50x the wall time" in page
