@@ -4,8 +4,15 @@ student trained with cross-entropy alone, with KD + CE running the teacher on ev
 reading the teacher's outputs computed once (compressor.distill.cache).
 
     python benchmarks/distill_speed.py [--epochs 3] [--recipe quickstart]
+    python benchmarks/distill_speed.py --recipe minilm-l6 --epochs 1 --out distill_speed.minilm
 
-Writes benchmarks/results/distill_speed.json and .md.
+A recipe without labels to train on (task: embedding) has no plain CE epoch: there the baseline is the student
+alone against fixed targets (cosine to the cached teacher embeddings: the teacher does not run), beside the
+recipe's own losses with the teacher run on every batch and with its outputs and features cached, all at the
+precision the recipe resolves to on this host. A recipe whose student comes from its prune or search stage
+runs those stages first (the same student for every row).
+
+Writes benchmarks/results/distill_speed.json and .md (``--out`` for another name).
 """
 from __future__ import annotations
 
@@ -33,48 +40,74 @@ SETTINGS = (  # label, losses, cache_teacher, precision
 )
 
 
+def settings_for(recipe) -> tuple:
+    """The rows to time: the quickstart's SETTINGS for a classification recipe; for any other task the student
+    alone, then the recipe's losses with the teacher live and cached, at the precision auto resolves to."""
+    if recipe.task == "classification":
+        return SETTINGS
+    from compressor.distill.train import precision
+
+    prec = precision(recipe.distill.trainer)[0]
+    own = [l.model_dump() for l in recipe.distill.losses]
+    names = " + ".join(l["name"] for l in own)
+    return (("student alone (cosine to the cached teacher embeddings)", [{"name": "cosine", "weight": 1.0}], True, prec),
+            (f"{names}, teacher every batch", own, False, prec),
+            (f"{names}, teacher outputs and features cached", own, True, prec))
+
+
+def student_of(recipe, work: Path, log):
+    """(context, student): the recipe's student, after its search and prune stages where it has them."""
+    from compressor.context import make_context
+    from compressor.pipeline import _step
+    from compressor.stages import ORDER
+
+    ctx = make_context(recipe, work, log)
+    for stage in ORDER:
+        if stage.name == "distill":
+            break
+        _step(stage, ctx, None, False)
+    return ctx, ctx.student
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", default="quickstart")
     ap.add_argument("--epochs", type=int, default=15, help="the quickstart's own (quality is compared too)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", default="distill_speed", help="the results' file name, without .json/.md")
     args = ap.parse_args()
 
-    import torch
-
-    from compressor.context import build_student, load_inputs
     from compressor.distill.train import fit
     from compressor.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    data, teacher, _ = load_inputs(recipe)
-    torch.manual_seed(recipe.seed)
-    student, _ = build_student(recipe, data)
     rows = []
     with tempfile.TemporaryDirectory(prefix="distill-speed-") as tmp:
-        for label, losses, cached, prec in SETTINGS:
+        ctx, student = student_of(recipe, Path(tmp) / "work", log=lambda line: print(line, file=sys.stderr))
+        data, teacher = ctx.data, ctx.teacher
+        for label, losses, cached, prec in settings_for(recipe):
             trainer = recipe.distill.trainer.model_copy(update={"precision": prec})
             spec = recipe.distill.model_copy(update={"epochs": args.epochs, "cache_teacher": cached, "trainer": trainer,
                                                      "losses": [type(recipe.distill.losses[0])(**l) for l in losses]})
             s = copy.deepcopy(student)
-            out = fit(s, teacher, data, spec, recipe.data, Path(tmp) / label.replace(" ", "_") / "ckpt",
-                      seed=recipe.seed, log=lambda line: None)
-            from compressor.tasks import get_task
-
-            test = get_task(recipe.task).score(s, data, recipe.data.batch_size)
+            out = fit(s, teacher, data, spec, recipe.data, Path(tmp) / f"row{len(rows)}" / "ckpt",
+                      seed=recipe.seed, log=lambda line: None, val_metric=ctx.task.val_metric)
+            test = ctx.score(s)
+            metric = "accuracy" if "accuracy" in test else "agreement"
             rows.append({"setting": label, "precision": prec, "epochs": args.epochs, "seconds": out["train_seconds"],
-                         "test_accuracy": test["accuracy"],
+                         "test_metric": metric, f"test_{metric}": test[metric], "test": test,
                          "epoch_seconds": out["train_seconds"] / args.epochs, "teacher_outputs": out["teacher_outputs"],
-                         "best_val_acc": out["best_val_acc"]})
+                         "val_metric": ctx.task.val_metric, "best_val": out[f"best_val_{ctx.task.val_metric}"]})
             print(label, rows[-1])
     base = rows[0]["epoch_seconds"]
     for r in rows:
         r["ratio_to_plain"] = r["epoch_seconds"] / base
     res = {"benchmark": "distill_speed", "recipe": args.recipe, "machine": machine(), "rows": rows,
-           "train_samples": len(data.train), "batch_size": recipe.data.batch_size}
+           "train_samples": len(data.train), "batch_size": recipe.data.batch_size,
+           "student_params": sum(p.numel() for p in student.parameters())}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "distill_speed.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.results / "distill_speed.md").write_text(markdown(res))
+    (args.results / f"{args.out}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.results / f"{args.out}.md").write_text(markdown(res))
     print(markdown(res))
 
 
@@ -85,11 +118,13 @@ def markdown(res: dict) -> str:
              f"{', '.join(f for f, on in m['cpu_flags'].items() if on) or 'none of note'}; recipe {res['recipe']} "
              f"({res['train_samples']} training samples, batch {res['batch_size']}). The same student and data in "
              "each row, trained one after the other in one process; epoch time includes validation.", "",
-             "| setting | teacher | precision | s per epoch | vs plain CE | best val accuracy | held-out accuracy |",
+             f"| setting | teacher | precision | s per epoch | vs {res['rows'][0]['setting'].split(' (')[0]} | "
+             f"best val {res['rows'][0].get('val_metric', 'acc')} | held-out {res['rows'][0].get('test_metric', 'accuracy')} |",
              "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
+        metric = r.get("test_metric", "accuracy")
         lines.append(f"| {r['setting']} | {r['teacher_outputs']} | {r['precision']} | {r['epoch_seconds']:.2f} | "
-                     f"{r['ratio_to_plain']:.2f}x | {r['best_val_acc']:.4f} | {r['test_accuracy']:.4f} |")
+                     f"{r['ratio_to_plain']:.2f}x | {r.get('best_val', r.get('best_val_acc')):.4f} | {r[f'test_{metric}']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

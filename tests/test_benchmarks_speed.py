@@ -1,4 +1,5 @@
-"""benchmarks/quickstart_time.py: one fresh run of a tiny recipe from a given source tree, and its page."""
+"""benchmarks/quickstart_time.py and distill_speed.py: their cheap parts (a fresh run of a tiny recipe, the rows
+of an embedding recipe)."""
 import importlib.util
 from pathlib import Path
 
@@ -31,3 +32,19 @@ def test_a_fresh_run_trains_its_teacher_and_is_summarised(tmp_path):
     assert res["summary"]["wall_ratio"] == 0.5
     page = qt.markdown(res)
     assert "| this checkout | abc1234 |" in page and "0.50x the wall time" in page
+
+
+def test_distill_speed_rows_for_an_embedding_recipe():
+    """distill_speed on a recipe without labels: the student alone, then the recipe's own losses with the
+    teacher live and cached, all at one precision."""
+    spec = importlib.util.spec_from_file_location("distill_speed", ROOT / "benchmarks" / "distill_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from compressor.recipe import load_recipe
+
+    rows = mod.settings_for(load_recipe("minilm-l6"))
+    assert [cached for _, _, cached, _ in rows] == [True, False, True] and len({p for *_, p in rows}) == 1
+    assert rows[0][1] == [{"name": "cosine", "weight": 1.0}]
+    assert [l["name"] for l in rows[1][1]] == ["cosine", "minilm"] == [l["name"] for l in rows[2][1]]
+    assert rows[1][1][1]["pairs"][0][0] == "model.encoder.layer.-1.attention.self"  # the loss's own parameters kept
+    assert mod.settings_for(load_recipe("quickstart")) is mod.SETTINGS
