@@ -65,7 +65,7 @@ def student_of(recipe, work: Path, log):
     for stage in ORDER:
         if stage.name == "distill":
             break
-        _step(stage, ctx, None, False)
+        ctx.records[stage.name] = _step(stage, ctx, None, False)  # prune reads whether search ran
     return ctx, ctx.student
 
 
@@ -117,7 +117,8 @@ def markdown(res: dict) -> str:
              f"{m['date']}, {m['cpu']}, {m['cores']} cores, CPU flags: "
              f"{', '.join(f for f, on in m['cpu_flags'].items() if on) or 'none of note'}; recipe {res['recipe']} "
              f"({res['train_samples']} training samples, batch {res['batch_size']}). The same student and data in "
-             "each row, trained one after the other in one process; epoch time includes validation.", "",
+             "each row, trained one after the other in one process; epoch time includes validation, not the "
+             "teacher's one pass over the training split that fills a cache (once per run).", "",
              f"| setting | teacher | precision | s per epoch | vs {res['rows'][0]['setting'].split(' (')[0]} | "
              f"best val {res['rows'][0].get('val_metric', 'acc')} | held-out {res['rows'][0].get('test_metric', 'accuracy')} |",
              "|---|---|---|---|---|---|---|"]

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,7 @@ def one_run(source: Path, recipe: str, label: str, commit: str) -> dict:
         m = re.search(r"bundle written to .* in (\d+) s", log)
         man = json.loads((tmp / "run" / "manifest.json").read_text())
     quality = man.get("quality", {})
+    prof = next((s.get("metrics", {}) for s in man["stages"] if s["name"] == "profile"), {})
     return {"setting": label, "commit": commit, "wall_s": round(wall, 1),
             "pipeline_s": int(m.group(1)) if m else None,
             "teacher_train_s": (man.get("teacher") or {}).get("train_seconds"),
@@ -55,7 +57,9 @@ def one_run(source: Path, recipe: str, label: str, commit: str) -> dict:
             "teacher_accuracy": (quality.get("teacher") or {}).get("accuracy"),
             "student_accuracy": (quality.get("student") or {}).get("accuracy"),
             "teacher_outputs": next((s.get("metrics", {}).get("teacher_outputs") for s in man["stages"]
-                                     if s["name"] == "distill"), None)}
+                                     if s["name"] == "distill"), None),
+            "p50_ms": {d: {k.removesuffix("_p50_ms"): round(v, 3) for k, v in ms.items() if k.endswith("_p50_ms")}
+                       for d, ms in prof.items() if isinstance(ms, dict) and any(k.endswith("_p50_ms") for k in ms)}}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -80,11 +84,14 @@ def markdown(res: dict) -> str:
              "in one process tree; wall time includes Python's start and imports, pipeline is the run's own "
              "`bundle written ... in N s`.", "",
              "| setting | commit | wall (s) | pipeline (s) | teacher training (s) | teacher precision | stages (s) | "
-             "teacher acc | student acc |", "|---|---|---|---|---|---|---|---|---|"]
+             "teacher acc | student acc | p50 ms (teacher / student) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items())
+        lat = "; ".join(f"{d} " + ", ".join(f"b{b} {ms.get(f'teacher_b{b}', float('nan')):.3f} / {ms[f'student_b{b}']:.3f}"
+                                            for b in (1, 32) if f"student_b{b}" in ms)
+                        for d, ms in r.get("p50_ms", {}).items())
         lines.append(f"| {r['setting']} | {r['commit']} | {r['wall_s']:.1f} | {r['pipeline_s']} | {r['teacher_train_s']} | "
-                     f"{r['teacher_precision']} | {st} | {r['teacher_accuracy']:.4f} | {r['student_accuracy']:.4f} |")
+                     f"{r['teacher_precision']} | {st} | {r['teacher_accuracy']:.4f} | {r['student_accuracy']:.4f} | {lat} |")
     lines.append("")
     for label, v in s.items():
         if isinstance(v, dict):
@@ -107,7 +114,7 @@ def main() -> None:
     settings = [("this checkout", ROOT, here)]
     worktree = None
     if args.against:
-        worktree = Path(tempfile.mkdtemp(prefix="quickstart-against-")) / "src"
+        worktree = Path(tempfile.mkdtemp(prefix="quickstart-against-")) / "src"  # the folder goes with it below
         git("worktree", "add", "--detach", str(worktree), args.against)
         settings.append(("against", worktree, git("rev-parse", "--short", args.against)))
     rows = []
@@ -121,6 +128,7 @@ def main() -> None:
     finally:
         if worktree is not None:
             git("worktree", "remove", "--force", str(worktree))
+            shutil.rmtree(worktree.parent, ignore_errors=True)
     res = {"recipe": args.recipe, "host": machine(), "rows": rows, "summary": summarise(rows)}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")

@@ -24,9 +24,14 @@ def resolve(want: str = "auto", accelerator: str = "cpu") -> tuple[str, str]:
     return "32-true", "this CPU has neither AMX nor AVX512-BF16"
 
 
+def is_bf16(precision: str) -> bool:
+    """Whether a Lightning precision name runs bf16 (``bf16-mixed``, ``bf16-true``, ``bf16``)."""
+    return precision.startswith("bf16")
+
+
 def autocast(precision: str, device: str = "cpu"):
     """A context for a forward pass at ``precision`` (a Lightning name): bf16 autocast for ``bf16-mixed``,
-    nothing for the rest (on any device, the meta device included)."""
-    if not precision.startswith("bf16"):
+    nothing for the rest, nor on a device autocast does not support (the meta device the tests use)."""
+    if not is_bf16(precision) or not torch.amp.is_autocast_available(device):
         return contextlib.nullcontext()
     return torch.autocast(device, dtype=torch.bfloat16)

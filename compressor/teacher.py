@@ -60,9 +60,6 @@ def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, 
                      log=print, precision: str = "32-true") -> nn.Module:
     """Plain cross-entropy training (AdamW, one-cycle schedule): how a demo teacher comes to be. ``precision``
     (a Lightning name): ``bf16-mixed`` runs the forward pass under bf16 autocast."""
-    from .precision import autocast
-    from .tasks import call
-
     torch.manual_seed(seed)
     loader = data.loader("train", batch_size, shuffle=True, seed=seed)
     # Convolutions train in channels-last layout (oneDNN's own): 10% faster per batch under bf16 on an
@@ -70,6 +67,18 @@ def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, 
     nhwc = any(isinstance(m, nn.Conv2d) for m in model.modules())
     if nhwc:
         model.to(memory_format=torch.channels_last)
+    try:
+        _epochs(model, loader, spec, precision, nhwc, log)
+    finally:
+        if nhwc:
+            model.to(memory_format=torch.contiguous_format)
+    return model.eval()
+
+
+def _epochs(model: nn.Module, loader, spec, precision: str, nhwc: bool, log) -> None:
+    from .precision import autocast
+    from .tasks import call
+
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.epochs * len(loader))
     for epoch in range(spec.epochs):
@@ -87,9 +96,6 @@ def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, 
             loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
         log(f"teacher epoch {epoch + 1}/{spec.epochs}: loss {loss_sum / seen:.4f} ({time.time() - t0:.1f} s)")
-    if nhwc:
-        model.to(memory_format=torch.contiguous_format)
-    return model.eval()
 
 
 def _cache_key(recipe) -> str:

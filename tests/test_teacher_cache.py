@@ -65,7 +65,8 @@ def test_outputs_under_bf16_are_what_the_trainer_would_compute_and_kept_apart(tm
 
 
 def _setup(tiny_recipe, **distill):
-    # fp32: under bf16 autocast the teacher run per batch rounds differently from its cached fp32 outputs
+    # fp32: bf16 results depend on the batch (the cache runs 256 samples at a time, the trainer 128), so only
+    # fp32 training can be compared weight for weight
     r = load_recipe({**tiny_recipe, "distill": {"epochs": 2, "lr": 0.01, "trainer": {"precision": "32-true"}, **distill}})
     data = load_data(r.data, 0)
     torch.manual_seed(0)
@@ -164,3 +165,30 @@ def test_precision_auto_follows_the_cpu_flags(monkeypatch):
     monkeypatch.setattr(bench, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert precision(TrainerSpec(precision="auto"))[0] == "32-true"
     assert precision(TrainerSpec(precision="16-mixed")) == ("16-mixed", "set in the recipe")
+
+
+def test_the_cache_follows_a_bf16_trainer_only_on_its_own_device(tiny_recipe, tmp_path, monkeypatch):
+    """A bf16 trainer on the CPU fills the cache under bf16 autocast, as it would run the teacher per batch; a
+    trainer on another device (a GPU: the meta device stands in) leaves the CPU-side cache in fp32."""
+    import pytorch_lightning as pl
+
+    from compressor.distill import train as train_mod
+
+    r, data, teacher, student = _setup(tiny_recipe)
+    spec = r.distill.model_copy(update={"trainer": r.distill.trainer.model_copy(update={"precision": "bf16-mixed"})})
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(module, teacher, data, spec, directory, log, precision="32-true"):
+        seen.append(precision)
+        raise Stop
+
+    monkeypatch.setattr(train_mod, "_cache_teacher", spy)
+    with pytest.raises(Stop):
+        fit(copy.deepcopy(student), teacher, data, spec, r.data, tmp_path / "a" / "ckpt", log=lambda s: None)
+    monkeypatch.setattr(pl.strategies.SingleDeviceStrategy, "root_device", property(lambda self: torch.device("meta")))
+    with pytest.raises(Stop):
+        fit(copy.deepcopy(student), teacher, data, spec, r.data, tmp_path / "b" / "ckpt", log=lambda s: None)
+    assert seen == ["bf16-mixed", "32-true"]

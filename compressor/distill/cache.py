@@ -3,7 +3,8 @@
 When the training data gives the same sample every time it is read (no random augmentation), the teacher's
 output on sample ``i`` is the same in every epoch: it is computed once, kept on disk (a ``.npy`` file named
 by the teacher's and the data's content hashes, memory-mapped on reading) and looked up by sample index.
-The teacher runs at the trainer's precision (bf16 autocast where the trainer uses it), as it would per batch.
+The teacher runs under bf16 autocast where the trainer is ``bf16-mixed`` on the device that fills the cache, as
+it would per batch; in fp32 otherwise.
 The hidden features that terms read (feature, attention, MiniLM's Q/K/V) are cached the same way, one
 memory-mapped file per module, fp32 while the files stay small and fp16 beyond that; for token inputs
 they are stored at the data's full length and cut to each batch's (compressor.data trims a batch to its
@@ -19,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..measure import _tensor_bytes, model_key
-from ..precision import autocast
+from ..precision import autocast, is_bf16
 from ..tasks import call, output
 from .hooks import capture
 
@@ -76,11 +77,11 @@ def _hash_tensor(h, v) -> None:
 
 def _suffix(precision: str) -> str:
     """What a cache file's name adds for the precision its teacher ran at: nothing for fp32."""
-    return "-bf16" if precision.startswith("bf16") else ""
+    return "-bf16" if is_bf16(precision) else ""
 
 
 def _at(precision: str) -> str:
-    return " under bf16 autocast" if precision.startswith("bf16") else ""
+    return " under bf16 autocast" if is_bf16(precision) else ""
 
 
 def key(teacher: torch.nn.Module, dataset: Dataset) -> str:

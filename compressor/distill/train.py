@@ -94,7 +94,12 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
                          deterministic=t.deterministic, callbacks=callbacks, logger=False,
                          enable_progress_bar=interactive, enable_model_summary=False,
                          default_root_dir=str(ckpt_dir.parent), num_sanity_val_steps=0, **t.extra)
-    cached = _cache_teacher(module, teacher, data, spec, ckpt_dir.parent / "teacher-cache", log, prec)
+    # The cache runs where the teacher is now (the CPU, before fit moves anything): at the trainer's precision
+    # when training runs on that kind of device too, else in fp32 (a GPU's bf16 rounding cannot be had on a CPU,
+    # and a CPU without bf16 would only emulate it).
+    here = next((p.device.type for p in teacher.parameters()), "cpu")
+    cached = _cache_teacher(module, teacher, data, spec, ckpt_dir.parent / "teacher-cache", log,
+                            prec if trainer.strategy.root_device.type == here else "32-true")
     if cached:
         from torch.utils.data import DataLoader
 
