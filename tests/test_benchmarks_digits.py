@@ -94,3 +94,19 @@ def test_searched_and_pruned_rows():
     assert "| searched | student |" in md and "| pruned | student |" in md
     assert "chosen {'widths': [8, 16, 32]}" in md and "removed stages.1.1, stages.2.1" in md
     assert "from the run of 2026-11-27T23:45:54Z" in md
+
+
+def test_retime_puts_every_student_file_side_by_side(tiny_bundle):
+    """digits_cpu times the students' files again in interleaved rounds (each bundle's own profile ran at
+    another moment of load); a file no longer in its bundle (the teacher's ONNX stays in work/) keeps its
+    bundle's figure and says so."""
+    b = _bench()
+    rows = [{"setting": "full", "model": "student", "file": "model/student.onnx", "precision": "fp32", "flops": 1e6,
+             "b1_p50_ms": 99.0, "b32_p50_ms": 99.0},
+            {"setting": "full", "model": "teacher", "file": "work/teacher.onnx", "precision": "fp32", "flops": 1e7,
+             "b1_p50_ms": 5.0, "b32_p50_ms": 50.0}]
+    b.retime(rows, {"full": tiny_bundle}, rounds=2, log=lambda s: None)
+    s, t = rows
+    assert s["timing"] == "side by side" and s["b1_p50_ms_bundle"] == 99.0 and 0 < s["b1_p50_ms"] < 99.0
+    assert s["b32_gflops"] == pytest.approx(1e6 * 32 / (s["b32_p50_ms"] * 1e6))
+    assert t["timing"] == "its bundle's profile" and t["b1_p50_ms"] == 5.0 and "b1_p50_ms_bundle" not in t
