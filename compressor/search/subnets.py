@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -168,6 +169,7 @@ class Rung:
     batch_size: int = 64
     lr: float = 1e-3
     temperature: float = 4.0
+    schedule: str = "constant"  # or "cosine": the learning rate annealed to zero over the rung, as distill.schedule
 
     @classmethod
     @torch.no_grad()
@@ -178,14 +180,15 @@ class Rung:
         return cls(x, _outputs(teacher, x), val_x, val_y, task, **kw)
 
     @torch.no_grad()
-    def over(self, teacher: nn.Module, x, val_x=None, val_y=None) -> "Rung":
-        """This rung's settings, training on other inputs ``x`` (the teacher's outputs on them computed once),
-        scored on ``val_x``/``val_y`` when given (inputs ``x`` may include samples this rung scored on)."""
+    def over(self, teacher: nn.Module, x, val_x=None, val_y=None, **settings) -> "Rung":
+        """This rung's settings (``settings`` changes some: ``schedule=``), training on other inputs ``x`` (the
+        teacher's outputs on them computed once), scored on ``val_x``/``val_y`` when given (inputs ``x`` may
+        include samples this rung scored on)."""
         teacher.eval()
         held = {}
         if val_x is not None:
             held = {"val_x": val_x, "val_y": val_y if self.task == "classification" else _outputs(teacher, val_x)}
-        return replace(self, x=x, teacher_out=_outputs(teacher, x), **held)
+        return replace(self, x=x, teacher_out=_outputs(teacher, x), **held, **settings)
 
     def train(self, model: nn.Module, epochs: float, seed: int = 0) -> nn.Module:
         """A copy of ``model`` trained ``epochs`` passes over the rung's samples against the teacher's
@@ -195,6 +198,8 @@ class Rung:
         g = torch.Generator().manual_seed(seed)
         n = size(self.x)
         steps = max(1, round(epochs * n / self.batch_size))
+        if self.schedule == "cosine":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
         order = torch.cat([torch.randperm(n, generator=g) for _ in range(int(epochs) + 1)])
         for s in range(steps):
             idx = order[s * self.batch_size:(s + 1) * self.batch_size]
@@ -211,6 +216,8 @@ class Rung:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if self.schedule == "cosine":
+                sched.step()
         return model.eval()
 
     def recalibrate(self, model: nn.Module) -> nn.Module:
