@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import sys
@@ -42,7 +41,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from host import repo_path  # noqa: E402  (results hold no absolute paths)
+from host import interleaved_p50, repo_path  # noqa: E402  (results hold no absolute paths)
 
 SETTINGS = ("full", "fewlabel", "searched", "pruned", "fewlabel-kd", "fewlabel-ce")
 EPOCHS = None  # --epochs: distill epochs of the pipeline settings (None: the recipe's)
@@ -170,27 +169,19 @@ def retime(rows: list[dict], bundles: dict, rounds: int, log=print) -> None:
     spell of the shared machine hits every file alike), the best p50 of each kept as the row's b1/b32_p50_ms and
     GFLOP/s. Each bundle's own profile measured at another moment of load (the same student swung 0.10-0.19
     ms between two runs): ``b*_p50_ms_bundle`` keeps it."""
-    from devices import get_device, load_profile
-
-    dev = get_device(load_profile("local-cpu"))
-    best = {}
-    here = [i for i, r in enumerate(rows) if (bundles[r["setting"]] / r["file"]).is_file()]  # the teacher's ONNX
-    for k in range(rounds):                                                                  # stays in work/
-        for i in here:
-            r = rows[i]
-            for b in (1, 32):
-                m = dev.measure(bundles[r["setting"]] / r["file"], batch=b, warmup=20, runs=200, max_seconds=2.0,
-                                precision=r["precision"])
-                best[i, b] = min(best.get((i, b), float("inf")), m.p50_ms)
-        log(f"[retime] round {k + 1}/{rounds}")
-    for i, r in enumerate(rows):
-        r["timing"] = "side by side" if i in here else "its bundle's profile"
-        if i not in here:
-            continue
+    # The files still in their bundles: the teacher's ONNX stays in work/.
+    here = [i for i, r in enumerate(rows) if (bundles[r["setting"]] / r["file"]).is_file()]
+    timed = interleaved_p50([(bundles[rows[i]["setting"]] / rows[i]["file"], rows[i]["precision"]) for i in here],
+                            rounds, max_seconds=2.0, log=log)
+    for r in rows:
+        r["timing"] = "its bundle's profile"
+    for k, i in enumerate(here):
+        r = rows[i]
+        r["timing"] = "side by side"
         for b in (1, 32):
             r[f"b{b}_p50_ms_bundle"] = r[f"b{b}_p50_ms"]
-            r[f"b{b}_p50_ms"] = best[i, b]
-            r[f"b{b}_gflops"] = r["flops"] * b / (best[i, b] * 1e6) if r.get("flops") else None
+            r[f"b{b}_p50_ms"] = timed[k, b]
+            r[f"b{b}_gflops"] = r["flops"] * b / (timed[k, b] * 1e6) if r.get("flops") else None
 
 
 def label_only_direct(work: Path, tiny: bool, seeds=(0, 1, 2), log=print) -> dict:
@@ -292,6 +283,7 @@ def few_label_run(work: Path, tiny: bool, mode: str, seed: int, log=print) -> di
 
     from compressor.distill import build_loss
     from compressor.models import build_model, count_flops, count_params
+    from compressor.schedule import cosine
     from compressor.teacher import evaluate
 
     out = work / f"fewlabel_{mode}_{seed}.json"
@@ -307,7 +299,7 @@ def few_label_run(work: Path, tiny: bool, mode: str, seed: int, log=print) -> di
     x_all, y_all = data.tensors("train")
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     epochs = spec.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine(e, epochs))
     g = torch.Generator().manual_seed(seed)
     bs = recipe.data.batch_size
     best, best_state, t0 = -1.0, None, time.time()

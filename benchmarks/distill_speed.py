@@ -58,14 +58,10 @@ def settings_for(recipe) -> tuple:
 def student_of(recipe, work: Path, log):
     """(context, student): the recipe's student, after its search and prune stages where it has them."""
     from compressor.context import make_context
-    from compressor.pipeline import _step
-    from compressor.stages import ORDER
+    from compressor.pipeline import run_stages
 
     ctx = make_context(recipe, work, log)
-    for stage in ORDER:
-        if stage.name == "distill":
-            break
-        ctx.records[stage.name] = _step(stage, ctx, None, False)  # prune reads whether search ran
+    run_stages(ctx, until="distill")
     return ctx, ctx.student
 
 

@@ -41,3 +41,21 @@ def machine(dists=("compressor", "pytorch-lightning", "onnx"), **extra) -> dict:
             "cores": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
             **extra, "load_average": [round(v, 2) for v in os.getloadavg()], "versions": versions,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def interleaved_p50(files: list, rounds: int, max_seconds: float, batches=(1, 32), log=None) -> dict:
+    """Each of ``files`` ((path, precision) pairs) timed on local-cpu at each batch size in ``rounds`` round-robin
+    rounds, 20 warm-up and up to 200 runs each: {(index, batch): the best p50 in ms}. A slow spell of the shared
+    machine hits every file alike, where files timed in separate runs each meet their own moment of load."""
+    from devices import get_device, load_profile
+
+    dev = get_device(load_profile("local-cpu"))
+    best = {}
+    for k in range(rounds):
+        for i, (path, precision) in enumerate(files):
+            for b in batches:
+                m = dev.measure(path, batch=b, warmup=20, runs=200, max_seconds=max_seconds, precision=precision)
+                best[i, b] = min(best.get((i, b), float("inf")), m.p50_ms)
+        if log:
+            log(f"[timing] round {k + 1}/{rounds}")
+    return best

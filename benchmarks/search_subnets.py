@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from host import machine, repo_path  # noqa: E402
+from host import interleaved_p50, machine, repo_path  # noqa: E402
 
 SETTINGS = (("full", "quickstart"), ("searched", "quickstart-search"))
 VIT_TEACHER = {"model": "user_models:vit", "kwargs": {"dim": 64, "depth": 6, "heads": 4, "mlp": 128},
@@ -73,7 +73,6 @@ def main() -> None:
 
     import compressor
     import yaml
-    from devices import get_device, load_profile
 
     rows, where, recipes = [], {}, {}
     for seed in seeds:
@@ -90,16 +89,10 @@ def main() -> None:
                 compressor.run(recipe, bundle, force=True)
             where[(seed, setting)] = bundle
             rows.append(row_of(bundle, setting, seed, recipe["name"], time.time() - t0))
-    dev = get_device(load_profile("local-cpu"))
-    best = {(r["seed"], r["setting"], b): float("inf") for r in rows for b in (1, 32)}
-    for _ in range(args.rounds):  # round robin: a slow spell of the shared machine hits every file alike
-        for r in rows:
-            for b in (1, 32):
-                meas = dev.measure(where[(r["seed"], r["setting"])] / "model" / "student.onnx", batch=b, warmup=20,
-                                   runs=200, max_seconds=5.0)
-                best[(r["seed"], r["setting"], b)] = min(best[(r["seed"], r["setting"], b)], meas.p50_ms)
-    for r in rows:
-        r["b1_p50_ms"], r["b32_p50_ms"] = best[(r["seed"], r["setting"], 1)], best[(r["seed"], r["setting"], 32)]
+    best = interleaved_p50([(where[(r["seed"], r["setting"])] / "model" / "student.onnx", "fp32") for r in rows],
+                           args.rounds, max_seconds=5.0)  # round robin: a slow spell hits every file alike
+    for i, r in enumerate(rows):
+        r["b1_p50_ms"], r["b32_p50_ms"] = best[i, 1], best[i, 32]
 
     def mean(setting, key):
         vals = [r[key] for r in rows if r["setting"] == setting]

@@ -98,16 +98,24 @@ def _step(stage: Stage, ctx: Context, parent: str | None, resume: bool) -> Stage
     return rec
 
 
+def run_stages(ctx: Context, resume: bool = False, until: str | None = None) -> None:
+    """Each stage in order, run, skipped or restored, its record in ``ctx.records``; stop before the stage named
+    ``until`` (a benchmark that wants the recipe's student as search and prune leave it: until="distill")."""
+    parent = None
+    for stage in ORDER:
+        if stage.name == until:
+            break
+        rec = ctx.records[stage.name] = _step(stage, ctx, parent, resume)
+        if not rec.skipped:  # a stage that did nothing is nobody's parent
+            parent = stage.name
+
+
 def _run(recipe: Recipe, source, out: Path, work: Path, overrides, resume: bool, force: bool, log) -> Path:
     fresh = _prepare(recipe, out, work, resume, force)
     t_run = time.time()
     try:
         ctx = make_context(recipe, work, log)
-        parent = None
-        for stage in ORDER:
-            rec = ctx.records[stage.name] = _step(stage, ctx, parent, resume)
-            if not rec.skipped:  # a stage that did nothing is nobody's parent
-                parent = stage.name
+        run_stages(ctx, resume)
         bundle = finalize(ctx, out, force)
     except BaseException:
         done = list((work / "stages").glob("*.json")) if work.exists() else []

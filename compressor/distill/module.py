@@ -11,7 +11,6 @@ inputs), builds the terms' learned adapters before the optimizer is made so that
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytorch_lightning as pl
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..schedule import cosine
 from .hooks import capture, check_paths
 
 
@@ -163,5 +163,5 @@ class DistillModule(pl.LightningModule):
         if self.schedule == "constant" or not self.epochs:
             return opt
         epochs = self.epochs
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine(e, epochs))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -28,6 +27,7 @@ from torch import nn
 from ..errors import UserError
 from ..flops import count_flops
 from ..prune import build_pruned, find_units
+from ..schedule import cosine
 from ..tasks import output, rows, size, take
 
 CHANNELS = (0.0, 0.25, 0.5, 0.625, 0.75)  # fractions of FLOPs the channel pruning removes
@@ -198,8 +198,8 @@ class Rung:
         g = torch.Generator().manual_seed(seed)
         n = size(self.x)
         steps = max(1, round(epochs * n / self.batch_size))
-        if self.schedule == "cosine":
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: cosine(s, steps)) if self.schedule == "cosine"
+                                                  else (lambda s: 1.0))
         order = torch.cat([torch.randperm(n, generator=g) for _ in range(int(epochs) + 1)])
         for s in range(steps):
             idx = order[s * self.batch_size:(s + 1) * self.batch_size]
@@ -216,8 +216,7 @@ class Rung:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if self.schedule == "cosine":
-                sched.step()
+            sched.step()
         return model.eval()
 
     def recalibrate(self, model: nn.Module) -> nn.Module:
