@@ -5,6 +5,7 @@ p50 at batch 1 and 32.
 
     python benchmarks/search_subnets.py [--out runs/bench-search] [--rounds 5] [--reuse]
     python benchmarks/search_subnets.py --model vit
+    python benchmarks/search_subnets.py --model vit --set search.final=5 --tag .final5 --reuse-full runs/bench-search-vit
 
 quickstart: `compress run quickstart` (the hand-picked ResNet 16-32-64) against `compress run quickstart-search`
 (the teacher's sub-networks under the budgets that recipe states). Writes benchmarks/results/search_subnets.json.
@@ -64,6 +65,11 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse bundles already under --out")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--model", choices=("quickstart", "vit"), default="quickstart")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="a recipe override for the searched setting, as compress run --set (an ablation)")
+    ap.add_argument("--tag", default="", help="suffix of the results' names (search_subnets<.model><tag>.json)")
+    ap.add_argument("--reuse-full", type=Path, help="copy the hand-picked (full) bundles from this --out of an "
+                    "earlier run, so an ablation of the search reruns the searched setting alone")
     args = ap.parse_args()
     if args.model == "vit":
         sys.path.insert(0, str(ROOT / "tests"))  # user_models
@@ -85,8 +91,12 @@ def main() -> None:
             recipe["seed"] = seed
             recipes[(seed, setting)] = recipe
             t0 = time.time()
-            if not (args.reuse and (bundle / "manifest.json").is_file()):
-                compressor.run(recipe, bundle, force=True)
+            if setting == "full" and args.reuse_full is not None and not (bundle / "manifest.json").is_file():
+                import shutil
+
+                shutil.copytree(args.reuse_full / f"seed{seed}" / setting, bundle)
+            if not ((args.reuse or setting == "full" and args.reuse_full) and (bundle / "manifest.json").is_file()):
+                compressor.run(recipe, bundle, force=True, overrides=args.overrides if setting == "searched" else ())
             where[(seed, setting)] = bundle
             rows.append(row_of(bundle, setting, seed, recipe["name"], time.time() - t0))
     best = interleaved_p50([(where[(r["seed"], r["setting"])] / "model" / "student.onnx", "fp32") for r in rows],
@@ -110,7 +120,9 @@ def main() -> None:
                        "b1_ratio_searched_over_full": b1["searched"] / b1["full"], "per_seed": per_seed,
                        "dominates": acc["searched"] >= acc["full"] and b1["searched"] <= b1["full"]}}
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = "search_subnets" + ("" if args.model == "quickstart" else f".{args.model}")
+    if args.overrides:
+        res["searched_overrides"] = args.overrides
+    stem = "search_subnets" + ("" if args.model == "quickstart" else f".{args.model}") + args.tag
     (args.results / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     (args.results / f"{stem}.md").write_text(markdown(res))
     print(markdown(res))
@@ -167,6 +179,8 @@ def markdown(res: dict) -> str:
               f"{s['b1_ratio_searched_over_full']:.2f}; on average the searched student "
               f"{'dominates' if s['dominates'] else 'does not dominate'} (at least as accurate and no slower), "
               f"and it does so in {won} of {n} seeds.", ""]
+    if res.get("searched_overrides"):
+        lines += [f"The searched setting ran with `{'` `'.join(res['searched_overrides'])}` (an ablation).", ""]
     return "\n".join(lines)
 
 
