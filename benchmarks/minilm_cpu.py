@@ -315,8 +315,10 @@ def main(argv=None) -> int:
                      "student": manifest["student"], "quality": manifest["quality"]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
+    # --out names a stem: minilm_cpu.search gives minilm_cpu.search.json (with_suffix would replace ".search")
+    out = out.with_name(out.name.removesuffix(".json").removesuffix(".md"))
+    out.with_name(out.name + ".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    out.with_name(out.name + ".md").write_text(markdown(res))
     print(markdown(res))
     return 0
 
