@@ -36,6 +36,21 @@ def test_a_fresh_run_trains_its_teacher_and_is_summarised(tmp_path):
     assert "| this checkout | abc1234 |" in page and "0.50x the wall time" in page
 
 
+def test_a_run_past_the_timeout_is_a_lower_bound(tmp_path):
+    """--timeout: the run is stopped and recorded as such; the ratio against it is an upper bound."""
+    qt = _bench()
+    stopped = qt.one_run(ROOT, "quickstart", "against", "def5678", timeout=0.5)
+    assert stopped["stopped"] and stopped["pipeline_s"] is None and stopped["wall_s"] >= 0.5
+    stopped["wall_s"] = 1000.0
+    done = {"setting": "this checkout", "commit": "abc1234", "wall_s": 250.0, "pipeline_s": 240, "teacher_train_s": None,
+            "stages_s": {"distill": 200.0}, "quality": {"agreement": 0.85}, "p50_ms": {}}
+    s = qt.summarise([done, stopped])
+    assert s["wall_ratio"] == 0.25 and s["wall_ratio_bound"] == "at most" and s["against"]["stopped"] == 1
+    page = qt.markdown({"recipe": "minilm-l6", "rows": [done, stopped], "summary": s,
+                        "host": {"date": "2026-01-01T00:00:00Z", "cpu": "x", "cores": 2, "cpu_flags": {"avx2": True}}})
+    assert "> 1000.0 (stopped)" in page and "at most 0.25x the wall time" in page and "agreement 0.8500" in page
+
+
 def test_distill_speed_rows_for_an_embedding_recipe():
     """distill_speed on a recipe without labels: the student alone, then the recipe's own losses with the
     teacher live and cached, all at one precision."""
