@@ -91,11 +91,12 @@ def main() -> None:
             recipe["seed"] = seed
             recipes[(seed, setting)] = recipe
             t0 = time.time()
-            if setting == "full" and args.reuse_full is not None and not (bundle / "manifest.json").is_file():
+            copied = setting == "full" and args.reuse_full is not None  # an ablation: the hand pick's bundle reused
+            if copied and not (bundle / "manifest.json").is_file():
                 import shutil
 
                 shutil.copytree(args.reuse_full / f"seed{seed}" / setting, bundle)
-            if not ((args.reuse or setting == "full" and args.reuse_full) and (bundle / "manifest.json").is_file()):
+            if not ((args.reuse or copied) and (bundle / "manifest.json").is_file()):
                 compressor.run(recipe, bundle, force=True, overrides=args.overrides if setting == "searched" else ())
             where[(seed, setting)] = bundle
             rows.append(row_of(bundle, setting, seed, recipe["name"], time.time() - t0))

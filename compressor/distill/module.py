@@ -11,7 +11,6 @@ inputs), builds the terms' learned adapters before the optimizer is made so that
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytorch_lightning as pl
 import torch
