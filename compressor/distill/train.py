@@ -100,17 +100,21 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
     here = next((p.device.type for p in teacher.parameters()), "cpu")
     cached = _cache_teacher(module, teacher, data, spec, ckpt_dir.parent / "teacher-cache", log,
                             prec if trainer.strategy.root_device.type == here else "32-true")
+    # Batches of similar-length sentences where the inputs are tokens (data.group_by_length); one process only:
+    # under DDP Lightning swaps in its own distributed sampler.
+    by_length = data_spec.group_by_length is not False and trainer.world_size == 1
     if cached:
-        from torch.utils.data import DataLoader
-
         from .cache import Indexed, collate_indexed
 
-        g = torch.Generator().manual_seed(seed)
-        train = DataLoader(Indexed(data.train), batch_size=data_spec.batch_size, shuffle=True,
-                           num_workers=data_spec.workers, generator=g, persistent_workers=data_spec.workers > 0,
-                           collate_fn=collate_indexed)
+        train = data.loader("train", data_spec.batch_size, shuffle=True, workers=data_spec.workers, seed=seed,
+                            by_length=by_length, dataset=Indexed(data.train), collate_fn=collate_indexed)
     else:
-        train = data.loader("train", data_spec.batch_size, shuffle=True, workers=data_spec.workers, seed=seed)
+        train = data.loader("train", data_spec.batch_size, shuffle=True, workers=data_spec.workers, seed=seed,
+                            by_length=by_length)
+    from ..data import LengthGrouped
+
+    if isinstance(train.batch_sampler, LengthGrouped):
+        log("distill: batches of sentences of similar length (data.group_by_length)")
     val = data.loader("val", data_spec.batch_size, workers=data_spec.workers)
     last = ckpt_dir / "last.ckpt"
     if last.is_file():

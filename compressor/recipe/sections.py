@@ -36,6 +36,9 @@ class DataSpec(_Section):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     workers: int = Field(0, ge=0)
+    group_by_length: bool | Literal["auto"] = Field(
+        "auto", description="training batches of token inputs drawn among sentences of similar length, so each "
+        "batch trimmed to its longest pays for little padding; auto: on where the samples carry an attention mask")
 
 
 class StudentSpec(_Section):

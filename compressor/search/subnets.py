@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import LengthGrouped, trim
 from ..errors import UserError
 from ..flops import count_flops
 from ..prune import build_pruned, find_units
-from ..schedule import cosine
+from ..schedule import adamw, cosine
 from ..tasks import output, rows, size, take
 
 CHANNELS = (0.0, 0.25, 0.5, 0.625, 0.75)  # fractions of FLOPs the channel pruning removes
@@ -170,6 +171,7 @@ class Rung:
     lr: float = 1e-3
     temperature: float = 4.0
     schedule: str = "constant"  # or "cosine": the learning rate annealed to zero over the rung, as distill.schedule
+    by_length: bool = True  # token inputs: batches of similar-length sentences (data.group_by_length)
 
     @classmethod
     @torch.no_grad()
@@ -194,18 +196,18 @@ class Rung:
         """A copy of ``model`` trained ``epochs`` passes over the rung's samples against the teacher's
         outputs (KD with temperature for classification, cosine for embeddings)."""
         model = copy.deepcopy(model).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr)
+        opt = adamw(model.parameters(), lr=self.lr, weight_decay=0.01)
         g = torch.Generator().manual_seed(seed)
         n = size(self.x)
         steps = max(1, round(epochs * n / self.batch_size))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: cosine(s, steps)) if self.schedule == "cosine"
                                                   else (lambda s: 1.0))
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(int(epochs) + 1)])
+        batches = self._batches(n, int(epochs) + 1, g)
         for s in range(steps):
-            idx = order[s * self.batch_size:(s + 1) * self.batch_size]
+            idx = batches[s]
             if len(idx) < 2:
                 idx = torch.randperm(n, generator=g)[:self.batch_size]
-            xb = {k: v[idx] for k, v in self.x.items()} if isinstance(self.x, dict) else self.x[idx]
+            xb = trim({k: v[idx] for k, v in self.x.items()} if isinstance(self.x, dict) else self.x[idx])
             y, t = output(model, xb), self.teacher_out[idx]
             if self.task == "classification":
                 T = self.temperature
@@ -218,6 +220,17 @@ class Rung:
             opt.step()
             sched.step()
         return model.eval()
+
+    def _batches(self, n: int, epochs: int, g: torch.Generator) -> list[torch.Tensor]:
+        """Sample indices of each training step, epoch after epoch: shuffled, or for token inputs (``by_length``)
+        in batches of similar length (compressor.data.LengthGrouped), each then trimmed to its longest."""
+        lengths = self.x["attention_mask"].sum(1) if self.by_length and isinstance(self.x, dict) and \
+            "attention_mask" in self.x else None
+        if lengths is not None:
+            grouped = LengthGrouped(lengths, self.batch_size, generator=g)
+            return [torch.as_tensor(b) for _ in range(epochs) for b in grouped]
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(epochs)])
+        return list(order.split(self.batch_size))
 
     def recalibrate(self, model: nn.Module) -> nn.Module:
         """Batch-norm statistics re-estimated on the rung's samples (as OFA does for each sub-network): a few
@@ -239,7 +252,7 @@ class Rung:
         distance to the teacher (embedding). The loss breaks ties of the score: 180 validation images score in
         steps of 0.0056, and candidates of the final few often tie."""
         self.recalibrate(model)
-        y = torch.cat([output(model, rows(self.val_x, i, i + 256)) for i in range(0, size(self.val_x), 256)])
+        y = _outputs(model, self.val_x)
         if self.task == "classification":
             return {"score": float((y.argmax(-1) == self.val_y).float().mean()),
                     "loss": float(F.cross_entropy(y.float(), self.val_y))}
@@ -249,7 +262,7 @@ class Rung:
 
 def _outputs(model: nn.Module, x) -> torch.Tensor:
     """``model``'s outputs on ``x``, 256 samples at a time."""
-    return torch.cat([output(model, rows(x, i, i + 256)) for i in range(0, size(x), 256)])
+    return torch.cat([output(model, trim(rows(x, i, i + 256))) for i in range(0, size(x), 256)])
 
 
 # ------------------------------------------------------------------------------ the ladder
