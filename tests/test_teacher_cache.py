@@ -100,9 +100,9 @@ def test_hidden_features_are_cached_and_train_the_same_student(tiny_recipe, tmp_
     a, b = copy.deepcopy(student), copy.deepcopy(student)
     out = fit(a, teacher, data, r.distill, r.data, tmp_path / "a" / "ckpt", log=logs.append)
     assert out["teacher_outputs"] == "cached"
-    assert any("features at 1 module(s) on" in line and "float32" in line for line in logs)
+    assert any("features at 1 module(s) and outputs on" in line and "float32" in line for line in logs)
     train_calls = sum(calls) - len(data.val) * r.distill.epochs  # validation still runs the teacher
-    assert train_calls <= 2 * len(data.train) + 4  # once for the features, once for the outputs, and the probes
+    assert train_calls <= len(data.train) + 4  # one pass for the features and the outputs, and the probes
     fit(b, teacher, data, r.distill.model_copy(update={"cache_teacher": False}), r.data, tmp_path / "b" / "ckpt",
         log=logs.append)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
@@ -152,6 +152,16 @@ def test_token_features_are_stored_at_full_length_and_cut_to_each_batch(tmp_path
     for p in ("proj", "rel"):
         got = cache.cut_features(torch.from_numpy(feats[p][rows]), axes[p], x["attention_mask"].shape[1])
         assert torch.allclose(got, live[p], atol=1e-6), p
+    # The cache is filled longest first (batches of like length); each row is still its own sample's.
+    assert [i.tolist() for i, _ in cache.in_length_order(Data(), 2, collate)] == [[1, 5], [3, 4], [0, 2]]
+    outs = cache.teacher_outputs(model, Data(), tmp_path, collate, batch_size=2, log=lambda s: None)
+    for i in range(n):
+        x, _ = collate([Data()[i]])
+        with capture(model, ["proj"]) as live, torch.no_grad():
+            y = model(**x)
+        assert torch.allclose(outs[i], y[0], atol=1e-5)
+        got = cache.cut_features(torch.from_numpy(feats["proj"][[i]]), axes["proj"], x["attention_mask"].shape[1])
+        assert torch.allclose(got, live["proj"], atol=1e-6)
 
 
 def test_precision_auto_follows_the_cpu_flags(monkeypatch):
@@ -192,3 +202,4 @@ def test_the_cache_follows_a_bf16_trainer_only_on_its_own_device(tiny_recipe, tm
     with pytest.raises(Stop):
         fit(copy.deepcopy(student), teacher, data, spec, r.data, tmp_path / "b" / "ckpt", log=lambda s: None)
     assert seen == ["bf16-mixed", "32-true"]
+

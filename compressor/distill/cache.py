@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..measure import _tensor_bytes, model_key
 from ..precision import autocast, is_bf16
+from ..intake import first_tensor
 from ..tasks import call, output
 from .hooks import capture
 
@@ -84,6 +85,19 @@ def _at(precision: str) -> str:
     return " under bf16 autocast" if is_bf16(precision) else ""
 
 
+def in_length_order(dataset: Dataset, batch_size: int, collate):
+    """(sample indices, batch) over all of ``dataset``: token inputs longest first, so each batch, trimmed to
+    its longest sentence, carries little padding (a quarter of the tokens of batches in sample order at 64
+    tokens on the MiniLM recipe); other inputs in sample order."""
+    from ..data import token_lengths
+
+    lengths = token_lengths(dataset)
+    order = torch.arange(len(dataset)) if lengths is None else torch.argsort(lengths, descending=True, stable=True)
+    for idx in order.split(batch_size):
+        x, _ = collate([dataset[i] for i in idx.tolist()])
+        yield idx, x
+
+
 def key(teacher: torch.nn.Module, dataset: Dataset) -> str:
     """The teacher (compressor.measure.model_key: weights and architecture) and the dataset's samples,
     hashed: the cache file's name."""
@@ -100,28 +114,39 @@ def teacher_outputs(teacher: torch.nn.Module, dataset: Dataset, directory: Path,
     when one exists for this teacher, these samples and this precision, else computed and stored there.
     ``precision`` (a Lightning name) is the trainer's: ``bf16-mixed`` runs the teacher under bf16 autocast, as
     the trainer would run it on every batch (2.7x faster than fp32 on an AVX512-BF16 CPU)."""
-    path = Path(directory) / f"teacher-outputs-{key(teacher, dataset)}{_suffix(precision)}.npy"
+    path = _outputs_file(directory, key(teacher, dataset), precision)
     if path.is_file():
         log(f"distill: the teacher's outputs on {len(dataset)} training samples read from {path.name}")
         return torch.from_numpy(np.load(path, mmap_mode="r").copy())
     was = teacher.training
     teacher.eval()
     device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
-    rows = []
-    for x, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+    out = None
+    for idx, x in in_length_order(dataset, batch_size, collate):
         x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
         with autocast(precision, device.type):
-            rows.append(output(teacher, x).float().cpu())
+            y = output(teacher, x).float().cpu()
+        if out is None:
+            out = torch.empty(len(dataset), *y.shape[1:])
+        out[idx] = y
     teacher.train(was)
-    out = torch.cat(rows)
+    _save(path, out)
+    log(f"distill: the teacher's outputs on {len(dataset)} training samples computed once{_at(precision)} and cached "
+        f"({out.numel() * 4 / 1e6:.1f} MB)")
+    return out
+
+
+def _outputs_file(directory, k: str, precision: str) -> Path:
+    return Path(directory) / f"teacher-outputs-{k}{_suffix(precision)}.npy"
+
+
+def _save(path: Path, out: torch.Tensor) -> None:
+    """``out`` to ``path`` as .npy, whole or not at all (a run killed mid-write leaves no half file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, out.numpy())
     tmp.replace(path)
-    log(f"distill: the teacher's outputs on {len(dataset)} training samples computed once{_at(precision)} and cached "
-        f"({out.numel() * 4 / 1e6:.1f} MB)")
-    return out
 
 
 def _cut(x, n: int):
@@ -177,7 +202,8 @@ def teacher_features(teacher: torch.nn.Module, dataset: Dataset, directory: Path
             "on every batch")
         return None
     dtype = np.float32 if total <= FP32_BYTES else np.float16
-    h = hashlib.sha256((key(teacher, dataset) + repr(paths) + np.dtype(dtype).name + _suffix(precision)).encode()).hexdigest()[:24]
+    samples_key = key(teacher, dataset)
+    h = hashlib.sha256((samples_key + repr(paths) + np.dtype(dtype).name + _suffix(precision)).encode()).hexdigest()[:24]
     files = {p: Path(directory) / f"teacher-features-{h}-{k}.npy" for k, p in enumerate(paths)}
     if all(f.is_file() for f in files.values()):
         teacher.train(was)
@@ -187,18 +213,25 @@ def teacher_features(teacher: torch.nn.Module, dataset: Dataset, directory: Path
     tmp = {p: f.with_name(f".{f.name}.tmp") for p, f in files.items()}
     out = {p: np.lib.format.open_memmap(tmp[p], mode="w+", dtype=dtype, shape=(n, *shapes[p])) for p in paths}
     device = next((q.device for q in teacher.parameters()), torch.device("cpu"))
-    i = 0
-    for x, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+    # The same pass fills the outputs' file (teacher_outputs then reads it instead of running the teacher again).
+    outputs_file, outputs = _outputs_file(directory, samples_key, precision), None
+    for idx, x in in_length_order(dataset, batch_size, collate):
         x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
         with capture(teacher, paths, "teacher") as feats, autocast(precision, device.type):
-            call(teacher, x)
+            y = first_tensor(call(teacher, x))
+        if y is not None and not outputs_file.is_file():
+            if outputs is None:
+                outputs = torch.empty(n, *y.shape[1:])
+            outputs[idx] = y.float().cpu()
         for p, f in feats.items():
             f = f.float().cpu()
             for a in axes[p]:  # a batch trimmed to its longest sentence: zeros up to the full length
                 pad = [0, 0] * (f.dim() - 1 - a) + [0, length - f.shape[a]]
                 f = torch.nn.functional.pad(f, pad)
-            out[p][i:i + len(f)] = f.numpy().astype(dtype)
-        i += len(next(iter(feats.values())))
+            if len(idx) and bool((idx[1:] - idx[:-1] == 1).all()):  # a run of samples: one slice
+                out[p][int(idx[0]):int(idx[-1]) + 1] = f.numpy().astype(dtype)
+            else:
+                out[p][idx.numpy()] = f.numpy().astype(dtype)
     teacher.train(was)
     for p in paths:
         if dtype == np.float16 and not np.isfinite(out[p]).all():
@@ -206,6 +239,8 @@ def teacher_features(teacher: torch.nn.Module, dataset: Dataset, directory: Path
         out[p].flush()
         del out[p]
         tmp[p].replace(files[p])
-    log(f"distill: the teacher's features at {len(paths)} module(s) on {n} training samples computed once{_at(precision)} and cached "
-        f"({total / (1 if dtype == np.float32 else 2) / 1e6:.1f} MB, {np.dtype(dtype).name})")
+    if outputs is not None:
+        _save(outputs_file, outputs)
+    log(f"distill: the teacher's features at {len(paths)} module(s){' and outputs' if outputs is not None else ''} on {n} "
+        f"training samples computed once{_at(precision)} and cached ({total / (1 if dtype == np.float32 else 2) / 1e6:.1f} MB, {np.dtype(dtype).name})")
     return {p: np.load(f, mmap_mode="r") for p, f in files.items()}, axes
