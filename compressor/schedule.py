@@ -1,10 +1,23 @@
-"""The learning-rate schedules a distillation anneals by, shared by the distill stage's trainer and the search's
-rungs (the final few must train as the student will)."""
+"""How a training loop steps, shared by the distill stage's trainer, the search's rungs (the final few must train
+as the student will) and the teacher's first training: the learning-rate schedule and the optimizer."""
 from __future__ import annotations
 
 import math
+
+import torch
 
 
 def cosine(t: float, total: float) -> float:
     """The cosine factor on the base rate at step or epoch ``t`` of ``total``: 1 at the start, 0 at the end."""
     return 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+
+
+def adamw(params, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over every parameter) where the parameters' device has one, else
+    torch's default. The same update, rounding aside; on a CPU the per-tensor loop costs far more: 55 ms against
+    9 ms a step for a MiniLM student, whose 11.7M-weight token embedding dominates, a third of each step."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -16,6 +16,7 @@ from .data import DataSplits
 from .errors import UserError
 from .models import build_model
 from .precision import resolve
+from .schedule import adamw
 
 
 def cache_dir() -> Path:
@@ -79,7 +80,7 @@ def _epochs(model: nn.Module, loader, spec, precision: str, nhwc: bool, log) -> 
     from .precision import autocast
     from .tasks import call
 
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    opt = adamw(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.epochs * len(loader))
     for epoch in range(spec.epochs):
         model.train()

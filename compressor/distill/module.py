@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schedule import cosine
+from ..schedule import adamw, cosine
 from .hooks import capture, check_paths
 
 
@@ -158,7 +158,7 @@ class DistillModule(pl.LightningModule):
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay, nesterov=True)
         else:
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            opt = adamw(params, lr=self.lr, weight_decay=self.weight_decay)
         if self.schedule == "constant" or not self.epochs:
             return opt
         epochs = self.epochs
