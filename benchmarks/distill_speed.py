@@ -9,7 +9,8 @@ reading the teacher's outputs computed once (compressor.distill.cache).
 A recipe without labels to train on (task: embedding) has no plain CE epoch: there the baseline is the student
 alone against fixed targets (cosine to the cached teacher embeddings: the teacher does not run), beside the
 recipe's own losses with the teacher run on every batch and with its outputs and features cached, all at the
-precision the recipe resolves to on this host. A recipe whose student comes from its prune or search stage
+precision the recipe resolves to on this host, and the cached row again with batches of random sentences instead
+of sentences of similar length (data.group_by_length). A recipe whose student comes from its prune or search stage
 runs those stages first (the same student for every row).
 
 Writes benchmarks/results/distill_speed.json and .md (``--out`` for another name).
@@ -30,7 +31,7 @@ from host import machine  # noqa: E402
 KD_CE = [{"name": "kd", "weight": 0.7, "temperature": 4.0}, {"name": "ce", "weight": 0.3}]
 # The quickstart-prune recipe's kind of term: the last stage's features, normalised (LAPTOP-Diff).
 FEAT = KD_CE + [{"name": "feature_norm", "weight": 1.0, "pairs": [["stages.2", "stages.2"]]}]
-SETTINGS = (  # label, losses, cache_teacher, precision
+SETTINGS = (  # label, losses, cache_teacher, precision[, data section overrides]
     ("plain CE (no teacher)", [{"name": "ce", "weight": 1.0}], True, "32-true"),
     ("KD + CE, teacher every batch", KD_CE, False, "32-true"),
     ("KD + CE, teacher outputs cached", KD_CE, True, "32-true"),
@@ -50,9 +51,13 @@ def settings_for(recipe) -> tuple:
     prec = precision(recipe.distill.trainer)[0]
     own = [l.model_dump() for l in recipe.distill.losses]
     names = " + ".join(l["name"] for l in own)
-    return (("student alone (cosine to the cached teacher embeddings)", [{"name": "cosine", "weight": 1.0}], True, prec),
+    rows = (("student alone (cosine to the cached teacher embeddings)", [{"name": "cosine", "weight": 1.0}], True, prec),
             (f"{names}, teacher every batch", own, False, prec),
             (f"{names}, teacher outputs and features cached", own, True, prec))
+    if recipe.data.group_by_length is not False:  # token inputs: the same with shuffled batches of any lengths
+        rows += ((f"{names}, teacher outputs and features cached, batches of random lengths (group_by_length: false)",
+                  own, True, prec, {"group_by_length": False}),)
+    return rows
 
 
 def student_of(recipe, work: Path, log):
@@ -81,19 +86,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="distill-speed-") as tmp:
         ctx, student = student_of(recipe, Path(tmp) / "work", log=lambda line: print(line, file=sys.stderr))
         data, teacher = ctx.data, ctx.teacher
-        for label, losses, cached, prec in settings_for(recipe):
+        for label, losses, cached, prec, *data_set in settings_for(recipe):
+            data_spec = recipe.data.model_copy(update=data_set[0] if data_set else {})
             trainer = recipe.distill.trainer.model_copy(update={"precision": prec})
             spec = recipe.distill.model_copy(update={"epochs": args.epochs, "cache_teacher": cached, "trainer": trainer,
                                                      "losses": [type(recipe.distill.losses[0])(**l) for l in losses]})
             s = copy.deepcopy(student)
-            out = fit(s, teacher, data, spec, recipe.data, Path(tmp) / f"row{len(rows)}" / "ckpt",
+            out = fit(s, teacher, data, spec, data_spec, Path(tmp) / f"row{len(rows)}" / "ckpt",
                       seed=recipe.seed, log=lambda line: None, val_metric=ctx.task.val_metric)
             test = ctx.score(s)
             metric = "accuracy" if "accuracy" in test else "agreement"
             rows.append({"setting": label, "precision": prec, "epochs": args.epochs, "seconds": out["train_seconds"],
                          "test_metric": metric, f"test_{metric}": test[metric], "test": test,
                          "epoch_seconds": out["train_seconds"] / args.epochs, "teacher_outputs": out["teacher_outputs"],
-                         "val_metric": ctx.task.val_metric, "best_val": out[f"best_val_{ctx.task.val_metric}"]})
+                         "val_metric": ctx.task.val_metric, "best_val": out[f"best_val_{ctx.task.val_metric}"],
+                         "group_by_length": data_spec.group_by_length})
             print(label, rows[-1])
     base = rows[0]["epoch_seconds"]
     for r in rows:

@@ -53,12 +53,13 @@ def test_a_run_past_the_timeout_is_a_lower_bound(tmp_path):
 
 def test_distill_speed_rows_for_an_embedding_recipe():
     """distill_speed on a recipe without labels: the student alone, then the recipe's own losses with the
-    teacher live and cached, all at one precision."""
+    teacher live and cached, all at one precision, and cached again with batches of random lengths."""
     mod = _bench("distill_speed")
     from compressor.recipe import load_recipe
 
     rows = mod.settings_for(load_recipe("minilm-l6"))
-    assert [cached for _, _, cached, _ in rows] == [True, False, True]
+    assert [r[2] for r in rows] == [True, False, True, True]
+    assert rows[3][4] == {"group_by_length": False} and all(len(r) == 4 for r in rows[:3])
     assert rows[0][1] == [{"name": "cosine", "weight": 1.0}]
     assert [l["name"] for l in rows[1][1]] == ["cosine", "minilm"] == [l["name"] for l in rows[2][1]]
     assert rows[1][1][1]["pairs"][0][0] == "model.encoder.layer.-1.attention.self"  # the loss's own parameters kept
