@@ -203,3 +203,24 @@ def test_the_cache_follows_a_bf16_trainer_only_on_its_own_device(tiny_recipe, tm
         fit(copy.deepcopy(student), teacher, data, spec, r.data, tmp_path / "b" / "ckpt", log=lambda s: None)
     assert seen == ["bf16-mixed", "32-true"]
 
+
+def test_frozen_weights_stay_as_they_were_and_train_again_afterwards(tiny_recipe, tmp_path):
+    """distill.freeze: the weights under those paths are not trained (nor in the optimizer); the rest are, and
+    every weight is trainable again after fit. A path the student lacks, or one holding every weight, is refused."""
+    from compressor.errors import UserError
+
+    r, data, teacher, student = _setup(tiny_recipe, epochs=1, freeze=["stages.0", "head"])
+    before = copy.deepcopy(student.state_dict())
+    logs = []
+    fit(student, teacher, data, r.distill, r.data, tmp_path / "ckpt", log=logs.append)
+    after = student.state_dict()
+    frozen = [k for k in before if k.startswith(("stages.0.", "head.")) and before[k].is_floating_point()
+              and "running" not in k]  # batch-norm statistics are buffers, not weights: they still follow the data
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["stages.1.0.conv1.weight"], after["stages.1.0.conv1.weight"])
+    assert all(p.requires_grad for p in student.parameters())
+    assert any("weights frozen (stages.0, head)" in line for line in logs)
+    for paths, needle in ((["stages.9"], "no module 'stages.9'"), ([""], "nothing would train")):
+        with pytest.raises(UserError, match=needle):
+            fit(student, teacher, data, r.distill.model_copy(update={"freeze": paths}), r.data, tmp_path / "x",
+                log=lambda s: None)

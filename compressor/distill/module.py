@@ -154,7 +154,7 @@ class DistillModule(pl.LightningModule):
                  sync_dist=True)  # synced: ranks agree on the best epoch
 
     def configure_optimizers(self):
-        params = list(self.student.parameters()) + list(self.terms.parameters())
+        params = [p for p in self.student.parameters() if p.requires_grad] + list(self.terms.parameters())
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay, nesterov=True)
         else:

@@ -70,6 +70,35 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
     """Distil ``teacher`` into ``student`` in place (best validation epoch kept); return training metrics."""
     pl.seed_everything(seed, workers=True, verbose=False)
     quiet_lightning()
+    frozen = freeze(student, getattr(spec, "freeze", []), log)
+    try:
+        return _fit(student, teacher, data, spec, data_spec, ckpt_dir, seed, log, val_metric)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def freeze(student, paths, log=print) -> list:
+    """Turn off the gradients of the weights under ``paths`` (distill.freeze) and return them; a UserError names
+    a path the student lacks, or a list that leaves nothing to train."""
+    from ..errors import UserError
+    from .hooks import resolve
+
+    if not paths:
+        return []
+    params = list(dict.fromkeys(p for path in paths for p in resolve(student, path, "student").parameters()
+                                if p.requires_grad))
+    if len(params) == sum(p.requires_grad for p in student.parameters()):
+        raise UserError(f"distill.freeze {paths} holds every trainable weight of the student: nothing would train")
+    for p in params:
+        p.requires_grad_(False)
+    n = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in student.parameters())
+    log(f"distill: {n:,} of {total:,} weights frozen ({', '.join(paths)})")
+    return params
+
+
+def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log, val_metric: str) -> dict:
     terms = [(l.weight, build_loss(l.name, **l.params)) for l in spec.losses]
     for (_, t), l in zip(terms, spec.losses):
         t.name = l.name

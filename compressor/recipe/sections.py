@@ -89,6 +89,9 @@ class DistillSpec(_Section):
     losses: list[LossSpec] = Field(default_factory=lambda: [LossSpec(name="kd", weight=0.7, temperature=4.0),
                                                            LossSpec(name="ce", weight=0.3)])
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    freeze: list[str] = Field(default_factory=list, description="module paths of the student whose weights are not "
+                              "trained (a token embedding table: most of a small encoder's weights, few of its rows "
+                              "in any batch); a negative index counts from the end of a list of layers")
     cache_teacher: Literal["auto"] | bool = Field(
         "auto", description="compute the teacher's outputs once and look them up by sample (auto: when the training "
         "data reads the same twice and no loss reads the teacher's hidden features)")
