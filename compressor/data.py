@@ -93,13 +93,15 @@ class DataSplits:
     def loader(self, split: str, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0,
                by_length: bool = False, dataset: Dataset | None = None, collate_fn=collate):
         """Batches of ``split`` (or of ``dataset``, a view of it such as cache.Indexed), shuffled with ``seed``
-        when ``shuffle``; ``by_length`` groups token inputs of similar length into batches (LengthGrouped),
-        where the samples are token inputs."""
+        when ``shuffle``; ``by_length``, where the samples are token inputs, batches sentences of similar length:
+        drawn anew each epoch when shuffled (LengthGrouped), else in length order, longest first."""
         ds = getattr(self, split) if dataset is None else dataset
-        lengths = token_lengths(getattr(self, split)) if shuffle and by_length else None
-        if lengths is not None:
-            return DataLoader(ds, batch_sampler=LengthGrouped(lengths, batch_size, seed), num_workers=workers,
-                              persistent_workers=workers > 0, collate_fn=collate_fn)
+        lengths = token_lengths(getattr(self, split)) if by_length else None
+        if lengths is not None:  # shuffled: grouped anew each epoch; else longest first, the same every time
+            batches = LengthGrouped(lengths, batch_size, seed) if shuffle else \
+                [b.tolist() for b in torch.argsort(lengths, descending=True, stable=True).split(batch_size)]
+            return DataLoader(ds, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
+                              collate_fn=collate_fn)
         g = torch.Generator().manual_seed(seed)
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                           generator=g, persistent_workers=workers > 0, collate_fn=collate_fn)

@@ -56,3 +56,21 @@ def test_nan_loss_stops_training():
     module = DistillModule(torch.nn.Linear(2, 2), teacher, [(1.0, KD())])
     with pytest.raises(FloatingPointError, match="loss became nan"):
         module.training_step((torch.full((2, 2), float("nan")), torch.tensor([0, 1])), 0)
+
+
+def test_adamw_is_fused_where_the_device_has_the_kernel():
+    """schedule.adamw: torch's fused AdamW for CPU (or CUDA) weights, decided when it is built (torch itself
+    checks only at the first step); any other device gets the per-tensor loop, the same update."""
+    from compressor.schedule import adamw
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = adamw([w], lr=0.1, weight_decay=0.0)
+    assert opt.defaults["fused"] is True
+    w.grad = torch.ones(3)
+    opt.step()
+    ref = torch.nn.Parameter(torch.ones(3))
+    plain = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.0)
+    ref.grad = torch.ones(3)
+    plain.step()
+    assert torch.allclose(w, ref)
+    assert not adamw([torch.nn.Parameter(torch.ones(3, device="meta"))], lr=0.1).defaults["fused"]

@@ -97,6 +97,11 @@ def test_training_batches_group_sentences_of_similar_length(bert_dir):
     assert all(sorted(e) == list(range(len(data.train))) for e in epochs) and epochs[0] != epochs[1]
     plain = data.loader("train", 16, shuffle=True, seed=1)
     assert _padded_tokens(grouped) < 0.8 * _padded_tokens(plain)
+    # not shuffled (validation): longest first, every sample once, the same order each time
+    val = data.loader("val", 8, by_length=True)
+    widths = [x["input_ids"].shape[1] for x, _ in val]
+    assert widths == sorted(widths, reverse=True) and sum(len(b) for b in val.batch_sampler) == len(data.val)
+    assert list(val.batch_sampler) == list(data.loader("val", 8, by_length=True).batch_sampler)
     # within a pool the batches are cut from one length order: no two batches of a pool overlap in length
     one_pool = LengthGrouped(lengths, 16, pool=10_000)
     spans = sorted((int(lengths[b].max()), int(lengths[b].min())) for b in one_pool)

@@ -177,15 +177,17 @@ def test_a_rung_on_token_inputs_trains_on_batches_of_similar_length():
     mask = (torch.arange(32)[None] < lengths[:, None]).long()
     x = {"input_ids": torch.randint(1, 50, (100, 32)) * mask, "attention_mask": mask}
     rung = S.Rung(x, torch.zeros(100, 4), x, torch.zeros(100, 4), task="embedding", batch_size=10)
-    batches = rung._batches(100, 2, torch.Generator().manual_seed(0))
-    assert len(batches) == 20 and sorted(torch.cat(batches[:10]).tolist()) == list(range(100))
+    batches, per_epoch = rung._batches(100, 2, torch.Generator().manual_seed(0))
+    assert len(batches) == 20 and per_epoch == 10 and sorted(torch.cat(batches[:10]).tolist()) == list(range(100))
     spread = sum(int(lengths[b].max() - lengths[b].min()) for b in batches[:10])
     assert spread <= 10 * 3  # one pool sorted by length: the ten batches split 3-32 between them
     plain = S.Rung(torch.randn(100, 3), torch.zeros(100, 4), None, None, batch_size=10)
     g = torch.Generator().manual_seed(0)
     order = torch.cat([torch.randperm(100, generator=g) for _ in range(2)])
-    assert all(torch.equal(a, b) for a, b in zip(plain._batches(100, 2, torch.Generator().manual_seed(0)),
-                                                 order.split(10)))
+    steps, per_epoch = plain._batches(100, 2, torch.Generator().manual_seed(0))
+    assert per_epoch == 10 and len(steps) == 20 and all(torch.equal(a, b) for a, b in zip(steps, order.split(10)))
+    odd = S.Rung(x, torch.zeros(100, 4), x, torch.zeros(100, 4), task="embedding", batch_size=32)
+    assert odd._batches(100, 1, torch.Generator().manual_seed(0))[1] == 4  # 32, 32, 32 and the short one of 4
 
 
 def test_the_final_rung_can_anneal_the_rate_as_the_distill_stage_does(monkeypatch):

@@ -128,7 +128,7 @@ def test_token_features_are_stored_at_full_length_and_cut_to_each_batch(tmp_path
     n, length = 6, 8
     ids = torch.randint(1, 20, (n, length))
     mask = torch.zeros(n, length, dtype=torch.long)
-    for i, k in enumerate((3, 8, 2, 5, 4, 6)):
+    for i, k in enumerate((3, 8, 2, 5, 5, 6)):  # two of length 5: one batch of consecutive samples
         mask[i, :k] = 1
 
     class Data(Dataset):
@@ -154,7 +154,9 @@ def test_token_features_are_stored_at_full_length_and_cut_to_each_batch(tmp_path
         assert torch.allclose(got, live[p], atol=1e-6), p
     # The cache is filled longest first (batches of like length); each row is still its own sample's.
     assert [i.tolist() for i, _ in cache.in_length_order(Data(), 2, collate)] == [[1, 5], [3, 4], [0, 2]]
-    outs = cache.teacher_outputs(model, Data(), tmp_path, collate, batch_size=2, log=lambda s: None)
+    assert (tmp_path / next(p.name for p in tmp_path.glob("teacher-outputs-*.npy"))).is_file()  # the same pass
+    outs = cache.teacher_outputs(model, Data(), tmp_path / "own", collate, batch_size=2, log=lambda s: None)
+    assert torch.allclose(outs, cache.teacher_outputs(model, Data(), tmp_path, collate, log=lambda s: None), atol=1e-5)
     for i in range(n):
         x, _ = collate([Data()[i]])
         with capture(model, ["proj"]) as live, torch.no_grad():

@@ -129,9 +129,9 @@ def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log
     here = next((p.device.type for p in teacher.parameters()), "cpu")
     cached = _cache_teacher(module, teacher, data, spec, ckpt_dir.parent / "teacher-cache", log,
                             prec if trainer.strategy.root_device.type == here else "32-true")
-    # Batches of similar-length sentences where the inputs are tokens (data.group_by_length); one process only:
-    # under DDP Lightning swaps in its own distributed sampler.
-    by_length = data_spec.group_by_length is not False and trainer.world_size == 1
+    # Batches of similar-length sentences where the inputs are tokens (data.group_by_length); on one device only:
+    # a distributed strategy (DDP, even on one device) swaps in its own sampler, which LengthGrouped cannot hold.
+    by_length = data_spec.group_by_length is not False and isinstance(trainer.strategy, pl.strategies.SingleDeviceStrategy)
     if cached:
         from .cache import Indexed, collate_indexed
 
@@ -144,7 +144,7 @@ def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log
 
     if isinstance(train.batch_sampler, LengthGrouped):
         log("distill: batches of sentences of similar length (data.group_by_length)")
-    val = data.loader("val", data_spec.batch_size, workers=data_spec.workers)
+    val = data.loader("val", data_spec.batch_size, workers=data_spec.workers, by_length=by_length)
     last = ckpt_dir / "last.ckpt"
     if last.is_file():
         try:

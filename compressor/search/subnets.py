@@ -199,10 +199,10 @@ class Rung:
         opt = adamw(model.parameters(), lr=self.lr, weight_decay=0.01)
         g = torch.Generator().manual_seed(seed)
         n = size(self.x)
-        steps = max(1, round(epochs * n / self.batch_size))
+        batches, per_epoch = self._batches(n, int(epochs) + 1, g)
+        steps = max(1, round(epochs * per_epoch))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: cosine(s, steps)) if self.schedule == "cosine"
                                                   else (lambda s: 1.0))
-        batches = self._batches(n, int(epochs) + 1, g)
         for s in range(steps):
             idx = batches[s]
             if len(idx) < 2:
@@ -221,16 +221,17 @@ class Rung:
             sched.step()
         return model.eval()
 
-    def _batches(self, n: int, epochs: int, g: torch.Generator) -> list[torch.Tensor]:
-        """Sample indices of each training step, epoch after epoch: shuffled, or for token inputs (``by_length``)
-        in batches of similar length (compressor.data.LengthGrouped), each then trimmed to its longest."""
+    def _batches(self, n: int, epochs: int, g: torch.Generator) -> tuple[list[torch.Tensor], float]:
+        """(sample indices of each training step, epoch after epoch; steps an epoch): shuffled, or for token inputs
+        (``by_length``) in batches of similar length (compressor.data.LengthGrouped, whose epoch ends in a short
+        batch per pool), each then trimmed to its longest."""
         lengths = self.x["attention_mask"].sum(1) if self.by_length and isinstance(self.x, dict) and \
             "attention_mask" in self.x else None
         if lengths is not None:
             grouped = LengthGrouped(lengths, self.batch_size, generator=g)
-            return [torch.as_tensor(b) for _ in range(epochs) for b in grouped]
+            return [torch.as_tensor(b) for _ in range(epochs) for b in grouped], len(grouped)
         order = torch.cat([torch.randperm(n, generator=g) for _ in range(epochs)])
-        return list(order.split(self.batch_size))
+        return list(order.split(self.batch_size)), n / self.batch_size
 
     def recalibrate(self, model: nn.Module) -> nn.Module:
         """Batch-norm statistics re-estimated on the rung's samples (as OFA does for each sub-network): a few

@@ -145,7 +145,8 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     # validation split and the training samples they do not train on (on digits 180 + 746, not 180).
     xs, _ = data.tensors("train", limit=spec.rung_samples)
     hx, hy = data.held_out(size(xs))
-    rung = S.Rung.of(teacher, xs, hx, hy, recipe.task, batch_size=min(64, size(xs)), lr=recipe.distill.lr)
+    rung = S.Rung.of(teacher, xs, hx, hy, recipe.task, batch_size=min(64, size(xs)), lr=recipe.distill.lr,
+                     by_length=recipe.data.group_by_length is not False)
     ctx.log(f"search: rungs train on {size(xs)} samples and score on {size(hx)} held out "
             f"({min(len(data.val), size(hx))} validation, the rest training samples the rungs do not see)")
 
