@@ -46,6 +46,12 @@ def token_lengths(ds: Dataset) -> torch.Tensor | None:
     return torch.stack([ds[i][0]["attention_mask"].sum() for i in range(len(ds))])
 
 
+def longest_first(lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Sample indices in batches, longest sentence first (ties in sample order): each batch, trimmed to its
+    longest, carries little padding. For passes whose order does not matter (validation, the teacher cache)."""
+    return list(torch.argsort(lengths, descending=True, stable=True).split(batch_size))
+
+
 class LengthGrouped(BatchSampler):
     """Shuffled batches of sentences of similar length, a new draw each epoch: the samples are shuffled, cut
     into pools of ``pool`` batches, each pool sorted by length and cut into batches, and the batches shuffled
@@ -99,7 +105,7 @@ class DataSplits:
         lengths = token_lengths(getattr(self, split)) if by_length else None
         if lengths is not None:  # shuffled: grouped anew each epoch; else longest first, the same every time
             batches = LengthGrouped(lengths, batch_size, seed) if shuffle else \
-                [b.tolist() for b in torch.argsort(lengths, descending=True, stable=True).split(batch_size)]
+                [b.tolist() for b in longest_first(lengths, batch_size)]
             return DataLoader(ds, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
                               collate_fn=collate_fn)
         g = torch.Generator().manual_seed(seed)

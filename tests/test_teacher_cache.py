@@ -128,7 +128,7 @@ def test_token_features_are_stored_at_full_length_and_cut_to_each_batch(tmp_path
     n, length = 6, 8
     ids = torch.randint(1, 20, (n, length))
     mask = torch.zeros(n, length, dtype=torch.long)
-    for i, k in enumerate((3, 8, 2, 5, 5, 6)):  # two of length 5: one batch of consecutive samples
+    for i, k in enumerate((3, 8, 2, 5, 5, 6)):  # two of length 5: a batch of consecutive samples
         mask[i, :k] = 1
 
     class Data(Dataset):

@@ -89,11 +89,10 @@ def in_length_order(dataset: Dataset, batch_size: int, collate):
     """(sample indices, batch) over all of ``dataset``: token inputs longest first, so each batch, trimmed to
     its longest sentence, carries little padding (a quarter of the tokens of batches in sample order at 64
     tokens on the MiniLM recipe); other inputs in sample order."""
-    from ..data import token_lengths
+    from ..data import longest_first, token_lengths
 
     lengths = token_lengths(dataset)
-    order = torch.arange(len(dataset)) if lengths is None else torch.argsort(lengths, descending=True, stable=True)
-    for idx in order.split(batch_size):
+    for idx in torch.arange(len(dataset)).split(batch_size) if lengths is None else longest_first(lengths, batch_size):
         x, _ = collate([dataset[i] for i in idx.tolist()])
         yield idx, x
 
@@ -228,10 +227,7 @@ def teacher_features(teacher: torch.nn.Module, dataset: Dataset, directory: Path
             for a in axes[p]:  # a batch trimmed to its longest sentence: zeros up to the full length
                 pad = [0, 0] * (f.dim() - 1 - a) + [0, length - f.shape[a]]
                 f = torch.nn.functional.pad(f, pad)
-            if len(idx) and bool((idx[1:] - idx[:-1] == 1).all()):  # a run of samples: one slice
-                out[p][int(idx[0]):int(idx[-1]) + 1] = f.numpy().astype(dtype)
-            else:
-                out[p][idx.numpy()] = f.numpy().astype(dtype)
+            out[p][idx.numpy()] = f.numpy().astype(dtype)
     teacher.train(was)
     for p in paths:
         if dtype == np.float16 and not np.isfinite(out[p]).all():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from ..errors import StageError
+from ..errors import StageError, UserError
 from . import build_loss
 from .module import DistillModule
 
@@ -81,7 +81,6 @@ def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, 
 def freeze(student, paths, log=print) -> list:
     """Turn off the gradients of the weights under ``paths`` (distill.freeze) and return them; a UserError names
     a path the student lacks, or a list that leaves nothing to train."""
-    from ..errors import UserError
     from .hooks import resolve
 
     if not paths:
