@@ -380,14 +380,18 @@ def narrowed(student: nn.Module, plan: dict | None, channels: dict | None = None
 
 
 @torch.no_grad()
-def sq_error_mean(teacher: nn.Module, student: nn.Module, batches) -> float:
-    """The mean squared error of ``student``'s outputs against ``teacher``'s over ``batches``, per sample."""
+def sq_error_mean(teacher: nn.Module, student: nn.Module, batches) -> float | None:
+    """The mean squared error of ``student``'s outputs against ``teacher``'s over ``batches``, per sample; None
+    where the outputs differ in width (an embedding narrowed with its residual stream: prune.width.hidden)."""
     was = student.training
     teacher.eval()
     student.eval()
     total, n = 0.0, 0
     for b in batches:
-        ref = output(teacher, b)
-        total, n = total + _sq_error(output(student, b), ref), n + len(ref)
+        ref, y = output(teacher, b), output(student, b)
+        if y.shape != ref.shape:
+            student.train(was)
+            return None
+        total, n = total + _sq_error(y, ref), n + len(ref)
     student.train(was)
     return total / n

@@ -25,10 +25,22 @@ make a student much smaller than the teacher that still starts from the teacher'
    block and every attention one head.
 4. The plan (kept neurons per FFN pair, removed heads per attention, by module path) goes into the
    genome: ``apply_plan`` on the layer-pruned teacher rebuilds the student.
+
+The residual stream (``hidden``, Minitron's embedding-channel pruning) is found the same way, from a forward
+pass: its width H is the LayerNorms' most common width; readers are the Linears fed a LayerNorm's output (or a
+slice of it), writers the Linears whose output a LayerNorm's input adds to an earlier stream tensor (post-LN's
+``LayerNorm(x + f(x))`` and pre-LN's next ``norm(x + f(x))``), and the token tables are the Embeddings of width
+H. Permuting the H channels of all of them together must give the same output (or the same output permuted,
+when the output is the stream itself: a sentence embedding); a stream that fails (nn.MultiheadAttention's
+fused projection, a position table held as a bare parameter) is not cut. Channels are scored by the same
+linearised output loss, with the mask on every LayerNorm's output. Cutting them is not exact (each LayerNorm
+then normalises over fewer channels) and a sentence encoder's embedding becomes narrower: distillation
+recovers the first, the cosine loss's projection and the relation metrics handle the second.
 """
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -205,6 +217,154 @@ def find_groups(model: nn.Module, example, ffn: bool = True, heads: bool = True)
     return hg + fg
 
 
+# --------------------------------------------------------------------------------- the residual stream
+
+@dataclass
+class Stream:
+    width: int  # H
+    embeddings: list[str]  # nn.Embedding of width H (columns go)
+    norms: list[str]  # LayerNorm over H (entries go)
+    readers: list[str]  # Linear fed the stream (input columns go)
+    writers: list[str]  # Linear adding to the stream (output rows go)
+    scores: list = field(default_factory=list)  # s_j per channel
+
+    def members(self) -> dict:
+        return {"embeddings": self.embeddings, "norms": self.norms, "readers": self.readers, "writers": self.writers}
+
+
+@torch.no_grad()
+def find_stream(model: nn.Module, example, tol: float = 1e-4) -> Stream | None:
+    """The model's residual stream, checked by permuting its channels (module docstring); None if there is
+    none that permutes exactly."""
+    was = model.training
+    model.eval()
+    try:
+        norms = {p: m for p, m in model.named_modules() if isinstance(m, nn.LayerNorm)
+                 and len(m.normalized_shape) == 1 and m.elementwise_affine}
+        if not norms:
+            return None
+        h = Counter(m.normalized_shape[0] for m in norms.values()).most_common(1)[0][0]
+        calls, handles = [], []  # (kind, path, input, output) in call order
+        for path, m in model.named_modules():
+            kind = ("norm" if path in norms and m.normalized_shape[0] == h else
+                    "embedding" if isinstance(m, nn.Embedding) and m.embedding_dim == h else
+                    "linear" if isinstance(m, nn.Linear) and h in (m.in_features, m.out_features) else None)
+            if kind:
+                handles.append(m.register_forward_hook(
+                    lambda _m, a, o, kind=kind, path=path: calls.append((kind, path, a[0] if a else None, o))))
+        try:
+            ref = output(model, example)
+        finally:
+            for hd in handles:
+                hd.remove()
+        stream, ptrs = [], set()  # the stream's tensors so far
+        emb, nrm, readers, writers = [], [], [], []
+        pending = []  # outputs of width H not yet seen added to the stream: (path, output)
+
+        def joins(x) -> bool:
+            """Whether ``x`` is a pending output itself, or one added to an earlier stream tensor (marking the
+            writers); then ``x`` belongs to the stream."""
+            hit = [w for w, wo in pending if wo.shape == x.shape and (
+                torch.allclose(x, wo, atol=tol, rtol=tol) or
+                any(st.shape == x.shape and torch.allclose(x - wo, st, atol=tol, rtol=tol) for st in stream))]
+            writers.extend(hit)
+            return bool(hit)
+
+        def add(*ts):
+            stream.extend(ts)
+            ptrs.update(t.data_ptr() for t in ts)
+
+        for kind, path, x, o in calls:
+            if kind == "embedding":
+                emb.append(path)
+            elif kind == "norm":
+                if x.data_ptr() not in ptrs:
+                    joins(x)
+                add(x, o)
+                nrm.append(path)
+            else:
+                lin = _get(model, path)
+                if lin.in_features == h and x is not None and (x.data_ptr() in ptrs or joins(x)):
+                    readers.append(path)
+                    add(x)
+                if lin.out_features == h:
+                    pending.append((path, o))
+        s = Stream(h, *(list(dict.fromkeys(v)) for v in (emb, nrm, readers, writers)))
+        if not s.norms or not (s.readers and s.writers):
+            return None
+        perm = torch.randperm(h, generator=torch.Generator().manual_seed(0))
+        try:
+            with _swapped(model, _stream_swap(model, s, perm)):
+                got = output(model, example)
+        except (RuntimeError, ValueError, IndexError):
+            return None
+        scale = tol * (1 + float(ref.abs().max()))
+        if got.shape == ref.shape and float((got - ref).abs().max()) <= scale:
+            return s
+        if ref.shape[-1] == h and got.shape == ref.shape and float((got - ref[..., perm]).abs().max()) <= scale:
+            return s
+        return None
+    finally:
+        model.train(was)
+
+
+def _stream_swap(model: nn.Module, s: Stream, keep) -> dict:
+    """Copies of the stream's modules keeping channels ``keep`` (in that order: a permutation or a subset)."""
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    swap = {}
+    for p in s.embeddings:
+        e = copy.deepcopy(_get(model, p))
+        e.weight = nn.Parameter(e.weight.detach()[:, keep].clone())
+        e.embedding_dim = len(keep)
+        swap[p] = e
+    for p in s.norms:
+        n = copy.deepcopy(_get(model, p))
+        n.weight = nn.Parameter(n.weight.detach()[keep].clone())
+        if n.bias is not None:
+            n.bias = nn.Parameter(n.bias.detach()[keep].clone())
+        n.normalized_shape = (len(keep),)
+        swap[p] = n
+    for p in dict.fromkeys(s.readers + s.writers):
+        swap[p] = sliced_linear(_get(model, p), rows=keep if p in s.writers else None,
+                                cols=keep if p in s.readers else None)
+    return swap
+
+
+def score_stream(model: nn.Module, s: Stream, batches, projections: int = 4, seed: int = 0) -> Stream:
+    """Fill ``s.scores``: s_j = E ||dy/dm_j||^2 per sample, the mask m on every stream LayerNorm's output."""
+    was = model.training
+    req = [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(s.width, requires_grad=True)
+    acc, samples = torch.zeros(s.width), 0
+    handles = [_get(model, p).register_forward_hook(lambda _m, _a, o: o * mask) for p in s.norms]
+    try:
+        for b in batches:
+            y = output(model, b)
+            samples += len(y)
+            for k in range(projections):
+                r = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+                (g,) = torch.autograd.grad((y * r).sum(), [mask], retain_graph=k < projections - 1)
+                acc += g.detach().float() ** 2
+    finally:
+        for hd in handles:
+            hd.remove()
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+        model.train(was)
+    s.scores = (acc / (projections * samples)).tolist()
+    return s
+
+
+def cut_stream(model: nn.Module, plan: dict) -> nn.Module:
+    """Cut the residual stream to ``plan['keep']`` in place (``plan``: a Stream's members and the kept channels)."""
+    s = Stream(plan["width"], plan["embeddings"], plan["norms"], plan["readers"], plan["writers"])
+    for p, m in _stream_swap(model, s, plan["keep"]).items():
+        _set(model, p, m)
+    return model
+
+
 # ------------------------------------------------------------------------------------------ scoring
 
 def score_groups(model: nn.Module, groups: list[Group], batches, projections: int = 4, seed: int = 0) -> list[Group]:
@@ -293,7 +453,10 @@ def select(groups: list[Group], budget: float, multiple: int = 16) -> dict:
 
 
 def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
-    """Cut the plan's neurons and heads out of ``model`` in place (its weights are the teacher's)."""
+    """Cut the plan's residual-stream channels, neurons and heads out of ``model`` in place (its weights are
+    the teacher's)."""
+    if plan.get("hidden"):
+        cut_stream(model, plan["hidden"])
     for path, p in plan.get("ffn", {}).items():
         keep = torch.as_tensor(p["keep"], dtype=torch.long)
         _set(model, p["producer"], sliced_linear(_get(model, p["producer"]), rows=keep))
@@ -322,9 +485,24 @@ def _plan_error(model: nn.Module, pruned: nn.Module, groups: list[Group], plan: 
 
 
 def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, heads: bool = True,
-                multiple: int = 16, projections: int = 4, log=print, groups: list[Group] | None = None):
+                multiple: int = 16, projections: int = 4, log=print, groups: list[Group] | None = None,
+                hidden: float = 0.0):
     """Find, score and select; return (a narrower copy of ``model``, plan, record dict). ``groups``: the
-    model's groups already scored (another cut of the same model: the search's channel genes)."""
+    model's groups already scored (another cut of the same model: the search's channel genes). ``hidden``: the
+    fraction of the residual stream's channels to cut first (their FLOPs count toward ``remove``)."""
+    total = flops(model, batches[0])
+    stream_plan, stream_info = None, None
+    if hidden:
+        if groups is not None:
+            raise ValueError("prune_width: hidden with pre-scored groups (they were scored on the uncut stream)")
+        model, stream_plan, stream_info = _cut_hidden(model, batches, hidden, multiple, projections, log)
+        if stream_info["flops_after"] <= (1 - remove) * total:
+            plan = {"hidden": stream_plan, "ffn": {}, "heads": {}}
+            log(f"prune.width: the stream's cut alone removes {1 - stream_info['flops_after'] / total:.0%} of the FLOPs "
+                f"(asked {remove:.0%}); no neuron or head cut")
+            return model.requires_grad_(True), plan, {"hidden": stream_info, "groups": [], "remove": remove,
+                                                      "flops_before": total, "flops_after": stream_info["flops_after"],
+                                                      "multiple": multiple, "projections": projections}
     if groups is None:
         groups = find_groups(model, batches[0], ffn=ffn, heads=heads)
         if not groups:
@@ -332,9 +510,10 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
             raise UserError(f"prune.width: {type(model).__name__} has no {kinds} that can be cut exactly "
                             "(docs/distillation.md, Width); drop prune.width")
         score_groups(model, groups, batches, projections=projections)
-    total = flops(model, batches[0])
-    plan = select(groups, remove * total, multiple)
+    plan = select(groups, remove * total - (total - flops(model, batches[0])), multiple)
     pruned = apply_plan(copy.deepcopy(model), plan)
+    if stream_plan is not None:
+        plan = {"hidden": stream_plan, **plan}
     err = _plan_error(model, pruned, groups, plan, batches[0])
     after = flops(pruned, batches[0])
     predicted = sum(g.scores[j] for g in groups for j in _removed(g, plan))
@@ -346,8 +525,35 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
         f"linearised output loss {predicted:.4g}, cut vs zeroed max |diff| {err:.2g}")
     info = {"groups": [g.summary() | {"kept": kept[g.path]} for g in groups], "remove": remove,
             "flops_before": total, "flops_after": after, "predicted_loss": predicted,
-            "max_abs_diff_vs_masked": err, "multiple": multiple, "projections": projections}
+            "max_abs_diff_vs_masked": err, "multiple": multiple, "projections": projections,
+            **({"hidden": stream_info} if stream_info else {})}
     return pruned.requires_grad_(True), plan, info
+
+
+def _cut_hidden(model: nn.Module, batches, hidden: float, multiple: int, projections: int, log):
+    """(a copy of ``model`` with ``hidden`` of its residual stream's channels cut, the stream's plan, record)."""
+    s = find_stream(model, batches[0])
+    if s is None:
+        raise UserError(f"prune.width.hidden: {type(model).__name__} has no residual stream whose channels permute "
+                        "exactly (LayerNorms, the Linears that read and write them, token Embeddings; "
+                        "nn.MultiheadAttention's fused projection is not covered); drop prune.width.hidden")
+    score_stream(model, s, batches, projections=projections)
+    step = multiple if s.width > multiple else 1
+    cut = min(int(round(hidden * s.width / step)) * step, s.width - step)
+    if cut <= 0:
+        raise UserError(f"prune.width.hidden: {hidden} of {s.width} channels is less than one block of {step}")
+    keep = sorted(sorted(range(s.width), key=lambda j: -s.scores[j])[:s.width - cut])
+    plan = {"width": s.width, "keep": keep, **s.members()}
+    before = flops(model, batches[0])
+    cut_model = cut_stream(copy.deepcopy(model), plan)
+    after = flops(cut_model, batches[0])
+    log(f"prune.width: residual stream {s.width} -> {len(keep)} channels ({len(s.norms)} LayerNorms, "
+        f"{len(s.readers)} readers, {len(s.writers)} writers, {len(s.embeddings)} embeddings); FLOPs "
+        f"{before / 1e6:.4g} -> {after / 1e6:.4g} M per sample; linearised output loss "
+        f"{sum(s.scores[j] for j in range(s.width) if j not in set(keep)):.4g}")
+    info = {"width": s.width, "kept": len(keep), "flops_before": before, "flops_after": after,
+            **{k: len(v) for k, v in s.members().items()}}
+    return cut_model, plan, info
 
 
 def _removed(g: Group, plan: dict) -> list[int]:

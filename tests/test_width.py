@@ -142,6 +142,83 @@ def test_no_group_is_a_clear_error():
         W.prune_width(conv, [torch.randn(2, 1, 8, 8)], 0.3)
 
 
+
+# ------------------------------------------------------------------------------ the residual stream
+
+def _user_models():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_models as U
+
+    return U
+
+
+def test_stream_is_found_by_permutation_on_models_we_did_not_write(bert):
+    """Post-LN (a Hugging Face encoder and classifier) and pre-LN (a residual MLP with the add in forward):
+    the stream's members found from one forward pass; nn.MultiheadAttention's fused projection is refused."""
+    U = _user_models()
+    _, enc, batch = bert
+    s = W.find_stream(enc, batch)
+    assert s.width == 32 and len(s.embeddings) == 3 and len(s.norms) == 7  # the embeddings' and two per layer
+    assert all(f"model.encoder.layer.{i}.{m}" in s.readers for i in range(3)
+               for m in ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense"))
+    assert s.writers == [f"model.encoder.layer.{i}.{m}" for i in range(3) for m in ("attention.output.dense", "output.dense")]
+    cls = U.hf_bert()
+    s = W.find_stream(cls, torch.randint(0, 256, (4, 16)))
+    assert "bert.pooler.dense" in s.readers and "classifier" not in s.readers + s.writers
+    mlp = U.residual_mlp(dim=32, hidden=64, depth=3).eval()
+    s = W.find_stream(mlp, torch.randn(8, 1, 16, 16))
+    assert s.writers == ["inp", "blocks.0.3", "blocks.1.3", "blocks.2.3"] and s.readers[-1] == "out"
+    assert W.find_stream(U.vit(dim=32, depth=2, heads=4, mlp=64).eval(), torch.randn(8, 1, 16, 16)) is None
+
+
+def test_stream_scores_rank_channels_by_their_real_output_loss():
+    """s_j against E||y(channel j zeroed at every LayerNorm) - y||^2, each of a residual MLP's channels alone."""
+    U = _user_models()
+    torch.manual_seed(0)
+    mlp = U.residual_mlp(dim=32, hidden=64, depth=3).eval()
+    x = torch.randn(64, 1, 16, 16)
+    s = W.score_stream(mlp, W.find_stream(mlp, x), [x], projections=16)
+    ref = output(mlp, x)
+    real = []
+    for j in range(s.width):
+        mask = torch.ones(s.width)
+        mask[j] = 0
+        hs = [mlp.get_submodule(p).register_forward_hook(lambda _m, _a, o: o * mask) for p in s.norms]
+        with torch.no_grad():
+            real.append(float((output(mlp, x) - ref).pow(2).sum(1).mean()))
+        for h in hs:
+            h.remove()
+    assert spearmanr(s.scores, real).statistic > 0.7, (s.scores, real)
+
+
+@pytest.mark.parametrize("which", ["encoder", "residual_mlp"])
+def test_hidden_cut_narrows_the_stream_and_rebuilds_from_its_plan(bert, which):
+    if which == "encoder":
+        _, model, batch = bert
+    else:
+        model, batch = _user_models().residual_mlp(dim=32, hidden=64, depth=3).eval(), torch.randn(12, 1, 16, 16)
+    before = output(model, batch)
+    pruned, plan, info = W.prune_width(model, [batch], 0.5, multiple=8, hidden=0.25, log=lambda s: None)
+    assert info["hidden"]["kept"] == len(plan["hidden"]["keep"]) == 24
+    assert info["flops_after"] <= 0.5 * info["flops_before"] and info["flops_after"] == flops(pruned, batch)
+    # A sentence encoder's embedding narrows with its stream; a classifier's logits do not.
+    assert output(pruned, batch).shape == ((12, 24) if which == "encoder" else (12, 10))
+    again = W.apply_plan(copy.deepcopy(model), json.loads(json.dumps(plan)))
+    torch.testing.assert_close(output(again, batch), output(pruned, batch))
+    torch.testing.assert_close(output(model, batch), before)  # the model handed in is unchanged
+    # The stream's cut alone past the budget: no neuron or head goes.
+    _, plan, _ = W.prune_width(model, [batch], 0.1, multiple=8, hidden=0.5, log=lambda s: None)
+    assert not plan["ffn"] and not plan["heads"] and len(plan["hidden"]["keep"]) == 16
+
+
+def test_hidden_without_a_stream_is_a_clear_error():
+    vit = _user_models().vit(dim=32, depth=2, heads=4, mlp=64).eval()
+    with pytest.raises(UserError, match="prune.width.hidden: .*no residual stream"):
+        W.prune_width(vit, [torch.randn(4, 1, 16, 16)], 0.3, hidden=0.25, log=lambda s: None)
+
 def test_width_spec_checks():
     from pydantic import ValidationError
 
@@ -155,9 +232,11 @@ def test_width_spec_checks():
 
 
 @pytest.mark.slow
-def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path):
-    """Drop one of three layers, cut 40% of the rest's FLOPs in heads and neurons, distil, export: the
-    bundle verifies, and the genome in the manifest rebuilds a student that loads the shipped weights."""
+@pytest.mark.parametrize("hidden", [0.0, 0.25])
+def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path, hidden):
+    """Drop one of three layers, cut 40% of the rest's FLOPs in heads and neurons (and with ``hidden`` a quarter
+    of the residual stream first: a narrower sentence embedding), distil, export: the bundle verifies, and the
+    genome in the manifest rebuilds a student that loads the shipped weights."""
     from compressor.bundle import verify
     from compressor.pipeline import run
 
@@ -167,7 +246,7 @@ def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path
         "teacher": {"model": "hf-encoder", "kwargs": {"path": str(d)}},
         "data": {"dataset": "docstrings", "kwargs": {"max_length": 32, "max_train": 120, "max_test": 60},
                  "batch_size": 32},
-        "prune": {"by": "units", "remove": 1, "width": {"remove": 0.4, "multiple": 8}},
+        "prune": {"by": "units", "remove": 1, "width": {"remove": 0.4, "multiple": 8, "hidden": hidden}},
         "distill": {"epochs": 1, "lr": 1e-3, "losses": [
             {"name": "cosine", "relation": 1.0},
             {"name": "minilm", "heads": 8, "pairs": [["model.encoder.layer.1.attention.self",
@@ -185,4 +264,5 @@ def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path
     student = rebuild(genome)
     student.load_state_dict(torch.load(out / "model" / "student.pt"))  # shapes match the shipped weights
     assert m["quality"]["student"]["agreement"] > 0.3
+    assert len(genome["width"].get("hidden", {}).get("keep", range(32))) == (24 if hidden else 32)
     verify(out)

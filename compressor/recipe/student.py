@@ -73,7 +73,11 @@ class WidthSpec(_Section):
     remove: float = Field(gt=0, lt=1, description="the fraction of the (layer-pruned) model's FLOPs to remove")
     ffn: bool = Field(True, description="cut neurons between a Linear and the next (Transformer FFNs, MLPs)")
     heads: bool = Field(True, description="cut attention heads (modules with prune_heads: Hugging Face's)")
-    multiple: int = Field(16, ge=1, description="kept FFN widths are multiples of this (GEMM kernels prefer it)")
+    hidden: float = Field(0.0, ge=0, lt=1, description="first cut this fraction of the residual stream's channels "
+                          "(the hidden size: embeddings, LayerNorms and every Linear reading or writing it; "
+                          "Minitron's embedding-channel pruning); its FLOPs count toward remove. A sentence "
+                          "encoder's embedding narrows with it")
+    multiple: int = Field(16, ge=1, description="kept FFN widths (and the stream's) are multiples of this (GEMM kernels prefer it)")
     projections: int = Field(4, ge=1, description="random output projections per calibration batch")
 
 

@@ -48,7 +48,8 @@ def run(ctx: Context) -> StageRecord:
 
         w = spec.width
         student, plan, info["width"] = prune_width(student, batches, w.remove, ffn=w.ffn, heads=w.heads,
-                                                   multiple=w.multiple, projections=w.projections, log=ctx.log)
+                                                   multiple=w.multiple, projections=w.projections, log=ctx.log,
+                                                   hidden=w.hidden)
     channels = None
     if spec.channels is not None:
         from ..structural import prune_channels
