@@ -142,6 +142,25 @@ def test_successive_halving_never_keeps_fewer_than_keep():
     assert [t.genome["i"] for t in final] == [4, 3, 2]
 
 
+
+def test_the_best_of_each_depth_goes_on_through_every_rung():
+    """A deeper, narrower sub-network starts slower: with a stratum (the search's: depth), the best of each
+    depth survives the halving and reaches the final few beside the best third, where full distillation decides."""
+    trials = []
+    for i in range(9):
+        m = torch.nn.Linear(1, 1)
+        m.quality, m.depth = (i + 1) / 10, 2 if i in (0, 1) else 1  # the two deep ones score worst early
+        trials.append(S.Trial({"i": i}, m, cost={"flops": 100 - i}))
+    plain = S.successive_halving(copy.deepcopy(trials), FakeRung(), [1, 3], eta=3, log=lambda s: None)
+    assert [t.genome["i"] for t in plain] == [8, 7, 6]
+    final = S.successive_halving(trials, FakeRung(), [1, 3], eta=3, log=lambda s: None, stratum=lambda t: t.model.depth)
+    assert [t.genome["i"] for t in final] == [8, 7, 6, 1]  # the best deep one too, ranked where it scores
+    assert [len(t.rungs) for t in trials] == [1, 2, 1, 1, 1, 1, 2, 2, 2]
+    assert [t.genome["i"] for t in S.best_of(final, 2, lambda t: t.model.depth)] == [8, 7, 1]
+    assert [t.genome["i"] for t in S.best_of(final, 2)] == [8, 7]
+    # Every depth in the first n: nothing added.
+    assert [t.genome["i"] for t in S.best_of(final, 4, lambda t: t.model.depth)] == [8, 7, 6, 1]
+
 def test_rungs_score_on_the_validation_split_and_the_training_samples_they_do_not_train_on():
     from compressor.data import DataSplits, HiddenLabels
 

@@ -41,6 +41,9 @@ class SearchSpec(_Section):
     final: int = Field(3, ge=0, description="family teacher: the best this many of the last rung are each distilled "
                        "for the recipe's distill epochs over the whole training split, and the best of them on the "
                        "validation split is the student (0: the last rung decides)")
+    per_depth: bool = Field(True, description="family teacher: the best candidate of each depth (units kept) also goes "
+                            "on through every rung and into the final few: a short rung ranks how a candidate starts, "
+                            "and a deeper, narrower sub-network starts slower than a shallow, wide one of the same cost")
     builder: str | None = Field(None, description="student builder (a built-in name or 'module:function'); default: the family's")
     space: dict[str, list[Any]] = Field(default_factory=dict, description="gene -> choices; overrides the detected space")
     latency: Literal["predict", "measure"] = Field("predict", description="predict from a per-device model, or measure each")

@@ -288,15 +288,30 @@ class Trial:
                 "rungs": self.rungs, "rung": len(self.rungs), "score": self.score}
 
 
+def best_of(ranked: list[Trial], n: int, stratum: Callable[[Trial], object] | None = None) -> list[Trial]:
+    """The first ``n`` of ``ranked`` (best first) and, with ``stratum``, the best of each stratum among the rest,
+    in ranked order."""
+    chosen = set(map(id, ranked[:n]))
+    if stratum is not None:
+        seen = {stratum(t) for t in ranked[:n]}
+        for t in ranked[n:]:
+            if stratum(t) not in seen:
+                seen.add(stratum(t))
+                chosen.add(id(t))
+    return [t for t in ranked if id(t) in chosen]
+
+
 def successive_halving(trials: list[Trial], rung: Rung, epochs: list[float], *, eta: int = 3, keep: int = 1,
                        seed: int = 0, log: Callable[[str], None] = print,
-                       scored: Callable[[Trial], None] | None = None, first: int = 0) -> list[Trial]:
+                       scored: Callable[[Trial], None] | None = None, first: int = 0,
+                       stratum: Callable[[Trial], object] | None = None) -> list[Trial]:
     """Short distillations of the feasible ``trials``: all at ``epochs[0]``, the best ``1/eta`` of them at
     ``epochs[1]``, and so on (never fewer than ``keep``). Returns the trials of the last rung, best first.
     Each rung trains from the teacher's weights again (not from the previous rung's), so scores within a rung
     compare like with like. A trial that already has a rung's score (restored by a Journal) is not trained
     again; ``scored`` is called after each new score. ``first``: how many rungs the trials went through
-    before these (a ladder continued with another Rung: the final distillations)."""
+    before these (a ladder continued with another Rung: the final distillations). ``stratum``: the best trial of
+    each stratum (the search's: the sub-network's depth) goes on as well as the best ``1/eta``."""
     alive = [t for t in trials if t.feasible]
     if not alive:
         return []
@@ -320,7 +335,7 @@ def successive_halving(trials: list[Trial], rung: Rung, epochs: list[float], *, 
             f"{time.time() - t0:.1f} s{f' ({reused} scores from the interrupted run)' if reused else ''}; "
             f"best {alive[0].rungs[k]['score']:.4f}")
         if j + 1 < len(epochs):
-            alive = alive[:max(keep, -(-len(alive) // eta))]
+            alive = best_of(alive, max(keep, -(-len(alive) // eta)), stratum)
     return alive
 
 

@@ -154,8 +154,11 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         journal.save(trials)
         hold("rung")  # tests stop the run here (compressor.hold)
 
+    # A short rung ranks how a candidate starts: a deeper, narrower sub-network starts slower than a shallow, wide
+    # one of the same cost and can end ahead of it, so with per_depth the best of each depth goes on too.
+    depth = (lambda t: len(space.units) - len(space.removed(t.genome))) if spec.per_depth else None
     final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, keep=max(1, spec.final), seed=recipe.seed,
-                                 log=ctx.log, scored=scored)
+                                 log=ctx.log, scored=scored, stratum=depth)
     ladder = list(spec.rungs)
     if spec.final and len(final) > 1:
         # The final few distilled as long as the student will be, on every training sample: what a short rung
@@ -166,7 +169,8 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         fx, _ = data.tensors("train")
         vx, vy = data.tensors("val", limit=2048)
         ladder.append(float(recipe.distill.epochs))
-        final = S.successive_halving(final[:spec.final], rung.over(teacher, fx, vx, vy, schedule=recipe.distill.schedule),
+        final = S.successive_halving(S.best_of(final, spec.final, depth),
+                                     rung.over(teacher, fx, vx, vy, schedule=recipe.distill.schedule),
                                      [float(recipe.distill.epochs)], seed=recipe.seed,
                                      log=ctx.log, scored=scored, first=len(spec.rungs))
     best = final[0]
