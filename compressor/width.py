@@ -337,16 +337,10 @@ def score_stream(model: nn.Module, s: Stream, batches, projections: int = 4, see
     model.eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     mask = torch.ones(s.width, requires_grad=True)
-    acc, samples = torch.zeros(s.width), 0
+    acc = torch.zeros(s.width)
     handles = [_get(model, p).register_forward_hook(lambda _m, _a, o: o * mask) for p in s.norms]
     try:
-        for b in batches:
-            y = output(model, b)
-            samples += len(y)
-            for k in range(projections):
-                r = torch.randn(y.shape, generator=gen, dtype=y.dtype)
-                (g,) = torch.autograd.grad((y * r).sum(), [mask], retain_graph=k < projections - 1)
-                acc += g.detach().float() ** 2
+        samples = _projected_grads(model, batches, {"stream": mask}, {"stream": acc}, projections, gen)
     finally:
         for hd in handles:
             hd.remove()
@@ -367,6 +361,21 @@ def cut_stream(model: nn.Module, plan: dict) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------ scoring
 
+def _projected_grads(model: nn.Module, batches, masks: dict, acc: dict, projections: int, gen) -> int:
+    """Add to ``acc[k]`` the squared gradients of (y . r) with respect to ``masks[k]``, for ``projections`` random
+    r ~ N(0, I) per batch (their sum has the per-sample ||dy/dm||^2 as its expectation); returns the samples seen."""
+    samples = 0
+    for b in batches:
+        y = output(model, b)
+        samples += len(y)
+        for k in range(projections):
+            r = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+            grads = torch.autograd.grad((y * r).sum(), list(masks.values()), retain_graph=k < projections - 1)
+            for key, gr in zip(masks, grads):
+                acc[key] += gr.detach().float() ** 2
+    return samples
+
+
 def score_groups(model: nn.Module, groups: list[Group], batches, projections: int = 4, seed: int = 0) -> list[Group]:
     """Fill each group's ``scores`` (s_j = E ||dy/dm_j||^2 per sample) and ``flops`` (per element)."""
     was = model.training
@@ -381,15 +390,7 @@ def score_groups(model: nn.Module, groups: list[Group], batches, projections: in
         handles = [_get(model, p).register_forward_pre_hook(
             lambda _m, args, f=f: (args[0] * f(), *args[1:])) for p, f in gates.items()]
         try:
-            for b in batches:
-                y = output(model, b)
-                samples += len(y)
-                for k in range(projections):
-                    r = torch.randn(y.shape, generator=gen, dtype=y.dtype)
-                    grads = torch.autograd.grad((y * r).sum(), list(masks.values()),
-                                                retain_graph=k < projections - 1)
-                    for gate, gr in zip(masks, grads):
-                        acc[gate] += gr.detach().float() ** 2
+            samples = _projected_grads(model, batches, masks, acc, projections, gen)
         finally:
             for h in handles:
                 h.remove()

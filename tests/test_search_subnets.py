@@ -262,8 +262,16 @@ def test_pipeline_searches_a_users_teacher(name, tiny_recipe, tmp_path):
     assert rungs[0]["candidates"] >= rungs[1]["candidates"] >= rungs[2]["candidates"]
     # the final few (search.final, 3 by default) distilled for the recipe's epochs on every training sample
     assert len(best["rungs"]) == 3 and best["rungs"][2]["epochs"] == 1 and best["rungs"][2]["samples"] > 128
-    # the last short rung keeps at least search.final candidates, so the final few are as many as asked
-    assert rungs[2]["candidates"] == min(3, search["metrics"]["feasible"]) and rungs[2]["epochs"] == 1
+    # the last short rung keeps at least search.final candidates, so the final few are as many as asked, and
+    # (search.per_depth) the best of every depth that reached it
+    final = search["metrics"]["final"]
+    assert rungs[2]["candidates"] == len(final) >= min(3, search["metrics"]["feasible"]) and rungs[2]["epochs"] == 1
+    cands = json.loads((out / "search" / "candidates.json").read_text())["candidates"]
+
+    def depth(c):
+        return sum(1 for k, v in c["genome"].items() if k.startswith("drop:") and not v)
+
+    assert {depth(c) for c in final} == {depth(c) for c in cands if c["rung"] >= 2}
     assert best["score"] == max(c["rungs"][2]["score"] for c in search["metrics"]["final"])
     g = man["student"]
     assert g["search"]["family"] == "teacher" and g["pruned_from"] == "teacher"
