@@ -1,4 +1,4 @@
-"""Width pruning: FFN neurons and attention heads cut out of the teacher's own weights.
+"""Width pruning: FFN neurons, attention heads and the residual stream cut out of the teacher's own weights.
 
 Layer pruning (compressor/prune.py) removes whole blocks; this narrows the blocks that stay. Together they
 make a student much smaller than the teacher that still starts from the teacher's weights.
@@ -26,22 +26,11 @@ make a student much smaller than the teacher that still starts from the teacher'
 4. The plan (kept neurons per FFN pair, removed heads per attention, by module path) goes into the
    genome: ``apply_plan`` on the layer-pruned teacher rebuilds the student.
 
-The residual stream (``hidden``, Minitron's embedding-channel pruning) is found the same way, from a forward
-pass: its width H is the LayerNorms' most common width; readers are the Linears fed a LayerNorm's output (or a
-slice of it), writers the Linears whose output a LayerNorm's input adds to an earlier stream tensor (post-LN's
-``LayerNorm(x + f(x))`` and pre-LN's next ``norm(x + f(x))``), and the token tables are the Embeddings of width
-H. Permuting the H channels of all of them together must give the same output (or the same output permuted,
-when the output is the stream itself: a sentence embedding); a stream that fails (nn.MultiheadAttention's
-fused projection, a position table held as a bare parameter) is not cut. Channels are scored by the same
-linearised output loss, with the mask on every LayerNorm's output. Cutting them is not exact (each LayerNorm
-then normalises over fewer channels) and a sentence encoder's embedding becomes narrower: distillation
-recovers the first, the cosine loss's projection and the relation metrics handle the second.
+The residual stream's channels (``hidden``) are found and cut by compressor/surgery.py.
 """
 from __future__ import annotations
 
 import copy
-from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +38,11 @@ from torch import nn
 
 from .errors import UserError
 from .flops import count_flops as flops
+from .surgery import cut_stream, find_stream, projected_grads, score_stream, sliced_linear
+from .surgery import gated as _gated
+from .surgery import get_module as _get
+from .surgery import set_module as _set
+from .surgery import swapped as _swapped
 from .tasks import output
 
 
@@ -69,40 +63,6 @@ class Group:
 
 # ------------------------------------------------------------------------------------------ finding
 
-def _get(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path) if path else model
-
-
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(_get(model, parent), child, module)
-
-
-@contextmanager
-def _swapped(model: nn.Module, modules: dict):
-    """``model`` with the modules at the given paths replaced while the block runs."""
-    old = {p: _get(model, p) for p in modules}
-    for p, m in modules.items():
-        _set(model, p, m)
-    try:
-        yield model
-    finally:
-        for p, m in old.items():
-            _set(model, p, m)
-
-
-@contextmanager
-def _gated(model: nn.Module, gates: dict):
-    """Multiply each gate Linear's input by its mask (a tensor over its input channels)."""
-    handles = [_get(model, p).register_forward_pre_hook(
-        lambda _m, args, mask=mask: (args[0] * mask, *args[1:])) for p, mask in gates.items()]
-    try:
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @torch.no_grad()
 def _linear_order(model: nn.Module, example) -> list[str]:
     """The Linear layers' paths in the order a forward pass first calls them."""
@@ -116,20 +76,6 @@ def _linear_order(model: nn.Module, example) -> list[str]:
         for h in handles:
             h.remove()
     return list(dict.fromkeys(order))
-
-
-def sliced_linear(lin: nn.Linear, *, rows=None, cols=None) -> nn.Linear:
-    """A copy of ``lin`` keeping only the given output rows and/or input columns."""
-    w = lin.weight.detach()
-    if rows is not None:
-        w = w[rows]
-    if cols is not None:
-        w = w[:, cols]
-    out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None).to(w.dtype)
-    out.weight.data.copy_(w)
-    if lin.bias is not None:
-        out.bias.data.copy_(lin.bias.detach() if rows is None else lin.bias.detach()[rows])
-    return out
 
 
 def _ffn_swap(model: nn.Module, g: Group, keep) -> dict:
@@ -217,164 +163,7 @@ def find_groups(model: nn.Module, example, ffn: bool = True, heads: bool = True)
     return hg + fg
 
 
-# --------------------------------------------------------------------------------- the residual stream
-
-@dataclass
-class Stream:
-    width: int  # H
-    embeddings: list[str]  # nn.Embedding of width H (columns go)
-    norms: list[str]  # LayerNorm over H (entries go)
-    readers: list[str]  # Linear fed the stream (input columns go)
-    writers: list[str]  # Linear adding to the stream (output rows go)
-    scores: list = field(default_factory=list)  # s_j per channel
-
-    def members(self) -> dict:
-        return {"embeddings": self.embeddings, "norms": self.norms, "readers": self.readers, "writers": self.writers}
-
-
-@torch.no_grad()
-def find_stream(model: nn.Module, example, tol: float = 1e-4) -> Stream | None:
-    """The model's residual stream, checked by permuting its channels (module docstring); None if there is
-    none that permutes exactly."""
-    was = model.training
-    model.eval()
-    try:
-        norms = {p: m for p, m in model.named_modules() if isinstance(m, nn.LayerNorm)
-                 and len(m.normalized_shape) == 1 and m.elementwise_affine}
-        if not norms:
-            return None
-        h = Counter(m.normalized_shape[0] for m in norms.values()).most_common(1)[0][0]
-        calls, handles = [], []  # (kind, path, input, output) in call order
-        for path, m in model.named_modules():
-            kind = ("norm" if path in norms and m.normalized_shape[0] == h else
-                    "embedding" if isinstance(m, nn.Embedding) and m.embedding_dim == h else
-                    "linear" if isinstance(m, nn.Linear) and h in (m.in_features, m.out_features) else None)
-            if kind:
-                handles.append(m.register_forward_hook(
-                    lambda _m, a, o, kind=kind, path=path: calls.append((kind, path, a[0] if a else None, o))))
-        try:
-            ref = output(model, example)
-        finally:
-            for hd in handles:
-                hd.remove()
-        stream, ptrs = [], set()  # the stream's tensors so far
-        emb, nrm, readers, writers = [], [], [], []
-        pending = []  # outputs of width H not yet seen added to the stream: (path, output)
-
-        def joins(x) -> bool:
-            """Whether ``x`` is a pending output itself, or one added to an earlier stream tensor (marking the
-            writers); then ``x`` belongs to the stream."""
-            hit = [w for w, wo in pending if wo.shape == x.shape and (
-                torch.allclose(x, wo, atol=tol, rtol=tol) or
-                any(st.shape == x.shape and torch.allclose(x - wo, st, atol=tol, rtol=tol) for st in stream))]
-            writers.extend(hit)
-            return bool(hit)
-
-        def add(*ts):
-            stream.extend(ts)
-            ptrs.update(t.data_ptr() for t in ts)
-
-        for kind, path, x, o in calls:
-            if kind == "embedding":
-                emb.append(path)
-            elif kind == "norm":
-                if x.data_ptr() not in ptrs:
-                    joins(x)
-                add(x, o)
-                nrm.append(path)
-            else:
-                lin = _get(model, path)
-                if lin.in_features == h and x is not None and (x.data_ptr() in ptrs or joins(x)):
-                    readers.append(path)
-                    add(x)
-                if lin.out_features == h:
-                    pending.append((path, o))
-        s = Stream(h, *(list(dict.fromkeys(v)) for v in (emb, nrm, readers, writers)))
-        if not s.norms or not (s.readers and s.writers):
-            return None
-        perm = torch.randperm(h, generator=torch.Generator().manual_seed(0))
-        try:
-            with _swapped(model, _stream_swap(model, s, perm)):
-                got = output(model, example)
-        except (RuntimeError, ValueError, IndexError):
-            return None
-        scale = tol * (1 + float(ref.abs().max()))
-        if got.shape == ref.shape and float((got - ref).abs().max()) <= scale:
-            return s
-        if ref.shape[-1] == h and got.shape == ref.shape and float((got - ref[..., perm]).abs().max()) <= scale:
-            return s
-        return None
-    finally:
-        model.train(was)
-
-
-def _stream_swap(model: nn.Module, s: Stream, keep) -> dict:
-    """Copies of the stream's modules keeping channels ``keep`` (in that order: a permutation or a subset)."""
-    keep = torch.as_tensor(keep, dtype=torch.long)
-    swap = {}
-    for p in s.embeddings:
-        e = copy.deepcopy(_get(model, p))
-        e.weight = nn.Parameter(e.weight.detach()[:, keep].clone())
-        e.embedding_dim = len(keep)
-        swap[p] = e
-    for p in s.norms:
-        n = copy.deepcopy(_get(model, p))
-        n.weight = nn.Parameter(n.weight.detach()[keep].clone())
-        if n.bias is not None:
-            n.bias = nn.Parameter(n.bias.detach()[keep].clone())
-        n.normalized_shape = (len(keep),)
-        swap[p] = n
-    for p in dict.fromkeys(s.readers + s.writers):
-        swap[p] = sliced_linear(_get(model, p), rows=keep if p in s.writers else None,
-                                cols=keep if p in s.readers else None)
-    return swap
-
-
-def score_stream(model: nn.Module, s: Stream, batches, projections: int = 4, seed: int = 0) -> Stream:
-    """Fill ``s.scores``: s_j = E ||dy/dm_j||^2 per sample, the mask m on every stream LayerNorm's output."""
-    was = model.training
-    req = [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.ones(s.width, requires_grad=True)
-    acc = torch.zeros(s.width)
-    handles = [_get(model, p).register_forward_hook(lambda _m, _a, o: o * mask) for p in s.norms]
-    try:
-        samples = _projected_grads(model, batches, {"stream": mask}, {"stream": acc}, projections, gen)
-    finally:
-        for hd in handles:
-            hd.remove()
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
-        model.train(was)
-    s.scores = (acc / (projections * samples)).tolist()
-    return s
-
-
-def cut_stream(model: nn.Module, plan: dict) -> nn.Module:
-    """Cut the residual stream to ``plan['keep']`` in place (``plan``: a Stream's members and the kept channels)."""
-    s = Stream(plan["width"], plan["embeddings"], plan["norms"], plan["readers"], plan["writers"])
-    for p, m in _stream_swap(model, s, plan["keep"]).items():
-        _set(model, p, m)
-    return model
-
-
 # ------------------------------------------------------------------------------------------ scoring
-
-def _projected_grads(model: nn.Module, batches, masks: dict, acc: dict, projections: int, gen) -> int:
-    """Add to ``acc[k]`` the squared gradients of (y . r) with respect to ``masks[k]``, for ``projections`` random
-    r ~ N(0, I) per batch (their sum has the per-sample ||dy/dm||^2 as its expectation); returns the samples seen."""
-    samples = 0
-    for b in batches:
-        y = output(model, b)
-        samples += len(y)
-        for k in range(projections):
-            r = torch.randn(y.shape, generator=gen, dtype=y.dtype)
-            grads = torch.autograd.grad((y * r).sum(), list(masks.values()), retain_graph=k < projections - 1)
-            for key, gr in zip(masks, grads):
-                acc[key] += gr.detach().float() ** 2
-    return samples
-
 
 def score_groups(model: nn.Module, groups: list[Group], batches, projections: int = 4, seed: int = 0) -> list[Group]:
     """Fill each group's ``scores`` (s_j = E ||dy/dm_j||^2 per sample) and ``flops`` (per element)."""
@@ -390,7 +179,7 @@ def score_groups(model: nn.Module, groups: list[Group], batches, projections: in
         handles = [_get(model, p).register_forward_pre_hook(
             lambda _m, args, f=f: (args[0] * f(), *args[1:])) for p, f in gates.items()]
         try:
-            samples = _projected_grads(model, batches, masks, acc, projections, gen)
+            samples = projected_grads(model, batches, masks, acc, projections, gen)
         finally:
             for h in handles:
                 h.remove()

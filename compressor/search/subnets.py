@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import LengthGrouped, trim
-from ..errors import UserError
 from ..flops import count_flops
 from ..prune import build_pruned, find_units
 from ..schedule import adamw, cosine
@@ -374,8 +374,6 @@ class Journal:
 
 
 def _genome_key(genome: dict) -> str:
-    import json
-
     return json.dumps(genome, sort_keys=True)
 
 
@@ -398,10 +396,3 @@ def check_budget(cost: dict, *, max_flops: float | None = None, max_params: int 
         if ms is not None and ms > limit:
             return f"{dev} {ms:.3f} ms > {limit:.3f}"
     return ""
-
-
-def no_budget_error() -> UserError:
-    return UserError("search.family: teacher needs a budget to search under: search.max_latency or search.max_flops "
-                     "(fractions of the teacher's latency or FLOPs), search.as_fast_as (a model to be no slower "
-                     "than), budgets.latency_ms or budgets.size_mb")
-

@@ -45,7 +45,9 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     max_flops = spec.max_flops * t_flops if spec.max_flops else None
     latency_ms = dict(b.latency_ms)
     if max_flops is None and not latency_ms and b.size_mb is None and spec.max_latency is None and spec.as_fast_as is None:
-        raise S.no_budget_error()
+        raise UserError("search.family: teacher needs a budget to search under: search.max_latency or search.max_flops "
+                        "(fractions of the teacher's latency or FLOPs), search.as_fast_as (a model to be no slower "
+                        "than), budgets.latency_ms or budgets.size_mb")
     for name in ("max_latency", "as_fast_as"):
         if getattr(spec, name) is not None and not devices:
             raise UserError(f"search.{name} needs a target to measure on (targets: [local-cpu], say)")
