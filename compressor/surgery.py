@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .tasks import output
+from .tasks import output, take
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -66,7 +66,7 @@ def sliced_linear(lin: nn.Linear, *, rows=None, cols=None) -> nn.Linear:
         w = w[rows]
     if cols is not None:
         w = w[:, cols]
-    out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None).to(w.dtype)
+    out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None).to(device=w.device, dtype=w.dtype)
     out.weight.data.copy_(w)
     if lin.bias is not None:
         out.bias.data.copy_(lin.bias.detach() if rows is None else lin.bias.detach()[rows])
@@ -82,7 +82,7 @@ def projected_grads(model: nn.Module, batches, masks: dict, acc: dict, projectio
         y = output(model, b)
         samples += len(y)
         for k in range(projections):
-            r = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+            r = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
             grads = torch.autograd.grad((y * r).sum(), list(masks.values()), retain_graph=k < projections - 1)
             for key, gr in zip(masks, grads):
                 acc[key] += gr.detach().float() ** 2
@@ -105,11 +105,15 @@ class Stream:
 
 
 @torch.no_grad()
-def find_stream(model: nn.Module, example, tol: float = 1e-4) -> Stream | None:
-    """The model's residual stream, checked by permuting its channels (module docstring); None if there is
-    none that permutes exactly."""
+def find_stream(model: nn.Module, example, tol: float | None = None) -> Stream | None:
+    """The model's residual stream, checked by permuting its channels and by running with a subset of them
+    (module docstring); None if there is none that passes. Two samples of ``example`` are used."""
     was = model.training
     model.eval()
+    example = take(example, 2)
+    if tol is None:  # matches within the rounding of the model's precision
+        dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
     try:
         norms = {p: m for p, m in model.named_modules() if isinstance(m, nn.LayerNorm)
                  and len(m.normalized_shape) == 1 and m.elementwise_affine}
@@ -133,13 +137,20 @@ def find_stream(model: nn.Module, example, tol: float = 1e-4) -> Stream | None:
         emb, nrm, readers, writers = [], [], [], []
         pending = []  # outputs of width H not yet seen added to the stream: (path, output)
 
-        def joins(x) -> bool:
-            """Whether ``x`` is a pending output itself, or one added to an earlier stream tensor (marking the
-            writers); then ``x`` belongs to the stream."""
-            hit = [w for w, wo in pending if wo.shape == x.shape and (
-                torch.allclose(x, wo, atol=tol, rtol=tol) or
-                any(st.shape == x.shape and torch.allclose(x - wo, st, atol=tol, rtol=tol) for st in stream))]
-            writers.extend(hit)
+        def joins(x, itself: bool = False) -> bool:
+            """Whether ``x`` is a pending output added to a recent stream tensor (or, ``itself``, for a LayerNorm's
+            input: the pending output alone, a stem), marking the writers; then ``x`` belongs to the stream."""
+            recent = [st for st in stream[-6:] if st.shape == x.shape]
+            hit = []
+            for w, wo in pending:
+                if wo.shape != x.shape:
+                    continue
+                rest = x - wo
+                if (itself and torch.allclose(x, wo, atol=tol, rtol=tol)) or any(
+                        torch.allclose(rest, st, atol=tol, rtol=tol) for st in recent):
+                    hit.append((w, wo))
+            writers.extend(w for w, _ in hit)
+            pending[:] = [pw for pw in pending if all(pw is not hw for hw in hit)]
             return bool(hit)
 
         def add(*ts):
@@ -151,7 +162,7 @@ def find_stream(model: nn.Module, example, tol: float = 1e-4) -> Stream | None:
                 emb.append(path)
             elif kind == "norm":
                 if x.data_ptr() not in ptrs:
-                    joins(x)
+                    joins(x, itself=True)
                 add(x, o)
                 nrm.append(path)
             else:
@@ -171,11 +182,19 @@ def find_stream(model: nn.Module, example, tol: float = 1e-4) -> Stream | None:
         except (RuntimeError, ValueError, IndexError):
             return None
         scale = tol * (1 + float(ref.abs().max()))
-        if got.shape == ref.shape and float((got - ref).abs().max()) <= scale:
-            return s
-        if ref.shape[-1] == h and got.shape == ref.shape and float((got - ref[..., perm]).abs().max()) <= scale:
-            return s
-        return None
+        same = got.shape == ref.shape and float((got - ref).abs().max()) <= scale
+        permuted = ref.shape[-1] == h and got.shape == ref.shape and float((got - ref[..., perm]).abs().max()) <= scale
+        if not (same or permuted):
+            return None
+        # A permutation keeps the width; a cut must also run (a width written into the code, a zero-filled slot of
+        # width H concatenated in, would pass the first check and fail here).
+        keep = sorted(perm[:h - max(1, h // 4)].tolist())
+        try:
+            with swapped(model, _stream_swap(model, s, keep)):
+                cut = output(model, example)
+        except (RuntimeError, ValueError, IndexError):
+            return None
+        return s if cut.shape == (ref.shape if same else (*ref.shape[:-1], len(keep))) else None
     finally:
         model.train(was)
 
@@ -199,6 +218,18 @@ def _stream_swap(model: nn.Module, s: Stream, keep) -> dict:
     for p in dict.fromkeys(s.readers + s.writers):
         swap[p] = sliced_linear(get_module(model, p), rows=keep if p in s.writers else None,
                                 cols=keep if p in s.readers else None)
+    # Weights tied in the model (a token table shared with an output head) stay one Parameter when sliced alike.
+    tied: dict[tuple, nn.Parameter] = {}
+    for p, new in swap.items():
+        old = get_module(model, p)
+        for name in ("weight", "bias"):
+            w_old, w_new = getattr(old, name, None), getattr(new, name, None)
+            if isinstance(w_old, nn.Parameter) and isinstance(w_new, nn.Parameter):
+                k = (id(w_old), tuple(w_new.shape))
+                if k in tied and torch.equal(tied[k], w_new):
+                    setattr(new, name, tied[k])
+                else:
+                    tied.setdefault(k, w_new)
     return swap
 
 
@@ -208,10 +239,12 @@ def score_stream(model: nn.Module, s: Stream, batches, projections: int = 4, see
     req = [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
-    mask = torch.ones(s.width, requires_grad=True)
-    acc = torch.zeros(s.width)
-    handles = [get_module(model, p).register_forward_hook(lambda _m, _a, o: o * mask) for p in s.norms]
+    dev = next((q.device for q in model.parameters()), torch.device("cpu"))
+    mask = torch.ones(s.width, requires_grad=True, device=dev)
+    acc = torch.zeros(s.width, device=dev)
+    handles = []
     try:
+        handles = [get_module(model, p).register_forward_hook(lambda _m, _a, o: o * mask.to(o.dtype)) for p in s.norms]
         samples = projected_grads(model, batches, {"stream": mask}, {"stream": acc}, projections, gen)
     finally:
         for hd in handles:
@@ -219,7 +252,7 @@ def score_stream(model: nn.Module, s: Stream, batches, projections: int = 4, see
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
         model.train(was)
-    s.scores = (acc / (projections * samples)).tolist()
+    s.scores = (acc / (projections * samples)).cpu().tolist()
     return s
 
 

@@ -329,18 +329,20 @@ def _cut_hidden(model: nn.Module, batches, hidden: float, multiple: int, project
                         "nn.MultiheadAttention's fused projection is not covered); drop prune.width.hidden")
     score_stream(model, s, batches, projections=projections)
     step = multiple if s.width > multiple else 1
-    cut = min(int(round(hidden * s.width / step)) * step, s.width - step)
+    kept = max(step, int(round((1 - hidden) * s.width / step)) * step)  # a multiple of the block, as FFN widths
+    cut = s.width - kept
     if cut <= 0:
-        raise UserError(f"prune.width.hidden: {hidden} of {s.width} channels is less than one block of {step}")
+        raise UserError(f"prune.width.hidden: {hidden} of {s.width} channels leaves no block of {step} to cut")
     keep = sorted(sorted(range(s.width), key=lambda j: -s.scores[j])[:s.width - cut])
     plan = {"width": s.width, "keep": keep, **s.members()}
     before = flops(model, batches[0])
     cut_model = cut_stream(copy.deepcopy(model), plan)
     after = flops(cut_model, batches[0])
+    kept_set = set(keep)
     log(f"prune.width: residual stream {s.width} -> {len(keep)} channels ({len(s.norms)} LayerNorms, "
         f"{len(s.readers)} readers, {len(s.writers)} writers, {len(s.embeddings)} embeddings); FLOPs "
         f"{before / 1e6:.4g} -> {after / 1e6:.4g} M per sample; linearised output loss "
-        f"{sum(s.scores[j] for j in range(s.width) if j not in set(keep)):.4g}")
+        f"{sum(s.scores[j] for j in range(s.width) if j not in kept_set):.4g}")
     info = {"width": s.width, "kept": len(keep), "flops_before": before, "flops_after": after,
             **{k: len(v) for k, v in s.members().items()}}
     return cut_model, plan, info

@@ -214,6 +214,47 @@ def test_hidden_cut_narrows_the_stream_and_rebuilds_from_its_plan(bert, which):
     assert not plan["ffn"] and not plan["heads"] and len(plan["hidden"]["keep"]) == 16
 
 
+
+class TinyLM(nn.Module):
+    """Pre-LN blocks over a token table; a classifier head with its own hidden layer on the first token, or a
+    language-model head tied to the token table."""
+
+    def __init__(self, vocab=40, d=32, depth=2, tied=False, zero_slot=False):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(d)
+        self.tied, self.zero_slot, self.d = tied, zero_slot, d
+        if tied:
+            self.head = nn.Linear(d, vocab, bias=False)
+            self.head.weight = self.tok.weight
+        else:
+            self.head = nn.Sequential(nn.Linear(d, d), nn.Dropout(0.1), nn.Linear(d, 3))
+
+    def forward(self, ids):
+        x = self.tok(ids)
+        if self.zero_slot:  # a slot of the width written into the code
+            x = torch.cat([x.new_zeros(len(x), 1, self.d), x], 1)
+        for b in self.blocks:
+            x = x + b(x)
+        x = self.norm(x)
+        return self.head(x) if self.tied else self.head(x[:, 0])
+
+
+def test_stream_leaves_heads_alone_keeps_ties_and_refuses_a_width_in_the_code():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (6, 10))
+    cls = TinyLM().eval()
+    s = W.find_stream(cls, ids)
+    # the head's own hidden layer (its output passes a Dropout unchanged) is not the stream's
+    assert s.readers == ["blocks.0.1", "blocks.1.1", "head.0"] and s.writers == ["blocks.0.3", "blocks.1.3"]
+    lm = TinyLM(tied=True).eval()
+    assert "head" in W.find_stream(lm, ids).readers
+    pruned, _, _ = W.prune_width(lm, [ids], 0.3, multiple=8, hidden=0.25, log=lambda s: None)
+    assert pruned.head.weight is pruned.tok.weight and pruned.tok.weight.shape == (40, 24)
+    assert W.find_stream(TinyLM(zero_slot=True).eval(), ids) is None
+
 def test_hidden_without_a_stream_is_a_clear_error():
     vit = _user_models().vit(dim=32, depth=2, heads=4, mlp=64).eval()
     with pytest.raises(UserError, match="prune.width.hidden: .*no residual stream"):
