@@ -73,7 +73,6 @@ def sliced_linear(lin: nn.Linear, *, rows=None, cols=None) -> nn.Linear:
     return out
 
 
-
 def projected_grads(model: nn.Module, batches, masks: dict, acc: dict, projections: int, gen) -> int:
     """Add to ``acc[k]`` the squared gradients of (y . r) with respect to ``masks[k]``, for ``projections`` random
     r ~ N(0, I) per batch (their sum has the per-sample ||dy/dm||^2 as its expectation); returns the samples seen."""

@@ -285,7 +285,7 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
     if hidden:
         if groups is not None:
             raise ValueError("prune_width: hidden with pre-scored groups (they were scored on the uncut stream)")
-        model, stream_plan, stream_info = _cut_hidden(model, batches, hidden, multiple, projections, log)
+        model, stream_plan, stream_info = _cut_hidden(model, batches, hidden, multiple, projections, total, log)
         if stream_info["flops_after"] <= (1 - remove) * total:
             plan = {"hidden": stream_plan, "ffn": {}, "heads": {}}
             log(f"prune.width: the stream's cut alone removes {1 - stream_info['flops_after'] / total:.0%} of the FLOPs "
@@ -300,7 +300,8 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
             raise UserError(f"prune.width: {type(model).__name__} has no {kinds} that can be cut exactly "
                             "(docs/distillation.md, Width); drop prune.width")
         score_groups(model, groups, batches, projections=projections)
-    plan = select(groups, remove * total - (total - flops(model, batches[0])), multiple)
+    now = stream_info["flops_after"] if stream_info else total  # the stream's cut counts toward the budget
+    plan = select(groups, remove * total - (total - now), multiple)
     pruned = apply_plan(copy.deepcopy(model), plan)
     if stream_plan is not None:
         plan = {"hidden": stream_plan, **plan}
@@ -320,8 +321,9 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
     return pruned.requires_grad_(True), plan, info
 
 
-def _cut_hidden(model: nn.Module, batches, hidden: float, multiple: int, projections: int, log):
-    """(a copy of ``model`` with ``hidden`` of its residual stream's channels cut, the stream's plan, record)."""
+def _cut_hidden(model: nn.Module, batches, hidden: float, multiple: int, projections: int, before: float, log):
+    """(a copy of ``model`` with ``hidden`` of its residual stream's channels cut, the stream's plan, record);
+    ``before``: the model's FLOPs on ``batches[0]``."""
     s = find_stream(model, batches[0])
     if s is None:
         raise UserError(f"prune.width.hidden: {type(model).__name__} has no residual stream whose channels permute "
@@ -333,9 +335,8 @@ def _cut_hidden(model: nn.Module, batches, hidden: float, multiple: int, project
     cut = s.width - kept
     if cut <= 0:
         raise UserError(f"prune.width.hidden: {hidden} of {s.width} channels leaves no block of {step} to cut")
-    keep = sorted(sorted(range(s.width), key=lambda j: -s.scores[j])[:s.width - cut])
+    keep = sorted(sorted(range(s.width), key=lambda j: -s.scores[j])[:kept])
     plan = {"width": s.width, "keep": keep, **s.members()}
-    before = flops(model, batches[0])
     cut_model = cut_stream(copy.deepcopy(model), plan)
     after = flops(cut_model, batches[0])
     kept_set = set(keep)
