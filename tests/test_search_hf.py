@@ -215,3 +215,36 @@ def test_teacher_sub_networks_are_costed_at_the_budgets_length(bert_dir, text_ba
     build = S.Builder(space, teacher, [x], example=long)
     own = space.genomes()[0]
     assert build.flops_estimate(own) == count_flops(teacher, long) > count_flops(teacher, take(x, 1))
+
+
+def test_as_fast_as_prune_puts_the_prune_sections_cut_in_the_search(bert_dir, tmp_path):
+    """search.as_fast_as: prune on an encoder: the teacher cut as the prune section says is the latency budget and,
+    being a genome of the space, a candidate of its own, feasible by definition and carried into the final few;
+    the record says how it scored and whether it was chosen."""
+    recipe = _recipe(bert_dir, search={"family": "teacher", "channels": [0.0, 0.5, 0.75], "rungs": [0.5],
+                                       "rung_samples": 64, "final": 1, "per_depth": False, "as_fast_as": "prune"},
+                     prune={"by": "units", "remove": 1, "width": {"remove": 0.5}})
+    recipe.pop("budgets")
+    logs = []
+    out = run(recipe, tmp_path / "bundle", log=logs.append)
+    verify(out)
+    m = json.loads((out / "manifest.json").read_text())
+    rec = next(s for s in m["stages"] if s["name"] == "search")["metrics"]
+    own = rec["as_fast_as_prune"]
+    assert own["genome"]["channels"] == 0.5 and sum(v for k, v in own["genome"].items() if k.startswith("drop:")) == 1
+    cand = own["candidate"]
+    assert cand["genome"] == own["genome"] and cand["feasible"] and cand["why"] == ""
+    # final: 1 and no per_depth, yet it was distilled in the final rung beside the best of the short rung
+    assert len(cand["rungs"]) == 2 and cand["rungs"][1]["samples"] > 64 and len(rec["final"]) == 2
+    assert rec["latency_budget_ms"] == rec["as_fast_as_latency_ms"]
+    best = rec["best"]
+    assert own["chosen"] == (best["genome"] == own["genome"])
+    assert best["score"] >= cand["score"] and best["feasible"]
+    assert m["student"]["search"]["genes"] == best["genome"]
+    assert any("the prune section's cut (as_fast_as: prune) scored" in s for s in logs)
+
+
+def test_as_fast_as_prune_needs_a_prune_section(bert_dir, tmp_path):
+    recipe = _recipe(bert_dir, search={"family": "teacher", "channels": [0.0, 0.5], "as_fast_as": "prune"})
+    with pytest.raises(UserError, match="as_fast_as: prune needs a prune section"):
+        run(recipe, tmp_path / "bundle", log=lambda s: None)

@@ -27,11 +27,13 @@ class SearchSpec(_Section):
     max_latency: float | None = Field(None, gt=0, le=1, description="family teacher: a budget, the fraction of the "
                                       "teacher's batch-1 latency a candidate may take on each target (measured side "
                                       "by side, so it holds on any host)")
-    as_fast_as: StudentSpec | None = Field(None, description="family teacher: a budget, no slower at batch 1 than "
-                                           "this model (a student you would otherwise pick: {model, config}; its "
-                                           "weights do not matter) on each target, measured in the same round "
-                                           "robin as the teacher and the candidates, so one noisy spell cannot "
-                                           "move the budget against them")
+    as_fast_as: StudentSpec | Literal["prune"] | None = Field(
+        None, description="family teacher: a budget, no slower at batch 1 than this model (a student you would "
+        "otherwise pick: {model, config}; its weights do not matter) on each target, measured in the same round "
+        "robin as the teacher and the candidates, so one noisy spell cannot move the budget against them. prune: "
+        "the teacher cut as the recipe's prune section says; where that cut is a genome of the space, it is a "
+        "candidate too, within the budget by definition and carried into the final few, so the search returns it "
+        "unless another candidate distils better")
     rungs: list[float] = Field([1.5, 4.5, 13.5], description="family teacher: epochs of short distillation (over "
                                "rung_samples training samples) at each rung of successive halving; the last rung "
                                "decides (benchmarks/results/search_rank.md: a longer one ranks closer to full "

@@ -35,6 +35,22 @@ def skip(ctx: Context) -> str | None:
 
 def run(ctx: Context) -> StageRecord:
     spec = ctx.recipe.prune
+    student, info, plan, channels = cut(ctx, spec)
+    ctx.student = student
+    ctx.genome = _genome(ctx, info["removed"], plan, channels)
+    if channels:
+        keep_cut(ctx, student)
+    ctx.log(f"the pruned teacher replaces the recipe's student: {info['params']:,} params, "
+            f"{info['flops'] / 1e6:.1f} MFLOPs")
+    return StageRecord(name, config=spec.model_dump(mode="json"),
+                       metrics={k: v for k, v in info.items() if k != "removed"},
+                       outputs={"removed": info["removed"], "width": plan, "channels": channels, "genome": ctx.genome})
+
+
+def cut(ctx: Context, spec: PruneSpec):
+    """The teacher cut as ``spec`` says (layers, then width, then channels): (student, the cut's figures with the
+    removed units, the width plan or None, the channel plan or None). The prune stage's student, and the search's
+    ``as_fast_as: prune`` reference."""
     batches, labels = calibration_batches(ctx.data, ctx.recipe.data.batch_size, spec.calibration_batches,
                                           labels=True)
     if spec.remove:
@@ -65,16 +81,7 @@ def run(ctx: Context) -> StageRecord:
         if "measured_loss" in info:
             info["layers_measured_loss"] = info["measured_loss"]
         info["measured_loss"] = sq_error_mean(ctx.teacher, student, batches)
-    ctx.student = student
-    ctx.genome = _genome(ctx, info["removed"], plan, channels)
-    if channels:
-        keep_cut(ctx, student)
-    ctx.log(f"the pruned teacher replaces the recipe's student: {info['params']:,} params, "
-            f"{info['flops'] / 1e6:.1f} MFLOPs")
-    return StageRecord(name, config=spec.model_dump(mode="json"),
-                       metrics={k: v for k, v in info.items() if k != "removed"},
-                       outputs={"removed": info["removed"], "width": plan, "channels": channels, "genome": ctx.genome})
-
+    return student, info, plan, channels
 
 
 def restore(ctx: Context, rec: StageRecord) -> None:

@@ -3,6 +3,7 @@ filtered by the budgets, ranked by short distillations in successive halving; th
 teacher's weights and becomes the student."""
 from __future__ import annotations
 
+import copy
 import time
 
 from ..bundle import StageRecord
@@ -15,6 +16,7 @@ from ..measure import model_key
 from ..prune import calibration_batches, find_units, score_units
 from ..search import subnets as S
 from ..tasks import size, take
+from .prune import cut as prune_cut
 from .prune import cut_teacher, keep_cut
 
 
@@ -51,12 +53,14 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     for name in ("max_latency", "as_fast_as"):
         if getattr(spec, name) is not None and not devices:
             raise UserError(f"search.{name} needs a target to measure on (targets: [local-cpu], say)")
-    # search.as_fast_as: the model to be no slower than, built now (a wrong builder fails before the long part)
-    reference = build_student(recipe, data, spec.as_fast_as)[0] if spec.as_fast_as is not None else None
     genomes = space.genomes()
     t0 = time.time()
     journal = S.Journal(ctx.scratch / "search" / "ladder.json", _journal_key(ctx, spec))
     build, trials = S.Builder(space, teacher, batches, labels=labels, ignore=ignore, example=example), []
+    # search.as_fast_as: the model to be no slower than, built now (a wrong builder fails before the long part);
+    # ``prune``: the teacher cut as the prune section says, and its genome in the space (None where it has none)
+    reference, own, own_plan = _reference(ctx, spec, space, build.cut)
+    fits = genomes
     if max_flops is not None:
         # Rung 0, first half: FLOPs estimated before building (the cut's fraction lands within a few percent), over
         # the whole space, so the trials below are spent on genomes that can meet the budget.
@@ -78,6 +82,8 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         genomes = first + S.most_promising(genomes[len(first):], space, {u.path: u.loss for u in units},
                                            spec.trials - len(first), seed=recipe.seed)
         sampled = " (per depth and cut, those dropping the units of least output loss)"
+        if own is not None and own in fits and own not in genomes:
+            genomes.append(own)
     ctx.log(f"search: the teacher's sub-networks: {len(space.units)} droppable units ({', '.join(space.units)}), "
             f"channel cuts {', '.join(f'{c:g}' for c in space.channels)}: {space.size} genomes"
             f"{f', {len(trials)} over the FLOPs budget' if trials else ''}; {len(genomes)} tried{sampled}")
@@ -85,7 +91,8 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         # Rung 0, second half: FLOPs and size as built, then latency on each device for those left.
         est = build.flops_estimate(gnm)
         try:
-            model, plan = build(gnm)
+            # the prune section's cut itself, not the Builder's quicker estimate of it
+            model, plan = (copy.deepcopy(reference), own_plan) if gnm == own else build(gnm)
         except UserError as e:  # a cut the structure cannot give (groups at their multiple): not a candidate
             trials.append(S.Trial(gnm, cost={"flops": int(est), "estimated": True}, feasible=False,
                                   why=str(e).split(": ", 1)[-1][:200]))
@@ -124,12 +131,14 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
                 t.cost["latency_ms"] = lat
         if spec.max_latency is not None:
             latency_ms = {d: min(latency_ms.get(d, float("inf")), spec.max_latency * ms) for d, ms in teacher_ms.items()}
+        own_limits = dict(latency_ms)
         if reference is not None:
             latency_ms = {d: min(latency_ms.get(d, float("inf")), ms) for d, ms in reference_ms.items()}
             ctx.log("search: as fast as " + ", ".join(f"{d} {ms:.3f} ms (teacher {teacher_ms[d]:.3f})"
                                                       for d, ms in reference_ms.items()))
         for t in left:
-            t.why = S.check_budget(t.cost, latency_ms=latency_ms)
+            # the prune section's own cut is the reference's shape: as fast as itself, whatever the noise says
+            t.why = S.check_budget(t.cost, latency_ms=own_limits if t.genome == own else latency_ms)
     journal.teacher_ms, journal.reference_ms = teacher_ms, reference_ms
     journal.save(trials)
     for t in trials:
@@ -159,6 +168,8 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     # A short rung ranks how a candidate starts: a deeper, narrower sub-network starts slower than a shallow, wide
     # one of the same cost and can end ahead of it, so with per_depth the best of each depth goes on too.
     depth = (lambda t: len(space.units) - len(space.removed(t.genome))) if spec.per_depth else None
+    if own is not None:  # the prune section's cut goes on to the final few whatever its short rungs say
+        depth = (lambda t, d=depth: "as_fast_as" if t.genome == own else d(t) if d else "rest")
     final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, keep=max(1, spec.final), seed=recipe.seed,
                                  log=ctx.log, scored=scored, stratum=depth)
     ladder = list(spec.rungs)
@@ -177,6 +188,11 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
                                      log=ctx.log, scored=scored, first=len(spec.rungs))
     best = final[0]
     removed = space.removed(best.genome)
+    mine = next((t for t in trials if own is not None and t.genome == own), None)
+    if mine is not None:
+        ctx.log("search: the prune section's cut (as_fast_as: prune) " + (
+            f"scored {mine.score:.4f} at rung {len(mine.rungs)}; " if mine.rungs else f"was not ranked ({mine.why}); ")
+            + ("it is the student" if mine is best else f"the chosen candidate scored {best.score:.4f}"))
     ctx.student = best.model
     t = recipe.teacher
     found = {"family": "teacher", "genes": best.genome, "rung_score": best.score}
@@ -198,12 +214,42 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
                                 "teacher_flops": t_flops, "max_flops": max_flops, "build_seconds": round(built_s, 2),
                                 "teacher_latency_ms": teacher_ms, "latency_budget_ms": latency_ms,
                                 **({"as_fast_as_latency_ms": reference_ms} if reference is not None else {}),
+                                **({"as_fast_as_prune": {"genome": own, "candidate": mine.to_dict() if mine else None,
+                                                         "chosen": mine is best}} if own is not None else {}),
                                 "rungs": [{"epochs": e, "candidates": sum(len(t.rungs) > k for t in trials),
                                            "seconds": round(sum(t.rungs[k]["seconds"] for t in trials if len(t.rungs) > k), 2)}
                                           for k, e in enumerate(ladder)],
                                 "best": best.to_dict(), "final": [t.to_dict() for t in final]},
                        outputs={"candidates": "search/candidates.json", "plot": "search/pareto.png",
                                 "student": ctx.genome})
+
+
+def _reference(ctx: Context, spec, space: S.SubnetSpace, cut: str):
+    """(search.as_fast_as's model or None, the genome of ``space`` that is that model or None, its cut's plan). A
+    named student has no genome; ``prune`` has one where the prune section drops units of the space and cuts a fraction the
+    space offers in the way the space cuts (``cut``: width, heads and FFN neurons; channels, structural)."""
+    want = spec.as_fast_as
+    if want is None:
+        return None, None, None
+    if want != "prune":
+        return build_student(ctx.recipe, ctx.data, want)[0], None, None
+    p = ctx.recipe.prune
+    if p is None:
+        raise UserError("search.as_fast_as: prune needs a prune section (the cut to be no slower than)")
+    model, info, width, channels = prune_cut(ctx, p)
+    removed, w, c = info["removed"], p.width, p.channels
+    frac = (0.0 if w is None and c is None else
+            w.remove if c is None and cut == "width" and not w.hidden and w.ffn and w.heads else
+            c.remove if w is None and cut == "channels" else None)
+    if frac is None or not set(removed) <= set(space.units) or not any(abs(frac - f) < 1e-9 for f in space.channels):
+        ctx.log("search: the prune section's cut is not a genome of this space (units or a channel cut it does not "
+                "offer): it is the latency budget only")
+        return model.eval(), None, None
+    frac = next(f for f in space.channels if abs(frac - f) < 1e-9)
+    genome = {**{f"drop:{u}": int(u in removed) for u in space.units}, "channels": frac}
+    ctx.log(f"search: as fast as the prune section's cut (without {', '.join(removed) or 'no unit'}, "
+            f"{frac:.0%} of FLOPs cut), a candidate of its own")
+    return model.eval(), genome, (width if cut == "width" else channels)
 
 
 def _journal_key(ctx: Context, spec) -> str:
