@@ -123,7 +123,7 @@ class DataSplits:
         known (at most ``limit`` in all): what a model trained on ``tensors("train", limit=trained_on)`` has
         not seen. A small validation split ranks candidates by a handful of samples (180 on digits); the
         unused training samples make the ranking several times less noisy. Where the validation split was kept
-        apart from training by the dataset (``meta["val_apart"]``: docstrings' whole modules), it alone: the
+        apart from training by the dataset (``meta["val_apart"]``: docstrings' modules of their own), it alone: the
         training samples would score fit to the training distribution, not what the held-out split measures."""
         picked = [self.val[i] for i in range(min(limit, len(self.val)))]
         for i in range(trained_on, 0 if self.meta.get("val_apart") else len(self.train)):
@@ -252,8 +252,7 @@ def load_data(spec, seed: int, defaults: dict | None = None) -> DataSplits:
         accepted = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         accepted = {}
-    # a dataset function that takes val_fraction makes its own validation split (docstrings: whole modules apart)
-    for k, v in ({"val_fraction": spec.val_fraction} | (defaults or {})).items():
+    for k, v in (defaults or {}).items():
         if v is not None and k not in kwargs and k in accepted:
             kwargs[k] = v
     try:

@@ -21,6 +21,12 @@ TRAIN_MODULES = ("os", "json", "collections", "itertools", "functools", "pathlib
                  "logging", "subprocess", "threading", "asyncio", "email", "http.client", "urllib.request",
                  "xml.etree.ElementTree", "unittest", "decimal", "fractions", "statistics", "random", "shutil",
                  "tarfile", "zipfile", "csv", "sqlite3", "datetime", "calendar", "string", "textwrap", "difflib")
+# Validation: modules of neither list, so choosing on it (the best epoch, the search's candidates) sees text from
+# modules the student never trained on, as the held-out split does, at no cost to the training text.
+VAL_MODULES = ("types", "weakref", "queue", "hashlib", "math", "ast", "tokenize", "traceback", "platform",
+               "concurrent.futures", "mailbox", "base64", "urllib.parse", "http.server", "smtplib", "uuid",
+               "xmlrpc.client", "ipaddress", "configparser", "pdb", "doctest", "shlex", "gzip", "plistlib",
+               "xml.dom.minidom", "imaplib", "ftplib", "pydoc", "socketserver", "optparse", "shelve", "bz2", "lzma")
 HELD_OUT_MODULES = ("inspect", "dataclasses", "enum", "contextlib", "heapq", "bisect", "socket", "ssl",
                     "pickle", "copy", "tempfile", "glob", "io", "codecs", "locale", "gettext")
 PARAGRAPHS = ("first", "all")  # which paragraphs of a docstring: its summary, or every prose one
@@ -76,22 +82,6 @@ def labelled_docstrings(modules, paragraphs: str = "first") -> tuple[list[str], 
     return texts, labels, used
 
 
-def modules_apart(labels: list[int], fraction: float, seed: int = 0) -> set[int]:
-    """Modules (labels) whose sentences make about ``fraction`` of ``labels`` and no more, drawn in a seeded order
-    (a module too large to fit is passed over); empty where none fits, or only one module would be left to train."""
-    counts: dict[int, int] = {}
-    for y in labels:
-        counts[y] = counts.get(y, 0) + 1
-    order = sorted(counts)
-    random.Random(seed).shuffle(order)
-    target, picked, n = fraction * len(labels), set(), 0
-    for y in order:
-        if n + counts[y] <= target and len(counts) - len(picked) > 1:
-            picked.add(y)
-            n += counts[y]
-    return picked if n >= max(8, 0.5 * target) else set()
-
-
 class TokenizedText(Dataset):
     """Sentences tokenised once, padded to ``max_length``; a sample is ({input_ids, attention_mask}, label).
     Batches are trimmed to their longest sentence when collated (compressor.data.collate)."""
@@ -112,26 +102,33 @@ class TokenizedText(Dataset):
 def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None = None,
                train_modules: list[str] | None = None, test_modules: list[str] | None = None,
                extra_train_modules: list[str] | None = None, max_length: int = 128, max_train: int = 3000,
-               max_test: int = 400, seed: int = 0, train_paragraphs: str = "first", val_fraction: float = 0.0) -> dict:
+               max_test: int = 400, seed: int = 0, train_paragraphs: str = "first",
+               val_modules: list[str] | None = None, max_val: int = 720) -> dict:
     """Docstrings of ``train_modules`` (+ ``extra_train_modules``, e.g. installed packages such as numpy)
     for training and of ``test_modules`` (disjoint) held out, tokenised with the teacher's tokenizer
     (filled in from a Hugging Face teacher when left out). Modules that are not installed give nothing.
     ``train_paragraphs: all`` trains on every prose paragraph of the training modules' docstrings, not only
     the first (more unlabelled text for distillation); held-out sentences are always first paragraphs, so
-    quality figures compare across settings. ``val_fraction`` (the recipe's data.val_fraction) of the training
-    sentences become the validation split, whole modules of them: a sentence from a module the student trains on
-    says little about text from modules it never saw, which is what held-out quality measures, so choices made
-    on validation (the best epoch, the search's candidates) would favour students that fit the training modules
-    (on MiniLM-L6 a two-layer student beat a three-layer one on random training sentences, 0.903 against 0.875
-    agreement, and lost on the held-out modules, 0.832 against 0.861)."""
+    quality figures compare across settings. The validation split is the first paragraphs of ``val_modules``
+    (disjoint from both; ``[]``: none, and the recipe's data.val_fraction of the training sentences instead): a
+    sentence from a module the student trains on says little about text from modules it never saw, which is
+    what held-out quality measures, so choices made on such a split (the best epoch, the search's candidates)
+    favour students that fit the training modules. On MiniLM-L6 a two-layer student beat a three-layer one on
+    random training sentences (agreement 0.903 against 0.875) and lost on the held-out modules (0.832 against
+    0.861); carving whole training modules out for validation ranked them right but cost the three-layer
+    student 0.009 agreement (less varied training text)."""
     from .hf import tokenizer
 
     train_modules = list(train_modules or TRAIN_MODULES) + list(extra_train_modules or [])
     test_modules = list(test_modules or HELD_OUT_MODULES)
-    both = set(train_modules) & set(test_modules)
-    if both:
-        raise UserError(f"data.kwargs: {', '.join(sorted(both))} in both train_modules and test_modules; "
-                        "held-out text must come from other modules")
+    val_modules = list(VAL_MODULES if val_modules is None else val_modules)
+    for a, b, names in ((train_modules, test_modules, "train_modules and test_modules"),
+                        (train_modules, val_modules, "train_modules and val_modules"),
+                        (val_modules, test_modules, "val_modules and test_modules")):
+        both = set(a) & set(b)
+        if both:
+            raise UserError(f"data.kwargs: {', '.join(sorted(both))} in both {names}; held-out and validation "
+                            "text must come from other modules")
     if train_paragraphs not in PARAGRAPHS:
         raise UserError(f"data.kwargs.train_paragraphs {train_paragraphs!r}: use first (each docstring's summary) or all "
                         "(every prose paragraph)")
@@ -142,26 +139,23 @@ def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None 
                         "data.kwargs.tokenizer_path (a model directory) or tokenizer_package")
     tok = tokenizer(tokenizer_path, tokenizer_package)
     splits, meta = {}, {}
-    for split, modules, cap in (("train", train_modules, max_train), ("test", test_modules, max_test)):
+    # validation last: a sentence re-exported by a held-out module stays held out, as before validation had modules
+    todo = [("train", train_modules, max_train), ("test", test_modules, max_test), ("val", val_modules, max_val)]
+    for split, modules, cap in (t for t in todo if t[1]):
         texts, labels, used = labelled_docstrings(modules, train_paragraphs if split == "train" else "first")
         pairs = list(zip(texts, labels))
         random.Random(seed).shuffle(pairs)  # each split its own draw: the held-out one whatever trains
-        # a re-exported docstring of a training module (validation's included) is not held out
-        held = set(splits["train"].texts) | set(splits["val"].texts if "val" in splits else ()) if split == "test" else set()
+        # a re-exported docstring of a training (or validation) module is not held out
+        held = {t for d in splits.values() for t in d.texts}
         pairs = [(t, y) for t, y in pairs if t not in held][:cap]
         if len(pairs) < 8:
             raise UserError(f"data docstrings: only {len(pairs)} {split} sentences from modules "
                             f"{', '.join(modules)}; name modules with more documentation")
-        if split == "train" and val_fraction:
-            apart = modules_apart([y for _, y in pairs], val_fraction, seed)
-            if apart:
-                val = [(t, y) for t, y in pairs if y in apart]
-                pairs = [(t, y) for t, y in pairs if y not in apart]
-                splits["val"] = TokenizedText([t for t, _ in val], [y for _, y in val], tok, max_length)
-                meta.update(val_modules=[used[y] for y in sorted(apart)], val_apart=True)
         splits[split] = TokenizedText([t for t, _ in pairs], [y for _, y in pairs], tok, max_length)
         meta[f"{split}_modules"] = used
-    meta.update(source="docstrings of installed Python modules (train and held-out from different modules)",
+    if "val" in splits:
+        meta["val_apart"] = True  # DataSplits.held_out: score on validation alone
+    meta.update(source="docstrings of installed Python modules (train, validation and held-out from different modules)",
                 max_length=max_length, dims={"sequence": max_length}, num_classes=len(meta["test_modules"]),
                 train_paragraphs=train_paragraphs,
                 tokenizer=tokenizer_path or tokenizer_package)

@@ -36,33 +36,8 @@ def _data(bert_dir, **kw) -> DataSplits:
 
 
 def _train_texts(data: DataSplits) -> set[str]:
-    """Every sentence of the training modules (the validation split is whole modules of them)."""
-    return set(data.train.texts) | set(data.val.texts)
-
-
-def test_the_validation_split_is_whole_training_modules_apart(bert_dir):
-    """data.val_fraction of the training sentences, as whole modules: choices made on validation then see text
-    from modules the student did not train on, as held-out quality does."""
-    from compressor.text import modules_apart
-
-    data = _data(bert_dir, max_train=100_000)
-    meta = data.meta
-    assert meta["val_apart"] and meta["val_modules"]
-    train_mods = {meta["train_modules"][int(y)] for y in data.train.labels}
-    val_mods = {meta["train_modules"][int(y)] for y in data.val.labels}
-    assert val_mods == set(meta["val_modules"]) and val_mods.isdisjoint(train_mods)
-    assert set(data.val.texts).isdisjoint(data.train.texts) and set(data.val.texts).isdisjoint(data.test.texts)
-    n = len(data.train) + len(data.val)
-    assert 0.05 * n <= len(data.val) <= 0.1 * n
-    # the search's rungs score on it alone, not on training sentences past the ones they train on
-    hx, hy = data.held_out(64)
-    assert len(hy) == len(data.val)
-    assert modules_apart([0] * 50, 0.1) == set()  # one module: nothing to keep apart
-    assert modules_apart([0] * 90 + [1] * 5 + [2] * 5, 0.1) == {1, 2}  # a module too large is passed over
-    assert modules_apart([0] * 10 + [1] * 5, 0.1) == set()  # none small enough: a random split instead
-    plain = load_data(DataSpec(dataset="docstrings", kwargs={"max_length": 32, "max_train": 200, "max_test": 80},
-                               batch_size=16, val_fraction=0), seed=0, defaults={"tokenizer_path": str(bert_dir)})
-    assert "val_apart" not in plain.meta and plain.val is plain.test
+    """Every sentence the train split was drawn from."""
+    return set(data.train.texts)
 
 
 def test_docstrings_come_from_disjoint_modules(bert_dir):
@@ -76,6 +51,28 @@ def test_docstrings_come_from_disjoint_modules(bert_dir):
     assert more.meta["train_modules"][-1] == "colorsys"  # a missing module gives nothing, not an error
     texts, labels, used = labelled_docstrings(["json", "heapq"])
     assert used == ["json", "heapq"] and set(labels) == {0, 1} and len(texts) == len(set(texts))
+
+
+def test_the_validation_split_comes_from_modules_of_its_own(bert_dir):
+    """Validation sentences come from modules neither trained on nor held out: choices made on validation then
+    see text from modules the student did not train on, as held-out quality does, and training keeps all its
+    text. ``val_modules: []`` falls back to data.val_fraction of the training sentences."""
+    data = _data(bert_dir)
+    meta = data.meta
+    assert meta["val_apart"] and meta["val_modules"]
+    assert set(meta["val_modules"]).isdisjoint(meta["train_modules"])
+    assert set(meta["val_modules"]).isdisjoint(meta["test_modules"])
+    texts = [set(data.train.texts), set(data.val.texts), set(data.test.texts)]
+    assert all(a.isdisjoint(b) for k, a in enumerate(texts) for b in texts[k + 1:])
+    assert 8 <= len(data.val) <= 720
+    hx, hy = data.held_out(64)  # the search's rungs score on validation alone, not on training sentences
+    assert len(hy) == len(data.val)
+    plain = _data(bert_dir, val_modules=[])
+    assert "val_apart" not in plain.meta and len(plain.val) == round(0.1 * 200)
+    assert set(plain.val.dataset.texts) == set(plain.train.dataset.texts)  # carved out of the training split
+    assert len(_data(bert_dir, max_val=30).val) == 30
+    with pytest.raises(UserError, match="json in both train_modules and val_modules"):
+        _data(bert_dir, val_modules=["json"])
 
 
 def test_every_prose_paragraph_can_train_while_held_out_text_stays_first_paragraphs(bert_dir):
