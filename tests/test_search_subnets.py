@@ -373,3 +373,34 @@ def test_sigkill_mid_rung_then_resume_reuses_the_scores(deep_tiny, tmp_path):
             assert row["rungs"][0] == scored[g][0]
     assert sum(bool(row["rungs"]) for row in rows) > 1
     assert next(s for s in read_manifest(out)["stages"] if s["name"] == "search")["metrics"]["best"]["rung"] == 3  # 2 + final
+
+
+def test_the_final_few_are_timed_again_beside_the_reference(monkeypatch):
+    """A finalist slower than search.as_fast_as's model in a second round robin goes after the rest (one reading of
+    the reference can be a third off); the prune section's own cut never does; a resumed run reads the saved
+    timings instead of measuring again."""
+    from types import SimpleNamespace
+
+    from compressor.stages import subnets as stage
+
+    calls = []
+
+    def fake_latency_of(devices, x1, export):
+        def measure(models):
+            calls.append(len(models))
+            return [{"cpu": 1.0}, {"cpu": 1.2}, {"cpu": 0.9}, {"cpu": 1.1}]
+        return measure
+
+    monkeypatch.setattr(stage, "latency_of", fake_latency_of)
+    own = {"drop:a": 1, "channels": 0.5}
+    final = [S.Trial({"drop:a": 0, "channels": 0.5}, model=torch.nn.Identity()),  # best score, slower now
+             S.Trial({"drop:a": 1, "channels": 0.0}, model=torch.nn.Identity()),
+             S.Trial(own, model=torch.nn.Identity())]  # slower too, but the reference's own shape
+    logs = []
+    ctx = SimpleNamespace(log=logs.append)
+    got = stage._recheck(ctx, final, torch.nn.Identity(), own, {"cpu": None}, torch.zeros(1, 2), None)
+    assert [t.genome for t in got] == [final[1].genome, own, final[0].genome]
+    assert final[0].cost["latency_recheck_ms"] == {"cpu": 1.2} and final[0].cost["as_fast_as_recheck_ms"] == {"cpu": 1.0}
+    assert len(logs) == 1 and "cpu 1.200 ms > 1.000" in logs[0]
+    again = stage._recheck(ctx, final, torch.nn.Identity(), own, {"cpu": None}, torch.zeros(1, 2), None)
+    assert calls == [4] and [t.genome for t in again] == [final[1].genome, own, final[0].genome]
