@@ -158,8 +158,9 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     hx, hy = data.held_out(size(xs))
     rung = S.Rung.of(teacher, xs, hx, hy, recipe.task, batch_size=min(64, size(xs)), lr=recipe.distill.lr,
                      by_length=recipe.data.group_by_length is not False)
-    ctx.log(f"search: rungs train on {size(xs)} samples and score on {size(hx)} held out "
-            f"({min(len(data.val), size(hx))} validation, the rest training samples the rungs do not see)")
+    ctx.log(f"search: rungs train on {size(xs)} samples and score on {size(hx)} held out " + (
+        "(the validation split alone: the data kept it apart from the training text)" if data.meta.get("val_apart")
+        else f"({min(len(data.val), size(hx))} validation, the rest training samples the rungs do not see)"))
 
     def scored(_):
         journal.save(trials)
