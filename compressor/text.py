@@ -121,7 +121,9 @@ def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None 
 
     train_modules = list(train_modules or TRAIN_MODULES) + list(extra_train_modules or [])
     test_modules = list(test_modules or HELD_OUT_MODULES)
-    val_modules = list(VAL_MODULES if val_modules is None else val_modules)
+    # the default validation modules less any the recipe trains on or holds out; modules it names must be apart
+    val_modules = ([m for m in VAL_MODULES if m not in train_modules and m not in test_modules]
+                   if val_modules is None else list(val_modules))
     for a, b, names in ((train_modules, test_modules, "train_modules and test_modules"),
                         (train_modules, val_modules, "train_modules and val_modules"),
                         (val_modules, test_modules, "val_modules and test_modules")):

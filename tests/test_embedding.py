@@ -69,10 +69,13 @@ def test_the_validation_split_comes_from_modules_of_its_own(bert_dir):
     assert len(hy) == len(data.val)
     plain = _data(bert_dir, val_modules=[])
     assert "val_apart" not in plain.meta and len(plain.val) == round(0.1 * 200)
-    assert set(plain.val.dataset.texts) == set(plain.train.dataset.texts)  # carved out of the training split
+    assert set(plain.val.indices).isdisjoint(plain.train.indices)  # carved out of the training split
     assert len(_data(bert_dir, max_val=30).val) == 30
     with pytest.raises(UserError, match="json in both train_modules and val_modules"):
         _data(bert_dir, val_modules=["json"])
+    # a recipe that trains on a default validation module keeps it: the default leaves it out of validation
+    mine = _data(bert_dir, extra_train_modules=["math"])
+    assert "math" in mine.meta["train_modules"] and "math" not in mine.meta["val_modules"]
 
 
 def test_every_prose_paragraph_can_train_while_held_out_text_stays_first_paragraphs(bert_dir):

@@ -160,6 +160,10 @@ def test_the_best_of_each_depth_goes_on_through_every_rung():
     assert [t.genome["i"] for t in S.best_of(final, 2)] == [8, 7]
     # Every depth in the first n: nothing added.
     assert [t.genome["i"] for t in S.best_of(final, 4, lambda t: t.model.depth)] == [8, 7, 6, 1]
+    # A stratum of None is none (as_fast_as: prune without per_depth: only the prune section's cut is carried).
+    own = lambda t: "own" if t.genome["i"] == 1 else None  # noqa: E731
+    assert [t.genome["i"] for t in S.best_of(final, 1, own)] == [8, 1]
+    assert [t.genome["i"] for t in S.best_of(final[-1:] + final[:-1], 1, own)] == [1]
 
 def test_rungs_score_on_the_validation_split_and_the_training_samples_they_do_not_train_on():
     from compressor.data import DataSplits, HiddenLabels
@@ -404,3 +408,15 @@ def test_the_final_few_are_timed_again_beside_the_reference(monkeypatch):
     assert len(logs) == 1 and "cpu 1.200 ms > 1.000" in logs[0]
     again = stage._recheck(ctx, final, torch.nn.Identity(), own, {"cpu": None}, torch.zeros(1, 2), None)
     assert calls == [4] and [t.genome for t in again] == [final[1].genome, own, final[0].genome]
+
+
+def test_as_fast_as_goes_with_the_teacher_family(tiny_recipe):
+    from compressor.errors import UserError
+    from compressor.recipe import load_recipe
+
+    r = copy.deepcopy(tiny_recipe)
+    r["search"] = {"family": "cnn", "as_fast_as": "prune"}
+    with pytest.raises(UserError, match="as_fast_as goes with family: teacher"):
+        load_recipe(r)
+    r["search"] = {"family": "teacher", "as_fast_as": "prune", "max_flops": 0.5}
+    assert load_recipe(r).search.as_fast_as == "prune"

@@ -68,6 +68,8 @@ class SearchSpec(_Section):
     def _predictor(self):
         if self.predictor and self.latency == "measure":
             raise ValueError("predictor goes with latency: predict (this section has latency: measure)")
+        if self.as_fast_as is not None and self.family != "teacher":
+            raise ValueError("as_fast_as goes with family: teacher (the search over the teacher's own sub-networks)")
         return self
 
 

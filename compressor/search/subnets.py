@@ -290,10 +290,10 @@ class Trial:
 
 def best_of(ranked: list[Trial], n: int, stratum: Callable[[Trial], object] | None = None) -> list[Trial]:
     """The first ``n`` of ``ranked`` (best first) and, with ``stratum``, the best of each stratum among the rest,
-    in ranked order."""
+    in ranked order (a stratum of None is none: such trials go on by rank alone)."""
     chosen = set(map(id, ranked[:n]))
     if stratum is not None:
-        seen = {stratum(t) for t in ranked[:n]}
+        seen = {stratum(t) for t in ranked[:n]} | {None}
         for t in ranked[n:]:
             if stratum(t) not in seen:
                 seen.add(stratum(t))

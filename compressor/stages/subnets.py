@@ -66,8 +66,9 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         # the whole space, so the trials below are spent on genomes that can meet the budget.
         fits = []
         for gnm in genomes:
-            est = build.flops_estimate(gnm)
-            if est > max_flops * 1.03:
+            # the prune section's cut is built already: its own count, not an estimate, decides
+            est = count_flops(reference, take(example, 1)) if gnm == own else build.flops_estimate(gnm)
+            if est > (max_flops if gnm == own else max_flops * 1.03):
                 trials.append(S.Trial(gnm, cost={"flops": int(est), "estimated": True}, feasible=False,
                                       why=f"about {est / 1e6:.1f} MFLOPs > {max_flops / 1e6:.1f}"))
             else:
@@ -170,7 +171,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     # one of the same cost and can end ahead of it, so with per_depth the best of each depth goes on too.
     depth = (lambda t: len(space.units) - len(space.removed(t.genome))) if spec.per_depth else None
     if own is not None:  # the prune section's cut goes on to the final few whatever its short rungs say
-        depth = (lambda t, d=depth: "as_fast_as" if t.genome == own else d(t) if d else "rest")
+        depth = (lambda t, d=depth: "as_fast_as" if t.genome == own else d(t) if d else None)
     final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, keep=max(1, spec.final), seed=recipe.seed,
                                  log=ctx.log, scored=scored, stratum=depth)
     ladder = list(spec.rungs)
@@ -266,7 +267,7 @@ def _reference(ctx: Context, spec, space: S.SubnetSpace, cut: str):
     removed, w, c = info["removed"], p.width, p.channels
     frac = (0.0 if w is None and c is None else
             w.remove if c is None and cut == "width" and not w.hidden and w.ffn and w.heads else
-            c.remove if w is None and cut == "channels" else None)
+            c.remove if w is None and cut == "channels" and c.by == "flops" else None)
     if frac is None or not set(removed) <= set(space.units) or not any(abs(frac - f) < 1e-9 for f in space.channels):
         ctx.log("search: the prune section's cut is not a genome of this space (units or a channel cut it does not "
                 "offer): it is the latency budget only")
@@ -287,10 +288,14 @@ def _journal_key(ctx: Context, spec) -> str:
 
     from ..distill.cache import key
 
-    ignore = ctx.recipe.prune.ignore if ctx.recipe.prune is not None else []
+    prune = ctx.recipe.prune
+    ignore = prune.ignore if prune is not None else []
+    # as_fast_as: prune times the prune section's cut: another cut is another budget
+    reference = prune.model_dump(mode="json") if spec.as_fast_as == "prune" and prune is not None else None
     return hashlib.sha256(json.dumps([key(ctx.teacher, ctx.data.train), spec.model_dump(mode="json"), ctx.recipe.seed,
                                       ctx.recipe.distill.lr, ignore, ctx.recipe.distill.epochs,
-                                      ctx.recipe.distill.schedule], default=str).encode()).hexdigest()
+                                      ctx.recipe.distill.schedule, *([reference] if reference else [])],
+                                     default=str).encode()).hexdigest()
 
 
 def restore(ctx: Context, g: dict) -> None:
