@@ -126,7 +126,8 @@ class DataSplits:
         apart from training by the dataset (``meta["val_apart"]``: docstrings' modules of their own), it alone: the
         training samples would score fit to the training distribution, not what the held-out split measures."""
         picked = [self.val[i] for i in range(min(limit, len(self.val)))]
-        for i in range(trained_on, 0 if self.meta.get("val_apart") else len(self.train)):
+        stop = trained_on if self.meta.get("val_apart") else len(self.train)
+        for i in range(trained_on, stop):
             if len(picked) >= limit:
                 break
             x, y = self.train[i]

@@ -147,7 +147,7 @@ def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None 
         texts, labels, used = labelled_docstrings(modules, train_paragraphs if split == "train" else "first")
         pairs = list(zip(texts, labels))
         random.Random(seed).shuffle(pairs)  # each split its own draw: the held-out one whatever trains
-        # a re-exported docstring of a training (or validation) module is not held out
+        # a sentence a split drawn before holds (a re-exported docstring) is not drawn again
         held = {t for d in splits.values() for t in d.texts}
         pairs = [(t, y) for t, y in pairs if t not in held][:cap]
         if len(pairs) < 8:

@@ -253,8 +253,9 @@ def _recheck(ctx: Context, final: list, reference, own, devices: dict, x1, expor
 
 def _reference(ctx: Context, spec, space: S.SubnetSpace, cut: str):
     """(search.as_fast_as's model or None, the genome of ``space`` that is that model or None, its cut's plan). A
-    named student has no genome; ``prune`` has one where the prune section drops units of the space and cuts a fraction the
-    space offers in the way the space cuts (``cut``: width, heads and FFN neurons; channels, structural)."""
+    named student has no genome; ``prune`` has one where the prune section drops units of the space and cuts a
+    fraction the space offers in the way the space cuts (``cut``: width, heads and FFN neurons; channels,
+    structural)."""
     want = spec.as_fast_as
     if want is None:
         return None, None, None
@@ -268,11 +269,11 @@ def _reference(ctx: Context, spec, space: S.SubnetSpace, cut: str):
     frac = (0.0 if w is None and c is None else
             w.remove if c is None and cut == "width" and not w.hidden and w.ffn and w.heads else
             c.remove if w is None and cut == "channels" and c.by == "flops" else None)
-    if frac is None or not set(removed) <= set(space.units) or not any(abs(frac - f) < 1e-9 for f in space.channels):
+    frac = next((f for f in space.channels if frac is not None and abs(frac - f) < 1e-9), None)  # the space's own float
+    if frac is None or not set(removed) <= set(space.units):
         ctx.log("search: the prune section's cut is not a genome of this space (units or a channel cut it does not "
                 "offer): it is the latency budget only")
         return model.eval(), None, None
-    frac = next(f for f in space.channels if abs(frac - f) < 1e-9)
     genome = {**{f"drop:{u}": int(u in removed) for u in space.units}, "channels": frac}
     ctx.log(f"search: as fast as the prune section's cut (without {', '.join(removed) or 'no unit'}, "
             f"{frac:.0%} of FLOPs cut), a candidate of its own")
