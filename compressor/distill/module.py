@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schedule import adamw, cosine
+from ..schedule import cosine
+from ..schedule import optimizer as make_optimizer
 from .hooks import capture, check_paths
 
 
@@ -71,6 +72,9 @@ class DistillModule(pl.LightningModule):
         # The teacher's outputs by training-sample index, when compressor.distill.cache computed them once:
         # a batch (x, y, i) then looks them up instead of running the teacher.
         self.teacher_cache: torch.Tensor | None = None
+        # The student's token tables that give sparse gradients during fit (schedule.lazy_rows): their rows
+        # update lazily (schedule.LazyRowsAdamW).
+        self.tables: list = []
         # And the hidden features the terms read, by module path (with the axes that follow a token batch's length).
         self.teacher_feature_cache: dict = {}  # path -> a memory-mapped numpy array (compressor.distill.cache)
         self.token_axes: dict[str, tuple[int, ...]] = {}
@@ -158,7 +162,7 @@ class DistillModule(pl.LightningModule):
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay, nesterov=True)
         else:
-            opt = adamw(params, lr=self.lr, weight_decay=self.weight_decay)
+            opt = make_optimizer(params, lr=self.lr, weight_decay=self.weight_decay, tables=self.tables)
         if self.schedule == "constant" or not self.epochs:
             return opt
         epochs = self.epochs

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from ..errors import StageError, UserError
+from ..schedule import lazy_rows
 from . import build_loss
 from .module import DistillModule
 
@@ -153,9 +154,17 @@ def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log
             log(f"ignoring unreadable checkpoint {last} ({type(e).__name__}); distilling from the start")
             last.unlink()
     student.train()  # check_fits left it in eval mode; Lightning keeps the modes it finds
+    # Token tables update only the rows a batch uses (distill.lazy_embeddings); one device only, as DDP would
+    # all-reduce the sparse gradients densely (and NCCL cannot reduce them at all).
+    lazy = (getattr(spec, "lazy_embeddings", True) and spec.optimizer == "adamw"
+            and isinstance(trainer.strategy, pl.strategies.SingleDeviceStrategy))
     t0 = time.time()
     try:
-        trainer.fit(module, train, val, ckpt_path=str(last) if last.is_file() else None)
+        with lazy_rows(student, lazy) as module.tables:
+            if module.tables:
+                log(f"distill: {sum(t.numel() for t in module.tables):,} token-table weights update only the rows "
+                    "each batch uses (distill.lazy_embeddings)")
+            trainer.fit(module, train, val, ckpt_path=str(last) if last.is_file() else None)
     except FloatingPointError as e:
         raise StageError("distill", f"{e} (the last good checkpoint is {last})") from None
     except SystemExit:

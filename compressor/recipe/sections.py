@@ -92,6 +92,9 @@ class DistillSpec(_Section):
     freeze: list[str] = Field(default_factory=list, description="module paths of the student whose weights are not "
                               "trained (a token embedding table: most of a small encoder's weights, few of its rows "
                               "in any batch); a negative index counts from the end of a list of layers")
+    lazy_embeddings: bool = Field(True, description="token tables (nn.Embedding of 1024 rows or more, not tied to an "
+                                  "output layer) update only the rows each batch uses (lazy Adam, no weight decay on "
+                                  "them): a fifth of a MiniLM student's step; adamw on one device")
     cache_teacher: Literal["auto"] | bool = Field(
         "auto", description="compute the teacher's outputs once and look them up by sample (auto: when the training "
         "data reads the same twice and no loss reads the teacher's hidden features)")

@@ -28,7 +28,7 @@ from torch import nn
 from ..data import LengthGrouped, trim
 from ..flops import count_flops
 from ..prune import build_pruned, find_units
-from ..schedule import adamw, cosine
+from ..schedule import cosine, lazy_rows, optimizer
 from ..tasks import output, rows, size, take
 
 CHANNELS = (0.0, 0.25, 0.5, 0.625, 0.75)  # fractions of FLOPs the channel pruning removes
@@ -196,29 +196,30 @@ class Rung:
         """A copy of ``model`` trained ``epochs`` passes over the rung's samples against the teacher's
         outputs (KD with temperature for classification, cosine for embeddings)."""
         model = copy.deepcopy(model).train()
-        opt = adamw(model.parameters(), lr=self.lr, weight_decay=0.01)
-        g = torch.Generator().manual_seed(seed)
-        n = size(self.x)
-        batches, per_epoch = self._batches(n, int(epochs) + 1, g)
-        steps = max(1, round(epochs * per_epoch))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: cosine(s, steps)) if self.schedule == "cosine"
-                                                  else (lambda s: 1.0))
-        for s in range(steps):
-            idx = batches[s]
-            if len(idx) < 2:
-                idx = torch.randperm(n, generator=g)[:self.batch_size]
-            xb = trim({k: v[idx] for k, v in self.x.items()} if isinstance(self.x, dict) else self.x[idx])
-            y, t = output(model, xb), self.teacher_out[idx]
-            if self.task == "classification":
-                T = self.temperature
-                loss = F.kl_div(F.log_softmax(y / T, -1), F.log_softmax(t / T, -1), reduction="batchmean",
-                                log_target=True) * T * T
-            else:
-                loss = (1 - F.cosine_similarity(y, t, dim=-1)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        with lazy_rows(model) as tables:  # as the distill stage trains (distill.lazy_embeddings' default)
+            opt = optimizer(model.parameters(), lr=self.lr, weight_decay=0.01, tables=tables)
+            g = torch.Generator().manual_seed(seed)
+            n = size(self.x)
+            batches, per_epoch = self._batches(n, int(epochs) + 1, g)
+            steps = max(1, round(epochs * per_epoch))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: cosine(s, steps)) if self.schedule == "cosine"
+                                                      else (lambda s: 1.0))
+            for s in range(steps):
+                idx = batches[s]
+                if len(idx) < 2:
+                    idx = torch.randperm(n, generator=g)[:self.batch_size]
+                xb = trim({k: v[idx] for k, v in self.x.items()} if isinstance(self.x, dict) else self.x[idx])
+                y, t = output(model, xb), self.teacher_out[idx]
+                if self.task == "classification":
+                    T = self.temperature
+                    loss = F.kl_div(F.log_softmax(y / T, -1), F.log_softmax(t / T, -1), reduction="batchmean",
+                                    log_target=True) * T * T
+                else:
+                    loss = (1 - F.cosine_similarity(y, t, dim=-1)).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
         return model.eval()
 
     def _batches(self, n: int, epochs: int, g: torch.Generator) -> tuple[list[torch.Tensor], float]:
