@@ -115,3 +115,9 @@ def make_context(recipe: Recipe, work: Path, log) -> Context:
             raise UserError(f"the student outputs {s_width} classes and the teacher {t_width}: "
                             "distillation needs the same classes")
     return Context(recipe, work, data, teacher, origin, student, genome, task=task, log=log)
+
+
+def sequence_length(recipe, data) -> int | None:
+    """The sequence length the devices run (the data's dims, or profile.dims): FLOPs and latency of a
+    text candidate are counted there, as the pipeline's analyze and profile stages count them."""
+    return {**data.meta.get("dims", {}), **recipe.profile.dims}.get("sequence")

@@ -193,3 +193,13 @@ def _repeat(x, n: int):
     if isinstance(x, dict):
         return {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in x.items()}
     return x.repeat(n, *[1] * (x.dim() - 1))
+
+
+def round_robin_ms(models, example, device, *, rounds: int = 3, warmup: int = 10, runs: int = 50,
+                   max_seconds: float = 2.0, **export) -> list[float]:
+    """Milliseconds at batch 1 for each model on ``device``, measured ``rounds`` times in turn, each one's
+    fastest run kept (Meter.latencies_ms): round robin spreads a shared machine's slow
+    spells over every model, and the fastest run is the figure that repeats. ``export``: the Meter's
+    ``opset`` and ``dynamic_batch`` (the recipe's export section). Latency pruning's and prune.width.cost's."""
+    with Meter(device, warmup=warmup, runs=runs, max_seconds=max_seconds, **export) as meter:
+        return meter.latencies_ms(models, example, rounds=rounds)

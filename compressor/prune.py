@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .intake import first_tensor
+from .measure import round_robin_ms as measure_round_robin
 from .errors import UserError
 from .flops import count_flops as flops  # the one counter, under the name width.py and tests use
 from .tasks import call, output
@@ -245,18 +246,6 @@ def _features(model: nn.Module, x: torch.Tensor, removed) -> dict:
 
 
 # --------------------------------------------------------------------------- latency as the budget
-
-def measure_round_robin(models, example, device, *, rounds: int = 3, warmup: int = 10, runs: int = 50,
-                        max_seconds: float = 2.0, **export) -> list[float]:
-    """Milliseconds at batch 1 for each model on ``device``, measured ``rounds`` times in turn, each one's
-    fastest run kept (compressor.measure.Meter.latencies_ms): round robin spreads a shared machine's slow
-    spells over every model, and the fastest run is the figure that repeats. ``export``: the Meter's
-    ``opset`` and ``dynamic_batch`` (the recipe's export section)."""
-    from .measure import Meter
-
-    with Meter(device, warmup=warmup, runs=runs, max_seconds=max_seconds, **export) as meter:
-        return meter.latencies_ms(models, example, rounds=rounds)
-
 
 @torch.no_grad()
 def unit_latencies(model: nn.Module, units: list[Unit], example, *, device=None, predictor=None,

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import UserError
+from .flops import count_flops as flops
 from .tasks import output, take
 
 
@@ -261,3 +263,31 @@ def cut_stream(model: nn.Module, plan: dict) -> nn.Module:
     for p, m in _stream_swap(model, s, plan["keep"]).items():
         set_module(model, p, m)
     return model
+
+
+def cut_hidden(model: nn.Module, batches, hidden: float, multiple: int, projections: int, before: float, log):
+    """prune.width.hidden: (a copy of ``model`` with ``hidden`` of its residual stream's channels cut, the stream's
+    plan, record); ``before``: the model's FLOPs on ``batches[0]``."""
+    s = find_stream(model, batches[0])
+    if s is None:
+        raise UserError(f"prune.width.hidden: {type(model).__name__} has no residual stream whose channels permute "
+                        "exactly (LayerNorms, the Linears that read and write them, token Embeddings; "
+                        "nn.MultiheadAttention's fused projection is not covered); drop prune.width.hidden")
+    score_stream(model, s, batches, projections=projections)
+    step = multiple if s.width > multiple else 1
+    kept = max(step, int(round((1 - hidden) * s.width / step)) * step)  # a multiple of the block, as FFN widths
+    cut = s.width - kept
+    if cut <= 0:
+        raise UserError(f"prune.width.hidden: {hidden} of {s.width} channels leaves no block of {step} to cut")
+    keep = sorted(sorted(range(s.width), key=lambda j: -s.scores[j])[:kept])
+    plan = {"width": s.width, "keep": keep, **s.members()}
+    cut_model = cut_stream(copy.deepcopy(model), plan)
+    after = flops(cut_model, batches[0])
+    kept_set = set(keep)
+    log(f"prune.width: residual stream {s.width} -> {len(keep)} channels ({len(s.norms)} LayerNorms, "
+        f"{len(s.readers)} readers, {len(s.writers)} writers, {len(s.embeddings)} embeddings); FLOPs "
+        f"{before / 1e6:.4g} -> {after / 1e6:.4g} M per sample; linearised output loss "
+        f"{sum(s.scores[j] for j in range(s.width) if j not in kept_set):.4g}")
+    info = {"width": s.width, "kept": len(keep), "flops_before": before, "flops_after": after,
+            **{k: len(v) for k, v in s.members().items()}}
+    return cut_model, plan, info

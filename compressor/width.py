@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import UserError
 from .flops import count_flops as flops
-from .surgery import cut_stream, find_stream, projected_grads, score_stream, sliced_linear
+from .surgery import cut_hidden, cut_stream, projected_grads, sliced_linear
 from .surgery import gated as _gated
 from .surgery import get_module as _get
 from .surgery import set_module as _set
@@ -55,10 +55,12 @@ class Group:
     size: int  # neurons or heads
     width: int  # gate input channels per element: 1 for a neuron, head_dim for a head
     flops: float = 0.0  # FLOPs one element costs per sample (counted on the calibration example)
+    cost: float | None = None  # what one element costs in the budget's unit, where not FLOPs (ms: measure_costs)
     scores: list = field(default_factory=list)  # s_j per element
 
     def summary(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "size": self.size, "flops_per_element": self.flops}
+        return {"kind": self.kind, "path": self.path, "size": self.size, "flops_per_element": self.flops,
+                **({"ms_per_element": self.cost} if self.cost is not None else {})}
 
 
 # ------------------------------------------------------------------------------------------ finding
@@ -217,19 +219,19 @@ def select(groups: list[Group], budget: float, multiple: int = 16) -> dict:
         if not n:
             return None
         idx = order[g.path][t:t + n]
-        return sum(g.scores[j] for j in idx) / (n * g.flops or 1e-30), n
+        return sum(g.scores[j] for j in idx) / (n * _cost(g) or 1e-30), n
 
     saved = 0.0
     while saved < budget:
-        options = [(b[0], g, b[1]) for g in groups if g.flops > 0 and (b := next_block(g)) is not None]
+        options = [(b[0], g, b[1]) for g in groups if _cost(g) > 0 and (b := next_block(g)) is not None]
         if not options:
-            total = saved
+            unit = "FLOPs per sample" if all(g.cost is None for g in groups) else "ms"
             raise UserError(f"prune.width: cutting every FFN pair to one block of {multiple} and every attention "
-                            f"to one head saves {total:,.0f} FLOPs per sample, short of the {budget:,.0f} asked; "
+                            f"to one head saves {saved:,.4g} {unit}, short of the {budget:,.4g} asked; "
                             "lower prune.width.remove")
         _, g, n = min(options, key=lambda o: o[0])
         taken[g.path] += n
-        saved += n * g.flops
+        saved += n * _cost(g)
     plan = {"ffn": {}, "heads": {}}
     for g in groups:
         gone = order[g.path][:taken[g.path]]
@@ -240,6 +242,42 @@ def select(groups: list[Group], budget: float, multiple: int = 16) -> dict:
         else:
             plan["heads"][g.path] = sorted(gone)
     return plan
+
+
+def _cost(g: Group) -> float:
+    return g.flops if g.cost is None else g.cost
+
+
+def measure_costs(model: nn.Module, groups: list[Group], example, device, multiple: int = 16, log=print,
+                  **measure_kw) -> float:
+    """Set each group's ``cost``: the milliseconds one element saves on ``device``, from ``model`` measured
+    beside a copy per group cut to its least (one block of ``multiple`` neurons, one head), round robin, each
+    one's fastest run kept (compressor.measure.round_robin_ms). Return ``model``'s own milliseconds. A
+    head costs more than its FLOPs say where attention's softmax, reshapes and small matmuls run slower per
+    FLOP than the big ones; latency is close to additive over groups, as FLOPs are. A group whose saving the
+    machine's noise hides (zero or less) is costed by its FLOPs at the others' median ms per FLOP."""
+    from .measure import round_robin_ms
+
+    variants = []
+    for g in groups:
+        if g.kind == "ffn":
+            keep = min(multiple if g.size > multiple else 1, g.size)
+            variants.append(apply_plan(copy.deepcopy(model), {"ffn": {g.path: {"producer": g.producer,
+                                                                               "keep": list(range(keep))}}}))
+        else:
+            variants.append(apply_plan(copy.deepcopy(model), {"heads": {g.path: list(range(1, g.size))}}))
+    ms = round_robin_ms([model.eval(), *(v.eval() for v in variants)], example, device, **measure_kw)
+    cut = [g.size - (min(multiple if g.size > multiple else 1, g.size) if g.kind == "ffn" else 1) for g in groups]
+    for g, m, n in zip(groups, ms[1:], cut):
+        g.cost = max(0.0, ms[0] - m) / n if n else 0.0
+    per_flop = sorted(g.cost / g.flops for g in groups if g.cost and g.flops)
+    for g in groups:
+        if not g.cost and per_flop:
+            g.cost = g.flops * per_flop[len(per_flop) // 2]
+    log(f"prune.width: {ms[0]:.4g} ms measured; one element saves " + ", ".join(
+        f"{g.path} {1e3 * g.cost:.3g} us ({g.kind}, {1e9 * g.cost / g.flops if g.flops else 0:.3g} us/GFLOP)"
+        for g in groups))
+    return ms[0]
 
 
 def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
@@ -276,16 +314,18 @@ def _plan_error(model: nn.Module, pruned: nn.Module, groups: list[Group], plan: 
 
 def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, heads: bool = True,
                 multiple: int = 16, projections: int = 4, log=print, groups: list[Group] | None = None,
-                hidden: float = 0.0):
+                hidden: float = 0.0, latency: dict | None = None):
     """Find, score and select; return (a narrower copy of ``model``, plan, record dict). ``groups``: the
     model's groups already scored (another cut of the same model: the search's channel genes). ``hidden``: the
-    fraction of the residual stream's channels to cut first (their FLOPs count toward ``remove``)."""
+    fraction of the residual stream's channels to cut first (their FLOPs count toward ``remove``). ``latency``
+    ({"device", "example", "measure_kw"}): ``remove`` is a fraction of the model's milliseconds on that device,
+    each element costed by measure_costs, instead of its FLOPs."""
     total = flops(model, batches[0])
     stream_plan, stream_info = None, None
     if hidden:
         if groups is not None:
             raise ValueError("prune_width: hidden with pre-scored groups (they were scored on the uncut stream)")
-        model, stream_plan, stream_info = _cut_hidden(model, batches, hidden, multiple, projections, total, log)
+        model, stream_plan, stream_info = cut_hidden(model, batches, hidden, multiple, projections, total, log)
         if stream_info["flops_after"] <= (1 - remove) * total:
             plan = {"hidden": stream_plan, "ffn": {}, "heads": {}}
             log(f"prune.width: the stream's cut alone removes {1 - stream_info['flops_after'] / total:.0%} of the FLOPs "
@@ -300,8 +340,16 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
             raise UserError(f"prune.width: {type(model).__name__} has no {kinds} that can be cut exactly "
                             "(docs/distillation.md, Width); drop prune.width")
         score_groups(model, groups, batches, projections=projections)
-    now = stream_info["flops_after"] if stream_info else total  # the stream's cut counts toward the budget
-    plan = select(groups, remove * total - (total - now), multiple)
+    if latency:  # a budget of measured milliseconds: {"device", "example", "measure_kw"} (prune.width.cost)
+        if stream_plan is not None:
+            raise UserError("prune.width: cost: latency with hidden (the stream's channels have no measured cost); "
+                            "drop one of them")
+        ms = measure_costs(model, groups, latency["example"], latency["device"], multiple, log,
+                           **latency.get("measure_kw", {}))
+        budget = remove * ms
+    else:  # the stream's cut counts toward the budget
+        budget = remove * total - (total - (stream_info["flops_after"] if stream_info else total))
+    plan = select(groups, budget, multiple)
     pruned = apply_plan(copy.deepcopy(model), plan)
     if stream_plan is not None:
         plan = {"hidden": stream_plan, **plan}
@@ -317,36 +365,10 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
     info = {"groups": [g.summary() | {"kept": kept[g.path]} for g in groups], "remove": remove,
             "flops_before": total, "flops_after": after, "predicted_loss": predicted,
             "max_abs_diff_vs_masked": err, "multiple": multiple, "projections": projections,
+            **({"latency": {"ms_before": ms, "budget_ms": budget, "cut_ms": sum(
+                g.cost * len(_removed(g, plan)) for g in groups)}} if latency else {}),
             **({"hidden": stream_info} if stream_info else {})}
     return pruned.requires_grad_(True), plan, info
-
-
-def _cut_hidden(model: nn.Module, batches, hidden: float, multiple: int, projections: int, before: float, log):
-    """(a copy of ``model`` with ``hidden`` of its residual stream's channels cut, the stream's plan, record);
-    ``before``: the model's FLOPs on ``batches[0]``."""
-    s = find_stream(model, batches[0])
-    if s is None:
-        raise UserError(f"prune.width.hidden: {type(model).__name__} has no residual stream whose channels permute "
-                        "exactly (LayerNorms, the Linears that read and write them, token Embeddings; "
-                        "nn.MultiheadAttention's fused projection is not covered); drop prune.width.hidden")
-    score_stream(model, s, batches, projections=projections)
-    step = multiple if s.width > multiple else 1
-    kept = max(step, int(round((1 - hidden) * s.width / step)) * step)  # a multiple of the block, as FFN widths
-    cut = s.width - kept
-    if cut <= 0:
-        raise UserError(f"prune.width.hidden: {hidden} of {s.width} channels leaves no block of {step} to cut")
-    keep = sorted(sorted(range(s.width), key=lambda j: -s.scores[j])[:kept])
-    plan = {"width": s.width, "keep": keep, **s.members()}
-    cut_model = cut_stream(copy.deepcopy(model), plan)
-    after = flops(cut_model, batches[0])
-    kept_set = set(keep)
-    log(f"prune.width: residual stream {s.width} -> {len(keep)} channels ({len(s.norms)} LayerNorms, "
-        f"{len(s.readers)} readers, {len(s.writers)} writers, {len(s.embeddings)} embeddings); FLOPs "
-        f"{before / 1e6:.4g} -> {after / 1e6:.4g} M per sample; linearised output loss "
-        f"{sum(s.scores[j] for j in range(s.width) if j not in kept_set):.4g}")
-    info = {"width": s.width, "kept": len(keep), "flops_before": before, "flops_after": after,
-            **{k: len(v) for k, v in s.members().items()}}
-    return cut_model, plan, info
 
 
 def _removed(g: Group, plan: dict) -> list[int]:

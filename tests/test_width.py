@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
+from compressor import surgery as S
 from compressor import width as W
 from compressor.errors import UserError
 from scipy.stats import spearmanr
 
 from compressor.prune import flops, output, rebuild
+from compressor.tasks import take
 
 
 class Residual(nn.Module):
@@ -160,18 +162,18 @@ def test_stream_is_found_by_permutation_on_models_we_did_not_write(bert):
     the stream's members found from one forward pass; nn.MultiheadAttention's fused projection is refused."""
     U = _user_models()
     _, enc, batch = bert
-    s = W.find_stream(enc, batch)
+    s = S.find_stream(enc, batch)
     assert s.width == 32 and len(s.embeddings) == 3 and len(s.norms) == 7  # the embeddings' and two per layer
     assert all(f"model.encoder.layer.{i}.{m}" in s.readers for i in range(3)
                for m in ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense"))
     assert s.writers == [f"model.encoder.layer.{i}.{m}" for i in range(3) for m in ("attention.output.dense", "output.dense")]
     cls = U.hf_bert()
-    s = W.find_stream(cls, torch.randint(0, 256, (4, 16)))
+    s = S.find_stream(cls, torch.randint(0, 256, (4, 16)))
     assert "bert.pooler.dense" in s.readers and "classifier" not in s.readers + s.writers
     mlp = U.residual_mlp(dim=32, hidden=64, depth=3).eval()
-    s = W.find_stream(mlp, torch.randn(8, 1, 16, 16))
+    s = S.find_stream(mlp, torch.randn(8, 1, 16, 16))
     assert s.writers == ["inp", "blocks.0.3", "blocks.1.3", "blocks.2.3"] and s.readers[-1] == "out"
-    assert W.find_stream(U.vit(dim=32, depth=2, heads=4, mlp=64).eval(), torch.randn(8, 1, 16, 16)) is None
+    assert S.find_stream(U.vit(dim=32, depth=2, heads=4, mlp=64).eval(), torch.randn(8, 1, 16, 16)) is None
 
 
 def test_stream_scores_rank_channels_by_their_real_output_loss():
@@ -180,7 +182,7 @@ def test_stream_scores_rank_channels_by_their_real_output_loss():
     torch.manual_seed(0)
     mlp = U.residual_mlp(dim=32, hidden=64, depth=3).eval()
     x = torch.randn(64, 1, 16, 16)
-    s = W.score_stream(mlp, W.find_stream(mlp, x), [x], projections=16)
+    s = S.score_stream(mlp, S.find_stream(mlp, x), [x], projections=16)
     ref = output(mlp, x)
     real = []
     for j in range(s.width):
@@ -246,14 +248,14 @@ def test_stream_leaves_heads_alone_keeps_ties_and_refuses_a_width_in_the_code():
     torch.manual_seed(0)
     ids = torch.randint(0, 40, (6, 10))
     cls = TinyLM().eval()
-    s = W.find_stream(cls, ids)
+    s = S.find_stream(cls, ids)
     # the head's own hidden layer (its output passes a Dropout unchanged) is not the stream's
     assert s.readers == ["blocks.0.1", "blocks.1.1", "head.0"] and s.writers == ["blocks.0.3", "blocks.1.3"]
     lm = TinyLM(tied=True).eval()
-    assert "head" in W.find_stream(lm, ids).readers
+    assert "head" in S.find_stream(lm, ids).readers
     pruned, _, _ = W.prune_width(lm, [ids], 0.3, multiple=8, hidden=0.25, log=lambda s: None)
     assert pruned.head.weight is pruned.tok.weight and pruned.tok.weight.shape == (40, 24)
-    assert W.find_stream(TinyLM(zero_slot=True).eval(), ids) is None
+    assert S.find_stream(TinyLM(zero_slot=True).eval(), ids) is None
 
 def test_hidden_without_a_stream_is_a_clear_error():
     vit = _user_models().vit(dim=32, depth=2, heads=4, mlp=64).eval()
@@ -270,13 +272,58 @@ def test_width_spec_checks():
     with pytest.raises(ValidationError):
         PruneSpec(by="units", remove=1, width={"remove": 1.0})
     assert PruneSpec(by="units", remove=0, width={"remove": 0.5}).width.multiple == 16
+    timed = {"by": "units", "remove": 1, "width": {"remove": 0.5, "cost": "latency"}}
+    assert PruneSpec(**timed, device="local-cpu").device == "local-cpu"  # the device the width cut is timed on
+    with pytest.raises(ValidationError, match="device also with width.cost: latency"):
+        PruneSpec(by="units", remove=1, width={"remove": 0.5}, device="local-cpu")
+    with pytest.raises(ValidationError, match="latency: predict covers whole layers only"):
+        PruneSpec(by="latency", remove=0.3, latency="predict", predictor="p.json", width=timed["width"])
+    with pytest.raises(ValidationError, match="no measured cost"):
+        PruneSpec(by="units", remove=1, width={"remove": 0.5, "cost": "latency", "hidden": 0.25})
+
+
+def test_latency_cost_cuts_first_the_heads_a_device_makes_dear(bert, monkeypatch):
+    """width.cost: latency. On a device where a head costs 0.5 ms and an FFN neuron 0.001 ms (far more than their
+    FLOPs' ratio), the measured costs reach each group, the cut takes heads where the FLOPs cut takes neurons too,
+    and it removes the fraction of the device's milliseconds asked."""
+    from compressor import measure as M
+
+    _, enc, batch = bert
+
+    def ms(m):
+        heads = sum(c.num_attention_heads for c in m.modules() if hasattr(c, "attention_head_size"))
+        neurons = sum(c.out_features for n, c in m.named_modules() if n.endswith("intermediate.dense"))
+        return 1.0 + 0.5 * heads + 0.001 * neurons
+
+    seen = []
+    monkeypatch.setattr(M, "round_robin_ms", lambda models, example, device, **kw: seen.append(len(models))
+                        or [ms(m) for m in models])
+    _, by_flops, _ = W.prune_width(enc, [batch], 0.3, multiple=8, log=lambda s: None)
+    logs = []
+    cut, plan, info = W.prune_width(enc, [batch], 0.3, multiple=8, log=logs.append,
+                                    latency={"device": None, "example": take(batch, 1)})
+    assert seen == [1 + 6]  # the model and each of its 3 attentions and 3 FFN pairs cut to its least, together
+    costs = {g["path"]: g["ms_per_element"] for g in info["groups"]}
+    assert all(c == pytest.approx(0.5 if "attention" in p else 0.001) for p, c in costs.items()), costs
+    lat = info["latency"]
+    assert lat["ms_before"] == pytest.approx(ms(enc)) and lat["cut_ms"] >= 0.3 * lat["ms_before"]
+    assert ms(cut) <= 0.7 * ms(enc) + 1e-9  # the budget holds on the device's own figures
+
+    def gone(p, kind):
+        return sum(len(v) for v in p["heads"].values()) if kind == "heads" else \
+            sum(g.size - len(p["ffn"].get(g.path, {"keep": range(g.size)})["keep"]) for g in groups)
+
+    groups = [g for g in W.find_groups(enc, batch) if g.kind == "ffn"]
+    assert gone(plan, "heads") > gone(by_flops, "heads") and gone(plan, "ffn") < gone(by_flops, "ffn")
+    assert any("ms measured; one element saves" in line for line in logs)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hidden", [0.0, 0.25])
-def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path, hidden):
+@pytest.mark.parametrize("hidden,cost", [(0.0, "flops"), (0.25, "flops"), (0.0, "latency")])
+def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path, hidden, cost):
     """Drop one of three layers, cut 40% of the rest's FLOPs in heads and neurons (and with ``hidden`` a quarter
-    of the residual stream first: a narrower sentence embedding), distil, export: the bundle verifies, and the
+    of the residual stream first: a narrower sentence embedding; with ``cost: latency`` 15% of its milliseconds
+    on local-cpu instead), distil, export: the bundle verifies, and the
     genome in the manifest rebuilds a student that loads the shipped weights."""
     from compressor.bundle import verify
     from compressor.pipeline import run
@@ -287,7 +334,8 @@ def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path
         "teacher": {"model": "hf-encoder", "kwargs": {"path": str(d)}},
         "data": {"dataset": "docstrings", "kwargs": {"max_length": 32, "max_train": 120, "max_test": 60},
                  "batch_size": 32},
-        "prune": {"by": "units", "remove": 1, "width": {"remove": 0.4, "multiple": 8, "hidden": hidden}},
+        "prune": {"by": "units", "remove": 1, "width": {"remove": 0.4 if cost == "flops" else 0.15, "multiple": 8,
+                                                    "hidden": hidden, "cost": cost}},
         "distill": {"epochs": 1, "lr": 1e-3, "losses": [
             {"name": "cosine", "relation": 1.0},
             {"name": "minilm", "heads": 8, "pairs": [["model.encoder.layer.1.attention.self",
@@ -299,7 +347,13 @@ def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path
     m = json.loads((out / "manifest.json").read_text())
     prune = next(s for s in m["stages"] if s["name"] == "prune")
     w = prune["metrics"]["width"]
-    assert w["flops_after"] <= 0.6 * w["flops_before"] and w["max_abs_diff_vs_masked"] < 1e-5
+    assert w["max_abs_diff_vs_masked"] < 1e-5
+    if cost == "flops":
+        assert w["flops_after"] <= 0.6 * w["flops_before"]
+    else:  # milliseconds measured on the first target, local-cpu, at the data's length
+        # (a model this small is mostly what no cut removes: its embeddings, norms and the runtime's own overhead)
+        assert w["latency"]["cut_ms"] >= 0.15 * w["latency"]["ms_before"] > 0
+        assert all(g["ms_per_element"] > 0 for g in w["groups"])
     genome = m["student"]
     assert genome["width"] == prune["outputs"]["width"] and len(genome["removed"]) == 1
     student = rebuild(genome)

@@ -86,6 +86,10 @@ class WidthSpec(_Section):
                           "encoder's embedding narrows with it")
     multiple: int = Field(16, ge=1, description="kept FFN widths (and the stream's) are multiples of this (GEMM kernels prefer it)")
     projections: int = Field(4, ge=1, description="random output projections per calibration batch")
+    cost: Literal["flops", "latency"] = Field(
+        "flops", description="what remove counts: flops; or latency, milliseconds measured on prune.device (default: "
+        "the recipe's first target) at the profile's sequence length, each FFN pair and attention cut to its least "
+        "beside the uncut model: a head whose softmax and reshapes cost more than its FLOPs say goes first")
 
 
 class ChannelsSpec(_Section):
@@ -138,8 +142,15 @@ class PruneSpec(_Section):
             raise ValueError(f"with by: {self.by}, remove is a fraction below 1 (0.3 removes 30%)")
         # Only values that differ from the defaults: a resolved recipe (a bundle's recipe.yaml, or one
         # with --set overrides) spells out latency: measure, and must load again.
-        if self.by != "latency" and (self.device or self.predictor or self.latency != "measure"):
-            raise ValueError(f"device, latency and predictor go with by: latency (this section has by: {self.by})")
+        timed = self.width is not None and self.width.cost == "latency"
+        if self.by != "latency" and (self.predictor or self.latency != "measure" or (self.device and not timed)):
+            raise ValueError(f"device, latency and predictor go with by: latency (this section has by: {self.by}); "
+                             "device also with width.cost: latency")
+        if timed and self.latency == "predict":
+            raise ValueError("width.cost: latency measures on a device; latency: predict covers whole layers only")
+        if timed and self.width.hidden:
+            raise ValueError("width.cost: latency with width.hidden: the stream's channels have no measured cost; "
+                             "drop one of them")
         if self.latency == "predict" and not self.predictor:
             raise ValueError("latency: predict needs predictor: the JSON file `compress calibrate DEVICE` wrote")
         return self

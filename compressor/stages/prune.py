@@ -63,9 +63,16 @@ def cut(ctx: Context, spec: PruneSpec):
         from ..width import prune_width
 
         w = spec.width
+        timed = None
+        if w.cost == "latency":  # the device's milliseconds, at the length the profile runs
+            from ..context import sequence_length
+            from ..tasks import at_length, take
+
+            timed = {**device_source(spec, ctx.recipe.targets, ctx.recipe.export, "prune.width.cost: latency"),
+                     "example": at_length(take(batches[0], 1), sequence_length(ctx.recipe, ctx.data))}
         student, plan, info["width"] = prune_width(student, batches, w.remove, ffn=w.ffn, heads=w.heads,
                                                    multiple=w.multiple, projections=w.projections, log=ctx.log,
-                                                   hidden=w.hidden)
+                                                   hidden=w.hidden, latency=timed)
     channels = None
     if spec.channels is not None:
         from ..structural import prune_channels
@@ -135,18 +142,25 @@ def latency_source(spec: PruneSpec, targets, log=print, export=None) -> dict:
             return {"predictor": LatencyPredictor.load(spec.predictor)}
         except DeviceError as e:
             raise UserError(f"prune.predictor: {e}") from None
+    return device_source(spec, targets, export)
+
+
+def device_source(spec: PruneSpec, targets, export=None, what: str = "prune by: latency") -> dict:
+    """{"device", "measure_kw"}: the device ``what`` measures on (prune.device, else the recipe's first target),
+    timed as the export section ships the model."""
     from devices import DeviceError, get_device, load_profile
 
     name = spec.device or (targets[0] if targets else None)
     if name is None:
-        raise UserError("prune by: latency needs prune.device (a device profile) or a target to measure on")
+        raise UserError(f"{what} needs prune.device (a device profile) or a target to measure on")
     try:
         dev = get_device(load_profile(name))
     except DeviceError as e:
         raise UserError(f"prune.device: {e}") from None
     why = dev.why_unavailable()
     if why:
-        raise UserError(f"prune by: latency cannot measure on {name} ({why}); use latency: predict with a "
-                        "predictor, or by: flops")
+        raise UserError(f"{what} cannot measure on {name} ({why}); use latency: predict with a "
+                        "predictor, or by: flops" if what == "prune by: latency" else
+                        f"{what} cannot measure on {name} ({why}); use width.cost: flops")
     shipped = {"opset": export.opset, "dynamic_batch": export.dynamic_batch} if export is not None else {}
     return {"device": dev, "measure_kw": {"warmup": 10, "runs": 50, "max_seconds": 2.0, **shipped}}

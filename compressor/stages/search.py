@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..bundle import StageRecord
-from ..context import Context, load_inputs
+from ..context import Context, load_inputs, sequence_length
 from ..errors import UserError
 from ..files import atomic_write, write_json
 from ..models import build_model
@@ -32,12 +32,6 @@ def _defaults(data, recipe=None, space=None) -> dict:
 
         out.update(inherited(recipe.teacher))
     return out
-
-
-def sequence_length(recipe, data) -> int | None:
-    """The sequence length the devices run (the data's dims, or profile.dims): FLOPs and latency of a
-    text candidate are counted there, as the pipeline's analyze and profile stages count them."""
-    return {**data.meta.get("dims", {}), **recipe.profile.dims}.get("sequence")
 
 
 def _devices(recipe, log, predicted=()) -> dict:

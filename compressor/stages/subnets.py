@@ -267,7 +267,7 @@ def _reference(ctx: Context, spec, space: S.SubnetSpace, cut: str):
     model, info, width, channels = prune_cut(ctx, p)
     removed, w, c = info["removed"], p.width, p.channels
     frac = (0.0 if w is None and c is None else
-            w.remove if c is None and cut == "width" and not w.hidden and w.ffn and w.heads else
+            w.remove if c is None and cut == "width" and not w.hidden and w.ffn and w.heads and w.cost == "flops" else
             c.remove if w is None and cut == "channels" and c.by == "flops" else None)
     frac = next((f for f in space.channels if frac is not None and abs(frac - f) < 1e-9), None)  # the space's own float
     if frac is None or not set(removed) <= set(space.units):
