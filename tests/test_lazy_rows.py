@@ -120,7 +120,7 @@ class Logits(nn.Module):
 def test_distillation_leaves_rows_no_batch_uses_and_resumes(tiny_recipe, tmp_path):
     """A Hugging Face BERT whose table has rows the data never uses: with lazy rows (the default) they stay as
     they were; with distill.lazy_embeddings: false AdamW's weight decay moves them. A second fit resumes from the
-    first's checkpoint, optimizer state included."""
+    first's checkpoint, optimizer state included. With gradient clipping the table trains densely."""
     import user_models as U
 
     from compressor.data import load_data
@@ -154,3 +154,10 @@ def test_distillation_leaves_rows_no_batch_uses_and_resumes(tiny_recipe, tmp_pat
     fit(student, teacher, data, r.distill.model_copy(update={"epochs": 2}), r.data, tmp_path / "a", log=logs.append)
     assert any("resuming distillation after epoch" in line for line in logs)
     assert torch.equal(student.state_dict()[table][1024:], start[1024:])
+
+    # Gradient clipping has no sparse kernel: the tables train densely then
+    clipped = r.distill.model_copy(update={"trainer": r.distill.trainer.model_copy(
+        update={"extra": {"gradient_clip_val": 1.0}})})
+    logs = []
+    fit(copy.deepcopy(plain), teacher, data, clipped, r.data, tmp_path / "c", log=logs.append)
+    assert not any("token-table" in line for line in logs)

@@ -155,9 +155,11 @@ def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log
             last.unlink()
     student.train()  # check_fits left it in eval mode; Lightning keeps the modes it finds
     # Token tables update only the rows a batch uses (distill.lazy_embeddings); one device only, as DDP would
-    # all-reduce the sparse gradients densely (and NCCL cannot reduce them at all).
+    # all-reduce the sparse gradients densely (and NCCL cannot reduce them at all), and without gradient clipping
+    # (torch's norm has no sparse kernel).
     lazy = (getattr(spec, "lazy_embeddings", True) and spec.optimizer == "adamw"
-            and isinstance(trainer.strategy, pl.strategies.SingleDeviceStrategy))
+            and isinstance(trainer.strategy, pl.strategies.SingleDeviceStrategy)
+            and not t.extra.get("gradient_clip_val"))
     t0 = time.time()
     try:
         with lazy_rows(student, lazy) as module.tables:
