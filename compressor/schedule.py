@@ -8,6 +8,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .errors import UserError
+
 
 def cosine(t: float, total: float) -> float:
     """The cosine factor on the base rate at step or epoch ``t`` of ``total``: 1 at the start, 0 at the end."""
@@ -37,7 +39,8 @@ class LazyRowsAdamW(torch.optim.Optimizer):
     a batch touches a few hundred of a table's rows, and only those rows' moments and weights are read and
     written. A MiniLM student's 11.7M-weight table (most of its weights) otherwise costs a pass over 47 MB for
     the gradient and four for the optimizer every step. Rows a batch does not use keep their moments and weights
-    as they are (dense Adam keeps moving them on their momentum), and the tables take no weight decay.
+    as they are (dense AdamW moves a row missing from this batch on its momentum and decays every row), and the
+    tables take no weight decay.
 
     One optimizer to Lightning and to a learning-rate scheduler: its ``param_groups`` are the two inner
     optimizers' own group dicts, so a scheduler's rate reaches both."""
@@ -47,6 +50,10 @@ class LazyRowsAdamW(torch.optim.Optimizer):
         super().__init__(dense + tables, {"lr": lr})
         self.dense = adamw(dense, lr=lr, weight_decay=weight_decay) if dense else None
         self.tables = torch.optim.SparseAdam(tables, lr=lr)
+        self._share_groups()
+
+    def _share_groups(self):
+        # the inner optimizers' own dicts (load_state_dict makes new ones: shared again after it)
         self.param_groups = (self.dense.param_groups if self.dense else []) + self.tables.param_groups
 
     @torch.no_grad()
@@ -55,6 +62,11 @@ class LazyRowsAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        dense = [p for g in self.tables.param_groups for p in g["params"] if p.grad is not None and not p.grad.is_sparse]
+        if dense:
+            raise UserError(f"distill.lazy_embeddings: a token table ({tuple(dense[0].shape)}) got a dense gradient: "
+                            "the model reads its weight outside its nn.Embedding (an output layer computed from it); "
+                            "set distill.lazy_embeddings: false")
         if self.dense is not None:
             self.dense.step()
         self.tables.step()
@@ -69,9 +81,14 @@ class LazyRowsAdamW(torch.optim.Optimizer):
         return {"dense": self.dense.state_dict() if self.dense else None, "tables": self.tables.state_dict()}
 
     def load_state_dict(self, state):
+        if not (isinstance(state, dict) and "tables" in state):
+            raise UserError("distill.lazy_embeddings: the checkpoint's optimizer updated the token tables densely and "
+                            "this run would update them lazily (another device count or setting than the run that "
+                            "saved it); run with --force, or as that run did")
         if self.dense is not None:
             self.dense.load_state_dict(state["dense"])
         self.tables.load_state_dict(state["tables"])
+        self._share_groups()
 
 
 @contextmanager
@@ -97,7 +114,7 @@ def optimizer(params, lr: float, weight_decay: float = 0.01, tables=()) -> torch
     """``adamw`` over ``params``, or LazyRowsAdamW where some of them are ``tables`` (``lazy_rows``'s)."""
     params = list(params)
     ids = {id(t) for t in tables}
-    if not ids:
+    lazy = [p for p in params if id(p) in ids]
+    if not lazy:
         return adamw(params, lr=lr, weight_decay=weight_decay)
-    return LazyRowsAdamW([p for p in params if id(p) not in ids], [p for p in params if id(p) in ids],
-                         lr=lr, weight_decay=weight_decay)
+    return LazyRowsAdamW([p for p in params if id(p) not in ids], lazy, lr=lr, weight_decay=weight_decay)

@@ -31,6 +31,7 @@ The residual stream's channels (``hidden``) are found and cut by compressor/surg
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -255,28 +256,31 @@ def measure_costs(model: nn.Module, groups: list[Group], example, device, multip
     one's fastest run kept (compressor.measure.round_robin_ms). Return ``model``'s own milliseconds. A
     head costs more than its FLOPs say where attention's softmax, reshapes and small matmuls run slower per
     FLOP than the big ones; latency is close to additive over groups, as FLOPs are. A group whose saving the
-    machine's noise hides (zero or less) is costed by its FLOPs at the others' median ms per FLOP."""
+    machine's noise hides (zero or less) is costed by its FLOPs on ``example`` at the others' median ms per FLOP."""
     from .measure import round_robin_ms
 
-    variants = []
-    for g in groups:
-        if g.kind == "ffn":
-            keep = min(multiple if g.size > multiple else 1, g.size)
-            variants.append(apply_plan(copy.deepcopy(model), {"ffn": {g.path: {"producer": g.producer,
-                                                                               "keep": list(range(keep))}}}))
-        else:
-            variants.append(apply_plan(copy.deepcopy(model), {"heads": {g.path: list(range(1, g.size))}}))
-    ms = round_robin_ms([model.eval(), *(v.eval() for v in variants)], example, device, **measure_kw)
-    cut = [g.size - (min(multiple if g.size > multiple else 1, g.size) if g.kind == "ffn" else 1) for g in groups]
-    for g, m, n in zip(groups, ms[1:], cut):
-        g.cost = max(0.0, ms[0] - m) / n if n else 0.0
-    per_flop = sorted(g.cost / g.flops for g in groups if g.cost and g.flops)
-    for g in groups:
-        if not g.cost and per_flop:
-            g.cost = g.flops * per_flop[len(per_flop) // 2]
+    least = [min(multiple if g.size > multiple else 1, g.size) if g.kind == "ffn" else 1 for g in groups]
+    base = flops(model, example)
+    per_element_flops = []  # on the timed example (the calibration batch's FLOPs may be at another length)
+
+    def variants():  # one at a time: the Meter exports each and lets it go
+        for g, k in zip(groups, least):
+            plan = ({"ffn": {g.path: {"producer": g.producer, "keep": list(range(k))}}} if g.kind == "ffn" else
+                    {"heads": {g.path: list(range(k, g.size))}})
+            v = apply_plan(copy.deepcopy(model), plan).eval()
+            per_element_flops.append((base - flops(v, example)) / max(1, g.size - k))
+            yield v
+
+    ms = round_robin_ms(itertools.chain([model.eval()], variants()), example, device, **measure_kw)
+    for g, m, k in zip(groups, ms[1:], least):
+        g.cost = max(0.0, ms[0] - m) / (g.size - k) if g.size > k else 0.0
+    rates = sorted(g.cost / f for g, f in zip(groups, per_element_flops) if g.cost and f > 0)
+    for g, f in zip(groups, per_element_flops):
+        if not g.cost and rates:
+            g.cost = f * rates[len(rates) // 2]
     log(f"prune.width: {ms[0]:.4g} ms measured; one element saves " + ", ".join(
-        f"{g.path} {1e3 * g.cost:.3g} us ({g.kind}, {1e9 * g.cost / g.flops if g.flops else 0:.3g} us/GFLOP)"
-        for g in groups))
+        f"{g.path} {1e3 * g.cost:.3g} us ({g.kind}, {1e9 * g.cost / f if f > 0 else 0:.3g} ms/GFLOP)"
+        for g, f in zip(groups, per_element_flops)))
     return ms[0]
 
 
@@ -320,6 +324,9 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
     fraction of the residual stream's channels to cut first (their FLOPs count toward ``remove``). ``latency``
     ({"device", "example", "measure_kw"}): ``remove`` is a fraction of the model's milliseconds on that device,
     each element costed by measure_costs, instead of its FLOPs."""
+    if hidden and latency:
+        raise UserError("prune.width: cost: latency with hidden (the stream's channels have no measured cost); "
+                        "drop one of them")
     total = flops(model, batches[0])
     stream_plan, stream_info = None, None
     if hidden:
@@ -340,10 +347,9 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
             raise UserError(f"prune.width: {type(model).__name__} has no {kinds} that can be cut exactly "
                             "(docs/distillation.md, Width); drop prune.width")
         score_groups(model, groups, batches, projections=projections)
+    for g in groups:
+        g.cost = None  # FLOPs, unless measured now (pre-scored groups may carry another cut's milliseconds)
     if latency:  # a budget of measured milliseconds: {"device", "example", "measure_kw"} (prune.width.cost)
-        if stream_plan is not None:
-            raise UserError("prune.width: cost: latency with hidden (the stream's channels have no measured cost); "
-                            "drop one of them")
         ms = measure_costs(model, groups, latency["example"], latency["device"], multiple, log,
                            **latency.get("measure_kw", {}))
         budget = remove * ms

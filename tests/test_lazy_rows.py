@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from compressor.errors import UserError
 from compressor.schedule import LazyRowsAdamW, adamw, lazy_rows, optimizer
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -84,6 +85,28 @@ def test_a_scheduler_reaches_both_and_the_state_round_trips():
         _step(b, opt_b, ids)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)  # the second optimizer went on exactly where the first was
+    # A scheduler made before the state is loaded (as Lightning does on resume) still reaches both inner optimizers
+    opt_c = optimizer(b.parameters(), lr=0.01, weight_decay=0.01, tables=[b.emb.weight])
+    sched_c = torch.optim.lr_scheduler.LambdaLR(opt_c, lambda e: 0.5 ** e)
+    opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))
+    sched_c.step()
+    assert opt_c.dense.param_groups[0]["lr"] == opt_c.tables.param_groups[0]["lr"] == pytest.approx(0.005)
+    with pytest.raises(UserError, match="updated the token tables densely"):
+        opt_c.load_state_dict(adamw(b.parameters(), lr=0.01).state_dict())
+
+
+def test_a_table_read_outside_its_embedding_is_a_clear_error():
+    class Reused(Bag):
+        def forward(self, ids):
+            h = self.emb(ids).mean(1)
+            return h @ self.emb.weight.T  # an output layer from the table's weight: a dense gradient
+
+    m = Reused()
+    with lazy_rows(m) as tables:
+        assert tables == [m.emb.weight]  # registered once: the tie is in the code
+        opt = optimizer(m.parameters(), lr=0.01, tables=tables)
+        with pytest.raises(UserError, match="set distill.lazy_embeddings: false"):
+            _step(m, opt, torch.randint(0, 1500, (4, 5)))
 
 
 def test_only_trained_untied_tall_tables_are_made_lazy():
@@ -161,3 +184,8 @@ def test_distillation_leaves_rows_no_batch_uses_and_resumes(tiny_recipe, tmp_pat
     logs = []
     fit(copy.deepcopy(plain), teacher, data, clipped, r.data, tmp_path / "c", log=logs.append)
     assert not any("token-table" in line for line in logs)
+    # A checkpoint saved lazily does not resume densely (nor the other way): said before training
+    for ckpt, spec, how in ((tmp_path / "a", clipped, "lazily"), (tmp_path / "b", r.distill, "densely")):
+        with pytest.raises(UserError, match=f"updated the token tables {how}"):
+            fit(copy.deepcopy(plain), teacher, data, spec.model_copy(update={"epochs": 3}), r.data, ckpt,
+                log=lambda s: None)

@@ -146,23 +146,31 @@ def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log
         log("distill: batches of sentences of similar length (data.group_by_length)")
     val = data.loader("val", data_spec.batch_size, workers=data_spec.workers, by_length=by_length)
     last = ckpt_dir / "last.ckpt"
+    saved_lazy = None  # whether the checkpoint's optimizer updated token tables lazily
     if last.is_file():
         try:
-            done = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+            saved = torch.load(last, map_location="cpu", weights_only=True)
+            done = saved["epoch"]
+            saved_lazy = any(isinstance(o, dict) and "tables" in o for o in saved.get("optimizer_states", []))
             log(f"resuming distillation after epoch {done} from {last}")
         except Exception as e:  # a checkpoint cut short by a crash: start the stage over
             log(f"ignoring unreadable checkpoint {last} ({type(e).__name__}); distilling from the start")
             last.unlink()
     student.train()  # check_fits left it in eval mode; Lightning keeps the modes it finds
     # Token tables update only the rows a batch uses (distill.lazy_embeddings); one device only, as DDP would
-    # all-reduce the sparse gradients densely (and NCCL cannot reduce them at all), and without gradient clipping
-    # (torch's norm has no sparse kernel).
+    # all-reduce the sparse gradients densely (and NCCL cannot reduce them at all), on a CPU or CUDA (sparse
+    # kernels), and without gradient clipping (torch's norm has no sparse kernel).
     lazy = (getattr(spec, "lazy_embeddings", True) and spec.optimizer == "adamw"
             and isinstance(trainer.strategy, pl.strategies.SingleDeviceStrategy)
-            and not t.extra.get("gradient_clip_val"))
+            and trainer.strategy.root_device.type in ("cpu", "cuda") and not t.extra.get("gradient_clip_val"))
     t0 = time.time()
     try:
         with lazy_rows(student, lazy) as module.tables:
+            if saved_lazy is not None and saved_lazy != bool(module.tables):
+                raise UserError(f"distill: {last} was saved by an optimizer that updated the token tables "
+                                f"{'lazily' if saved_lazy else 'densely'}, and this run would update them "
+                                f"{'densely' if saved_lazy else 'lazily'} (distill.lazy_embeddings, the device count, "
+                                "gradient clipping); run as that run did, or with --force")
             if module.tables:
                 log(f"distill: {sum(t.numel() for t in module.tables):,} token-table weights update only the rows "
                     "each batch uses (distill.lazy_embeddings)")

@@ -75,9 +75,10 @@ class SearchSpec(_Section):
 
 class WidthSpec(_Section):
     """Width pruning after the layers (compressor/width.py): FFN neurons and attention heads cut out of the
-    teacher's weights, chosen by their linearised output loss under a FLOPs budget."""
+    teacher's weights, chosen by their linearised output loss under a FLOPs budget (or a measured latency one)."""
 
-    remove: float = Field(gt=0, lt=1, description="the fraction of the (layer-pruned) model's FLOPs to remove")
+    remove: float = Field(gt=0, lt=1, description="the fraction of the (layer-pruned) model's FLOPs to remove "
+                                                  "(cost: latency: of its milliseconds on prune.device)")
     ffn: bool = Field(True, description="cut neurons between a Linear and the next (Transformer FFNs, MLPs)")
     heads: bool = Field(True, description="cut attention heads (modules with prune_heads: Hugging Face's)")
     hidden: float = Field(0.0, ge=0, lt=1, description="first cut this fraction of the residual stream's channels "
@@ -124,8 +125,8 @@ class PruneSpec(_Section):
     ignore: list[str] = Field(default_factory=list, description="module paths that pruning leaves as they are "
                                                                  "(the classifier head is always kept)")
     calibration_batches: int = Field(4, ge=1, description="training batches the output-loss criterion averages over")
-    device: str | None = Field(None, description="by: latency: the device profile whose latency counts "
-                                                 "(default: the recipe's first target)")
+    device: str | None = Field(None, description="by: latency or width.cost: latency: the device profile whose "
+                                                 "latency counts (default: the recipe's first target)")
     latency: Literal["measure", "predict"] = Field(
         "measure", description="by: latency: measure the teacher without each unit on the device, or predict "
         "it with the device's latency predictor (`compress calibrate DEVICE`)")

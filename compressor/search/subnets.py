@@ -172,6 +172,7 @@ class Rung:
     temperature: float = 4.0
     schedule: str = "constant"  # or "cosine": the learning rate annealed to zero over the rung, as distill.schedule
     by_length: bool = True  # token inputs: batches of similar-length sentences (data.group_by_length)
+    lazy: bool = True  # token tables update only the rows a batch uses (distill.lazy_embeddings)
 
     @classmethod
     @torch.no_grad()
@@ -196,7 +197,7 @@ class Rung:
         """A copy of ``model`` trained ``epochs`` passes over the rung's samples against the teacher's
         outputs (KD with temperature for classification, cosine for embeddings)."""
         model = copy.deepcopy(model).train()
-        with lazy_rows(model) as tables:  # as the distill stage trains (distill.lazy_embeddings' default)
+        with lazy_rows(model, self.lazy) as tables:
             opt = optimizer(model.parameters(), lr=self.lr, weight_decay=0.01, tables=tables)
             g = torch.Generator().manual_seed(seed)
             n = size(self.x)

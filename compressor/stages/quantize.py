@@ -107,7 +107,8 @@ def qat_fit(model, ctx, spec, what: str) -> dict:
     """Fine-tune ``model`` with the recipe's distillation losses against the teacher (fit() reused)."""
     from ..distill.train import fit
 
-    d = ctx.recipe.distill.model_copy(update={"epochs": spec.epochs, "lr": spec.lr})
+    # dense token tables: NNCF fake-quantizes an embedding's weight, whose quantizer's backward is no sparse kernel
+    d = ctx.recipe.distill.model_copy(update={"epochs": spec.epochs, "lr": spec.lr, "lazy_embeddings": False})
     if d.trainer.precision == "auto":  # fake quantization trains in fp32: its grid is an fp32 grid
         d = d.model_copy(update={"trainer": d.trainer.model_copy(update={"precision": "32-true"})})
     try:

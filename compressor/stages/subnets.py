@@ -158,7 +158,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     xs, _ = data.tensors("train", limit=spec.rung_samples)
     hx, hy = data.held_out(size(xs))
     rung = S.Rung.of(teacher, xs, hx, hy, recipe.task, batch_size=min(64, size(xs)), lr=recipe.distill.lr,
-                     by_length=recipe.data.group_by_length is not False)
+                     by_length=recipe.data.group_by_length is not False, lazy=recipe.distill.lazy_embeddings)
     ctx.log(f"search: rungs train on {size(xs)} samples and score on {size(hx)} held out " + (
         "(the validation split alone: the data kept it apart from the training text)" if data.meta.get("val_apart")
         else f"({min(len(data.val), size(hx))} validation, the rest training samples the rungs do not see)"))
@@ -271,8 +271,8 @@ def _reference(ctx: Context, spec, space: S.SubnetSpace, cut: str):
             c.remove if w is None and cut == "channels" and c.by == "flops" else None)
     frac = next((f for f in space.channels if frac is not None and abs(frac - f) < 1e-9), None)  # the space's own float
     if frac is None or not set(removed) <= set(space.units):
-        ctx.log("search: the prune section's cut is not a genome of this space (units or a channel cut it does not "
-                "offer): it is the latency budget only")
+        ctx.log("search: the prune section's cut is not a genome of this space (units or a cut it does not offer, "
+                "or a width cut costed by latency): it is the latency budget only")
         return model.eval(), None, None
     genome = {**{f"drop:{u}": int(u in removed) for u in space.units}, "channels": frac}
     ctx.log(f"search: as fast as the prune section's cut (without {', '.join(removed) or 'no unit'}, "
@@ -295,7 +295,8 @@ def _journal_key(ctx: Context, spec) -> str:
     reference = prune.model_dump(mode="json") if spec.as_fast_as == "prune" and prune is not None else None
     return hashlib.sha256(json.dumps([key(ctx.teacher, ctx.data.train), spec.model_dump(mode="json"), ctx.recipe.seed,
                                       ctx.recipe.distill.lr, ignore, ctx.recipe.distill.epochs,
-                                      ctx.recipe.distill.schedule, *([reference] if reference else [])],
+                                      ctx.recipe.distill.schedule, *([reference] if reference else []),
+                                      *([] if ctx.recipe.distill.lazy_embeddings else ["dense tables"])],
                                      default=str).encode()).hexdigest()
 
 
