@@ -323,6 +323,33 @@ def test_latency_cost_cuts_first_the_heads_a_device_makes_dear(bert, monkeypatch
     assert any("ms measured; one element saves" in line for line in logs)
 
 
+def test_latency_cost_on_a_residual_mlp_cuts_where_the_device_is_slow(monkeypatch):
+    """A model of FFN pairs alone (the add in forward): on a device where the first block's neurons cost ten times
+    the others', the latency cut takes more of the first block than the FLOPs cut does, and meets its budget."""
+    from compressor import measure as M
+
+    U = _user_models()
+    torch.manual_seed(0)
+    mlp = U.residual_mlp(dim=32, hidden=64, depth=3).eval()
+    x = torch.randn(16, 1, 16, 16)
+
+    def ms(m):
+        return 0.5 + sum(w * b[1].out_features for w, b in zip((0.01, 0.001, 0.001), m.blocks))
+
+    monkeypatch.setattr(M, "round_robin_ms", lambda models, example, device, **kw: [ms(m) for m in models])
+    _, by_flops, _ = W.prune_width(mlp, [x], 0.3, multiple=8, log=lambda s: None)
+    cut, plan, info = W.prune_width(mlp, [x], 0.3, multiple=8, log=lambda s: None,
+                                    latency={"device": None, "example": x[:1]})
+
+    def kept(p, i):
+        return len(p["ffn"].get(f"blocks.{i}.3", {"keep": range(64)})["keep"])
+
+    assert kept(plan, 0) < kept(by_flops, 0)
+    assert ms(cut) <= 0.7 * ms(mlp) + 1e-9
+    assert {g["path"]: round(g["ms_per_element"], 6) for g in info["groups"]} == {
+        "blocks.0.3": 0.01, "blocks.1.3": 0.001, "blocks.2.3": 0.001}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("hidden,cost", [(0.0, "flops"), (0.25, "flops"), (0.0, "latency")])
 def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path, hidden, cost):
