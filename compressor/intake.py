@@ -14,6 +14,8 @@ FLOP counting, ONNX export and parity) then sees one tensor.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 from contextlib import contextmanager
 
@@ -23,6 +25,7 @@ from torch import nn
 from .errors import UserError
 
 ADAPTED = "_compressor_output"  # the attribute that marks an adapted model: "logits" or "embedding"
+INPUTS = "_compressor_inputs"  # the data's input names (token inputs), in the order exports pass them
 
 
 def first_tensor(out):
@@ -64,15 +67,36 @@ def select_output(out, kind: str = "logits", attention_mask=None):
 
 
 def _adapted_forward(self, *args, **kwargs):
+    names = getattr(self, INPUTS, None)
+    if args and names and len(args) <= len(names):
+        # Exporters and tracers pass inputs by position, in the data's order; the class's forward may order
+        # them otherwise (GPT-2: input_ids, past_key_values, attention_mask), so they go in by name.
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        args = ()
     out = type(self).forward(self, *args, **kwargs)
-    return select_output(out, getattr(self, ADAPTED, "logits"), kwargs.get("attention_mask"))
+    kind, mask = getattr(self, ADAPTED, "logits"), kwargs.get("attention_mask")
+    if kind == "embedding" and mask is None and args:  # positional inputs of a model without the data's names
+        try:
+            mask = inspect.signature(type(self).forward).bind(self, *args, **kwargs).arguments.get("attention_mask")
+        except TypeError:
+            pass
+    return select_output(out, kind, mask)
 
 
 def adapt(model: nn.Module, kind: str = "logits") -> nn.Module:
-    """Give ``model`` (in place) a forward that returns the one tensor ``kind`` names; returns it."""
+    """Give ``model`` (in place) a forward that returns the one tensor ``kind`` names; returns it.
+
+    The new forward shows the class's own signature (``functools.wraps``): NNCF binds the model's inputs to
+    forward's parameter names and quantizes the ones it finds; behind ``(*args, **kwargs)`` it found none, and
+    the first layer's input went unquantized (a model returning a dict failed the int8 file's Q/DQ check)."""
     if getattr(model, ADAPTED, None) != kind:
         setattr(model, ADAPTED, kind)
-        model.forward = types.MethodType(_adapted_forward, model)
+
+        @functools.wraps(type(model).forward)
+        def forward(self, *args, **kwargs):
+            return _adapted_forward(self, *args, **kwargs)
+
+        model.forward = types.MethodType(forward, model)
     return model
 
 
@@ -96,8 +120,11 @@ def is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "base_model_prefix") and callable(getattr(model, "save_pretrained", None))
 
 
-def intake(model: nn.Module, out, task_output: str = "logits") -> nn.Module:
-    """Adapt ``model`` when ``out`` (what it returned on a sample) is not a tensor."""
+def intake(model: nn.Module, out, task_output: str = "logits", names: tuple[str, ...] | None = None) -> nn.Module:
+    """Adapt ``model`` when ``out`` (what it returned on a sample) is not a tensor. ``names``: the data's input
+    names (a dict of tensors): an adapted model then takes positional inputs in that order by name."""
+    if names:
+        setattr(model, INPUTS, tuple(names))
     if isinstance(out, torch.Tensor) or is_adapted(model):
         return model
     select_output(out, task_output)  # a UserError now if nothing in it is a tensor

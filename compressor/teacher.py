@@ -195,8 +195,9 @@ def check_fits(model: nn.Module, data: DataSplits, what: str, task=None) -> int:
     try:
         with torch.no_grad():
             y = call(model.eval(), x)
+            names = tuple(x) if isinstance(x, dict) else None
+            intake(model, y, (task or Classification()).output, names)
             if not isinstance(y, torch.Tensor):  # a tuple or a Hugging Face ModelOutput: take its logits
-                intake(model, y, (task or Classification()).output)
                 y = call(model, x)
     except UserError:
         raise

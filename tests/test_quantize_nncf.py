@@ -98,3 +98,39 @@ def test_qat_kd_stage(tiny_recipe, tmp_path):
     q = ctx.quality["student_int8"]
     assert q["mode"] == "qat-kd" and 0 <= q["onnx_accuracy"] <= 1 and "fake_quant_accuracy" in q
     assert [a.precision for a in ctx.artifacts] == ["int8"] and (tmp_path / "model" / "student.int8.onnx").is_file()
+
+
+class _DictCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        f = self.stem(x).mean((2, 3))
+        return {"logits": self.head(f), "features": f}
+
+
+class _PlainCNN(_DictCNN):
+    def forward(self, x):
+        return super().forward(x)["logits"]
+
+
+@pytest.mark.parametrize("cls", [_PlainCNN, _DictCNN])
+def test_nncf_quantizes_the_input_of_an_adapted_model(cls, tmp_path):
+    """A model returning a dict is adapted (compressor.intake); NNCF binds the model's inputs to forward's
+    parameter names, so the adapted forward must show the class's, or the first layer's input goes unquantized."""
+    import inspect
+
+    from compressor.intake import intake, is_adapted
+
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(64, 1, 12, 12)
+    model = intake(model, model(x))
+    assert is_adapted(model) == (cls is _DictCNN)
+    ctx = _ctx(tmp_path, x)
+    q = nncf_quantize(model, x, ctx.recipe.quantize, "uint8", [])
+    _, out = _nncf_export(q, ctx)
+    assert check_qdq(out)["quantized_nodes"] == 2  # raised "without Q/DQ on their inputs: Conv stem.0" (dict)
+    assert list(inspect.signature(model.forward).parameters) == ["x"]

@@ -133,8 +133,10 @@ def _evaluate(model, ctx) -> float:
 def ptq_ort(ctx, spec, calib, act, keep, reduce_range: bool = False) -> tuple[dict, Path]:
     from exporters.qdq import quantize_dynamic, quantize_static
 
+    from .export import export_model
+
     fp32 = ctx.scratch / "quantize" / "student.fp32.onnx"
-    _export(ctx, ctx.student, fp32)
+    export_model(ctx, ctx.student, fp32, "student")  # the file the export stage ships: Optimum's where it applies
     out = ctx.work / "model" / "student.int8.onnx"
     if spec.mode == "ptq-dynamic":
         return quantize_dynamic(fp32, out, keep_float=keep, reduce_range=reduce_range), out
