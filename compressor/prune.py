@@ -50,11 +50,13 @@ def _first_input(args, kwargs):
 @torch.no_grad()
 def find_units(model: nn.Module, example, ignore=()) -> list[Unit]:
     """The prunable units of ``model``, in module order, found on one forward pass of ``example``;
-    none at or under the ``ignore`` paths."""
-    shapes, handles = {}, []
+    none at or under the ``ignore`` paths. A block run more than once in the pass (ALBERT's one layer group,
+    applied at every depth) is no unit: removing it removes every use of its weights."""
+    shapes, handles, calls = {}, [], {}
 
     def hook_for(name):
         def hook(module, args, kwargs, out):
+            calls[name] = calls.get(name, 0) + 1
             if name not in shapes:
                 i, o = _first_input(args, kwargs), first_tensor(out)
                 shapes[name] = (None if i is None else tuple(i.shape), None if o is None else tuple(o.shape))
@@ -80,6 +82,8 @@ def find_units(model: nn.Module, example, ignore=()) -> list[Unit]:
             path = f"{parent_name}.{child_name}" if parent_name else child_name
             if not list(child.children()) or path in ignore or path.startswith(tuple(p + "." for p in ignore)):
                 continue  # a bare layer is not a block
+            if calls.get(path, 0) > 1:
+                continue  # shared: its weights serve several depths
             n_params = sum(p.numel() for p in child.parameters())
             i, o = shapes.get(path, (None, None))
             if n_params and i is not None and i == o:
@@ -299,7 +303,8 @@ def prune_teacher(teacher: nn.Module, batches, by: str = "params", remove: float
     units = find_units(teacher, batches[0], ignore)
     if not units:
         raise UserError(f"prune: {type(teacher).__name__} has no prunable unit (a block in an nn.Sequential or "
-                        "nn.ModuleList whose output has its input's shape); prune its channels instead "
+                        "nn.ModuleList whose output has its input's shape, run once per forward: a block whose "
+                        "weights serve several depths is not one); prune its channels instead "
                         "(prune: {channels: {remove: 0.5}}) or drop the prune section")
     score_units(teacher, units, batches)
     lat = {}
@@ -317,8 +322,11 @@ def prune_teacher(teacher: nn.Module, batches, by: str = "params", remove: float
     predicted = sum(u.loss for u in chosen)
     measured = set_loss(teacher, removed, batches)
     teacher.eval()
+    got = "" if by in ("units", "latency") else (  # whole units overshoot a fractional budget: say by how much
+        f", {sum(getattr(u, COST[by]) for u in chosen) / total:.0%} of the {by} (asked {remove:.0%})")
     log(f"pruned {len(removed)} of {len(units)} units ({', '.join(removed)}): "
-        f"{sum(u.params for u in chosen):,} params, output loss {measured:.4g} (sum of single-unit losses {predicted:.4g})")
+        f"{sum(u.params for u in chosen):,} params{got}, output loss {measured:.4g} (sum of single-unit losses "
+        f"{predicted:.4g})")
     info = {"units": [u.to_dict() for u in units], "removed": removed, "by": by, "remove": remove,
             "budget": budget, "predicted_loss": predicted, "measured_loss": measured,
             "params": sum(p.numel() for p in student.parameters()), "flops": flops(student, batches[0])}
