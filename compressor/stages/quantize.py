@@ -58,6 +58,13 @@ def activation_type(spec, targets: list[str]) -> tuple[str, str]:
     return "uint8", "CPU targets: uint8 activations run fastest in ONNX Runtime on x86"
 
 
+def runs_openvino(targets: list[str]) -> bool:
+    """Whether a target runs the int8 file in OpenVINO (then OpenVINO must run it and agree)."""
+    from devices import load_profile
+
+    return any(load_profile(t).runtime == "openvino" for t in targets)
+
+
 def weight_range(spec, targets: list[str]) -> tuple[bool, str]:
     """(reduced, why): whether int8 weights keep to 7 bits. x86 CPUs without VNNI run u8 x s8 products
     through vpmaddubsw, which sums pairs in int16 and saturates on full-range weights, in ONNX Runtime and
@@ -270,7 +277,8 @@ def run(ctx: Context) -> StageRecord:
             checks = {} if spec.mode == "ptq-dynamic" else check_qdq(out, keep_float=keep)
         except Exception as e:
             raise StageError("quantize", str(e)) from None
-        info["parity"] = parity(out, ref, held_out, spec.parity_tol, what, reduced)
+        info["parity"] = parity(out, ref, held_out, spec.parity_tol, what, reduced,
+                                openvino=runs_openvino(ctx.recipe.targets), log=ctx.log)
         precision = "int8"
     info.update(float_layers=keep, unhandled_layers=unhandled)
     quality = _quality_onnx(out, ctx)
