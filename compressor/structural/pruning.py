@@ -47,6 +47,31 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     return m
 
 
+def raised_in(e: BaseException) -> tuple[str, str] | None:
+    """(the innermost module with children whose code ``e`` passed through, the innermost module) as
+    ``"path (Class)"``, paths under the outermost module on the traceback (the model that was running): a
+    pruned copy that fails to run names the block whose own code did not follow the cut (DistilBERT's
+    attention reshapes by its own head count, which torch-pruning does not update). None when no module ran."""
+    mods = []  # every module a frame on the traceback holds (as self, or the layer a pruning function cuts)
+    tb = e.__traceback__
+    while tb is not None:
+        for v in tb.tb_frame.f_locals.values():
+            if isinstance(v, nn.Module) and not any(v is x for x in mods):
+                mods.append(v)
+        tb = tb.tb_next
+    if len(mods) < 2:
+        return None
+    # The model that ran: the module holding most of the others (the pruned copy, not the original beside it).
+    ids = {id(m) for m in mods}
+    root = max(mods, key=lambda m: sum(id(sub) in ids for sub in m.modules()))
+    paths = {id(sub): name for name, sub in root.named_modules()}
+    inner = [m for m in mods if m is not root and id(m) in paths]
+    if not inner:
+        return None
+    block = next((m for m in reversed(inner) if list(m.children())), inner[-1])
+    return tuple(f"{paths[id(m)]} ({type(m).__name__})" for m in (block, inner[-1]))
+
+
 def _cost(model, example, by: str) -> float:
     return float(count_flops(model, example) if by == "flops" else sum(p.numel() for p in model.parameters()))
 
@@ -134,13 +159,25 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
         raise UserError(f"prune.channels: torch-pruning cannot prune the channels of {', '.join(map(said, e.modules[:3]))} "
                         f"({e}); add it and the layer that feeds it to prune.ignore") from None
     except Exception as e:
-        raise UserError(f"prune.channels: torch-pruning cannot prune {type(model).__name__}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}; leave the module out with prune.ignore") from None
+        where = raised_in(e)
+        said = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if where is None:
+            raise UserError(f"prune.channels: torch-pruning cannot prune {type(model).__name__}: {said}; leave the "
+                            "module it names out with prune.ignore") from None
+        block, inner = where
+        raise UserError(f"prune.channels: {type(model).__name__} cut by torch-pruning fails in {inner}"
+                        + (f", inside {block}" if block != inner else "") + f": {said}; add "
+                        f"{block.split(' (')[0]} to prune.ignore (its own code does not follow the cut)") from None
     if best is None:
-        raise UserError(f"prune.channels: the most that pruning every group DepGraph found (kept: "
-                        f"{', '.join(ignored_paths) or 'none'}; multiple {multiple}) removes leaves {least:,.0f} {by} of "
-                        f"{total:,.0f}, above the {target:,.0f} asked; lower prune.channels.remove, its multiple, or "
-                        "prune.ignore")
+        kept_said = f"kept: {', '.join(ignored_paths) or 'none'}; multiple {multiple}"
+        if least is None or least >= total * (1 - 1e-6):
+            raise UserError(f"prune.channels: no channel of {type(model).__name__} can be cut ({kept_said}): every "
+                            "group DepGraph found stays whole" + (f" at a multiple of {multiple} (a group too narrow to "
+                            "lose a block, or tied to GroupNorm's groups); set prune.channels.multiple lower, or "
+                            "null" if multiple else "") + "; or prune whole blocks (prune: {by: flops, remove: 0.3})")
+        raise UserError(f"prune.channels: the most that pruning every group DepGraph found removes is "
+                        f"{1 - least / total:.1%} of the {by} ({kept_said}: {least:,.0f} of {total:,.0f} left), short "
+                        f"of the {remove:.0%} asked; lower prune.channels.remove, its multiple, or prune.ignore")
     ratio, pruned, after, allocation = best
     bn = recalibrate_batchnorm(pruned, batches)
     plan = plan_of(model, pruned)
