@@ -141,3 +141,76 @@ def token_data(n: int = 600, length: int = 16, vocab: int = 256, classes: int = 
     ids = torch.where(mask_major, major.clamp_min(1), ids)
     att = torch.ones(n, length, dtype=torch.long)
     return [({"input_ids": ids[i], "attention_mask": att[i]}, int(labels[i])) for i in range(n)]
+
+
+# Architectures met in a sweep of models nobody here wrote (each once broke a stage; tests/test_more_models.py)
+
+def hf_deberta(num_classes=4, vocab_size=256):
+    """Relative-position attention: hands its position table (a Parameter) straight to a Linear."""
+    return _hf("DebertaV2Config", "DebertaV2ForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
+               hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16,
+               max_relative_positions=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def hf_albert(num_classes=4, vocab_size=256):
+    """One layer group whose weights every depth shares."""
+    return _hf("AlbertConfig", "AlbertForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
+               embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=64, classifier_dropout_prob=0.0, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0)
+
+
+def hf_gpt2(num_classes=4, vocab_size=256):
+    """forward(input_ids, past_key_values, attention_mask, ...): the mask is not the second argument."""
+    return _hf("GPT2Config", "GPT2ForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
+               n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, pad_token_id=0, resid_pdrop=0.0,
+               embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def hf_distilbert(num_classes=4, vocab_size=256):
+    """Its attention reshapes by its own n_heads and dim, which a channel cut does not update."""
+    return _hf("DistilBertConfig", "DistilBertForSequenceClassification", vocab_size=vocab_size,
+               num_labels=num_classes, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+               dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+
+
+class DictCNN(nn.Module):
+    """Returns {"logits", "features"}: adapted by intake."""
+
+    def __init__(self, in_channels=1, num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        f = self.stem(x).mean((2, 3))
+        return {"logits": self.head(f), "features": f}
+
+
+class GroupNormCNN(nn.Module):
+    """GroupNorm(4, 16): a cut in blocks of 8 channels cannot keep its groups whole."""
+
+    def __init__(self, in_channels=1, num_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.GroupNorm(4, 16),
+                                      nn.SiLU(), nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.GroupNorm(4, 16),
+                                      nn.SiLU())
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class MaskFirst(nn.Module):
+    """A token model whose forward takes the mask first and returns a dict: exporters pass inputs by position
+    in the data's order (input_ids, attention_mask)."""
+
+    def __init__(self, vocab_size=256, num_classes=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, 16)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, attention_mask, input_ids):
+        m = attention_mask.unsqueeze(-1).float()
+        return {"logits": self.head((self.emb(input_ids) * m).sum(1) / m.sum(1).clamp_min(1))}

@@ -1,0 +1,167 @@
+"""Architectures from a sweep of models nobody here wrote, each of which once broke a stage: DeBERTa-v2 (the
+FLOP count), ALBERT (layer pruning of a shared layer), GPT-2 (inputs passed by position; ONNX Runtime
+quantization of a model only Optimum exports), a model returning a dict (NNCF found no input to quantize),
+Swin and DeBERTa int8 files OpenVINO cannot compile (a run without OpenVINO targets stopped), and channel
+pruning's errors (which module, and whether anything can be cut at all)."""
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import user_models as U  # noqa: E402
+
+from compressor.errors import StageError, UserError  # noqa: E402
+from compressor.intake import intake  # noqa: E402
+from compressor.tasks import as_tuple, call  # noqa: E402
+
+
+def _tokens(n=4, length=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1, 256, (n, length), generator=g),
+            "attention_mask": torch.ones(n, length, dtype=torch.long)}
+
+
+def _hf(name):
+    pytest.importorskip("transformers")
+    m = getattr(U, name)().eval()
+    x = _tokens()
+    return intake(m, call(m, x), names=tuple(x)), x
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+def test_deberta_flops_are_counted():
+    from compressor.flops import count_flops
+
+    model, x = _hf("hf_deberta")
+    linear = 0  # the Linear layers alone, by hooks: a floor the whole count must clear
+    def hook(m, i, o):
+        nonlocal linear
+        linear += 2 * o[0].numel() * m.in_features
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        call(model, {k: v[:1] for k, v in x.items()})
+    for h in hs:
+        h.remove()
+    assert count_flops(model, x) > linear > 0  # raised "Expected gradient function to be set" under no_grad
+
+
+# ------------------------------------------------------------------------------------------ layer pruning
+
+class SharedBlock(nn.Module):
+    """One residual block applied three times (ALBERT's pattern) beside two blocks of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU())])
+        self.own = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(2)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = x + self.shared[0](x)
+        for b in self.own:
+            x = x + b(x)
+        return self.head(x)
+
+
+def test_a_block_run_at_several_depths_is_no_unit():
+    from compressor.prune import find_units
+
+    assert [u.path for u in find_units(SharedBlock(), torch.randn(2, 16))] == ["own.0", "own.1"]
+
+
+def test_albert_layer_pruning_is_refused_with_a_reason():
+    from compressor.prune import prune_teacher
+
+    model, x = _hf("hf_albert")
+    with pytest.raises(UserError, match="weights serve several depths"):  # was IndexError inside ALBERT
+        prune_teacher(model, [x], "flops", 0.3, log=lambda s: None)
+
+
+# ------------------------------------------------------------------------------------------ inputs by name
+
+def test_positional_inputs_go_in_by_the_data_names(tmp_path):
+    from exporters.onnx import export_checked
+
+    model = U.MaskFirst().eval()
+    x = _tokens()
+    x["attention_mask"][:, 10:] = 0
+    model = intake(model, call(model, x), names=tuple(x))
+    want = call(model, x)
+    assert torch.equal(model(*as_tuple(x)), want)  # (input_ids, attention_mask) in the data's order
+    assert list(inspect.signature(model.forward).parameters) == ["attention_mask", "input_ids"]  # the class's
+    art = export_checked(model, as_tuple(x), tmp_path / "m.onnx", x, input_names=tuple(x),
+                         output_names=("logits",), log=lambda s: None)
+    assert art.extra["parity"]["max_abs"] < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ quantization
+
+def test_openvino_that_no_target_runs_reports_instead_of_stopping(tmp_path, monkeypatch):
+    import exporters.qdq as qdq
+
+    from compressor.quantize import parity
+
+    def broken(path, x):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\n"
+                           "Exception from src/inference/src/dev/plugin.cpp:59:\n"
+                           "CPU plug-in doesn't support If operation with dynamic rank.\n")
+
+    monkeypatch.setattr(qdq, "run_openvino", broken)
+    monkeypatch.setattr(qdq, "run_onnxruntime", lambda path, x: ref)
+    ref = torch.randn(4, 3).numpy()
+    lines = []
+    out = parity(tmp_path / "m.int8.onnx", ref, torch.randn(4, 2), 0.05, "fake-quantized PyTorch",
+                 openvino=False, log=lines.append)
+    assert "If operation with dynamic rank" in out["openvino"] and "not enforced" in out["openvino"]
+    assert out["onnxruntime"]["max_abs"] == 0 and any("OpenVINO cannot run" in s for s in lines)
+    with pytest.raises(StageError, match="openvino cannot run m.int8.onnx: RuntimeError: CPU plug-in"):
+        parity(tmp_path / "m.int8.onnx", ref, torch.randn(4, 2), 0.05, "fake-quantized PyTorch", openvino=True)
+
+
+@pytest.mark.slow
+def test_gpt2_runs_end_to_end_with_ort_dynamic_int8(tiny_recipe, tmp_path):
+    import compressor
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("optimum.exporters")
+    r = tiny_recipe
+    r.update(name="gpt2", teacher={"model": "user_models:hf_gpt2", "train": {"epochs": 3, "lr": 0.003}},
+             data={"dataset": "user_models:token_data", "batch_size": 64}, prune={"by": "flops", "remove": 0.3},
+             distill={"epochs": 1, "lr": 0.003}, quantize={"mode": "ptq-dynamic"}, targets=[])
+    r.pop("student")
+    man = compressor.verify(compressor.run(r, tmp_path / "b", log=lambda s: None))
+    # The quantize stage exports GPT-2 as the export stage does (Optimum), where torch.onnx.export fails on it.
+    q = man["quality"]
+    assert q["student_int8"]["onnx_accuracy"] == pytest.approx(q["student"]["accuracy"], abs=0.05)
+    assert q["student"]["accuracy"] > 0.5
+    assert {(a["role"], a["precision"]) for a in man["artifacts"]} >= {("student", "int8"), ("student", "fp32")}
+
+
+# ------------------------------------------------------------------------------------------ channel pruning
+
+def test_a_block_whose_code_ignores_the_cut_is_named():
+    from compressor.structural import prune_channels
+
+    model, x = _hf("hf_distilbert")
+    with pytest.raises(UserError, match=r"inside distilbert\.transformer\.layer\.0\.attention \(Distil\w+\).*add "
+                                        r"distilbert\.transformer\.layer\.0\.attention to prune\.ignore"):
+        prune_channels(model, [x], 0.5, log=lambda s: None)
+
+
+def test_nothing_to_cut_says_so_and_names_the_multiple():
+    from compressor.structural import prune_channels
+
+    model = U.GroupNormCNN().eval()
+    x = torch.randn(8, 1, 8, 8)
+    with pytest.raises(UserError, match="no channel of GroupNormCNN can be cut.*multiple of 8.*lower, or null"):
+        prune_channels(model, [x], 0.5, log=lambda s: None)
+    pruned, _, info = prune_channels(model, [x], 0.3, multiple=None, log=lambda s: None)
+    assert info["flops_after"] < info["flops_before"]
