@@ -165,3 +165,27 @@ def test_nothing_to_cut_says_so_and_names_the_multiple():
         prune_channels(model, [x], 0.5, log=lambda s: None)
     pruned, _, info = prune_channels(model, [x], 0.3, multiple=None, log=lambda s: None)
     assert info["flops_after"] < info["flops_before"]
+
+
+def test_the_stem_is_cut_or_kept_by_the_lower_measured_output_loss():
+    """The linearised score underrates the residual stream (LayerNorm renormalises over the channels left), so
+    the budget is met both ways and the lower measured output loss wins."""
+    from compressor.structural import prune_channels
+    from compressor.structural.pruning import _output_loss
+
+    torch.manual_seed(0)
+    model = U.vit().eval()
+    x = torch.randn(32, 1, 16, 16)
+    model = intake(model, call(model, x))
+    batches = [torch.randn(32, 1, 16, 16) for _ in range(3)]
+    lines = []
+    pruned, _, info = prune_channels(model, batches, 0.5, log=lines.append)
+    c = info["stem_choice"]
+    assert c["stem"] == ["patch"] and c["kept"] == (c["loss_stem_kept"] < c["loss_stem_cut"])
+    assert _output_loss(model, pruned, batches) == pytest.approx(min(c["loss_stem_kept"], c["loss_stem_cut"]))
+    assert (pruned.cls.shape[-1] == model.cls.shape[-1]) == c["kept"]  # the stream's width follows the choice
+    assert info["flops_after"] <= 0.5 * info["flops_before"]
+    assert any("with the stem's channels cut" in s for s in lines)
+    # keep_stem: true decides up front: one cut, no comparison
+    _, _, kept = prune_channels(model, batches, 0.5, keep_stem=True, log=lambda s: None)
+    assert "stem_choice" not in kept

@@ -106,7 +106,8 @@ class ChannelsSpec(_Section):
         "magnitude: L2 weight norm (torch-pruning's default)")
     heads: bool = Field(True, description="remove whole attention heads where the layout is known (Hugging Face attention)")
     multiple: int | None = Field(8, ge=1, description="kept widths are multiples of this (GEMM kernels prefer it); null: any")
-    keep_stem: bool = Field(False, description="keep the input stem's outputs (in most models the residual stream's width)")
+    keep_stem: bool = Field(False, description="keep the input stem's outputs (in most models the residual stream's width); "
+                      "false: the budget is met both with them cut and kept, and the lower output loss wins")
     projections: int = Field(4, ge=1, description="output-loss: random output projections per calibration batch")
 
 

@@ -72,6 +72,24 @@ def raised_in(e: BaseException) -> tuple[str, str] | None:
     return tuple(f"{paths[id(m)]} ({type(m).__name__})" for m in (block, inner[-1]))
 
 
+@torch.no_grad()
+def _output_loss(model: nn.Module, pruned: nn.Module, batches) -> float:
+    """E ||pruned(x) - model(x)||^2 per sample over ``batches`` (BatchNorm statistics recomputed on a copy first,
+    as the chosen cut's will be)."""
+    from ..tasks import output
+
+    pruned = copy.deepcopy(pruned)
+    recalibrate_batchnorm(pruned, batches)
+    was = model.training
+    model.eval()
+    pruned.eval()
+    try:
+        return sum(float((output(pruned, b) - output(model, b)).pow(2).flatten(1).sum(1).mean())
+                   for b in batches) / len(batches)
+    finally:
+        model.train(was)
+
+
 def _cost(model, example, by: str) -> float:
     return float(count_flops(model, example) if by == "flops" else sum(p.numel() for p in model.parameters()))
 
@@ -121,14 +139,14 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     # where some group cannot give enough (attention left without a head, a group at its limit) the cost is
     # not monotonic near the top and the budget may be out of reach: then every group loses the same share
     # (uniform), which reaches any budget the structure allows. The least cost seen goes in the error.
-    best, least = None, None
-    try:
+    def bisect(ignored):
+        best, least = None, None
         for allocation in ("global", "uniform"):
             lo, hi = 0.0, 0.9
             for _ in range(12):
                 mid = (lo + hi) / 2
                 try:
-                    cand = _prune_copy(model, example, mid, imp, grads, ignored_paths, heads, multiple,
+                    cand = _prune_copy(model, example, mid, imp, grads, ignored, heads, multiple,
                                        global_pruning=allocation == "global")
                 except _TooFar:
                     hi = mid
@@ -147,6 +165,31 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
             # budget gives way to a uniform one that lands closer.
             if best is not None and best[2] >= target - tolerance * total:
                 break
+        return best, least
+
+    stem_choice = None
+    try:
+        best, least = bisect(ignored_paths)
+        # The stem's outputs are most models' residual stream. The linearised criterion scores its channels as
+        # if zeroing one were removing it, but every LayerNorm on the stream renormalises over the channels left,
+        # so it underrates the cut: on a small ViT it took the stream from 32 to 24 wide and half the FFN for the
+        # FFN's deeper cut alone (measured output loss 69 against 54; distilled accuracy 0.79 against 0.91).
+        # Where the stem was free to go, the same budget with it kept is tried too, and the lower measured output
+        # loss wins (the criterion the linearisation stands in for).
+        stem = [p for p, why in kept_by_default(model, example).items() if why == "input stem"
+                and p not in ignored_paths]
+        if best is not None and stem:
+            alt, _ = bisect(ignored_paths + stem)
+            if alt is not None:
+                losses = [_output_loss(model, b[1], batches) for b in (best, alt)]
+                stem_choice = {"stem": stem, "loss_stem_cut": losses[0], "loss_stem_kept": losses[1],
+                               "kept": losses[1] < losses[0]}
+                if stem_choice["kept"]:
+                    best = alt
+                    ignored_paths = ignored_paths + stem
+                    kept = {**kept, **{p: "input stem (the lower output loss)" for p in stem}}
+                log(f"prune.channels: output loss {losses[0]:.4g} with the stem's channels cut, {losses[1]:.4g} "
+                    f"with them kept: {'kept' if stem_choice['kept'] else 'cut'}")
     except UserError:
         raise
     except GroupError as e:
@@ -186,7 +229,8 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
             "ignore": list(ignore), f"{by}_before": total, f"{by}_after": after,
             "params": sum(p.numel() for p in pruned.parameters()),
             "flops": int(after) if by == "flops" else count_flops(pruned, example),
-            "modules_changed": len(plan["modules"]), "batchnorm_recalibrated": bn}
+            "modules_changed": len(plan["modules"]), "batchnorm_recalibrated": bn,
+            **({"stem_choice": stem_choice} if stem_choice else {})}
     log(f"prune.channels: {importance} importance, {allocation} ratio {ratio:.3f}: {by} {total:,.0f} -> {after:,.0f} "
         f"({after / total:.1%}); {len(plan['modules'])} modules narrowed; kept {', '.join(ignored_paths) or 'nothing'}")
     return pruned.requires_grad_(True), plan, info
