@@ -180,11 +180,13 @@ class DictCNN(nn.Module):
 
     def __init__(self, in_channels=1, num_classes=10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(8, num_classes)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Linear(32, num_classes)
 
     def forward(self, x):
-        f = self.stem(x).mean((2, 3))
+        f = self.body(self.stem(x)).mean((2, 3))
         return {"logits": self.head(f), "features": f}
 
 
@@ -214,3 +216,7 @@ class MaskFirst(nn.Module):
     def forward(self, attention_mask, input_ids):
         m = attention_mask.unsqueeze(-1).float()
         return {"logits": self.head((self.emb(input_ids) * m).sum(1) / m.sum(1).clamp_min(1))}
+
+
+def dict_cnn(in_channels=1, num_classes=10):
+    return DictCNN(in_channels, num_classes)
