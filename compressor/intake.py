@@ -14,7 +14,6 @@ FLOP counting, ONNX export and parity) then sees one tensor.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import types
 from contextlib import contextmanager
@@ -71,7 +70,11 @@ def _adapted_forward(self, *args, **kwargs):
     if args and names and len(args) <= len(names):
         # Exporters and tracers pass inputs by position, in the data's order; the class's forward may order
         # them otherwise (GPT-2: input_ids, past_key_values, attention_mask), so they go in by name.
-        kwargs = {**dict(zip(names, args)), **kwargs}
+        given = dict(zip(names, args))
+        twice = given.keys() & kwargs.keys()
+        if twice:
+            raise TypeError(f"{type(self).__name__}.forward got multiple values for {', '.join(sorted(twice))}")
+        kwargs = {**given, **kwargs}
         args = ()
     out = type(self).forward(self, *args, **kwargs)
     kind, mask = getattr(self, ADAPTED, "logits"), kwargs.get("attention_mask")
@@ -83,19 +86,37 @@ def _adapted_forward(self, *args, **kwargs):
     return select_output(out, kind, mask)
 
 
-def adapt(model: nn.Module, kind: str = "logits") -> nn.Module:
-    """Give ``model`` (in place) a forward that returns the one tensor ``kind`` names; returns it.
+def _signature(model: nn.Module) -> inspect.Signature:
+    """What the adapted forward shows: the data's input names where known (exporters pass inputs by position
+    in that order, and TorchScript's exporter pads them with every defaulted parameter it sees), else the
+    class's own (NNCF binds the model's inputs to these names and quantizes those it finds)."""
+    names = getattr(model, INPUTS, None)
+    if not names:
+        return inspect.signature(type(model).forward)
+    P = inspect.Parameter
+    return inspect.Signature([P("self", P.POSITIONAL_OR_KEYWORD), *(P(n, P.POSITIONAL_OR_KEYWORD) for n in names),
+                              P("kwargs", P.VAR_KEYWORD)])
 
-    The new forward shows the class's own signature (``functools.wraps``): NNCF binds the model's inputs to
-    forward's parameter names and quantizes the ones it finds; behind ``(*args, **kwargs)`` it found none, and
-    the first layer's input went unquantized (a model returning a dict failed the int8 file's Q/DQ check)."""
-    if getattr(model, ADAPTED, None) != kind:
+
+def adapt(model: nn.Module, kind: str = "logits", names: tuple[str, ...] | None = None) -> nn.Module:
+    """Give ``model`` (in place) a forward that returns the one tensor ``kind`` names; returns it. ``names``:
+    the data's input names, which positional inputs go in by.
+
+    The new forward shows a signature (``_signature``), not ``(*args, **kwargs)``: behind that NNCF found no
+    input to quantize (a model returning a dict failed the int8 file's Q/DQ check)."""
+    if names:
+        setattr(model, INPUTS, tuple(names))
+    if getattr(model, ADAPTED, None) != kind or names:
         setattr(model, ADAPTED, kind)
 
-        @functools.wraps(type(model).forward)
         def forward(self, *args, **kwargs):
             return _adapted_forward(self, *args, **kwargs)
 
+        forward.__signature__ = _signature(model)
+        forward.__doc__ = type(model).forward.__doc__
+        # The name a bound method pickles by: loading fails loudly, as it did, instead of binding the class's
+        # forward back (a model that returns a dict while is_adapted says otherwise).
+        forward.__name__ = forward.__qualname__ = "_adapted_forward"
         model.forward = types.MethodType(forward, model)
     return model
 
@@ -123,9 +144,11 @@ def is_hf_model(model: nn.Module) -> bool:
 def intake(model: nn.Module, out, task_output: str = "logits", names: tuple[str, ...] | None = None) -> nn.Module:
     """Adapt ``model`` when ``out`` (what it returned on a sample) is not a tensor. ``names``: the data's input
     names (a dict of tensors): an adapted model then takes positional inputs in that order by name."""
-    if names:
-        setattr(model, INPUTS, tuple(names))
-    if isinstance(out, torch.Tensor) or is_adapted(model):
+    if isinstance(out, torch.Tensor) and not is_adapted(model):
+        if names:
+            setattr(model, INPUTS, tuple(names))  # used once the model is adapted (never, for a tensor forward)
         return model
+    if is_adapted(model):
+        return adapt(model, getattr(model, ADAPTED), names) if names else model
     select_output(out, task_output)  # a UserError now if nothing in it is a tensor
-    return adapt(model, task_output)
+    return adapt(model, task_output, names)

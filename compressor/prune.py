@@ -50,13 +50,14 @@ def _first_input(args, kwargs):
 @torch.no_grad()
 def find_units(model: nn.Module, example, ignore=()) -> list[Unit]:
     """The prunable units of ``model``, in module order, found on one forward pass of ``example``;
-    none at or under the ``ignore`` paths. A block run more than once in the pass (ALBERT's one layer group,
-    applied at every depth) is no unit: removing it removes every use of its weights."""
-    shapes, handles, calls = {}, [], {}
+    none at or under the ``ignore`` paths. A block run again before any of its siblings ran (ALBERT's one layer
+    group, applied at every depth) is no unit: removing it removes every use of its weights. A block run twice
+    with its siblings between (a backbone run on an image and on its flip) is one."""
+    shapes, handles, order = {}, [], []
 
     def hook_for(name):
         def hook(module, args, kwargs, out):
-            calls[name] = calls.get(name, 0) + 1
+            order.append(name)
             if name not in shapes:
                 i, o = _first_input(args, kwargs), first_tensor(out)
                 shapes[name] = (None if i is None else tuple(i.shape), None if o is None else tuple(o.shape))
@@ -82,8 +83,8 @@ def find_units(model: nn.Module, example, ignore=()) -> list[Unit]:
             path = f"{parent_name}.{child_name}" if parent_name else child_name
             if not list(child.children()) or path in ignore or path.startswith(tuple(p + "." for p in ignore)):
                 continue  # a bare layer is not a block
-            if calls.get(path, 0) > 1:
-                continue  # shared: its weights serve several depths
+            if _reused(order, path, parent_name):
+                continue  # its weights serve several depths
             n_params = sum(p.numel() for p in child.parameters())
             i, o = shapes.get(path, (None, None))
             if n_params and i is not None and i == o:
@@ -99,6 +100,21 @@ def find_units(model: nn.Module, example, ignore=()) -> list[Unit]:
     units = [u for u in units if not any(u.path.startswith(p + ".") for p in paths if p != u.path)]
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(units, key=lambda u: order[u.path])
+
+
+def _reused(order: list[str], path: str, parent: str) -> bool:
+    """Whether ``path`` ran twice in ``order`` (the forward hooks' calls) with no sibling (another child of
+    ``parent``) between: the same weights applied at consecutive depths."""
+    prefix = f"{parent}." if parent else ""
+    last, between = None, False
+    for i, name in enumerate(order):
+        if name == path:
+            if last is not None and not between:
+                return True
+            last, between = i, False
+        elif last is not None and name.startswith(prefix) and "." not in name[len(prefix):]:
+            between = True
+    return False
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -303,8 +319,8 @@ def prune_teacher(teacher: nn.Module, batches, by: str = "params", remove: float
     units = find_units(teacher, batches[0], ignore)
     if not units:
         raise UserError(f"prune: {type(teacher).__name__} has no prunable unit (a block in an nn.Sequential or "
-                        "nn.ModuleList whose output has its input's shape, run once per forward: a block whose "
-                        "weights serve several depths is not one); prune its channels instead "
+                        "nn.ModuleList whose output has its input's shape; a block whose weights serve several "
+                        "depths, run again before its siblings, is not one); prune its channels instead "
                         "(prune: {channels: {remove: 0.5}}) or drop the prune section")
     score_units(teacher, units, batches)
     lat = {}

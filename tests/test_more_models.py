@@ -77,6 +77,29 @@ def test_a_block_run_at_several_depths_is_no_unit():
     assert [u.path for u in find_units(SharedBlock(), torch.randn(2, 16))] == ["own.0", "own.1"]
 
 
+class TwoViews(nn.Module):
+    """A backbone run twice (an image and its flip): its blocks run as often as it does, and stay units."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3)])
+        self.head = nn.Linear(16, 4)
+
+    def body(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+    def forward(self, x):
+        return self.head(self.body(x) + self.body(x.flip(-1)))
+
+
+def test_a_backbone_run_twice_keeps_its_blocks():
+    from compressor.prune import find_units
+
+    assert [u.path for u in find_units(TwoViews(), torch.randn(2, 16))] == ["blocks.0", "blocks.1", "blocks.2"]
+
+
 def test_albert_layer_pruning_is_refused_with_a_reason():
     from compressor.prune import prune_teacher
 
@@ -96,9 +119,13 @@ def test_positional_inputs_go_in_by_the_data_names(tmp_path):
     model = intake(model, call(model, x), names=tuple(x))
     want = call(model, x)
     assert torch.equal(model(*as_tuple(x)), want)  # (input_ids, attention_mask) in the data's order
-    assert list(inspect.signature(model.forward).parameters) == ["attention_mask", "input_ids"]  # the class's
+    # what tracers and NNCF bind positional inputs to: the data's names, not the class's order or its defaults
+    assert list(inspect.signature(model.forward).parameters) == ["input_ids", "attention_mask", "kwargs"]
+    with pytest.raises(TypeError, match="multiple values for input_ids"):
+        model(x["input_ids"], input_ids=x["input_ids"])
     art = export_checked(model, as_tuple(x), tmp_path / "m.onnx", x, input_names=tuple(x),
                          output_names=("logits",), log=lambda s: None)
+    assert art.extra["exporter"] == "torchscript"  # not the dynamo fallback after a failed parity check
     assert art.extra["parity"]["max_abs"] < 1e-5
 
 
@@ -156,6 +183,28 @@ def test_a_block_whose_code_ignores_the_cut_is_named():
         prune_channels(model, [x], 0.5, log=lambda s: None)
 
 
+class StaleWidth(nn.Module):
+    """Blocks that run fine, then the model's own code reshapes by a width it keeps as an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(2)])
+        self.width = 32
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x.reshape(-1, self.width)
+
+
+def test_an_error_in_the_models_own_code_is_not_blamed_on_the_last_block():
+    from compressor.structural.pruning import raised_in
+
+    with pytest.raises(RuntimeError) as e:
+        StaleWidth()(torch.randn(3, 16))
+    assert raised_in(e.value) is None  # blk, the loop variable, still holds blocks.1: it ran fine
+
+
 def test_nothing_to_cut_says_so_and_names_the_multiple():
     from compressor.structural import prune_channels
 
@@ -165,6 +214,17 @@ def test_nothing_to_cut_says_so_and_names_the_multiple():
         prune_channels(model, [x], 0.5, log=lambda s: None)
     pruned, _, info = prune_channels(model, [x], 0.3, multiple=None, log=lambda s: None)
     assert info["flops_after"] < info["flops_before"]
+
+
+@pytest.mark.slow
+def test_ort_static_int8_at_a_recipe_opset_below_13(tiny_recipe, tmp_path):
+    """Per-channel QDQ needs opset 13: the quantize stage exports at max(export.opset, 13) whatever the recipe says."""
+    import compressor
+
+    tiny_recipe.update(export={"opset": 11}, quantize={"mode": "ptq-ort"}, targets=[])
+    man = compressor.verify(compressor.run(tiny_recipe, tmp_path / "b", log=lambda s: None))
+    q = man["quality"]
+    assert q["student_int8"]["onnx_accuracy"] == pytest.approx(q["student"]["accuracy"], abs=0.05)
 
 
 def test_the_stem_is_cut_or_kept_by_the_lower_measured_output_loss():

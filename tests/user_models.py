@@ -213,9 +213,10 @@ class MaskFirst(nn.Module):
         self.emb = nn.Embedding(vocab_size, 16)
         self.head = nn.Linear(16, num_classes)
 
-    def forward(self, attention_mask, input_ids):
+    def forward(self, attention_mask, input_ids, scale: float = 1.0, return_dict=None):
+        # defaulted parameters too: TorchScript's exporter pads positional inputs with every default it sees
         m = attention_mask.unsqueeze(-1).float()
-        return {"logits": self.head((self.emb(input_ids) * m).sum(1) / m.sum(1).clamp_min(1))}
+        return {"logits": scale * self.head((self.emb(input_ids) * m).sum(1) / m.sum(1).clamp_min(1))}
 
 
 def dict_cnn(in_channels=1, num_classes=10):

@@ -66,19 +66,21 @@ def shipped_onnx(ctx: Context, model, path: Path, role: str, *, given: Artifact 
                           dynamic_batch=spec.dynamic_batch, role=role, **onnx_io(x, ctx.task.output, spec.dynamic_batch))
 
 
-def export_model(ctx: Context, model, path: Path, role: str) -> Artifact:
+def export_model(ctx: Context, model, path: Path, role: str, opset: int | None = None) -> Artifact:
     """``model``'s ONNX file, unchecked (analyze's teacher, for its FLOPs and for the export stage to check):
-    Optimum's for a Hugging Face classifier where Optimum takes it, else torch.onnx.export."""
+    Optimum's for a Hugging Face classifier where Optimum takes it, else torch.onnx.export. ``opset``: instead
+    of the recipe's (ONNX Runtime's per-channel QDQ needs 13)."""
     from exporters.onnx import export_onnx
 
     spec = ctx.recipe.export
+    opset = opset or spec.opset
     x = ctx.example(2)
-    return export_hf(ctx, model, x, path, role) or export_onnx(
-        model, as_tuple(x), path, opset=spec.opset, dynamic_batch=spec.dynamic_batch, role=role,
+    return export_hf(ctx, model, x, path, role, opset) or export_onnx(
+        model, as_tuple(x), path, opset=opset, dynamic_batch=spec.dynamic_batch, role=role,
         **onnx_io(x, ctx.task.output, spec.dynamic_batch))
 
 
-def export_hf(ctx: Context, model, x, path: Path, role: str) -> Artifact | None:
+def export_hf(ctx: Context, model, x, path: Path, role: str, opset: int | None = None) -> Artifact | None:
     """A Hugging Face classifier through Optimum's exporter, where Optimum supports it and the data gives
     every input it takes; None (and a log line) where not: torch.onnx.export then runs as for any model."""
     from exporters import ExportError
@@ -97,8 +99,8 @@ def export_hf(ctx: Context, model, x, path: Path, role: str) -> Artifact | None:
     example = x if isinstance(x, dict) else {"pixel_values": x}
     try:
         with unadapted(model):
-            return export_optimum(model, path, task=task, example_inputs=example, opset=ctx.recipe.export.opset,
-                                  role=role)
+            return export_optimum(model, path, task=task, example_inputs=example,
+                                  opset=opset or ctx.recipe.export.opset, role=role)
     except ExportError as e:
         ctx.log(f"export: {role}: {e}; exporting with torch.onnx.export instead")
         return None

@@ -143,7 +143,8 @@ def ptq_ort(ctx, spec, calib, act, keep, reduce_range: bool = False) -> tuple[di
     from .export import export_model
 
     fp32 = ctx.scratch / "quantize" / "student.fp32.onnx"
-    export_model(ctx, ctx.student, fp32, "student")  # the file the export stage ships: Optimum's where it applies
+    # The export stage's file (Optimum's where it takes the model), at opset 13 or later for per-channel QDQ.
+    export_model(ctx, ctx.student, fp32, "student", opset=max(ctx.recipe.export.opset, 13))
     out = ctx.work / "model" / "student.int8.onnx"
     if spec.mode == "ptq-dynamic":
         return quantize_dynamic(fp32, out, keep_float=keep, reduce_range=reduce_range), out

@@ -52,13 +52,19 @@ def raised_in(e: BaseException) -> tuple[str, str] | None:
     ``"path (Class)"``, paths under the outermost module on the traceback (the model that was running): a
     pruned copy that fails to run names the block whose own code did not follow the cut (DistilBERT's
     attention reshapes by its own head count, which torch-pruning does not update). None when no module ran."""
-    mods = []  # every module a frame on the traceback holds (as self, or the layer a pruning function cuts)
-    tb = e.__traceback__
+    chain, held = [], []  # the modules whose code is on the traceback (as self); every module a frame holds
+    tb = e.__traceback__.tb_next if e.__traceback__ is not None else None  # not the frame that caught it
     while tb is not None:
-        for v in tb.tb_frame.f_locals.values():
-            if isinstance(v, nn.Module) and not any(v is x for x in mods):
-                mods.append(v)
+        local = tb.tb_frame.f_locals
+        me = local.get("self")
+        if isinstance(me, nn.Module) and not any(me is x for x in chain):
+            chain.append(me)
+        held += [v for v in local.values() if isinstance(v, nn.Module) and not any(v is x for x in held)]
         tb = tb.tb_next
+    del tb
+    # Inside a forward, the chain of selves says where (a loop variable may still hold a block that ran fine);
+    # inside torch-pruning's own functions no module runs, and the layer being cut is one of the locals.
+    mods = chain if chain else held
     if len(mods) < 2:
         return None
     # The model that ran: the module holding most of the others (the pruned copy, not the original beside it).
@@ -90,6 +96,33 @@ def _output_loss(model: nn.Module, pruned: nn.Module, batches) -> float:
         model.train(was)
 
 
+def _group_error(model: nn.Module, e: GroupError) -> UserError:
+    def said(p):
+        m = model.get_submodule(p)
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1:
+            return f"{p} ({type(m).__name__} {m.in_channels}->{m.out_channels} in {m.groups} groups)"
+        return f"{p} ({type(m).__name__})"
+
+    return UserError(f"prune.channels: torch-pruning cannot prune the channels of {', '.join(map(said, e.modules[:3]))} "
+                     f"({e}); add it and the layer that feeds it to prune.ignore")
+
+
+def _failed(model: nn.Module, e: Exception) -> UserError:
+    """A cut copy that failed to run, or torch-pruning failing: the module, and what to leave out."""
+    where = raised_in(e)
+    said = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if where is None:
+        return UserError(f"prune.channels: torch-pruning cannot prune {type(model).__name__}: {said}; leave the "
+                         "module it names out with prune.ignore, or prune whole blocks (prune: {by: flops})")
+    block, inner = where
+    path = block.split(" (")[0]
+    advice = (f"add {path} to prune.ignore (its own code does not follow the cut)" if "." in path else
+              "its own code does not follow the cut: add the layers it reshapes by to prune.ignore, or prune whole "
+              "blocks (prune: {by: flops})")
+    return UserError(f"prune.channels: {type(model).__name__} cut by torch-pruning fails in {inner}"
+                     + (f", inside {block}" if block != inner else "") + f": {said}; {advice}")
+
+
 def _cost(model, example, by: str) -> float:
     return float(count_flops(model, example) if by == "flops" else sum(p.numel() for p in model.parameters()))
 
@@ -97,10 +130,12 @@ def _cost(model, example, by: str) -> float:
 def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops", importance: str = "output-loss",
                    ignore=(), keep_stem: bool = False, heads: bool = True, multiple: int | None = 8,
                    projections: int = 4, labels=None, tolerance: float = 0.02, gradient_cache: dict | None = None,
-                   log=print):
+                   compare_stem: bool = True, log=print):
     """Prune channels, neurons and heads until ``remove`` of the model's FLOPs (or params) are gone.
     Returns (pruned copy, plan, record dict). ``gradient_cache``: a dict the output-loss (or taylor) gradients of
-    ``model`` are kept in and read from, so pruning one model to several budgets estimates them once."""
+    ``model`` are kept in and read from, so pruning one model to several budgets estimates them once.
+    ``compare_stem`` (without ``keep_stem``): meet the budget with the stem's channels kept too and take the cut
+    with the lower measured output loss (twice the work: the search's candidates skip it)."""
     cache = gradient_cache if gradient_cache is not None else {}
     tp = _tp()
     if by not in ("flops", "params"):
@@ -177,40 +212,32 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
         # Where the stem was free to go, the same budget with it kept is tried too, and the lower measured output
         # loss wins (the criterion the linearisation stands in for).
         stem = [p for p, why in kept_by_default(model, example).items() if why == "input stem"
-                and p not in ignored_paths]
-        if best is not None and stem:
-            alt, _ = bisect(ignored_paths + stem)
-            if alt is not None:
-                losses = [_output_loss(model, b[1], batches) for b in (best, alt)]
-                stem_choice = {"stem": stem, "loss_stem_cut": losses[0], "loss_stem_kept": losses[1],
-                               "kept": losses[1] < losses[0]}
-                if stem_choice["kept"]:
-                    best = alt
-                    ignored_paths = ignored_paths + stem
-                    kept = {**kept, **{p: "input stem (the lower output loss)" for p in stem}}
-                log(f"prune.channels: output loss {losses[0]:.4g} with the stem's channels cut, {losses[1]:.4g} "
-                    f"with them kept: {'kept' if stem_choice['kept'] else 'cut'}")
+                and p not in ignored_paths] if compare_stem else []
     except UserError:
         raise
     except GroupError as e:
-        def said(p):
-            m = model.get_submodule(p)
-            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1:
-                return f"{p} ({type(m).__name__} {m.in_channels}->{m.out_channels} in {m.groups} groups)"
-            return f"{p} ({type(m).__name__})"
-
-        raise UserError(f"prune.channels: torch-pruning cannot prune the channels of {', '.join(map(said, e.modules[:3]))} "
-                        f"({e}); add it and the layer that feeds it to prune.ignore") from None
+        raise _group_error(model, e) from None
     except Exception as e:
-        where = raised_in(e)
-        said = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        if where is None:
-            raise UserError(f"prune.channels: torch-pruning cannot prune {type(model).__name__}: {said}; leave the "
-                            "module it names out with prune.ignore") from None
-        block, inner = where
-        raise UserError(f"prune.channels: {type(model).__name__} cut by torch-pruning fails in {inner}"
-                        + (f", inside {block}" if block != inner else "") + f": {said}; add "
-                        f"{block.split(' (')[0]} to prune.ignore (its own code does not follow the cut)") from None
+        raise _failed(model, e) from None
+    if best is not None and stem:
+        try:
+            alt, _ = bisect(ignored_paths + stem)
+            why = "the budget is out of reach"
+        except Exception as e:  # the stem-cut cut stands; the other way only had to be tried
+            alt, why = None, f"the cut failed ({type(e).__name__}: {str(e)[:120]})"
+        if alt is None:
+            log(f"prune.channels: with the stem kept {why}; the stem's channels are cut")
+        else:
+            losses = [_output_loss(model, b[1], batches) for b in (best, alt)]
+            stem_choice = {"stem": stem, "loss_stem_cut": losses[0], "loss_stem_kept": losses[1],
+                           f"{by}_stem_cut": best[2], f"{by}_stem_kept": alt[2], "kept": losses[1] < losses[0]}
+            if stem_choice["kept"]:
+                best = alt
+                ignored_paths = ignored_paths + stem
+                kept = {**kept, **{p: "input stem (the lower output loss)" for p in stem}}
+            log(f"prune.channels: output loss {losses[0]:.4g} with the stem's channels cut "
+                f"({stem_choice[f'{by}_stem_cut']:,.0f} {by} left), {losses[1]:.4g} with them kept "
+                f"({stem_choice[f'{by}_stem_kept']:,.0f}): {'kept' if stem_choice['kept'] else 'cut'}")
     if best is None:
         kept_said = f"kept: {', '.join(ignored_paths) or 'none'}; multiple {multiple}"
         if least is None or least >= total * (1 - 1e-6):
