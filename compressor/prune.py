@@ -50,9 +50,8 @@ def _first_input(args, kwargs):
 @torch.no_grad()
 def find_units(model: nn.Module, example, ignore=()) -> list[Unit]:
     """The prunable units of ``model``, in module order, found on one forward pass of ``example``;
-    none at or under the ``ignore`` paths. A block run again before any of its siblings ran (ALBERT's one layer
-    group, applied at every depth) is no unit: removing it removes every use of its weights. A block run twice
-    with its siblings between (a backbone run on an image and on its flip) is one."""
+    none at or under the ``ignore`` paths. A block run again before any of its siblings (ALBERT's one layer group,
+    at every depth) is no unit; one run twice with its siblings between (a two-view backbone) is."""
     shapes, handles, order = {}, [], []
 
     def hook_for(name):
@@ -103,18 +102,10 @@ def find_units(model: nn.Module, example, ignore=()) -> list[Unit]:
 
 
 def _reused(order: list[str], path: str, parent: str) -> bool:
-    """Whether ``path`` ran twice in ``order`` (the forward hooks' calls) with no sibling (another child of
-    ``parent``) between: the same weights applied at consecutive depths."""
+    """Whether ``path`` ran again in ``order`` with no sibling (child of ``parent``) between: consecutive depths."""
     prefix = f"{parent}." if parent else ""
-    last, between = None, False
-    for i, name in enumerate(order):
-        if name == path:
-            if last is not None and not between:
-                return True
-            last, between = i, False
-        elif last is not None and name.startswith(prefix) and "." not in name[len(prefix):]:
-            between = True
-    return False
+    runs = [n for n in order if n == path or (n.startswith(prefix) and "." not in n[len(prefix):])]
+    return any(a == b == path for a, b in zip(runs, runs[1:]))
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -338,11 +329,10 @@ def prune_teacher(teacher: nn.Module, batches, by: str = "params", remove: float
     predicted = sum(u.loss for u in chosen)
     measured = set_loss(teacher, removed, batches)
     teacher.eval()
-    got = "" if by in ("units", "latency") else (  # whole units overshoot a fractional budget: say by how much
-        f", {sum(getattr(u, COST[by]) for u in chosen) / total:.0%} of the {by} (asked {remove:.0%})")
-    log(f"pruned {len(removed)} of {len(units)} units ({', '.join(removed)}): "
-        f"{sum(u.params for u in chosen):,} params{got}, output loss {measured:.4g} (sum of single-unit losses "
-        f"{predicted:.4g})")
+    got = "" if by in ("units", "latency") else f", {sum(getattr(u, COST[by]) for u in chosen) / total:.0%} of the " \
+        f"{by} (asked {remove:.0%}: whole units overshoot)"
+    log(f"pruned {len(removed)} of {len(units)} units ({', '.join(removed)}): {sum(u.params for u in chosen):,} "
+        f"params{got}, output loss {measured:.4g} (sum of single-unit losses {predicted:.4g})")
     info = {"units": [u.to_dict() for u in units], "removed": removed, "by": by, "remove": remove,
             "budget": budget, "predicted_loss": predicted, "measured_loss": measured,
             "params": sum(p.numel() for p in student.parameters()), "flops": flops(student, batches[0])}
