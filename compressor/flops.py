@@ -54,18 +54,17 @@ def _counting(model: nn.Module, example, batch_one: bool = True):
     was = model.training
     model.eval()  # as deployed: in training mode dropout sends attention down a path with more matmuls
     try:
-        try:
-            with no_fastpath(), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as fc:
-                call(model, x)
-        except AssertionError as e:
-            # The counter's module tracker hooks every module input that requires grad and asserts it has a
-            # grad_fn; under no_grad a Parameter handed straight to a submodule (DeBERTa-v2 feeds its relative
-            # position table to pos_key_proj) has none. Counted with autograd on, the graph is built and freed.
-            if "gradient function" not in str(e):
-                raise
-            with no_fastpath(), torch.enable_grad(), FlopCounterMode(display=False,
-                                                                     custom_mapping=_custom_mapping()) as fc:
-                call(model, x)
+        # The counter's module tracker hooks every module input that requires grad and asserts it has a
+        # grad_fn; under no_grad a Parameter handed straight to a submodule (DeBERTa-v2 feeds its relative
+        # position table to pos_key_proj) has none. Such a model is counted with autograd on (graph built, freed).
+        for grad in (torch.no_grad, torch.enable_grad):
+            try:
+                with no_fastpath(), grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as fc:
+                    call(model, x)
+                break
+            except AssertionError as e:
+                if grad is torch.enable_grad or "gradient function" not in str(e):
+                    raise
     finally:
         model.train(was)
     yield fc

@@ -144,11 +144,9 @@ def is_hf_model(model: nn.Module) -> bool:
 def intake(model: nn.Module, out, task_output: str = "logits", names: tuple[str, ...] | None = None) -> nn.Module:
     """Adapt ``model`` when ``out`` (what it returned on a sample) is not a tensor. ``names``: the data's input
     names (a dict of tensors): an adapted model then takes positional inputs in that order by name."""
-    if isinstance(out, torch.Tensor) and not is_adapted(model):
-        if names:
-            setattr(model, INPUTS, tuple(names))  # used once the model is adapted (never, for a tensor forward)
-        return model
     if is_adapted(model):
         return adapt(model, getattr(model, ADAPTED), names) if names else model
+    if isinstance(out, torch.Tensor):  # a tensor forward takes the data's order as it is
+        return model
     select_output(out, task_output)  # a UserError now if nothing in it is a tensor
     return adapt(model, task_output, names)

@@ -25,7 +25,7 @@ from .intake import first_tensor
 from .measure import round_robin_ms as measure_round_robin
 from .errors import UserError
 from .flops import count_flops as flops  # the one counter, under the name width.py and tests use
-from .tasks import call, output
+from .tasks import call, output, sq_error
 
 
 @dataclass
@@ -171,17 +171,13 @@ def build_pruned(teacher: nn.Module, removed) -> nn.Module:
     return student.requires_grad_(True)
 
 
-def _sq_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.float() - ref.float()).pow(2).flatten(1).sum(1).sum())
-
-
 @torch.no_grad()
 def set_loss(model: nn.Module, paths, batches, refs=None) -> float:
     """E ||y(without paths) - y||^2 over the calibration batches (per sample, summed over outputs)."""
     model.eval()
     refs = refs if refs is not None else [output(model, b) for b in batches]
     with without(model, paths):
-        total = sum(_sq_error(output(model, b), r) for b, r in zip(batches, refs))
+        total = sum(sq_error(output(model, b), r) for b, r in zip(batches, refs))
     return total / sum(len(r) for r in refs)
 
 
@@ -380,21 +376,3 @@ def narrowed(student: nn.Module, plan: dict | None, channels: dict | None = None
 
         student = reshape(student, channels)
     return student
-
-
-@torch.no_grad()
-def sq_error_mean(teacher: nn.Module, student: nn.Module, batches) -> float | None:
-    """The mean squared error of ``student``'s outputs against ``teacher``'s over ``batches``, per sample; None
-    where the outputs differ in width (an embedding narrowed with its residual stream: prune.width.hidden)."""
-    was = student.training
-    teacher.eval()
-    student.eval()
-    total, n = 0.0, 0
-    for b in batches:
-        ref, y = output(teacher, b), output(student, b)
-        if y.shape != ref.shape:
-            student.train(was)
-            return None
-        total, n = total + _sq_error(y, ref), n + len(ref)
-    student.train(was)
-    return total / n

@@ -33,6 +33,29 @@ def output(model: nn.Module, batch) -> torch.Tensor:
     return y
 
 
+def sq_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Summed squared error of ``y`` against ``ref`` over every sample and output."""
+    return float((y.float() - ref.float()).pow(2).flatten(1).sum(1).sum())
+
+
+@torch.no_grad()
+def sq_error_mean(teacher: nn.Module, student: nn.Module, batches) -> float | None:
+    """The mean squared error of ``student``'s outputs against ``teacher``'s over ``batches``, per sample; None
+    where the outputs differ in width (an embedding narrowed with its residual stream: prune.width.hidden)."""
+    was = student.training
+    teacher.eval()
+    student.eval()
+    total, n = 0.0, 0
+    for b in batches:
+        ref, y = output(teacher, b), output(student, b)
+        if y.shape != ref.shape:
+            student.train(was)
+            return None
+        total, n = total + sq_error(y, ref), n + len(ref)
+    student.train(was)
+    return total / n
+
+
 def take(x, n: int):
     """The first ``n`` samples of a batch."""
     return {k: v[:n] for k, v in x.items()} if isinstance(x, dict) else x[:n]

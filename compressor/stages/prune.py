@@ -9,7 +9,8 @@ from ..bundle import StageRecord
 from ..context import Context
 from ..errors import UserError
 from ..flops import count_flops as flops
-from ..prune import build_pruned, calibration_batches, narrowed, prune_teacher, sq_error_mean
+from ..prune import build_pruned, calibration_batches, narrowed, prune_teacher
+from ..tasks import sq_error_mean
 from ..recipe import PruneSpec
 
 name = "prune"

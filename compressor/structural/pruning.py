@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..flops import count_flops, flops_by_module, no_fastpath
-from ..tasks import call, take
+from ..tasks import call, sq_error_mean, take
 from .importance import IMPORTANCE, GroupError, _named, _per_flop, ce_gradients, fisher
 from .plan import plan_of
 from .structure import _fix_heads, _TooFar, _tp, head_layout, kept_by_default, width_unit
@@ -78,20 +78,14 @@ def raised_in(e: BaseException) -> tuple[str, str] | None:
     return tuple(f"{paths[id(m)]} ({type(m).__name__})" for m in (block, inner[-1]))
 
 
-@torch.no_grad()
 def _output_loss(model: nn.Module, pruned: nn.Module, batches) -> float:
-    """E ||pruned(x) - model(x)||^2 per sample over ``batches`` (BatchNorm statistics recomputed on a copy first,
-    as the chosen cut's will be)."""
-    from ..tasks import output
-
+    """tasks.sq_error_mean of ``pruned`` against ``model``, BatchNorm statistics recomputed on a copy first (as
+    the chosen cut's will be); ``model``'s mode is left as it was."""
     pruned = copy.deepcopy(pruned)
     recalibrate_batchnorm(pruned, batches)
     was = model.training
-    model.eval()
-    pruned.eval()
     try:
-        return sum(float((output(pruned, b) - output(model, b)).pow(2).flatten(1).sum(1).mean())
-                   for b in batches) / len(batches)
+        return sq_error_mean(model, pruned, batches)
     finally:
         model.train(was)
 
@@ -145,7 +139,8 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     example = batches[0]
     from ..distill.hooks import resolve
 
-    kept = {p: why for p, why in kept_by_default(model, example).items() if keep_stem or why != "input stem"}
+    defaults = kept_by_default(model, example)
+    kept = {p: why for p, why in defaults.items() if keep_stem or why != "input stem"}
     for p in ignore:
         resolve(model, p, "model")  # a UserError naming the module paths that exist
     ignored_paths = list(dict.fromkeys([*kept, *ignore]))
@@ -211,8 +206,8 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
         # FFN's deeper cut alone (measured output loss 69 against 54; distilled accuracy 0.79 against 0.91).
         # Where the stem was free to go, the same budget with it kept is tried too, and the lower measured output
         # loss wins (the criterion the linearisation stands in for).
-        stem = [p for p, why in kept_by_default(model, example).items() if why == "input stem"
-                and p not in ignored_paths] if compare_stem else []
+        stem = [p for p, why in defaults.items() if why == "input stem" and p not in ignored_paths] \
+            if compare_stem else []
     except UserError:
         raise
     except GroupError as e:
