@@ -3,6 +3,7 @@ and cached (built-in demo teachers), then checked against the data."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -99,12 +100,30 @@ def _epochs(model: nn.Module, loader, spec, precision: str, nhwc: bool, log) -> 
         log(f"teacher epoch {epoch + 1}/{spec.epochs}: loss {loss_sum / seen:.4f} ({time.time() - t0:.1f} s)")
 
 
-def _cache_key(recipe) -> str:
+def _architecture(model: nn.Module) -> str:
+    """The model's layers (its repr) and the source files of every class in it that is not torch's own:
+    a user who edits their model's file, a layer's width or only a forward, gets a teacher trained
+    afresh instead of the weights cached for the old code."""
+    h = hashlib.sha256(repr(model).encode())
+    files = set()
+    for cls in {type(m) for m in model.modules()}:
+        if cls.__module__.split(".")[0] != "torch":
+            try:
+                files.add(inspect.getsourcefile(cls))
+            except TypeError:  # defined outside a file (a REPL, exec)
+                h.update(cls.__qualname__.encode())
+    for f in sorted(f for f in files if f):
+        h.update(Path(f).read_bytes() if Path(f).is_file() else f.encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_key(recipe, model: nn.Module) -> str:
     t, d = recipe.teacher, recipe.data
     # The precision as resolved on this host: an AMX host's bf16 teacher is not an AVX2 host's fp32 one.
     train = {**t.train.model_dump(), "precision": resolve(t.train.precision, "cpu")[0]}
     key = {"model": t.model, "kwargs": t.kwargs, "train": train, "dataset": d.dataset,
-           "data_kwargs": d.kwargs, "fractions": [d.val_fraction, d.test_fraction], "seed": recipe.seed}
+           "data_kwargs": d.kwargs, "fractions": [d.val_fraction, d.test_fraction], "seed": recipe.seed,
+           "architecture": _architecture(model)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -123,7 +142,7 @@ def load_teacher(recipe, data: DataSplits, log=print) -> tuple[nn.Module, dict]:
         _load_into(model, load_state(spec.checkpoint, "teacher"), f"teacher checkpoint {spec.checkpoint}")
         origin["checkpoint"] = spec.checkpoint
     elif spec.train is not None:
-        path = cache_dir() / "teachers" / f"{spec.model.replace(':', '_')}-{_cache_key(recipe)}.pt"
+        path = cache_dir() / "teachers" / f"{spec.model.replace(':', '_')}-{_cache_key(recipe, model)}.pt"
         if path.is_file():
             _load_into(model, load_state(path, "cached teacher"), f"cached teacher {path}")
             origin["cached"] = str(path)

@@ -47,3 +47,44 @@ def test_student_does_not_depend_on_whether_the_teacher_was_cached(tmp_path, mon
     trained = [any(line.startswith("teacher epoch") for line in log) for log in logs]
     assert trained == [True, False]
     assert ms[0]["files"]["model/student.pt"]["sha256"] == ms[1]["files"]["model/student.pt"]["sha256"]
+
+
+def test_an_edited_user_model_is_not_served_the_old_cached_teacher(tmp_path, monkeypatch):
+    """The teacher cache is keyed by the model's code as well as the recipe: a user who edits their
+    model's file (here only its forward, so the weights would still load) gets a teacher trained afresh."""
+    from compressor.data import load_data
+    from compressor.recipe import load_recipe
+    from compressor.teacher import load_teacher
+
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = ("import torch\nfrom torch import nn\n\n"
+           "class Net(nn.Module):\n"
+           "    def __init__(self):\n"
+           "        super().__init__()\n"
+           "        self.fc = nn.Linear(256, 10)\n\n"
+           "    def forward(self, x):\n"
+           "        return self.fc(x.flatten(1){})\n\n"
+           "def build():\n    return Net()\n")
+    r = json.loads(json.dumps(TINY))
+    r["teacher"] = {"model": "edited_teacher_mod:build", "train": {"epochs": 1, "lr": 0.01}}
+    recipe = load_recipe(r)
+    data = load_data(recipe.data, recipe.seed)
+    trained = []
+
+    def load(forward_tail):
+        import importlib
+        import sys
+
+        (tmp_path / "edited_teacher_mod.py").write_text(src.format(forward_tail))
+        sys.modules.pop("edited_teacher_mod", None)
+        importlib.invalidate_caches()
+        log = []
+        load_teacher(recipe, data, log=log.append)
+        trained.append(any(line.startswith("teacher epoch") for line in log))
+
+    load("")
+    load("")  # the same code: the cache serves it
+    load(" * 2")  # the forward changed, the weights' names and shapes did not
+    assert trained == [True, False, True]
+    assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 2
