@@ -72,9 +72,6 @@ PRUNE = {"channels": {"remove": 0.5}}
 PRUNE_FOR = {
     # torch-pruning has no rule for transformers' Conv1D: no channel can be cut; whole blocks instead
     "hf_gpt2": {"by": "flops", "remove": 0.4},  # one of its two blocks (0.5 would take both)
-    # its attention reshapes by its own head count: left out, the FFN neurons and nothing else can go (at most 39%)
-    "hf_distilbert": {"channels": {"remove": 0.35},
-                      "ignore": ["distilbert.transformer.layer.0.attention", "distilbert.transformer.layer.1.attention"]},
 }
 DISTILL = {"epochs": 5, "lr": 0.003}
 PROFILE = {"batch_sizes": [1], "warmup": 20, "runs": 200, "max_seconds": 5}

@@ -9,8 +9,8 @@ make a student much smaller than the teacher that still starts from the teacher'
      with those channels of B's input set to zero. An elementwise activation between them passes; a
      LayerNorm, a residual use of A's output or a reshape into heads does not (the check fails or the
      sliced copy does not run). In a Transformer layer that is the intermediate/output pair.
-   - attention heads: a module with ``prune_heads`` (Hugging Face's attention modules) whose child holds
-     ``num_attention_heads`` and ``attention_head_size``. Head h's output is a head-wide slice of the
+   - attention heads: a module with ``prune_heads`` (Hugging Face's attention modules) which holds, or whose
+     child holds, ``attention_head_size`` and a head count (``num_attention_heads``; DistilBERT's ``n_heads``). Head h's output is a head-wide slice of the
      input of the attention's output Linear (the ``gate``); pruned with the module's own ``prune_heads``,
      checked the same way.
 2. Criterion: LAPTOP-Diff's output loss (prune.py), linearised so thousands of elements cost a few
@@ -46,13 +46,14 @@ from .surgery import set_module as _set
 from .surgery import swapped as _swapped
 from .tasks import output
 
+HEAD_COUNTS = ("num_attention_heads", "n_heads")  # the head count's name in Hugging Face attention modules
 
 @dataclass
 class Group:
     kind: str  # "ffn" or "heads"
     path: str  # ffn: B, the Linear whose input channels go; heads: the attention module
     gate: str  # the Linear whose input the mask scales (ffn: B itself; heads: the attention's output Linear)
-    producer: str  # ffn: A, whose output rows go; heads: the child holding num_attention_heads
+    producer: str  # ffn: A, whose output rows go; heads: the module holding the head count
     size: int  # neurons or heads
     width: int  # gate input channels per element: 1 for a neuron, head_dim for a head
     flops: float = 0.0  # FLOPs one element costs per sample (counted on the calibration example)
@@ -122,11 +123,11 @@ def _head_groups(model: nn.Module, order: list[str], example) -> list[Group]:
     for path, m in model.named_modules():
         if not callable(getattr(m, "prune_heads", None)) or hasattr(m, "base_model_prefix"):
             continue  # a PreTrainedModel's prune_heads takes a dict over layers; its layers' modules come next
-        holder = next(((p, c) for p, c in m.named_modules()
-                       if hasattr(c, "num_attention_heads") and hasattr(c, "attention_head_size")), None)
+        holder = next(((p, c, a) for p, c in m.named_modules() for a in HEAD_COUNTS
+                       if hasattr(c, a) and hasattr(c, "attention_head_size")), None)
         if holder is None:
             continue
-        n, d = int(holder[1].num_attention_heads), int(holder[1].attention_head_size)
+        n, d = int(getattr(holder[1], holder[2])), int(holder[1].attention_head_size)
         prefix = f"{path}." if path else ""
         gates = [p for p in order if p.startswith(prefix) and _get(model, p).in_features == n * d]
         if n < 2 or not gates:

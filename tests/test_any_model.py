@@ -29,7 +29,7 @@ def _needs(name):
 
 
 def _example(name, n=2):
-    if name == "hf_bert":
+    if name in ("hf_bert", "hf_distilbert"):
         g = torch.Generator().manual_seed(0)
         return {"input_ids": torch.randint(1, 256, (n, 16), generator=g),
                 "attention_mask": torch.ones(n, 16, dtype=torch.long)}
@@ -193,15 +193,25 @@ def test_prune_channels_reaches_the_budget_and_rebuilds_from_its_plan(name, impo
     assert torch.allclose(_call(skeleton.eval(), batches[0]), y, atol=1e-5)
 
 
-def test_hf_attention_loses_whole_heads():
-    from compressor.structural import prune_channels
+@pytest.mark.parametrize("name, count, width", [("hf_bert", "num_attention_heads", "all_head_size"),
+                                                 ("hf_distilbert", "n_heads", "dim")])
+def test_hf_attention_loses_whole_heads(name, count, width):
+    """BERT's attention (query/key/value, num_attention_heads) and DistilBERT's (q_lin/k_lin/v_lin, n_heads,
+    and a ``dim`` its forward reshapes by): whole heads go, the counts follow, the plan rebuilds it."""
+    from compressor.structural import apply_plan, prune_channels
 
-    model, _ = _model("hf_bert")
-    pruned, _, _ = prune_channels(model, [_example("hf_bert", 32)], 0.5, multiple=None, log=lambda s: None)
-    att = [m for m in pruned.modules() if hasattr(m, "num_attention_heads") and hasattr(m, "query")]
-    assert att and all(1 <= a.num_attention_heads <= 4 for a in att)
-    assert any(a.num_attention_heads < 4 for a in att)
-    assert all(a.query.out_features == a.num_attention_heads * a.attention_head_size for a in att)
+    model, _ = _model(name)
+    x = _example(name, 32)
+    pruned, plan, _ = prune_channels(model, [x], 0.5, multiple=None, log=lambda s: None)
+    att = [m for m in pruned.modules() if hasattr(m, count) and hasattr(m, "attention_head_size")]
+    assert att and all(1 <= getattr(a, count) <= 4 for a in att)
+    assert any(getattr(a, count) < 4 for a in att)
+    q = [a.query if hasattr(a, "query") else a.q_lin for a in att]
+    assert all(qi.out_features == getattr(a, count) * a.attention_head_size == getattr(a, width) for a, qi in zip(att, q))
+    skeleton = getattr(U, name)().eval()
+    intake(skeleton, _call(skeleton, x))
+    apply_plan(skeleton, plan).load_state_dict(pruned.state_dict())
+    assert torch.allclose(_call(skeleton.eval(), x), _call(pruned.eval(), x), atol=1e-5)
 
 
 def test_vit_loses_embedding_width_and_keeps_its_classes():

@@ -84,6 +84,27 @@ def test_hf_encoder_groups_are_heads_and_ffn_pairs(bert):
         (f"model.encoder.layer.{i}.intermediate.dense", f"model.encoder.layer.{i}.output.dense") for i in range(3)]
 
 
+def test_distilbert_heads_are_found_and_cut_by_its_own_prune_heads():
+    """DistilBERT's attention keeps its head count as ``n_heads`` (not ``num_attention_heads``) and prunes
+    itself: its heads are a group beside the FFN pairs, and the plan cuts them exactly."""
+    pytest.importorskip("transformers")
+    U = _user_models()
+    from compressor.intake import intake
+    from compressor.tasks import call
+
+    m = U.hf_distilbert().eval()
+    batch = {"input_ids": torch.randint(5, 200, (8, 16), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(8, 16, dtype=torch.long)}
+    model = intake(m, call(m, batch), names=tuple(batch))
+    heads = [g for g in W.find_groups(model, batch) if g.kind == "heads"]
+    assert [g.path for g in heads] == [f"distilbert.transformer.layer.{i}.attention" for i in range(2)]
+    assert all(g.gate.endswith("attention.out_lin") and g.size == 4 for g in heads)
+    pruned, plan, info = W.prune_width(model, [batch], 0.4, multiple=8, log=lambda s: None)
+    assert info["max_abs_diff_vs_masked"] < 1e-5 and any(plan["heads"].values())
+    again = W.apply_plan(copy.deepcopy(model), json.loads(json.dumps(plan)))
+    torch.testing.assert_close(call(again, batch), call(pruned, batch))
+
+
 def test_linearised_scores_rank_heads_by_their_real_output_loss(bert):
     """s_j (first order, random projections) against E||y(without head j) - y||^2, every head alone."""
     _, model, batch = bert

@@ -8,7 +8,8 @@ from torch import nn
 # Plain attributes DepGraph changes on the modules it prunes, and the Hugging Face attention fields.
 _ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
           "normalized_shape", "embed_dim", "kdim", "vdim", "num_heads", "head_dim", "num_embeddings",
-          "embedding_dim", "num_attention_heads", "attention_head_size", "all_head_size", "scaling")
+          "embedding_dim", "num_attention_heads", "n_heads", "attention_head_size", "all_head_size", "dim",
+          "scaling")
 
 
 def _attrs(m: nn.Module) -> dict:

@@ -50,8 +50,8 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
 def raised_in(e: BaseException) -> tuple[str, str] | None:
     """(the innermost module with children whose code ``e`` passed through, the innermost module) as
     ``"path (Class)"``, paths under the outermost module on the traceback (the model that was running): a
-    pruned copy that fails to run names the block whose own code did not follow the cut (DistilBERT's
-    attention reshapes by its own head count, which torch-pruning does not update). None when no module ran."""
+    pruned copy that fails to run names the block whose own code did not follow the cut (an attention that
+    reshapes by a head count of its own, which torch-pruning does not update). None when no module ran."""
     chain, held = [], []  # the modules whose code is on the traceback (as self); every module a frame holds
     tb = e.__traceback__.tb_next if e.__traceback__ is not None else None  # not the frame that caught it
     while tb is not None:

@@ -51,17 +51,28 @@ def kept_by_default(model: nn.Module, example) -> dict[str, str]:
     return {**{p: "input stem" for p in stem}, order[-1]: "classifier head"}
 
 
+# Hugging Face attention layouts torch-pruning's head pruning is told of: the head-count attribute and the
+# q/k/v Linear names (BERT and its kin; DistilBERT).
+HEAD_LAYOUTS = (("num_attention_heads", ("query", "key", "value")), ("n_heads", ("q_lin", "k_lin", "v_lin")))
+# The attention's own copies of the q/k/v width, which its forward reshapes by; set again after pruning.
+_TOTAL_WIDTH = ("all_head_size", "dim")
+
+
 def head_layout(model: nn.Module) -> tuple[dict, list]:
     """torch-pruning's ``num_heads`` ({q/k/v Linear: heads}) for Hugging Face-style attention, and those
-    attention modules (their head counts are set again after pruning)."""
+    attention modules as (module, head-count attribute, query Linear, width attributes): their head counts
+    and widths are set again after pruning."""
     heads, atts = {}, []
     for m in model.modules():
-        n = getattr(m, "num_attention_heads", None)
-        qkv = [getattr(m, k, None) for k in ("query", "key", "value")]
-        if isinstance(n, int) and all(isinstance(q, nn.Linear) for q in qkv):
-            for q in qkv:
-                heads[q] = n
-            atts.append(m)
+        for count, names in HEAD_LAYOUTS:
+            n = getattr(m, count, None)
+            qkv = [getattr(m, k, None) for k in names]
+            if isinstance(n, int) and all(isinstance(q, nn.Linear) for q in qkv):
+                for q in qkv:
+                    heads[q] = n
+                width = [a for a in _TOTAL_WIDTH if getattr(m, a, None) == qkv[0].out_features]
+                atts.append((m, count, qkv[0], width))
+                break
     return heads, atts
 
 
@@ -82,10 +93,11 @@ class _TooFar(Exception):
 
 
 def _fix_heads(atts, num_heads: dict) -> None:
-    for m in atts:
-        n = num_heads[m.query]
+    for m, count, query, width in atts:
+        n = num_heads[query]
         if n < 1:
             raise _TooFar
-        m.num_attention_heads = n
-        m.attention_head_size = m.query.out_features // n
-        m.all_head_size = m.query.out_features  # each layer reads its own attributes, not the shared config
+        setattr(m, count, n)
+        m.attention_head_size = query.out_features // n
+        for a in width:  # each layer reads its own attributes, not the shared config
+            setattr(m, a, query.out_features)
