@@ -22,9 +22,19 @@ QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTrans
 FLOAT_OK = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 
 
+ORT_MODES = ("ptq-ort", "ptq-dynamic")  # ONNX Runtime quantizes the exported graph, node by node
+
+
 def float_layers(model: nn.Module, spec, log=print) -> tuple[list[str], list[str]]:
-    """(module paths kept in float, of which those the quantizer cannot handle). Raises on unknown paths,
-    or on an unhandled layer when ``allow_float`` is off."""
+    """(module paths kept in float with everything under them, modules whose own operations alone stay float).
+
+    The first are ``quantize.keep_float`` (below 8 bits by default the first and last layer). The second are
+    modules with weights of their own that no rule covers (nn.MultiheadAttention's packed projection, a
+    layer-scale gain, a relative-position table): under NNCF their own operations stay float, while the
+    layers inside them (an attention's output Linear, a ConvNeXt block's convolutions) are still quantized.
+    ONNX Runtime needs neither: it quantizes every MatMul, Gemm and Conv of the exported graph whose weights
+    it can, whichever module they came from, and leaves the rest float. Raises on unknown paths, or on an
+    unhandled layer under NNCF or Polino when ``allow_float`` is off."""
     names = dict(model.named_modules())
     weighted = [n for n, m in names.items() if n and isinstance(m, QUANTIZABLE)]
     keep = list(spec.keep_float) if spec.keep_float is not None else \
@@ -33,18 +43,24 @@ def float_layers(model: nn.Module, spec, log=print) -> tuple[list[str], list[str
     if unknown:
         raise UserError(f"quantize.keep_float: no module {', '.join(map(repr, unknown))} in the student "
                         f"(its layers: {', '.join(weighted[:12])}{' ...' if len(weighted) > 12 else ''})")
-    unhandled = []
+    own = []
     for n, m in names.items():
         if not n or isinstance(m, QUANTIZABLE + FLOAT_OK) or any(n == k or n.startswith(k + ".") for k in keep):
             continue
-        if any(True for _ in m.parameters(recurse=False)):
-            unhandled.append(n)
-            if not spec.allow_float:
-                raise UserError(f"quantize: layer {n!r} ({type(m).__name__}) has weights the {spec.mode} "
-                                "quantizer cannot handle; add it to quantize.keep_float or set "
-                                "quantize.allow_float: true")
-            log(f"warning: quantize: layer {n!r} ({type(m).__name__}) cannot be quantized; kept in float")
-    return keep + unhandled, unhandled
+        params = [p for p, _ in m.named_parameters(recurse=False)]
+        if not params:
+            continue
+        what = f"layer {n!r} ({type(m).__name__}) has weights of its own ({', '.join(params)})"
+        if spec.mode in ORT_MODES and spec.bits >= 8:
+            log(f"quantize: {what}; ONNX Runtime quantizes the MatMul, Gemm and Conv they feed, the rest stays float")
+            continue
+        if not spec.allow_float:
+            raise UserError(f"quantize: {what}, which the {spec.mode} quantizer cannot handle; add it to "
+                            "quantize.keep_float or set quantize.allow_float: true")
+        own.append(n)
+        log(f"warning: quantize: {what}, which {spec.mode} cannot quantize: its own operations stay float, "
+            "the layers inside it are quantized")
+    return keep, own
 
 
 class _Wrap(nn.Module):
@@ -98,9 +114,9 @@ def is_transformer(model: nn.Module) -> bool:
                type(m).__name__.endswith(("SelfAttention", "Attention")) for m in model.modules())
 
 
-def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: bool = False):
-    """NNCF post-training int8 of ``model`` calibrated on ``calib`` (its layers under ``keep`` stay float);
-    the fake-quantized model, ready for QAT or export."""
+def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: bool = False, own: list[str] = ()):
+    """NNCF post-training int8 of ``model`` calibrated on ``calib`` (its layers under ``keep`` stay float, and
+    the own operations of the modules in ``own``); the fake-quantized model, ready for QAT or export."""
     import os
 
     # NNCF compiles a C++ extension on first use (~30 s idle) and gives up after 60 s: on a busy
@@ -113,13 +129,15 @@ def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: b
                         "(nncf and torchao), or use quantize.mode: ptq-ort") from None
     if isinstance(model, nn.Sequential):
         model = _Wrap(model)
-        keep = [f"net.{k}" for k in keep]
+        keep, own = [f"net.{k}" for k in keep], [f"net.{k}" for k in own]
     from .tasks import size, take
 
     batches = [take({k: v[i:] for k, v in calib.items()} if isinstance(calib, dict) else calib[i:], 32)
                for i in range(0, size(calib), 32)]
-    # NNCF's node names are module paths with '/' (stem/0/conv2d/0): ignore everything under a kept path.
-    ignored = nncf.IgnoredScope(patterns=[f"^{re.escape(k.replace('.', '/'))}/.*" for k in keep], validate=False)
+    # NNCF's node names are module paths with '/' (stem/0/conv2d/0): ignore everything under a kept path, and
+    # a module's own operations (path/op/index, nothing deeper) where only those stay float.
+    ignored = nncf.IgnoredScope(patterns=[f"^{re.escape(k.replace('.', '/'))}/.*" for k in keep]
+                                + [f"^{re.escape(k.replace('.', '/'))}/[^/]+/[^/]+$" for k in own], validate=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

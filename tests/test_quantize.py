@@ -149,6 +149,10 @@ def test_module_path_from_torchscript_names():
     assert module_path("/stages/stages.0/stages.0.0/conv1/Conv") == "stages.0.0.conv1"
     assert module_path("/head/Gemm") == "head"
     assert module_path("/stem/stem.0/Conv") == "stem.0"
+    # A ModuleList's elements under a module (Hugging Face): the dotted segment continues the path
+    assert module_path("/convnext/encoder/stages.0/layers.0/dwconv/Conv") == "convnext.encoder.stages.0.layers.0.dwconv"
+    assert module_path("/bert/encoder/layer.1/attention/self/query/MatMul") == "bert.encoder.layer.1.attention.self.query"
+    assert module_path("node_MatMul_12") == ""  # torch.export's names carry no path
 
 
 @pytest.mark.parametrize("act", ["uint8", "int8"])
@@ -176,6 +180,34 @@ def test_keep_float_leaves_the_named_layer_float(fp32_onnx, tmp_path):
         check_qdq(out)
 
 
+def test_keep_float_finds_a_hugging_face_layer_by_its_path(tmp_path):
+    """BERT's layers are a ModuleList under the encoder: TorchScript names them /bert/encoder/layer.0/..., and
+    a keep_float path under them once matched no node, so nothing was kept float and nothing said so."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    from compressor.intake import intake
+    from compressor.tasks import as_tuple, call, onnx_io
+    from exporters.qdq import quantize_dynamic
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_models as U
+
+    m = U.hf_bert().eval()
+    x = {"input_ids": torch.randint(1, 256, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    intake(m, call(m, x), names=tuple(x))
+    export_onnx(m, as_tuple(x), tmp_path / "m.onnx", **onnx_io(x, "logits"))
+    info = quantize_dynamic(tmp_path / "m.onnx", tmp_path / "int8.onnx", keep_float=["bert.encoder.layer.0"])
+    kept = {module_path(n) for n in info["nodes_kept_float"]}
+    assert "bert.encoder.layer.0.attention.self.query" in kept and "bert.encoder.layer.0.output.dense" in kept
+    assert all(k.startswith("bert.encoder.layer.0.") for k in kept)
+    # torch.export's node names carry no module path: asking to keep a layer float there is an error, not a no-op
+    export_onnx(m, as_tuple(x), tmp_path / "d.onnx", dynamo_first=True, **onnx_io(x, "logits"))
+    with pytest.raises(ExportError, match="carry no module paths"):
+        quantize_dynamic(tmp_path / "d.onnx", tmp_path / "d8.onnx", keep_float=["bert.encoder.layer.0"])
+
+
 def test_check_qdq_rejects_fp32_and_custom_fake_quant(fp32_onnx, tmp_path):
     with pytest.raises(ExportError, match="no DequantizeLinear"):
         check_qdq(fp32_onnx)
@@ -201,16 +233,54 @@ class Scale(nn.Module):
         return x * self.gain
 
 
-def test_unhandled_layer_is_named_and_kept_float_only_when_allowed():
+def test_a_layer_with_weights_of_its_own_is_named_and_only_its_own_operations_stay_float():
     m = nn.Sequential(nn.Linear(4, 4), Scale(), nn.Linear(4, 2))
-    with pytest.raises(UserError, match=r"layer '1' \(Scale\).*keep_float"):
-        float_layers(m, _spec(mode="ptq-ort", allow_float=False))
+    with pytest.raises(UserError, match=r"layer '1' \(Scale\) has weights of its own \(gain\).*keep_float"):
+        float_layers(m, _spec(mode="ptq-nncf", allow_float=False))
     said = []
-    keep, unhandled = float_layers(m, _spec(mode="ptq-ort"), log=said.append)
-    assert keep == unhandled == ["1"] and "kept in float" in said[0]
+    keep, own = float_layers(m, _spec(mode="ptq-nncf"), log=said.append)
+    assert keep == [] and own == ["1"] and "its own operations stay float" in said[0]
+    # ONNX Runtime quantizes the exported graph's MatMuls whatever module they came from: nothing is held back.
+    said = []
+    assert float_layers(m, _spec(mode="ptq-dynamic", allow_float=False), log=said.append) == ([], [])
+    assert "ONNX Runtime quantizes the MatMul" in said[0]
     with pytest.raises(UserError, match="no module 'nope'"):
         float_layers(m, _spec(mode="ptq-ort", keep_float=["nope"]))
     assert float_layers(m, _spec(mode="qat-kd", bits=4))[0][:2] == ["0", "2"]  # Polino: first and last
+
+
+@pytest.mark.parametrize("mode", ["ptq-dynamic", "ptq-ort"])
+def test_transformer_encoder_attention_is_quantized_by_onnx_runtime(mode, tmp_path):
+    """nn.MultiheadAttention holds its packed q/k/v projection as a weight of its own; the whole attention
+    (and the output Linear inside it) was kept float, leaving a ViT's attention unquantized."""
+    import sys
+    from pathlib import Path
+
+    from exporters.qdq import quantize_dynamic
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_models as U
+
+    torch.manual_seed(0)
+    vit = U.vit(dim=32, depth=1, heads=4, mlp=64).eval()
+    x = torch.randn(16, 1, 16, 16)
+    export_onnx(vit, (x[:2],), tmp_path / "m.onnx", dynamo_first=True)  # TorchScript bakes the class token's batch in
+    keep, own = float_layers(vit, _spec(mode=mode), log=lambda s: None)
+    assert keep == own == []
+    out = tmp_path / "int8.onnx"
+    if mode == "ptq-dynamic":
+        info = quantize_dynamic(tmp_path / "m.onnx", out, keep_float=keep + own)
+    else:
+        info = quantize_static(tmp_path / "m.onnx", out, x.numpy(), keep_float=keep + own)
+        assert not check_qdq(out, keep_float=keep + own)["float_nodes"]
+    assert info["nodes_kept_float"] == []
+    g = onnx.load(str(out)).graph
+    weights = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.INT8}
+    # the attention's packed projection (in_proj_weight, 3 x 32 rows) and its output Linear, in int8
+    shapes = sorted(tuple(t.dims) for t in g.initializer if t.name in weights and len(t.dims) == 2)
+    assert (32, 96) in shapes or (96, 32) in shapes, shapes
+    ref = run_onnxruntime(tmp_path / "m.onnx", x.numpy())
+    assert np.abs(run_onnxruntime(out, x.numpy()) - ref).max() < 0.25 * np.abs(ref).max()
 
 
 def test_calibration_set_too_small():

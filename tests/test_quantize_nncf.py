@@ -68,6 +68,42 @@ def test_nncf_keep_float(tmp_path):
     assert check_qdq(out, keep_float=["net.4"])["float_nodes"] == ["net.4"]
 
 
+class LayerScale(nn.Module):
+    """A ConvNeXt-style block: a gain of its own around a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.gain = nn.Parameter(torch.full((8, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x + self.gain * self.conv(x)
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block, self.head = nn.Conv2d(1, 8, 3, padding=1), LayerScale(), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_nncf_quantizes_the_layers_inside_a_module_with_weights_of_its_own(tmp_path):
+    """The block's gain stays float; its convolution does not (the whole block once did)."""
+    from compressor.quantize import float_layers
+
+    torch.manual_seed(0)
+    model, x = Scaled().eval(), torch.randn(32, 1, 12, 12)
+    ctx = _ctx(tmp_path, x)
+    keep, own = float_layers(model, ctx.recipe.quantize, log=lambda s: None)
+    assert (keep, own) == ([], ["block"])
+    q = nncf_quantize(model, x, ctx.recipe.quantize, "uint8", keep, own=own)
+    _, out = _nncf_export(q, ctx)
+    c = check_qdq(out, keep_float=keep + own)
+    assert c["quantized_nodes"] == 3 and not c["float_nodes"]
+
+
 def test_qat_kd_stage(tiny_recipe, tmp_path):
     """The stage itself on the tiny data, with an untrained teacher (the pipeline around it is tested with
     ptq-ort in test_quantize.py): fake quant, one epoch against the teacher, QDQ export, checks, parity."""

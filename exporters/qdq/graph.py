@@ -14,12 +14,18 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 def module_path(node_name: str) -> str:
     """The PyTorch module path of a node exported by the TorchScript exporter.
 
-    Node names look like ``/stages/stages.0/stages.0.0/conv1/Conv``: a segment with dots is a full path
-    from the root, one without is a child of the previous segment; the last segment is the op.
+    Node names look like ``/stages/stages.0/stages.0.0/conv1/Conv`` (containers: a segment with dots repeats
+    the container's own segments, ``stages.0`` after ``stages``) or ``/bert/encoder/layer.0/attention/Add``
+    (a ModuleList's element under a module: ``layer.0`` is relative to ``encoder``); a segment without dots
+    is a child of the previous one; the last segment is the op.
     """
     parts: list[str] = []
     for seg in node_name.strip("/").split("/")[:-1]:
-        parts = seg.split(".") if "." in seg else [*parts, seg]
+        new = seg.split(".")
+        head = new[:-1]
+        if head and parts[len(parts) - len(head):] == head:
+            parts = parts[:len(parts) - len(head)]  # the segment repeats the path it continues
+        parts = [*parts, *new]
     return ".".join(parts)
 
 
