@@ -170,6 +170,15 @@ def test_gpt2_runs_end_to_end_with_ort_dynamic_int8(tiny_recipe, tmp_path):
     assert q["student_int8"]["onnx_accuracy"] == pytest.approx(q["student"]["accuracy"], abs=0.05)
     assert q["student"]["accuracy"] > 0.5
     assert {(a["role"], a["precision"]) for a in man["artifacts"]} >= {("student", "int8"), ("student", "fp32")}
+    # GPT-2's Conv1D layers have weights of their own (no nn.Linear): ONNX Runtime quantizes their matmuls
+    # all the same, where every one of them was once kept float (an "int8" file with nothing in int8).
+    import onnx
+
+    stage = next(s for s in man["stages"] if s["name"] == "quantize")["metrics"]
+    assert stage["export"]["nodes_kept_float"] == [] if "export" in stage else stage["nodes_kept_float"] == []
+    path = next(a["path"] for a in man["artifacts"] if a["precision"] == "int8")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "b" / path)).graph.node]
+    assert ops.count("MatMulInteger") == 5  # the 4 Conv1D of the block left, and the score head
 
 
 # ------------------------------------------------------------------------------------------ channel pruning
