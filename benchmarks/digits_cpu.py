@@ -121,11 +121,12 @@ def run_setting(setting: str, work: Path, tiny: bool, teacher_ckpt: str | None, 
 
 def teacher_checkpoint(tiny: bool) -> str | None:
     """The full-label teacher's weights: where the pipeline caches the quickstart teacher it trained."""
+    from compressor.data import load_data
     from compressor.recipe import load_recipe
-    from compressor.teacher import _cache_key, cache_dir
+    from compressor.teacher import build_teacher, teacher_cache_path
 
     recipe = load_recipe(recipe_for("full", tiny, None))
-    path = cache_dir() / "teachers" / f"{recipe.teacher.model.replace(':', '_')}-{_cache_key(recipe)}.pt"
+    path = teacher_cache_path(recipe, build_teacher(recipe, load_data(recipe.data, recipe.seed)))
     return str(path) if path.is_file() else None
 
 

@@ -6,7 +6,6 @@ as the recipe says. NNCF, torchao and OpenVINO are optional and imported only wh
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from pathlib import Path
 
@@ -26,15 +25,16 @@ ORT_MODES = ("ptq-ort", "ptq-dynamic")  # ONNX Runtime quantizes the exported gr
 
 
 def float_layers(model: nn.Module, spec, log=print) -> tuple[list[str], list[str]]:
-    """(module paths kept in float with everything under them, modules whose own operations alone stay float).
+    """(module paths kept in float with everything under them, modules with weights of their own).
 
     The first are ``quantize.keep_float`` (below 8 bits by default the first and last layer). The second are
-    modules with weights of their own that no rule covers (nn.MultiheadAttention's packed projection, a
-    layer-scale gain, a relative-position table): under NNCF their own operations stay float, while the
-    layers inside them (an attention's output Linear, a ConvNeXt block's convolutions) are still quantized.
-    ONNX Runtime needs neither: it quantizes every MatMul, Gemm and Conv of the exported graph whose weights
-    it can, whichever module they came from, and leaves the rest float. Raises on unknown paths, or on an
-    unhandled layer under NNCF or Polino when ``allow_float`` is off."""
+    modules whose own weights are not a Conv's, a Linear's, a norm's or an embedding's (nn.MultiheadAttention's
+    packed projection, a layer-scale gain, a relative-position table). Nothing is held back for them: ONNX
+    Runtime quantizes every MatMul, Gemm and Conv of the exported graph whose weights it can, NNCF every
+    operation its rules cover (a linear of the packed projection), and the layers inside them (an attention's
+    output Linear, a ConvNeXt block's convolutions) are quantized as usual; what no rule covers (a gain's
+    multiply) stays float, and the Q/DQ check allows a float operation of that module's own, not of its
+    children. Raises on unknown paths, or on such a module under NNCF or Polino when ``allow_float`` is off."""
     names = dict(model.named_modules())
     weighted = [n for n, m in names.items() if n and isinstance(m, QUANTIZABLE)]
     keep = list(spec.keep_float) if spec.keep_float is not None else \
@@ -50,16 +50,19 @@ def float_layers(model: nn.Module, spec, log=print) -> tuple[list[str], list[str
         params = [p for p, _ in m.named_parameters(recurse=False)]
         if not params:
             continue
+        own.append(n)
         what = f"layer {n!r} ({type(m).__name__}) has weights of its own ({', '.join(params)})"
-        if spec.mode in ORT_MODES and spec.bits >= 8:
+        if spec.bits < 8:
+            said = f"they stay float at {spec.bits} bits"
+        elif spec.mode in ORT_MODES:
             log(f"quantize: {what}; ONNX Runtime quantizes the MatMul, Gemm and Conv they feed, the rest stays float")
             continue
+        else:
+            said = "NNCF quantizes the operations its rules cover (a linear of them), the rest stays float"
         if not spec.allow_float:
-            raise UserError(f"quantize: {what}, which the {spec.mode} quantizer cannot handle; add it to "
+            raise UserError(f"quantize: {what}, which may stay float under {spec.mode}; add it to "
                             "quantize.keep_float or set quantize.allow_float: true")
-        own.append(n)
-        log(f"warning: quantize: {what}, which {spec.mode} cannot quantize: its own operations stay float, "
-            "the layers inside it are quantized")
+        log(f"warning: quantize: {what}: {said}; the layers inside it are quantized")
     return keep, own
 
 
@@ -114,9 +117,31 @@ def is_transformer(model: nn.Module) -> bool:
                type(m).__name__.endswith(("SelfAttention", "Attention")) for m in model.modules())
 
 
-def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: bool = False, own: list[str] = ()):
-    """NNCF post-training int8 of ``model`` calibrated on ``calib`` (its layers under ``keep`` stay float, and
-    the own operations of the modules in ``own``); the fake-quantized model, ready for QAT or export."""
+def _nncf_ignored(model: nn.Module, example, keep: list[str]) -> list[str]:
+    """NNCF's names of the operations that use a weight of a module under ``keep``. Its node names drop a
+    ModuleList's index (blocks.0.conv's convolution is conv/conv2d/0), so they are not matched by path: each
+    operation is found by the parameters it takes, whose constant nodes keep their full names."""
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
+
+    graph = build_nncf_graph(model, example)
+    found, names = set(), []
+    for n in graph.get_all_nodes():
+        owners = [e.from_node.node_name.rpartition(".")[0] for e in graph.get_input_edges(n)
+                  if e.from_node.metatype.__name__ == "PTConstNoopMetatype"]  # a parameter, by its full path
+        hit = [k for k in keep if any(o == k or o.startswith(k + ".") for o in owners)]
+        if hit:
+            found.update(hit)
+            names.append(n.node_name)
+    missing = [k for k in keep if k not in found]
+    if missing:
+        raise UserError(f"quantize.keep_float: NNCF's graph has no operation that uses a weight of "
+                        f"{', '.join(map(repr, missing))}; name a module with weights (a Conv or Linear, or a block)")
+    return names
+
+
+def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: bool = False):
+    """NNCF post-training int8 of ``model`` calibrated on ``calib`` (the operations of its layers under
+    ``keep`` stay float); the fake-quantized model, ready for QAT or export."""
     import os
 
     # NNCF compiles a C++ extension on first use (~30 s idle) and gives up after 60 s: on a busy
@@ -129,15 +154,13 @@ def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: b
                         "(nncf and torchao), or use quantize.mode: ptq-ort") from None
     if isinstance(model, nn.Sequential):
         model = _Wrap(model)
-        keep, own = [f"net.{k}" for k in keep], [f"net.{k}" for k in own]
+        keep = [f"net.{k}" for k in keep]
     from .tasks import size, take
 
     batches = [take({k: v[i:] for k, v in calib.items()} if isinstance(calib, dict) else calib[i:], 32)
                for i in range(0, size(calib), 32)]
-    # NNCF's node names are module paths with '/' (stem/0/conv2d/0): ignore everything under a kept path, and
-    # a module's own operations (path/op/index, nothing deeper) where only those stay float.
-    ignored = nncf.IgnoredScope(patterns=[f"^{re.escape(k.replace('.', '/'))}/.*" for k in keep]
-                                + [f"^{re.escape(k.replace('.', '/'))}/[^/]+/[^/]+$" for k in own], validate=False)
+    ignored = nncf.IgnoredScope(names=_nncf_ignored(model.eval(), take(batches[0], 1), keep) if keep else [],
+                                validate=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .data import DataSplits
 from .errors import UserError
-from .models import build_model
+from .models import build_model, resolve_ref
 from .precision import resolve
 from .schedule import adamw
 
@@ -100,20 +100,24 @@ def _epochs(model: nn.Module, loader, spec, precision: str, nhwc: bool, log) -> 
         log(f"teacher epoch {epoch + 1}/{spec.epochs}: loss {loss_sum / seen:.4f} ({time.time() - t0:.1f} s)")
 
 
-def _architecture(model: nn.Module) -> str:
-    """The model's layers (its repr) and the source files of every class in it that is not torch's own:
-    a user who edits their model's file, a layer's width or only a forward, gets a teacher trained
-    afresh instead of the weights cached for the old code."""
+def _architecture(model: nn.Module, factory=None) -> str:
+    """The model's layers (its repr) and the source files of the function that built it and of every class
+    in it that is not torch's own: a user who edits those files, a layer's width or only a forward, gets a
+    teacher trained afresh instead of the weights cached for the old code. (A helper module the forward
+    imports from elsewhere is not followed.)"""
     h = hashlib.sha256(repr(model).encode())
-    files = set()
-    for cls in {type(m) for m in model.modules()}:
-        if cls.__module__.split(".")[0] != "torch":
-            try:
-                files.add(inspect.getsourcefile(cls))
-            except TypeError:  # defined outside a file (a REPL, exec)
-                h.update(cls.__qualname__.encode())
+    files, fileless = set(), set()
+    for obj in [factory, *{type(m) for m in model.modules()}]:
+        if obj is None or obj.__module__.split(".")[0] == "torch":
+            continue
+        try:
+            files.add(inspect.getsourcefile(obj))
+        except (TypeError, OSError):  # defined outside a file (python -c, a notebook, exec)
+            fileless.add(f"{obj.__module__}.{obj.__qualname__}")
     for f in sorted(f for f in files if f):
         h.update(Path(f).read_bytes() if Path(f).is_file() else f.encode())
+    for name in sorted(fileless):
+        h.update(name.encode())
     return h.hexdigest()[:16]
 
 
@@ -123,16 +127,27 @@ def _cache_key(recipe, model: nn.Module) -> str:
     train = {**t.train.model_dump(), "precision": resolve(t.train.precision, "cpu")[0]}
     key = {"model": t.model, "kwargs": t.kwargs, "train": train, "dataset": d.dataset,
            "data_kwargs": d.kwargs, "fractions": [d.val_fraction, d.test_fraction], "seed": recipe.seed,
-           "architecture": _architecture(model)}
+           "architecture": _architecture(model, resolve_ref(t.model, "teacher") if ":" in t.model else None)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_teacher(recipe, data: DataSplits) -> nn.Module:
+    """The recipe's teacher model, untrained, with the data's shapes filled in where it takes them."""
+    defaults = {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
+                "in_features": int(torch.Size(data.input_shape).numel())}
+    return build_model(recipe.teacher.model, recipe.teacher.kwargs, defaults, what="teacher")
+
+
+def teacher_cache_path(recipe, model: nn.Module) -> Path:
+    """Where a teacher trained on first use is cached: keyed by the recipe's teacher, data, training and
+    seed, the precision as resolved on this host, and the model's code (``_architecture``)."""
+    return cache_dir() / "teachers" / f"{recipe.teacher.model.replace(':', '_')}-{_cache_key(recipe, model)}.pt"
 
 
 def load_teacher(recipe, data: DataSplits, log=print) -> tuple[nn.Module, dict]:
     """The teacher in eval mode, and how it came to be (for the manifest)."""
     spec = recipe.teacher
-    defaults = {"in_channels": data.input_shape[0], "num_classes": data.num_classes,
-                "in_features": int(torch.Size(data.input_shape).numel())}
-    model = build_model(spec.model, spec.kwargs, defaults, what="teacher")
+    model = build_teacher(recipe, data)
     from .tasks import get_task
 
     task = get_task(recipe.task)
@@ -142,7 +157,7 @@ def load_teacher(recipe, data: DataSplits, log=print) -> tuple[nn.Module, dict]:
         _load_into(model, load_state(spec.checkpoint, "teacher"), f"teacher checkpoint {spec.checkpoint}")
         origin["checkpoint"] = spec.checkpoint
     elif spec.train is not None:
-        path = cache_dir() / "teachers" / f"{spec.model.replace(':', '_')}-{_cache_key(recipe, model)}.pt"
+        path = teacher_cache_path(recipe, model)
         if path.is_file():
             _load_into(model, load_state(path, "cached teacher"), f"cached teacher {path}")
             origin["cached"] = str(path)

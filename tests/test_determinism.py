@@ -88,3 +88,26 @@ def test_an_edited_user_model_is_not_served_the_old_cached_teacher(tmp_path, mon
     load(" * 2")  # the forward changed, the weights' names and shapes did not
     assert trained == [True, False, True]
     assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 2
+
+
+def test_the_teacher_cache_key_is_the_same_in_every_process():
+    """Hash seeds differ between processes; the key must not (a class defined in `python -c`, which has no
+    source file, is keyed by its name, and once raised OSError)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.path.insert(0, {tests!r})\n"
+            "import torch.nn as nn, user_models as U\n"
+            "from compressor.teacher import _architecture\n"
+            "class Head(nn.Module):\n"
+            "    def __init__(self):\n"
+            "        super().__init__(); self.fc = nn.Linear(4, 2)\n"
+            "class Body(nn.Module):\n"
+            "    def __init__(self):\n"
+            "        super().__init__(); self.h = Head(); self.v = U.vit(depth=1)\n"
+            "print(_architecture(Body(), U.vit))\n").format(tests=str(Path(__file__).parent))
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in (1, 2, 3)}
+    assert len(keys) == 1 and len(next(iter(keys))) == 16, keys

@@ -208,6 +208,25 @@ def test_keep_float_finds_a_hugging_face_layer_by_its_path(tmp_path):
         quantize_dynamic(tmp_path / "d.onnx", tmp_path / "d8.onnx", keep_float=["bert.encoder.layer.0"])
 
 
+class Routed(nn.Module):
+    """Layers in a ModuleDict: TorchScript names them by their key alone (/a/Gemm), not by d.a."""
+
+    def __init__(self):
+        super().__init__()
+        self.d = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 4)})
+
+    def forward(self, x):
+        return self.d["b"](torch.relu(self.d["a"](x)))
+
+
+def test_keep_float_that_matches_no_node_is_an_error(tmp_path):
+    from exporters.qdq import quantize_dynamic
+
+    export_onnx(Routed().eval(), (torch.randn(2, 8),), tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match=r"cannot keep d\.a in float: no node of m\.onnx belongs to it"):
+        quantize_dynamic(tmp_path / "m.onnx", tmp_path / "int8.onnx", keep_float=["d.a"])
+
+
 def test_check_qdq_rejects_fp32_and_custom_fake_quant(fp32_onnx, tmp_path):
     with pytest.raises(ExportError, match="no DequantizeLinear"):
         check_qdq(fp32_onnx)
@@ -233,16 +252,16 @@ class Scale(nn.Module):
         return x * self.gain
 
 
-def test_a_layer_with_weights_of_its_own_is_named_and_only_its_own_operations_stay_float():
+def test_a_layer_with_weights_of_its_own_is_named_and_nothing_is_held_back_for_it():
     m = nn.Sequential(nn.Linear(4, 4), Scale(), nn.Linear(4, 2))
     with pytest.raises(UserError, match=r"layer '1' \(Scale\) has weights of its own \(gain\).*keep_float"):
         float_layers(m, _spec(mode="ptq-nncf", allow_float=False))
     said = []
-    keep, own = float_layers(m, _spec(mode="ptq-nncf"), log=said.append)
-    assert keep == [] and own == ["1"] and "its own operations stay float" in said[0]
-    # ONNX Runtime quantizes the exported graph's MatMuls whatever module they came from: nothing is held back.
+    assert float_layers(m, _spec(mode="ptq-nncf"), log=said.append) == ([], ["1"])
+    assert "NNCF quantizes the operations its rules cover" in said[0]
+    # ONNX Runtime quantizes the exported graph's MatMuls whatever module they came from: never an error.
     said = []
-    assert float_layers(m, _spec(mode="ptq-dynamic", allow_float=False), log=said.append) == ([], [])
+    assert float_layers(m, _spec(mode="ptq-dynamic", allow_float=False), log=said.append) == ([], ["1"])
     assert "ONNX Runtime quantizes the MatMul" in said[0]
     with pytest.raises(UserError, match="no module 'nope'"):
         float_layers(m, _spec(mode="ptq-ort", keep_float=["nope"]))
@@ -266,13 +285,13 @@ def test_transformer_encoder_attention_is_quantized_by_onnx_runtime(mode, tmp_pa
     x = torch.randn(16, 1, 16, 16)
     export_onnx(vit, (x[:2],), tmp_path / "m.onnx", dynamo_first=True)  # TorchScript bakes the class token's batch in
     keep, own = float_layers(vit, _spec(mode=mode), log=lambda s: None)
-    assert keep == own == []
+    assert keep == [] and own == ["encoder.layers.0.self_attn"]
     out = tmp_path / "int8.onnx"
     if mode == "ptq-dynamic":
-        info = quantize_dynamic(tmp_path / "m.onnx", out, keep_float=keep + own)
+        info = quantize_dynamic(tmp_path / "m.onnx", out, keep_float=keep)
     else:
-        info = quantize_static(tmp_path / "m.onnx", out, x.numpy(), keep_float=keep + own)
-        assert not check_qdq(out, keep_float=keep + own)["float_nodes"]
+        info = quantize_static(tmp_path / "m.onnx", out, x.numpy(), keep_float=keep)
+        assert not check_qdq(out, keep_float=keep)["float_nodes"]
     assert info["nodes_kept_float"] == []
     g = onnx.load(str(out)).graph
     weights = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.INT8}

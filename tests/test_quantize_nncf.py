@@ -81,27 +81,80 @@ class LayerScale(nn.Module):
 
 
 class Scaled(nn.Module):
+    """Layer-scale blocks in a ModuleList: NNCF names blocks.1.conv's convolution conv/conv2d/1."""
+
     def __init__(self):
         super().__init__()
-        self.stem, self.block, self.head = nn.Conv2d(1, 8, 3, padding=1), LayerScale(), nn.Linear(8, 10)
+        self.stem, self.head = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 10)
+        self.blocks = nn.ModuleList([LayerScale(), LayerScale()])
 
     def forward(self, x):
-        return self.head(self.block(torch.relu(self.stem(x))).mean((2, 3)))
+        x = torch.relu(self.stem(x))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean((2, 3)))
+
+
+def _graph_inputs(path):
+    """{module path of each Conv/Gemm/MatMul: whether its inputs are dequantized}."""
+    from exporters.qdq import module_path
+
+    g = onnx.load(str(path)).graph
+    made = {o: n for n in g.node for o in n.output}
+    return {module_path(n.name): [getattr(made.get(i), "op_type", None) == "DequantizeLinear" for i in n.input[:2]]
+            for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")}
 
 
 def test_nncf_quantizes_the_layers_inside_a_module_with_weights_of_its_own(tmp_path):
-    """The block's gain stays float; its convolution does not (the whole block once did)."""
+    """Each block's gain stays float; its convolution does not (the whole block once did)."""
     from compressor.quantize import float_layers
 
     torch.manual_seed(0)
     model, x = Scaled().eval(), torch.randn(32, 1, 12, 12)
     ctx = _ctx(tmp_path, x)
     keep, own = float_layers(model, ctx.recipe.quantize, log=lambda s: None)
-    assert (keep, own) == ([], ["block"])
-    q = nncf_quantize(model, x, ctx.recipe.quantize, "uint8", keep, own=own)
-    _, out = _nncf_export(q, ctx)
-    c = check_qdq(out, keep_float=keep + own)
-    assert c["quantized_nodes"] == 3 and not c["float_nodes"]
+    assert (keep, own) == ([], ["blocks.0", "blocks.1"])
+    _, out = _nncf_export(nncf_quantize(model, x, ctx.recipe.quantize, "uint8", keep), ctx)
+    c = check_qdq(out, keep_float=keep, own=own)
+    assert c["quantized_nodes"] == 4 and not c["float_nodes"]
+
+
+def test_nncf_keep_float_finds_a_layer_in_a_module_list(tmp_path):
+    """NNCF's own names drop the ModuleList's index, so a path pattern kept nothing float, silently."""
+    from compressor.errors import UserError
+
+    torch.manual_seed(0)
+    model, x = Scaled().eval(), torch.randn(32, 1, 12, 12)
+    ctx = _ctx(tmp_path, x)
+    _, out = _nncf_export(nncf_quantize(model, x, ctx.recipe.quantize, "uint8", ["blocks.1"]), ctx)
+    inputs = _graph_inputs(out)
+    assert inputs["blocks.1.conv"] == [False, False] and inputs["blocks.0.conv"] == [True, True]
+    assert check_qdq(out, keep_float=["blocks.1"])["float_nodes"] == ["blocks.1.conv"]
+    with pytest.raises(UserError, match=r"no operation that uses a weight of 'blocks\.0\.gain_free'"):
+        nncf_quantize(model, x, ctx.recipe.quantize, "uint8", ["blocks.0.gain_free"])
+
+
+def test_nncf_quantizes_multihead_attention(tmp_path):
+    """nn.MultiheadAttention's packed projection is a weight of its own: its output Linear is quantized, and
+    the check allows a float operation of the attention's own only."""
+    import sys
+    from pathlib import Path
+
+    from compressor.quantize import float_layers
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_models as U
+
+    torch.manual_seed(0)
+    vit, x = U.vit(dim=32, depth=1, heads=4, mlp=64).eval(), torch.randn(32, 1, 16, 16)
+    ctx = _ctx(tmp_path, x)
+    keep, own = float_layers(vit, ctx.recipe.quantize, log=lambda s: None)
+    assert own == ["encoder.layers.0.self_attn"]
+    _, out = _nncf_export(nncf_quantize(vit, x, ctx.recipe.quantize, "uint8", keep), ctx)
+    c = check_qdq(out, keep_float=keep, own=own)
+    # patch, the packed projection, the output projection (a Gemm the attention itself runs), linear1, linear2,
+    # head; the two activation x activation MatMuls (scores, and scores x values) stay float
+    assert c["quantized_nodes"] == 6 and c["float_nodes"] == ["encoder.layers.0.self_attn"] * 2
 
 
 def test_qat_kd_stage(tiny_recipe, tmp_path):

@@ -145,7 +145,7 @@ class QuantizeSpec(_Section):
     lr: float = Field(5e-4, gt=0, description="QAT learning rate (a fraction of the distillation one)")
     keep_float: list[str] | None = Field(
         None, description="module paths kept in float; default: none for int8, first and last layer below 8 bits")
-    allow_float: bool = Field(True, description="NNCF and Polino: a module's own weights no rule covers stay float, with a warning (false: an error)")
+    allow_float: bool = Field(True, description="NNCF and Polino: a module with weights of its own, which may stay float, is a warning (false: an error)")
     fold_bn: bool = Field(True, description="fold BatchNorm into the preceding convolution before quantizing")
     parity_tol: float = Field(0.02, gt=0, description="max |ONNX - fake-quant PyTorch| as a fraction of the "
                               "largest |output|: integer kernels round differently from float fake quant")

@@ -29,7 +29,7 @@ from ..bundle import StageRecord
 from ..context import Context
 from ..errors import StageError, UserError
 from ..polino import BucketQuant, compressed_bits, w4_parity
-from ..quantize import QUANTIZABLE, _bn_count, float_layers, fold_batchnorm, nncf_quantize, nncf_strip, parity
+from ..quantize import ORT_MODES, QUANTIZABLE, _bn_count, float_layers, fold_batchnorm, nncf_quantize, nncf_strip, parity
 from ..tasks import as_tuple, call, onnx_io, take, to_numpy
 
 name = "quantize"
@@ -163,11 +163,11 @@ def _nncf_export(q, ctx: Context):
     return stripped, out
 
 
-def nncf_int8(ctx, spec, calib, act, keep, reduce_range: bool = False, own=()) -> tuple[dict, Path, nn.Module]:
+def nncf_int8(ctx, spec, calib, act, keep, reduce_range: bool = False) -> tuple[dict, Path, nn.Module]:
     model = fold_batchnorm(ctx.student, ctx.log) if spec.fold_bn else copy.deepcopy(ctx.student).eval()
     info = {"tool": "nncf", "activations": act, "bn_folded": _bn_count(model) == 0,
             "weights": "int8 symmetric per-channel" + (", 7-bit range (overflow fix)" if reduce_range else "")}
-    q = nncf_quantize(model, calib, spec, act, keep, reduce_range, own)
+    q = nncf_quantize(model, calib, spec, act, keep, reduce_range)
     info["ptq_fake_quant_accuracy"] = _evaluate(q, ctx)
     if spec.mode == "qat-kd":
         ctx.log(f"quantize: NNCF int8 after calibration {info['ptq_fake_quant_accuracy']:.4f}; "
@@ -268,20 +268,20 @@ def run(ctx: Context) -> StageRecord:
             with torch.no_grad():
                 ref, what = call(ctx.student.eval(), held_out), "fp32 PyTorch"
         else:
-            info, out, model = nncf_int8(ctx, spec, calib, act, keep, reduced, own)
+            info, out, model = nncf_int8(ctx, spec, calib, act, keep, reduced)
             with torch.no_grad():
                 ref, what = call(model.eval(), held_out), "fake-quantized PyTorch"
         info.update(activations_why=why, reduce_range=reduced, reduce_range_why=reduced_why)
-        if isinstance(ctx.student, nn.Sequential) and spec.mode not in ("ptq-ort", "ptq-dynamic"):
+        if isinstance(ctx.student, nn.Sequential) and spec.mode not in ORT_MODES:
             keep, own = keep + [f"net.{k}" for k in keep], own + [f"net.{k}" for k in own]  # NNCF ran wrapped (_Wrap)
         try:
-            checks = {} if spec.mode == "ptq-dynamic" else check_qdq(out, keep_float=keep + own)
+            checks = {} if spec.mode == "ptq-dynamic" else check_qdq(out, keep_float=keep, own=own)
         except Exception as e:
             raise StageError("quantize", str(e)) from None
         info["parity"] = parity(out, ref, held_out, spec.parity_tol, what, reduced,
                                 openvino=runs_openvino(ctx.recipe.targets), log=ctx.log)
         precision = "int8"
-    info.update(float_layers=keep, own_ops_float=own)
+    info.update(float_layers=keep, own_weights=own)
     quality = _quality_onnx(out, ctx)
     acc = quality[f"onnx_{ctx.metric}"]
     art = describe(out, precision=precision, role="student", parent="quantize")

@@ -14,7 +14,8 @@ whole attention heads. So nothing here knows a model family: the structure comes
    stream's width for a loss of 69 against 59 with it kept, and distilled to 0.79 against 0.92). Attention: nn.MultiheadAttention's embedding width is the residual stream's,
    so it is narrowed with that group (its ``num_heads`` stay, ``head_dim`` shrinks; kept widths are
    multiples of every such attention's head count as well as of ``multiple``); Hugging Face attention
-   (a module with ``num_attention_heads`` and ``query``/``key``/``value``) loses whole heads.
+   (a module with ``num_attention_heads`` and ``query``/``key``/``value``, or DistilBERT's ``n_heads`` and
+   ``q_lin``/``k_lin``/``v_lin``) loses whole heads, and its head count and widths are set again.
 2. Importance, per channel of each group (small interchangeable classes, as in torch-pruning):
    - ``output-loss`` (default): the output loss against the teacher, as layer pruning uses it. At the
      teacher's own weights that loss and its gradient are zero, so its first-order Taylor term is zero

@@ -67,11 +67,13 @@ def _constant(name: str, prod: dict, inits: dict) -> bool:
     return False
 
 
-def check_qdq(path: str | Path, keep_float=()) -> dict:
+def check_qdq(path: str | Path, keep_float=(), own=()) -> dict:
     """Check the QDQ graph rules; raise ExportError on a violation, return a summary.
 
     A Conv/Gemm/MatMul whose inputs are not both dequantized is allowed only when its module path is in
-    ``keep_float``, or when it is a MatMul of two activations (attention), and is then listed as float. ``tensorrt_ready`` says whether every Q/DQ is int8 with
+    ``keep_float`` (or under it), is exactly one of ``own`` (a module's own operation on weights of its own
+    that the quantizer has no rule for; not its children's), or is a MatMul of two activations (attention),
+    and is then listed as float. ``tensorrt_ready`` says whether every Q/DQ is int8 with
     zero point 0 (TensorRT's explicit quantization rejects uint8 and non-zero zero points).
     """
     import numpy as np
@@ -100,7 +102,7 @@ def check_qdq(path: str | Path, keep_float=()) -> dict:
             quantized.append(where)
             scale = inits.get(_dequantized(n.input[1], prod).input[1])
             per_channel.append(scale is not None and int(np.prod(scale.dims)) > 1)
-        elif keep_float and _in_scope(where, keep_float):
+        elif keep_float and _in_scope(where, keep_float) or where in own:
             floating.append(where)
         elif n.op_type == "MatMul" and not any(_constant(i, prod, inits) for i in n.input[:2]):
             # Two activations (attention scores Q K^T, then P V): no weight to quantize. NNCF's transformer

@@ -56,6 +56,10 @@ def _prepared(fp32, out, keep_float):
                 raise ExportError(f"cannot keep {', '.join(keep_float)} in float: the node names of {fp32.name} "
                                   "carry no module paths (torch.export's names; the TorchScript exporter keeps them)")
             excluded = [n.name for n in graph.graph.node if keep_float and _in_scope(module_path(n.name), keep_float)]
+            missing = [k for k in keep_float if not any(_in_scope(module_path(n), [k]) for n in excluded)]
+            if missing:
+                raise ExportError(f"cannot keep {', '.join(missing)} in float: no node of {fp32.name} belongs to it "
+                                  "(a module the exporter folded away, or one its node names do not show)")
             tmp_out = Path(tmp) / "int8.onnx"
             yield pre, tmp_out, excluded
             part = out.with_name(f".{out.name}.tmp")
