@@ -183,6 +183,20 @@ def test_gpt2_runs_end_to_end_with_ort_dynamic_int8(tiny_recipe, tmp_path):
 
 # ------------------------------------------------------------------------------------------ channel pruning
 
+def test_the_classifier_head_keeps_as_many_inputs_as_classes():
+    """A head that reads mostly 8 of its 32 features (as a trained 3-conv CNN's did): its inputs were cut to 8
+    for 10 classes, a rank-8 map that kept 65% of the teacher's accuracy. The cut keeps 16 (10, in blocks of 8)."""
+    from compressor.structural import prune_channels
+
+    torch.manual_seed(0)
+    m, x = U.dict_cnn().eval(), torch.randn(64, 1, 16, 16)
+    intake(m, call(m, x[:2]))
+    with torch.no_grad():
+        m.head.weight[:, 8:] *= 0.01
+    pruned, _, info = prune_channels(m, [x], 0.6, log=lambda s: None)
+    assert pruned.head.in_features == 16 and info["flops_after"] <= 0.4 * info["flops_before"]
+
+
 class OwnAttention(nn.Module):
     """A user's self-attention that reshapes by a head count and head size it keeps under its own names."""
 

@@ -22,7 +22,7 @@ def _set_grads(model: nn.Module, grads: dict) -> None:
 
 
 def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: bool, multiple: int | None,
-                global_pruning: bool = True):
+                global_pruning: bool = True, head: str | None = None):
     tp = _tp()
     m = copy.deepcopy(model).eval()
     if grads is not None:
@@ -32,9 +32,11 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     head_ratio = min(ratio, min((1 - 1 / n for n in num_heads.values()), default=0.0) - 1e-6) if heads else 0.0
     ignored = [m.get_submodule(p) for p in ignored_paths]
     unit = width_unit(m, multiple)
+    out = m.get_submodule(head) if head else None  # the classifier head: as many inputs as it has outputs
+    floors = {out: getattr(out, "out_features", None) or getattr(out, "out_channels", 0)} if out is not None else {}
     pruner = tp.pruner.MetaPruner(
         m, take(example, 1), importance=_named(importance(m), m, keep=(unit or 1) if global_pruning else 0,
-                                              heads=set(num_heads)),
+                                              heads=set(num_heads), floors=floors),
         global_pruning=global_pruning, pruning_ratio=ratio,
         max_pruning_ratio=0.95, ignored_layers=ignored, num_heads=num_heads,
         prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
@@ -140,6 +142,7 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     from ..distill.hooks import resolve
 
     defaults = kept_by_default(model, example)
+    head = next((p for p, why in defaults.items() if why == "classifier head"), None)
     kept = {p: why for p, why in defaults.items() if keep_stem or why != "input stem"}
     for p in ignore:
         resolve(model, p, "model")  # a UserError naming the module paths that exist
@@ -177,7 +180,7 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
                 mid = (lo + hi) / 2
                 try:
                     cand = _prune_copy(model, example, mid, imp, grads, ignored, heads, multiple,
-                                       global_pruning=allocation == "global")
+                                       global_pruning=allocation == "global", head=head)
                 except _TooFar:
                     hi = mid
                     continue
