@@ -199,11 +199,12 @@ def score_units(model: nn.Module, units: list[Unit], batches, with_flops: bool =
     return units
 
 
-def select(units: list[Unit], by: str, budget: float) -> list[Unit]:
+def select(units: list[Unit], by: str, budget: float, others: bool = False) -> list[Unit]:
     """The set of units with the least summed loss whose summed cost (params / flops / 1 each) reaches
     ``budget``: a covering 0/1 knapsack, solved exactly by dynamic programming over the reachable cost
     sums (capped at the budget) with dominated states dropped. Repeated blocks share their cost, so
-    the distinct sums stay few (a stack of n equal layers has n + 1).
+    the distinct sums stay few (a stack of n equal layers has n + 1). ``others``: blocks the user left out
+    with prune.ignore remain, so every unit may go.
     """
     cost = [1 if by == "units" else getattr(u, COST[by]) for u in units]
     total = sum(cost)
@@ -230,7 +231,7 @@ def select(units: list[Unit], by: str, budget: float) -> list[Unit]:
                 kept[c], best = states[c], states[c][0]
         states = kept
     chosen = states[budget][1]
-    if len(chosen) == len(units):
+    if len(chosen) == len(units) and not others:
         raise UserError(f"prune: a budget of {shown:,.6g} {by} removes every prunable unit "
                         f"({', '.join(u.path for u in units)}), which leaves no model; lower prune.remove")
     return [units[i] for i in sorted(chosen)]
@@ -319,7 +320,7 @@ def prune_teacher(teacher: nn.Module, batches, by: str = "params", remove: float
     total = {"params": lambda: sum(p.numel() for p in teacher.parameters()), "flops": lambda: flops(teacher, batches[0]),
              "units": lambda: len(units), "latency": lambda: lat["teacher_ms"]}[by]()
     budget = remove if by == "units" else remove * total
-    chosen = select(units, by, budget)
+    chosen = select(units, by, budget, others=bool(ignore) and len(find_units(teacher, batches[0])) > len(units))
     removed = [u.path for u in chosen]
     student = build_pruned(teacher, removed)
     predicted = sum(u.loss for u in chosen)

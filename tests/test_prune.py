@@ -153,6 +153,22 @@ def test_pipeline_budget_removing_everything(deep_tiny, tmp_path):
         compressor.run(deep_tiny, tmp_path / "b", log=lambda s: None)
 
 
+def test_every_unit_but_the_ignored_ones_may_go(deep_tiny):
+    """With prune.ignore the ignored blocks remain: removing every other unit leaves a model (it was refused
+    as leaving none, so a user could not choose which layers stay)."""
+    from compressor.data import load_data
+    from compressor.recipe import load_recipe
+    from compressor.teacher import load_teacher
+
+    recipe = load_recipe(deep_tiny)
+    data = load_data(recipe.data, recipe.seed)
+    teacher, _ = load_teacher(recipe, data, log=lambda s: None)
+    x = next(iter(data.loader("train", 64)))[0]
+    student, info = P.prune_teacher(teacher, [x], "units", 2, log=lambda s: None, ignore=["stages.0.0"])
+    assert info["removed"] == ["stages.0.1", "stages.1.1"]
+    assert student(x).shape == teacher(x).shape
+
+
 def test_additivity_report():
     """The mechanics of the additivity check (the figure on the quickstart teacher comes from
     ``python benchmarks/prune_additivity.py``; an untrained net here keeps the test fast)."""
