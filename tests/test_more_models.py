@@ -197,6 +197,19 @@ def test_the_classifier_head_keeps_as_many_inputs_as_classes():
     assert pruned.head.in_features == 16 and info["flops_after"] <= 0.4 * info["flops_before"]
 
 
+def test_a_uniform_cut_keeps_the_head_floor_too():
+    """GroupNorm's groups make the global cut fall back to the uniform one, where no +inf score binds: it cut
+    the head's inputs to 8 for 10 classes. Now it stops at 12 (a multiple of 4 groups), or says why it cannot."""
+    from compressor.structural import prune_channels
+
+    torch.manual_seed(0)
+    m, x = U.GroupNormCNN().eval(), torch.randn(64, 1, 16, 16)
+    pruned, _, info = prune_channels(m, [x], 0.4, multiple=None, log=lambda s: None)
+    assert info["allocation"] == "uniform" and pruned.head.in_features == 12
+    with pytest.raises(UserError, match=r"removes is 42\.6% .*head reads at least as many inputs as it has outputs"):
+        prune_channels(m, [x], 0.5, multiple=None, log=lambda s: None)
+
+
 class OwnAttention(nn.Module):
     """A user's self-attention that reshapes by a head count and head size it keeps under its own names."""
 

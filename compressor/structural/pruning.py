@@ -41,9 +41,13 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
         max_pruning_ratio=0.95, ignored_layers=ignored, num_heads=num_heads,
         prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
         round_to=unit, forward_fn=call)
+    reads = lambda: getattr(out, "in_features", None) or getattr(out, "in_channels", 0)  # noqa: E731
+    least = min(floors[out], reads()) if out is not None else 0
     with no_fastpath():
         pruner.step()
     _fix_heads(atts, pruner.num_heads)
+    if out is not None and reads() < least:  # a uniform cut (no +inf floor binds it) that went under the head's
+        raise _TooFar
     for p in m.parameters():
         p.grad = None
     return m
@@ -238,6 +242,8 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
                 f"({stem_choice[f'{by}_stem_kept']:,.0f}): {'kept' if stem_choice['kept'] else 'cut'}")
     if best is None:
         kept_said = f"kept: {', '.join(ignored_paths) or 'none'}; multiple {multiple}"
+        if head:
+            kept_said += f"; {head} reads at least as many inputs as it has outputs"
         if least is None or least >= total * (1 - 1e-6):
             raise UserError(f"prune.channels: no channel of {type(model).__name__} can be cut ({kept_said}): every "
                             "group DepGraph found stays whole" + (f" at a multiple of {multiple} (a group too narrow to "
