@@ -21,6 +21,11 @@ def _set_grads(model: nn.Module, grads: dict) -> None:
         p.grad = None if g is None else g.clone()
 
 
+def _width(m: nn.Module, side: str) -> int:
+    """A Linear's or a conv's number of inputs (``side="in"``) or outputs."""
+    return getattr(m, f"{side}_features", None) or getattr(m, f"{side}_channels", 0)
+
+
 def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: bool, multiple: int | None,
                 global_pruning: bool = True, head: str | None = None):
     tp = _tp()
@@ -33,7 +38,7 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     ignored = [m.get_submodule(p) for p in ignored_paths]
     unit = width_unit(m, multiple)
     out = m.get_submodule(head) if head else None  # the classifier head: as many inputs as it has outputs
-    floors = {out: getattr(out, "out_features", None) or getattr(out, "out_channels", 0)} if out is not None else {}
+    floors = {out: _width(out, "out")} if out is not None else {}
     pruner = tp.pruner.MetaPruner(
         m, take(example, 1), importance=_named(importance(m), m, keep=(unit or 1) if global_pruning else 0,
                                               heads=set(num_heads), floors=floors),
@@ -41,12 +46,11 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
         max_pruning_ratio=0.95, ignored_layers=ignored, num_heads=num_heads,
         prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
         round_to=unit, forward_fn=call)
-    reads = lambda: getattr(out, "in_features", None) or getattr(out, "in_channels", 0)  # noqa: E731
-    least = min(floors[out], reads()) if out is not None else 0
+    least = min(floors[out], _width(out, "in")) if out is not None else 0
     with no_fastpath():
         pruner.step()
     _fix_heads(atts, pruner.num_heads)
-    if out is not None and reads() < least:  # a uniform cut (no +inf floor binds it) that went under the head's
+    if out is not None and _width(out, "in") < least:  # a uniform cut: no +inf score binds it
         raise _TooFar
     for p in m.parameters():
         p.grad = None
