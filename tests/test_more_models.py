@@ -199,15 +199,19 @@ def test_the_classifier_head_keeps_as_many_inputs_as_classes():
 
 def test_a_uniform_cut_keeps_the_head_floor_too():
     """GroupNorm's groups make the global cut fall back to the uniform one, where no +inf score binds: it cut
-    the head's inputs to 8 for 10 classes. Now it stops at 12 (a multiple of 4 groups), or says why it cannot."""
+    the head's inputs to 8 for 10 classes. Now the group feeding the head stops at 12 (a multiple of the 4
+    groups) and the other layers give the rest."""
     from compressor.structural import prune_channels
 
     torch.manual_seed(0)
     m, x = U.GroupNormCNN().eval(), torch.randn(64, 1, 16, 16)
-    pruned, _, info = prune_channels(m, [x], 0.4, multiple=None, log=lambda s: None)
-    assert info["allocation"] == "uniform" and pruned.head.in_features == 12
-    with pytest.raises(UserError, match=r"removes is 42\.6% .*head reads at least as many inputs as it has outputs"):
-        prune_channels(m, [x], 0.5, multiple=None, log=lambda s: None)
+    for remove in (0.4, 0.5):
+        pruned, _, info = prune_channels(m, [x], remove, multiple=None, log=lambda s: None)
+        assert info["allocation"] == "uniform" and pruned.head.in_features == 12
+        assert info["flops_after"] <= (1 - remove) * info["flops_before"]
+    assert pruned.features[1].num_channels == 8  # the first layer, cut further than the head's
+    with pytest.raises(UserError, match=r"head reads at least as many inputs as it has outputs"):
+        prune_channels(m, [x], 0.9, multiple=None, log=lambda s: None)
 
 
 class OwnAttention(nn.Module):

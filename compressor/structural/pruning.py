@@ -3,6 +3,7 @@ FLOPs or params budget is met, then BatchNorm recalibrated and the plan recorded
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -26,8 +27,25 @@ def _width(m: nn.Module, side: str) -> int:
     return getattr(m, f"{side}_features", None) or getattr(m, f"{side}_channels", 0)
 
 
+def _feeding(model: nn.Module, example, head: str) -> list[str]:
+    """Paths of the Conv/Linear layers whose output channels are ``head``'s inputs (DepGraph's group); none
+    where the graph cannot say (the uniform cut then relies on the floor check alone)."""
+    tp = _tp()
+    out = model.get_submodule(head)
+    try:
+        with no_fastpath():
+            dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=take(example, 1), forward_fn=call)
+        group = dg.get_pruning_group(out, dg.get_pruner_of_module(out).prune_in_channels,
+                                     idxs=list(range(_width(out, "in"))))
+    except Exception:  # a head DepGraph has no pruner for
+        return []
+    names = {m: n for n, m in model.named_modules()}
+    return [names[d.target.module] for d, _ in group if getattr(d.handler, "__name__", "") == "prune_out_channels"
+            and isinstance(d.target.module, (nn.modules.conv._ConvNd, nn.Linear)) and d.target.module in names]
+
+
 def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: bool, multiple: int | None,
-                global_pruning: bool = True, head: str | None = None):
+                global_pruning: bool = True, head: str | None = None, feeding=()):
     tp = _tp()
     m = copy.deepcopy(model).eval()
     if grads is not None:
@@ -39,14 +57,20 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     unit = width_unit(m, multiple)
     out = m.get_submodule(head) if head else None  # the classifier head: as many inputs as it has outputs
     floors = {out: _width(out, "out")} if out is not None else {}
+    least = min(floors[out], _width(out, "in")) if out is not None else 0
+    # The uniform cut takes the same share of every group: the one feeding the head takes no more than its floor
+    # allows (the global cut's +inf scores bind it there), in whole blocks of `multiple` and GroupNorm groups.
+    step = math.lcm(unit or 1, *(g.num_groups for g in m.modules() if isinstance(g, nn.GroupNorm)))
+    caps = {} if global_pruning or out is None else {
+        f: min(ratio, max(0.0, 1 - -(-least // step) * step / _width(f, "out") - 1e-6))
+        for f in (m.get_submodule(p) for p in feeding)}
     pruner = tp.pruner.MetaPruner(
         m, take(example, 1), importance=_named(importance(m), m, keep=(unit or 1) if global_pruning else 0,
                                               heads=set(num_heads), floors=floors),
         global_pruning=global_pruning, pruning_ratio=ratio,
         max_pruning_ratio=0.95, ignored_layers=ignored, num_heads=num_heads,
         prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
-        round_to=unit, forward_fn=call)
-    least = min(floors[out], _width(out, "in")) if out is not None else 0
+        round_to=unit, forward_fn=call, pruning_ratio_dict=caps or None)
     with no_fastpath():
         pruner.step()
     _fix_heads(atts, pruner.num_heads)
@@ -151,6 +175,7 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
 
     defaults = kept_by_default(model, example)
     head = next((p for p, why in defaults.items() if why == "classifier head"), None)
+    feeding = {}  # the head's feeding layers, found when the uniform cut first needs them
     kept = {p: why for p, why in defaults.items() if keep_stem or why != "input stem"}
     for p in ignore:
         resolve(model, p, "model")  # a UserError naming the module paths that exist
@@ -183,12 +208,15 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     def bisect(ignored):
         best, least = None, None
         for allocation in ("global", "uniform"):
+            if allocation == "uniform" and head and "paths" not in feeding:
+                feeding["paths"] = _feeding(model, example, head)
             lo, hi = 0.0, 0.9
             for _ in range(12):
                 mid = (lo + hi) / 2
                 try:
                     cand = _prune_copy(model, example, mid, imp, grads, ignored, heads, multiple,
-                                       global_pruning=allocation == "global", head=head)
+                                       global_pruning=allocation == "global", head=head,
+                                       feeding=feeding.get("paths", ()))
                 except _TooFar:
                     hi = mid
                     continue
