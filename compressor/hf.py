@@ -20,6 +20,9 @@ from .errors import UserError
 
 # What a config override may change: the same names as the transformers config attributes.
 CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+# Hugging Face attention layouts pruning knows: the head-count attribute and the q/k/v Linear names (BERT and
+# its kin; DistilBERT).
+HEAD_LAYOUTS = (("num_attention_heads", ("query", "key", "value")), ("n_heads", ("q_lin", "k_lin", "v_lin")))
 
 # What a Hugging Face student inherits from its teacher unless its config says otherwise.
 INHERITED = ("path", "package", "pooling", "normalize")

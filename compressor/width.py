@@ -44,9 +44,10 @@ from .surgery import gated as _gated
 from .surgery import get_module as _get
 from .surgery import set_module as _set
 from .surgery import swapped as _swapped
+from .hf import HEAD_LAYOUTS
 from .tasks import output
 
-HEAD_COUNTS = ("num_attention_heads", "n_heads")  # the head count's name in Hugging Face attention modules
+HEAD_COUNTS = tuple(count for count, _ in HEAD_LAYOUTS)  # the head count's name in Hugging Face attention modules
 
 @dataclass
 class Group:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..flops import no_fastpath
-from .structure import _output
+from .structure import _output, width_of
 
 IMPORTANCE = ("output-loss", "taylor", "magnitude")
 
@@ -71,9 +71,9 @@ def _per_flop(base_cls):
                 path = self.paths.get(m)
                 if path is None or not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)):
                     continue
-                n = getattr(m, "out_channels", None) or getattr(m, "out_features", None) or getattr(m, "embed_dim", 1)
+                n = width_of(m, "out") or getattr(m, "embed_dim", 1)
                 if getattr(dep.handler, "__name__", "") == "prune_in_channels":
-                    n = getattr(m, "in_channels", None) or getattr(m, "in_features", None) or n
+                    n = width_of(m, "in") or n
                 cost += self.module_flops.get(path, 0) / max(int(n), 1)
             return imp / max(cost, 1.0)
 

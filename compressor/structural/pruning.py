@@ -13,18 +13,13 @@ from ..flops import count_flops, flops_by_module, no_fastpath
 from ..tasks import call, sq_error_mean, take
 from .importance import IMPORTANCE, GroupError, _named, _per_flop, ce_gradients, fisher
 from .plan import plan_of
-from .structure import _fix_heads, _TooFar, _tp, head_layout, kept_by_default, width_unit
+from .structure import _fix_heads, _TooFar, _tp, head_layout, kept_by_default, width_of, width_unit
 
 
 def _set_grads(model: nn.Module, grads: dict) -> None:
     for n, p in model.named_parameters():
         g = grads.get(n)
         p.grad = None if g is None else g.clone()
-
-
-def _width(m: nn.Module, side: str) -> int:
-    """A Linear's or a conv's number of inputs (``side="in"``) or outputs."""
-    return getattr(m, f"{side}_features", None) or getattr(m, f"{side}_channels", 0)
 
 
 def _feeding(model: nn.Module, example, head: str) -> list[str]:
@@ -36,7 +31,7 @@ def _feeding(model: nn.Module, example, head: str) -> list[str]:
         with no_fastpath():
             dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=take(example, 1), forward_fn=call)
         group = dg.get_pruning_group(out, dg.get_pruner_of_module(out).prune_in_channels,
-                                     idxs=list(range(_width(out, "in"))))
+                                     idxs=list(range(width_of(out, "in"))))
     except Exception:  # a head DepGraph has no pruner for
         return []
     names = {m: n for n, m in model.named_modules()}
@@ -56,13 +51,13 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     ignored = [m.get_submodule(p) for p in ignored_paths]
     unit = width_unit(m, multiple)
     out = m.get_submodule(head) if head else None  # the classifier head: as many inputs as it has outputs
-    floors = {out: _width(out, "out")} if out is not None else {}
-    least = min(floors[out], _width(out, "in")) if out is not None else 0
+    floors = {out: width_of(out, "out")} if out is not None else {}
+    least = min(floors[out], width_of(out, "in")) if out is not None else 0
     # The uniform cut takes the same share of every group: the one feeding the head takes no more than its floor
     # allows (the global cut's +inf scores bind it there), in whole blocks of `multiple` and GroupNorm groups.
     step = math.lcm(unit or 1, *(g.num_groups for g in m.modules() if isinstance(g, nn.GroupNorm)))
     caps = {} if global_pruning or out is None else {
-        f: min(ratio, max(0.0, 1 - -(-least // step) * step / _width(f, "out") - 1e-6))
+        f: min(ratio, max(0.0, 1 - -(-least // step) * step / width_of(f, "out") - 1e-6))
         for f in (m.get_submodule(p) for p in feeding)}
     pruner = tp.pruner.MetaPruner(
         m, take(example, 1), importance=_named(importance(m), m, keep=(unit or 1) if global_pruning else 0,
@@ -74,7 +69,7 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     with no_fastpath():
         pruner.step()
     _fix_heads(atts, pruner.num_heads)
-    if out is not None and _width(out, "in") < least:  # a uniform cut: no +inf score binds it
+    if out is not None and width_of(out, "in") < least:  # a uniform cut: no +inf score binds it
         raise _TooFar
     for p in m.parameters():
         p.grad = None

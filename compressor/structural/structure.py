@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..flops import no_fastpath
+from ..hf import HEAD_LAYOUTS
 from ..intake import select_output
 from ..tasks import call, take
 
@@ -51,11 +52,13 @@ def kept_by_default(model: nn.Module, example) -> dict[str, str]:
     return {**{p: "input stem" for p in stem}, order[-1]: "classifier head"}
 
 
-# Hugging Face attention layouts torch-pruning's head pruning is told of: the head-count attribute and the
-# q/k/v Linear names (BERT and its kin; DistilBERT).
-HEAD_LAYOUTS = (("num_attention_heads", ("query", "key", "value")), ("n_heads", ("q_lin", "k_lin", "v_lin")))
 # The attention's own copies of the q/k/v width, which its forward reshapes by; set again after pruning.
 _TOTAL_WIDTH = ("all_head_size", "dim")
+
+
+def width_of(m: nn.Module, side: str) -> int:
+    """A Linear's or a conv's number of inputs (``side="in"``) or outputs; 0 for any other module."""
+    return getattr(m, f"{side}_features", None) or getattr(m, f"{side}_channels", 0)
 
 
 def head_layout(model: nn.Module) -> tuple[dict, list]:

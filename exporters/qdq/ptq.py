@@ -52,14 +52,14 @@ def _prepared(fp32, out, keep_float):
             # and infers shapes; symbolic shape inference fails on some exported graphs, so skip it.
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
             graph = onnx.load(str(pre))
-            if keep_float and not any(module_path(n.name) for n in graph.graph.node):
-                raise ExportError(f"cannot keep {', '.join(keep_float)} in float: the node names of {fp32.name} "
-                                  "carry no module paths (torch.export's names; the TorchScript exporter keeps them)")
             excluded = [n.name for n in graph.graph.node if keep_float and _in_scope(module_path(n.name), keep_float)]
             missing = [k for k in keep_float if not any(_in_scope(module_path(n), [k]) for n in excluded)]
             if missing:
-                raise ExportError(f"cannot keep {', '.join(missing)} in float: no node of {fp32.name} belongs to it "
-                                  "(a module the exporter folded away, or one its node names do not show)")
+                why = (f"the node names of {fp32.name} carry no module paths (torch.export's names; the TorchScript "
+                       "exporter keeps them)" if not any(module_path(n.name) for n in graph.graph.node) else
+                       f"no node of {fp32.name} belongs to it (a module the exporter folded away, or one its node "
+                       "names do not show)")
+                raise ExportError(f"cannot keep {', '.join(missing)} in float: {why}")
             tmp_out = Path(tmp) / "int8.onnx"
             yield pre, tmp_out, excluded
             part = out.with_name(f".{out.name}.tmp")
