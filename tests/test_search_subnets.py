@@ -3,10 +3,13 @@ from the teacher's weights, successive halving, and the pipeline on models it wa
 import copy
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from compressor.flops import count_flops
 from compressor.models import ResNet
 from compressor.search import subnets as S
 
@@ -420,3 +423,35 @@ def test_as_fast_as_goes_with_the_teacher_family(tiny_recipe):
         load_recipe(r)
     r["search"] = {"family": "teacher", "as_fast_as": "prune", "max_flops": 0.5}
     assert load_recipe(r).search.as_fast_as == "prune"
+
+
+def test_the_candidates_are_cut_with_the_prune_sections_settings():
+    """A GroupNorm model cuts no channel at a multiple of 8; with prune.channels.multiple: null the search's
+    candidates are cut at that multiple too (they used the defaults, and the refusal told the user to set what
+    they had set)."""
+    from compressor.errors import UserError
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_models as U
+
+    torch.manual_seed(0)
+    t, x = U.GroupNormCNN().eval(), torch.randn(32, 1, 16, 16)
+    space = S.teacher_space(t, x, (0.0, 0.5))
+    half = {**space.genomes()[0], "channels": 0.5}
+    with pytest.raises(UserError, match="multiple of 8"):
+        S.build(space, t, half, [x])
+    model, plan = S.build(space, t, half, [x], channels={"multiple": None, "remove": 0.3})  # remove: the genome's
+    before, after = count_flops(t, x[:1]), count_flops(model, x[:1])
+    assert 0.3 < after / before < 0.6 and plan  # GroupNorm steps of 4 channels overshoot (0.38)
+
+
+def test_the_search_stage_reads_the_cut_settings_from_the_prune_section():
+    from compressor.recipe.student import PruneSpec
+    from compressor.stages.subnets import cut_shape
+
+    prune = PruneSpec(channels={"remove": 0.5, "multiple": None, "keep_stem": True})
+    assert cut_shape(prune) == {"channels": {"importance": "output-loss", "heads": True, "multiple": None,
+                                             "keep_stem": True}}
+    assert cut_shape(PruneSpec(by="units", remove=1, width={"remove": 0.5, "ffn": False})) == \
+        {"width": {"ffn": False, "heads": True, "multiple": 16}}
+    assert cut_shape(None) == {}

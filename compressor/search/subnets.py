@@ -62,6 +62,10 @@ class SubnetSpace:
         return {"family": self.family, "genes": self.genes}
 
 
+# The prune sections' settings that shape a candidate's cut (the rest, remove above all, the genome sets)
+SHAPE = {"width": ("ffn", "heads", "multiple"), "channels": ("importance", "heads", "multiple", "keep_stem")}
+
+
 def teacher_space(teacher: nn.Module, example, channels=CHANNELS, ignore=()) -> SubnetSpace:
     units = [u.path for u in find_units(teacher, example, ignore=ignore)]
     return SubnetSpace(units, sorted(set(float(c) for c in channels)))
@@ -73,12 +77,18 @@ class Builder:
 
     ``cut`` says how: ``width`` (attention heads and FFN neurons, compressor.width: the hidden size stays)
     for a teacher with Hugging Face attention (modules with ``prune_heads``), as the prune stage narrows an
-    encoder; ``channels`` (structural pruning, compressor.structural) for every other model."""
+    encoder; ``channels`` (structural pruning, compressor.structural) for every other model. ``width`` and
+    ``channels``: the recipe's prune.width and prune.channels (dicts), whose settings that shape a cut (which
+    elements may go, in what multiples, whether the stem stays) cut the candidates as the prune stage would cut
+    the teacher; each cut's defaults where the recipe has no such section."""
 
-    def __init__(self, space: SubnetSpace, teacher: nn.Module, batches, *, labels=None, ignore=(), example=None):
+    def __init__(self, space: SubnetSpace, teacher: nn.Module, batches, *, labels=None, ignore=(), example=None,
+                 width: dict | None = None, channels: dict | None = None):
         from ..width import find_groups
 
         self.space, self.teacher, self.batches, self.labels, self.ignore = space, teacher, batches, labels, ignore
+        self.options = {k: {o: v for o, v in (d or {}).items() if o in SHAPE[k]}
+                        for k, d in (("width", width), ("channels", channels))}
         # FLOPs are counted on one sample of ``example`` (the budget's: a text model's full length, which the
         # calibration batches, cut to their longest sentence, may not have)
         self.example = take(example if example is not None else batches[0], 1)
@@ -112,24 +122,27 @@ class Builder:
         if self.cut == "width":
             from ..width import find_groups, prune_width, score_groups
 
+            kinds = {k: v for k, v in self.options["width"].items() if k in ("ffn", "heads")}
             if "groups" not in cache:  # two batches, two projections: enough to rank cuts (as below)
-                cache["groups"] = score_groups(student, find_groups(student, self.batches[0]), self.batches[:2],
-                                               projections=2)
+                cache["groups"] = score_groups(student, find_groups(student, self.batches[0], **kinds),
+                                               self.batches[:2], projections=2)
             student, plan, _ = prune_width(student, self.batches[:2], genome["channels"], groups=cache["groups"],
-                                           log=lambda s: None)
+                                           log=lambda s: None, **self.options["width"])
             return student.eval(), plan
         # Two batches and two projections estimate the channels' importance well enough to rank cuts
         # (the prune stage's own cut uses more); the tolerance lets the bisection stop sooner.
         student, plan, _ = prune_channels(student, self.batches[:2], genome["channels"], by="flops",
                                           labels=self.labels[:2] if self.labels else None, projections=2,
                                           ignore=self.ignore, gradient_cache=cache, tolerance=0.03,
-                                          compare_stem=False, log=lambda s: None)  # the rungs rank the cuts
+                                          compare_stem=False, log=lambda s: None,  # the rungs rank the cuts
+                                          **self.options["channels"])
         return student.eval(), plan
 
 
-def build(space: SubnetSpace, teacher: nn.Module, genome: dict, batches, *, labels=None, ignore=()):
+def build(space: SubnetSpace, teacher: nn.Module, genome: dict, batches, *, labels=None, ignore=(),
+          width: dict | None = None, channels: dict | None = None):
     """(candidate, plan or None): the teacher without the genome's units, then its channels cut (Builder)."""
-    return Builder(space, teacher, batches, labels=labels, ignore=ignore)(genome)
+    return Builder(space, teacher, batches, labels=labels, ignore=ignore, width=width, channels=channels)(genome)
 
 
 def most_promising(genomes: list[dict], space: SubnetSpace, unit_loss: dict[str, float], n: int,

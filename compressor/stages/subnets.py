@@ -56,7 +56,8 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     genomes = space.genomes()
     t0 = time.time()
     journal = S.Journal(ctx.scratch / "search" / "ladder.json", _journal_key(ctx, spec))
-    build, trials = S.Builder(space, teacher, batches, labels=labels, ignore=ignore, example=example), []
+    build, trials = S.Builder(space, teacher, batches, labels=labels, ignore=ignore, example=example,
+                              **cut_shape(recipe.prune)), []
     # search.as_fast_as: the model to be no slower than, built now (a wrong builder fails before the long part);
     # ``prune``: the teacher cut as the prune section says, and its genome in the space (None where it has none)
     reference, own, own_plan = _reference(ctx, spec, space, build.cut)
@@ -280,6 +281,13 @@ def _reference(ctx: Context, spec, space: S.SubnetSpace, cut: str):
     return model.eval(), genome, (width if cut == "width" else channels)
 
 
+def cut_shape(prune) -> dict:
+    """{section: {setting: value}}: the recipe's prune.width and prune.channels settings that shape the candidates'
+    cuts (compressor.search.subnets.SHAPE: multiple, heads, ...), so they are cut as the prune stage would cut."""
+    return {k: {o: getattr(sec, o) for o in S.SHAPE[k]} for k in S.SHAPE
+            if prune is not None and (sec := getattr(prune, k)) is not None}
+
+
 def _journal_key(ctx: Context, spec) -> str:
     """What the ladder's saved progress depends on: the teacher and the training data (the teacher-output cache's
     key), the search's settings, the seed, the rungs' learning rate and the distill epochs and schedule (the final
@@ -293,10 +301,12 @@ def _journal_key(ctx: Context, spec) -> str:
     ignore = prune.ignore if prune is not None else []
     # as_fast_as: prune times the prune section's cut: another cut is another budget
     reference = prune.model_dump(mode="json") if spec.as_fast_as == "prune" and prune is not None else None
+    shape = cut_shape(prune)
     return hashlib.sha256(json.dumps([key(ctx.teacher, ctx.data.train), spec.model_dump(mode="json"), ctx.recipe.seed,
                                       ctx.recipe.distill.lr, ignore, ctx.recipe.distill.epochs,
                                       ctx.recipe.distill.schedule, *([reference] if reference else []),
-                                      *([] if ctx.recipe.distill.lazy_embeddings else ["dense tables"])],
+                                      *([] if ctx.recipe.distill.lazy_embeddings else ["dense tables"]),
+                                      *([shape] if shape else [])],
                                      default=str).encode()).hexdigest()
 
 
