@@ -317,3 +317,22 @@ def test_the_stem_is_cut_or_kept_by_the_lower_measured_output_loss():
     # keep_stem: true decides up front: one cut, no comparison
     _, _, kept = prune_channels(model, batches, 0.5, keep_stem=True, log=lambda s: None)
     assert "stem_choice" not in kept
+
+
+@pytest.mark.parametrize("name, whole", [("fused_qkv_vit", "blocks.0.qkv, blocks.0.proj"),
+                                         ("mixer", "blocks.0.tok.0")])
+def test_groups_torch_pruning_cannot_index_stay_whole_and_the_rest_is_cut(name, whole):
+    """A fused qkv cut by chunk, a Linear over the transposed patch axis: torch-pruning's importance raised an
+    IndexError on their groups, and the refusal itself crashed looking up '_SplitOp' as a module. Those groups
+    now stay whole, named in the log and the record, and the budget is met by the others."""
+    from compressor.flops import count_flops
+    from compressor.structural import prune_channels
+
+    torch.manual_seed(0)
+    model, x = getattr(U, name)().eval(), torch.randn(64, 1, 16, 16)
+    said = []
+    pruned, plan, info = prune_channels(model, [x[:32], x[32:]], 0.5, log=said.append)
+    assert any(whole in k for k in info["left_whole"]) and "IndexError" in next(iter(info["left_whole"].values()))
+    assert any("left whole, torch-pruning cannot index them" in s for s in said)
+    assert count_flops(pruned, x[:1]) <= 0.52 * count_flops(model, x[:1]) and plan["modules"]
+    assert pruned(x).shape == (64, 10)

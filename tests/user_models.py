@@ -221,3 +221,59 @@ class MaskFirst(nn.Module):
 
 def dict_cnn(in_channels=1, num_classes=10):
     return DictCNN(in_channels, num_classes)
+
+
+class FusedQKVBlock(nn.Module):
+    """One Linear to q, k and v, split by ``chunk``, and F.scaled_dot_product_attention (timm's and nanoGPT's
+    layout): torch-pruning traces the split but cannot index the qkv group."""
+
+    def __init__(self, dim=32, heads=4, mlp=64):
+        super().__init__()
+        self.heads = heads
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(self.n1(x)).chunk(3, dim=-1))
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+        return x + self.mlp(self.n2(x))
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer: a token-mixing MLP over the transposed patch axis, then a channel MLP."""
+
+    def __init__(self, tokens, dim=32, tok_hidden=32, ch_hidden=64):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.tok = nn.Sequential(nn.Linear(tokens, tok_hidden), nn.GELU(), nn.Linear(tok_hidden, tokens))
+        self.ch = nn.Sequential(nn.Linear(dim, ch_hidden), nn.GELU(), nn.Linear(ch_hidden, dim))
+
+    def forward(self, x):
+        x = x + self.tok(self.n1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.ch(self.n2(x))
+
+
+class PatchNet(nn.Module):
+    """Patches (plus a learned position table with ``pos``), then ``depth`` blocks of ``block(tokens)``, a
+    LayerNorm and a mean-pooled Linear head."""
+
+    def __init__(self, block, in_channels=1, num_classes=10, patch=4, dim=32, depth=3, image_size=16, pos=False):
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, dim, patch, patch)
+        self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2, dim) * 0.02) if pos else None
+        self.blocks = nn.Sequential(*[block((image_size // patch) ** 2) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(h if self.pos is None else h + self.pos)).mean(1))
+
+
+def fused_qkv_vit(in_channels=1, num_classes=10):
+    return PatchNet(lambda tokens: FusedQKVBlock(), in_channels, num_classes, pos=True)
+
+
+def mixer(in_channels=1, num_classes=10):
+    return PatchNet(MixerBlock, in_channels, num_classes)

@@ -35,10 +35,10 @@ whole attention heads. So nothing here knows a model family: the structure comes
 """
 from __future__ import annotations
 
-from .importance import IMPORTANCE, GroupError, ce_gradients, fisher
+from .importance import IMPORTANCE, ce_gradients, fisher
 from .plan import apply_plan, plan_of
 from .pruning import prune_channels, recalibrate_batchnorm
 from .structure import head_layout, kept_by_default
 
-__all__ = ["IMPORTANCE", "GroupError", "apply_plan", "ce_gradients", "fisher", "head_layout", "kept_by_default",
+__all__ = ["IMPORTANCE", "apply_plan", "ce_gradients", "fisher", "head_layout", "kept_by_default",
            "plan_of", "prune_channels", "recalibrate_batchnorm"]

@@ -80,16 +80,11 @@ def _per_flop(base_cls):
     return PerFlop
 
 
-class GroupError(Exception):
-    """torch-pruning failed on one group; ``modules`` names its layers."""
-
-    def __init__(self, modules: list[str], cause: Exception):
-        super().__init__(f"{type(cause).__name__}: {str(cause).splitlines()[0][:160] if str(cause) else ''}")
-        self.modules = modules
-
-
-def _named(importance, model: nn.Module, keep: int = 0, heads=(), floors=None):
-    """``importance`` that, when it fails on a group, says which modules the group holds; with ``keep``,
+def _named(importance, model: nn.Module, keep: int = 0, heads=(), floors=None, skipped: dict | None = None):
+    """``importance`` that leaves a group it fails on whole (None: torch-pruning skips it) and records it in
+    ``skipped`` ({its modules: the error}): torch-pruning traces some couplings it cannot index (a fused qkv
+    Linear cut by ``chunk``, a token-mixing Linear over a transposed axis, a grouped convolution with a channel
+    multiplier), and the model's other groups can still be cut. With ``keep``,
     each group's ``keep`` most important channels score +inf. torch-pruning's global threshold has no
     per-group cap: a group whose every channel falls under it is skipped whole (measured on a ViT: an FFN
     cut to 16 of 256 neurons at one ratio came back to 256 at a higher one), so the cost stops falling.
@@ -105,11 +100,11 @@ def _named(importance, model: nn.Module, keep: int = 0, heads=(), floors=None):
             try:
                 imp = importance(group, **kw)
             except Exception as e:
-                mods = list(dict.fromkeys(names.get(dep.target.module, type(dep.target.module).__name__)
-                                          for dep, _ in group))
-                odd = [n for n in mods if isinstance(names_rev.get(n), nn.modules.conv._ConvNd)
-                       and names_rev[n].groups > 1]
-                raise GroupError(odd or mods, e) from None
+                mods = ", ".join(dict.fromkeys(said(dep.target.module) for dep, _ in group
+                                               if dep.target.module in names))
+                if skipped is not None:
+                    skipped.setdefault(mods, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+                return None
             k = keep
             for dep, _ in group if keep else ():
                 floor = floors.get(dep.target.module)
@@ -120,7 +115,11 @@ def _named(importance, model: nn.Module, keep: int = 0, heads=(), floors=None):
                 imp[torch.topk(imp, k).indices] = float("inf")
             return imp
 
-    names_rev = {n: m for m, n in names.items()}
+    def said(m):
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1:
+            return f"{names[m]} ({type(m).__name__} {m.in_channels}->{m.out_channels} in {m.groups} groups)"
+        return names[m]
+
     named = Named.__new__(Named)
     named.__dict__.update(importance.__dict__)
     return named

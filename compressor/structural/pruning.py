@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import UserError
 from ..flops import count_flops, flops_by_module, no_fastpath
 from ..tasks import call, sq_error_mean, take
-from .importance import IMPORTANCE, GroupError, _named, _per_flop, ce_gradients, fisher
+from .importance import IMPORTANCE, _named, _per_flop, ce_gradients, fisher
 from .plan import plan_of
 from .structure import _fix_heads, _TooFar, _tp, head_layout, kept_by_default, width_of, width_unit
 
@@ -40,7 +40,7 @@ def _feeding(model: nn.Module, example, head: str) -> list[str]:
 
 
 def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: bool, multiple: int | None,
-                global_pruning: bool = True, head: str | None = None, feeding=()):
+                global_pruning: bool = True, head: str | None = None, feeding=(), skipped: dict | None = None):
     tp = _tp()
     m = copy.deepcopy(model).eval()
     if grads is not None:
@@ -61,7 +61,7 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
         for f in (m.get_submodule(p) for p in feeding)}
     pruner = tp.pruner.MetaPruner(
         m, take(example, 1), importance=_named(importance(m), m, keep=(unit or 1) if global_pruning else 0,
-                                              heads=set(num_heads), floors=floors),
+                                              heads=set(num_heads), floors=floors, skipped=skipped),
         global_pruning=global_pruning, pruning_ratio=ratio,
         max_pruning_ratio=0.95, ignored_layers=ignored, num_heads=num_heads,
         prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
@@ -119,17 +119,6 @@ def _output_loss(model: nn.Module, pruned: nn.Module, batches) -> float:
         model.train(was)
 
 
-def _group_error(model: nn.Module, e: GroupError) -> UserError:
-    def said(p):
-        m = model.get_submodule(p)
-        if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1:
-            return f"{p} ({type(m).__name__} {m.in_channels}->{m.out_channels} in {m.groups} groups)"
-        return f"{p} ({type(m).__name__})"
-
-    return UserError(f"prune.channels: torch-pruning cannot prune the channels of {', '.join(map(said, e.modules[:3]))} "
-                     f"({e}); add it and the layer that feeds it to prune.ignore")
-
-
 def _failed(model: nn.Module, e: Exception) -> UserError:
     """A cut copy that failed to run, or torch-pruning failing: the module, and what to leave out."""
     where = raised_in(e)
@@ -171,6 +160,7 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     defaults = kept_by_default(model, example)
     head = next((p for p, why in defaults.items() if why == "classifier head"), None)
     feeding = {}  # the head's feeding layers, found when the uniform cut first needs them
+    skipped = {}  # groups torch-pruning cannot index, left whole: {their modules: the error}
     kept = {p: why for p, why in defaults.items() if keep_stem or why != "input stem"}
     for p in ignore:
         resolve(model, p, "model")  # a UserError naming the module paths that exist
@@ -211,7 +201,7 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
                 try:
                     cand = _prune_copy(model, example, mid, imp, grads, ignored, heads, multiple,
                                        global_pruning=allocation == "global", head=head,
-                                       feeding=feeding.get("paths", ()))
+                                       feeding=feeding.get("paths", ()), skipped=skipped)
                 except _TooFar:
                     hi = mid
                     continue
@@ -244,8 +234,6 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
             if compare_stem else []
     except UserError:
         raise
-    except GroupError as e:
-        raise _group_error(model, e) from None
     except Exception as e:
         raise _failed(model, e) from None
     if best is not None and stem:
@@ -267,10 +255,16 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
             log(f"prune.channels: output loss {losses[0]:.4g} with the stem's channels cut "
                 f"({stem_choice[f'{by}_stem_cut']:,.0f} {by} left), {losses[1]:.4g} with them kept "
                 f"({stem_choice[f'{by}_stem_kept']:,.0f}): {'kept' if stem_choice['kept'] else 'cut'}")
+    whole = "; ".join(f"{mods} ({err})" for mods, err in list(skipped.items())[:3]) + \
+        (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+    if skipped:
+        log(f"prune.channels: {len(skipped)} coupled group(s) left whole, torch-pruning cannot index them: {whole}")
     if best is None:
         kept_said = f"kept: {', '.join(ignored_paths) or 'none'}; multiple {multiple}"
         if head:
             kept_said += f"; {head} reads at least as many inputs as it has outputs"
+        if skipped:
+            kept_said += f"; left whole, torch-pruning cannot index them: {whole}"
         if least is None or least >= total * (1 - 1e-6):
             raise UserError(f"prune.channels: no channel of {type(model).__name__} can be cut ({kept_said}): every "
                             "group DepGraph found stays whole" + (f" at a multiple of {multiple} (a group too narrow to "
@@ -288,7 +282,7 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
             "params": sum(p.numel() for p in pruned.parameters()),
             "flops": int(after) if by == "flops" else count_flops(pruned, example),
             "modules_changed": len(plan["modules"]), "batchnorm_recalibrated": bn,
-            **({"stem_choice": stem_choice} if stem_choice else {})}
+            **({"stem_choice": stem_choice} if stem_choice else {}), **({"left_whole": skipped} if skipped else {})}
     log(f"prune.channels: {importance} importance, {allocation} ratio {ratio:.3f}: {by} {total:,.0f} -> {after:,.0f} "
         f"({after / total:.1%}); {len(plan['modules'])} modules narrowed; kept {', '.join(ignored_paths) or 'nothing'}")
     return pruned.requires_grad_(True), plan, info
