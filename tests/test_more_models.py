@@ -336,3 +336,21 @@ def test_groups_torch_pruning_cannot_index_stay_whole_and_the_rest_is_cut(name, 
     assert any("left whole, torch-pruning cannot index them" in s for s in said)
     assert count_flops(pruned, x[:1]) <= 0.52 * count_flops(model, x[:1]) and plan["modules"]
     assert pruned(x).shape == (64, 10)
+
+
+def test_weight_norm_is_folded_before_the_cut_and_the_plan_rebuilds_it():
+    """torch-pruning failed on weight-normalised convolutions ("attribute 'weight' already exists"): the weights
+    are folded into plain tensors first (the same function), and the plan folds the same modules on rebuild."""
+    from compressor.structural import apply_plan, prune_channels
+
+    torch.manual_seed(0)
+    model, x = U.weight_norm_cnn().eval(), torch.randn(64, 1, 16, 16)
+    said = []
+    pruned, plan, _ = prune_channels(model, [x[:32], x[32:]], 0.5, log=said.append)
+    assert set(plan["folded"]) == {"stem", "c1", "c2"} and any("weight normalisation folded" in s for s in said)
+    assert pruned.c1.weight.shape[0] < 24 and not any("parametrizations" in n for n, _ in pruned.named_modules())
+    skeleton = apply_plan(U.weight_norm_cnn(), plan)
+    skeleton.load_state_dict(pruned.state_dict())
+    assert torch.equal(skeleton.eval()(x), pruned.eval()(x))
+    assert hasattr(model.c1, "parametrizations")  # the teacher is left as it was, and still runs
+    assert model(x).shape == (64, 10)

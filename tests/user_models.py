@@ -277,3 +277,24 @@ def fused_qkv_vit(in_channels=1, num_classes=10):
 
 def mixer(in_channels=1, num_classes=10):
     return PatchNet(MixerBlock, in_channels, num_classes)
+
+
+class WeightNormCNN(nn.Module):
+    """Convolutions under torch.nn.utils.parametrizations.weight_norm."""
+
+    def __init__(self, in_channels=1, num_classes=10, c=24):
+        super().__init__()
+        from torch.nn.utils.parametrizations import weight_norm
+
+        self.stem = weight_norm(nn.Conv2d(in_channels, c, 3, 2, 1))
+        self.c1 = weight_norm(nn.Conv2d(c, c, 3, 1, 1))
+        self.c2 = weight_norm(nn.Conv2d(c, c, 3, 1, 1))
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        return self.head(F.relu(x + self.c2(F.relu(self.c1(x)))).mean((2, 3)))
+
+
+def weight_norm_cnn(in_channels=1, num_classes=10):
+    return WeightNormCNN(in_channels, num_classes)

@@ -21,6 +21,34 @@ def _attrs(m: nn.Module) -> dict:
     return out
 
 
+def parametrized(model: nn.Module) -> bool:
+    """Whether any module computes a tensor from others (fold_parametrizations has something to fold)."""
+    from torch.nn.utils import parametrize
+
+    return any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def fold_parametrizations(model: nn.Module) -> list[str]:
+    """Fold parametrizations (``torch.nn.utils.parametrizations.weight_norm``, ...) into plain tensors, in place,
+    leaving them as parametrized (the model computes the same function). DepGraph cuts tensors, not the
+    ``original0``/``original1`` a weight is computed from: torch-pruning failed with "attribute 'weight' already
+    exists". Returns the paths of the modules folded."""
+    from torch.nn.utils import parametrize
+
+    done = []
+    for path, m in list(model.named_modules()):
+        if parametrize.is_parametrized(m):
+            values = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
+            # Not parametrize.remove_parametrizations: it deletes the property from the module's class, which a
+            # deep copy shares with the module it was copied from (the teacher lost its weight)
+            m.__class__ = m.__class__.__bases__[0]
+            del m._modules["parametrizations"]
+            for name, v in values.items():
+                m.register_parameter(name, nn.Parameter(v))
+            done.append(path)
+    return done
+
+
 def plan_of(before: nn.Module, after: nn.Module) -> dict:
     """What changed, as plain data: per module path, its changed attributes and tensor shapes."""
     modules = {}
@@ -41,7 +69,10 @@ def plan_of(before: nn.Module, after: nn.Module) -> dict:
 
 def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
     """The skeleton of the pruned model: ``model`` (the unpruned one) with the plan's attributes and
-    tensor shapes, in place. Load the pruned weights into it."""
+    tensor shapes, in place (parametrizations folded first where the cut folded them). Load the pruned weights
+    into it."""
+    for path in plan.get("folded", []):
+        fold_parametrizations(model.get_submodule(path) if path else model)
     for path, change in plan.get("modules", {}).items():
         m = model.get_submodule(path) if path else model
         for k, v in change["attrs"].items():

@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..flops import count_flops, flops_by_module, no_fastpath
 from ..tasks import call, sq_error_mean, take
 from .importance import IMPORTANCE, _named, _per_flop, ce_gradients, fisher
-from .plan import plan_of
+from .plan import fold_parametrizations, parametrized, plan_of
 from .structure import _fix_heads, _TooFar, _tp, head_layout, kept_by_default, width_of, width_unit
 
 
@@ -157,6 +157,13 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     example = batches[0]
     from ..distill.hooks import resolve
 
+    folded = []
+    if parametrized(model):  # weight_norm: DepGraph cuts tensors, not what a weight is computed from
+        model = copy.deepcopy(model)
+        folded = fold_parametrizations(model)
+        log(f"prune.channels: weight normalisation folded into plain weights first ({', '.join(folded[:4])}"
+            f"{' ...' if len(folded) > 4 else ''}): the student trains them plain")
+
     defaults = kept_by_default(model, example)
     head = next((p for p, why in defaults.items() if why == "classifier head"), None)
     feeding = {}  # the head's feeding layers, found when the uniform cut first needs them
@@ -275,7 +282,7 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
                         f"of the {remove:.0%} asked; lower prune.channels.remove, its multiple, or prune.ignore")
     ratio, pruned, after, allocation = best
     bn = recalibrate_batchnorm(pruned, batches)
-    plan = plan_of(model, pruned)
+    plan = {**plan_of(model, pruned), **({"folded": folded} if folded else {})}
     info = {"by": by, "remove": remove, "importance": importance, "allocation": allocation, "ratio": round(ratio, 4),
             "kept": kept,
             "ignore": list(ignore), f"{by}_before": total, f"{by}_after": after,
