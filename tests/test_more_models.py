@@ -354,3 +354,20 @@ def test_weight_norm_is_folded_before_the_cut_and_the_plan_rebuilds_it():
     assert torch.equal(skeleton.eval()(x), pruned.eval()(x))
     assert hasattr(model.c1, "parametrizations")  # the teacher is left as it was, and still runs
     assert model(x).shape == (64, 10)
+
+
+def test_a_stream_cut_that_does_not_run_falls_back_to_the_stem_kept():
+    """DINOv2's head reads cat(CLS, mean of patch tokens): a cut of the residual stream (the stem's outputs) does
+    not run, and the refusal came before the cut with the stem kept, which does, was tried."""
+    pytest.importorskip("transformers")
+    from compressor.structural import prune_channels
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 16, 16)
+    m = U.hf_dinov2()
+    intake(m, call(m, x[:2]))
+    said = []
+    pruned, _, info = prune_channels(m, [x], 0.5, log=said.append)
+    assert info["stem_choice"]["kept"] and "fails" in info["stem_choice"]["why"]
+    assert any("with the stem's channels cut the copy fails" in s for s in said)
+    assert info["flops_after"] <= 0.52 * info["flops_before"] and call(pruned, x).shape == (32, 10)

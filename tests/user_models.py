@@ -123,6 +123,13 @@ def hf_vit(in_channels=1, num_classes=10):
                intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
+def hf_dinov2(in_channels=1, num_classes=10):
+    """Its head reads the CLS token and the patch tokens' mean concatenated: a cut of the stream does not run."""
+    return _hf("Dinov2Config", "Dinov2ForImageClassification", num_channels=in_channels, num_labels=num_classes,
+               image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               mlp_ratio=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+
+
 def hf_bert(num_classes=4, vocab_size=256):
     return _hf("BertConfig", "BertForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
