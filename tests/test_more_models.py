@@ -371,3 +371,13 @@ def test_a_stream_cut_that_does_not_run_falls_back_to_the_stem_kept():
     assert info["stem_choice"]["kept"] and "fails" in info["stem_choice"]["why"]
     assert any("with the stem's channels cut the copy fails" in s for s in said)
     assert info["flops_after"] <= 0.52 * info["flops_before"] and call(pruned, x).shape == (32, 10)
+
+
+def test_a_channel_shuffle_torch_pruning_cannot_trace_is_said_so():
+    """DepGraph fails while tracing a channel shuffle (a ZeroDivisionError in its reshape index mapping); the
+    refusal blamed the classifier head and advised prune.ignore, which cannot help. It now says what failed."""
+    from compressor.structural import prune_channels
+
+    with pytest.raises(UserError, match=r"cannot trace the channel couplings of ShuffleNet .*channel shuffle; prune "
+                                        r"whole blocks"):
+        prune_channels(U.shufflenet().eval(), [torch.randn(8, 1, 16, 16)], 0.5, log=lambda s: None)

@@ -305,3 +305,35 @@ class WeightNormCNN(nn.Module):
 
 def weight_norm_cnn(in_channels=1, num_classes=10):
     return WeightNormCNN(in_channels, num_classes)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: half the channels pass, half go through a branch, then a channel shuffle."""
+
+    def __init__(self, c):
+        super().__init__()
+        h = c // 2
+        self.branch = nn.Sequential(nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+                                    nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                    nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU())
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        y = torch.cat([x1, self.branch(x2)], 1)
+        b, c, hh, ww = y.shape
+        return y.view(b, 2, c // 2, hh, ww).transpose(1, 2).contiguous().reshape(b, c, hh, ww)
+
+
+class ShuffleNet(nn.Module):
+    def __init__(self, in_channels=1, num_classes=10, c=32, blocks=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.blocks = nn.Sequential(*[ShuffleUnit(c) for _ in range(blocks)])
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def shufflenet(in_channels=1, num_classes=10):
+    return ShuffleNet(in_channels, num_classes)

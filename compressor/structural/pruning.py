@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import traceback
 
 import torch
 from torch import nn
@@ -123,6 +124,13 @@ def _failed(model: nn.Module, e: Exception) -> UserError:
     """A cut copy that failed to run, or torch-pruning failing: the module, and what to leave out."""
     where = raised_in(e)
     said = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    frames = [f.name for f in traceback.extract_tb(e.__traceback__)]
+    if "build_dependency" in frames:  # before any cut: DepGraph could not trace the model's couplings
+        inner = next((f.name for f in reversed(traceback.extract_tb(e.__traceback__))
+                      if "torch_pruning" in f.filename), "build_dependency")
+        return UserError(f"prune.channels: torch-pruning cannot trace the channel couplings of {type(model).__name__} "
+                         f"({said}, in its {inner}): a view or reshape of the channel axis it cannot follow, such as a "
+                         "channel shuffle; prune whole blocks instead (prune: {by: flops, remove: 0.3})")
     if where is None:
         return UserError(f"prune.channels: torch-pruning cannot prune {type(model).__name__}: {said}; leave the "
                          "module it names out with prune.ignore, or prune whole blocks (prune: {by: flops})")
