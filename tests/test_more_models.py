@@ -381,3 +381,25 @@ def test_a_channel_shuffle_torch_pruning_cannot_trace_is_said_so():
     with pytest.raises(UserError, match=r"cannot trace the channel couplings of ShuffleNet .*channel shuffle; prune "
                                         r"whole blocks"):
         prune_channels(U.shufflenet().eval(), [torch.randn(8, 1, 16, 16)], 0.5, log=lambda s: None)
+
+
+def test_static_int8_keeps_the_float_math_of_an_integer_index_in_float(tmp_path):
+    """MPNet's relative-position bucket (log of the distance, scaled, cast to int64) indexes a bias table: with
+    Q/DQ on that math the int8 file failed in ONNX Runtime (Gather indices out of bounds). It stays float."""
+    pytest.importorskip("transformers")
+    import onnxruntime as ort
+
+    from compressor.tasks import onnx_io
+    from exporters.onnx import export_onnx
+    from exporters.qdq import quantize_static
+
+    m, x = _hf("hf_mpnet")
+    x = _tokens(n=32)
+    export_onnx(m, as_tuple(x), tmp_path / "fp32.onnx", opset=17, **onnx_io(x, "logits"))
+    info = quantize_static(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", {k: v.numpy() for k, v in x.items()})
+    assert {"Log", "Div", "Mul"} <= {n.split("/")[-1].split("_")[0] for n in info["index_math_kept_float"]}
+    assert len(info["index_math_kept_float"]) < 10  # the bucket's few nodes, not the layers around it
+    feeds = {k: v[:4].numpy() for k, v in x.items()}
+    got, want = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                 for f in ("int8.onnx", "fp32.onnx"))
+    assert abs(got - want).max() < 0.05 * abs(want).max() + 1e-3

@@ -130,6 +130,13 @@ def hf_dinov2(in_channels=1, num_classes=10):
                mlp_ratio=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
 
 
+def hf_mpnet(num_classes=4, vocab_size=256):
+    """Relative-position buckets computed in float (log of the distance, cast to int64) index a bias table."""
+    return _hf("MPNetConfig", "MPNetForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
+               hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, pad_token_id=1,
+               max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
 def hf_bert(num_classes=4, vocab_size=256):
     return _hf("BertConfig", "BertForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

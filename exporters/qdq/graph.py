@@ -67,6 +67,32 @@ def _constant(name: str, prod: dict, inits: dict) -> bool:
     return False
 
 
+_INTEGER = {2, 3, 4, 5, 6, 7, 12, 13}  # onnx.TensorProto: UINT8, INT8, UINT16, INT16, INT32, INT64, UINT32, UINT64
+_FLOAT = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def index_math(graph) -> list[str]:
+    """Nodes that compute an integer index in float: the float-valued nodes upstream of a Cast to an integer
+    type, back to where the values were integers (a Cast from them: a relative distance from arange) or to a
+    layer with weights. A relative-position bucket (T5, MPNet: the log of the distance, scaled, cast to int64,
+    the index of a bias table's Gather) is such a chain; quantized, its indices came out as garbage and the
+    Gather failed (idx=-9223372036854775784). Static quantization keeps them float. Tensor types come from
+    the graph's shape inference (ORT's pre-processing runs it); a tensor of unknown type ends the walk."""
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    prod = _producer(graph)
+    weighted = ("Conv", "MatMul", "Gemm", "ConvTranspose")
+    casts = [n for n in graph.node if n.op_type == "Cast" and any(a.name == "to" and a.i in _INTEGER for a in n.attribute)]
+    seen, todo = set(), [prod[i] for n in casts for i in n.input if i in prod]
+    while todo:
+        n = todo.pop()
+        if n.name in seen or n.op_type in ("Cast", *weighted) or not all(types.get(o) in _FLOAT for o in n.output):
+            continue
+        seen.add(n.name)
+        todo += [prod[i] for i in n.input if i in prod]
+    return [n.name for n in graph.node if n.name in seen]
+
+
 def check_qdq(path: str | Path, keep_float=(), own=()) -> dict:
     """Check the QDQ graph rules; raise ExportError on a violation, return a summary.
 

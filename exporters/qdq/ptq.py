@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..artifact import ExportError
-from .graph import _in_scope, module_path
+from .graph import _in_scope, index_math, module_path
 from .run import _length, _named
 
 
@@ -88,18 +88,21 @@ def quantize_static(fp32: str | Path, out: str | Path, calibration, *, activatio
         raise ExportError(f"activations {activations!r}: use uint8 or int8")
     names = [i.name for i in ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()]
     with _prepared(fp32, out, keep_float) as (pre, tmp_out, excluded):
+        import onnx
+
+        index = [n for n in index_math(onnx.load(str(pre)).graph) if n not in excluded]
         ort_quantize_static(
             str(pre), str(tmp_out), _Reader(names, calibration), quant_format=QuantFormat.QDQ,
             per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-            nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=excluded + index, calibrate_method=CalibrationMethod.MinMax,
             # int8 mode is TensorRT's: zero points 0 and biases left float (it fuses them itself).
             extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True,
                            "QuantizeBias": activations != "int8"})
     return {"tool": "onnxruntime.quantization.quantize_static", "onnxruntime": ort.__version__,
             "activations": activations, "weights": _weights(per_channel, reduce_range),
             "calibration_samples": _length(calibration), "calibration_method": "MinMax",
-            "nodes_kept_float": excluded}
+            "nodes_kept_float": excluded, **({"index_math_kept_float": index} if index else {})}
 
 
 def _weights(per_channel: bool, reduce_range: bool) -> str:
