@@ -403,3 +403,20 @@ def test_static_int8_keeps_the_float_math_of_an_integer_index_in_float(tmp_path)
     got, want = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
                  for f in ("int8.onnx", "fp32.onnx"))
     assert abs(got - want).max() < 0.05 * abs(want).max() + 1e-3
+
+
+def test_a_head_count_torch_pruning_lowers_without_cutting_the_projections_is_set_back():
+    """On BEiT torch-pruning lowered the attentions' head count (4 to 1) but left query, key and value 32 wide;
+    a head size of 32 // 1 (or 32 // 3 = 10) broke the attention's reshape and the cut was refused."""
+    pytest.importorskip("transformers")
+    from compressor.structural import prune_channels
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 16, 16)
+    m = U.hf_beit()
+    intake(m, call(m, x[:2]))
+    pruned, _, info = prune_channels(m, [x], 0.5, log=lambda s: None)
+    assert info["flops_after"] <= 0.52 * info["flops_before"] and call(pruned, x).shape == (32, 10)
+    for layer in pruned.beit.encoder.layer:
+        a = layer.attention.attention
+        assert a.num_attention_heads * a.attention_head_size == a.query.out_features

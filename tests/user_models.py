@@ -137,6 +137,14 @@ def hf_mpnet(num_classes=4, vocab_size=256):
                max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
+def hf_beit(in_channels=1, num_classes=10):
+    """A relative-position bias table per head in every attention."""
+    return _hf("BeitConfig", "BeitForImageClassification", num_channels=in_channels, num_labels=num_classes,
+               image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+               use_mean_pooling=True, use_relative_position_bias=True)
+
+
 def hf_bert(num_classes=4, vocab_size=256):
     return _hf("BertConfig", "BertForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

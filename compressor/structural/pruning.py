@@ -87,9 +87,11 @@ def raised_in(e: BaseException) -> tuple[str, str] | None:
     while tb is not None:
         local = tb.tb_frame.f_locals
         me = local.get("self")
-        if isinstance(me, nn.Module) and not any(me is x for x in chain):
+        if isinstance(me, nn.Module) and "_modules" in me.__dict__ and not any(me is x for x in chain):
             chain.append(me)
-        held += [v for v in local.values() if isinstance(v, nn.Module) and not any(v is x for x in held)]
+        # a module deepcopy left half built (a non-leaf tensor it could not copy) has no _modules yet
+        held += [v for v in local.values() if isinstance(v, nn.Module) and "_modules" in v.__dict__
+                 and not any(v is x for x in held)]
         tb = tb.tb_next
     del tb
     # Inside a forward, the chain of selves says where (a loop variable may still hold a block that ran fine);
