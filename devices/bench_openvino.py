@@ -20,9 +20,9 @@ import json
 import sys
 
 if __package__:  # imported as devices.bench_openvino
-    from .bench_onnxruntime import host_info, shape_arg, stability, summarize, time_runs
+    from .bench_onnxruntime import host_info, shape_arg, stability, summarize, synthetic_failed, time_runs
 else:  # run as a script, bench_onnxruntime.py beside it
-    from bench_onnxruntime import host_info, shape_arg, stability, summarize, time_runs
+    from bench_onnxruntime import host_info, shape_arg, stability, summarize, synthetic_failed, time_runs
 
 # profile precision -> INFERENCE_PRECISION_HINT per device family (devices/openvino.py uses this table too).
 # int8 models carry their own quantization (FakeQuantize from QDQ): what is not quantized runs at the
@@ -134,7 +134,11 @@ def measure(model: str, batch: int = 1, threads: int = 0, warmup: int = 10, runs
         else:
             feeds[name] = np.zeros(shape, dtype=dt)
     req = compiled.create_infer_request()
-    for _ in range(max(warmup, 1)):
+    try:
+        req.infer(feeds)
+    except Exception as e:
+        raise SystemExit(synthetic_failed(model, e)) from None
+    for _ in range(max(warmup, 1) - 1):
         req.infer(feeds)
     lat, stop = time_runs(lambda: req.infer(feeds), runs, max_seconds, target_cv, window)
     peak_rss_mb = None

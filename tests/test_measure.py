@@ -170,3 +170,30 @@ def test_openvino_is_given_each_inputs_whole_shape(tmp_path):
     with Meter(Recording(), cache_dir=tmp_path, **FAST) as meter:
         assert meter.latencies_ms([Bag().eval()], x, rounds=1)[0] > 0
     assert seen == [{"input_ids": [1, 12], "attention_mask": [1, 12]}]
+
+
+class PoolsEos(Bag):
+    """BART's classification head: the hidden state at each row's <eos> (id 2), one per row."""
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        return self.out(h[input_ids.eq(2)].view(h.shape[0], -1, h.shape[-1])[:, -1, :])
+
+
+def test_a_model_that_fails_on_the_synthetic_inputs_is_a_device_error(tmp_path):
+    """The benchmark feeds token ids 0, so a model that pools its <eos> positions finds none: ONNX Runtime's raw
+    error stopped the run in the profile stage, after every other stage had passed. It is now this device's
+    error (the profile stage records the target as not measured and goes on), saying why. (OpenVINO runs the
+    same graph without an error.)"""
+    from devices.profile import DeviceError
+
+    ids = torch.randint(3, 50, (2, 12))
+    ids[:, -1] = 2
+    x = {"input_ids": ids, "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    path = tmp_path / "eos.onnx"
+    exporters.onnx.export_onnx(PoolsEos().eval(), (x["input_ids"], x["attention_mask"]), path,
+                               input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                               dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                             "attention_mask": {0: "batch", 1: "sequence"}})
+    with pytest.raises(DeviceError, match="does not run on the synthetic inputs the benchmark feeds"):
+        get_device("local-cpu").measure(path, batch=1, dims={"sequence": 12}, **FAST)
