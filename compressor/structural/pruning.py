@@ -137,8 +137,12 @@ def _failed(model: nn.Module, e: Exception) -> UserError:
         return UserError(f"prune.channels: torch-pruning cannot prune {type(model).__name__}: {said}; leave the "
                          "module it names out with prune.ignore, or prune whole blocks (prune: {by: flops})")
     block, inner = where
-    path = block.split(" (")[0]
-    advice = (f"add {path} to prune.ignore (its own code does not follow the cut)" if "." in path else
+    path, cls = block.split(" (")[0], block.split(" (")[-1].rstrip(")")
+    # the model's other modules of that class fail alike (ConvBERT's attention in every layer): name them all
+    alike = [n for n, m in model.named_modules() if type(m).__name__ == cls and n and n != path]
+    also = (f" and its {len(alike)} other{'s' if len(alike) > 1 else ''} of that class "
+            f"({', '.join(alike[:3])}{', ...' if len(alike) > 3 else ''})" if alike else "")
+    advice = (f"add {path}{also} to prune.ignore (its own code does not follow the cut)" if "." in path else
               "its own code does not follow the cut: add the layers it reshapes by to prune.ignore, or prune whole "
               "blocks (prune: {by: flops})")
     return UserError(f"prune.channels: {type(model).__name__} cut by torch-pruning fails in {inner}"
