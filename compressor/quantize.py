@@ -192,13 +192,30 @@ def nncf_strip(q, example):
     exporter writes as standard QuantizeLinear/DequantizeLinear; without strip it writes a custom
     FakeQuantize op ORT rejects, and the dynamo exporter fails on them."""
     import nncf
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+    from nncf.torch.quantization.layers import BaseQuantizer
 
+    # One quantizer NNCF shares between several hook points (the inputs of a torch.cat, the halves of a chunk)
+    # is converted under its first name only: the others kept NNCF's quantizer, which exports as a custom
+    # FakeQuantize op (ShuffleNet, a two-input model). They get the converted one too (the same shared scale).
+    names: dict[int, list[str]] = {}
+    for name, m in get_hook_storage(q).named_hooks(remove_duplicate=False):
+        if isinstance(m, BaseQuantizer):
+            names.setdefault(id(m), []).append(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return nncf.strip(q.eval(), strip_format=nncf.StripFormat.NATIVE, example_input=example)
+            out = nncf.strip(q.eval(), strip_format=nncf.StripFormat.NATIVE, example_input=example)
         except ImportError as e:
             raise UserError(f"nncf.strip needs torchao ({e}): pip install 'compressor[quant]'") from None
+    storage = get_hook_storage(out)
+    now = dict(storage.named_hooks(remove_duplicate=False))
+    for shared in (v for v in names.values() if len(v) > 1):
+        done = next((now[n] for n in shared if not isinstance(now.get(n), BaseQuantizer)), None)
+        for n in shared if done is not None else ():
+            if isinstance(now.get(n), BaseQuantizer):
+                storage.set_submodule(n, done)
+    return out
 
 
 def _said(e: Exception) -> str:

@@ -223,3 +223,26 @@ def test_nncf_quantizes_the_input_of_an_adapted_model(cls, tmp_path):
     _, out = _nncf_export(q, ctx)
     assert check_qdq(out)["quantized_nodes"] == 2  # raised "without Q/DQ on their inputs: Conv stem.0" (dict)
     assert list(inspect.signature(model.forward).parameters) == ["x"]
+
+
+def test_a_quantizer_nncf_shares_between_hook_points_is_exported_as_standard_qdq(tmp_path):
+    """ShuffleNet's chunk and cat: NNCF shares one activation quantizer between several hook points, and
+    nncf.strip converted it under the first name only; the file held org.openvinotoolkit FakeQuantize ops and
+    the quantize stage refused it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_models as U
+
+    torch.manual_seed(0)
+    model, x = U.shufflenet().eval(), torch.randn(64, 1, 16, 16)
+    ctx = _ctx(tmp_path, x)
+    stripped, out = _nncf_export(nncf_quantize(fold_batchnorm(model, log=ctx.log), x, ctx.recipe.quantize,
+                                               "uint8", []), ctx)
+    assert {n.domain for n in onnx.load(str(out)).graph.node} <= {""}
+    c = check_qdq(out)
+    assert c["quantized_nodes"] >= 8 and not c["float_nodes"]
+    with torch.no_grad():
+        ref = stripped(x).numpy()
+    assert np.abs(run_onnxruntime(out, x.numpy()) - ref).max() < 0.05 * np.abs(ref).max()

@@ -154,12 +154,13 @@ def ptq_ort(ctx, spec, calib, act, keep, reduce_range: bool = False) -> tuple[di
 
 def _nncf_export(q, ctx: Context):
     """The fake-quantized model, stripped to torch fake-quant ops, as standard QDQ in model/student.int8.onnx."""
-    from exporters.qdq import fold_weight_quantizers
+    from exporters.qdq import fold_weight_quantizers, requantize_moved
 
     stripped = nncf_strip(q, take(ctx.example(2), 1))
     out = ctx.work / "model" / "student.int8.onnx"
     _export(ctx, stripped, out, precision="int8")
     fold_weight_quantizers(out)
+    requantize_moved(out)  # a concat's or chunk's shared quantizer: the consumer fuses in ONNX Runtime too
     return stripped, out
 
 

@@ -24,6 +24,7 @@ from .graph import (
     check_qdq,
     fold_weight_quantizers,
     module_path,
+    requantize_moved,
 )
 from .nbits import (
     NBITS_NOTE,
@@ -37,6 +38,7 @@ from .run import run_onnxruntime, run_openvino
 
 __all__ = [
     "COMPUTE_OPS", "NBITS_NOTE", "NBITS_ZP_NOTE", "SHAPE_OPS", "check_qdq", "fold_weight_quantizers", "module_path",
-    "pack_bucketed", "pack_w4", "pack_zero_points", "quantize_dynamic", "quantize_static", "run_onnxruntime",
+    "pack_bucketed", "pack_w4", "pack_zero_points", "quantize_dynamic", "quantize_static", "requantize_moved",
+    "run_onnxruntime",
     "run_openvino", "unpack_zero_points",
 ]
