@@ -51,18 +51,20 @@ def run(ctx: Context) -> StageRecord:
     return StageRecord(name, config=ctx.recipe.export.model_dump(mode="json"), metrics=metrics, outputs=outputs)
 
 
-def shipped_onnx(ctx: Context, model, path: Path, role: str, *, given: Artifact | None = None) -> Artifact:
+def shipped_onnx(ctx: Context, model, path: Path, role: str, *, given: Artifact | None = None,
+                 opset: int | None = None) -> Artifact:
     """``model``'s ONNX file as the bundle ships it, checked against PyTorch on held-out inputs
     (``extra["parity"]``): ``given`` (a file exported before), else Optimum's for a Hugging Face classifier
     where Optimum takes it, else exporters.onnx.export_checked (TorchScript, torch.export where the trace
-    does not match)."""
+    does not match). ``opset``: instead of the recipe's."""
     from exporters.onnx import export_checked
 
     spec = ctx.recipe.export
+    opset = opset or spec.opset
     x = ctx.example(2)
     return export_checked(model, as_tuple(x), path, ctx.example(spec.parity.samples), atol=spec.parity.atol,
                           rtol=spec.parity.rtol, log=lambda s: ctx.log(f"export: {role}: {s}"),
-                          given=given or export_hf(ctx, model, x, path, role), opset=spec.opset,
+                          given=given or export_hf(ctx, model, x, path, role, opset), opset=opset,
                           dynamic_batch=spec.dynamic_batch, role=role, **onnx_io(x, ctx.task.output, spec.dynamic_batch))
 
 

@@ -140,11 +140,13 @@ def _evaluate(model, ctx) -> float:
 def ptq_ort(ctx, spec, calib, act, keep, reduce_range: bool = False) -> tuple[dict, Path]:
     from exporters.qdq import quantize_dynamic, quantize_static
 
-    from .export import export_model
+    from .export import shipped_onnx
 
     fp32 = ctx.scratch / "quantize" / "student.fp32.onnx"
-    # The export stage's file (Optimum's where it takes the model), at opset 13 or later for per-channel QDQ.
-    export_model(ctx, ctx.student, fp32, "student", opset=max(ctx.recipe.export.opset, 13))
+    # The export stage's file (Optimum's where it takes the model; checked against PyTorch on another batch, and
+    # exported again with torch.export where the trace baked the example's batch in), at opset 13 or later for
+    # per-channel QDQ.
+    shipped_onnx(ctx, ctx.student, fp32, "student", opset=max(ctx.recipe.export.opset, 13))
     out = ctx.work / "model" / "student.int8.onnx"
     if spec.mode == "ptq-dynamic":
         return quantize_dynamic(fp32, out, keep_float=keep, reduce_range=reduce_range), out
