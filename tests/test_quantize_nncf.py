@@ -246,3 +246,27 @@ def test_a_quantizer_nncf_shares_between_hook_points_is_exported_as_standard_qdq
     with torch.no_grad():
         ref = stripped(x).numpy()
     assert np.abs(run_onnxruntime(out, x.numpy()) - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_weight_normalised_convolutions_get_weight_quantizers(tmp_path):
+    """NNCF sees no constant weight behind torch.nn.utils.parametrizations.weight_norm and put no quantizer on
+    those convolutions; the quantize stage refused the file (convolutions without Q/DQ). The student's copy is
+    folded first."""
+    import sys
+    from pathlib import Path
+
+    from compressor.stages.quantize import nncf_int8
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_models as U
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 16, 16)
+    ctx = _ctx(tmp_path, x)
+    ctx.student, ctx.metric = U.weight_norm_cnn().eval(), "accuracy"
+    ctx.score = lambda m: {"accuracy": 0.0}  # not what this checks
+    said = []
+    ctx.log = said.append
+    _, out, _ = nncf_int8(ctx, ctx.recipe.quantize, x, "uint8", [])
+    assert check_qdq(out)["quantized_nodes"] == 4 and any("weight normalisation folded" in s for s in said)
+    assert hasattr(ctx.student.c1, "parametrizations")  # the student itself is left as it was

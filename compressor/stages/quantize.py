@@ -167,7 +167,16 @@ def _nncf_export(q, ctx: Context):
 
 
 def nncf_int8(ctx, spec, calib, act, keep, reduce_range: bool = False) -> tuple[dict, Path, nn.Module]:
-    model = fold_batchnorm(ctx.student, ctx.log) if spec.fold_bn else copy.deepcopy(ctx.student).eval()
+    from ..structural.plan import fold_parametrizations
+
+    model = copy.deepcopy(ctx.student).eval()
+    # NNCF sees no constant weight behind a parametrization (weight_norm): it put no quantizer on those convs
+    folded = fold_parametrizations(model)
+    if folded:
+        ctx.log(f"quantize: weight normalisation folded into plain weights first ({', '.join(folded[:4])}"
+                f"{' ...' if len(folded) > 4 else ''})")
+    if spec.fold_bn:
+        model = fold_batchnorm(model, ctx.log)
     info = {"tool": "nncf", "activations": act, "bn_folded": _bn_count(model) == 0,
             "weights": "int8 symmetric per-channel" + (", 7-bit range (overflow fix)" if reduce_range else "")}
     q = nncf_quantize(model, calib, spec, act, keep, reduce_range)
