@@ -455,3 +455,20 @@ def test_the_search_stage_reads_the_cut_settings_from_the_prune_section():
     assert cut_shape(PruneSpec(by="units", remove=1, width={"remove": 0.5, "ffn": False})) == \
         {"width": {"ffn": False, "heads": True, "multiple": 16}}
     assert cut_shape(None) == {}
+
+
+@pytest.mark.slow
+def test_channel_cuts_the_structure_cannot_give_are_said(tiny_recipe, tmp_path):
+    """Every channel cut of a GroupNorm CNN at a multiple of 8 is refused; the search went on with the
+    uncut teacher alone and its log said only '1 of N candidates meet the budgets'."""
+    import compressor
+
+    r = copy.deepcopy(tiny_recipe)
+    r.update(teacher={"model": "user_models:group_norm_cnn", "train": {"epochs": 1, "lr": 0.01}},
+             search={"family": "teacher", "max_flops": 1.0, "channels": [0.0, 0.5], "rungs": [0.5],
+                     "rung_samples": 64}, distill={"epochs": 1, "lr": 0.01}, targets=[])
+    r.pop("student")
+    said = []
+    compressor.run(r, tmp_path / "b", log=said.append)
+    assert any("channel cut(s) cannot be made, e.g. 50%: no channel of GroupNormCNN can be cut" in s for s in said)
+    assert any("chose the teacher with every unit" in s for s in said)

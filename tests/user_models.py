@@ -368,3 +368,7 @@ class LenFlatten(nn.Module):
 
 def len_flatten(in_channels=1, num_classes=10):
     return LenFlatten(in_channels, num_classes)
+
+
+def group_norm_cnn(in_channels=1, num_classes=10):
+    return GroupNormCNN(in_channels, num_classes)

@@ -104,6 +104,10 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
             trial.cost = S.costs(model, example)
         trials.append(trial)
     built_s = time.time() - t0
+    refused = [t for t in trials if t.cost.get("estimated") and t.why and not t.why.startswith("about ")]
+    if refused:  # cuts the structure cannot give: say so, or a search of one candidate looks like a choice
+        ctx.log(f"search: {len(refused)} channel cut(s) cannot be made, e.g. {refused[0].genome['channels']:.0%}: "
+                f"{refused[0].why[:160]}")
     restored = sum(bool(t.rungs) or "latency_ms" in t.cost for t in trials)
     if restored:
         ctx.log(f"search: {restored} candidates' costs and scores restored from the interrupted run "
@@ -209,7 +213,8 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         keep_cut(ctx, best.model)
     c = best.cost
     lat = ", ".join(f"{d} {v:.3f} ms" for d, v in c.get("latency_ms", {}).items())
-    ctx.log(f"search: chose the teacher without {', '.join(removed) or 'no unit'}, {best.genome['channels']:.0%} of "
+    ctx.log(f"search: chose the teacher {'without ' + ', '.join(removed) if removed else 'with every unit'}, "
+            f"{best.genome['channels']:.0%} of "
             f"FLOPs cut by {'heads and FFN neurons' if build.cut == 'width' else 'channels'}: {c['params']:,} params, {c['flops'] / 1e6:.1f} MFLOPs{', ' + lat if lat else ''}; "
             f"rung score {best.score:.4f}")
     rows = [t.to_dict() for t in trials]
@@ -276,7 +281,7 @@ def _reference(ctx: Context, spec, space: S.SubnetSpace, cut: str):
                 "or a width cut costed by latency): it is the latency budget only")
         return model.eval(), None, None
     genome = {**{f"drop:{u}": int(u in removed) for u in space.units}, "channels": frac}
-    ctx.log(f"search: as fast as the prune section's cut (without {', '.join(removed) or 'no unit'}, "
+    ctx.log(f"search: as fast as the prune section's cut ({'without ' + ', '.join(removed) if removed else 'every unit'}, "
             f"{frac:.0%} of FLOPs cut), a candidate of its own")
     return model.eval(), genome, (width if cut == "width" else channels)
 
