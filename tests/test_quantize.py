@@ -375,3 +375,96 @@ def test_quantizers_take_paths_relative_to_the_working_directory(tmp_path, monke
         assert (tmp_path / "rel" / f"{name}.onnx").is_file()
         got = run_onnxruntime(f"rel/{name}.onnx", x.numpy())
         assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def _moves_graph(tmp_path, zero_point=True):
+    """x -> Q/DQ twice (one grid) -> cat1 -> MatMul; cat1 and a third DQ'd input -> cat2 -> MatMul."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.zeros((8, 4), np.float32) + 0.1, "w1"),
+             numpy_helper.from_array(np.zeros((12, 4), np.float32) + 0.2, "w2")]
+    zp = ["z"] if zero_point else []
+    if zero_point:
+        inits.append(numpy_helper.from_array(np.array(0, np.int8), "z"))
+    nodes = []
+    for k in range(3):
+        nodes += [helper.make_node("QuantizeLinear", [f"x{k}", "s", *zp], [f"q{k}"]),
+                  helper.make_node("DequantizeLinear", [f"q{k}", "s", *zp], [f"d{k}"])]
+    nodes += [helper.make_node("Concat", ["d0", "d1"], ["c1"], axis=1, name="cat1"),
+              helper.make_node("MatMul", ["c1", "w1"], ["y1"], name="mm1"),
+              helper.make_node("Concat", ["c1", "d2"], ["c2"], axis=1, name="cat2"),
+              helper.make_node("MatMul", ["c2", "w2"], ["y2"], name="mm2")]
+    for i, n in enumerate(nodes):
+        n.name = n.name or f"n{i}"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [2, 4]) for k in range(3)],
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, [2, 4]) for y in ("y1", "y2")], inits)
+    path = tmp_path / "moves.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_move_of_values_on_one_grid_is_requantized_chained_moves_too(tmp_path):
+    """A concat whose inputs share one Q/DQ grid feeds a MatMul bare: a Q/DQ pair at that grid goes after it
+    (no number changes), and a second concat fed by the first is found through the inserted pair."""
+    import numpy as np
+    import onnx
+
+    import onnxruntime as ort
+
+    from exporters.qdq import requantize_moved
+
+    path = _moves_graph(tmp_path)
+    x = {f"x{k}": np.random.default_rng(k).standard_normal((2, 4)).astype(np.float32) for k in range(3)}
+
+    def run():
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)
+
+    def fed():  # what feeds each MatMul's activation input
+        g = onnx.load(str(path)).graph
+        prod = {o: n for n in g.node for o in n.output}
+        return {n.name: prod[n.input[0]].op_type for n in g.node if n.op_type == "MatMul"}
+
+    want = run()
+    assert fed() == {"mm1": "Concat", "mm2": "Concat"}
+    assert requantize_moved(path) == {"requantized_after_moves": 2}
+    assert fed() == {"mm1": "DequantizeLinear", "mm2": "DequantizeLinear"}
+    assert all(np.array_equal(a, b) for a, b in zip(run(), want))
+
+
+def test_a_move_whose_grid_has_no_zero_point_is_left_alone(tmp_path):
+    """Without a zero point the new QuantizeLinear's type would be guessed (uint8) and clamp int8 values."""
+    from exporters.qdq import requantize_moved
+
+    assert requantize_moved(_moves_graph(tmp_path, zero_point=False)) == {"requantized_after_moves": 0}
+
+
+class _IndexFromActivations(torch.nn.Module):
+    """An index computed from a hidden state (a learned router): the walk back from its Cast to int64 reached
+    every residual Add and LayerNorm of the stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+                                           for _ in range(3)])
+        self.table = torch.nn.Embedding(16, 8)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + torch.relu(b(x))
+        idx = (torch.sigmoid(x.mean(-1)) * 15).long()
+        return x + self.table(idx)
+
+
+def test_index_math_keeps_only_arithmetic_on_integers_float(tmp_path):
+    import onnx
+
+    from exporters.onnx import export_onnx
+    from exporters.qdq.graph import index_math
+
+    path = tmp_path / "router.onnx"
+    export_onnx(_IndexFromActivations().eval(), (torch.randn(2, 4, 8),), path, opset=17)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    assert index_math(graph) == []  # the chain reaches the activations: nothing is held back

@@ -80,17 +80,34 @@ def index_math(graph) -> list[str]:
     the graph's shape inference (ORT's pre-processing runs it); a tensor of unknown type ends the walk."""
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
     types.update({i.name: i.data_type for i in graph.initializer})
-    prod = _producer(graph)
+    prod, inits = _producer(graph), {i.name for i in graph.initializer}
     weighted = ("Conv", "MatMul", "Gemm", "ConvTranspose")
     casts = [n for n in graph.node if n.op_type == "Cast" and any(a.name == "to" and a.i in _INTEGER for a in n.attribute)]
     seen, todo = set(), [prod[i] for n in casts for i in n.input if i in prod]
     while todo:
         n = todo.pop()
-        if n.name in seen or n.op_type in ("Cast", *weighted) or not all(types.get(o) in _FLOAT for o in n.output):
+        if n.name in seen or n.op_type in ("Cast", "Constant", *weighted) or \
+                not all(types.get(o) in _FLOAT for o in n.output):
             continue
         seen.add(n.name)
         todo += [prod[i] for i in n.input if i in prod]
-    return [n.name for n in graph.node if n.name in seen]
+
+    # Only arithmetic on integers made float: every input a constant, a Cast from an integer type, or such a node's
+    # output. A chain that reaches the activations (an index computed from a hidden state) is not kept float:
+    # the walk above would have taken the residual stream's Adds and LayerNorms with it.
+    def pure(name, depth=0) -> bool:
+        if not name or name in inits:
+            return True
+        n = prod.get(name)
+        if n is None or depth > 64:
+            return False
+        if n.op_type == "Constant":
+            return True
+        if n.op_type == "Cast":
+            return types.get(n.input[0]) in _INTEGER
+        return n.name in seen and all(pure(i, depth + 1) for i in n.input)
+
+    return [n.name for n in graph.node if n.name in seen and all(pure(o) for o in n.output)]
 
 
 def check_qdq(path: str | Path, keep_float=(), own=()) -> dict:
@@ -243,7 +260,9 @@ def requantize_moved(path: str | Path) -> dict:
         return None
 
     def grid(dq):
-        s, z = value(dq.input[1]), value(dq.input[2]) if len(dq.input) > 2 else np.zeros((), np.uint8)
+        if len(dq.input) < 3 or not dq.input[2]:  # no zero point: its type would be guessed (uint8)
+            return None
+        s, z = value(dq.input[1]), value(dq.input[2])
         if s is None or z is None or s.size != 1:
             return None
         return float(s), int(z), str(z.dtype)
@@ -290,7 +309,7 @@ def requantize_moved(path: str | Path) -> dict:
         if n.op_type not in MOVES or grid_of(n.output[0]) is None:
             continue
         dq0 = source(n.input[0])
-        scale, zero = dq0.input[1], dq0.input[2] if len(dq0.input) > 2 else ""
+        scale, zero = dq0.input[1], dq0.input[2]
         for k, out in enumerate(n.output):
             if not feeds_compute_bare(out):
                 continue
@@ -303,6 +322,9 @@ def requantize_moved(path: str | Path) -> dict:
             at = list(g.node).index(n) + 1
             g.node.insert(at, dq)
             g.node.insert(at, q)
+            prod[q.output[0]], prod[dq.output[0]] = q, dq  # a later move fed by it reads its grid through them
+            users[dq.output[0]] = users.pop(out, [])
+            users[out] = [q]
             inserted += 1
     if inserted:
         part = path.with_name(f".{path.name}.tmp")
