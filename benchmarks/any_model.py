@@ -1,8 +1,9 @@
 """Any model, the whole pipeline: models nobody designed the toolchain for, pruned to half their FLOPs and distilled.
 
-For each architecture of tests/user_models.py (vit, residual_mlp, dw_cnn, dict_cnn: nn.Modules defined there;
-hf_resnet, hf_mobilenet, hf_vit, hf_bert, hf_deberta, hf_albert, hf_gpt2, hf_distilbert: tiny-config Hugging Face
-classifiers) one `compressor.run` of the tests' tiny recipe
+For each architecture of tests/user_models.py (vit, residual_mlp, dw_cnn, dict_cnn, fused_qkv_vit, mixer,
+shufflenet, weight_norm_cnn: nn.Modules defined there; hf_resnet, hf_mobilenet, hf_vit, hf_bert, hf_deberta,
+hf_albert, hf_gpt2, hf_distilbert, hf_beit, hf_dinov2, hf_mpnet: tiny-config Hugging Face classifiers) one
+`compressor.run` of the tests' tiny recipe
 (tests/conftest.py TINY, tests/test_any_model.py `_recipe`), changed as stated:
 
     teacher   user_models:<name>, trained on first use (TEACHER_TRAIN below: epochs and lr per model) and cached
@@ -14,7 +15,7 @@ classifiers) one `compressor.run` of the tests' tiny recipe
     targets   [local-cpu]: the profile stage measures teacher and student at batch 1 in ONNX Runtime
               (warmup 20, 200 runs, at most 5 s each)
 
-    python benchmarks/any_model.py                                   # all twelve, results in benchmarks/results/
+    python benchmarks/any_model.py                                   # all nineteen, results in benchmarks/results/
     python benchmarks/any_model.py --models vit,hf_bert --out /tmp/any_model.json
 
 Per model: the teacher's params; its FLOPs as the analyze stage counts them (torch.utils.flop_counter) and by an
@@ -45,12 +46,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), *filter(None,
 os.environ.setdefault("COMPRESSOR_CACHE", "/tmp/compressor-any-model-cache")
 
 MODELS = ("vit", "residual_mlp", "dw_cnn", "hf_resnet", "hf_mobilenet", "hf_vit", "hf_bert",
-          # from a sweep of architectures that each broke a stage once (tests/test_more_models.py)
-          "hf_deberta", "hf_albert", "hf_gpt2", "hf_distilbert", "dict_cnn")
-TEXT = ("hf_bert", "hf_deberta", "hf_albert", "hf_gpt2", "hf_distilbert")  # user_models:token_data
+          # from sweeps of architectures that each broke a stage once (tests/test_more_models.py)
+          "hf_deberta", "hf_albert", "hf_gpt2", "hf_distilbert", "dict_cnn",
+          "fused_qkv_vit", "mixer", "shufflenet", "weight_norm_cnn", "hf_beit", "hf_dinov2", "hf_mpnet")
+TEXT = ("hf_bert", "hf_deberta", "hf_albert", "hf_gpt2", "hf_distilbert", "hf_mpnet")  # user_models:token_data
 # The shape count of tests/test_any_model.py knows Linear, Conv2d, nn.MultiheadAttention and BERT-style attention;
-# these run matmuls it does not see (DeBERTa's relative-position terms, GPT-2's Conv1D, DistilBERT's q_lin attention).
-NOT_INDEPENDENT = ("hf_deberta", "hf_gpt2", "hf_distilbert")
+# these run matmuls it does not see (DeBERTa's and MPNet's relative-position terms, GPT-2's Conv1D, DistilBERT's
+# q_lin attention, scaled_dot_product_attention, BEiT's and DINOv2's attention classes).
+NOT_INDEPENDENT = ("hf_deberta", "hf_gpt2", "hf_distilbert", "fused_qkv_vit", "hf_beit", "hf_dinov2", "hf_mpnet")
 # Teacher training per model: long enough for a reasonably accurate teacher, under ~2 minutes each on 2 cores.
 TEACHER_TRAIN = {  # tried beforehand at 1 torch thread (test accuracy): vit 20 ep 0.939, 60 ep 0.961; hf_vit 20 ep at
     # 1e-3 0.889, 60 ep at 2e-3 0.981; hf_mobilenet 15 ep 0.922, 30 ep 0.944 (39 s); the rest >= 0.95 at 15 epochs
@@ -66,12 +69,21 @@ TEACHER_TRAIN = {  # tried beforehand at 1 torch thread (test accuracy): vit 20 
     "hf_gpt2": {"epochs": 15, "lr": 0.003},
     "hf_distilbert": {"epochs": 15, "lr": 0.003},
     "dict_cnn": {"epochs": 15, "lr": 0.01},
+    "fused_qkv_vit": {"epochs": 30, "lr": 0.003},
+    "mixer": {"epochs": 30, "lr": 0.003},
+    "shufflenet": {"epochs": 15, "lr": 0.01},
+    "weight_norm_cnn": {"epochs": 15, "lr": 0.01},
+    "hf_beit": {"epochs": 30, "lr": 0.002},
+    "hf_dinov2": {"epochs": 30, "lr": 0.002},
+    "hf_mpnet": {"epochs": 15, "lr": 0.003},
 }
 PRUNE = {"channels": {"remove": 0.5}}
 # Where the default cannot go, what the error told the user to do instead (each refusal is tested):
 PRUNE_FOR = {
     # torch-pruning has no rule for transformers' Conv1D: no channel can be cut; whole blocks instead
     "hf_gpt2": {"by": "flops", "remove": 0.4},  # one of its two blocks (0.5 would take both)
+    # DepGraph cannot trace the channel shuffle: whole blocks (its units have no skip path)
+    "shufflenet": {"by": "flops", "remove": 0.3},
 }
 DISTILL = {"epochs": 5, "lr": 0.003}
 PROFILE = {"batch_sizes": [1], "warmup": 20, "runs": 200, "max_seconds": 5}

@@ -240,7 +240,6 @@ def requantize_moved(path: str | Path) -> dict:
     bare: OpenVINO propagates the precision through, but ONNX Runtime's QDQ fusion does not, and the consumer
     ran in float (a two-input model's head, ShuffleNet's branches). The values lie on that grid already, so
     the pair changes no number; it lets the consumer run int8. In place; returns how many pairs."""
-    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
