@@ -95,3 +95,19 @@ def test_tensorrt_engine_measures(tmp_path):
     assert m.runtime == "tensorrt" and m.input_shapes["input"][0] == 2
     with pytest.raises(DeviceError, match="outside its optimisation profile"):
         get_device("h100").measure(art.path, batch=64, precision="fp16")
+
+
+def test_the_scripts_one_line_errors_are_this_devices_errors(fake_h100, tmp_path, monkeypatch):
+    """A model that fails on the synthetic inputs (BART finds no <eos>) ended the run from the GPU's ONNX
+    Runtime path: the script's SystemExit passed the profile stage's `except DeviceError`."""
+    from devices import bench_onnxruntime
+
+    def fails(*a, **k):
+        raise SystemExit("m.onnx does not run on the synthetic inputs the benchmark feeds")
+
+    monkeypatch.setattr(gpu, "_ort_cuda", lambda: True)
+    monkeypatch.setattr(bench_onnxruntime, "measure", fails)
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"x")
+    with pytest.raises(DeviceError, match="h100: m.onnx does not run on the synthetic inputs"):
+        fake_h100.measure(onnx)
