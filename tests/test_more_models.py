@@ -443,3 +443,55 @@ def test_a_batch_the_trace_bakes_in_is_exported_again_or_named(mode, tiny_recipe
     else:
         with pytest.raises(StageError, match=r"fixed the example's batch in the file .*write x\.shape\[0\]"):
             compressor.run(tiny_recipe, tmp_path / "b", log=lambda s: None)
+
+
+def test_the_searchs_candidates_fall_back_to_the_stem_kept_too():
+    """compare_stem=False (the search's candidates) skipped the fallback: every DINOv2 channel cut was refused."""
+    pytest.importorskip("transformers")
+    from compressor.structural import prune_channels
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 16, 16)
+    m = U.hf_dinov2()
+    intake(m, call(m, x[:2]))
+    _, _, info = prune_channels(m, [x], 0.5, compare_stem=False, log=lambda s: None)
+    assert info["stem_choice"]["kept"] and info["flops_after"] <= 0.52 * info["flops_before"]
+
+
+def test_a_failure_in_our_own_scoring_is_not_taken_for_a_group_torch_pruning_cannot_index(monkeypatch):
+    """Only torch-pruning's own errors leave a group whole; a bug in the per-FLOP cost surfaced as 'no channel
+    can be cut ... torch-pruning cannot index them' for every group."""
+    from compressor.structural import importance, prune_channels
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(importance, "width_of", broken)
+    with pytest.raises(Exception, match="a bug of ours") as e:
+        prune_channels(U.dw_cnn().eval(), [torch.randn(16, 1, 16, 16)], 0.5, log=lambda s: None)
+    assert "cannot index" not in str(e.value)
+
+
+def test_folding_keeps_what_trains_and_what_is_a_buffer():
+    """The fold registered every tensor as a trainable Parameter: a frozen weight trained again and a
+    parametrized buffer became a weight."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from compressor.structural.plan import fold_parametrizations
+
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    m = nn.Sequential(weight_norm(nn.Linear(3, 3)), nn.Linear(3, 3))
+    for p in m[0].parametrizations.weight.parameters():
+        p.requires_grad_(False)
+    m[1].register_buffer("scale", torch.ones(3))
+    parametrize.register_parametrization(m[1], "scale", Double())
+    x = torch.randn(2, 3)
+    want = m(x)
+    assert fold_parametrizations(m) == ["0", "1"]
+    assert not m[0].weight.requires_grad and isinstance(m[0].weight, nn.Parameter)
+    assert "scale" in dict(m[1].named_buffers()) and torch.equal(m[1].scale, torch.full((3,), 2.0))
+    assert torch.equal(m(x), want)

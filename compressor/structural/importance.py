@@ -80,6 +80,14 @@ def _per_flop(base_cls):
     return PerFlop
 
 
+def _raised_in_torch_pruning(e: BaseException) -> bool:
+    """Whether the innermost frame of ``e``'s traceback is torch-pruning's (its index mapping), not ours."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and "torch_pruning" in frames[-1].filename
+
+
 def _named(importance, model: nn.Module, keep: int = 0, heads=(), floors=None, skipped: dict | None = None):
     """``importance`` that leaves a group it fails on whole (None: torch-pruning skips it) and records it in
     ``skipped`` ({its modules: the error}): torch-pruning traces some couplings it cannot index (a fused qkv
@@ -100,6 +108,8 @@ def _named(importance, model: nn.Module, keep: int = 0, heads=(), floors=None, s
             try:
                 imp = importance(group, **kw)
             except Exception as e:
+                if not _raised_in_torch_pruning(e):  # our own scoring code: a bug to see, not a group to skip
+                    raise
                 mods = ", ".join(dict.fromkeys(said(dep.target.module) for dep, _ in group
                                                if dep.target.module in names))
                 if skipped is not None:

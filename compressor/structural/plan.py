@@ -38,13 +38,19 @@ def fold_parametrizations(model: nn.Module) -> list[str]:
     done = []
     for path, m in list(model.named_modules()):
         if parametrize.is_parametrized(m):
-            values = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
+            kept = {}  # name: (value, a Parameter?, requires_grad), as the original tensor was
+            for name, plist in m.parametrizations.items():
+                orig = plist.original if hasattr(plist, "original") else plist.original0
+                kept[name] = (getattr(m, name).detach().clone(), isinstance(orig, nn.Parameter), orig.requires_grad)
             # Not parametrize.remove_parametrizations: it deletes the property from the module's class, which a
             # deep copy shares with the module it was copied from (the teacher lost its weight)
             m.__class__ = m.__class__.__bases__[0]
             del m._modules["parametrizations"]
-            for name, v in values.items():
-                m.register_parameter(name, nn.Parameter(v))
+            for name, (v, param, grad) in kept.items():
+                if param:
+                    m.register_parameter(name, nn.Parameter(v, requires_grad=grad))
+                else:
+                    m.register_buffer(name, v)
             done.append(path)
     return done
 

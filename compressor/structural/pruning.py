@@ -141,7 +141,7 @@ def _failed(model: nn.Module, e: Exception) -> UserError:
     # the model's other modules of that class fail alike (ConvBERT's attention in every layer): name them all
     alike = [n for n, m in model.named_modules() if type(m).__name__ == cls and n and n != path]
     also = (f" and its {len(alike)} other{'s' if len(alike) > 1 else ''} of that class "
-            f"({', '.join(alike[:3])}{', ...' if len(alike) > 3 else ''})" if alike else "")
+            f"({', '.join(alike[:12])}{', ...' if len(alike) > 12 else ''})" if alike else "")
     advice = (f"add {path}{also} to prune.ignore (its own code does not follow the cut)" if "." in path else
               "its own code does not follow the cut: add the layers it reshapes by to prune.ignore, or prune whole "
               "blocks (prune: {by: flops})")
@@ -249,8 +249,8 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     # deeper cut alone (measured output loss 69 against 54; distilled accuracy 0.79 against 0.91). Where the stem
     # is free to go, the same budget with it kept is tried too, and the lower measured output loss wins (the
     # criterion the linearisation stands in for).
-    stem = [p for p, why in defaults.items() if why == "input stem" and p not in ignored_paths] \
-        if compare_stem else []
+    # (the fallback below applies without compare_stem too: the search's candidates)
+    stem = [p for p, why in defaults.items() if why == "input stem" and p not in ignored_paths]
     try:
         best, least = bisect(ignored_paths)
     except UserError:
@@ -270,7 +270,7 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
         ignored_paths = ignored_paths + stem
         kept = {**kept, **{p: "input stem (the cut with it cut fails)" for p in stem}}
         stem = []
-    if best is not None and stem:
+    if best is not None and stem and compare_stem:
         try:
             alt, _ = bisect(ignored_paths + stem)
             why = "the budget is out of reach"

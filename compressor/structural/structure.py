@@ -98,13 +98,13 @@ class _TooFar(Exception):
 def _fix_heads(atts, num_heads: dict) -> None:
     for m, count, query, width in atts:
         n = num_heads[query]
-        if n < 1:
-            raise _TooFar
         size = getattr(m, "attention_head_size", None)
         if isinstance(size, int) and size and query.out_features != n * size and query.out_features % size == 0:
             # torch-pruning lowered the count but left the projections whole (BEiT: its heads were not cut,
             # and a head size of 32 // 3 broke the reshape): the heads the projections still hold
             n = query.out_features // size
+        if n < 1:
+            raise _TooFar
         setattr(m, count, n)
         m.attention_head_size = query.out_features // n
         for a in width:  # each layer reads its own attributes, not the shared config
