@@ -167,14 +167,13 @@ def _nncf_export(q, ctx: Context):
 
 
 def nncf_int8(ctx, spec, calib, act, keep, reduce_range: bool = False) -> tuple[dict, Path, nn.Module]:
-    from ..structural.plan import fold_parametrizations
+    from ..structural.plan import fold_parametrizations, folded_said
 
     model = copy.deepcopy(ctx.student).eval()
     # NNCF sees no constant weight behind a parametrization (weight_norm): it put no quantizer on those convs
     folded = fold_parametrizations(model)
     if folded:
-        ctx.log(f"quantize: weight normalisation folded into plain weights first ({', '.join(folded[:4])}"
-                f"{' ...' if len(folded) > 4 else ''})")
+        ctx.log(f"quantize: {folded_said(folded)}")
     if spec.fold_bn:
         model = fold_batchnorm(model, ctx.log)
     info = {"tool": "nncf", "activations": act, "bn_folded": _bn_count(model) == 0,

@@ -55,6 +55,12 @@ def fold_parametrizations(model: nn.Module) -> list[str]:
     return done
 
 
+def folded_said(folded: list[str]) -> str:
+    """The log's words for fold_parametrizations' result."""
+    return (f"weight normalisation folded into plain weights first ({', '.join(folded[:4])}"
+            f"{' ...' if len(folded) > 4 else ''})")
+
+
 def plan_of(before: nn.Module, after: nn.Module) -> dict:
     """What changed, as plain data: per module path, its changed attributes and tensor shapes."""
     modules = {}

@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..flops import count_flops, flops_by_module, no_fastpath
 from ..tasks import call, sq_error_mean, take
 from .importance import IMPORTANCE, _named, _per_flop, ce_gradients, fisher
-from .plan import fold_parametrizations, parametrized, plan_of
+from .plan import fold_parametrizations, folded_said, parametrized, plan_of
 from .structure import _fix_heads, _TooFar, _tp, head_layout, kept_by_default, width_of, width_unit
 
 
@@ -175,8 +175,7 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     if parametrized(model):  # weight_norm: DepGraph cuts tensors, not what a weight is computed from
         model = copy.deepcopy(model)
         folded = fold_parametrizations(model)
-        log(f"prune.channels: weight normalisation folded into plain weights first ({', '.join(folded[:4])}"
-            f"{' ...' if len(folded) > 4 else ''}): the student trains them plain")
+        log(f"prune.channels: {folded_said(folded)}: the student trains them plain")
 
     defaults = kept_by_default(model, example)
     head = next((p for p, why in defaults.items() if why == "classifier head"), None)
