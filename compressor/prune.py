@@ -113,6 +113,15 @@ def _split(path: str) -> tuple[str, str]:
     return parent, child
 
 
+class Removed(nn.Identity):
+    """What stands in for a removed unit inside an nn.Sequential: its input, copied while autograd records. A
+    block that adds its shortcut in place (RegNetY's ``hidden_state += residual``) would otherwise modify an
+    activation's output its backward still needs, when the units after that activation are all removed."""
+
+    def forward(self, input):
+        return input.clone() if torch.is_grad_enabled() and input.requires_grad else input
+
+
 def _remove(model: nn.Module, paths) -> list:
     """Remove units in place; return what restores them (in the order to undo)."""
     undo = []
@@ -120,8 +129,11 @@ def _remove(model: nn.Module, paths) -> list:
     for p in paths:
         parent, child = _split(p)
         by_parent.setdefault(parent, []).append(child)
+    # Every parent is found before anything is removed: a unit's path names indices of the teacher's lists
+    # (ConvNeXtV2: encoder.stages.0 and encoder.stages.1.layers.1 in one genome)
+    parents = {name: model.get_submodule(name) if name else model for name in by_parent}
     for parent_name, children in by_parent.items():
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent = parents[parent_name]
         if isinstance(parent, nn.ModuleList):
             # Delete from the back, so the earlier indices still name the teacher's layers.
             for idx in sorted((int(c) for c in children), reverse=True):
@@ -130,7 +142,7 @@ def _remove(model: nn.Module, paths) -> list:
         else:
             for c in children:
                 undo.append(("set", parent, c, getattr(parent, c)))
-                setattr(parent, c, nn.Identity())
+                setattr(parent, c, Removed())
     return undo
 
 
@@ -160,14 +172,14 @@ def build_pruned(teacher: nn.Module, removed) -> nn.Module:
         parent, _ = _split(p)
         m = student.get_submodule(parent) if parent else student
         if isinstance(m, nn.ModuleList):
-            lists[parent] = len(m)
+            lists[parent] = (m, len(m))  # the list itself: its path may name another index afterwards
     _remove(student, removed)
     # The config of a Hugging Face model, or of the one a wrapper holds (compressor.hf.SentenceEncoder).
     config = getattr(student, "config", None) or getattr(getattr(student, "model", None), "config", None)
-    for parent, before in lists.items():
+    for m, before in lists.values():
         # Hugging Face models size caches and masks from config.num_hidden_layers.
         if config is not None and getattr(config, "num_hidden_layers", None) == before:
-            config.num_hidden_layers = len(student.get_submodule(parent))
+            config.num_hidden_layers = len(m)
     return student.requires_grad_(True)
 
 

@@ -495,3 +495,37 @@ def test_folding_keeps_what_trains_and_what_is_a_buffer():
     assert not m[0].weight.requires_grad and isinstance(m[0].weight, nn.Parameter)
     assert "scale" in dict(m[1].named_buffers()) and torch.equal(m[1].scale, torch.full((3,), 2.0))
     assert torch.equal(m(x), want)
+
+
+class _Stages(nn.Module):
+    """ConvNeXt's layout: a list of stages, each a list of residual layers; and RegNetY's in-place shortcut add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.ModuleDict({"layers": nn.ModuleList([
+            nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) for _ in range(2)])}) for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for stage in self.stages:
+            for layer in stage["layers"]:
+                h = layer(x)
+                h += x  # in place, as RegNetYLayer does
+                x = torch.relu(h)
+        return self.head(x)
+
+
+def test_units_in_nested_lists_and_before_an_in_place_add_are_removed():
+    """Removing stages.0 and stages.1.layers.1 together failed (the second path named an index the first
+    removal had shifted: ConvNeXtV2's search); and with the last two layers of a block removed, the in-place
+    shortcut add modified the ReLU output its backward needs (RegNetY's search, and its distillation)."""
+    from compressor.prune import build_pruned
+
+    model = _Stages()
+    student = build_pruned(model, ["stages.0", "stages.1.layers.1"])
+    assert len(student.stages) == 1 and len(student.stages[0]["layers"]) == 1
+    student = build_pruned(model, ["stages.0.layers.0.1", "stages.0.layers.0.2"])
+    student(torch.randn(4, 8)).sum().backward()
+    with torch.no_grad():  # and nothing is copied where autograd does not record (export, inference)
+        x = torch.randn(2, 8)
+        assert student.stages[0]["layers"][0][1](x) is x
