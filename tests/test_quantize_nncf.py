@@ -270,3 +270,28 @@ def test_weight_normalised_convolutions_get_weight_quantizers(tmp_path):
     _, out, _ = nncf_int8(ctx, ctx.recipe.quantize, x, "uint8", [])
     assert check_qdq(out)["quantized_nodes"] == 4 and any("weight normalisation folded" in s for s in said)
     assert hasattr(ctx.student.c1, "parametrizations")  # the student itself is left as it was
+
+
+def test_a_cast_to_float_between_a_dq_and_its_conv_is_not_a_missing_quantizer(tmp_path):
+    """DINOv2 casts its pixels to the patch convolution's dtype: a float->float Cast sat between the input's
+    DequantizeLinear and the Conv, and the check called the Conv unquantized."""
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_models as U
+
+    from compressor.intake import intake
+    from compressor.tasks import call
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 16, 16)
+    model = U.hf_dinov2()
+    with torch.no_grad():
+        intake(model, call(model, x[:2]))
+    ctx = _ctx(tmp_path, x)
+    _, out = _nncf_export(nncf_quantize(model, x, ctx.recipe.quantize, "uint8", []), ctx)
+    c = check_qdq(out)
+    assert "dinov2.embeddings.patch_embeddings.projection" not in " ".join(c["float_nodes"])
+    assert c["quantized_nodes"] >= 10

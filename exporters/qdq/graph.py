@@ -42,10 +42,15 @@ def _producer(graph) -> dict:
 SHAPE_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 
 
+def _moves_only(n) -> bool:
+    """A shape-only op, or a Cast to float32 (of a float32 value: DINOv2 casts its pixels to the weight's dtype)."""
+    return n.op_type in SHAPE_OPS or n.op_type == "Cast" and any(a.name == "to" and a.i == 1 for a in n.attribute)
+
+
 def _dequantized(name: str, prod: dict):
-    """The DequantizeLinear node feeding ``name`` (through shape-only ops), or None."""
+    """The DequantizeLinear node feeding ``name`` (through shape-only ops and casts to float), or None."""
     n = prod.get(name)
-    while n is not None and n.op_type in SHAPE_OPS:
+    while n is not None and _moves_only(n):
         n = prod.get(n.input[0])
     return n if n is not None and n.op_type == "DequantizeLinear" else None
 
