@@ -139,6 +139,19 @@ def _nncf_ignored(model: nn.Module, example, keep: list[str]) -> list[str]:
     return names
 
 
+def _nncf_depthwise_conv1d() -> None:
+    """NNCF 3.4 spells the depthwise Conv1d metatype's ``hw_config_names`` as ``hw_config_name``, so no
+    quantizer (weight or input) goes on a depthwise Conv1d (ConvBERT's span convolution) and the file fails
+    the Q/DQ check. Set the attribute the Conv2d subtype has, where it is missing."""
+    try:
+        from nncf.common.hardware.opset import HWOpName
+        from nncf.torch.graph.operator_metatypes import PTDepthwiseConv1dSubtype
+    except ImportError:
+        return
+    if not PTDepthwiseConv1dSubtype.hw_config_names:
+        PTDepthwiseConv1dSubtype.hw_config_names = [HWOpName.DEPTHWISE_CONVOLUTION]
+
+
 def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: bool = False):
     """NNCF post-training int8 of ``model`` calibrated on ``calib`` (the operations of its layers under
     ``keep`` stay float); the fake-quantized model, ready for QAT or export."""
@@ -152,6 +165,7 @@ def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: b
     except ImportError:
         raise UserError(f"quantize.mode {spec.mode} needs NNCF: pip install 'compressor[quant]' "
                         "(nncf and torchao), or use quantize.mode: ptq-ort") from None
+    _nncf_depthwise_conv1d()
     if isinstance(model, nn.Sequential):
         model = _Wrap(model)
         keep = [f"net.{k}" for k in keep]

@@ -295,3 +295,16 @@ def test_a_cast_to_float_between_a_dq_and_its_conv_is_not_a_missing_quantizer(tm
     c = check_qdq(out)
     assert "dinov2.embeddings.patch_embeddings.projection" not in " ".join(c["float_nodes"])
     assert c["quantized_nodes"] >= 10
+
+
+def test_a_depthwise_conv1d_gets_its_quantizers(tmp_path):
+    """NNCF 3.4 misspells the depthwise Conv1d metatype's hw_config_names: no quantizer went on ConvBERT's span
+    convolution and the quantize stage refused the file. compressor sets the attribute."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1, groups=8),
+                          nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.randn(64, 4, 16)
+    ctx = _ctx(tmp_path, x)
+    _, out = _nncf_export(nncf_quantize(model, x, ctx.recipe.quantize, "uint8", []), ctx)
+    c = check_qdq(out)
+    assert c["quantized_nodes"] == 3 and not c["float_nodes"]
