@@ -308,3 +308,24 @@ def test_a_depthwise_conv1d_gets_its_quantizers(tmp_path):
     _, out = _nncf_export(nncf_quantize(model, x, ctx.recipe.quantize, "uint8", []), ctx)
     c = check_qdq(out)
     assert c["quantized_nodes"] == 3 and not c["float_nodes"]
+
+
+def test_squeeze_excitation_layers_nncf_leaves_float_pass_the_check(tmp_path):
+    """NNCF's SE_BLOCK pattern keeps a squeeze-excitation's two layers float on purpose; the Q/DQ check called
+    them unquantized, so every SE model (the tests' depthwise CNN, RegNetY, EfficientNet, MobileNetV3) was
+    refused under ptq-nncf and qat-kd. They are listed as float; the block's other convolutions are not."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_models as U
+
+    torch.manual_seed(0)
+    model, x = U.dw_cnn().eval(), torch.randn(64, 1, 16, 16)
+    ctx = _ctx(tmp_path, x)
+    _, out = _nncf_export(nncf_quantize(fold_batchnorm(model, log=ctx.log), x, ctx.recipe.quantize, "uint8", []),
+                          ctx)
+    c = check_qdq(out)
+    se = [f for f in c["float_nodes"] if f.endswith("(squeeze-excitation)")]
+    assert len(se) == len(c["float_nodes"]) == 8 and all(".fc1 " in f or ".fc2 " in f for f in se)
+    assert c["quantized_nodes"] >= 12

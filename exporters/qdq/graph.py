@@ -115,6 +115,52 @@ def index_math(graph) -> list[str]:
     return [n.name for n in graph.node if n.name in seen and all(pure(o) for o in n.output)]
 
 
+_SQUEEZED = ("GlobalAveragePool", "ReduceMean")
+_GATE_PATH = ("Relu", "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Mul", "Add", "Conv", "Gemm", "MatMul",
+              *SHAPE_OPS)
+
+
+def _reaches_mul(n, users: dict) -> bool:
+    """``n``'s output multiplies something, directly or through a Q/DQ pair (NNCF quantizes a gate's output)."""
+    todo = list(n.output)
+    for _ in range(3):
+        nxt = []
+        for name in todo:
+            for u in users.get(name, []):
+                if u.op_type == "Mul":
+                    return True
+                if u.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                    nxt += list(u.output)
+        todo = nxt
+    return False
+
+
+def _squeeze_excite(n, prod: dict, users: dict, hops: int = 4) -> bool:
+    """Whether compute node ``n`` is one of a squeeze-excitation's layers: its input comes from a global average
+    pool within ``hops`` nodes of activations and layers, and its output reaches, the same way, a Sigmoid (or
+    HardSigmoid) whose result multiplies the block's activations."""
+    up, todo = False, [(n.input[0], 0)]
+    while todo and not up:
+        name, d = todo.pop()
+        m = prod.get(name)
+        if m is None or d > hops:
+            continue
+        up = m.op_type in _SQUEEZED
+        if m.op_type in _GATE_PATH:
+            todo.append((m.input[0], d + 1))
+    if not up:
+        return False
+    todo = [(o, 0) for o in n.output]
+    while todo:
+        name, d = todo.pop()
+        for u in users.get(name, []) if d <= hops else []:
+            if u.op_type in ("Sigmoid", "HardSigmoid") and _reaches_mul(u, users):
+                return True
+            if u.op_type in _GATE_PATH:
+                todo += [(o, d + 1) for o in u.output]
+    return False
+
+
 def check_qdq(path: str | Path, keep_float=(), own=()) -> dict:
     """Check the QDQ graph rules; raise ExportError on a violation, return a summary.
 
@@ -140,6 +186,10 @@ def check_qdq(path: str | Path, keep_float=(), own=()) -> dict:
         raise ExportError(f"{Path(path).name} has no DequantizeLinear: it is not quantized")
     prod = _producer(g)
     inits = {t.name: t for t in g.initializer}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
     quantized, floating, bad, per_channel = [], [], [], []
     for n in g.node:
         if n.op_type not in COMPUTE_OPS:
@@ -152,6 +202,10 @@ def check_qdq(path: str | Path, keep_float=(), own=()) -> dict:
             per_channel.append(scale is not None and int(np.prod(scale.dims)) > 1)
         elif keep_float and _in_scope(where, keep_float) or where in own:
             floating.append(where)
+        elif not any(dq) and _squeeze_excite(n, prod, users):
+            # NNCF's SE_BLOCK pattern leaves a squeeze-excitation's two small layers float on purpose (their
+            # output scales every channel: quantized, the gate errs on all of them); nothing else does so
+            floating.append(f"{where} (squeeze-excitation)")
         elif n.op_type == "MatMul" and not any(_constant(i, prod, inits) for i in n.input[:2]):
             # Two activations (attention scores Q K^T, then P V): no weight to quantize. NNCF's transformer
             # scheme and TensorRT's explicit quantization both leave them to the float (or fp16) kernels.
