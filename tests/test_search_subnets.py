@@ -472,3 +472,26 @@ def test_channel_cuts_the_structure_cannot_give_are_said(tiny_recipe, tmp_path):
     compressor.run(r, tmp_path / "b", log=said.append)
     assert any("channel cut(s) cannot be made, e.g. 50%: no channel of GroupNormCNN can be cut" in s for s in said)
     assert any("chose the teacher with every unit" in s for s in said)
+
+
+def test_a_candidate_with_nothing_left_to_cut_by_width_is_refused_not_a_crash():
+    """MobileViT's heads make the search cut by width; a genome dropping every transformer layer left no head or
+    FFN pair, and scoring no groups asked autograd for the gradient of nothing (RuntimeError)."""
+    pytest.importorskip("transformers")
+    from compressor.errors import UserError
+    from compressor.intake import intake
+    from compressor.tasks import call
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_models as U
+
+    torch.manual_seed(0)
+    t, x = U.hf_mobilevit(), torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        intake(t, call(t, x[:2]))
+    space = S.teacher_space(t, x, (0.0, 0.5))
+    genome = {**{f"drop:{u}": int(".transformer.layer." in u) for u in space.units}, "channels": 0.5}
+    build = S.Builder(space, t, [x])
+    assert build.cut == "width"
+    with pytest.raises(UserError, match="no attention head or FFN pair is left"):
+        build(genome)

@@ -145,6 +145,15 @@ def hf_beit(in_channels=1, num_classes=10):
                use_mean_pooling=True, use_relative_position_bias=True)
 
 
+def hf_mobilevit(in_channels=1, num_classes=10):
+    """Inverted residuals and small transformers: its heads make the search cut by width."""
+    return _hf("MobileViTConfig", "MobileViTForImageClassification", num_channels=in_channels,
+               num_labels=num_classes, image_size=16, patch_size=2, hidden_sizes=[32, 48, 64],
+               neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 96], num_attention_heads=2, mlp_ratio=2.0,
+               expand_ratio=2.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+               classifier_dropout_prob=0.0)
+
+
 def hf_bert(num_classes=4, vocab_size=256):
     return _hf("BertConfig", "BertForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

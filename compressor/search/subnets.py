@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import LengthGrouped, trim
+from ..errors import UserError
 from ..flops import count_flops
 from ..prune import build_pruned, find_units
 from ..schedule import cosine, lazy_rows, optimizer
@@ -124,8 +125,10 @@ class Builder:
 
             kinds = {k: v for k, v in self.options["width"].items() if k in ("ffn", "heads")}
             if "groups" not in cache:  # two batches, two projections: enough to rank cuts (as below)
-                cache["groups"] = score_groups(student, find_groups(student, self.batches[0], **kinds),
-                                               self.batches[:2], projections=2)
+                found = find_groups(student, self.batches[0], **kinds)
+                if not found:  # every layer with heads or an FFN dropped (MobileViT without its transformers)
+                    raise UserError("no attention head or FFN pair is left to cut in this sub-network")
+                cache["groups"] = score_groups(student, found, self.batches[:2], projections=2)
             student, plan, _ = prune_width(student, self.batches[:2], genome["channels"], groups=cache["groups"],
                                            log=lambda s: None, **self.options["width"])
             return student.eval(), plan
