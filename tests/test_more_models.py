@@ -247,10 +247,14 @@ def test_a_block_whose_code_ignores_the_cut_is_named():
     from compressor.structural import prune_channels
 
     model = OwnEncoder().eval()
-    # every module of the class is named: the user would otherwise meet blocks.1 on the next run (ConvBERT)
-    with pytest.raises(UserError, match=r"fails in blocks\.0 \(OwnAttention\).*add blocks\.0 and its 1 other of that "
-                                        r"class \(blocks\.1\) to prune\.ignore"):
+    # every module of the class is named: the user would otherwise meet blocks.1 on the next run (ConvBERT); and
+    # where they hold most of the layers (8 of 10 here, LeViT's 22 of 23), ignoring them leaves little: whole blocks
+    with pytest.raises(UserError, match=r"fails in blocks\.0 \(OwnAttention\).*\(blocks\.0 and its 1 other of that "
+                                        r"class \(blocks\.1\)\) hold 8 of its 10 layers.*prune whole blocks"):
         prune_channels(model, [torch.randn(4, 6, 8)], 0.5, log=lambda s: None)
+    model.inp = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)], nn.Linear(8, 32))  # now they hold 8 of 13
+    with pytest.raises(UserError, match=r"add blocks\.0 and its 1 other of that class \(blocks\.1\) to prune\.ignore"):
+        prune_channels(model.eval(), [torch.randn(4, 6, 8)], 0.5, log=lambda s: None)
 
 
 class StaleWidth(nn.Module):

@@ -142,9 +142,15 @@ def _failed(model: nn.Module, e: Exception) -> UserError:
     alike = [n for n, m in model.named_modules() if type(m).__name__ == cls and n and n != path]
     also = (f" and its {len(alike)} other{'s' if len(alike) > 1 else ''} of that class "
             f"({', '.join(alike[:12])}{', ...' if len(alike) > 12 else ''})" if alike else "")
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    held = [n for n in layers if any(n == a or n.startswith(a + ".") for a in [path, *alike])]
     advice = (f"add {path}{also} to prune.ignore (its own code does not follow the cut)" if "." in path else
               "its own code does not follow the cut: add the layers it reshapes by to prune.ignore, or prune whole "
               "blocks (prune: {by: flops})")
+    if "." in path and len(held) > 0.75 * len(layers):  # LeViT: 22 of its 23 Linears sit in such modules
+        advice = (f"its own code does not follow the cut, and modules of that class ({path}{also}) hold "
+                  f"{len(held)} of its {len(layers)} layers, so ignoring them leaves little to cut: prune whole "
+                  "blocks instead (prune: {by: flops, remove: 0.3})")
     return UserError(f"prune.channels: {type(model).__name__} cut by torch-pruning fails in {inner}"
                      + (f", inside {block}" if block != inner else "") + f": {said}; {advice}")
 
