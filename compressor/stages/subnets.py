@@ -15,6 +15,7 @@ from ..hold import hold
 from ..measure import model_key
 from ..prune import calibration_batches, find_units, score_units
 from ..search import subnets as S
+from ..search.journal import Journal
 from ..tasks import size, take
 from .prune import cut as prune_cut
 from .prune import cut_teacher, keep_cut
@@ -55,7 +56,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
             raise UserError(f"search.{name} needs a target to measure on (targets: [local-cpu], say)")
     genomes = space.genomes()
     t0 = time.time()
-    journal = S.Journal(ctx.scratch / "search" / "ladder.json", _journal_key(ctx, spec))
+    journal = Journal(ctx.scratch / "search" / "ladder.json", _journal_key(ctx, spec))
     build, trials = S.Builder(space, teacher, batches, labels=labels, ignore=ignore, example=example,
                               **cut_shape(recipe.prune)), []
     # search.as_fast_as: the model to be no slower than, built now (a wrong builder fails before the long part);
