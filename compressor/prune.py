@@ -7,8 +7,9 @@
 2. Criterion: s_i = E ||y(without unit i) - y||^2 over calibration batches, each unit removed alone.
 3. Selection: the losses are close to additive over sets, so the set to remove is a 0/1 knapsack:
    minimise sum s_i subject to the removed parameters (or FLOPs, or unit count) >= the budget.
-4. The pruned model is a copy of the teacher with the units gone: a unit in an nn.Sequential becomes
-   nn.Identity (module paths stay as they were), a unit in an nn.ModuleList is deleted from the list
+4. The pruned model is a copy of the teacher with the units gone: a unit in an nn.Sequential (or any other
+   container but a list) becomes ``Removed``, an identity (module paths stay as they were), a unit in an
+   nn.ModuleList is deleted from the list
    (a Transformer layer returns a tuple, which an identity would not; a Hugging Face config's
    num_hidden_layers follows). ``removed`` (the teacher's unit paths) rebuilds it: build_pruned().
 """
@@ -119,7 +120,10 @@ class Removed(nn.Identity):
     activation's output its backward still needs, when the units after that activation are all removed."""
 
     def forward(self, input):
-        return input.clone() if torch.is_grad_enabled() and input.requires_grad else input
+        # a Proxy under torch.fx (BatchNorm folding traces the student) and a tuple a block passes on go through
+        if isinstance(input, torch.Tensor) and torch.is_grad_enabled() and input.requires_grad:
+            return input.clone()
+        return input
 
 
 def _remove(model: nn.Module, paths) -> list:

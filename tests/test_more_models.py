@@ -528,8 +528,34 @@ def test_units_in_nested_lists_and_before_an_in_place_add_are_removed():
     model = _Stages()
     student = build_pruned(model, ["stages.0", "stages.1.layers.1"])
     assert len(student.stages) == 1 and len(student.stages[0]["layers"]) == 1
-    student = build_pruned(model, ["stages.0.layers.0.1", "stages.0.layers.0.2"])
+    student = build_pruned(model, ["stages.0.layers.0.2"])  # the block now ends in its ReLU
     student(torch.randn(4, 8)).sum().backward()
     with torch.no_grad():  # and nothing is copied where autograd does not record (export, inference)
         x = torch.randn(2, 8)
-        assert student.stages[0]["layers"][0][1](x) is x
+        assert student.stages[0]["layers"][0][2](x) is x
+
+
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+
+    def forward(self, xm):
+        x, m = xm
+        return x + self.f(x) * m, m
+
+
+def test_a_removed_unit_passes_torch_fx_proxies_and_tuples_through():
+    """BatchNorm folding traces the student with torch.fx, and a block may pass (x, mask) on: Removed read
+    .requires_grad on a Proxy (folding silently skipped, 8 BatchNorms left in a layer-pruned ResNet's int8
+    file) and on a tuple (distillation crashed)."""
+    from compressor.models import ResNet
+    from compressor.prune import build_pruned
+    from compressor.quantize import fold_batchnorm
+
+    t = ResNet(widths=[8, 16], depths=[2, 2]).eval()
+    folded = fold_batchnorm(build_pruned(t, ["stages.0.1"]), log=lambda s: None)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    m = nn.Sequential(_Masked(), _Masked(), _Masked())
+    s = build_pruned(m, ["1"])
+    s((torch.randn(4, 8, requires_grad=True), torch.ones(4, 1)))[0].sum().backward()
