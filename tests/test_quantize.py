@@ -468,3 +468,36 @@ def test_index_math_keeps_only_arithmetic_on_integers_float(tmp_path):
     export_onnx(_IndexFromActivations().eval(), (torch.randn(2, 4, 8),), path, opset=17)
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
     assert index_math(graph) == []  # the chain reaches the activations: nothing is held back
+
+
+def _gated(tmp_path, se: bool):
+    """x -> Q/DQ -> mean over tokens -> MatMul fc1 (float weights) -> Sigmoid -> Mul: with ``se`` the gate
+    multiplies x itself (a squeeze-excitation), else fc1's own output (a SiLU after a pooled head)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
+             numpy_helper.from_array(np.ones((8, 8), np.float32), "w1"), numpy_helper.from_array(np.array([1], np.int64), "ax")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], name="d"),
+             helper.make_node("ReduceMean", ["d", "ax"], ["m"], name="pool", keepdims=1),
+             helper.make_node("MatMul", ["m", "w1"], ["h"], name="/head/fc1/MatMul"),
+             helper.make_node("Sigmoid", ["h"], ["g"], name="gate"),
+             helper.make_node("Mul", ["d" if se else "h", "g"], ["y"], name="mul")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / f"gated_{se}.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_only_a_true_squeeze_excitation_may_stay_float(tmp_path):
+    """The squeeze-excitation allowance matched any layer followed by a SiLU (Sigmoid -> Mul): a pooled MLP head
+    whose quantizers were lost passed the check. The gate must multiply the tensor that was pooled."""
+    from exporters import ExportError
+    from exporters.qdq import check_qdq
+
+    assert check_qdq(_gated(tmp_path, se=True))["float_nodes"] == ["head.fc1 (squeeze-excitation)"]
+    with pytest.raises(ExportError, match="MatMul head.fc1"):
+        check_qdq(_gated(tmp_path, se=False))

@@ -125,9 +125,9 @@ class Builder:
             kinds = {k: v for k, v in self.options["width"].items() if k in ("ffn", "heads")}
             if "groups" not in cache:  # two batches, two projections: enough to rank cuts (as below)
                 found = find_groups(student, self.batches[0], **kinds)
-                if not found:  # every layer with heads or an FFN dropped (MobileViT without its transformers)
-                    raise UserError("no attention head or FFN pair is left to cut in this sub-network")
-                cache["groups"] = score_groups(student, found, self.batches[:2], projections=2)
+                cache["groups"] = score_groups(student, found, self.batches[:2], projections=2) if found else []
+            if not cache["groups"]:  # every layer with heads or an FFN dropped (MobileViT without its transformers)
+                raise UserError("no attention head or FFN pair is left to cut in this sub-network")
             student, plan, _ = prune_width(student, self.batches[:2], genome["channels"], groups=cache["groups"],
                                            log=lambda s: None, **self.options["width"])
             return student.eval(), plan

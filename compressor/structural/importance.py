@@ -82,10 +82,14 @@ def _per_flop(base_cls):
 
 def _raised_in_torch_pruning(e: BaseException) -> bool:
     """Whether the innermost frame of ``e``'s traceback is torch-pruning's (its index mapping), not ours."""
+    import os
     import traceback
 
+    import torch_pruning
+
+    home = os.path.dirname(os.path.abspath(torch_pruning.__file__)) + os.sep
     frames = traceback.extract_tb(e.__traceback__)
-    return bool(frames) and "torch_pruning" in frames[-1].filename
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(home)
 
 
 def _named(importance, model: nn.Module, keep: int = 0, heads=(), floors=None, skipped: dict | None = None):

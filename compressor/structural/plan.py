@@ -40,8 +40,10 @@ def fold_parametrizations(model: nn.Module) -> list[str]:
         if parametrize.is_parametrized(m):
             kept = {}  # name: (value, a Parameter?, requires_grad), as the original tensor was
             for name, plist in m.parametrizations.items():
-                orig = plist.original if hasattr(plist, "original") else plist.original0
-                kept[name] = (getattr(m, name).detach().clone(), isinstance(orig, nn.Parameter), orig.requires_grad)
+                origs = [t for n, t in [*plist.named_parameters(recurse=False), *plist.named_buffers(recurse=False)]
+                         if n.startswith("original")]  # weight_norm's g and v: trained if either is
+                kept[name] = (getattr(m, name).detach().clone(), any(isinstance(t, nn.Parameter) for t in origs),
+                              any(t.requires_grad for t in origs))
             # Not parametrize.remove_parametrizations: it deletes the property from the module's class, which a
             # deep copy shares with the module it was copied from (the teacher lost its weight)
             m.__class__ = m.__class__.__bases__[0]

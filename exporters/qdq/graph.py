@@ -101,7 +101,7 @@ def index_math(graph) -> list[str]:
     # output. A chain that reaches the activations (an index computed from a hidden state) is not kept float:
     # the walk above would have taken the residual stream's Adds and LayerNorms with it.
     def pure(name, depth=0) -> bool:
-        if not name or name in inits:
+        if not name or name in inits or types.get(name) not in (None, *_FLOAT):  # constants, integers, masks
             return True
         n = prod.get(name)
         if n is None or depth > 64:
@@ -120,14 +120,22 @@ _GATE_PATH = ("Relu", "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Mul", "Add
               *SHAPE_OPS)
 
 
-def _reaches_mul(n, users: dict) -> bool:
-    """``n``'s output multiplies something, directly or through a Q/DQ pair (NNCF quantizes a gate's output)."""
+def _source(name: str, prod: dict) -> str:
+    """The tensor ``name`` carries, back through Q/DQ pairs and shape-only ops."""
+    n = prod.get(name)
+    while n is not None and (n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type in SHAPE_OPS):
+        name, n = n.input[0], prod.get(n.input[0])
+    return name
+
+
+def _gates(n, users: dict, prod: dict, pooled: set) -> bool:
+    """``n``'s output (through Q/DQ pairs: NNCF quantizes a gate) multiplies the very tensor that was pooled."""
     todo = list(n.output)
     for _ in range(3):
         nxt = []
         for name in todo:
             for u in users.get(name, []):
-                if u.op_type == "Mul":
+                if u.op_type == "Mul" and any(_source(i, prod) in pooled for i in u.input):
                     return True
                 if u.op_type in ("QuantizeLinear", "DequantizeLinear"):
                     nxt += list(u.output)
@@ -136,25 +144,27 @@ def _reaches_mul(n, users: dict) -> bool:
 
 
 def _squeeze_excite(n, prod: dict, users: dict, hops: int = 4) -> bool:
-    """Whether compute node ``n`` is one of a squeeze-excitation's layers: its input comes from a global average
-    pool within ``hops`` nodes of activations and layers, and its output reaches, the same way, a Sigmoid (or
-    HardSigmoid) whose result multiplies the block's activations."""
-    up, todo = False, [(n.input[0], 0)]
-    while todo and not up:
+    """Whether compute node ``n`` is one of a squeeze-excitation's layers (NNCF's SE_BLOCK pattern): its input
+    comes from a global average pool of some tensor X within ``hops`` nodes of activations and layers, and its
+    output reaches, the same way, a Sigmoid (or HardSigmoid) whose result multiplies X itself. A SiLU (x times
+    sigmoid(x)) after a pooled MLP head is not one."""
+    pooled, todo = set(), [(n.input[0], 0)]
+    while todo:
         name, d = todo.pop()
         m = prod.get(name)
         if m is None or d > hops:
             continue
-        up = m.op_type in _SQUEEZED
-        if m.op_type in _GATE_PATH:
+        if m.op_type in _SQUEEZED:
+            pooled.add(_source(m.input[0], prod))
+        elif m.op_type in _GATE_PATH:
             todo.append((m.input[0], d + 1))
-    if not up:
+    if not pooled:
         return False
     todo = [(o, 0) for o in n.output]
     while todo:
         name, d = todo.pop()
         for u in users.get(name, []) if d <= hops else []:
-            if u.op_type in ("Sigmoid", "HardSigmoid") and _reaches_mul(u, users):
+            if u.op_type in ("Sigmoid", "HardSigmoid") and _gates(u, users, prod, pooled):
                 return True
             if u.op_type in _GATE_PATH:
                 todo += [(o, d + 1) for o in u.output]
