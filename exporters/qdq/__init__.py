@@ -12,8 +12,8 @@ File -> file, like every exporter (it never imports compressor):
   computes with the 4-bit codes), ``pack_bucketed`` for the rest, with the reason per layer.
 - ``run_onnxruntime`` / ``run_openvino``: outputs of a file on a batch, for parity checks.
 
-Modules: ``ptq`` (ORT static/dynamic quantization), ``graph`` (QDQ rules, weight folding), ``bucketed`` and
-``nbits`` (4-bit packing), ``run`` (runners).
+Modules: ``ptq`` (ORT static/dynamic quantization), ``graph`` (QDQ rules), ``rewrite`` (weight folding, Q/DQ
+after moves), ``bucketed`` and ``nbits`` (4-bit packing), ``run`` (runners).
 """
 from __future__ import annotations
 
@@ -22,9 +22,7 @@ from .graph import (
     COMPUTE_OPS,
     SHAPE_OPS,
     check_qdq,
-    fold_weight_quantizers,
     module_path,
-    requantize_moved,
 )
 from .nbits import (
     NBITS_NOTE,
@@ -34,6 +32,7 @@ from .nbits import (
     unpack_zero_points,
 )
 from .ptq import quantize_dynamic, quantize_static
+from .rewrite import fold_weight_quantizers, requantize_moved
 from .run import run_onnxruntime, run_openvino
 
 __all__ = [
