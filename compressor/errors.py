@@ -13,3 +13,9 @@ class StageError(UserError):
         super().__init__(f"{stage}: {message}")
         self.stage = stage
 
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """``Type: the message's first line`` (cut at ``limit``), for a one-line error or log."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .measurement import Measurement
-from .profile import DeviceError, DeviceProfile, check_ready
+from .profile import DeviceProfile, check_ready, script_errors
 
 # A spread wider than this (coefficient of variation) is reported as a note on the measurement.
 NOISY_CV = 0.5
@@ -32,11 +32,9 @@ class OnnxRuntimeCPU:
         from . import bench_onnxruntime
 
         check_ready(self, precision)
-        try:
+        with script_errors(self.profile.name):
             r = bench_onnxruntime.measure(str(model), batch=batch, threads=self.profile.threads, warmup=warmup,
                                           runs=runs, max_seconds=max_seconds, dims=dims)
-        except SystemExit as e:  # the script's one-line errors (symbolic dimensions, synthetic inputs)
-            raise DeviceError(f"device {self.profile.name}: {e}") from None
         m = Measurement(device=self.profile.name, precision=precision, artifact=Path(model).name, **r)
         if m.cv > NOISY_CV:
             m.notes.append(f"wide spread: coefficient of variation {m.cv:.2f}")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .measurement import Measurement
-from .profile import DeviceError, DeviceProfile, check_ready
+from .profile import DeviceError, DeviceProfile, check_ready, script_errors
 
 NOISY_CV = 0.5
 CUDA_GRAPH_MAX_BATCH = 8  # launch overhead matters below this; larger batches are compute-bound
@@ -215,12 +215,10 @@ class GPUDevice:
             raise DeviceError(f"device {self.profile.name}: {path.name} is ONNX but ONNX Runtime has no "
                               "CUDAExecutionProvider here (install onnxruntime-gpu), and TensorRT needs an "
                               "engine: build one with exporters.tensorrt, or pass a .pt2 for PyTorch")
-        try:
+        with script_errors(self.profile.name):
             r = bench_onnxruntime.measure(str(path), batch=batch, threads=0, warmup=warmup, runs=runs,
                                           max_seconds=max_seconds, dims=dims,
                                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-        except SystemExit as e:  # the script's one-line errors (symbolic dimensions, synthetic inputs)
-            raise DeviceError(f"device {self.profile.name}: {e}") from None
         if r["provider"] != "CUDAExecutionProvider":
             # ORT falls back to the CPU silently when CUDA libraries or the GPU are missing.
             raise DeviceError(f"device {self.profile.name}: ONNX Runtime fell back to {r['provider']} "

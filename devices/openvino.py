@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .bench_openvino import HINTS  # the same precision hints a remote board gets
 from .measurement import Measurement
-from .profile import DeviceError, DeviceProfile, check_ready
+from .profile import DeviceError, DeviceProfile, check_ready, script_errors
 
 NOISY_CV = 0.5
 
@@ -58,12 +58,10 @@ class OpenVINODevice:
         model = Path(model)
         if model.suffix not in (".xml", ".onnx") or not model.is_file():
             raise DeviceError(f"device {self.profile.name}: {model} is not an OpenVINO .xml or .onnx file")
-        try:
+        with script_errors(self.profile.name):  # unreadable model, shapes, compile, synthetic inputs
             r = bench_openvino.measure(str(model), batch=batch, threads=self.profile.threads, warmup=warmup,
                                        runs=runs, max_seconds=max_seconds, shapes=dims, precision=precision,
                                        device=self.target)
-        except SystemExit as e:  # the script's one-line errors (unreadable model, shapes, compile)
-            raise DeviceError(f"device {self.profile.name}: {e}") from None
         m = Measurement(device=self.profile.name, precision=precision, artifact=model.name, **r)
         if m.cv > NOISY_CV:
             m.notes.append(f"wide spread: coefficient of variation {m.cv:.2f}")

@@ -1,6 +1,7 @@
 """Device profiles: frozen target descriptions read from YAML (profiles/devices/*.yaml or a user's file)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 class DeviceError(Exception):
     """A user-facing device problem (unknown profile, unreachable board, unsupported runtime)."""
+
+
+@contextmanager
+def script_errors(device: str):
+    """A bench script's one-line errors (its SystemExit: an unreadable model, a symbolic dimension, a model that
+    fails on the synthetic inputs) as this device's DeviceError, which the profile stage records and goes on."""
+    try:
+        yield
+    except SystemExit as e:
+        raise DeviceError(f"device {device}: {e}") from None
 
 
 class DeviceProfile(BaseModel):

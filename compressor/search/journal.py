@@ -16,8 +16,6 @@ class Journal:
     search's settings) is the run's."""
 
     def __init__(self, path, key: str):
-        import json
-
         self.path, self.key, self.teacher_ms, self.reference_ms = path, key, {}, {}
         self.saved: dict[str, dict] = {}
         if path.is_file():

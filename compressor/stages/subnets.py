@@ -90,6 +90,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     ctx.log(f"search: the teacher's sub-networks: {len(space.units)} droppable units ({', '.join(space.units)}), "
             f"channel cuts {', '.join(f'{c:g}' for c in space.channels)}: {space.size} genomes"
             f"{f', {len(trials)} over the FLOPs budget' if trials else ''}; {len(genomes)} tried{sampled}")
+    refused = []  # cuts the structure cannot give
     for gnm in genomes:
         # Rung 0, second half: FLOPs and size as built, then latency on each device for those left.
         est = build.flops_estimate(gnm)
@@ -99,13 +100,13 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         except UserError as e:  # a cut the structure cannot give (groups at their multiple): not a candidate
             trials.append(S.Trial(gnm, cost={"flops": int(est), "estimated": True}, feasible=False,
                                   why=str(e).split(": ", 1)[-1][:200]))
+            refused.append(trials[-1])
             continue
         trial = S.Trial(gnm, model, plan)
         if not journal.restore(trial, model_key(model, take(example, 1))):
             trial.cost = S.costs(model, example)
         trials.append(trial)
     built_s = time.time() - t0
-    refused = [t for t in trials if t.cost.get("estimated") and t.why and not t.why.startswith("about ")]
     if refused:  # cuts the structure cannot give: say so, or a search of one candidate looks like a choice
         ctx.log(f"search: {len(refused)} channel cut(s) cannot be made, e.g. {refused[0].genome['channels']:.0%}: "
                 f"{refused[0].why[:160]}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import first_line
 from ..flops import no_fastpath
 from .structure import _output, width_of
 
@@ -80,16 +81,21 @@ def _per_flop(base_cls):
     return PerFlop
 
 
-def _raised_in_torch_pruning(e: BaseException) -> bool:
-    """Whether the innermost frame of ``e``'s traceback is torch-pruning's (its index mapping), not ours."""
+def in_torch_pruning(filename: str) -> bool:
+    """Whether a traceback frame's file is torch-pruning's own (its directory, not a path that names it)."""
     import os
-    import traceback
 
     import torch_pruning
 
-    home = os.path.dirname(os.path.abspath(torch_pruning.__file__)) + os.sep
+    return os.path.abspath(filename).startswith(os.path.dirname(os.path.abspath(torch_pruning.__file__)) + os.sep)
+
+
+def _raised_in_torch_pruning(e: BaseException) -> bool:
+    """Whether the innermost frame of ``e``'s traceback is torch-pruning's (its index mapping), not ours."""
+    import traceback
+
     frames = traceback.extract_tb(e.__traceback__)
-    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(home)
+    return bool(frames) and in_torch_pruning(frames[-1].filename)
 
 
 def _named(importance, model: nn.Module, keep: int = 0, heads=(), floors=None, skipped: dict | None = None):
@@ -117,7 +123,7 @@ def _named(importance, model: nn.Module, keep: int = 0, heads=(), floors=None, s
                 mods = ", ".join(dict.fromkeys(said(dep.target.module) for dep, _ in group
                                                if dep.target.module in names))
                 if skipped is not None:
-                    skipped.setdefault(mods, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+                    skipped.setdefault(mods, first_line(e, 160))
                 return None
             k = keep
             for dep, _ in group if keep else ():

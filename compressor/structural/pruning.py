@@ -9,10 +9,10 @@ import traceback
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..flops import count_flops, flops_by_module, no_fastpath
 from ..tasks import call, sq_error_mean, take
-from .importance import IMPORTANCE, _named, _per_flop, ce_gradients, fisher
+from .importance import IMPORTANCE, _named, _per_flop, ce_gradients, fisher, in_torch_pruning
 from .plan import fold_parametrizations, folded_said, parametrized, plan_of
 from .structure import _fix_heads, _TooFar, _tp, head_layout, kept_by_default, width_of, width_unit
 
@@ -125,11 +125,10 @@ def _output_loss(model: nn.Module, pruned: nn.Module, batches) -> float:
 def _failed(model: nn.Module, e: Exception) -> UserError:
     """A cut copy that failed to run, or torch-pruning failing: the module, and what to leave out."""
     where = raised_in(e)
-    said = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    frames = [f.name for f in traceback.extract_tb(e.__traceback__)]
-    if "build_dependency" in frames:  # before any cut: DepGraph could not trace the model's couplings
-        inner = next((f.name for f in reversed(traceback.extract_tb(e.__traceback__))
-                      if "torch_pruning" in f.filename), "build_dependency")
+    said = first_line(e)
+    frames = traceback.extract_tb(e.__traceback__)
+    if any(f.name == "build_dependency" for f in frames):  # before any cut: DepGraph could not trace the model
+        inner = next((f.name for f in reversed(frames) if in_torch_pruning(f.filename)), "build_dependency")
         return UserError(f"prune.channels: torch-pruning cannot trace the channel couplings of {type(model).__name__} "
                          f"({said}, in its {inner}): a view or reshape of the channel axis it cannot follow, such as a "
                          "channel shuffle; prune whole blocks instead (prune: {by: flops, remove: 0.3})")
@@ -269,8 +268,7 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
             best, least = bisect(ignored_paths + stem)
         except Exception:
             raise _failed(model, e) from None
-        log(f"prune.channels: with the stem's channels cut the copy fails ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:120] if str(e) else ''}); the stem is kept")
+        log(f"prune.channels: with the stem's channels cut the copy fails ({first_line(e, 120)}); the stem is kept")
         stem_choice = {"stem": stem, "kept": True, "why": f"the cut with it cut fails ({type(e).__name__})"}
         ignored_paths = ignored_paths + stem
         kept = {**kept, **{p: "input stem (the cut with it cut fails)" for p in stem}}

@@ -37,6 +37,15 @@ def _producer(graph) -> dict:
     return {o: n for n in graph.node for o in n.output}
 
 
+def _users(graph) -> dict[str, list]:
+    """{tensor: the nodes that read it}."""
+    users: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    return users
+
+
 # Ops that only move values: a DQ before them still feeds the next op exact quantized values, and ORT and
 # TensorRT both move Q/DQ across them (NNCF puts the head's quantizer before Flatten).
 SHAPE_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
@@ -86,12 +95,11 @@ def index_math(graph) -> list[str]:
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
     types.update({i.name: i.data_type for i in graph.initializer})
     prod, inits = _producer(graph), {i.name for i in graph.initializer}
-    weighted = ("Conv", "MatMul", "Gemm", "ConvTranspose")
     casts = [n for n in graph.node if n.op_type == "Cast" and any(a.name == "to" and a.i in _INTEGER for a in n.attribute)]
     seen, todo = set(), [prod[i] for n in casts for i in n.input if i in prod]
     while todo:
         n = todo.pop()
-        if n.name in seen or n.op_type in ("Cast", "Constant", *weighted) or \
+        if n.name in seen or n.op_type in ("Cast", "Constant", *COMPUTE_OPS) or \
                 not all(types.get(o) in _FLOAT for o in n.output):
             continue
         seen.add(n.name)
@@ -196,10 +204,7 @@ def check_qdq(path: str | Path, keep_float=(), own=()) -> dict:
         raise ExportError(f"{Path(path).name} has no DequantizeLinear: it is not quantized")
     prod = _producer(g)
     inits = {t.name: t for t in g.initializer}
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    users = _users(g)
     quantized, floating, bad, per_channel = [], [], [], []
     for n in g.node:
         if n.op_type not in COMPUTE_OPS:

@@ -35,8 +35,8 @@ class _Reader:
 @contextlib.contextmanager
 def _prepared(fp32, out, keep_float):
     """Run an ONNX Runtime quantizer in a temporary working directory (it and its calibrator leave
-    large files there): yields (pre-processed model, output path, nodes kept float), then moves the
-    output to ``out`` (a temporary name, then a rename). Paths are resolved first, so relative ones
+    large files there): yields (pre-processed model's path, its graph, output path, nodes kept float), then
+    moves the output to ``out`` (a temporary name, then a rename). Paths are resolved first, so relative ones
     still mean the caller's directory."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -61,7 +61,7 @@ def _prepared(fp32, out, keep_float):
                        "names do not show)")
                 raise ExportError(f"cannot keep {', '.join(missing)} in float: {why}")
             tmp_out = Path(tmp) / "int8.onnx"
-            yield pre, tmp_out, excluded
+            yield pre, graph.graph, tmp_out, excluded
             part = out.with_name(f".{out.name}.tmp")
             shutil.copyfile(tmp_out, part)
             os.replace(part, out)
@@ -87,10 +87,8 @@ def quantize_static(fp32: str | Path, out: str | Path, calibration, *, activatio
     if activations not in ("uint8", "int8"):
         raise ExportError(f"activations {activations!r}: use uint8 or int8")
     names = [i.name for i in ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()]
-    with _prepared(fp32, out, keep_float) as (pre, tmp_out, excluded):
-        import onnx
-
-        index = [n for n in index_math(onnx.load(str(pre)).graph) if n not in excluded]
+    with _prepared(fp32, out, keep_float) as (pre, graph, tmp_out, excluded):
+        index = [n for n in index_math(graph) if n not in excluded]
         ort_quantize_static(
             str(pre), str(tmp_out), _Reader(names, calibration), quant_format=QuantFormat.QDQ,
             per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
@@ -120,7 +118,7 @@ def quantize_dynamic(fp32: str | Path, out: str | Path, *, keep_float=(), per_ch
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    with _prepared(fp32, out, keep_float) as (pre, tmp_out, excluded):
+    with _prepared(fp32, out, keep_float) as (pre, _, tmp_out, excluded):
         ort_quantize_dynamic(str(pre), str(tmp_out), per_channel=per_channel, reduce_range=reduce_range,
                              weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
     return {"tool": "onnxruntime.quantization.quantize_dynamic", "onnxruntime": ort.__version__,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .graph import COMPUTE_OPS, SHAPE_OPS, _producer
+from .graph import COMPUTE_OPS, SHAPE_OPS, _producer, _users
 
 
 def fold_weight_quantizers(path: str | Path) -> dict:
@@ -125,10 +125,7 @@ def requantize_moved(path: str | Path) -> dict:
                 memo[name] = None
         return memo[name]
 
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    users = _users(g)
 
     def feeds_compute_bare(name) -> bool:
         for u in users.get(name, []):
