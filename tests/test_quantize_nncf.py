@@ -1,5 +1,7 @@
 """NNCF quantization: QAT with the teacher and PTQ, exported as standard QDQ (skipped without nncf)."""
 import copy
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +19,9 @@ from compressor.quantize import fold_batchnorm, nncf_quantize  # noqa: E402
 from compressor.stages.quantize import _nncf_export  # noqa: E402
 from compressor.recipe import load_recipe  # noqa: E402
 from exporters.qdq import check_qdq, run_onnxruntime  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import user_models as U  # noqa: E402  (tests/user_models.py: models nobody here wrote)
 
 
 def _ctx(tmp_path, model_input):
@@ -137,13 +142,9 @@ def test_nncf_keep_float_finds_a_layer_in_a_module_list(tmp_path):
 def test_nncf_quantizes_multihead_attention(tmp_path):
     """nn.MultiheadAttention's packed projection is a weight of its own: its output Linear is quantized, and
     the check allows a float operation of the attention's own only."""
-    import sys
-    from pathlib import Path
 
     from compressor.quantize import float_layers
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import user_models as U
 
     torch.manual_seed(0)
     vit, x = U.vit(dim=32, depth=1, heads=4, mlp=64).eval(), torch.randn(32, 1, 16, 16)
@@ -229,11 +230,7 @@ def test_a_quantizer_nncf_shares_between_hook_points_is_exported_as_standard_qdq
     """ShuffleNet's chunk and cat: NNCF shares one activation quantizer between several hook points, and
     nncf.strip converted it under the first name only; the file held org.openvinotoolkit FakeQuantize ops and
     the quantize stage refused it."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import user_models as U
 
     torch.manual_seed(0)
     model, x = U.shufflenet().eval(), torch.randn(64, 1, 16, 16)
@@ -252,13 +249,9 @@ def test_weight_normalised_convolutions_get_weight_quantizers(tmp_path):
     """NNCF sees no constant weight behind torch.nn.utils.parametrizations.weight_norm and put no quantizer on
     those convolutions; the quantize stage refused the file (convolutions without Q/DQ). The student's copy is
     folded first."""
-    import sys
-    from pathlib import Path
 
     from compressor.stages.quantize import nncf_int8
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import user_models as U
 
     torch.manual_seed(0)
     x = torch.randn(64, 1, 16, 16)
@@ -276,11 +269,7 @@ def test_a_cast_to_float_between_a_dq_and_its_conv_is_not_a_missing_quantizer(tm
     """DINOv2 casts its pixels to the patch convolution's dtype: a float->float Cast sat between the input's
     DequantizeLinear and the Conv, and the check called the Conv unquantized."""
     pytest.importorskip("transformers")
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import user_models as U
 
     from compressor.intake import intake
     from compressor.tasks import call
@@ -314,11 +303,7 @@ def test_squeeze_excitation_layers_nncf_leaves_float_pass_the_check(tmp_path):
     """NNCF's SE_BLOCK pattern keeps a squeeze-excitation's two layers float on purpose; the Q/DQ check called
     them unquantized, so every SE model (the tests' depthwise CNN, RegNetY, EfficientNet, MobileNetV3) was
     refused under ptq-nncf and qat-kd. They are listed as float; the block's other convolutions are not."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import user_models as U
 
     torch.manual_seed(0)
     model, x = U.dw_cnn().eval(), torch.randn(64, 1, 16, 16)

@@ -13,6 +13,9 @@ from compressor.flops import count_flops
 from compressor.models import ResNet
 from compressor.search import subnets as S
 
+sys.path.insert(0, str(Path(__file__).parent))
+import user_models as U  # noqa: E402  (tests/user_models.py: models nobody here wrote)
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -431,8 +434,6 @@ def test_the_candidates_are_cut_with_the_prune_sections_settings():
     they had set)."""
     from compressor.errors import UserError
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import user_models as U
 
     torch.manual_seed(0)
     t, x = U.GroupNormCNN().eval(), torch.randn(32, 1, 16, 16)
@@ -482,8 +483,6 @@ def test_a_candidate_with_nothing_left_to_cut_by_width_is_refused_not_a_crash():
     from compressor.intake import intake
     from compressor.tasks import call
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import user_models as U
 
     torch.manual_seed(0)
     t, x = U.hf_mobilevit(), torch.randn(8, 1, 16, 16)
