@@ -102,3 +102,13 @@ def test_every_shipped_recipe_survives_its_own_resolved_dump():
             assert load_recipe(yaml.safe_load(dump_recipe(r))) == r, name
             assert load_recipe(name, ["seed=1"]).seed == 1
             assert builtin_recipe(name) is not None
+
+
+def test_an_unknown_key_with_a_newline_is_named_on_one_line(tiny_recipe):
+    """Found by the fuzz test: a key holding a newline split the one-line error in two."""
+    from compressor.errors import UserError
+    from compressor.recipe import load_recipe
+
+    with pytest.raises(UserError) as e:
+        load_recipe({**tiny_recipe, "budgets": {"\n": None}})
+    assert "\n" not in str(e.value) and "budgets.'\\n': unknown key" in str(e.value)

@@ -50,8 +50,10 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 def _one_line(e: ValidationError, source: str) -> str:
     errs = e.errors()
     first = errs[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
+    # a key is shown as written unless it holds a newline or another unprintable character (then its repr):
+    # the error stays one line
+    loc = ".".join(str(p) if str(p).isprintable() else repr(p) for p in first["loc"]) or "(top level)"
+    msg = " ".join(first["msg"].split())
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check its spelling)"
     got = first.get("input")
