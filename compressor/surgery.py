@@ -61,9 +61,22 @@ def gated(model: nn.Module, gates: dict):
             h.remove()
 
 
-def sliced_linear(lin: nn.Linear, *, rows=None, cols=None) -> nn.Linear:
-    """A copy of ``lin`` keeping only the given output rows and/or input columns."""
-    w = lin.weight.detach()
+def is_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear whose weight is stored transposed, (in, out)."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
+def features(m: nn.Module) -> tuple[int, int] | None:
+    """(input, output) features of a Linear or a Conv1D; None for any other module."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    return tuple(m.weight.shape) if is_conv1d(m) else None
+
+
+def sliced_linear(lin: nn.Module, *, rows=None, cols=None) -> nn.Linear:
+    """A copy of ``lin`` (a Linear or a Conv1D, which becomes the Linear it equals) keeping only the given
+    output rows and/or input columns."""
+    w = lin.weight.detach().T if is_conv1d(lin) else lin.weight.detach()
     if rows is not None:
         w = w[rows]
     if cols is not None:

@@ -3,16 +3,10 @@
 Layer pruning (compressor/prune.py) removes whole blocks; this narrows the blocks that stay. Together they
 make a student much smaller than the teacher that still starts from the teacher's weights.
 
-1. Groups, found on any model and checked numerically, never assumed from names:
-   - an FFN pair: a Linear A and the next Linear B (in execution order) with B.in_features ==
-     A.out_features, such that cutting channels out of A's outputs and B's inputs gives exactly the model
-     with those channels of B's input set to zero. An elementwise activation between them passes; a
-     LayerNorm, a residual use of A's output or a reshape into heads does not (the check fails or the
-     sliced copy does not run). In a Transformer layer that is the intermediate/output pair.
-   - attention heads: a module with ``prune_heads`` (Hugging Face's attention modules) which holds, or whose
-     child holds, ``attention_head_size`` and a head count (``num_attention_heads``; DistilBERT's ``n_heads``). Head h's output is a head-wide slice of the
-     input of the attention's output Linear (the ``gate``); pruned with the module's own ``prune_heads``,
-     checked the same way.
+1. Groups (compressor/groups.py), found on any model and checked numerically, never assumed from names: FFN
+   pairs (gated ones too: SwiGLU) and attention heads, either by a module's own ``prune_heads`` (Hugging Face's
+   BERT family) or by the layouts of modules without one (Llama, Qwen2, Mistral, Gemma, Phi, OPT, GPT-NeoX,
+   GPT-2, ModernBERT, a user's own). Each group has a ``gate``: the Linear whose input channels it owns.
 2. Criterion: LAPTOP-Diff's output loss (prune.py), linearised so thousands of elements cost a few
    backward passes. With a mask m on each gate's input (per neuron, or per head slice), removing element j
    changes the output by about -dy/dm_j, so s_j = E ||dy/dm_j||^2 per sample. It is estimated with random
@@ -23,8 +17,9 @@ make a student much smaller than the teacher that still starts from the teacher'
    stay multiples of ``multiple``, which the GEMM kernels prefer), heads one at a time. The cheapest next
    block or head per FLOP it saves is taken until the FLOPs removed reach the budget; every pair keeps one
    block and every attention one head.
-4. The plan (kept neurons per FFN pair, removed heads per attention, by module path) goes into the
-   genome: ``apply_plan`` on the layer-pruned teacher rebuilds the student.
+4. The plan (kept neurons per FFN pair, removed heads per attention and the layout of those cut without
+   ``prune_heads``, by module path) goes into the genome: ``apply_plan`` on the layer-pruned teacher rebuilds
+   the student.
 
 The residual stream's channels (``hidden``) are found and cut by compressor/surgery.py.
 """
@@ -32,141 +27,19 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .errors import UserError
 from .flops import count_flops as flops
-from .surgery import cut_hidden, cut_stream, projected_grads, sliced_linear
+from .groups import Group, cut_heads, ffn_swap, find_groups, gate_mask, heads_swap
+from .surgery import cut_hidden, cut_stream, features, projected_grads, sliced_linear
 from .surgery import gated as _gated
 from .surgery import get_module as _get
 from .surgery import set_module as _set
 from .surgery import swapped as _swapped
-from .hf import HEAD_LAYOUTS
 from .tasks import output
-
-HEAD_COUNTS = tuple(count for count, _ in HEAD_LAYOUTS)  # the head count's name in Hugging Face attention modules
-
-@dataclass
-class Group:
-    kind: str  # "ffn" or "heads"
-    path: str  # ffn: B, the Linear whose input channels go; heads: the attention module
-    gate: str  # the Linear whose input the mask scales (ffn: B itself; heads: the attention's output Linear)
-    producer: str  # ffn: A, whose output rows go; heads: the module holding the head count
-    size: int  # neurons or heads
-    width: int  # gate input channels per element: 1 for a neuron, head_dim for a head
-    flops: float = 0.0  # FLOPs one element costs per sample (counted on the calibration example)
-    cost: float | None = None  # what one element costs in the budget's unit, where not FLOPs (ms: measure_costs)
-    scores: list = field(default_factory=list)  # s_j per element
-
-    def summary(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "size": self.size, "flops_per_element": self.flops,
-                **({"ms_per_element": self.cost} if self.cost is not None else {})}
-
-
-# ------------------------------------------------------------------------------------------ finding
-
-@torch.no_grad()
-def _linear_order(model: nn.Module, example) -> list[str]:
-    """The Linear layers' paths in the order a forward pass first calls them."""
-    order, handles = [], []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(lambda _m, _a, _o, name=name: order.append(name)))
-    try:
-        output(model, example)
-    finally:
-        for h in handles:
-            h.remove()
-    return list(dict.fromkeys(order))
-
-
-def _ffn_swap(model: nn.Module, g: Group, keep) -> dict:
-    keep = torch.as_tensor(sorted(keep), dtype=torch.long)
-    return {g.producer: sliced_linear(_get(model, g.producer), rows=keep),
-            g.path: sliced_linear(_get(model, g.path), cols=keep)}
-
-
-def _heads_swap(model: nn.Module, g: Group, removed) -> dict:
-    att = copy.deepcopy(_get(model, g.path))
-    att.prune_heads(sorted(int(h) for h in removed))
-    return {g.path: att}
-
-
-def _mask(g: Group, removed, device=None) -> torch.Tensor:
-    m = torch.ones(g.size * g.width, device=device)
-    for j in removed:
-        m[j * g.width:(j + 1) * g.width] = 0
-    return m
-
-
-@torch.no_grad()
-def _exact(model: nn.Module, g: Group, example, tol: float = 1e-4) -> bool:
-    """Whether cutting half the group's elements equals zeroing them at the gate (on ``example``)."""
-    gen = torch.Generator().manual_seed(0)
-    removed = torch.randperm(g.size, generator=gen)[: max(1, g.size // 2)].tolist()
-    with _gated(model, {g.gate: _mask(g, removed)}):
-        ref = output(model, example)
-    keep = [j for j in range(g.size) if j not in set(removed)]
-    swap = _ffn_swap(model, g, keep) if g.kind == "ffn" else _heads_swap(model, g, removed)
-    try:
-        with _swapped(model, swap):
-            got = output(model, example)
-    except (RuntimeError, ValueError, IndexError):  # a reshape into heads, a residual of the wrong width
-        return False
-    return got.shape == ref.shape and float((got - ref).abs().max()) <= tol * (1 + float(ref.abs().max()))
-
-
-def _head_groups(model: nn.Module, order: list[str], example) -> list[Group]:
-    groups = []
-    for path, m in model.named_modules():
-        if not callable(getattr(m, "prune_heads", None)) or hasattr(m, "base_model_prefix"):
-            continue  # a PreTrainedModel's prune_heads takes a dict over layers; its layers' modules come next
-        holder = next(((p, c, a) for p, c in m.named_modules() for a in HEAD_COUNTS
-                       if hasattr(c, a) and hasattr(c, "attention_head_size")), None)
-        if holder is None:
-            continue
-        n, d = int(getattr(holder[1], holder[2])), int(holder[1].attention_head_size)
-        prefix = f"{path}." if path else ""
-        gates = [p for p in order if p.startswith(prefix) and _get(model, p).in_features == n * d]
-        if n < 2 or not gates:
-            continue
-        g = Group("heads", path, gates[-1], f"{prefix}{holder[0]}".rstrip("."), n, d)
-        if _exact(model, g, example):
-            groups.append(g)
-    return groups
-
-
-def _ffn_groups(model: nn.Module, order: list[str], example, taken: list[Group]) -> list[Group]:
-    inside = tuple(f"{g.path}." for g in taken)
-    groups = []
-    for i, a in enumerate(order):
-        if a.startswith(inside):
-            continue
-        A = _get(model, a)
-        b = next((p for p in order[i + 1:] if _get(model, p).in_features == A.out_features), None)
-        if b is None or b.startswith(inside) or A.out_features < 2:
-            continue
-        g = Group("ffn", b, b, a, A.out_features, 1)
-        if _exact(model, g, example):
-            groups.append(g)
-    return groups
-
-
-def find_groups(model: nn.Module, example, ffn: bool = True, heads: bool = True) -> list[Group]:
-    """The model's prunable FFN pairs and attention-head sets, each checked to cut exactly."""
-    was = model.training
-    model.eval()
-    try:
-        order = _linear_order(model, example)
-        hg = _head_groups(model, order, example) if heads else []
-        fg = _ffn_groups(model, order, example, hg) if ffn else []
-    finally:
-        model.train(was)
-    return hg + fg
-
 
 # ------------------------------------------------------------------------------------------ scoring
 
@@ -192,7 +65,7 @@ def score_groups(model: nn.Module, groups: list[Group], batches, projections: in
             g.scores = (acc[g.gate] / (projections * samples)).tolist()
         base = flops(model, batches[0])
         for g in groups:
-            one = _ffn_swap(model, g, range(1, g.size)) if g.kind == "ffn" else _heads_swap(model, g, [0])
+            one = ffn_swap(model, g, range(1, g.size)) if g.kind == "ffn" else heads_swap(model, g, [0])
             with _swapped(model, one):
                 g.flops = float(base - flops(model, batches[0]))
     finally:
@@ -235,15 +108,23 @@ def select(groups: list[Group], budget: float, multiple: int = 16) -> dict:
         _, g, n = min(options, key=lambda o: o[0])
         taken[g.path] += n
         saved += n * _cost(g)
+    return _plan(groups, {g.path: order[g.path][:taken[g.path]] for g in groups})
+
+
+def _plan(groups: list[Group], gone: dict) -> dict:
+    """The plan that removes the elements ``gone[path]`` from each group."""
     plan = {"ffn": {}, "heads": {}}
     for g in groups:
-        gone = order[g.path][:taken[g.path]]
-        if not gone:
+        if not gone.get(g.path):
             continue
         if g.kind == "ffn":
-            plan["ffn"][g.path] = {"producer": g.producer, "keep": sorted(set(range(g.size)) - set(gone))}
+            plan["ffn"][g.path] = {"producer": g.producer, "keep": sorted(set(range(g.size)) - set(gone[g.path])),
+                                   **({"also": list(g.also)} if g.also else {}),
+                                   **({"halves": g.halves} if g.halves > 1 else {})}
         else:
-            plan["heads"][g.path] = sorted(gone)
+            plan["heads"][g.path] = sorted(gone[g.path])
+            if g.layout:
+                plan.setdefault("layouts", {})[g.path] = g.layout
     return plan
 
 
@@ -267,9 +148,7 @@ def measure_costs(model: nn.Module, groups: list[Group], example, device, multip
 
     def variants():  # one at a time: the Meter exports each and lets it go
         for g, k in zip(groups, least):
-            plan = ({"ffn": {g.path: {"producer": g.producer, "keep": list(range(k))}}} if g.kind == "ffn" else
-                    {"heads": {g.path: list(range(k, g.size))}})
-            v = apply_plan(copy.deepcopy(model), plan).eval()
+            v = apply_plan(copy.deepcopy(model), _plan([g], {g.path: list(range(k, g.size))})).eval()
             per_element_flops.append((base - flops(v, example)) / max(1, g.size - k))
             yield v
 
@@ -293,10 +172,17 @@ def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
         cut_stream(model, plan["hidden"])
     for path, p in plan.get("ffn", {}).items():
         keep = torch.as_tensor(p["keep"], dtype=torch.long)
-        _set(model, p["producer"], sliced_linear(_get(model, p["producer"]), rows=keep))
+        size = features(_get(model, path))[0]
+        rows = torch.cat([keep + h * size for h in range(p.get("halves", 1))])
+        for producer in (p["producer"], *p.get("also", ())):
+            _set(model, producer, sliced_linear(_get(model, producer), rows=rows))
         _set(model, path, sliced_linear(_get(model, path), cols=keep))
+    layouts = plan.get("layouts", {})
     for path, removed in plan.get("heads", {}).items():
-        _get(model, path).prune_heads([int(h) for h in removed])
+        if path in layouts:
+            cut_heads(_get(model, path), layouts[path], removed)
+        else:
+            _get(model, path).prune_heads([int(h) for h in removed])
     return model
 
 
@@ -307,10 +193,10 @@ def _plan_error(model: nn.Module, pruned: nn.Module, groups: list[Group], plan: 
     gates = {}
     for path, p in plan["ffn"].items():
         g = by_path[path]
-        gates[g.gate] = _mask(g, sorted(set(range(g.size)) - set(p["keep"])))
+        gates[g.gate] = gate_mask(g, sorted(set(range(g.size)) - set(p["keep"])))
     for path, removed in plan["heads"].items():
         g = by_path[path]
-        gates[g.gate] = _mask(g, removed)
+        gates[g.gate] = gate_mask(g, removed)
     model.eval()
     pruned.eval()
     with _gated(model, gates):

@@ -183,6 +183,32 @@ def test_gpt2_runs_end_to_end_with_ort_dynamic_int8(tiny_recipe, tmp_path):
 
 # ------------------------------------------------------------------------------------------ channel pruning
 
+@pytest.mark.slow
+def test_a_llama_classifier_is_narrowed_distilled_exported_and_rebuilt(tiny_recipe, tmp_path):
+    """A decoder's attention has no prune_heads: its heads (grouped-query) and SwiGLU neurons are cut by their
+    layout, the student distils and exports, and its genome rebuilds a model that loads the shipped weights."""
+    import compressor
+    from compressor.prune import rebuild
+
+    pytest.importorskip("transformers")
+    r = tiny_recipe
+    r.update(name="llama", teacher={"model": "user_models:hf_llama", "train": {"epochs": 3, "lr": 0.003}},
+             data={"dataset": "user_models:token_data", "batch_size": 64},
+             prune={"by": "units", "remove": 0, "width": {"remove": 0.4, "multiple": 8}},
+             distill={"epochs": 2, "lr": 0.003}, targets=[])
+    r.pop("student")
+    out = compressor.run(r, tmp_path / "b", log=lambda s: None)
+    man = compressor.verify(out)
+    width = next(s for s in man["stages"] if s["name"] == "prune")["metrics"]["width"]
+    assert width["flops_after"] <= 0.6 * width["flops_before"] and width["max_abs_diff_vs_masked"] < 1e-5
+    plan = man["student"]["width"]
+    assert all(p["also"] == [k.replace("down_proj", "up_proj")] for k, p in plan["ffn"].items())
+    q = man["quality"]
+    assert q["student"]["accuracy"] >= q["teacher"]["accuracy"] - 0.1
+    student = rebuild(man["student"])
+    student.load_state_dict(torch.load(out / "model" / "student.pt"))
+
+
 def test_the_classifier_head_keeps_as_many_inputs_as_classes():
     """A head that reads mostly 8 of its 32 features (as a trained 3-conv CNN's did): its inputs were cut to 8
     for 10 classes, a rank-8 map that kept 65% of the teacher's accuracy. The cut keeps 16 (10, in blocks of 8)."""

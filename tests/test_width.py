@@ -105,6 +105,58 @@ def test_distilbert_heads_are_found_and_cut_by_its_own_prune_heads():
     torch.testing.assert_close(call(again, batch), call(pruned, batch))
 
 
+# (builder, the attention modules' layout, the attributes that follow a cut, FFN producers beside the first,
+# producer halves): found by cutting on a copy, never by name
+LAYOUTS = [
+    ("hf_llama", "model.layers.{}.self_attn", ("separate", 2, {}), ("model.layers.{}.mlp.up_proj",), 1),
+    ("hf_gpt2", "transformer.h.{}.attn", ("blocked", 1, {"num_heads": "heads", "split_size": "width"}), (), 1),
+    ("hf_gpt_neox", "gpt_neox.layers.{}.attention", ("interleaved", 1, {}), (), 1),
+    ("hf_opt", "model.decoder.layers.{}.self_attn", ("separate", 1, {"num_heads": "heads"}), (), 1),
+    ("hf_modernbert", "model.layers.{}.attn", ("blocked", 1, {"num_heads": "heads", "all_head_size": "width"}), (), 2),
+]
+
+
+@pytest.mark.parametrize("name,attention,layout,also,halves", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_heads_without_prune_heads_are_cut_by_their_layout(name, attention, layout, also, halves):
+    """Llama (grouped-query attention, SwiGLU), GPT-2 (Conv1D, split by a width it keeps), GPT-NeoX (heads
+    interleaved in one projection), OPT (reshaped by its num_heads), ModernBERT (a fused gate and up projection):
+    every layer's heads and FFN are groups, a cut of both is exact, and the plan rebuilds the student."""
+    pytest.importorskip("transformers")
+    model = getattr(_user_models(), name)().eval()
+    gen = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(1, 256, (8, 16), generator=gen), "attention_mask": torch.ones(8, 16).long()}
+    groups = W.find_groups(model, batch)
+    heads, ffn = [g for g in groups if g.kind == "heads"], [g for g in groups if g.kind == "ffn"]
+    assert [g.path for g in heads] == [attention.format(i) for i in range(2)]
+    assert {(g.layout["kind"], g.layout["rep"], tuple(sorted(g.layout["attrs"].items()))) for g in heads} == {
+        (layout[0], layout[1], tuple(sorted(layout[2].items())))}
+    assert [g.also for g in ffn] == [tuple(a.format(i) for a in also) for i in range(2)]
+    assert {g.halves for g in ffn} == {halves} and len(ffn) == 2
+    for remove, kinds in ((0.1, {"ffn": False}), (0.4, {})):  # heads alone, then heads and neurons
+        pruned, plan, info = W.prune_width(model, [batch], remove, multiple=8, log=lambda s: None, **kinds)
+        assert info["max_abs_diff_vs_masked"] < 1e-5 and info["flops_after"] <= (1 - remove) * info["flops_before"]
+        assert set(plan.get("layouts", {})) == set(plan["heads"]) and (plan["heads"] or not kinds)
+        again = W.apply_plan(copy.deepcopy(model), json.loads(json.dumps(plan)))
+        again.load_state_dict(pruned.state_dict())  # the same shapes: Conv1Ds cut became the Linears they equal
+        with torch.no_grad():
+            torch.testing.assert_close(output(again.eval(), batch), output(pruned.eval(), batch))
+
+
+def test_heads_a_model_biases_from_outside_are_not_cut_and_a_block_holding_its_attention_is():
+    """Bloom's ALiBi slopes come from the config's head count, outside the attention: no cut of its heads is
+    exact, so they are no group (its FFN pairs are). A user's block holding ``heads``, one fused qkv Linear,
+    SDPA and its FFN: the heads are found on the block, and the FFN after them is a pair still."""
+    pytest.importorskip("transformers")
+    U = _user_models()
+    batch = {"input_ids": torch.randint(1, 256, (8, 16), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(8, 16).long()}
+    assert [g.kind for g in W.find_groups(U.hf_bloom().eval(), batch)] == ["ffn", "ffn"]
+    groups = W.find_groups(U.fused_qkv_vit().eval(), torch.randn(4, 1, 16, 16))
+    assert [(g.kind, g.path) for g in groups] == [("heads", f"blocks.{i}") for i in range(3)] + [
+        ("ffn", f"blocks.{i}.mlp.2") for i in range(3)]
+    assert all(g.layout["kind"] == "blocked" and g.layout["attrs"] == {"heads": "heads"} for g in groups[:3])
+
+
 def test_linearised_scores_rank_heads_by_their_real_output_loss(bert):
     """s_j (first order, random projections) against E||y(without head j) - y||^2, every head alone."""
     _, model, batch = bert
@@ -114,7 +166,7 @@ def test_linearised_scores_rank_heads_by_their_real_output_loss(bert):
     real, est = [], []
     for g in groups:
         for j in range(g.size):
-            with W._swapped(model, W._heads_swap(model, g, [j])), torch.no_grad():
+            with W._swapped(model, W.heads_swap(model, g, [j])), torch.no_grad():
                 real.append(float((output(model, batch) - ref).pow(2).sum(1).mean()))
             est.append(g.scores[j])
     assert spearmanr(est, real).statistic > 0.7, (est, real)

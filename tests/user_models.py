@@ -381,3 +381,41 @@ def len_flatten(in_channels=1, num_classes=10):
 
 def group_norm_cnn(in_channels=1, num_classes=10):
     return GroupNormCNN(in_channels, num_classes)
+
+
+# Decoders and newer encoders: attention without prune_heads, gated FFNs (compressor/groups.py)
+
+_LM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+           pad_token_id=0)
+
+
+def hf_llama(num_classes=4, vocab_size=256):
+    """Grouped-query attention (2 key/value heads for 4 query heads), RoPE, RMSNorm and a SwiGLU FFN; its
+    attention reshapes by -1 and keeps no head count."""
+    return _hf("LlamaConfig", "LlamaForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
+               num_key_value_heads=2, **_LM)
+
+
+def hf_gpt_neox(num_classes=4, vocab_size=256):
+    """One query_key_value projection whose rows go head after head, [q k v] each."""
+    return _hf("GPTNeoXConfig", "GPTNeoXForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
+               hidden_dropout=0.0, attention_dropout=0.0, **_LM)
+
+
+def hf_opt(num_classes=4, vocab_size=256):
+    """Separate q, k, v projections reshaped by the ``num_heads`` the attention keeps."""
+    return _hf("OPTConfig", "OPTForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
+               hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+               max_position_embeddings=64, pad_token_id=0, dropout=0.0)
+
+
+def hf_modernbert(num_classes=4, vocab_size=256):
+    """A fused [q | k | v] projection, and a GLU FFN whose gate and up projections are one Linear, chunked."""
+    return _hf("ModernBertConfig", "ModernBertForSequenceClassification", vocab_size=vocab_size,
+               num_labels=num_classes, **_LM)
+
+
+def hf_bloom(num_classes=4, vocab_size=256):
+    """ALiBi: the position bias has one slope per head, built from the config's head count outside the attention."""
+    return _hf("BloomConfig", "BloomForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
+               hidden_size=32, n_layer=2, n_head=4, pad_token_id=0)

@@ -80,7 +80,8 @@ class WidthSpec(_Section):
     remove: float = Field(gt=0, lt=1, description="the fraction of the (layer-pruned) model's FLOPs to remove "
                                                   "(cost: latency: of its milliseconds on prune.device)")
     ffn: bool = Field(True, description="cut neurons between a Linear and the next (Transformer FFNs, MLPs)")
-    heads: bool = Field(True, description="cut attention heads (modules with prune_heads: Hugging Face's)")
+    heads: bool = Field(True, description="cut attention heads (Hugging Face's, Llama-style q/k/v, fused qkv: "
+                                                "compressor/groups.py)")
     hidden: float = Field(0.0, ge=0, lt=1, description="first cut this fraction of the residual stream's channels "
                           "(the hidden size: embeddings, LayerNorms and every Linear reading or writing it; "
                           "Minitron's embedding-channel pruning); its FLOPs count toward remove. A sentence "

@@ -76,8 +76,8 @@ class Builder:
     channels cut. The channels' importance is estimated once per set of units, for every cut of it.
 
     ``cut`` says how: ``width`` (attention heads and FFN neurons, compressor.width: the hidden size stays)
-    for a teacher with Hugging Face attention (modules with ``prune_heads``), as the prune stage narrows an
-    encoder; ``channels`` (structural pruning, compressor.structural) for every other model. ``width`` and
+    for a teacher with attention heads compressor.groups can cut, as the prune stage narrows an encoder;
+    ``channels`` (structural pruning, compressor.structural) for every other model. ``width`` and
     ``channels``: the recipe's prune.width and prune.channels (dicts), whose settings that shape a cut (which
     elements may go, in what multiples, whether the stem stays) cut the candidates as the prune stage would cut
     the teacher; each cut's defaults where the recipe has no such section."""

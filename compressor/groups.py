@@ -1,0 +1,275 @@
+"""What width pruning (compressor/width.py) can cut: FFN pairs and attention heads, found on any model and
+checked numerically, never assumed from names.
+
+- An FFN pair: a Linear A and the next Linear B (in execution order) with B.in_features == A.out_features, such
+  that cutting channels out of A's outputs and B's inputs gives exactly the model with those channels of B's
+  input set to zero. An elementwise activation between them passes; a LayerNorm, a residual use of A's output or
+  a reshape into heads does not (the check fails or the sliced copy does not run). In a Transformer layer that
+  is the intermediate/output pair. A gated FFN (SwiGLU's ``down(act(gate(x)) * up(x))``) has a second producer
+  between them, reading A's input at A's width: its rows go with A's (``also``). GPT-2's Conv1D counts as the
+  Linear it equals (a cut one becomes that Linear).
+- Attention heads, whose outputs are head-wide slices of the input of the attention's output projection (the
+  ``gate``), in one of two ways:
+  - a module with ``prune_heads`` (Hugging Face's BERT family) which holds, or whose child holds,
+    ``attention_head_size`` and a head count (``num_attention_heads``; DistilBERT's ``n_heads``): cut by its own
+    ``prune_heads``;
+  - any other module holding a head size (``head_dim``, ``head_size``, ``attention_head_size``) or a head
+    count, whose Linears are called with the output projection last, in one of three layouts (``layouts``):
+    separate q, k, v projections (Llama, Qwen2, Mistral, Gemma, Phi, OPT; with grouped-query attention a
+    key/value head goes together with the query heads that read it); one projection whose rows are
+    [q | k | v] (blocked: ModernBERT, GPT-2, a timm ViT); or head after head [q k v] (interleaved: GPT-NeoX).
+    A head goes by removing its rows from the projections and its columns from the output projection.
+    Modules that reshape by -1 (Llama) need nothing more; others reshape by a count or width they keep
+    (OPT's ``num_heads``, GPT-2's ``split_size``), which must follow the cut. The first candidate (layout and
+    attributes that follow, fewest first) that cuts exactly is the module's; the plan records it.
+
+Each group is checked the same way: half its elements cut on a copy must equal the model with them zeroed at
+the gate.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .hf import HEAD_LAYOUTS
+from .surgery import features, sliced_linear
+from .surgery import gated as _gated
+from .surgery import get_module as _get
+from .surgery import set_module as _set
+from .surgery import swapped as _swapped
+from .tasks import output
+
+HEAD_COUNTS = tuple(count for count, _ in HEAD_LAYOUTS)  # the head count's name in Hugging Face attention modules
+
+@dataclass
+class Group:
+    kind: str  # "ffn" or "heads"
+    path: str  # ffn: B, the Linear whose input channels go; heads: the attention module
+    gate: str  # the Linear whose input the mask scales (ffn: B itself; heads: the attention's output Linear)
+    producer: str  # ffn: A, whose output rows go; heads: the module holding the head count
+    size: int  # neurons or heads
+    width: int  # gate input channels per element: 1 for a neuron, head_dim for a head
+    flops: float = 0.0  # FLOPs one element costs per sample (counted on the calibration example)
+    cost: float | None = None  # what one element costs in the budget's unit, where not FLOPs (ms: measure_costs)
+    scores: list = field(default_factory=list)  # s_j per element
+    layout: dict | None = None  # heads of a module without prune_heads: how compressor/heads.py cuts them
+    also: tuple = ()  # ffn: the producer's siblings whose output rows go with it (SwiGLU's up projection)
+    halves: int = 1  # ffn: 2 where the producer's output is two fused projections, neuron j's rows j and size + j
+
+    def summary(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "size": self.size, "flops_per_element": self.flops,
+                **({"ms_per_element": self.cost} if self.cost is not None else {})}
+
+
+# ------------------------------------------------------------------------------------------ finding
+
+@torch.no_grad()
+def _linear_order(model: nn.Module, example) -> list[str]:
+    """The Linear (and Conv1D) layers' paths in the order a forward pass first calls them."""
+    order, handles = [], []
+    for name, m in model.named_modules():
+        if features(m) is not None:
+            handles.append(m.register_forward_hook(lambda _m, _a, _o, name=name: order.append(name)))
+    try:
+        output(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def ffn_swap(model: nn.Module, g: Group, keep) -> dict:
+    keep = torch.as_tensor(sorted(keep), dtype=torch.long)
+    rows = torch.cat([keep + h * g.size for h in range(g.halves)])
+    return {**{p: sliced_linear(_get(model, p), rows=rows) for p in (g.producer, *g.also)},
+            g.path: sliced_linear(_get(model, g.path), cols=keep)}
+
+
+def heads_swap(model: nn.Module, g: Group, removed) -> dict:
+    att = copy.deepcopy(_get(model, g.path))
+    if g.layout:
+        return {g.path: cut_heads(att, g.layout, removed)}
+    att.prune_heads(sorted(int(h) for h in removed))
+    return {g.path: att}
+
+
+def gate_mask(g: Group, removed, device=None) -> torch.Tensor:
+    m = torch.ones(g.size * g.width, device=device)
+    for j in removed:
+        m[j * g.width:(j + 1) * g.width] = 0
+    return m
+
+
+@torch.no_grad()
+def _exact(model: nn.Module, g: Group, example, tol: float = 1e-4) -> bool:
+    """Whether cutting half the group's elements equals zeroing them at the gate (on ``example``)."""
+    gen = torch.Generator().manual_seed(0)
+    removed = torch.randperm(g.size, generator=gen)[: max(1, g.size // 2)].tolist()
+    with _gated(model, {g.gate: gate_mask(g, removed)}):
+        ref = output(model, example)
+    keep = [j for j in range(g.size) if j not in set(removed)]
+    swap = ffn_swap(model, g, keep) if g.kind == "ffn" else heads_swap(model, g, removed)
+    try:
+        with _swapped(model, swap):
+            got = output(model, example)
+    except (RuntimeError, ValueError, IndexError, AssertionError):  # a reshape into heads, a wrong width
+        return False
+    return got.shape == ref.shape and float((got - ref).abs().max()) <= tol * (1 + float(ref.abs().max()))
+
+
+def _head_groups(model: nn.Module, order: list[str], example) -> list[Group]:
+    groups = []
+    for path, m in model.named_modules():
+        if not callable(getattr(m, "prune_heads", None)) or hasattr(m, "base_model_prefix"):
+            continue  # a PreTrainedModel's prune_heads takes a dict over layers; its layers' modules come next
+        holder = next(((p, c, a) for p, c in m.named_modules() for a in HEAD_COUNTS
+                       if hasattr(c, a) and hasattr(c, "attention_head_size")), None)
+        if holder is None:
+            continue
+        n, d = int(getattr(holder[1], holder[2])), int(holder[1].attention_head_size)
+        prefix = f"{path}." if path else ""
+        gates = [p for p in order if p.startswith(prefix) and features(_get(model, p))[0] == n * d]
+        if n < 2 or not gates:
+            continue
+        g = Group("heads", path, gates[-1], f"{prefix}{holder[0]}".rstrip("."), n, d)
+        if _exact(model, g, example):
+            groups.append(g)
+    for path, m in model.named_modules():  # modules that cannot cut their own heads (compressor/heads.py)
+        if any(path == g.path or path.startswith(f"{g.path}.") or g.path.startswith(f"{path}.") for g in groups):
+            continue
+        for layout in layouts(model, path, order):
+            gate = f"{path}.{layout['out']}" if path else layout["out"]
+            g = Group("heads", path, gate, path, elements(m, layout), layout["rep"] * layout["dim"],
+                      layout=layout)
+            if g.size >= 2 and _exact(model, g, example):
+                groups.append(g)
+                break
+    return groups
+
+
+def _ffn_groups(model: nn.Module, order: list[str], example, taken: list[Group]) -> list[Group]:
+    # the Linears a head group cuts: all of a prune_heads module's, the layout's own of any other
+    inside = tuple(f"{g.path}." for g in taken if not g.layout) + tuple(
+        f"{g.path}.{p}" if g.path else p for g in taken if g.layout for p in (*g.layout["projections"], g.layout["out"]))
+    groups = []
+    for i, a in enumerate(order):
+        if a.startswith(inside) or any(a in g.also for g in groups):
+            continue
+        f_in, f_out = features(_get(model, a))
+        for halves in (1, 2):  # 2: A holds gate and up projections fused, chunked in two (ModernBERT, Phi-3)
+            j = next((j for j in range(i + 1, len(order)) if features(_get(model, order[j]))[0] * halves == f_out),
+                     None)
+            if j is None or order[j].startswith(inside) or f_out < 2 or any(g.path == order[j] for g in groups):
+                continue
+            # a gated FFN (SwiGLU: down(act(gate(x)) * up(x))): the Linears between that read A's input at its width
+            siblings = tuple(p for p in order[i + 1:j] if features(_get(model, p)) == (f_in, f_out))
+            found = next((g for also in ((), siblings) if siblings or not also
+                          if _exact(model, g := Group("ffn", order[j], order[j], a, f_out // halves, 1, also=also,
+                                                      halves=halves), example)), None)
+            if found:
+                groups.append(found)
+                break
+    return groups
+
+
+def find_groups(model: nn.Module, example, ffn: bool = True, heads: bool = True) -> list[Group]:
+    """The model's prunable FFN pairs and attention-head sets, each checked to cut exactly."""
+    was = model.training
+    model.eval()
+    try:
+        order = _linear_order(model, example)
+        hg = _head_groups(model, order, example) if heads else []
+        fg = _ffn_groups(model, order, example, hg) if ffn else []
+    finally:
+        model.train(was)
+    return hg + fg
+
+
+
+# ------------------------------------------------------------- heads of modules without prune_heads
+
+SIZES = ("head_dim", "head_size", "attention_head_size")
+COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+
+
+def _ints(m: nn.Module) -> dict[str, int]:
+    return {k: v for k, v in vars(m).items() if type(v) is int and v > 0}
+
+
+def layouts(model: nn.Module, path: str, order: list[str]) -> list[dict]:
+    """Candidate layouts of the module at ``path`` (``order``: the model's Linear and Conv1D paths in call order),
+    each with one choice of the integer attributes that follow the cut; fewest changes first. The output
+    projection is the last Linear the module calls, or an earlier one (a block whose FFN comes after it)."""
+    m = _get(model, path)
+    prefix = f"{path}." if path else ""
+    inner = [p for p in order if p.startswith(prefix)]
+    ints = _ints(m)
+    if len(inner) < 2 or not any(a in ints for a in SIZES + COUNTS):
+        return []
+    return [c for i in range(len(inner) - 1, 0, -1) for c in _layouts(model, inner[:i + 1], ints, len(prefix))]
+
+
+def _layouts(model: nn.Module, inner: list[str], ints: dict, cut: int) -> list[dict]:
+    """The candidates with ``inner[-1]`` as the output projection and the Linears before it as q, k, v."""
+    f_in = features(_get(model, inner[-1]))[0]
+    d = next((ints[a] for a in SIZES if a in ints), None)
+    if d is None:
+        n = next(ints[a] for a in COUNTS if a in ints)
+        d = f_in // n if f_in % n == 0 else 0
+    if not d or f_in % d or f_in // d < 2:
+        return []
+    n_q, rel = f_in // d, (lambda p: p[cut:])
+    shapes = [features(_get(model, p)) for p in inner[:-1]]
+    found = []
+    if len(shapes) >= 3 and len({s[0] for s in shapes[-3:]}) == 1:  # separate: three projections of one input
+        three = list(zip(inner[-4:-1], shapes[-3:]))
+        q = [p for p, s in three if s[1] == n_q * d]
+        kv = [p for p, s in three if p not in q[:1]]
+        width = features(_get(model, kv[0]))[1] if len(kv) == 2 else 0
+        if q and width and width % d == 0 and width == features(_get(model, kv[1]))[1] and n_q % (width // d) == 0:
+            found.append({"kind": "separate", "projections": [rel(q[0]), *map(rel, kv)], "rep": n_q * d // width})
+    if shapes:  # one fused projection: q, then the keys' and the values' heads
+        out = shapes[-1][1]
+        n_kv = (out // d - n_q) // 2 if out % d == 0 else 0
+        if n_kv > 0 and out // d == n_q + 2 * n_kv and n_q % n_kv == 0:
+            found.append({"kind": "blocked", "projections": [rel(inner[-2])], "rep": n_q // n_kv})
+            if n_kv == n_q:
+                found.append({"kind": "interleaved", "projections": [rel(inner[-2])], "rep": 1})
+    counts = {a: "heads" for a, v in ints.items() if v == n_q and "head" in a and a not in SIZES}
+    widths = [a for a, v in ints.items() if v == n_q * d and a not in SIZES and "layer" not in a]
+    choices = [{}, counts, *({**counts, a: "width"} for a in widths), {**counts, **dict.fromkeys(widths, "width")}]
+    unique = list({tuple(sorted(c.items())): c for c in choices}.values())
+    return [{**f, "out": rel(inner[-1]), "dim": d, "attrs": a} for f, a in itertools.product(found, unique)]
+
+
+def elements(module: nn.Module, layout: dict) -> int:
+    """How many elements (key/value heads, each with its query heads) the module has."""
+    return features(_get(module, layout["out"]))[0] // layout["dim"] // layout["rep"]
+
+
+def cut_heads(module: nn.Module, layout: dict, removed) -> nn.Module:
+    """Remove the key/value heads ``removed`` (with their query heads) from ``module`` in place."""
+    d, rep, n = layout["dim"], layout["rep"], elements(module, layout)
+    keep = [j for j in range(n) if j not in {int(r) for r in removed}]
+    queries = [j * rep + r for j in keep for r in range(rep)]
+
+    def rows(heads, at=0, size=d):
+        return torch.tensor([at + h * size + i for h in heads for i in range(size)], dtype=torch.long)
+
+    kind, projections = layout["kind"], layout["projections"]
+    if kind == "separate":
+        cuts = dict(zip(projections, (rows(queries), rows(keep), rows(keep))))
+    elif kind == "blocked":
+        cuts = {projections[0]: torch.cat([rows(queries), rows(keep, n * rep * d), rows(keep, (n * rep + n) * d)])}
+    else:
+        cuts = {projections[0]: rows(keep, 0, 3 * d)}
+    for p, r in cuts.items():
+        _set(module, p, sliced_linear(_get(module, p), rows=r))
+    _set(module, layout["out"], sliced_linear(_get(module, layout["out"]), cols=rows(queries)))
+    for name, what in layout["attrs"].items():
+        setattr(module, name, len(queries) * (d if what == "width" else 1))
+    return module
