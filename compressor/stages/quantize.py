@@ -313,6 +313,10 @@ def run(ctx: Context) -> StageRecord:
                                               if "fake_quant_accuracy" in info else {})}
     ctx.log(f"quantize: {art.path} ({art.bytes / 1e6:.3f} MB), ONNX Runtime {ctx.metric} {acc:.4f}"
             + (f", {checks['quantized_nodes']} quantized compute nodes" if checks else ""))
+    fp32 = (ctx.quality.get("student") or {}).get(ctx.metric)
+    if fp32 and acc < fp32 - 0.05 * abs(fp32):  # no parity bound holds an ORT file to fp32: say so here
+        ctx.log(f"quantize: warning: {ctx.metric} {acc:.4f} in {precision} against {fp32:.4f} in fp32; keep the "
+                "layers that lose it in float (quantize.keep_float) or fine-tune in int8 (quantize.mode: qat-kd)")
     return StageRecord(name, config=config, metrics=metrics, outputs={"student": art.to_dict()})
 
 
