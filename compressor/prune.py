@@ -117,9 +117,10 @@ def _split(path: str) -> tuple[str, str]:
 class Removed(nn.Identity):
     """What stands in for a removed unit inside an nn.Sequential: its input, copied while autograd records. A
     block that adds its shortcut in place (RegNetY's ``hidden_state += residual``) would otherwise modify an
-    activation's output its backward still needs, when the units after that activation are all removed."""
+    activation's output its backward still needs, when the units after that activation are all removed. A
+    unit called with more than its input (CvT's ``layer(hidden_state, height, width)``) passes the input on."""
 
-    def forward(self, input):
+    def forward(self, input, *args, **kwargs):
         # a Proxy under torch.fx (BatchNorm folding traces the student) and a tuple a block passes on go through
         if isinstance(input, torch.Tensor) and torch.is_grad_enabled() and input.requires_grad:
             return input.clone()

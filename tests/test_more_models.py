@@ -621,3 +621,32 @@ def test_a_removed_unit_passes_torch_fx_proxies_and_tuples_through():
     m = nn.Sequential(_Masked(), _Masked(), _Masked())
     s = build_pruned(m, ["1"])
     s((torch.randn(4, 8, requires_grad=True), torch.ones(4, 1)))[0].sum().backward()
+
+
+class _Sized(_Masked):
+    def forward(self, x, height, width):  # CvT's layers: called with the feature map's size beside it
+        return x + self.f(x) * (height / width)
+
+
+class _SizedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers, self.head = nn.Sequential(_Sized(), _Sized(), _Sized()), nn.Linear(8, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x, 4, 4)
+        return self.head(x)
+
+
+def test_a_removed_unit_called_with_more_than_its_input_passes_the_input_on():
+    """CvT calls each layer as layer(hidden_state, height, width): layer pruning and the search crashed with
+    'Removed.forward() takes 2 positional arguments but 4 were given'."""
+    from compressor.prune import build_pruned, find_units
+
+    m = _SizedNet().eval()
+    x = torch.randn(5, 8)
+    assert [u.path for u in find_units(m, x)] == ["layers.0", "layers.1", "layers.2"]
+    s = build_pruned(m, ["layers.1"])
+    with torch.no_grad():
+        torch.testing.assert_close(s(x), m.head(m.layers[2](m.layers[0](x, 4, 4), 4, 4)))
