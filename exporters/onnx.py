@@ -57,6 +57,40 @@ def plain_attention():
         torch.backends.mha.set_fastpath_enabled(before)
 
 
+@contextmanager
+def traceable_masks():
+    """Hugging Face's attention masks (transformers >= 4.53) built without ``torch.vmap``, which the TorchScript
+    exporter cannot trace (a Llama, Qwen2 or GPT-NeoX classifier failed with ``unordered_map::at``), and its
+    cache and packed-sequence helpers in a form it traces: Optimum's own patches, for the exports that do not go
+    through Optimum (the quantize stage's NNCF QDQ file, a user's model holding a decoder). A no-op where
+    transformers is not loaded or Optimum is not installed."""
+    import sys
+
+    try:
+        if "transformers" not in sys.modules:
+            raise ImportError
+        import transformers.masking_utils as mu
+        from optimum.exporters.onnx import model_patcher as op
+        masks = {"sdpa": op.sdpa_mask_without_vmap, "eager": op.eager_mask_without_vmap}
+        functions = [(mu, "find_packed_sequence_indices", op.find_packed_sequence_indices_patched)]
+        from transformers.cache_utils import DynamicLayer
+        functions.append((DynamicLayer, "update", op.patched_dynamic_layer_update))
+    except (ImportError, AttributeError):  # older transformers has no vmap masks; no Optimum, nothing to borrow
+        yield
+        return
+    table = mu.AttentionMaskInterface._global_mapping
+    saved_masks, saved = {k: table[k] for k in masks}, [(o, n, getattr(o, n)) for o, n, _ in functions]
+    table.update(masks)
+    for o, n, f in functions:
+        setattr(o, n, f)
+    try:
+        yield
+    finally:
+        table.update(saved_masks)
+        for o, n, f in saved:
+            setattr(o, n, f)
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _OP = re.compile(r"aten(?:::|\.)([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -132,7 +166,7 @@ def export_onnx(model, example_inputs: tuple, path: str | Path, *, input_names=(
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp = scratch / path.name
     try:
-        with warnings.catch_warnings(), torch.no_grad(), plain_attention():
+        with warnings.catch_warnings(), torch.no_grad(), plain_attention(), traceable_masks():
             warnings.simplefilter("ignore")
             # The TorchScript exporter (dynamo=False) is fast and is the path that NNCF's QDQ export
             # needs too; torch.export-based export is the fallback for models it cannot trace.

@@ -650,3 +650,25 @@ def test_a_removed_unit_called_with_more_than_its_input_passes_the_input_on():
     s = build_pruned(m, ["layers.1"])
     with torch.no_grad():
         torch.testing.assert_close(s(x), m.head(m.layers[2](m.layers[0](x, 4, 4), 4, 4)))
+
+
+@pytest.mark.slow
+def test_a_decoder_is_quantized_by_nncf_and_exported_through_torchscript(tiny_recipe, tmp_path):
+    """transformers >= 4.53 builds a decoder's causal mask with torch.vmap, which the TorchScript exporter (the
+    one NNCF's QDQ export needs; torch.export cannot take its fake quantizers) cannot trace: 'unordered_map::at'
+    stopped ptq-nncf and qat-kd on every Llama-like classifier. Optimum's patches apply while export_onnx runs,
+    and are undone after."""
+    pytest.importorskip("optimum.exporters.onnx")
+    import transformers.masking_utils as mu
+
+    import compressor
+
+    before = dict(mu.AttentionMaskInterface._global_mapping)
+    r = tiny_recipe
+    r.update(name="llama-nncf", teacher={"model": "user_models:hf_llama", "train": {"epochs": 3, "lr": 0.003}},
+             data={"dataset": "user_models:token_data", "batch_size": 64}, prune={"by": "units", "remove": 1},
+             distill={"epochs": 1, "lr": 0.003}, quantize={"mode": "ptq-nncf"}, targets=[])
+    r.pop("student")
+    q = compressor.verify(compressor.run(r, tmp_path / "b", log=lambda s: None))["quality"]
+    assert q["student_int8"]["onnx_accuracy"] >= q["student"]["accuracy"] - 0.03 > 0.8
+    assert mu.AttentionMaskInterface._global_mapping == before
