@@ -22,7 +22,8 @@ from .errors import UserError
 CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
 # Hugging Face attention layouts pruning knows: the head-count attribute and the q/k/v Linear names (BERT and
 # its kin; DistilBERT).
-HEAD_LAYOUTS = (("num_attention_heads", ("query", "key", "value")), ("n_heads", ("q_lin", "k_lin", "v_lin")))
+HEAD_LAYOUTS = (("num_attention_heads", ("query", "key", "value")), ("n_heads", ("q_lin", "k_lin", "v_lin")),
+                ("num_heads", ("q_proj", "k_proj", "v_proj")))  # OPT, BART, Whisper, Wav2Vec2: reshaped by num_heads
 
 # What a Hugging Face student inherits from its teacher unless its config says otherwise.
 INHERITED = ("path", "package", "pooling", "normalize")

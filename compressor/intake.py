@@ -143,7 +143,11 @@ def is_hf_model(model: nn.Module) -> bool:
 
 def intake(model: nn.Module, out, task_output: str = "logits", names: tuple[str, ...] | None = None) -> nn.Module:
     """Adapt ``model`` when ``out`` (what it returned on a sample) is not a tensor. ``names``: the data's input
-    names (a dict of tensors): an adapted model then takes positional inputs in that order by name."""
+    names (a dict of tensors): an adapted model then takes positional inputs in that order by name. A Hugging Face
+    decoder stops keeping a key/value cache: nothing here generates, and torch-pruning's dependency graph of a
+    model that returns one never finished (its torch.cat of the cache)."""
+    if is_hf_model(model) and getattr(model.config, "use_cache", False):
+        model.config.use_cache = False
     if is_adapted(model):
         return adapt(model, getattr(model, ADAPTED), names) if names else model
     if isinstance(out, torch.Tensor):  # a tensor forward takes the data's order as it is

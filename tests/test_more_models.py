@@ -672,3 +672,33 @@ def test_a_decoder_is_quantized_by_nncf_and_exported_through_torchscript(tiny_re
     q = compressor.verify(compressor.run(r, tmp_path / "b", log=lambda s: None))["quality"]
     assert q["student_int8"]["onnx_accuracy"] >= q["student"]["accuracy"] - 0.03 > 0.8
     assert mu.AttentionMaskInterface._global_mapping == before
+
+
+def test_a_channel_cut_sets_the_head_count_an_attention_reshapes_by():
+    """OPT (and BART, Whisper, Wav2Vec2) reshape q, k and v by the num_heads and head_dim they keep: torch-pruning
+    narrowed the projections and left both, so under SDPA without padding the cut model ran, silently wrong,
+    and with a mask it failed ('The size of tensor a (8) must match the size of tensor b (16)')."""
+    pytest.importorskip("transformers")
+    from compressor.structural import prune_channels
+
+    m, _ = _hf("hf_opt")
+    m.config._attn_implementation = "eager"
+    x = _tokens(n=8)
+    x["attention_mask"][:3, 12:] = 0
+    pruned, plan, _ = prune_channels(m, [x], 0.5, importance="magnitude", compare_stem=False, log=lambda s: None)
+    att = pruned.get_submodule("model.decoder.layers.0.self_attn")
+    assert att.num_heads * att.head_dim == att.q_proj.out_features == att.embed_dim < 32
+    assert call(pruned, x).shape == (8, 4)
+
+
+def test_a_dependency_graph_that_does_not_finish_is_a_clear_error(monkeypatch):
+    """torch-pruning goes round a cycle of index mappings on grouped-query attention (Llama, Qwen2): prune.channels
+    hung for good, printing nothing. It stops at structure.DEPGRAPH_SECONDS and says what to use instead."""
+    pytest.importorskip("transformers")
+    from compressor.structural import prune_channels, structure
+
+    monkeypatch.setattr(structure, "DEPGRAPH_SECONDS", 3.0)
+    m, _ = _hf("hf_llama")
+    assert m.config.use_cache is False  # intake: nothing here generates, and a cache's torch.cat never finished either
+    with pytest.raises(UserError, match=r"did not finish building its dependency graph in 3 s .*prune\.width"):
+        prune_channels(m, [_tokens(n=8)], 0.5, importance="magnitude", compare_stem=False, log=lambda s: None)

@@ -14,7 +14,8 @@ from ..flops import count_flops, flops_by_module, no_fastpath
 from ..tasks import call, sq_error_mean, take
 from .importance import IMPORTANCE, _named, _per_flop, ce_gradients, fisher, in_torch_pruning
 from .plan import fold_parametrizations, folded_said, parametrized, plan_of
-from .structure import _fix_heads, _TooFar, _tp, head_layout, kept_by_default, width_of, width_unit
+from . import structure
+from .structure import Untraceable, _fix_heads, _TooFar, _tp, deadline, head_layout, kept_by_default, width_of, width_unit
 
 
 def _set_grads(model: nn.Module, grads: dict) -> None:
@@ -29,10 +30,12 @@ def _feeding(model: nn.Module, example, head: str) -> list[str]:
     tp = _tp()
     out = model.get_submodule(head)
     try:
-        with no_fastpath():
+        with no_fastpath(), deadline(structure.DEPGRAPH_SECONDS):
             dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=take(example, 1), forward_fn=call)
-        group = dg.get_pruning_group(out, dg.get_pruner_of_module(out).prune_in_channels,
-                                     idxs=list(range(width_of(out, "in"))))
+            group = dg.get_pruning_group(out, dg.get_pruner_of_module(out).prune_in_channels,
+                                         idxs=list(range(width_of(out, "in"))))
+    except Untraceable:
+        raise
     except Exception:  # a head DepGraph has no pruner for
         return []
     names = {m: n for n, m in model.named_modules()}
@@ -60,13 +63,14 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     caps = {} if global_pruning or out is None else {
         f: min(ratio, max(0.0, 1 - -(-least // step) * step / width_of(f, "out") - 1e-6))
         for f in (m.get_submodule(p) for p in feeding)}
-    pruner = tp.pruner.MetaPruner(
-        m, take(example, 1), importance=_named(importance(m), m, keep=(unit or 1) if global_pruning else 0,
-                                              heads=set(num_heads), floors=floors, skipped=skipped),
-        global_pruning=global_pruning, pruning_ratio=ratio,
-        max_pruning_ratio=0.95, ignored_layers=ignored, num_heads=num_heads,
-        prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
-        round_to=unit, forward_fn=call, pruning_ratio_dict=caps or None)
+    with deadline(structure.DEPGRAPH_SECONDS):  # it builds the dependency graph and its groups
+        pruner = tp.pruner.MetaPruner(
+            m, take(example, 1), importance=_named(importance(m), m, keep=(unit or 1) if global_pruning else 0,
+                                                  heads=set(num_heads), floors=floors, skipped=skipped),
+            global_pruning=global_pruning, pruning_ratio=ratio,
+            max_pruning_ratio=0.95, ignored_layers=ignored, num_heads=num_heads,
+            prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
+            round_to=unit, forward_fn=call, pruning_ratio_dict=caps or None)
     with no_fastpath():
         pruner.step()
     _fix_heads(atts, pruner.num_heads)
@@ -127,6 +131,11 @@ def _failed(model: nn.Module, e: Exception) -> UserError:
     where = raised_in(e)
     said = first_line(e)
     frames = traceback.extract_tb(e.__traceback__)
+    if isinstance(e, Untraceable):
+        return UserError(f"prune.channels: {e} for {type(model).__name__} (it goes round a cycle of index "
+                         "mappings: grouped-query attention's repeat_kv, a split and concatenated rotary half); cut "
+                         "its attention heads and FFN neurons with prune.width instead, or prune whole blocks "
+                         "(prune: {by: flops, remove: 0.3})")
     if any(f.name == "build_dependency" for f in frames):  # before any cut: DepGraph could not trace the model
         inner = next((f.name for f in reversed(frames) if in_torch_pruning(f.filename)), "build_dependency")
         return UserError(f"prune.channels: torch-pruning cannot trace the channel couplings of {type(model).__name__} "
@@ -259,6 +268,8 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
         best, least = bisect(ignored_paths)
     except UserError:
         raise
+    except Untraceable as e:  # with the stem kept it would not finish either
+        raise _failed(model, e) from None
     except Exception as e:
         # A stream cut the model's own code does not follow (DINOv2's head reads the CLS token and the patch
         # mean concatenated) may still leave a cut with the stem kept

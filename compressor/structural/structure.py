@@ -3,6 +3,7 @@ the weighted modules in, the stem and head kept by default, and the Hugging Face
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -20,6 +21,37 @@ def _tp():
     except ImportError:
         raise UserError("prune.channels needs torch-pruning: pip install -c constraints.txt -e '.[prune]'") from None
     return tp
+
+
+DEPGRAPH_SECONDS = 120.0  # torch-pruning's dependency graph of one copy; a tiny model's takes well under a second
+
+
+class Untraceable(Exception):
+    """torch-pruning did not finish building its dependency graph within DEPGRAPH_SECONDS."""
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Raise Untraceable when the block runs past ``seconds``. torch-pruning's closure over its index mappings
+    can go round a cycle without end (Qwen2's grouped-query ``repeat_kv``, Phi's partial rotary split, FocalNet's
+    modulation): the run hung, printing nothing. SIGALRM, so the main thread on Unix only; elsewhere no limit."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alarm(_signum, _frame):
+        raise Untraceable(f"torch-pruning did not finish building its dependency graph in {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def _output(model, x):
@@ -53,7 +85,8 @@ def kept_by_default(model: nn.Module, example) -> dict[str, str]:
 
 
 # The attention's own copies of the q/k/v width, which its forward reshapes by; set again after pruning.
-_TOTAL_WIDTH = ("all_head_size", "dim")
+_TOTAL_WIDTH = ("all_head_size", "dim", "embed_dim")
+_HEAD_SIZE = ("attention_head_size", "head_dim")
 
 
 def width_of(m: nn.Module, side: str) -> int:
@@ -98,7 +131,8 @@ class _TooFar(Exception):
 def _fix_heads(atts, num_heads: dict) -> None:
     for m, count, query, width in atts:
         n = num_heads[query]
-        size = getattr(m, "attention_head_size", None)
+        sizes = [a for a in _HEAD_SIZE if isinstance(getattr(m, a, None), int)] or ["attention_head_size"]
+        size = getattr(m, sizes[0], None)
         if isinstance(size, int) and size and query.out_features != n * size and query.out_features % size == 0:
             # torch-pruning lowered the count but left the projections whole (BEiT: its heads were not cut,
             # and a head size of 32 // 3 broke the reshape): the heads the projections still hold
@@ -106,6 +140,7 @@ def _fix_heads(atts, num_heads: dict) -> None:
         if n < 1:
             raise _TooFar
         setattr(m, count, n)
-        m.attention_head_size = query.out_features // n
+        for a in sizes:  # BERT's attention_head_size, OPT's head_dim
+            setattr(m, a, query.out_features // n)
         for a in width:  # each layer reads its own attributes, not the shared config
             setattr(m, a, query.out_features)
