@@ -24,6 +24,21 @@ def resolve(want: str = "auto", accelerator: str = "cpu") -> tuple[str, str]:
     return "32-true", "this CPU has neither AMX nor AVX512-BF16"
 
 
+def check_finite(model: torch.nn.Module, what: str, precision: str, setting: str) -> None:
+    """A UserError naming the parameters that hold NaN or inf after training at ``precision``. PyTorch's CPU bf16
+    convolution backward gives the taps of a kernel that only ever cover padding (a 3x3 stride-2 conv on a 1x1
+    map, as SwiftFormer's last downsampling at 16x16 inputs) garbage, NaN among it; the forward skips those taps,
+    so accuracy and export parity looked fine, and ONNX Runtime's calibrator (which multiplies the padding) then
+    failed with a bare 'scale issue'."""
+    from .errors import UserError
+
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        fix = f"set {setting}: 32-true" if is_bf16(precision) else "lower the learning rate"
+        raise UserError(f"{what} has NaN or inf in {len(bad)} parameter(s) after training at {precision} "
+                        f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); {fix}")
+
+
 def is_bf16(precision: str) -> bool:
     """Whether a Lightning precision name runs bf16 (``bf16-mixed``, ``bf16-true``, ``bf16``)."""
     return precision.startswith("bf16")

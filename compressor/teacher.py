@@ -16,7 +16,7 @@ from torch import nn
 from .data import DataSplits
 from .errors import UserError
 from .models import build_model, resolve_ref
-from .precision import resolve
+from .precision import check_finite, resolve
 from .schedule import adamw
 
 
@@ -74,6 +74,7 @@ def train_supervised(model: nn.Module, data: DataSplits, spec, batch_size: int, 
     finally:
         if nhwc:
             model.to(memory_format=torch.contiguous_format)
+    check_finite(model, "the teacher", precision, "teacher.train.precision")
     return model.eval()
 
 

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from ..errors import StageError, UserError
+from ..precision import check_finite
 from ..schedule import lazy_rows
 from . import build_loss
 from .module import DistillModule
@@ -196,6 +197,7 @@ def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
     student.eval()
+    check_finite(student, "the student", prec, "distill.trainer.precision")
     return {"epochs": trainer.current_epoch, f"best_val_{val_metric}": float(ckpt.best_model_score or float("nan")),
             "train_seconds": round(time.time() - t0, 1), "final_train_loss":
             float(trainer.callback_metrics.get("train_loss", float("nan"))),
