@@ -230,6 +230,19 @@ def check_qdq(path: str | Path, keep_float=(), own=()) -> dict:
     if bad:
         raise ExportError(f"{Path(path).name}: {len(bad)} compute node(s) without Q/DQ on their inputs: "
                           f"{'; '.join(bad[:5])}")
+    # A scale that is not a positive finite number quantizes everything it covers to garbage (a calibrated
+    # attention mask's -inf gave one of inf: int8 accuracy 0.49 against 0.99, and the file passed)
+    def positive(name):
+        s = numpy_helper.to_array(inits[name])
+        return bool(np.all(np.isfinite(s) & (s > 0)))
+
+    broken = sorted({n.input[0] for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                     and n.input[1] in inits and not positive(n.input[1])  # a DQ after its Q: said once
+                     and not (n.op_type == "DequantizeLinear" and getattr(prod.get(n.input[0]), "op_type", "")
+                              == "QuantizeLinear")})
+    if broken:
+        raise ExportError(f"{Path(path).name}: {len(broken)} Q/DQ scale(s) not a positive finite number, on "
+                          f"{', '.join(broken[:5])}: a calibration range that was not finite")
     zero_points, types = [], set()
     for n in g.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
