@@ -187,8 +187,14 @@ def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: b
             q = nncf.quantize(model.eval(), nncf.Dataset(batches), subset_size=len(batches), ignored_scope=ignored,
                               **kind)
         except Exception as e:
+            import traceback
+
+            inner = next((f"{f.name} ({Path(f.filename).name}:{f.lineno})" for f in reversed(traceback.extract_tb(
+                e.__traceback__)) if "nncf" in Path(f.filename).parts), None)  # the frame where NNCF gave up
             raise StageError("quantize", f"nncf.quantize failed on {type(model).__name__}: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:300]}") from None
+                             f"{str(e).splitlines()[0][:300]}" + (f" (in NNCF's {inner})" if inner else "")
+                             + "; quantize.mode: ptq-ort or ptq-dynamic quantize the exported file instead, "
+                             "without NNCF") from None
     if act == "int8":
         # TensorRT wants signed int8 with zero point 0 everywhere; NNCF makes post-ReLU quantizers unsigned,
         # and its HW configs reject signedness_to_force. Flipping them keeps each range (the symmetric

@@ -314,3 +314,20 @@ def test_squeeze_excitation_layers_nncf_leaves_float_pass_the_check(tmp_path):
     se = [f for f in c["float_nodes"] if f.endswith("(squeeze-excitation)")]
     assert len(se) == len(c["float_nodes"]) == 8 and all(".fc1 " in f or ".fc2 " in f for f in se)
     assert c["quantized_nodes"] >= 12
+
+
+def test_an_nncf_failure_names_where_nncf_gave_up_and_what_quantizes_without_it(tmp_path, monkeypatch):
+    """ModernBERT: NNCF's quantizer setup deep-copies something it cannot ('cannot pickle getset_descriptor'):
+    the error said only that, with no way forward."""
+    import nncf
+
+    from compressor.errors import StageError
+
+    ns = {}
+    exec(compile("def quantize(*a, **k):\n    raise TypeError(\"cannot pickle 'getset_descriptor' object\")\n",
+                 str(Path("site-packages") / "nncf" / "quantization" / "setup.py"), "exec"), ns)
+    monkeypatch.setattr(nncf, "quantize", ns["quantize"])
+    x = torch.randn(32, 1, 12, 12)
+    with pytest.raises(StageError, match=r"TypeError: cannot pickle 'getset_descriptor' object \(in NNCF's "
+                                         r"quantize \(setup.py:2\)\); quantize.mode: ptq-ort or ptq-dynamic"):
+        nncf_quantize(Scaled().eval(), x, _ctx(tmp_path, x).recipe.quantize, "uint8", [])
