@@ -702,3 +702,19 @@ def test_a_dependency_graph_that_does_not_finish_is_a_clear_error(monkeypatch):
     assert m.config.use_cache is False  # intake: nothing here generates, and a cache's torch.cat never finished either
     with pytest.raises(UserError, match=r"did not finish building its dependency graph in 3 s .*prune\.width"):
         prune_channels(m, [_tokens(n=8)], 0.5, importance="magnitude", compare_stem=False, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_a_speech_classifier_fine_tunes_in_int8(tiny_recipe, tmp_path):
+    """Wav2Vec2's feature encoder sets requires_grad on its input while training; NNCF's input quantizer made that
+    input a non-leaf, and qat-kd stopped with a bare 'you can only change requires_grad flags of leaf variables'."""
+    import compressor
+
+    pytest.importorskip("transformers")
+    r = tiny_recipe
+    r.update(name="wav2vec2", teacher={"model": "user_models:hf_wav2vec2", "train": {"epochs": 3, "lr": 0.003}},
+             data={"dataset": "user_models:audio_data", "batch_size": 64}, prune={"by": "units", "remove": 1},
+             distill={"epochs": 1, "lr": 0.003}, quantize={"mode": "qat-kd", "epochs": 1}, targets=[])
+    r.pop("student")
+    q = compressor.verify(compressor.run(r, tmp_path / "b", log=lambda s: None))["quality"]
+    assert q["student_int8"]["onnx_accuracy"] >= q["student"]["accuracy"] - 0.05 and q["student"]["accuracy"] > 0.5

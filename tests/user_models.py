@@ -419,3 +419,29 @@ def hf_bloom(num_classes=4, vocab_size=256):
     """ALiBi: the position bias has one slope per head, built from the config's head count outside the attention."""
     return _hf("BloomConfig", "BloomForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
                hidden_size=32, n_layer=2, n_head=4, pad_token_id=0)
+
+
+# Speech: a waveform in, a Hugging Face feature encoder (strided convs) and a Transformer
+
+def hf_wav2vec2(num_classes=4):
+    """Its feature encoder sets requires_grad on its input while training (for gradient checkpointing)."""
+    return _hf("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", num_labels=num_classes, hidden_size=32,
+               num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+               conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+               classifier_proj_size=32, hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0,
+               feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0,
+               feat_extract_norm="group", do_stable_layer_norm=False)
+
+
+def audio_data(n: int = 600, classes: int = 4, seed: int = 0, samples: int = 1600, rate: int = 8000):
+    """(waveform of ``samples`` floats at ``rate`` Hz, label): the label is the frequency band of a sine (band k of
+    ``classes`` between 200 and 3400 Hz), at a random phase and amplitude, under white noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    width = 3200 / classes
+    f = 200 + labels * width + torch.rand(n, generator=g) * width * 0.8
+    t = torch.arange(samples) / rate
+    amp = 0.5 + torch.rand(n, 1, generator=g)
+    phase = torch.rand(n, 1, generator=g) * 2 * torch.pi
+    x = amp * torch.sin(2 * torch.pi * f[:, None] * t + phase) + 0.3 * torch.randn(n, samples, generator=g)
+    return [(x[i].float(), int(labels[i])) for i in range(n)]

@@ -118,6 +118,12 @@ def qat_fit(model, ctx, spec, what: str) -> dict:
     d = ctx.recipe.distill.model_copy(update={"epochs": spec.epochs, "lr": spec.lr, "lazy_embeddings": False})
     if d.trainer.precision == "auto":  # fake quantization trains in fp32: its grid is an fp32 grid
         d = d.model_copy(update={"trainer": d.trainer.model_copy(update={"precision": "32-true"})})
+    for m in model.modules():
+        # A Hugging Face speech feature encoder (Wav2Vec2's, HuBERT's) sets requires_grad on its input in training,
+        # which NNCF's input quantizer has made a non-leaf ('you can only change requires_grad flags of leaf
+        # variables'). The flag only serves gradient checkpointing; its weights still train.
+        if getattr(m, "_requires_grad", None) is True and callable(getattr(m, "_freeze_parameters", None)):
+            m._requires_grad = False
     try:
         return fit(model, ctx.teacher, ctx.data, d, ctx.recipe.data, ctx.scratch / f"qat-{what}",
                    seed=ctx.recipe.seed, log=ctx.log, val_metric=ctx.task.val_metric)
