@@ -718,3 +718,25 @@ def test_a_speech_classifier_fine_tunes_in_int8(tiny_recipe, tmp_path):
     r.pop("student")
     q = compressor.verify(compressor.run(r, tmp_path / "b", log=lambda s: None))["quality"]
     assert q["student_int8"]["onnx_accuracy"] >= q["student"]["accuracy"] - 0.05 and q["student"]["accuracy"] > 0.5
+
+
+def test_a_channel_cut_of_attention_without_a_head_count_takes_whole_heads():
+    """Llama without grouped-query attention reshapes q, k and v by (-1, head_dim) and keeps no count: torch-pruning,
+    told no layout, kept any 16 of q's 32 rows, so the 'heads' the forward regrouped them into mixed two heads
+    and RoPE rotated channels that were never a pair. Whole heads go now, the same ones from q, k and v."""
+    pytest.importorskip("transformers")
+    from compressor.structural import prune_channels
+
+    x = _tokens(n=8)
+    raw = U.hf_llama(kv_heads=4).eval()
+    m = intake(raw, call(raw, x), names=tuple(x))
+    before = {k: getattr(m.model.layers[0].self_attn, k).weight.detach().clone() for k in ("q_proj", "k_proj")}
+    pruned, _, _ = prune_channels(m, [x], 0.5, importance="magnitude", compare_stem=False, keep_stem=True,
+                                  log=lambda s: None)
+    att, kept = pruned.model.layers[0].self_attn, {}
+    for k, w in before.items():
+        rows = [int(((w - r).abs().sum(1) == 0).nonzero()[0]) for r in getattr(att, k).weight.detach()]
+        kept[k] = sorted({r // 8 for r in rows})
+        assert rows == [h * 8 + i for h in kept[k] for i in range(8)] and len(kept[k]) < 4, (k, rows)
+    assert kept["q_proj"] == kept["k_proj"]  # query head h still meets key head h
+    assert call(pruned, x).shape == (8, 4)

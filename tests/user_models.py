@@ -389,11 +389,11 @@ _LM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermedi
            pad_token_id=0)
 
 
-def hf_llama(num_classes=4, vocab_size=256):
+def hf_llama(num_classes=4, vocab_size=256, kv_heads=2):
     """Grouped-query attention (2 key/value heads for 4 query heads), RoPE, RMSNorm and a SwiGLU FFN; its
     attention reshapes by -1 and keeps no head count."""
     return _hf("LlamaConfig", "LlamaForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
-               num_key_value_heads=2, **_LM)
+               num_key_value_heads=kv_heads, **_LM)
 
 
 def hf_gpt_neox(num_classes=4, vocab_size=256):
