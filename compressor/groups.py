@@ -45,6 +45,7 @@ from .tasks import output
 
 HEAD_COUNTS = tuple(count for count, _ in HEAD_LAYOUTS)  # the head count's name in Hugging Face attention modules
 
+
 @dataclass
 class Group:
     kind: str  # "ffn" or "heads"
@@ -56,7 +57,7 @@ class Group:
     flops: float = 0.0  # FLOPs one element costs per sample (counted on the calibration example)
     cost: float | None = None  # what one element costs in the budget's unit, where not FLOPs (ms: measure_costs)
     scores: list = field(default_factory=list)  # s_j per element
-    layout: dict | None = None  # heads of a module without prune_heads: how compressor/heads.py cuts them
+    layout: dict | None = None  # heads of a module without prune_heads: how cut_heads cuts them (``layouts``)
     also: tuple = ()  # ffn: the producer's siblings whose output rows go with it (SwiGLU's up projection)
     halves: int = 1  # ffn: 2 where the producer's output is two fused projections, neuron j's rows j and size + j
 
@@ -82,9 +83,14 @@ def _linear_order(model: nn.Module, example) -> list[str]:
     return list(dict.fromkeys(order))
 
 
+def producer_rows(keep: torch.Tensor, size: int, halves: int = 1) -> torch.Tensor:
+    """The producer's output rows of the kept neurons: ``keep`` in each of its ``halves`` fused projections."""
+    return torch.cat([keep + h * size for h in range(halves)])
+
+
 def ffn_swap(model: nn.Module, g: Group, keep) -> dict:
     keep = torch.as_tensor(sorted(keep), dtype=torch.long)
-    rows = torch.cat([keep + h * g.size for h in range(g.halves)])
+    rows = producer_rows(keep, g.size, g.halves)
     return {**{p: sliced_linear(_get(model, p), rows=rows) for p in (g.producer, *g.also)},
             g.path: sliced_linear(_get(model, g.path), cols=keep)}
 
@@ -138,7 +144,7 @@ def _head_groups(model: nn.Module, order: list[str], example) -> list[Group]:
         g = Group("heads", path, gates[-1], f"{prefix}{holder[0]}".rstrip("."), n, d)
         if _exact(model, g, example):
             groups.append(g)
-    for path, m in model.named_modules():  # modules that cannot cut their own heads (compressor/heads.py)
+    for path, m in model.named_modules():  # modules that cannot cut their own heads (``layouts``)
         if any(path == g.path or path.startswith(f"{g.path}.") or g.path.startswith(f"{path}.") for g in groups):
             continue
         for layout in layouts(model, path, order):
@@ -154,7 +160,8 @@ def _head_groups(model: nn.Module, order: list[str], example) -> list[Group]:
 def _ffn_groups(model: nn.Module, order: list[str], example, taken: list[Group]) -> list[Group]:
     # the Linears a head group cuts: all of a prune_heads module's, the layout's own of any other
     inside = tuple(f"{g.path}." for g in taken if not g.layout) + tuple(
-        f"{g.path}.{p}" if g.path else p for g in taken if g.layout for p in (*g.layout["projections"], g.layout["out"]))
+        f"{g.path}.{p}" if g.path else p
+        for g in taken if g.layout for p in (*g.layout["projections"], g.layout["out"]))
     groups = []
     for i, a in enumerate(order):
         if a.startswith(inside) or any(a in g.also for g in groups):
@@ -167,9 +174,9 @@ def _ffn_groups(model: nn.Module, order: list[str], example, taken: list[Group])
                 continue
             # a gated FFN (SwiGLU: down(act(gate(x)) * up(x))): the Linears between that read A's input at its width
             siblings = tuple(p for p in order[i + 1:j] if features(_get(model, p)) == (f_in, f_out))
-            found = next((g for also in ((), siblings) if siblings or not also
-                          if _exact(model, g := Group("ffn", order[j], order[j], a, f_out // halves, 1, also=also,
-                                                      halves=halves), example)), None)
+            candidates = (Group("ffn", order[j], order[j], a, f_out // halves, 1, also=also, halves=halves)
+                          for also in (((), siblings) if siblings else ((),)))
+            found = next((g for g in candidates if _exact(model, g, example)), None)
             if found:
                 groups.append(found)
                 break
@@ -187,7 +194,6 @@ def find_groups(model: nn.Module, example, ffn: bool = True, heads: bool = True)
     finally:
         model.train(was)
     return hg + fg
-
 
 
 # ------------------------------------------------------------- heads of modules without prune_heads

@@ -33,7 +33,7 @@ from torch import nn
 
 from .errors import UserError
 from .flops import count_flops as flops
-from .groups import Group, cut_heads, ffn_swap, find_groups, gate_mask, heads_swap
+from .groups import Group, cut_heads, ffn_swap, find_groups, gate_mask, heads_swap, producer_rows
 from .surgery import cut_hidden, cut_stream, features, projected_grads, sliced_linear
 from .surgery import gated as _gated
 from .surgery import get_module as _get
@@ -172,8 +172,7 @@ def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
         cut_stream(model, plan["hidden"])
     for path, p in plan.get("ffn", {}).items():
         keep = torch.as_tensor(p["keep"], dtype=torch.long)
-        size = features(_get(model, path))[0]
-        rows = torch.cat([keep + h * size for h in range(p.get("halves", 1))])
+        rows = producer_rows(keep, features(_get(model, path))[0], p.get("halves", 1))
         for producer in (p["producer"], *p.get("also", ())):
             _set(model, producer, sliced_linear(_get(model, producer), rows=rows))
         _set(model, path, sliced_linear(_get(model, path), cols=keep))

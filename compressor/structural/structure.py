@@ -110,7 +110,7 @@ def head_layout(model: nn.Module) -> tuple[dict, list]:
                 atts.append((m, count, qkv[0], width))
                 break
         else:  # Llama, Gemma, Phi: q/k/v reshaped by (-1, head_dim), no count kept: whole heads go, nothing to set
-            d, qkv = getattr(m, "head_dim", None), [getattr(m, k, None) for k in HEAD_LAYOUTS[-1][1]]
+            d, qkv = getattr(m, "head_dim", None), [getattr(m, k, None) for k in dict(HEAD_LAYOUTS)["num_heads"]]
             if isinstance(d, int) and d > 0 and all(isinstance(q, nn.Linear) and q.out_features % d == 0 for q in qkv) \
                     and len({q.out_features for q in qkv}) == 1:  # grouped-query attention's k/v are narrower
                 heads.update({q: q.out_features // d for q in qkv})
