@@ -6,7 +6,9 @@ make a student much smaller than the teacher that still starts from the teacher'
 1. Groups (compressor/groups.py), found on any model and checked numerically, never assumed from names: FFN
    pairs (gated ones too: SwiGLU) and attention heads, either by a module's own ``prune_heads`` (Hugging Face's
    BERT family) or by the layouts of modules without one (Llama, Qwen2, Mistral, Gemma, Phi, OPT, GPT-NeoX,
-   GPT-2, ModernBERT, a user's own). Each group has a ``gate``: the Linear whose input channels it owns.
+   GPT-2, ModernBERT, a user's own; nn.MultiheadAttention once compressor/attention.py splits it into
+   Linears, which the plan's ``split`` repeats on rebuild). Each group has a ``gate``: the Linear whose input
+   channels it owns.
 2. Criterion: LAPTOP-Diff's output loss (prune.py), linearised so thousands of elements cost a few
    backward passes. With a mask m on each gate's input (per neuron, or per head slice), removing element j
    changes the output by about -dy/dm_j, so s_j = E ||dy/dm_j||^2 per sample. It is estimated with random
@@ -31,6 +33,7 @@ import itertools
 import torch
 from torch import nn
 
+from .attention import split_attention
 from .errors import UserError
 from .flops import count_flops as flops
 from .groups import Group, cut_heads, ffn_swap, find_groups, gate_mask, heads_swap, producer_rows
@@ -170,6 +173,8 @@ def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
     the teacher's)."""
     if plan.get("hidden"):
         cut_stream(model, plan["hidden"])
+    if plan.get("split"):
+        split_attention(model, plan["split"])
     for path, p in plan.get("ffn", {}).items():
         keep = torch.as_tensor(p["keep"], dtype=torch.long)
         rows = producer_rows(keep, features(_get(model, path))[0], p.get("halves", 1))
@@ -227,6 +232,10 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
             return model.requires_grad_(True), plan, {"hidden": stream_info, "groups": [], "remove": remove,
                                                       "flops_before": total, "flops_after": stream_info["flops_after"],
                                                       "multiple": multiple, "projections": projections}
+    base, split = model, []
+    if heads and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        model = copy.deepcopy(model)  # as separate Linears, whose heads can be cut (compressor/attention.py)
+        split = split_attention(model)
     if groups is None:
         groups = find_groups(model, batches[0], ffn=ffn, heads=heads)
         if not groups:
@@ -243,7 +252,9 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
     else:  # the stream's cut counts toward the budget
         budget = remove * total - (total - (stream_info["flops_after"] if stream_info else total))
     plan = select(groups, budget, multiple)
-    pruned = apply_plan(copy.deepcopy(model), plan)
+    if split and (cut := [p for p in split if p in plan["heads"]]):
+        plan = {"split": cut, **plan}
+    pruned = apply_plan(copy.deepcopy(base), plan)
     if stream_plan is not None:
         plan = {"hidden": stream_plan, **plan}
     err = _plan_error(model, pruned, groups, plan, batches[0])
