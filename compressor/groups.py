@@ -16,7 +16,8 @@ checked numerically, never assumed from names.
   - any other module holding a head size (``head_dim``, ``head_size``, ``attention_head_size``) or a head
     count, whose Linears are called with the output projection last, in one of three layouts (``layouts``):
     separate q, k, v projections (Llama, Qwen2, Mistral, Gemma, Phi, OPT; with grouped-query attention a
-    key/value head goes together with the query heads that read it); one projection whose rows are
+    key/value head goes together with the query heads that read it; with a single key/value head, multi-query
+    attention as in Falcon, query heads go alone: ``shared``); one projection whose rows are
     [q | k | v] (blocked: ModernBERT, GPT-2, a timm ViT); or head after head [q k v] (interleaved: GPT-NeoX).
     A head goes by removing its rows from the projections and its columns from the output projection.
     Modules that reshape by -1 (Llama) need nothing more; others reshape by a count or width they keep
@@ -237,19 +238,26 @@ def _layouts(model: nn.Module, inner: list[str], ints: dict, cut: int) -> list[d
         kv = [p for p, s in three if p not in q[:1]]
         width = features(_get(model, kv[0]))[1] if len(kv) == 2 else 0
         if q and width and width % d == 0 and width == features(_get(model, kv[1]))[1] and n_q % (width // d) == 0:
-            found.append({"kind": "separate", "projections": [rel(q[0]), *map(rel, kv)], "rep": n_q * d // width})
+            rep = n_q * d // width
+            found.append({"kind": "separate", "projections": [rel(q[0]), *map(rel, kv)], "rep": rep,
+                          **({"shared": True, "rep": 1} if rep == n_q else {})})
     if shapes:  # one fused projection: q, then the keys' and the values' heads
         out = shapes[-1][1]
         n_kv = (out // d - n_q) // 2 if out % d == 0 else 0
         if n_kv > 0 and out // d == n_q + 2 * n_kv and n_q % n_kv == 0:
-            found.append({"kind": "blocked", "projections": [rel(inner[-2])], "rep": n_q // n_kv})
+            found.append({"kind": "blocked", "projections": [rel(inner[-2])], "rep": n_q // n_kv,
+                          **({"shared": True, "rep": 1} if n_kv == 1 else {})})
             if n_kv == n_q:
                 found.append({"kind": "interleaved", "projections": [rel(inner[-2])], "rep": 1})
     counts = {a: "heads" for a, v in ints.items() if v == n_q and "head" in a and a not in SIZES}
+    # one key/value head for all (multi-query): query heads are cut alone, and every count of the queries per
+    # key/value head follows (Llama's num_key_value_groups, read only where a mask makes it repeat k and v)
+    shared = {a: "heads" for a, v in ints.items() if v == n_q and a not in SIZES and "layer" not in a}
     widths = [a for a, v in ints.items() if v == n_q * d and a not in SIZES and "layer" not in a]
     choices = [{}, counts, *({**counts, a: "width"} for a in widths), {**counts, **dict.fromkeys(widths, "width")}]
     unique = list({tuple(sorted(c.items())): c for c in choices}.values())
-    return [{**f, "out": rel(inner[-1]), "dim": d, "attrs": a} for f, a in itertools.product(found, unique)]
+    return [{**f, "out": rel(inner[-1]), "dim": d, "attrs": {**a, **shared} if f.get("shared") else a}
+            for f, a in itertools.product(found, unique)]
 
 
 def elements(module: nn.Module, layout: dict) -> int:
@@ -267,7 +275,10 @@ def cut_heads(module: nn.Module, layout: dict, removed) -> nn.Module:
         return torch.tensor([at + h * size + i for h in heads for i in range(size)], dtype=torch.long)
 
     kind, projections = layout["kind"], layout["projections"]
-    if kind == "separate":
+    if layout.get("shared"):  # one key/value head that every query head reads: only query heads go
+        kv = torch.arange(n * d, (n + 2) * d)
+        cuts = {projections[0]: rows(queries) if kind == "separate" else torch.cat([rows(queries), kv])}
+    elif kind == "separate":
         cuts = dict(zip(projections, (rows(queries), rows(keep), rows(keep))))
     elif kind == "blocked":
         cuts = {projections[0]: torch.cat([rows(queries), rows(keep, n * rep * d), rows(keep, (n * rep + n) * d)])}

@@ -142,6 +142,36 @@ def test_heads_without_prune_heads_are_cut_by_their_layout(name, attention, layo
             torch.testing.assert_close(output(again.eval(), batch), output(pruned.eval(), batch))
 
 
+@pytest.mark.parametrize("name,layout,attrs", [("hf_llama", "separate", {"num_key_value_groups": "heads"}),
+                                               ("hf_falcon", "blocked", {"num_heads": "heads"})])
+def test_multi_query_attention_loses_query_heads_and_keeps_its_one_key_value_head(name, layout, attrs):
+    """One key/value head for all: query heads are the elements; the key/value rows stay, and the count of
+    queries per key/value head follows (Llama repeats k and v by it where a padding mask is given)."""
+    from compressor.intake import intake
+    from compressor.tasks import call
+
+    pytest.importorskip("transformers")
+    U = _user_models()
+    model = (U.hf_llama(kv_heads=1) if name == "hf_llama" else U.hf_falcon()).eval()
+    mask = torch.ones(8, 16).long()
+    mask[:4, 10:] = 0  # padding: Llama's sdpa path repeats k and v by num_key_value_groups
+    batch = {"input_ids": torch.randint(1, 256, (8, 16), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": mask}
+    model = intake(model, call(model, batch), names=tuple(batch))
+    heads = [g for g in W.find_groups(model, batch) if g.kind == "heads"]
+    assert len(heads) == 2 and all(g.size == 4 and g.layout["shared"] and g.layout["kind"] == layout
+                                   and g.layout["attrs"] == attrs for g in heads)
+    pruned, plan, info = W.prune_width(model, [batch], 0.1, ffn=False, multiple=8, log=lambda s: None)
+    assert plan["heads"] and info["max_abs_diff_vs_masked"] < 1e-5
+    for path, removed in plan["heads"].items():
+        att = pruned.get_submodule(path)
+        proj = att.q_proj if name == "hf_llama" else att.query_key_value
+        assert proj.out_features == (4 - len(removed)) * 8 + (0 if name == "hf_llama" else 16)
+    again = W.apply_plan(copy.deepcopy(model), json.loads(json.dumps(plan)))
+    again.load_state_dict(pruned.state_dict())
+    torch.testing.assert_close(call(again, batch), call(pruned, batch))
+
+
 def test_heads_a_model_biases_from_outside_are_not_cut_and_a_block_holding_its_attention_is():
     """Bloom's ALiBi slopes come from the config's head count, outside the attention: no cut of its heads is
     exact, so they are no group (its FFN pairs are). A user's block holding ``heads``, one fused qkv Linear,

@@ -396,6 +396,14 @@ def hf_llama(num_classes=4, vocab_size=256, kv_heads=2):
                num_key_value_heads=kv_heads, **_LM)
 
 
+def hf_falcon(num_classes=4, vocab_size=256):
+    """Multi-query attention: one key/value head for all query heads, in one fused [q | k | v] projection,
+    reshaped by its num_heads."""
+    return _hf("FalconConfig", "FalconForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
+               hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+               new_decoder_architecture=False, pad_token_id=0, hidden_dropout=0.0, attention_dropout=0.0)
+
+
 def hf_gpt_neox(num_classes=4, vocab_size=256):
     """One query_key_value projection whose rows go head after head, [q k v] each."""
     return _hf("GPTNeoXConfig", "GPTNeoXForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
