@@ -126,8 +126,9 @@ def _output_loss(model: nn.Module, pruned: nn.Module, batches) -> float:
         model.train(was)
 
 
-def _failed(model: nn.Module, e: Exception) -> UserError:
-    """A cut copy that failed to run, or torch-pruning failing: the module, and what to leave out."""
+def _failed(model: nn.Module, e: Exception, again: Exception | None = None) -> UserError:
+    """A cut copy that failed to run, or torch-pruning failing: the module, and what to leave out (``again``: how
+    the cut failed with it left whole)."""
     where = raised_in(e)
     said = first_line(e)
     frames = traceback.extract_tb(e.__traceback__)
@@ -145,22 +146,43 @@ def _failed(model: nn.Module, e: Exception) -> UserError:
         return UserError(f"prune.channels: torch-pruning cannot prune {type(model).__name__}: {said}; leave the "
                          "module it names out with prune.ignore, or prune whole blocks (prune: {by: flops})")
     block, inner = where
-    path, cls = block.split(" (")[0], block.split(" (")[-1].rstrip(")")
-    # the model's other modules of that class fail alike (ConvBERT's attention in every layer): name them all
-    alike = [n for n, m in model.named_modules() if type(m).__name__ == cls and n and n != path]
+    path, alike, held, layers = _own_code(model, where)
     also = (f" and its {len(alike)} other{'s' if len(alike) > 1 else ''} of that class "
             f"({', '.join(alike[:12])}{', ...' if len(alike) > 12 else ''})" if alike else "")
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    held = [n for n in layers if any(n == a or n.startswith(a + ".") for a in [path, *alike])]
     advice = (f"add {path}{also} to prune.ignore (its own code does not follow the cut)" if "." in path else
               "its own code does not follow the cut: add the layers it reshapes by to prune.ignore, or prune whole "
               "blocks (prune: {by: flops})")
-    if "." in path and len(held) > 0.75 * len(layers):  # LeViT: 22 of its 23 Linears sit in such modules
+    if "." in path and held > 0.75 * layers:  # LeViT: 22 of its 23 Linears sit in such modules
         advice = (f"its own code does not follow the cut, and modules of that class ({path}{also}) hold "
-                  f"{len(held)} of its {len(layers)} layers, so ignoring them leaves little to cut: prune whole "
+                  f"{held} of its {layers} layers, so ignoring them leaves little to cut: prune whole "
                   "blocks instead (prune: {by: flops, remove: 0.3})")
+    elif again is not None:  # they were left whole, and the cut still failed (SegFormer: in the same LayerNorm)
+        there = raised_in(again)
+        advice = (f"leaving {path}{also} whole (its own code does not follow the cut) fails too"
+                  + (f", in {there[1]}" if there else "") + f": {first_line(again, 160)}; prune whole blocks "
+                  "instead (prune: {by: flops, remove: 0.3})")
     return UserError(f"prune.channels: {type(model).__name__} cut by torch-pruning fails in {inner}"
                      + (f", inside {block}" if block != inner else "") + f": {said}; {advice}")
+
+
+def _own_code(model: nn.Module, where: tuple[str, str]) -> tuple[str, list[str], int, int]:
+    """(the block a cut copy failed in, the model's other modules of its class, which fail alike (ConvBERT's
+    attention in every layer), how many Conv and Linear layers they hold, how many the model has)."""
+    path, cls = where[0].split(" (")[0], where[0].split(" (")[-1].rstrip(")")
+    alike = [n for n, m in model.named_modules() if type(m).__name__ == cls and n and n != path]
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    held = [n for n in layers if any(n == a or n.startswith(a + ".") for a in [path, *alike])]
+    return path, alike, len(held), len(layers)
+
+
+def _leave_whole(model: nn.Module, e: Exception) -> list[str]:
+    """The modules to leave whole so the cut may run: the block ``e`` was raised in and its class's others, where
+    that block is not the model itself and they do not hold most of its layers (then the error says so)."""
+    where = raised_in(e)
+    if where is None or isinstance(e, Untraceable):
+        return []
+    path, alike, held, layers = _own_code(model, where)
+    return [path, *alike] if "." in path and held <= 0.75 * layers else []
 
 
 def _cost(model, example, by: str) -> float:
@@ -271,19 +293,31 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     except Untraceable as e:  # with the stem kept it would not finish either
         raise _failed(model, e) from None
     except Exception as e:
-        # A stream cut the model's own code does not follow (DINOv2's head reads the CLS token and the patch
-        # mean concatenated) may still leave a cut with the stem kept
-        if not stem:
-            raise _failed(model, e) from None
-        try:
-            best, least = bisect(ignored_paths + stem)
-        except Exception:
-            raise _failed(model, e) from None
-        log(f"prune.channels: with the stem's channels cut the copy fails ({first_line(e, 120)}); the stem is kept")
-        stem_choice = {"stem": stem, "kept": True, "why": f"the cut with it cut fails ({type(e).__name__})"}
-        ignored_paths = ignored_paths + stem
-        kept = {**kept, **{p: "input stem (the cut with it cut fails)" for p in stem}}
-        stem = []
+        # A cut the model's own code does not follow may still run with the stem kept (DINOv2's head reads the
+        # CLS token and the patch mean concatenated), or with the modules it failed in left whole (an attention
+        # that reshapes by a head count of its own: ConvBERT, Swin), or both; each is tried, in that order.
+        own = [p for p in _leave_whole(model, e) if p not in ignored_paths]
+        tries = [t for t in (stem, own, stem + own if stem and own else []) if t]
+        again = None
+        for extra in tries:
+            try:
+                best, least = bisect(ignored_paths + extra)
+                break
+            except (UserError, Untraceable):
+                raise
+            except Exception as e2:
+                again = e2 if own and set(own) <= set(extra) else again
+        else:
+            raise _failed(model, e, again) from None
+        ignored_paths = ignored_paths + extra
+        if own and set(own) <= set(extra):
+            log(f"prune.channels: the copy fails in {own[0]} ({first_line(e, 120)}); {', '.join(own)} left whole")
+            kept = {**kept, **{p: "its own code does not follow the cut" for p in own}}
+        if stem and set(stem) <= set(extra):
+            log(f"prune.channels: with the stem's channels cut the copy fails ({first_line(e, 120)}); the stem is kept")
+            stem_choice = {"stem": stem, "kept": True, "why": f"the cut with it cut fails ({type(e).__name__})"}
+            kept = {**kept, **{p: "input stem (the cut with it cut fails)" for p in stem}}
+            stem = []
     if best is not None and stem and compare_stem:
         try:
             alt, _ = bisect(ignored_paths + stem)
