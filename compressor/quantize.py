@@ -6,6 +6,7 @@ as the recipe says. NNCF, torchao and OpenVINO are optional and imported only wh
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from pathlib import Path
 
@@ -152,6 +153,14 @@ def _nncf_depthwise_conv1d() -> None:
         PTDepthwiseConv1dSubtype.hw_config_names = [HWOpName.DEPTHWISE_CONVOLUTION]
 
 
+def _copyable_method_wrappers() -> None:
+    """NNCF records a tensor property read in the forward (Falcon's and ModernBERT's ``x @ self.weight.T``) as an
+    operation whose function is ``Tensor.T``'s ``method-wrapper``, then deep-copies its graph, and
+    ``copy.deepcopy`` has no rule for that type ("cannot pickle 'getset_descriptor' object"). It is immutable
+    and copied by reference, as the copy module already does for builtin functions."""
+    copy._deepcopy_dispatch.setdefault(types.MethodWrapperType, copy._deepcopy_atomic)
+
+
 def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: bool = False):
     """NNCF post-training int8 of ``model`` calibrated on ``calib`` (the operations of its layers under
     ``keep`` stay float); the fake-quantized model, ready for QAT or export."""
@@ -166,6 +175,7 @@ def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: b
         raise UserError(f"quantize.mode {spec.mode} needs NNCF: pip install 'compressor[quant]' "
                         "(nncf and torchao), or use quantize.mode: ptq-ort") from None
     _nncf_depthwise_conv1d()
+    _copyable_method_wrappers()
     if isinstance(model, nn.Sequential):
         model = _Wrap(model)
         keep = [f"net.{k}" for k in keep]

@@ -183,6 +183,24 @@ def test_gpt2_runs_end_to_end_with_ort_dynamic_int8(tiny_recipe, tmp_path):
 
 # ------------------------------------------------------------------------------------------ channel pruning
 
+def test_a_tensor_property_in_the_forward_does_not_stop_nncf(tiny_recipe, tmp_path):
+    """ModernBERT builds its sliding-window mask from ``rows - rows.T``: NNCF records ``Tensor.T`` as an
+    operation holding a method-wrapper and deep-copies its graph, which failed: "cannot pickle 'getset_descriptor'
+    object" (Falcon's Linear, ``x @ self.weight.T``, alike). ptq-nncf now quantizes it, the Q/DQ file passes its
+    checks, and int8 holds accuracy."""
+    import compressor
+
+    pytest.importorskip("transformers")
+    r = tiny_recipe
+    r.update(name="modernbert", teacher={"model": "user_models:hf_modernbert", "train": {"epochs": 3, "lr": 0.003}},
+             data={"dataset": "user_models:token_data", "batch_size": 64}, distill={"epochs": 1, "lr": 0.003},
+             student={"model": "user_models:hf_modernbert"}, quantize={"mode": "ptq-nncf"}, targets=[])
+    man = compressor.verify(compressor.run(r, tmp_path / "b", log=lambda s: None))
+    q = man["quality"]
+    assert q["student_int8"]["mode"] == "ptq-nncf"
+    assert q["student_int8"]["onnx_accuracy"] >= q["student"]["accuracy"] - 0.05
+
+
 @pytest.mark.slow
 def test_a_llama_classifier_is_narrowed_distilled_exported_and_rebuilt(tiny_recipe, tmp_path):
     """A decoder's attention has no prune_heads: its heads (grouped-query) and SwiGLU neurons are cut by their

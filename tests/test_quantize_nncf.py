@@ -317,8 +317,8 @@ def test_squeeze_excitation_layers_nncf_leaves_float_pass_the_check(tmp_path):
 
 
 def test_an_nncf_failure_names_where_nncf_gave_up_and_what_quantizes_without_it(tmp_path, monkeypatch):
-    """ModernBERT: NNCF's quantizer setup deep-copies something it cannot ('cannot pickle getset_descriptor'):
-    the error said only that, with no way forward."""
+    """An NNCF failure deep inside its quantizer setup (ModernBERT's once: 'cannot pickle getset_descriptor')
+    said only that, with no way forward."""
     import nncf
 
     from compressor.errors import StageError
