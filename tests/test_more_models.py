@@ -201,6 +201,28 @@ def test_a_tensor_property_in_the_forward_does_not_stop_nncf(tiny_recipe, tmp_pa
     assert q["student_int8"]["onnx_accuracy"] >= q["student"]["accuracy"] - 0.05
 
 
+def test_zero_padding_before_strided_convolutions_quantizes_with_nncf(tiny_recipe, tmp_path):
+    """TensorFlow-style "same" padding (EfficientNet): NNCF quantizes each ZeroPad2d's input (the depthwise
+    convolution's per channel), so the Conv after the Pad had no Q/DQ on its input and the file was refused
+    ("Conv stem.1 (inputs float/DQ)"). A Q/DQ pair at the same grid now goes after the Pad; the file passes its
+    checks, and both convolutions read a DequantizeLinear."""
+    import onnx
+
+    import compressor
+
+    r = tiny_recipe
+    r.update(name="padded", teacher={"model": "user_models:padded_cnn", "train": {"epochs": 4, "lr": 0.01}},
+             student={"model": "user_models:padded_cnn"}, distill={"epochs": 2, "lr": 0.01},
+             quantize={"mode": "ptq-nncf"}, targets=[])
+    out = compressor.run(r, tmp_path / "b", log=lambda s: None)
+    man = compressor.verify(out)
+    g = onnx.load(str(out / "model" / "student.int8.onnx")).graph
+    prod = {o: n for n in g.node for o in n.output}
+    assert {prod[n.input[0]].op_type for n in g.node if n.op_type == "Conv"} == {"DequantizeLinear"}
+    q = man["quality"]
+    assert q["student_int8"]["onnx_accuracy"] >= q["student"]["accuracy"] - 0.05
+
+
 @pytest.mark.slow
 def test_a_llama_classifier_is_narrowed_distilled_exported_and_rebuilt(tiny_recipe, tmp_path):
     """A decoder's attention has no prune_heads: its heads (grouped-query) and SwiGLU neurons are cut by their

@@ -107,6 +107,28 @@ def _hf(config_cls: str, model_cls: str, **cfg):
     return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**cfg)).eval()
 
 
+class PaddedCNN(nn.Module):
+    """TensorFlow-style "same" padding: an nn.ZeroPad2d before each stride-2 convolution, one of them depthwise
+    (EfficientNet and other ports from TensorFlow)."""
+
+    def __init__(self, in_channels=1, num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(in_channels, 16, 3, 2), nn.BatchNorm2d(16),
+                                  nn.SiLU())
+        self.expand = nn.Sequential(nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.SiLU())
+        self.dw = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(32, 32, 3, 2, groups=32), nn.BatchNorm2d(32),
+                                nn.SiLU())
+        self.project = nn.Sequential(nn.Conv2d(32, 24, 1), nn.BatchNorm2d(24))
+        self.head = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        return self.head(self.project(self.dw(self.expand(self.stem(x)))).mean((2, 3)))
+
+
+def padded_cnn(in_channels=1, num_classes=10):
+    return PaddedCNN(in_channels, num_classes)
+
+
 def hf_resnet(in_channels=1, num_classes=10):
     return _hf("ResNetConfig", "ResNetForImageClassification", num_channels=in_channels, num_labels=num_classes,
                embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", downsample_in_first_stage=False)

@@ -1,5 +1,5 @@
 """Rewrites of an exported QDQ file, in place: fake-quantized weights stored as int8 (``fold_weight_quantizers``),
-and a Q/DQ pair after a concat or slice whose inputs share one grid (``requantize_moved``)."""
+and a Q/DQ pair after a concat, slice or pad whose inputs share one grid (``requantize_moved``)."""
 from __future__ import annotations
 
 import os
@@ -68,17 +68,20 @@ def fold_weight_quantizers(path: str | Path) -> dict:
     return {"weights_folded": folded, "bytes_before": before, "bytes": path.stat().st_size}
 
 
-# Ops that move values without changing them: every value of their output is one of their inputs'.
-MOVES = ("Concat", "Split", "Slice")
+# Ops that move values without changing them: every value of their output is one of their inputs' (a Pad's
+# are, or its constant, which must then lie on the same grid: ZeroPad2d's 0 does on any grid with a zero point).
+MOVES = ("Concat", "Split", "Slice", "Pad")
 
 
 def requantize_moved(path: str | Path) -> dict:
-    """Insert QuantizeLinear -> DequantizeLinear after a Concat, Split or Slice whose data inputs are all
+    """Insert QuantizeLinear -> DequantizeLinear after a Concat, Split, Slice or Pad whose data inputs are all
     dequantized at one per-tensor scale and zero point, on each output that feeds a Conv, Gemm or MatMul bare.
     NNCF quantizes a concat's inputs with one shared quantizer (a chunk's input once) and leaves the output
     bare: OpenVINO propagates the precision through, but ONNX Runtime's QDQ fusion does not, and the consumer
-    ran in float (a two-input model's head, ShuffleNet's branches). The values lie on that grid already, so
+    ran in float (a two-input model's head, ShuffleNet's branches; a ZeroPad2d before a convolution, as in
+    EfficientNet and other TensorFlow-style "same" padding). The values lie on that grid already, so
     the pair changes no number; it lets the consumer run int8. In place; returns how many pairs."""
+    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
@@ -95,15 +98,46 @@ def requantize_moved(path: str | Path) -> dict:
             return numpy_helper.to_array(inits[name]) if name in inits else None
         if n.op_type == "Constant":
             return next((numpy_helper.to_array(a.t) for a in n.attribute if a.name == "value"), None)
-        return None
+        return folded(name)
+
+    def folded(name):
+        """A tensor computed from constants alone (TorchScript lowers a Pad's pads to a Reshape, Transpose and
+        Cast of a Constant), evaluated; None where it reads a graph input."""
+        nodes, todo, seen = [], [name], set()
+        while todo:
+            t = todo.pop()
+            if t in seen or t in inits or not t:
+                continue
+            seen.add(t)
+            n = prod.get(t)
+            if n is None or len(nodes) > 32:
+                return None
+            nodes.append(n)
+            todo.extend(n.input)
+        from onnx.reference import ReferenceEvaluator
+
+        used = {i for n in nodes for i in n.input}
+        at = {id(n): i for i, n in enumerate(g.node)}  # the graph's own (topological) order
+        nodes = sorted({id(n): n for n in nodes}.values(), key=lambda n: at[id(n)])
+        sub = helper.make_graph(nodes, "folded", [],
+                                [helper.make_value_info(name, onnx.TypeProto())],
+                                [inits[i] for i in used if i in inits])
+        try:
+            return ReferenceEvaluator(helper.make_model(sub, opset_imports=m.opset_import)).run(None, {})[0]
+        except Exception:
+            return None
 
     def grid(dq):
+        """(scale, zero point, dtype, axis): numbers per tensor (axis None); per channel, the DQ's own tensors'
+        names and its axis (NNCF quantizes a depthwise convolution's input per channel)."""
         if len(dq.input) < 3 or not dq.input[2]:  # no zero point: its type would be guessed (uint8)
             return None
         s, z = value(dq.input[1]), value(dq.input[2])
-        if s is None or z is None or s.size != 1:
+        if s is None or z is None:
             return None
-        return float(s), int(z), str(z.dtype)
+        if s.size != 1:
+            return dq.input[1], dq.input[2], str(z.dtype), next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        return float(s), int(z), str(z.dtype), None
 
     memo: dict[str, tuple | None] = {}
 
@@ -116,14 +150,36 @@ def requantize_moved(path: str | Path) -> dict:
                 memo[name] = None
             elif n.op_type == "DequantizeLinear":
                 memo[name] = grid(n)
-            elif n.op_type in SHAPE_OPS:
-                memo[name] = grid_of(n.input[0], depth + 1)
+            elif n.op_type in SHAPE_OPS:  # a per-channel grid does not survive a reshape or transpose
+                memo[name] = on if (on := grid_of(n.input[0], depth + 1)) and on[3] is None else None
             elif n.op_type in MOVES:
                 grids = {grid_of(i, depth + 1) for i in (n.input if n.op_type == "Concat" else n.input[:1])}
                 memo[name] = grids.pop() if len(grids) == 1 else None
+                if memo[name] is not None and (not pad_on_grid(n, memo[name]) if n.op_type == "Pad"
+                                               else memo[name][3] is not None):
+                    memo[name] = None
             else:
                 memo[name] = None
         return memo[name]
+
+    def pad_on_grid(n, on) -> bool:
+        """Whether every value the Pad writes lies on ``on``: per channel, only where the channel axis is not
+        padded and the constant is 0 (on every channel's grid)."""
+        if on[3] is not None:
+            pads = value(n.input[1])
+            if pads is None or len(n.input) > 3 and n.input[3] or pads.reshape(2, -1)[:, on[3]].any():
+                return False
+        mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "constant")
+        if mode != "constant":  # reflect, edge, wrap: input values only
+            return True
+        v = value(n.input[2]) if len(n.input) > 2 and n.input[2] else 0.0
+        if v is None:
+            return False
+        v = float(np.asarray(v).reshape(-1)[0])
+        if on[3] is not None:
+            return v == 0.0
+        q, info = v / on[0] + on[1], np.iinfo(on[2])
+        return abs(q - round(q)) < 1e-6 and info.min <= round(q) <= info.max
 
     users = _users(g)
 
@@ -145,13 +201,14 @@ def requantize_moved(path: str | Path) -> dict:
             continue
         dq0 = source(n.input[0])
         scale, zero = dq0.input[1], dq0.input[2]
+        axis = {"axis": grid_of(n.output[0])[3]} if grid_of(n.output[0])[3] is not None else {}
         for k, out in enumerate(n.output):
             if not feeds_compute_bare(out):
                 continue
             q = helper.make_node("QuantizeLinear", [out, scale, zero], [f"{out}_requantized"],
-                                 name=f"{n.name}/requantize_{k}")
+                                 name=f"{n.name}/requantize_{k}", **axis)
             dq = helper.make_node("DequantizeLinear", [f"{out}_requantized", scale, zero], [f"{out}_dequantized"],
-                                  name=f"{n.name}/dequantize_{k}")
+                                  name=f"{n.name}/dequantize_{k}", **axis)
             for u in users.get(out, []):
                 u.input[:] = [f"{out}_dequantized" if i == out else i for i in u.input]
             at = list(g.node).index(n) + 1
