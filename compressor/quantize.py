@@ -143,14 +143,17 @@ def _nncf_ignored(model: nn.Module, example, keep: list[str]) -> list[str]:
 def _nncf_depthwise_conv1d() -> None:
     """NNCF 3.4 spells the depthwise Conv1d metatype's ``hw_config_names`` as ``hw_config_name``, so no
     quantizer (weight or input) goes on a depthwise Conv1d (ConvBERT's span convolution) and the file fails
-    the Q/DQ check. Set the attribute the Conv2d subtype has, where it is missing."""
+    the Q/DQ check. It is set to a plain convolution's: a depthwise one's allows only a per-channel input
+    quantizer, which NNCF placed before ConvBERT's transpose, on the sequence axis (16 scales for 16 tokens),
+    and ONNX Runtime's QLinearConv refused it ("zero point must be a scalar")."""
     try:
         from nncf.common.hardware.opset import HWOpName
         from nncf.torch.graph.operator_metatypes import PTDepthwiseConv1dSubtype
     except ImportError:
         return
-    if not PTDepthwiseConv1dSubtype.hw_config_names:
-        PTDepthwiseConv1dSubtype.hw_config_names = [HWOpName.DEPTHWISE_CONVOLUTION]
+    if not PTDepthwiseConv1dSubtype.hw_config_names or PTDepthwiseConv1dSubtype.hw_config_names == [
+            HWOpName.DEPTHWISE_CONVOLUTION]:
+        PTDepthwiseConv1dSubtype.hw_config_names = [HWOpName.CONVOLUTION]
 
 
 def _copyable_method_wrappers() -> None:

@@ -299,6 +299,31 @@ def test_a_depthwise_conv1d_gets_its_quantizers(tmp_path):
     assert c["quantized_nodes"] == 3 and not c["float_nodes"]
 
 
+def test_convberts_depthwise_span_convolution_runs_in_onnx_runtime(tmp_path):
+    """Given a depthwise convolution's rules, NNCF put a per-channel quantizer on ConvBERT's span convolution
+    input before its transpose, on the token axis (16 scales for 16 tokens), and ONNX Runtime refused the file:
+    'QLinearConv : input zero point must be a scalar'. It gets a plain convolution's rules: one scale."""
+    import onnxruntime as ort
+
+    from compressor.intake import intake
+    from compressor.tasks import call
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    import user_models as U
+
+    m = U.hf_convbert().eval()
+    x = {"input_ids": torch.randint(1, 256, (64, 16), generator=torch.Generator().manual_seed(0)),
+         "attention_mask": torch.ones(64, 16, dtype=torch.long)}
+    model = intake(m, call(m, x), names=tuple(x))
+    ctx = _ctx(tmp_path, x)
+    ctx.example = lambda n=1: {k: v[:n] for k, v in x.items()}
+    _, out = _nncf_export(nncf_quantize(model, x, ctx.recipe.quantize, "uint8", []), ctx)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {i.name: x[i.name][:4].numpy() for i in sess.get_inputs()})[0]
+    assert got.shape == (4, 4)
+
+
 def test_squeeze_excitation_layers_nncf_leaves_float_pass_the_check(tmp_path):
     """NNCF's SE_BLOCK pattern keeps a squeeze-excitation's two layers float on purpose; the Q/DQ check called
     them unquantized, so every SE model (the tests' depthwise CNN, RegNetY, EfficientNet, MobileNetV3) was

@@ -418,6 +418,14 @@ def hf_llama(num_classes=4, vocab_size=256, kv_heads=2):
                num_key_value_heads=kv_heads, **_LM)
 
 
+def hf_convbert(num_classes=4, vocab_size=256):
+    """Span-based dynamic convolution: a depthwise Conv1d over the transposed hidden states beside the heads."""
+    return _hf("ConvBertConfig", "ConvBertForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes,
+               hidden_size=32, embedding_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               head_ratio=2, conv_kernel_size=3, num_groups=1, max_position_embeddings=64, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0)
+
+
 def hf_falcon(num_classes=4, vocab_size=256):
     """Multi-query attention: one key/value head for all query heads, in one fused [q | k | v] projection,
     reshaped by its num_heads."""
