@@ -10,9 +10,9 @@ checked numerically, never assumed from names.
   Linear it equals (a cut one becomes that Linear).
 - Attention heads, whose outputs are head-wide slices of the input of the attention's output projection (the
   ``gate``), in one of two ways:
-  - a module with ``prune_heads`` (Hugging Face's BERT family) which holds, or whose child holds,
-    ``attention_head_size`` and a head count (``num_attention_heads``; DistilBERT's ``n_heads``): cut by its own
-    ``prune_heads``;
+  - a module with ``prune_heads`` (Hugging Face's BERT family, T5) which holds, or whose child holds,
+    ``attention_head_size`` (T5: ``key_value_proj_dim``) and a head count (``num_attention_heads``; DistilBERT's
+    and T5's ``n_heads``): cut by its own ``prune_heads``;
   - any other module holding a head size (``head_dim``, ``head_size``, ``attention_head_size``) or a head
     count, whose Linears are called with the output projection last, in one of three layouts (``layouts``):
     separate q, k, v projections (Llama, Qwen2, Mistral, Gemma, Phi, OPT; with grouped-query attention a
@@ -45,6 +45,7 @@ from .surgery import swapped as _swapped
 from .tasks import output
 
 HEAD_COUNTS = tuple(count for count, _ in HEAD_LAYOUTS)  # the head count's name in Hugging Face attention modules
+PRUNED_SIZES = ("attention_head_size", "key_value_proj_dim")  # the head size beside it (T5's is key_value_proj_dim)
 
 
 @dataclass
@@ -133,11 +134,11 @@ def _head_groups(model: nn.Module, order: list[str], example) -> list[Group]:
     for path, m in model.named_modules():
         if not callable(getattr(m, "prune_heads", None)) or hasattr(m, "base_model_prefix"):
             continue  # a PreTrainedModel's prune_heads takes a dict over layers; its layers' modules come next
-        holder = next(((p, c, a) for p, c in m.named_modules() for a in HEAD_COUNTS
-                       if hasattr(c, a) and hasattr(c, "attention_head_size")), None)
+        holder = next(((p, c, a, z) for p, c in m.named_modules() for a in HEAD_COUNTS for z in PRUNED_SIZES
+                       if hasattr(c, a) and hasattr(c, z)), None)
         if holder is None:
             continue
-        n, d = int(getattr(holder[1], holder[2])), int(holder[1].attention_head_size)
+        n, d = int(getattr(holder[1], holder[2])), int(getattr(holder[1], holder[3]))
         prefix = f"{path}." if path else ""
         gates = [p for p in order if p.startswith(prefix) and features(_get(model, p))[0] == n * d]
         if n < 2 or not gates:

@@ -105,9 +105,12 @@ def select(groups: list[Group], budget: float, multiple: int = 16) -> dict:
         options = [(b[0], g, b[1]) for g in groups if _cost(g) > 0 and (b := next_block(g)) is not None]
         if not options:
             unit = "FLOPs per sample" if all(g.cost is None for g in groups) else "ms"
-            raise UserError(f"prune.width: cutting every FFN pair to one block of {multiple} and every attention "
-                            f"to one head saves {saved:,.4g} {unit}, short of the {budget:,.4g} asked; "
-                            "lower prune.width.remove")
+            kinds = {g.kind for g in groups}
+            cut = " and ".join([f"every FFN pair to one block of {multiple}"] * ("ffn" in kinds)
+                               + ["every attention to one head"] * ("heads" in kinds))
+            raise UserError(f"prune.width: cutting {cut} saves {saved:,.4g} {unit}, short of the {budget:,.4g} "
+                            "asked" + ("" if "heads" in kinds else " (no attention heads were found to cut: "
+                                       "docs/distillation.md, Width)") + "; lower prune.width.remove")
         _, g, n = min(options, key=lambda o: o[0])
         taken[g.path] += n
         saved += n * _cost(g)

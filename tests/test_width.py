@@ -172,6 +172,29 @@ def test_multi_query_attention_loses_query_heads_and_keeps_its_one_key_value_hea
     torch.testing.assert_close(call(again, batch), call(pruned, batch))
 
 
+def test_t5_heads_are_cut_by_its_prune_heads():
+    """T5's attention has prune_heads but keeps its head size as key_value_proj_dim, not attention_head_size: no
+    head was found, and width pruning cut only FFN neurons. The shared relative position bias is masked by each
+    layer's own pruned heads (T5's code), so encoder and decoder heads are cut exactly."""
+    from compressor.intake import intake
+    from compressor.tasks import call
+
+    pytest.importorskip("transformers")
+    m = _user_models().hf_t5().eval()
+    ids = torch.randint(2, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    ids[:, -1] = 1  # one <eos> each
+    batch = {"input_ids": ids, "attention_mask": torch.ones(8, 16).long()}
+    model = intake(m, call(m, batch), names=tuple(batch))
+    heads = [g for g in W.find_groups(model, batch) if g.kind == "heads"]
+    assert {g.path.split(".")[1] for g in heads} == {"encoder", "decoder"} and all(g.size == 4 for g in heads)
+    assert "transformer.encoder.block.0.layer.0.SelfAttention" in [g.path for g in heads]  # the bias's own layer
+    pruned, plan, info = W.prune_width(model, [batch], 0.4, multiple=8, log=lambda s: None)
+    assert plan["heads"] and info["max_abs_diff_vs_masked"] < 1e-5
+    again = W.apply_plan(copy.deepcopy(model), json.loads(json.dumps(plan)))
+    again.load_state_dict(pruned.state_dict())
+    torch.testing.assert_close(call(again, batch), call(pruned, batch))
+
+
 def test_heads_a_model_biases_from_outside_are_not_cut_and_a_block_holding_its_attention_is():
     """Bloom's ALiBi slopes come from the config's head count, outside the attention: no cut of its heads is
     exact, so they are no group (its FFN pairs are). A user's block holding ``heads``, one fused qkv Linear,
@@ -219,8 +242,12 @@ def test_select_meets_the_budget_in_blocks_and_keeps_one_of_each():
     # Everything but one block and one head is the most a budget can take.
     plan = W.select([ffn, heads], budget=200 + 32 * 10, multiple=8)
     assert len(plan["ffn"]["f"]["keep"]) == 8 and len(plan["heads"]["h"]) == 2
-    with pytest.raises(UserError, match="lower prune.width.remove"):
+    with pytest.raises(UserError, match="every FFN pair to one block of 8 and every attention to one head saves "
+                                        "520 FLOPs per sample, short of the 521 asked; lower prune.width.remove"):
         W.select([ffn, heads], budget=200 + 32 * 10 + 1, multiple=8)
+    with pytest.raises(UserError, match=r"cutting every FFN pair to one block of 8 saves 320 .*\(no attention heads "
+                                        r"were found to cut"):  # it said "and every attention" without any
+        W.select([ffn], budget=321, multiple=8)
     # A width that is not a multiple: the first block takes the remainder, so what stays is a multiple.
     odd = _group("ffn", 37, 10.0, [float(j) for j in range(37)], "o")
     assert len(W.select([odd], budget=10.0, multiple=8)["ffn"]["o"]["keep"]) == 32

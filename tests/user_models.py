@@ -426,6 +426,14 @@ def hf_convbert(num_classes=4, vocab_size=256):
                attention_probs_dropout_prob=0.0)
 
 
+def hf_t5(num_classes=4, vocab_size=256):
+    """An encoder-decoder classifier: T5's attention keeps its head size as key_value_proj_dim, and layer 0's
+    relative position bias serves every layer. Its inputs need one <eos> (id 1) each, at the end."""
+    return _hf("T5Config", "T5ForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes, d_model=32,
+               d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.0, pad_token_id=0,
+               eos_token_id=1, decoder_start_token_id=0, relative_attention_num_buckets=8)
+
+
 def hf_falcon(num_classes=4, vocab_size=256):
     """Multi-query attention: one key/value head for all query heads, in one fused [q | k | v] projection,
     reshaped by its num_heads."""
