@@ -537,6 +537,27 @@ def test_an_int8_file_that_loses_accuracy_is_said_so(tiny_recipe, tmp_path, monk
                for s in lines), lines
 
 
+def test_a_teacher_at_chance_is_said_so(tiny_recipe, tiny_bundle, tmp_path, monkeypatch):
+    """A teacher that never learned (a tiny EfficientNet at 0.08 on 10 classes, MobileBERT at 0.21 on 4) went
+    through every stage to a verified bundle reporting 'retained 1.0', without a word."""
+    import json
+
+    import compressor
+    from compressor.tasks import Classification
+
+    analyze = next(s for s in json.loads((tiny_bundle / "manifest.json").read_text())["stages"]
+                   if s["name"] == "analyze")
+    assert analyze["metrics"]["teacher"]["accuracy"] > 0.9 and "at_chance" not in analyze["metrics"]["teacher"]
+    monkeypatch.setattr(Classification, "teacher_score", lambda self, *a, **k: {"accuracy": 0.1})
+    tiny_recipe.update(targets=[], distill={"epochs": 1, "lr": 0.01})
+    lines = []
+    man = compressor.run(tiny_recipe, tmp_path / "b", log=lines.append)
+    assert any(s.startswith("analyze: warning: the teacher's held-out accuracy 0.1000 is at chance (0.1000 for 10 "
+                            "classes)") for s in lines), lines
+    analyze = next(s for s in json.loads((man / "manifest.json").read_text())["stages"] if s["name"] == "analyze")
+    assert analyze["metrics"]["teacher"]["at_chance"] is True
+
+
 def test_a_head_count_torch_pruning_lowers_without_cutting_the_projections_is_set_back():
     """On BEiT torch-pruning lowered the attentions' head count (4 to 1) but left query, key and value 32 wide;
     a head size of 32 // 1 (or 32 // 3 = 10) broke the attention's reshape and the cut was refused."""

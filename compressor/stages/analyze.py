@@ -38,6 +38,12 @@ def run(ctx: Context) -> StageRecord:
         line += (f"; student: {s['params']:,} params, {s['flops'] / 1e6:.1f} MFLOPs "
                  f"({t['flops'] / max(s['flops'], 1):.1f}x fewer)")
     ctx.log(line)
+    n = getattr(ctx.data, "num_classes", 0)
+    if "accuracy" in quality and n >= 2 and quality["accuracy"] <= 1.2 / n:  # a student learns nothing from it
+        info["teacher"]["at_chance"] = True
+        ctx.log(f"analyze: warning: the teacher's held-out accuracy {quality['accuracy']:.4f} is at chance "
+                f"({1 / n:.4f} for {n} classes); a student distilled from it learns nothing: train it further "
+                "(teacher.train), or check that its inputs and labels are what it was trained on")
     return StageRecord(name, config={"teacher": ctx.teacher_origin, "student": ctx.genome}, metrics=info)
 
 
