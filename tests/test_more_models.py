@@ -558,6 +558,26 @@ def test_a_teacher_at_chance_is_said_so(tiny_recipe, tiny_bundle, tmp_path, monk
     assert analyze["metrics"]["teacher"]["at_chance"] is True
 
 
+def test_a_channel_cut_far_under_the_budget_is_said_so(tiny_recipe, tmp_path, monkeypatch):
+    """The nearest cut under the budget can be far under it where the steps are coarse (a Hubert asked to lose
+    50% of its FLOPs lost 62% and distilled to 0.64 against its teacher's 0.80, without a word)."""
+    import compressor
+    from compressor import structural
+
+    real = structural.prune_channels
+
+    def coarse(*a, **k):  # the real cut, reported as removing 40 points more than asked
+        student, plan, info = real(*a, **k)
+        return student, plan, {**info, "flops_after": info["flops_before"] * 0.4}
+
+    monkeypatch.setattr(structural, "prune_channels", coarse)
+    tiny_recipe.pop("student")
+    tiny_recipe.update(prune={"channels": {"remove": 0.2}}, targets=[], distill={"epochs": 1, "lr": 0.01})
+    lines = []
+    compressor.run(tiny_recipe, tmp_path / "b", log=lines.append)
+    assert any(s.startswith("prune.channels: warning: the cut removes 60% of the flops, 20% asked") for s in lines)
+
+
 def test_a_head_count_torch_pruning_lowers_without_cutting_the_projections_is_set_back():
     """On BEiT torch-pruning lowered the attentions' head count (4 to 1) but left query, key and value 32 wide;
     a head size of 32 // 1 (or 32 // 3 = 10) broke the attention's reshape and the cut was refused."""

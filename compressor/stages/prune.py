@@ -82,6 +82,12 @@ def cut(ctx: Context, spec: PruneSpec):
         student, channels, info["channels"] = prune_channels(
             student, batches, c.remove, by=c.by, importance=c.importance, ignore=spec.ignore, keep_stem=c.keep_stem,
             heads=c.heads, multiple=c.multiple, projections=c.projections, labels=labels, log=ctx.log)
+        r = info["channels"]
+        gone = 1 - r[f"{c.by}_after"] / r[f"{c.by}_before"]
+        if gone > c.remove + 0.05:  # the nearest cut under the budget can be far under it (Hubert: 62% for 50%)
+            ctx.log(f"prune.channels: warning: the cut removes {gone:.0%} of the {c.by}, {c.remove:.0%} asked: the "
+                    f"nearest cut at or under the budget ({r['allocation']} ratio {r['ratio']}; whole heads, "
+                    f"multiples of {c.multiple}); a lower multiple, or heads: false, gives finer steps")
     if spec.width is not None or spec.channels is not None:
         info["params"] = sum(p.numel() for p in student.parameters())
         info["flops"] = flops(student, batches[0])
