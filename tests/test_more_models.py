@@ -578,6 +578,21 @@ def test_a_channel_cut_far_under_the_budget_is_said_so(tiny_recipe, tmp_path, mo
     assert any(s.startswith("prune.channels: warning: the cut removes 60% of the flops, 20% asked") for s in lines)
 
 
+def test_gptj_loses_whole_heads_and_its_head_count_follows():
+    """GPT-J pairs Llama's q_proj/k_proj/v_proj and head_dim with a count it reshapes by (num_attention_heads):
+    whole heads were cut, the count stayed 4, its own reshape failed, and its attention was left whole, so a 50%
+    budget was out of reach."""
+    from compressor.structural import prune_channels
+
+    model, x = _hf("hf_gptj")
+    pruned, _, info = prune_channels(model, [x], 0.5, log=lambda s: None)
+    att = [m for n, m in pruned.named_modules() if n.endswith(".attn")]
+    assert info["flops_after"] <= 0.5 * info["flops_before"] and "transformer.h.0.attn" not in info["kept"]
+    assert any(a.q_proj.out_features < 32 for a in att)
+    assert all(a.num_attention_heads * a.head_dim == a.q_proj.out_features for a in att)
+    assert call(pruned, x).shape == (4, 4)
+
+
 def test_a_head_count_torch_pruning_lowers_without_cutting_the_projections_is_set_back():
     """On BEiT torch-pruning lowered the attentions' head count (4 to 1) but left query, key and value 32 wide;
     a head size of 32 // 1 (or 32 // 3 = 10) broke the attention's reshape and the cut was refused."""

@@ -434,6 +434,14 @@ def hf_t5(num_classes=4, vocab_size=256):
                eos_token_id=1, decoder_start_token_id=0, relative_attention_num_buckets=8)
 
 
+def hf_gptj(num_classes=4, vocab_size=256):
+    """q_proj/k_proj/v_proj and head_dim as Llama's, but it keeps a head count (num_attention_heads) it reshapes by,
+    and rotates only part of each head (rotary_dim)."""
+    return _hf("GPTJConfig", "GPTJForSequenceClassification", vocab_size=vocab_size, num_labels=num_classes, n_embd=32,
+               n_layer=2, n_head=4, n_positions=64, rotary_dim=4, n_inner=64, pad_token_id=0, resid_pdrop=0.0,
+               embd_pdrop=0.0, attn_pdrop=0.0)
+
+
 def hf_falcon(num_classes=4, vocab_size=256):
     """Multi-query attention: one key/value head for all query heads, in one fused [q | k | v] projection,
     reshaped by its num_heads."""

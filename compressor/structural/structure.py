@@ -114,6 +114,11 @@ def head_layout(model: nn.Module) -> tuple[dict, list]:
             if isinstance(d, int) and d > 0 and all(isinstance(q, nn.Linear) and q.out_features % d == 0 for q in qkv) \
                     and len({q.out_features for q in qkv}) == 1:  # grouped-query attention's k/v are narrower
                 heads.update({q: q.out_features // d for q in qkv})
+                # a count kept under another name (GPT-J's num_attention_heads beside q_proj) is set again too
+                count = next((c for c, _ in HEAD_LAYOUTS if getattr(m, c, None) == heads[qkv[0]]), None)
+                if count:
+                    atts.append((m, count, qkv[0], [a for a in _TOTAL_WIDTH
+                                                    if getattr(m, a, None) == qkv[0].out_features]))
     return heads, atts
 
 
