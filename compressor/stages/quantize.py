@@ -173,6 +173,7 @@ def _nncf_export(q, ctx: Context):
 
 
 def nncf_int8(ctx, spec, calib, act, keep, reduce_range: bool = False) -> tuple[dict, Path, nn.Module]:
+    from ..plain import plain_layers
     from ..structural.plan import fold_parametrizations, folded_said
 
     model = copy.deepcopy(ctx.student).eval()
@@ -180,6 +181,10 @@ def nncf_int8(ctx, spec, calib, act, keep, reduce_range: bool = False) -> tuple[
     folded = fold_parametrizations(model)
     if folded:
         ctx.log(f"quantize: {folded_said(folded)}")
+    # nor behind a layer's own forward (Falcon's x @ weight.T, BiT's weight standardisation)
+    if plain := plain_layers(model, ctx.example(2)):
+        ctx.log(f"quantize: {len(plain)} layers that compute their own weight made the plain layers they compute "
+                f"({', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''}), so NNCF quantizes them")
     if spec.fold_bn:
         model = fold_batchnorm(model, ctx.log)
     info = {"tool": "nncf", "activations": act, "bn_folded": _bn_count(model) == 0,

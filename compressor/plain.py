@@ -1,0 +1,105 @@
+"""Linear and convolution layers that compute their own weight, made the plain layers they compute.
+
+NNCF puts its quantizers on what a plain nn.Linear or nn.Conv*d computes with: ``F.linear`` / ``F.conv*d`` on the
+module's own ``weight``. A subclass with its own forward hides that: Falcon's Linear is ``x @ self.weight.T``
+(NNCF quantized the weight but not the input), BiT's convolution standardises its weight first (NNCF saw no
+constant weight), and the Q/DQ check refused both files. ``plain_layers`` replaces each such layer by the plain
+one with the weight it uses (and a padding child it runs first, as BiT's ``pad``), where that computes the same
+outputs on the example; the student then trains the plain weight (as a weight_norm's is folded).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .surgery import set_module
+from .tasks import call
+
+_CONVS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
+_PLAIN = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+class _Calls(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.convs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _CONVS:
+            self.convs.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _own_forward(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and type(m).forward not in _PLAIN
+
+
+@torch.no_grad()
+def plain_layers(model: nn.Module, example) -> list[str]:
+    """Replace, in place, the Linear and convolution layers whose class computes its own forward by the plain
+    layer with the weight they use, where it gives the same outputs on ``example``; return their paths."""
+    layers = {p: m for p, m in model.named_modules() if _own_forward(m)}
+    if not layers:
+        return []
+    inputs, handles = {}, []
+
+    def keep(p, a):
+        inputs.setdefault(p, a[0] if a else None)
+
+    for p, m in layers.items():
+        handles.append(m.register_forward_pre_hook(lambda _m, a, p=p: keep(p, a)))
+    was = model.training
+    try:
+        call(model.eval(), example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    done = []
+    for p, m in layers.items():
+        x = inputs.get(p)
+        new = _plain(m, x) if isinstance(x, torch.Tensor) else None
+        if new is not None and new(x).shape == m(x).shape and torch.allclose(new(x), m(x), rtol=1e-4, atol=1e-5):
+            set_module(model, p, new.train(m.training))
+            done.append(p)
+    return done
+
+
+def _plain(m: nn.Module, x: torch.Tensor) -> nn.Module | None:
+    w = m.weight
+    if isinstance(m, nn.Linear):  # an affine map: its weight and bias read back from the unit vectors and zero
+        b = m(torch.zeros(1, m.in_features, dtype=x.dtype, device=x.device))[0]
+        eye = torch.eye(m.in_features, dtype=x.dtype, device=x.device)
+        new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None or bool(b.any()), device=w.device,
+                        dtype=w.dtype)
+        new.weight.copy_((m(eye) - b).T)
+        if new.bias is not None:
+            new.bias.copy_(b)
+        return new.requires_grad_(w.requires_grad)
+    calls, ran = _Calls(), []
+    hooks = [c.register_forward_hook(lambda c, a, o: ran.append((c, a[0], o))) for c in m.children()]
+    try:
+        with calls:
+            m(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(calls.convs) != 1:
+        return None
+    func, args, kw = calls.convs[0]
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    a = {**dict(zip(names, args)), **kw}
+    pre = [c for c, i, o in ran if i is x and o is a["input"]]  # a child run first: BiT's pad
+    if a["input"] is not x and not pre:
+        return None
+    weight, bias = a["weight"], a.get("bias")
+    conv = _CONVS[func](weight.shape[1] * a.get("groups", 1), weight.shape[0], tuple(weight.shape[2:]),
+                        stride=a.get("stride", 1), padding=a.get("padding", 0), dilation=a.get("dilation", 1),
+                        groups=a.get("groups", 1), bias=bias is not None, device=w.device, dtype=w.dtype)
+    conv.weight.copy_(weight)
+    if bias is not None:
+        conv.bias.copy_(bias)
+    conv.requires_grad_(w.requires_grad)
+    return nn.Sequential(pre[0], conv) if pre else conv
