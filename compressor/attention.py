@@ -70,15 +70,14 @@ class SplitAttention(nn.Module):
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        if is_causal and attn_mask is None:  # a hint nn.MultiheadAttention wants the mask with; made here
+            attn_mask = torch.ones(n, s, dtype=torch.bool, device=q.device).triu(1)
         mask = _additive(attn_mask, q.dtype)
         if mask is not None and mask.dim() == 3:  # (batch * heads, n, s)
             mask = mask.view(b, -1, n, s)
         if key_padding_mask is not None:
             pad = _additive(key_padding_mask, q.dtype).view(b, 1, 1, s)
             mask = pad if mask is None else mask + pad
-        if mask is None and is_causal:
-            mask = torch.ones(n, s, dtype=torch.bool, device=q.device).triu(1)
-            mask = _additive(mask, q.dtype)
         p = self.dropout if self.training else 0.0
         if need_weights:
             a = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5

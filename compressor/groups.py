@@ -253,7 +253,7 @@ def _layouts(model: nn.Module, inner: list[str], ints: dict, cut: int) -> list[d
     counts = {a: "heads" for a, v in ints.items() if v == n_q and "head" in a and a not in SIZES}
     # one key/value head for all (multi-query): query heads are cut alone, and every count of the queries per
     # key/value head follows (Llama's num_key_value_groups, read only where a mask makes it repeat k and v)
-    shared = {a: "heads" for a, v in ints.items() if v == n_q and a not in SIZES and "layer" not in a}
+    shared = {a: "heads" for a, v in ints.items() if v == n_q and a not in SIZES and ("head" in a or "group" in a)}
     widths = [a for a, v in ints.items() if v == n_q * d and a not in SIZES and "layer" not in a]
     choices = [{}, counts, *({**counts, a: "width"} for a in widths), {**counts, **dict.fromkeys(widths, "width")}]
     unique = list({tuple(sorted(c.items())): c for c in choices}.values())

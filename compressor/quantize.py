@@ -156,12 +156,20 @@ def _nncf_depthwise_conv1d() -> None:
         PTDepthwiseConv1dSubtype.hw_config_names = [HWOpName.CONVOLUTION]
 
 
+def _copy_method_wrapper(x, memo):
+    """A descriptor's (or a class's) method-wrapper by reference; any other as copy does (bound to the copy)."""
+    if isinstance(getattr(x, "__self__", None), (types.GetSetDescriptorType, types.MemberDescriptorType, type)):
+        return x
+    return copy._reconstruct(x, memo, *x.__reduce_ex__(4))
+
+
 def _copyable_method_wrappers() -> None:
-    """NNCF records a tensor property read in the forward (Falcon's and ModernBERT's ``x @ self.weight.T``) as an
-    operation whose function is ``Tensor.T``'s ``method-wrapper``, then deep-copies its graph, and
-    ``copy.deepcopy`` has no rule for that type ("cannot pickle 'getset_descriptor' object"). It is immutable
-    and copied by reference, as the copy module already does for builtin functions."""
-    copy._deepcopy_dispatch.setdefault(types.MethodWrapperType, copy._deepcopy_atomic)
+    """NNCF records a tensor property read in the forward (ModernBERT's ``rows.T``, Falcon's ``x @ self.weight.T``)
+    as an operation whose function is the ``__get__`` method-wrapper of ``Tensor.T``'s getset descriptor, then
+    deep-copies its graph, which ``copy.deepcopy`` cannot ("cannot pickle 'getset_descriptor' object"). Such a
+    wrapper belongs to the class, not to any copied object, so it is kept by reference; a wrapper bound to an
+    ordinary object is still re-bound to its copy, as before."""
+    copy._deepcopy_dispatch.setdefault(types.MethodWrapperType, _copy_method_wrapper)
 
 
 def nncf_quantize(model, calib, spec, act: str, keep: list[str], reduce_range: bool = False):

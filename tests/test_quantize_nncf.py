@@ -324,6 +324,28 @@ def test_convberts_depthwise_span_convolution_runs_in_onnx_runtime(tmp_path):
     assert got.shape == (4, 4)
 
 
+def test_only_a_descriptors_method_wrapper_is_deep_copied_by_reference():
+    """NNCF's graph holds Tensor.T's __get__ wrapper, which deepcopy could not take; the rule registered for it must
+    still re-bind a wrapper of an ordinary object to the copy (found by review: a copy's bound __len__ read the
+    original's list)."""
+    import copy
+
+    from compressor.quantize import _copyable_method_wrappers
+
+    _copyable_method_wrappers()
+    get = torch.Tensor.T.__get__
+    assert copy.deepcopy(get) is get
+
+    class Box:
+        def __init__(self):
+            self.items = [1]
+            self.size = self.items.__len__
+
+    b = copy.deepcopy(Box())
+    b.items.append(2)
+    assert b.size() == 2
+
+
 def test_squeeze_excitation_layers_nncf_leaves_float_pass_the_check(tmp_path):
     """NNCF's SE_BLOCK pattern keeps a squeeze-excitation's two layers float on purpose; the Q/DQ check called
     them unquantized, so every SE model (the tests' depthwise CNN, RegNetY, EfficientNet, MobileNetV3) was

@@ -38,13 +38,22 @@ def run(ctx: Context) -> StageRecord:
         line += (f"; student: {s['params']:,} params, {s['flops'] / 1e6:.1f} MFLOPs "
                  f"({t['flops'] / max(s['flops'], 1):.1f}x fewer)")
     ctx.log(line)
-    n = getattr(ctx.data, "num_classes", 0)
-    if "accuracy" in quality and n >= 2 and quality["accuracy"] <= 1.2 / n:  # a student learns nothing from it
-        info["teacher"]["at_chance"] = True
+    if "accuracy" in quality and (chance := _chance(ctx.data)) and quality["accuracy"] <= chance + 0.02:
+        info["teacher"]["at_chance"] = True  # a student distilled from it learns nothing
         ctx.log(f"analyze: warning: the teacher's held-out accuracy {quality['accuracy']:.4f} is at chance "
-                f"({1 / n:.4f} for {n} classes); a student distilled from it learns nothing: train it further "
-                "(teacher.train), or check that its inputs and labels are what it was trained on")
+                f"({chance:.4f}: the most frequent of {ctx.data.num_classes} classes); a student distilled from it "
+                "learns nothing: train it further (teacher.train), or check that its inputs and labels are what it "
+                "was trained on")
     return StageRecord(name, config={"teacher": ctx.teacher_origin, "student": ctx.genome}, metrics=info)
+
+
+def _chance(data) -> float | None:
+    """The held-out accuracy of always answering the most frequent class (None without class labels)."""
+    counts = {}
+    for _, y in data.loader("test", 256) if getattr(data, "num_classes", 0) >= 2 else ():
+        for v in y.reshape(-1).tolist():
+            counts[v] = counts.get(v, 0) + 1
+    return max(counts.values()) / sum(counts.values()) if counts else None
 
 
 def restore(ctx: Context, rec: StageRecord) -> None:

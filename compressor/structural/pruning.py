@@ -303,8 +303,10 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
             try:
                 best, least = bisect(ignored_paths + extra)
                 break
-            except (UserError, Untraceable):
+            except UserError:
                 raise
+            except Untraceable as e2:
+                raise _failed(model, e2) from None
             except Exception as e2:
                 again = e2 if own and set(own) <= set(extra) else again
         else:
