@@ -445,15 +445,17 @@ def test_a_move_of_values_on_one_grid_is_requantized_chained_moves_too(tmp_path)
 
     want = run()
     assert fed() == {"mm1": "Concat", "mm2": "Concat"}
-    assert requantize_moved(path) == {"requantized_after_moves": 2}
+    assert requantize_moved(path) == {"requantized_after_moves": 2, "pads_folded": 0}
     assert fed() == {"mm1": "DequantizeLinear", "mm2": "DequantizeLinear"}
     assert all(np.array_equal(a, b) for a, b in zip(run(), want))
 
 
-def test_a_pad_before_a_convolution_is_requantized_where_every_value_stays_on_the_grid(tmp_path):
+def test_a_pad_before_a_convolution_goes_into_it_or_is_requantized_where_every_value_stays_on_the_grid(tmp_path):
     """A ZeroPad2d before a stride-2 convolution (TensorFlow-style "same" padding: EfficientNet): NNCF quantizes
-    the pad's input, per tensor or (depthwise) per channel, and ONNX Runtime ran the Conv in float. Zeros lie on
-    any grid with a zero point; a constant off the grid, or a pad along a per-channel grid's axis, does not."""
+    the pad's input, per tensor or (depthwise) per channel, and the Q/DQ check refused the Conv behind the Pad. A
+    zero Pad of the spatial axes read only by Convs goes into their pads (the Conv reads the DequantizeLinear, which
+    ONNX Runtime fuses); one read by something else too gets a Q/DQ pair at its input's grid (zeros lie on any grid
+    with a zero point); a constant off the grid, or a pad along a per-channel grid's axis, is left as it is."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -467,45 +469,52 @@ def test_a_pad_before_a_convolution_is_requantized_where_every_value_stays_on_th
              numpy_helper.from_array(np.linspace(0.02, 0.05, c).astype(np.float32), "sc"),
              numpy_helper.from_array(np.arange(c).astype(np.uint8), "zc"),
              numpy_helper.from_array(np.full((c, 1, 3, 3), 0.1, np.float32), "w"),
+             numpy_helper.from_array(np.full((c, c + 1, 3, 3), 0.1, np.float32), "w5"),  # 5 channels in
              numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "hw"),  # bottom and right
              numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 1, 0, 0], np.int64), "ch"),  # one more channel
              numpy_helper.from_array(np.array(0.013, np.float32), "off")]  # 0.26 steps of s: off the grid
-    inits.append(numpy_helper.from_array(np.full((c, c + 1, 3, 3), 0.1, np.float32), "w5"))  # 5 channels in
-    # (scale, zero point, pads, pad constant, conv weight, groups, output size)
-    cases = [("s", "z", "hw", None, "w", c, 3), ("sc", "zc", "hw", None, "w", c, 3),
-             ("s", "z", "hw", "off", "w", c, 3), ("sc", "zc", "ch", None, "w5", 1, 2)]
+    # (scale, zero point, pads, pad constant, conv weight, groups, output size, a second reader)
+    cases = [("s", "z", "hw", None, "w", c, 3, False), ("sc", "zc", "hw", None, "w", c, 3, False),
+             ("s", "z", "hw", "off", "w", c, 3, False), ("sc", "zc", "ch", None, "w5", 1, 2, False),
+             ("s", "z", "hw", None, "w", c, 3, True)]
     nodes, outs = [], []
-    for k, (sc, zp, pads, const, w, groups, size) in enumerate(cases):
+    for k, (sc, zp, pads, const, w, groups, size, relu) in enumerate(cases):
         axis = {"axis": 1} if sc == "sc" else {}
         nodes += [helper.make_node("QuantizeLinear", [f"x{k}", sc, zp], [f"q{k}"], name=f"q{k}", **axis),
                   helper.make_node("DequantizeLinear", [f"q{k}", sc, zp], [f"d{k}"], name=f"d{k}", **axis),
                   helper.make_node("Pad", [f"d{k}", pads, *([const] if const else [])], [f"p{k}"], name=f"pad{k}"),
                   helper.make_node("Conv", [f"p{k}", w], [f"y{k}"], name=f"conv{k}", group=groups, strides=[2, 2])]
         outs.append(helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, [1, c, size, size]))
+        if relu:
+            nodes.append(helper.make_node("Relu", [f"p{k}"], [f"r{k}"], name=f"relu{k}"))
+            outs.append(helper.make_tensor_value_info(f"r{k}", TensorProto.FLOAT, [1, c, 7, 7]))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, c, 6, 6])
-                                       for k in range(4)], outs, inits)
+                                       for k in range(len(cases))], outs, inits)
     path = tmp_path / "pads.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    x = {f"x{k}": np.random.default_rng(k).uniform(0, 0.1, (1, c, 6, 6)).astype(np.float32) for k in range(4)}
+    x = {f"x{k}": np.random.default_rng(k).uniform(0, 0.1, (1, c, 6, 6)).astype(np.float32) for k in range(len(cases))}
 
     def run():
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)
 
     want = run()
-    assert requantize_moved(path) == {"requantized_after_moves": 2}
+    assert requantize_moved(path) == {"requantized_after_moves": 1, "pads_folded": 2}
     g = onnx.load(str(path)).graph
     prod = {o: n for n in g.node for o in n.output}
     fed = {n.name: prod[n.input[0]].op_type for n in g.node if n.op_type == "Conv"}
-    assert fed == {"conv0": "DequantizeLinear", "conv1": "DequantizeLinear", "conv2": "Pad", "conv3": "Pad"}
-    assert [a.i for a in prod[prod["p1_dequantized"].input[0]].attribute] == [1]  # per channel, on axis 1
-    assert all(np.array_equal(a, b) for a, b in zip(run(), want))
+    assert fed == {"conv0": "DequantizeLinear", "conv1": "DequantizeLinear", "conv2": "Pad", "conv3": "Pad",
+                   "conv4": "DequantizeLinear"}
+    assert [list(a.ints) for n in g.node if n.name == "conv1" for a in n.attribute if a.name == "pads"] == [[0, 0, 1, 1]]
+    assert prod[prod[next(n for n in g.node if n.name == "conv4").input[0]].input[0]].op_type == "QuantizeLinear"
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(run(), want))
 
 
 def test_a_move_whose_grid_has_no_zero_point_is_left_alone(tmp_path):
     """Without a zero point the new QuantizeLinear's type would be guessed (uint8) and clamp int8 values."""
     from exporters.qdq import requantize_moved
 
-    assert requantize_moved(_moves_graph(tmp_path, zero_point=False)) == {"requantized_after_moves": 0}
+    assert requantize_moved(_moves_graph(tmp_path, zero_point=False)) == {"requantized_after_moves": 0,
+                                                                           "pads_folded": 0}
 
 
 class _IndexFromActivations(torch.nn.Module):

@@ -78,9 +78,10 @@ def requantize_moved(path: str | Path) -> dict:
     dequantized at one per-tensor scale and zero point, on each output that feeds a Conv, Gemm or MatMul bare.
     NNCF quantizes a concat's inputs with one shared quantizer (a chunk's input once) and leaves the output
     bare: OpenVINO propagates the precision through, but ONNX Runtime's QDQ fusion does not, and the consumer
-    ran in float (a two-input model's head, ShuffleNet's branches; a ZeroPad2d before a convolution, as in
-    EfficientNet and other TensorFlow-style "same" padding). The values lie on that grid already, so
-    the pair changes no number; it lets the consumer run int8. In place; returns how many pairs."""
+    ran in float (a two-input model's head, ShuffleNet's branches). A ZeroPad2d before a convolution (EfficientNet
+    and other TensorFlow-style "same" padding) goes into the Conv's own pads where only Convs read it, so the
+    Conv reads the DequantizeLinear; a Pad read by anything else is requantized like a concat. The values lie on that grid already, so
+    the pair changes no number; it lets the consumer run int8. In place; returns how many pairs and pads folded."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -98,9 +99,9 @@ def requantize_moved(path: str | Path) -> dict:
             return numpy_helper.to_array(inits[name]) if name in inits else None
         if n.op_type == "Constant":
             return next((numpy_helper.to_array(a.t) for a in n.attribute if a.name == "value"), None)
-        return folded(name)
+        return evaluated(name)
 
-    def folded(name):
+    def evaluated(name):
         """A tensor computed from constants alone (TorchScript lowers a Pad's pads to a Reshape, Transpose and
         Cast of a Constant), evaluated; None where it reads a graph input."""
         nodes, todo, seen = [], [name], set()
@@ -195,6 +196,31 @@ def requantize_moved(path: str | Path) -> dict:
             n = prod.get(n.input[0])
         return n
 
+    # A zero Pad of the spatial axes whose every reader is a Conv goes into the Convs' own pads: the Conv then
+    # reads the DequantizeLinear itself, which ONNX Runtime fuses (it folded such a Pad itself; a Q/DQ pair after
+    # it would leave the Pad in float); other Pads are requantized below.
+    folded = 0
+    for n in [n for n in g.node if n.op_type == "Pad" and grid_of(n.output[0]) is not None]:
+        pads, readers = value(n.input[1]), users.get(n.output[0], [])
+        const = value(n.input[2]) if len(n.input) > 2 and n.input[2] else 0.0
+        mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "constant")
+        if (pads is None or const is None or mode != "constant" or float(np.asarray(const).reshape(-1)[0]) != 0
+                or len(n.input) > 3 and n.input[3] or pads.size < 6 or pads.reshape(2, -1)[:, :2].any()
+                or (pads < 0).any() or not readers or n.output[0] in {o.name for o in g.output}
+                or any(u.op_type != "Conv" or u.input[0] != n.output[0] or any(
+                    a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in u.attribute) for u in readers)):
+            continue
+        spatial = pads.reshape(2, -1)[:, 2:].astype(int)
+        for u in readers:
+            had = next((list(a.ints) for a in u.attribute if a.name == "pads"), [0] * spatial.size)
+            for a in [a for a in u.attribute if a.name == "pads"]:
+                u.attribute.remove(a)
+            u.attribute.append(helper.make_attribute("pads", [int(x) for x in np.add(had, spatial.reshape(-1))]))
+            u.input[0] = n.input[0]
+        users.setdefault(n.input[0], []).extend(readers)
+        g.node.remove(n)
+        folded += 1
+
     inserted = 0
     for n in list(g.node):
         if n.op_type not in MOVES or grid_of(n.output[0]) is None:
@@ -218,9 +244,9 @@ def requantize_moved(path: str | Path) -> dict:
             users[dq.output[0]] = users.pop(out, [])
             users[out] = [q]
             inserted += 1
-    if inserted:
+    if inserted or folded:
         part = path.with_name(f".{path.name}.tmp")
         onnx.save(m, str(part))
         onnx.checker.check_model(str(part), full_check=True)
         os.replace(part, path)
-    return {"requantized_after_moves": inserted}
+    return {"requantized_after_moves": inserted, "pads_folded": folded}
