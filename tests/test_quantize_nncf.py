@@ -324,6 +324,43 @@ def test_convberts_depthwise_span_convolution_runs_in_onnx_runtime(tmp_path):
     assert got.shape == (4, 4)
 
 
+class _PoolNet(nn.Module):
+    """A max-pool between convolutions (a ResNet stem), a position bias an MLP computes from a buffer (Swin V2),
+    a max over positions and the last time step picked before the head (PointNet, a TCN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.pool = nn.Conv2d(1, 16, 3, 1, 1), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, 6), torch.linspace(-1, 1, 6), indexing="ij")
+        self.register_buffer("coords", torch.stack([xs, ys], -1).reshape(36, 2))
+        self.pos = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 32))
+        self.fc, self.head = nn.Linear(32, 32), nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(self.pool(torch.relu(self.c1(x))))).flatten(2).transpose(1, 2) + self.pos(self.coords)
+        return self.head(torch.cat([self.fc(h.amax(1)), self.fc(h[:, -1])], 1))
+
+
+def test_values_picked_after_the_dequantize_and_constant_tables_pass_the_check(tmp_path):
+    """NNCF quantizes a MaxPool's, a ReduceMax's and an index's input, not their output, and leaves an MLP over a
+    buffer float (no input reaches it): the check called each consumer unquantized and refused the file (a UNet,
+    a TCN, PointNet, Swin V2, and HF ResNet's MaxPool stem, with no pruning at all)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = _PoolNet().eval()
+    x = torch.randn(64, 1, 12, 12)
+    ctx = _ctx(tmp_path, x)
+    _, out = _nncf_export(nncf_quantize(model, x, ctx.recipe.quantize, "uint8", []), ctx)
+    c = check_qdq(out)
+    assert {f.split(" (")[0] for f in c["float_nodes"] if "constant" in f} == {"pos.0", "pos.2"}
+    assert c["quantized_nodes"] >= 4
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x[:4].numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(x[:4]).numpy()).max() < 0.1 * np.abs(model(x[:4]).numpy()).max()
+
+
 def test_only_a_descriptors_method_wrapper_is_deep_copied_by_reference():
     """NNCF's graph holds Tensor.T's __get__ wrapper, which deepcopy could not take; the rule registered for it must
     still re-bind a wrapper of an ordinary object to the copy (found by review: a copy's bound __len__ read the

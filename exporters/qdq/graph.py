@@ -51,9 +51,21 @@ def _users(graph) -> dict[str, list]:
 SHAPE_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 
 
+# Ops whose every output value is one of their data input's, so a DQ before them still feeds exact quantized
+# values: NNCF quantizes a max-pool's, an index's or a max-reduction's input, not its output (a ResNet's stem
+# MaxPool, a TCN's x[:, :, -1], PointNet's max over points), and ONNX Runtime moves the DQ across them.
+PICKS = ("MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "Gather", "Slice", "Split", "Expand", "Tile",
+         "DepthToSpace", "SpaceToDepth")
+
+
 def _moves_only(n) -> bool:
-    """A shape-only op, or a Cast to float32 (of a float32 value: DINOv2 casts its pixels to the weight's dtype)."""
-    return n.op_type in SHAPE_OPS or n.op_type == "Cast" and any(a.name == "to" and a.i == 1 for a in n.attribute)
+    """A shape-only op, one that picks values of its input (PICKS; a zero Pad; a nearest-neighbour Resize), or a
+    Cast to float32 (of a float32 value: DINOv2 casts its pixels to the weight's dtype)."""
+    attrs = {a.name: a for a in n.attribute}
+    return (n.op_type in SHAPE_OPS or n.op_type in PICKS
+            or n.op_type == "Pad" and (len(n.input) < 3 or not n.input[2])  # zeros, or copies (edge, reflect)
+            or n.op_type == "Resize" and "mode" in attrs and attrs["mode"].s == b"nearest"
+            or n.op_type == "Cast" and "to" in attrs and attrs["to"].i == 1)
 
 
 def _dequantized(name: str, prod: dict):
@@ -206,6 +218,10 @@ def check_qdq(path: str | Path, keep_float=(), own=()) -> dict:
     inits = {t.name: t for t in g.initializer}
     users = _users(g)
     quantized, floating, bad, per_channel = [], [], [], []
+    live = {i.name for i in g.input} - set(inits)  # what a model input reaches: the rest is folded at load
+    for n in g.node:
+        if any(i in live for i in n.input):
+            live.update(n.output)
     for n in g.node:
         if n.op_type not in COMPUTE_OPS:
             continue
@@ -217,6 +233,8 @@ def check_qdq(path: str | Path, keep_float=(), own=()) -> dict:
             per_channel.append(scale is not None and int(np.prod(scale.dims)) > 1)
         elif keep_float and _in_scope(where, keep_float) or where in own:
             floating.append(where)
+        elif not any(i in live for i in n.input):  # a table computed from weights alone (Swin V2's position-bias
+            floating.append(f"{where} (constant: no model input reaches it)")  # MLP): runtimes fold it
         elif not any(dq) and _squeeze_excite(n, prod, users):
             # NNCF's SE_BLOCK pattern leaves a squeeze-excitation's two small layers float on purpose (their
             # output scales every channel: quantized, the gate errs on all of them); nothing else does so
