@@ -85,6 +85,34 @@ def _linear_order(model: nn.Module, example) -> list[str]:
     return list(dict.fromkeys(order))
 
 
+def _flipped(x):
+    if isinstance(x, torch.Tensor):
+        return x.flip(0) if x.dim() and x.shape[0] > 1 else x
+    if isinstance(x, dict):
+        return {k: _flipped(v) for k, v in x.items()}
+    return type(x)(_flipped(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@torch.no_grad()
+def _input_free(model: nn.Module, example, paths: list[str]) -> set[str]:
+    """The Linears at ``paths`` whose input is the same whatever the model is given (an MLP over a buffer, as Swin
+    V2's position bias): compared between ``example`` and its samples in reverse order. Runtimes fold such a
+    subgraph at load, so cutting it saves nothing deployed while it changes every sample's output."""
+    seen, handles = [{}, {}], []
+    for p in paths:
+        handles.append(_get(model, p).register_forward_pre_hook(
+            lambda _m, a, p=p: seen[run].setdefault(p, a[0] if a and isinstance(a[0], torch.Tensor) else None)))
+    try:
+        for run, x in enumerate((example, _flipped(example))):
+            output(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {p for p in paths if seen[0].get(p) is not None and seen[1].get(p) is not None
+            and seen[0][p].shape == seen[1][p].shape and torch.equal(seen[0][p], seen[1][p])
+            and seen[0][p].dim() and not torch.equal(seen[0][p], seen[0][p].flip(0))}
+
+
 def producer_rows(keep: torch.Tensor, size: int, halves: int = 1) -> torch.Tensor:
     """The producer's output rows of the kept neurons: ``keep`` in each of its ``halves`` fused projections."""
     return torch.cat([keep + h * size for h in range(halves)])
@@ -164,9 +192,9 @@ def _ffn_groups(model: nn.Module, order: list[str], example, taken: list[Group])
     inside = tuple(f"{g.path}." for g in taken if not g.layout) + tuple(
         f"{g.path}.{p}" if g.path else p
         for g in taken if g.layout for p in (*g.layout["projections"], g.layout["out"]))
-    groups = []
+    groups, fixed = [], _input_free(model, example, order)
     for i, a in enumerate(order):
-        if a.startswith(inside) or any(a in g.also for g in groups):
+        if a.startswith(inside) or any(a in g.also for g in groups) or a in fixed:
             continue
         f_in, f_out = features(_get(model, a))
         for halves in (1, 2):  # 2: A holds gate and up projections fused, chunked in two (ModernBERT, Phi-3)
