@@ -246,7 +246,19 @@ def layouts(model: nn.Module, path: str, order: list[str]) -> list[dict]:
     ints = _ints(m)
     if len(inner) < 2 or not any(a in ints for a in SIZES + COUNTS):
         return []
-    return [c for i in range(len(inner) - 1, 0, -1) for c in _layouts(model, inner[:i + 1], ints, len(prefix))]
+    found = [c for i in range(len(inner) - 1, 0, -1) for c in _layouts(model, inner[:i + 1], ints, len(prefix))]
+    # then each with the module's own tables indexed by head cut too (a learned bias per head on the scores:
+    # EfficientFormer's attention_biases, WavLM's relative-position Embedding)
+    return found + [{**c, "tables": t} for c in found if (t := _tables(m, elements(m, c) * c["rep"]))]
+
+
+def _tables(m: nn.Module, n: int) -> list[tuple[str, int]]:
+    """``m``'s own parameters and buffers, and its Embeddings' weights, with exactly one axis of size ``n`` (the
+    query heads): (name, axis)."""
+    own = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False),
+           *((f"{c}.weight", e.weight) for c, e in m.named_children() if isinstance(e, nn.Embedding))]
+    return [(name, axes[0]) for name, t in own if t is not None and t.dim() >= 1
+            and len(axes := [i for i, size in enumerate(t.shape) if size == n]) == 1]
 
 
 def _layouts(model: nn.Module, inner: list[str], ints: dict, cut: int) -> list[dict]:
@@ -318,4 +330,15 @@ def cut_heads(module: nn.Module, layout: dict, removed) -> nn.Module:
     _set(module, layout["out"], sliced_linear(_get(module, layout["out"]), cols=rows(queries)))
     for name, what in layout["attrs"].items():
         setattr(module, name, len(queries) * (d if what == "width" else 1))
+    for name, axis in layout.get("tables", ()):
+        owner, _, attr = name.rpartition(".")
+        holder = _get(module, owner) if owner else module
+        t = getattr(holder, attr)
+        cut = t.detach().index_select(axis, torch.tensor(queries, dtype=torch.long, device=t.device))
+        if isinstance(t, nn.Parameter):
+            setattr(holder, attr, nn.Parameter(cut, requires_grad=t.requires_grad))
+        else:
+            holder.register_buffer(attr, cut, persistent=attr not in holder._non_persistent_buffers_set)
+        if isinstance(holder, nn.Embedding):
+            holder.embedding_dim = cut.shape[1]
     return module

@@ -189,6 +189,41 @@ class _PositionMLP(nn.Module):
         return self.head(self.ffn(h).mean(1))
 
 
+class _BiasedAttention(nn.Module):
+    """A user's attention with a learned bias per head on the scores (relative-position tables, learned slopes)."""
+
+    def __init__(self, dim=32, num_heads=4, tokens=16):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn(num_heads, tokens, tokens) * 0.1)
+        self.rel = nn.Embedding(tokens, num_heads)  # a per-head table read by index, as WavLM's
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        s = q @ k.transpose(-1, -2) * self.head_dim ** -0.5 + self.bias + self.rel.weight.T[:, None, :t]
+        return x + self.out_proj((s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_heads_with_a_table_of_their_own_are_cut_with_it():
+    """The cut sliced q, k, v and the output projection but not a table indexed by head, so no cut was exact and
+    the attention was no group."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_BiasedAttention(), _BiasedAttention(), nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16, 32)
+    heads = [g for g in W.find_groups(model, x) if g.kind == "heads"]
+    assert [g.path for g in heads] == ["0", "1"] and all(g.layout["tables"] == [("bias", 0), ("rel.weight", 1)]
+                                                         for g in heads)
+    pruned, plan, info = W.prune_width(model, [x], 0.2, multiple=8, ffn=False, log=lambda s: None)
+    assert plan["heads"] and info["max_abs_diff_vs_masked"] < 1e-5
+    kept = 4 - len(plan["heads"]["0"]) if "0" in plan["heads"] else 4
+    assert pruned[0].bias.shape[0] == kept and pruned[0].rel.weight.shape[1] == pruned[0].rel.embedding_dim == kept
+    again = W.apply_plan(copy.deepcopy(model), json.loads(json.dumps(plan)))
+    again.load_state_dict(pruned.state_dict())
+    torch.testing.assert_close(again(x), pruned(x))
+
+
 def test_an_mlp_no_input_reaches_is_no_ffn_pair():
     """Width pruning cut Swin V2's position-bias MLP (512 neurons to 48) for most of its budget: runtimes fold
     that MLP at load, so nothing deployed got faster, while every sample's position bias changed (its student
