@@ -228,8 +228,8 @@ def find_groups(model: nn.Module, example, ffn: bool = True, heads: bool = True)
 
 # ------------------------------------------------------------- heads of modules without prune_heads
 
-SIZES = ("head_dim", "head_size", "attention_head_size")
-COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+SIZES = ("head_dim", "head_size", "attention_head_size", "d_k", "dim_head")  # d_k, h: the Annotated Transformer's
+COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "h")
 
 
 def _ints(m: nn.Module) -> dict[str, int]:
@@ -290,10 +290,11 @@ def _layouts(model: nn.Module, inner: list[str], ints: dict, cut: int) -> list[d
                           **({"shared": True, "rep": 1} if n_kv == 1 else {})})
             if n_kv == n_q:
                 found.append({"kind": "interleaved", "projections": [rel(inner[-2])], "rep": 1})
-    counts = {a: "heads" for a, v in ints.items() if v == n_q and "head" in a and a not in SIZES}
+    counts = {a: "heads" for a, v in ints.items() if v == n_q and ("head" in a or a in COUNTS) and a not in SIZES}
     # one key/value head for all (multi-query): query heads are cut alone, and every count of the queries per
     # key/value head follows (Llama's num_key_value_groups, read only where a mask makes it repeat k and v)
-    shared = {a: "heads" for a, v in ints.items() if v == n_q and a not in SIZES and ("head" in a or "group" in a)}
+    shared = {a: "heads" for a, v in ints.items() if v == n_q and a not in SIZES
+              and ("head" in a or "group" in a or a in COUNTS)}
     widths = [a for a, v in ints.items() if v == n_q * d and a not in SIZES and "layer" not in a]
     choices = [{}, counts, *({**counts, a: "width"} for a in widths), {**counts, **dict.fromkeys(widths, "width")}]
     unique = list({tuple(sorted(c.items())): c for c in choices}.values())

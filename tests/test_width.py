@@ -224,6 +224,34 @@ def test_heads_with_a_table_of_their_own_are_cut_with_it():
     torch.testing.assert_close(again(x), pruned(x))
 
 
+class _AnnotatedAttention(nn.Module):
+    """The Annotated Transformer's MultiHeadedAttention: ``self.h`` heads of ``self.d_k``, four Linears in a list."""
+
+    def __init__(self, d_model=32, h=4):
+        super().__init__()
+        self.d_k, self.h = d_model // h, h
+        self.linears = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(4))
+
+    def forward(self, x):
+        b = x.size(0)
+        q, k, v = (lin(x).view(b, -1, self.h, self.d_k).transpose(1, 2) for lin in self.linears[:3])
+        a = torch.einsum("bhqd,bhkd->bhqk", q, k).div(self.d_k ** 0.5).softmax(-1)
+        return x + self.linears[-1]((a @ v).transpose(1, 2).reshape(b, -1, self.h * self.d_k))
+
+
+def test_heads_counted_as_h_of_d_k_are_cut():
+    """A head count named ``h`` and a head size named ``d_k`` (the Annotated Transformer, and code written from it)
+    were not looked for: no head was found."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_AnnotatedAttention(), _AnnotatedAttention(), nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16, 32)
+    heads = [g for g in W.find_groups(model, x) if g.kind == "heads"]
+    assert [g.path for g in heads] == ["0", "1"] and all(g.layout["attrs"] == {"h": "heads"} for g in heads)
+    pruned, plan, info = W.prune_width(model, [x], 0.2, multiple=8, ffn=False, log=lambda s: None)
+    assert plan["heads"] and info["max_abs_diff_vs_masked"] < 1e-5
+    assert all(m.h * m.d_k == m.linears[0].out_features for m in pruned[:2])
+
+
 def test_an_mlp_no_input_reaches_is_no_ffn_pair():
     """Width pruning cut Swin V2's position-bias MLP (512 neurons to 48) for most of its budget: runtimes fold
     that MLP at load, so nothing deployed got faster, while every sample's position bias changed (its student
