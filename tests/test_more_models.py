@@ -559,6 +559,18 @@ def test_a_teacher_at_chance_is_said_so(tiny_recipe, tiny_bundle, tmp_path, monk
     assert analyze["metrics"]["teacher"]["at_chance"] is True
 
 
+def test_weights_outside_layers_are_named_when_no_channel_can_be_cut(tiny_recipe, tmp_path):
+    """The refusal said to lower the multiple (or null it), which cannot help: torch-pruning found no layer."""
+    import compressor
+
+    tiny_recipe.pop("student")
+    tiny_recipe.update(teacher={"model": "user_models:raw_mlp", "train": {"epochs": 1, "lr": 0.01}},
+                       prune={"channels": {"remove": 0.5, "multiple": None}}, targets=[])
+    with pytest.raises(UserError, match=r"no channel of RawMLP can be cut .*\(only 0% of its FLOPs run in nn.Linear "
+                                        r"or nn.Conv layers.*hold them in nn.Linear"):
+        compressor.run(tiny_recipe, tmp_path / "b", log=lambda s: None)
+
+
 def test_a_channel_cut_far_under_the_budget_is_said_so(tiny_recipe, tmp_path, monkeypatch):
     """The nearest cut under the budget can be far under it where the steps are coarse (a Hubert asked to lose
     50% of its FLOPs lost 62% and distilled to 0.64 against its teacher's 0.80, without a word)."""

@@ -129,6 +129,22 @@ def padded_cnn(in_channels=1, num_classes=10):
     return PaddedCNN(in_channels, num_classes)
 
 
+class RawMLP(nn.Module):
+    """Weights held as bare parameters and applied with F.linear: no nn.Linear for torch-pruning to cut."""
+
+    def __init__(self, in_channels=1, num_classes=10, d=256, hidden=64):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(hidden, d) * d ** -0.5), nn.Parameter(torch.zeros(hidden))
+        self.w2, self.b2 = nn.Parameter(torch.randn(num_classes, hidden) * 0.1), nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x):
+        return F.linear(torch.relu(F.linear(x.flatten(1), self.w1, self.b1)), self.w2, self.b2)
+
+
+def raw_mlp(in_channels=1, num_classes=10):
+    return RawMLP(in_channels, num_classes)
+
+
 def hf_resnet(in_channels=1, num_classes=10):
     return _hf("ResNetConfig", "ResNetForImageClassification", num_channels=in_channels, num_labels=num_classes,
                embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", downsample_in_first_stage=False)

@@ -79,9 +79,13 @@ def cut(ctx: Context, spec: PruneSpec):
         from ..structural import prune_channels
 
         c = spec.channels
-        student, channels, info["channels"] = prune_channels(
-            student, batches, c.remove, by=c.by, importance=c.importance, ignore=spec.ignore, keep_stem=c.keep_stem,
-            heads=c.heads, multiple=c.multiple, projections=c.projections, labels=labels, log=ctx.log)
+        try:
+            student, channels, info["channels"] = prune_channels(
+                student, batches, c.remove, by=c.by, importance=c.importance, ignore=spec.ignore,
+                keep_stem=c.keep_stem, heads=c.heads, multiple=c.multiple, projections=c.projections, labels=labels,
+                log=ctx.log)
+        except UserError as e:
+            raise UserError(f"{e}{_unlayered(student, batches[0])}") from None
         r = info["channels"]
         gone = 1 - r[f"{c.by}_after"] / r[f"{c.by}_before"]
         if gone > c.remove + 0.05:  # the nearest cut under the budget can be far under it (Hubert: 62% for 50%)
@@ -96,6 +100,23 @@ def cut(ctx: Context, spec: PruneSpec):
             info["layers_measured_loss"] = info["measured_loss"]
         info["measured_loss"] = sq_error_mean(ctx.teacher, student, batches)
     return student, info, plan, channels
+
+
+def _unlayered(model, example) -> str:
+    """Where most of the model's FLOPs run outside nn.Linear / nn.Conv layers (weights held as bare parameters and
+    used through F.linear or F.conv2d), why nothing can be cut: torch-pruning cuts those layers alone."""
+    from torch import nn
+
+    from ..flops import flops_by_module
+
+    per = flops_by_module(model, example)
+    layers = sum(per.get(p, 0) for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)))
+    total = per.get("", 0)
+    if not total or layers >= 0.5 * total:
+        return ""
+    return (f" (only {layers / total:.0%} of its FLOPs run in nn.Linear or nn.Conv layers, the only ones "
+            "torch-pruning cuts: weights held as bare parameters and used through F.linear / F.conv2d are not "
+            "layers to it; hold them in nn.Linear / nn.Conv2d)")
 
 
 def restore(ctx: Context, rec: StageRecord) -> None:
