@@ -174,6 +174,12 @@ def _head_groups(model: nn.Module, order: list[str], example) -> list[Group]:
         g = Group("heads", path, gates[-1], f"{prefix}{holder[0]}".rstrip("."), n, d)
         if _exact(model, g, example):
             groups.append(g)
+            continue
+        # a table of the holder's indexed by head (Swin's relative-position bias) is cut with prune_heads' heads
+        tables = [(f"{holder[0]}.{name}".lstrip("."), axis) for name, axis in _tables(holder[1], n)]
+        g.layout = {"kind": "prune_heads", "heads": n, "tables": tables}
+        if tables and _exact(model, g, example):
+            groups.append(g)
     for path, m in model.named_modules():  # modules that cannot cut their own heads (``layouts``)
         if any(path == g.path or path.startswith(f"{g.path}.") or g.path.startswith(f"{path}.") for g in groups):
             continue
@@ -189,9 +195,10 @@ def _head_groups(model: nn.Module, order: list[str], example) -> list[Group]:
 
 def _ffn_groups(model: nn.Module, order: list[str], example, taken: list[Group]) -> list[Group]:
     # the Linears a head group cuts: all of a prune_heads module's, the layout's own of any other
-    inside = tuple(f"{g.path}." for g in taken if not g.layout) + tuple(
+    whole = [g for g in taken if not g.layout or g.layout["kind"] == "prune_heads"]
+    inside = tuple(f"{g.path}." for g in whole) + tuple(
         f"{g.path}.{p}" if g.path else p
-        for g in taken if g.layout for p in (*g.layout["projections"], g.layout["out"]))
+        for g in taken if g not in whole for p in (*g.layout["projections"], g.layout["out"]))
     groups, fixed = [], _input_free(model, example, order)
     for i, a in enumerate(order):
         if a.startswith(inside) or any(a in g.also for g in groups) or a in fixed:
@@ -309,6 +316,11 @@ def elements(module: nn.Module, layout: dict) -> int:
 
 def cut_heads(module: nn.Module, layout: dict, removed) -> nn.Module:
     """Remove the key/value heads ``removed`` (with their query heads) from ``module`` in place."""
+    if layout["kind"] == "prune_heads":  # the module's own prune_heads, and the tables it leaves
+        gone = sorted(int(r) for r in removed)
+        module.prune_heads(gone)
+        _cut_tables(module, layout["tables"], [j for j in range(layout["heads"]) if j not in gone])
+        return module
     d, rep, n = layout["dim"], layout["rep"], elements(module, layout)
     keep = [j for j in range(n) if j not in {int(r) for r in removed}]
     queries = [j * rep + r for j in keep for r in range(rep)]
@@ -331,15 +343,20 @@ def cut_heads(module: nn.Module, layout: dict, removed) -> nn.Module:
     _set(module, layout["out"], sliced_linear(_get(module, layout["out"]), cols=rows(queries)))
     for name, what in layout["attrs"].items():
         setattr(module, name, len(queries) * (d if what == "width" else 1))
-    for name, axis in layout.get("tables", ()):
+    _cut_tables(module, layout.get("tables", ()), queries)
+    return module
+
+
+def _cut_tables(module: nn.Module, tables, heads: list[int]) -> None:
+    """Keep only ``heads`` along each table's head axis (``tables``: (name under ``module``, axis))."""
+    for name, axis in tables:
         owner, _, attr = name.rpartition(".")
         holder = _get(module, owner) if owner else module
         t = getattr(holder, attr)
-        cut = t.detach().index_select(axis, torch.tensor(queries, dtype=torch.long, device=t.device))
+        cut = t.detach().index_select(axis, torch.tensor(heads, dtype=torch.long, device=t.device))
         if isinstance(t, nn.Parameter):
             setattr(holder, attr, nn.Parameter(cut, requires_grad=t.requires_grad))
         else:
             holder.register_buffer(attr, cut, persistent=attr not in holder._non_persistent_buffers_set)
         if isinstance(holder, nn.Embedding):
             holder.embedding_dim = cut.shape[1]
-    return module

@@ -239,6 +239,29 @@ class _AnnotatedAttention(nn.Module):
         return x + self.linears[-1]((a @ v).transpose(1, 2).reshape(b, -1, self.h * self.d_k))
 
 
+def test_swins_heads_are_cut_with_their_relative_position_bias():
+    """Swin's prune_heads cuts q, k, v and the output but not the relative-position bias table indexed by head, so
+    no cut was exact and Swin kept every head (its FLOPs are mostly convolutions' otherwise)."""
+    from compressor.intake import intake
+    from compressor.tasks import call
+
+    pytest.importorskip("transformers")
+    m = _user_models().hf_swin().eval()
+    x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = intake(m, call(m, x))
+    heads = [g for g in W.find_groups(model, x) if g.kind == "heads"]
+    assert len(heads) == 4 and all(g.layout["tables"] == [("self.relative_position_bias_table", 1)] for g in heads)
+    pruned, plan, info = W.prune_width(model, [x], 0.3, multiple=8, log=lambda s: None)
+    assert plan["heads"] and info["max_abs_diff_vs_masked"] < 1e-5
+    for path, gone in plan["heads"].items():
+        att = pruned.get_submodule(path).self
+        assert att.relative_position_bias_table.shape[1] == att.num_attention_heads == (
+            model.get_submodule(path).self.num_attention_heads - len(gone))
+    again = W.apply_plan(copy.deepcopy(model), json.loads(json.dumps(plan)))
+    again.load_state_dict(pruned.state_dict())
+    torch.testing.assert_close(call(again, x), call(pruned, x))
+
+
 def test_heads_counted_as_h_of_d_k_are_cut():
     """A head count named ``h`` and a head size named ``d_k`` (the Annotated Transformer, and code written from it)
     were not looked for: no head was found."""

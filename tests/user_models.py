@@ -458,6 +458,13 @@ def hf_gptj(num_classes=4, vocab_size=256):
                embd_pdrop=0.0, attn_pdrop=0.0)
 
 
+def hf_swin(in_channels=1, num_classes=10):
+    """Windowed attention (shifted every other block) with a relative-position bias table indexed by head."""
+    return _hf("SwinConfig", "SwinForImageClassification", num_channels=in_channels, num_labels=num_classes,
+               image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+
+
 def hf_falcon(num_classes=4, vocab_size=256):
     """Multi-query attention: one key/value head for all query heads, in one fused [q | k | v] projection,
     reshaped by its num_heads."""
