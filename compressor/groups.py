@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .hf import HEAD_LAYOUTS
-from .surgery import features, sliced_linear
+from .surgery import features, first_inputs, sliced_linear
 from .surgery import gated as _gated
 from .surgery import get_module as _get
 from .surgery import set_module as _set
@@ -93,24 +93,14 @@ def _flipped(x):
     return type(x)(_flipped(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-@torch.no_grad()
 def _input_free(model: nn.Module, example, paths: list[str]) -> set[str]:
     """The Linears at ``paths`` whose input is the same whatever the model is given (an MLP over a buffer, as Swin
     V2's position bias): compared between ``example`` and its samples in reverse order. Runtimes fold such a
     subgraph at load, so cutting it saves nothing deployed while it changes every sample's output."""
-    seen, handles = [{}, {}], []
-    for p in paths:
-        handles.append(_get(model, p).register_forward_pre_hook(
-            lambda _m, a, p=p: seen[run].setdefault(p, a[0] if a and isinstance(a[0], torch.Tensor) else None)))
-    try:
-        for run, x in enumerate((example, _flipped(example))):
-            output(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-    return {p for p in paths if seen[0].get(p) is not None and seen[1].get(p) is not None
-            and seen[0][p].shape == seen[1][p].shape and torch.equal(seen[0][p], seen[1][p])
-            and seen[0][p].dim() and not torch.equal(seen[0][p], seen[0][p].flip(0))}
+    a, b = first_inputs(model, example, paths), first_inputs(model, _flipped(example), paths)
+    return {p for p in paths if isinstance(a.get(p), torch.Tensor) and isinstance(b.get(p), torch.Tensor)
+            and a[p].shape == b[p].shape and torch.equal(a[p], b[p])
+            and a[p].dim() and not torch.equal(a[p], a[p].flip(0))}
 
 
 def producer_rows(keep: torch.Tensor, size: int, halves: int = 1) -> torch.Tensor:
@@ -126,11 +116,7 @@ def ffn_swap(model: nn.Module, g: Group, keep) -> dict:
 
 
 def heads_swap(model: nn.Module, g: Group, removed) -> dict:
-    att = copy.deepcopy(_get(model, g.path))
-    if g.layout:
-        return {g.path: cut_heads(att, g.layout, removed)}
-    att.prune_heads(sorted(int(h) for h in removed))
-    return {g.path: att}
+    return {g.path: cut_heads(copy.deepcopy(_get(model, g.path)), g.layout, removed)}
 
 
 def gate_mask(g: Group, removed, device=None) -> torch.Tensor:
@@ -298,10 +284,9 @@ def _layouts(model: nn.Module, inner: list[str], ints: dict, cut: int) -> list[d
             if n_kv == n_q:
                 found.append({"kind": "interleaved", "projections": [rel(inner[-2])], "rep": 1})
     counts = {a: "heads" for a, v in ints.items() if v == n_q and ("head" in a or a in COUNTS) and a not in SIZES}
-    # one key/value head for all (multi-query): query heads are cut alone, and every count of the queries per
-    # key/value head follows (Llama's num_key_value_groups, read only where a mask makes it repeat k and v)
-    shared = {a: "heads" for a, v in ints.items() if v == n_q and a not in SIZES
-              and ("head" in a or "group" in a or a in COUNTS)}
+    # one key/value head for all (multi-query): query heads are cut alone, and the queries per key/value head
+    # follow too (Llama's num_key_value_groups, read only where a mask makes it repeat k and v)
+    shared = {**counts, **{a: "heads" for a, v in ints.items() if v == n_q and "group" in a and a not in SIZES}}
     widths = [a for a, v in ints.items() if v == n_q * d and a not in SIZES and "layer" not in a]
     choices = [{}, counts, *({**counts, a: "width"} for a in widths), {**counts, **dict.fromkeys(widths, "width")}]
     unique = list({tuple(sorted(c.items())): c for c in choices}.values())
@@ -314,12 +299,14 @@ def elements(module: nn.Module, layout: dict) -> int:
     return features(_get(module, layout["out"]))[0] // layout["dim"] // layout["rep"]
 
 
-def cut_heads(module: nn.Module, layout: dict, removed) -> nn.Module:
-    """Remove the key/value heads ``removed`` (with their query heads) from ``module`` in place."""
-    if layout["kind"] == "prune_heads":  # the module's own prune_heads, and the tables it leaves
+def cut_heads(module: nn.Module, layout: dict | None, removed) -> nn.Module:
+    """Remove the key/value heads ``removed`` (with their query heads) from ``module`` in place (``layout`` None:
+    by the module's own prune_heads)."""
+    if layout is None or layout["kind"] == "prune_heads":  # prune_heads, and the tables it leaves
         gone = sorted(int(r) for r in removed)
         module.prune_heads(gone)
-        _cut_tables(module, layout["tables"], [j for j in range(layout["heads"]) if j not in gone])
+        if layout is not None:
+            _cut_tables(module, layout["tables"], [j for j in range(layout["heads"]) if j not in gone])
         return module
     d, rep, n = layout["dim"], layout["rep"], elements(module, layout)
     keep = [j for j in range(n) if j not in {int(r) for r in removed}]

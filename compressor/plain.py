@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .surgery import set_module
-from .tasks import call
+from .surgery import first_inputs, set_module
 
 _CONVS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 _PLAIN = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
@@ -43,19 +42,10 @@ def plain_layers(model: nn.Module, example) -> list[str]:
     layers = {p: m for p, m in model.named_modules() if _own_forward(m)}
     if not layers:
         return []
-    inputs, handles = {}, []
-
-    def keep(p, a):
-        inputs.setdefault(p, a[0] if a else None)
-
-    for p, m in layers.items():
-        handles.append(m.register_forward_pre_hook(lambda _m, a, p=p: keep(p, a)))
     was = model.training
     try:
-        call(model.eval(), example)
+        inputs = first_inputs(model.eval(), example, layers)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was)
     done = []
     for p, m in layers.items():

@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import UserError
 from .flops import count_flops as flops
-from .tasks import output, take
+from .tasks import call, output, take
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -59,6 +59,25 @@ def gated(model: nn.Module, gates: dict):
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def first_inputs(model: nn.Module, example, paths) -> dict:
+    """The first positional input each module at ``paths`` is called with on ``example`` (None where it takes
+    none); a module that does not run is missing."""
+    seen, handles = {}, []
+
+    def keep(p, args):
+        seen.setdefault(p, args[0] if args else None)
+
+    for p in paths:
+        handles.append(get_module(model, p).register_forward_pre_hook(lambda _m, a, p=p: keep(p, a)))
+    try:
+        call(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 def is_conv1d(m: nn.Module) -> bool:

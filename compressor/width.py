@@ -36,8 +36,8 @@ from torch import nn
 from .attention import split_attention
 from .errors import UserError
 from .flops import count_flops as flops
-from .groups import Group, cut_heads, ffn_swap, find_groups, gate_mask, heads_swap, producer_rows
-from .surgery import cut_hidden, cut_stream, features, projected_grads, sliced_linear
+from .groups import Group, cut_heads, ffn_swap, find_groups, gate_mask, heads_swap
+from .surgery import cut_hidden, cut_stream, features, projected_grads
 from .surgery import gated as _gated
 from .surgery import get_module as _get
 from .surgery import set_module as _set
@@ -179,17 +179,12 @@ def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
     if plan.get("split"):
         split_attention(model, plan["split"])
     for path, p in plan.get("ffn", {}).items():
-        keep = torch.as_tensor(p["keep"], dtype=torch.long)
-        rows = producer_rows(keep, features(_get(model, path))[0], p.get("halves", 1))
-        for producer in (p["producer"], *p.get("also", ())):
-            _set(model, producer, sliced_linear(_get(model, producer), rows=rows))
-        _set(model, path, sliced_linear(_get(model, path), cols=keep))
-    layouts = plan.get("layouts", {})
+        g = Group("ffn", path, path, p["producer"], features(_get(model, path))[0], 1,
+                  also=tuple(p.get("also", ())), halves=p.get("halves", 1))
+        for q, m in ffn_swap(model, g, p["keep"]).items():
+            _set(model, q, m)
     for path, removed in plan.get("heads", {}).items():
-        if path in layouts:
-            cut_heads(_get(model, path), layouts[path], removed)
-        else:
-            _get(model, path).prune_heads([int(h) for h in removed])
+        cut_heads(_get(model, path), plan.get("layouts", {}).get(path), removed)
     return model
 
 
