@@ -70,21 +70,6 @@ class Group:
 
 # ------------------------------------------------------------------------------------------ finding
 
-@torch.no_grad()
-def _linear_order(model: nn.Module, example) -> list[str]:
-    """The Linear (and Conv1D) layers' paths in the order a forward pass first calls them."""
-    order, handles = [], []
-    for name, m in model.named_modules():
-        if features(m) is not None:
-            handles.append(m.register_forward_hook(lambda _m, _a, _o, name=name: order.append(name)))
-    try:
-        output(model, example)
-    finally:
-        for h in handles:
-            h.remove()
-    return list(dict.fromkeys(order))
-
-
 def _flipped(x):
     if isinstance(x, torch.Tensor):
         return x.flip(0) if x.dim() and x.shape[0] > 1 else x
@@ -93,11 +78,12 @@ def _flipped(x):
     return type(x)(_flipped(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _input_free(model: nn.Module, example, paths: list[str]) -> set[str]:
-    """The Linears at ``paths`` whose input is the same whatever the model is given (an MLP over a buffer, as Swin
-    V2's position bias): compared between ``example`` and its samples in reverse order. Runtimes fold such a
-    subgraph at load, so cutting it saves nothing deployed while it changes every sample's output."""
-    a, b = first_inputs(model, example, paths), first_inputs(model, _flipped(example), paths)
+def _input_free(model: nn.Module, example, a: dict) -> set[str]:
+    """The Linears whose input is the same whatever the model is given (an MLP over a buffer, as Swin V2's
+    position bias): ``a``, their inputs on ``example``, against those on its samples in reverse order. Runtimes
+    fold such a subgraph at load, so cutting it saves nothing deployed while it changes every sample's output."""
+    paths = list(a)
+    b = first_inputs(model, _flipped(example), paths)
     return {p for p in paths if isinstance(a.get(p), torch.Tensor) and isinstance(b.get(p), torch.Tensor)
             and a[p].shape == b[p].shape and torch.equal(a[p], b[p])
             and a[p].dim() and not torch.equal(a[p], a[p].flip(0))}
@@ -179,13 +165,14 @@ def _head_groups(model: nn.Module, order: list[str], example) -> list[Group]:
     return groups
 
 
-def _ffn_groups(model: nn.Module, order: list[str], example, taken: list[Group]) -> list[Group]:
+def _ffn_groups(model: nn.Module, inputs: dict, example, taken: list[Group]) -> list[Group]:
+    order = list(inputs)
     # the Linears a head group cuts: all of a prune_heads module's, the layout's own of any other
     whole = [g for g in taken if not g.layout or g.layout["kind"] == "prune_heads"]
     inside = tuple(f"{g.path}." for g in whole) + tuple(
         f"{g.path}.{p}" if g.path else p
         for g in taken if g not in whole for p in (*g.layout["projections"], g.layout["out"]))
-    groups, fixed = [], _input_free(model, example, order)
+    groups, fixed = [], _input_free(model, example, inputs)
     for i, a in enumerate(order):
         if a.startswith(inside) or any(a in g.also for g in groups) or a in fixed:
             continue
@@ -211,9 +198,10 @@ def find_groups(model: nn.Module, example, ffn: bool = True, heads: bool = True)
     was = model.training
     model.eval()
     try:
-        order = _linear_order(model, example)
-        hg = _head_groups(model, order, example) if heads else []
-        fg = _ffn_groups(model, order, example, hg) if ffn else []
+        # the Linear (and Conv1D) layers in the order a forward pass first calls them, with what they are called on
+        inputs = first_inputs(model, example, [p for p, m in model.named_modules() if features(m) is not None])
+        hg = _head_groups(model, list(inputs), example) if heads else []
+        fg = _ffn_groups(model, inputs, example, hg) if ffn else []
     finally:
         model.train(was)
     return hg + fg
