@@ -52,10 +52,9 @@ def plain_layers(model: nn.Module, example) -> list[str]:
         x = inputs.get(p)
         try:  # a layer the probes do not fit (reshapes its input, casts it) stays as it is
             new = _plain(m, x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
-            same = new is not None and _same(m, new, x)
         except Exception:
-            same = False
-        if same:
+            new = None
+        if new is not None:
             set_module(model, p, new.train(m.training))
             done.append(p)
     return done
@@ -74,14 +73,17 @@ def _same(m: nn.Module, new: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _plain(m: nn.Module, x: torch.Tensor) -> nn.Module | None:
+    """The plain layer ``m`` computes on ``x`` (each candidate checked by ``_same``), or None."""
     w = m.weight
     if isinstance(m, nn.Linear):
         new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype)
         new.weight.copy_(w)  # most often it computes with its own weight after all
         if m.bias is not None:
             new.bias.copy_(m.bias)
-        if _same(m, new, x) or m.in_features > 8192:
+        if _same(m, new, x):
             return new.requires_grad_(w.requires_grad)
+        if m.in_features > 8192:  # the probe below holds in_features squared values
+            return None
         # an affine map: its weight and bias read back from the unit vectors and zero
         b = m(torch.zeros(1, m.in_features, dtype=x.dtype, device=x.device))[0]
         eye = torch.eye(m.in_features, dtype=x.dtype, device=x.device)
@@ -90,7 +92,7 @@ def _plain(m: nn.Module, x: torch.Tensor) -> nn.Module | None:
         new.weight.copy_((m(eye) - b).T)
         if new.bias is not None:
             new.bias.copy_(b)
-        return new.requires_grad_(w.requires_grad)
+        return new.requires_grad_(w.requires_grad) if _same(m, new, x) else None
     calls, ran = _Calls(), []
     hooks = [c.register_forward_hook(lambda c, a, o: ran.append((c, a[0], o))) for c in m.children()]
     try:
@@ -115,4 +117,5 @@ def _plain(m: nn.Module, x: torch.Tensor) -> nn.Module | None:
     if bias is not None:
         conv.bias.copy_(bias)
     conv.requires_grad_(w.requires_grad)
-    return nn.Sequential(pre[0], conv) if pre else conv
+    new = nn.Sequential(pre[0], conv) if pre else conv
+    return new if _same(m, new, x) else None
