@@ -163,6 +163,12 @@ def requantize_moved(path: str | Path) -> dict:
                 memo[name] = None
         return memo[name]
 
+    def pad_fill(n) -> tuple[str, float | None]:
+        """A Pad's mode, and the constant it writes in constant mode (0 without one; None where it is computed)."""
+        v = value(n.input[2]) if len(n.input) > 2 and n.input[2] else 0.0
+        return (next((a.s.decode() for a in n.attribute if a.name == "mode"), "constant"),
+                None if v is None else float(np.asarray(v).reshape(-1)[0]))
+
     def pad_on_grid(n, on) -> bool:
         """Whether every value the Pad writes lies on ``on``: per channel, only where the channel axis is not
         padded and the constant is 0 (on every channel's grid)."""
@@ -170,13 +176,11 @@ def requantize_moved(path: str | Path) -> dict:
             pads = value(n.input[1])
             if pads is None or len(n.input) > 3 and n.input[3] or pads.reshape(2, -1)[:, on[3]].any():
                 return False
-        mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "constant")
+        mode, v = pad_fill(n)
         if mode != "constant":  # reflect, edge, wrap: input values only
             return True
-        v = value(n.input[2]) if len(n.input) > 2 and n.input[2] else 0.0
         if v is None:
             return False
-        v = float(np.asarray(v).reshape(-1)[0])
         if on[3] is not None:
             return v == 0.0
         q, info = v / on[0] + on[1], np.iinfo(on[2])
@@ -201,11 +205,8 @@ def requantize_moved(path: str | Path) -> dict:
     # it would leave the Pad in float); other Pads are requantized below.
     folded = 0
     for n in [n for n in g.node if n.op_type == "Pad" and grid_of(n.output[0]) is not None]:
-        pads, readers = value(n.input[1]), users.get(n.output[0], [])
-        const = value(n.input[2]) if len(n.input) > 2 and n.input[2] else 0.0
-        mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "constant")
-        if (pads is None or const is None or mode != "constant" or float(np.asarray(const).reshape(-1)[0]) != 0
-                or len(n.input) > 3 and n.input[3] or pads.size < 6 or pads.reshape(2, -1)[:, :2].any()
+        pads, readers, (mode, const) = value(n.input[1]), users.get(n.output[0], []), pad_fill(n)
+        if (pads is None or mode != "constant" or const != 0 or len(n.input) > 3 and n.input[3] or pads.size < 6 or pads.reshape(2, -1)[:, :2].any()
                 or (pads < 0).any() or not readers or n.output[0] in {o.name for o in g.output}
                 or any(u.op_type != "Conv" or u.input[0] != n.output[0] or any(
                     a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in u.attribute) for u in readers)):
