@@ -206,8 +206,8 @@ def requantize_moved(path: str | Path) -> dict:
     folded = 0
     for n in [n for n in g.node if n.op_type == "Pad" and grid_of(n.output[0]) is not None]:
         pads, readers, (mode, const) = value(n.input[1]), users.get(n.output[0], []), pad_fill(n)
-        if (pads is None or mode != "constant" or const != 0 or len(n.input) > 3 and n.input[3] or pads.size < 6 or pads.reshape(2, -1)[:, :2].any()
-                or (pads < 0).any() or not readers or n.output[0] in {o.name for o in g.output}
+        if (pads is None or mode != "constant" or const != 0 or len(n.input) > 3 and n.input[3] or pads.size < 6
+                or pads.reshape(2, -1)[:, :2].any() or (pads < 0).any() or not readers or n.output[0] in {o.name for o in g.output}
                 or any(u.op_type != "Conv" or u.input[0] != n.output[0] or any(
                     a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in u.attribute) for u in readers)):
             continue
