@@ -80,8 +80,9 @@ def requantize_moved(path: str | Path) -> dict:
     bare: OpenVINO propagates the precision through, but ONNX Runtime's QDQ fusion does not, and the consumer
     ran in float (a two-input model's head, ShuffleNet's branches). A ZeroPad2d before a convolution (EfficientNet
     and other TensorFlow-style "same" padding) goes into the Conv's own pads where only Convs read it, so the
-    Conv reads the DequantizeLinear; a Pad read by anything else is requantized like a concat. The values lie on that grid already, so
-    the pair changes no number; it lets the consumer run int8. In place; returns how many pairs and pads folded."""
+    Conv reads the DequantizeLinear; a Pad read by anything else is requantized like a concat. The values lie on
+    that grid already, so the pair changes no number; it lets the consumer run int8. In place; returns how many
+    pairs and pads folded."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -204,12 +205,22 @@ def requantize_moved(path: str | Path) -> dict:
     # reads the DequantizeLinear itself, which ONNX Runtime fuses (it folded such a Pad itself; a Q/DQ pair after
     # it would leave the Pad in float); other Pads are requantized below.
     folded = 0
+    outputs = {o.name for o in g.output}
+
+    def foldable(n, pads, readers) -> bool:
+        """A zero Pad of the spatial axes alone, read only as the data input of Convs that pad explicitly."""
+        mode, const = pad_fill(n)
+        if pads is None or mode != "constant" or const != 0 or len(n.input) > 3 and n.input[3]:
+            return False
+        if pads.size < 6 or pads.reshape(2, -1)[:, :2].any() or (pads < 0).any():
+            return False
+        return bool(readers) and n.output[0] not in outputs and all(
+            u.op_type == "Conv" and u.input[0] == n.output[0]
+            and all(a.name != "auto_pad" or a.s in (b"", b"NOTSET") for a in u.attribute) for u in readers)
+
     for n in [n for n in g.node if n.op_type == "Pad" and grid_of(n.output[0]) is not None]:
-        pads, readers, (mode, const) = value(n.input[1]), users.get(n.output[0], []), pad_fill(n)
-        if (pads is None or mode != "constant" or const != 0 or len(n.input) > 3 and n.input[3] or pads.size < 6
-                or pads.reshape(2, -1)[:, :2].any() or (pads < 0).any() or not readers or n.output[0] in {o.name for o in g.output}
-                or any(u.op_type != "Conv" or u.input[0] != n.output[0] or any(
-                    a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in u.attribute) for u in readers)):
+        pads, readers = value(n.input[1]), users.get(n.output[0], [])
+        if not foldable(n, pads, readers):
             continue
         spatial = pads.reshape(2, -1)[:, 2:].astype(int)
         for u in readers:
