@@ -213,6 +213,28 @@ SIZES = ("head_dim", "head_size", "attention_head_size", "d_k", "dim_head")  # d
 COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "h")
 
 
+def _named(ints: dict) -> tuple[list[str], list[str]]:
+    """(head-size names, head-count names) among ``ints``: those above first, then any other name with "head"
+    in it (a size where it also says dim or size: ``nhead``, ``n_heads_q``, ``dim_per_head``)."""
+    def sized(a):
+        return a in SIZES or "head" in a and ("dim" in a or "size" in a)
+    sizes = [a for a in SIZES if a in ints] + [a for a in ints if a not in SIZES and sized(a)]
+    counts = [a for a in COUNTS if a in ints] + [a for a in ints if a not in COUNTS and "head" in a and not sized(a)]
+    return sizes, counts
+
+
+def _head_size(ints: dict, f_in: int) -> int:
+    """The head size: a known size name's, else one a known count gives, else the other names' in that order
+    (the first that splits the ``f_in`` inputs of the output projection into two heads or more); 0 if none."""
+    sizes, counts = _named(ints)
+    for known in (True, False):
+        for a in [a for a in sizes if (a in SIZES) == known] + [a for a in counts if (a in COUNTS) == known]:
+            d = ints[a] if a in sizes else (f_in // ints[a] if f_in % ints[a] == 0 else 0)
+            if d and f_in % d == 0 and f_in // d >= 2:
+                return d
+    return 0
+
+
 def _ints(m: nn.Module) -> dict[str, int]:
     return {k: v for k, v in vars(m).items() if type(v) is int and v > 0}
 
@@ -225,7 +247,7 @@ def layouts(model: nn.Module, path: str, order: list[str]) -> list[dict]:
     prefix = f"{path}." if path else ""
     inner = [p for p in order if p.startswith(prefix)]
     ints = _ints(m)
-    if len(inner) < 2 or not any(a in ints for a in SIZES + COUNTS):
+    if len(inner) < 2 or not any(_named(ints)):
         return []
     found = [c for i in range(len(inner) - 1, 0, -1) for c in _layouts(model, inner[:i + 1], ints, len(prefix))]
     # then each with the module's own tables indexed by head cut too (a learned bias per head on the scores:
@@ -245,11 +267,8 @@ def _tables(m: nn.Module, n: int) -> list[tuple[str, int]]:
 def _layouts(model: nn.Module, inner: list[str], ints: dict, cut: int) -> list[dict]:
     """The candidates with ``inner[-1]`` as the output projection and the Linears before it as q, k, v."""
     f_in = features(_get(model, inner[-1]))[0]
-    d = next((ints[a] for a in SIZES if a in ints), None)
-    if d is None:
-        n = next(ints[a] for a in COUNTS if a in ints)
-        d = f_in // n if f_in % n == 0 else 0
-    if not d or f_in % d or f_in // d < 2:
+    d = _head_size(ints, f_in)
+    if not d:
         return []
     n_q, rel = f_in // d, (lambda p: p[cut:])
     shapes = [features(_get(model, p)) for p in inner[:-1]]
@@ -271,7 +290,7 @@ def _layouts(model: nn.Module, inner: list[str], ints: dict, cut: int) -> list[d
                           **({"shared": True, "rep": 1} if n_kv == 1 else {})})
             if n_kv == n_q:
                 found.append({"kind": "interleaved", "projections": [rel(inner[-2])], "rep": 1})
-    counts = {a: "heads" for a, v in ints.items() if v == n_q and ("head" in a or a in COUNTS) and a not in SIZES}
+    counts = {a: "heads" for a in _named(ints)[1] if ints[a] == n_q}
     # one key/value head for all (multi-query): query heads are cut alone, and the queries per key/value head
     # follow too (Llama's num_key_value_groups, read only where a mask makes it repeat k and v)
     shared = {**counts, **{a: "heads" for a, v in ints.items() if v == n_q and "group" in a and a not in SIZES}}

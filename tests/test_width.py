@@ -275,6 +275,36 @@ def test_heads_counted_as_h_of_d_k_are_cut():
     assert all(m.h * m.d_k == m.linears[0].out_features for m in pruned[:2])
 
 
+class _NamedAttention(nn.Module):
+    """A user's attention keeping its head count and head size under names of its own choosing."""
+
+    def __init__(self, count, size, d_model=32, heads=4):
+        super().__init__()
+        self.count, self.size = count, size
+        setattr(self, count, heads)
+        setattr(self, size, d_model // heads)
+        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model) for _ in range(4))
+
+    def forward(self, x):
+        n, d = getattr(self, self.count), getattr(self, self.size)
+        q, k, v = (p(x).unflatten(-1, (n, d)).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return x + self.o(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("count,size", [("nhead", "dh"), ("n_heads_q", "dim_per_head"), ("num_head", "hd")])
+def test_heads_under_names_of_the_users_choosing_are_cut(count, size):
+    """Only the names in groups.COUNTS and SIZES were looked for: nn.Transformer's own ``nhead``, a ``num_head``
+    or a ``dim_per_head`` left every head (and no FFN, here) to cut."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_NamedAttention(count, size), _NamedAttention(count, size), nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16, 32)
+    heads = [g for g in W.find_groups(model, x) if g.kind == "heads"]
+    assert [g.path for g in heads] == ["0", "1"]
+    pruned, plan, info = W.prune_width(model, [x], 0.2, multiple=8, ffn=False, log=lambda s: None)
+    assert plan["heads"] and info["max_abs_diff_vs_masked"] < 1e-5
+    assert any(getattr(m, count) < 4 for m in pruned[:2])
+
+
 def test_an_mlp_no_input_reaches_is_no_ffn_pair():
     """Width pruning cut Swin V2's position-bias MLP (512 neurons to 48) for most of its budget: runtimes fold
     that MLP at load, so nothing deployed got faster, while every sample's position bias changed (its student
