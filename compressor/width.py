@@ -206,11 +206,22 @@ def _plan_error(model: nn.Module, pruned: nn.Module, groups: list[Group], plan: 
     return float((output(pruned, batch) - ref).abs().max())
 
 
+def splittable(model: nn.Module, heads: bool = True) -> tuple[nn.Module, list[str]]:
+    """(``model``, or where heads may be cut and it holds nn.MultiheadAttention a copy with those split into
+    Linears whose heads can be cut (compressor/attention.py); the paths split): the model whose groups are found,
+    scored and checked. The cut itself goes on the unsplit model, with the plan's ``split``."""
+    if not heads or not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return model, []
+    model = copy.deepcopy(model)
+    return model, split_attention(model)
+
+
 def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, heads: bool = True,
                 multiple: int = 16, projections: int = 4, log=print, groups: list[Group] | None = None,
                 hidden: float = 0.0, latency: dict | None = None):
     """Find, score and select; return (a narrower copy of ``model``, plan, record dict). ``groups``: the
-    model's groups already scored (another cut of the same model: the search's channel genes). ``hidden``: the
+    model's groups already scored (another cut of the same model: the search's channel genes), on
+    ``splittable(model)``. ``hidden``: the
     fraction of the residual stream's channels to cut first (their FLOPs count toward ``remove``). ``latency``
     ({"device", "example", "measure_kw"}): ``remove`` is a fraction of the model's milliseconds on that device,
     each element costed by measure_costs, instead of its FLOPs."""
@@ -230,10 +241,8 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
             return model.requires_grad_(True), plan, {"hidden": stream_info, "groups": [], "remove": remove,
                                                       "flops_before": total, "flops_after": stream_info["flops_after"],
                                                       "multiple": multiple, "projections": projections}
-    base, split = model, []
-    if heads and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        model = copy.deepcopy(model)  # as separate Linears, whose heads can be cut (compressor/attention.py)
-        split = split_attention(model)
+    base = model
+    model, split = splittable(model, heads)
     if groups is None:
         groups = find_groups(model, batches[0], ffn=ffn, heads=heads)
         if not groups:

@@ -494,3 +494,21 @@ def test_a_candidate_with_nothing_left_to_cut_by_width_is_refused_not_a_crash():
     assert build.cut == "width"
     with pytest.raises(UserError, match="no attention head or FFN pair is left"):
         build(genome)
+
+
+def test_a_vit_from_nn_transformer_encoder_is_searched_by_heads_and_ffn_neurons():
+    """nn.MultiheadAttention keeps q/k/v packed: the search looked for heads on the teacher as it is, found none
+    and cut the ViT's residual stream by channels. It now splits a copy as prune.width does; a candidate's
+    attention that loses heads stays split, and its plan rebuilds it from the teacher's weights."""
+    from compressor.width import apply_plan
+
+    torch.manual_seed(0)
+    t, x = U.vit().eval(), torch.randn(16, 1, 16, 16)
+    space = S.teacher_space(t, x, (0.0, 0.5))
+    build = S.Builder(space, t, [x, x.flip(0)])
+    assert build.cut == "width"
+    model, plan = build({**space.genomes()[0], "channels": 0.5})
+    assert plan["split"] and any(plan["heads"].values()) and plan["ffn"]
+    assert count_flops(model, x[:1]) < 0.6 * count_flops(t, x[:1])
+    again = apply_plan(copy.deepcopy(t), plan)
+    assert torch.equal(again(x), model(x))

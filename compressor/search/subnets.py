@@ -84,7 +84,7 @@ class Builder:
 
     def __init__(self, space: SubnetSpace, teacher: nn.Module, batches, *, labels=None, ignore=(), example=None,
                  width: dict | None = None, channels: dict | None = None):
-        from ..width import find_groups
+        from ..width import find_groups, splittable
 
         self.space, self.teacher, self.batches, self.labels, self.ignore = space, teacher, batches, labels, ignore
         self.options = {k: {o: v for o, v in (d or {}).items() if o in SHAPE[k]}
@@ -92,7 +92,8 @@ class Builder:
         # FLOPs are counted on one sample of ``example`` (the budget's: a text model's full length, which the
         # calibration batches, cut to their longest sentence, may not have)
         self.example = take(example if example is not None else batches[0], 1)
-        self.cut = "width" if find_groups(teacher, batches[0], ffn=False) else "channels"
+        # heads as prune.width finds them: an nn.MultiheadAttention split into Linears first
+        self.cut = "width" if find_groups(splittable(teacher)[0], batches[0], ffn=False) else "channels"
         self._flops: dict[tuple, int] = {}
         self._layers: dict[tuple, tuple[nn.Module, dict]] = {}
 
@@ -120,12 +121,13 @@ class Builder:
         if not genome["channels"]:
             return copy.deepcopy(student).eval(), None
         if self.cut == "width":
-            from ..width import find_groups, prune_width, score_groups
+            from ..width import find_groups, prune_width, score_groups, splittable
 
             kinds = {k: v for k, v in self.options["width"].items() if k in ("ffn", "heads")}
             if "groups" not in cache:  # two batches, two projections: enough to rank cuts (as below)
-                found = find_groups(student, self.batches[0], **kinds)
-                cache["groups"] = score_groups(student, found, self.batches[:2], projections=2) if found else []
+                probe = splittable(student, kinds.get("heads", True))[0]  # the model prune_width scores
+                found = find_groups(probe, self.batches[0], **kinds)
+                cache["groups"] = score_groups(probe, found, self.batches[:2], projections=2) if found else []
             if not cache["groups"]:  # every layer with heads or an FFN dropped (MobileViT without its transformers)
                 raise UserError("no attention head or FFN pair is left to cut in this sub-network")
             student, plan, _ = prune_width(student, self.batches[:2], genome["channels"], groups=cache["groups"],
