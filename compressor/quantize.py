@@ -266,8 +266,9 @@ def _said(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(lines)[:300]}"
 
 
-BAKED = ("the export fixed the example's batch in the file (a trace records a reshape by len(x) as a constant); "
-         "write x.shape[0] (or -1) in the forward")
+BAKED = ("the export fixed the example's batch in the file (a trace records a reshape by len(x) as a constant, and "
+         "NNCF's quantized model only traces); write x.shape[0] (or -1) in the forward, or use quantize.mode: "
+         "ptq-ort, which quantizes the export stage's file (torch.export keeps the batch free)")
 
 
 def _runs_at_the_example_batch(fn, path: Path, x) -> bool:
