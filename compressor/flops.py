@@ -10,6 +10,9 @@ things hide arithmetic from it, and both are handled here:
 - On the CPU, scaled_dot_product_attention dispatches to ``_scaled_dot_product_flash_attention_for_cpu``,
   which has no formula in torch's table, so attention's two matmuls (Q K^T and A V) went uncounted;
   nn.MultiheadAttention and Hugging Face's sdpa attention both take it. A formula is added for it.
+- nn.LSTM on the CPU runs one oneDNN kernel per layer and direction (``aten::mkldnn_rnn_layer``), which it
+  does not count either (a 2-layer LSTM counted as its classifier alone); its matmuls are counted here. GRU
+  and RNN run step by step in plain operators, which it counts.
 """
 from __future__ import annotations
 
@@ -32,6 +35,13 @@ def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwar
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _rnn_layer(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None, **kwargs) -> int:
+    """One layer and direction of a recurrent layer over the whole sequence: its two matmuls at every step (the
+    gates' elementwise work is not counted, as for any activation)."""
+    steps = input_shape[0] * input_shape[1]  # time x batch, in either order
+    return 2 * steps * (w_ih_shape[0] * w_ih_shape[1] + w_hh_shape[0] * w_hh_shape[1])
+
+
 def _custom_mapping() -> dict:
     ops = torch.ops.aten
     mapping = {}
@@ -39,6 +49,8 @@ def _custom_mapping() -> dict:
         op = getattr(ops, name, None)
         if op is not None:
             mapping[op] = _sdpa_cpu
+    if (op := getattr(ops, "mkldnn_rnn_layer", None)) is not None:  # nn.LSTM on the CPU: one fused kernel
+        mapping[op] = _rnn_layer
     return mapping
 
 

@@ -9,6 +9,8 @@ compressor's builders made. Recipes name them as ``user_models:<builder>``.
 - dw_cnn: inverted residual blocks with depthwise convolutions and squeeze-excite.
 - hf_resnet, hf_mobilenet, hf_vit, hf_bert: tiny-config Hugging Face classifiers at random
   initialisation (they return ModelOutput).
+- lstm, bilstm, conv_gru: recurrent classifiers (a 2-layer LSTM, bidirectional or not; a Conv1d front end and
+  a GRU, as in keyword spotting).
 """
 from __future__ import annotations
 
@@ -522,3 +524,46 @@ def audio_data(n: int = 600, classes: int = 4, seed: int = 0, samples: int = 160
     phase = torch.rand(n, 1, generator=g) * 2 * torch.pi
     x = amp * torch.sin(2 * torch.pi * f[:, None] * t + phase) + 0.3 * torch.randn(n, samples, generator=g)
     return [(x[i].float(), int(labels[i])) for i in range(n)]
+
+
+# Recurrent: what keyword spotting, sensor and time-series models on small devices are built of
+
+class RowLSTM(nn.Module):
+    """A digit image's rows as a sequence of 16 steps: a 2-layer LSTM (optionally bidirectional), its last step
+    to a Linear head."""
+
+    def __init__(self, in_channels=1, num_classes=10, hidden=64, bidirectional=False):
+        super().__init__()
+        self.rnn = nn.LSTM(16 * in_channels, hidden, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(hidden * (2 if bidirectional else 1), num_classes)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.transpose(1, 2).flatten(2))  # (B, C, 16, 16) -> 16 rows of C x 16
+        return self.head(out[:, -1])
+
+
+class ConvGRU(nn.Module):
+    """Keyword-spotting style: a Conv1d front end over time, BatchNorm, a GRU, the mean over time."""
+
+    def __init__(self, in_channels=1, num_classes=10):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv1d(16 * in_channels, 32, 3, padding=1), nn.BatchNorm1d(32), nn.ReLU())
+        self.gru = nn.GRU(32, 48, batch_first=True)
+        self.head = nn.Linear(48, num_classes)
+
+    def forward(self, x):
+        h = self.conv(x.flatten(1, 2)).transpose(1, 2)  # 16 columns of C x 16 features
+        out, _ = self.gru(h)
+        return self.head(out.mean(1))
+
+
+def lstm(in_channels=1, num_classes=10):
+    return RowLSTM(in_channels, num_classes)
+
+
+def bilstm(in_channels=1, num_classes=10):
+    return RowLSTM(in_channels, num_classes, bidirectional=True)
+
+
+def conv_gru(in_channels=1, num_classes=10):
+    return ConvGRU(in_channels, num_classes)

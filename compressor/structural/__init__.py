@@ -16,6 +16,7 @@ whole attention heads. So nothing here knows a model family: the structure comes
    multiples of every such attention's head count as well as of ``multiple``); Hugging Face attention
    (a module with ``num_attention_heads`` and ``query``/``key``/``value``, or DistilBERT's ``n_heads`` and
    ``q_lin``/``k_lin``/``v_lin``) loses whole heads, and its head count and widths are set again.
+   Recurrent layers (LSTM, GRU, RNN) lose hidden units by rules of our own (rnn.py), traced as one node each.
 2. Importance, per channel of each group (small interchangeable classes, as in torch-pruning):
    - ``output-loss`` (default): the output loss against the teacher, as layer pruning uses it. At the
      teacher's own weights that loss and its gradient are zero, so its first-order Taylor term is zero

@@ -9,7 +9,7 @@ from torch import nn
 _ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
           "normalized_shape", "embed_dim", "kdim", "vdim", "num_heads", "head_dim", "num_embeddings",
           "embedding_dim", "num_attention_heads", "n_heads", "attention_head_size", "all_head_size", "dim",
-          "scaling")
+          "scaling", "hidden_size", "input_size")
 
 
 def _attrs(m: nn.Module) -> dict:
@@ -97,4 +97,6 @@ def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
                 m._parameters[n] = nn.Parameter(torch.zeros(shape, dtype=p.dtype), requires_grad=p.requires_grad)
             else:
                 m._buffers[n] = torch.zeros(shape, dtype=m._buffers[n].dtype)
+        if isinstance(m, nn.RNNBase):  # its flat weight list still holds the replaced tensors
+            m._init_flat_weights()
     return model

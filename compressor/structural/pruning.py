@@ -15,7 +15,9 @@ from ..tasks import call, sq_error_mean, take
 from .importance import IMPORTANCE, _named, _per_flop, ce_gradients, fisher, in_torch_pruning
 from .plan import fold_parametrizations, folded_said, parametrized, plan_of
 from . import structure
-from .structure import Untraceable, _fix_heads, _TooFar, _tp, deadline, head_layout, kept_by_default, width_of, width_unit
+from . import rnn
+from .structure import (Untraceable, _fix_heads, _TooFar, _tp, deadline, head_layout, kept_by_default, raised_in,
+                        width_of, width_unit)
 
 
 def _set_grads(model: nn.Module, grads: dict) -> None:
@@ -30,8 +32,9 @@ def _feeding(model: nn.Module, example, head: str) -> list[str]:
     tp = _tp()
     out = model.get_submodule(head)
     try:
-        with no_fastpath(), deadline(structure.DEPGRAPH_SECONDS):
-            dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=take(example, 1), forward_fn=call)
+        with no_fastpath(), deadline(structure.DEPGRAPH_SECONDS), rnn.one_node():
+            dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=take(example, 1), forward_fn=call,
+                                                       customized_pruners=rnn.pruners())
             group = dg.get_pruning_group(out, dg.get_pruner_of_module(out).prune_in_channels,
                                          idxs=list(range(width_of(out, "in"))))
     except Untraceable:
@@ -52,7 +55,7 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     num_heads, atts = head_layout(m)
     # Every attention keeps at least one head.
     head_ratio = min(ratio, min((1 - 1 / n for n in num_heads.values()), default=0.0) - 1e-6) if heads else 0.0
-    ignored = [m.get_submodule(p) for p in ignored_paths]
+    ignored = [m.get_submodule(p) for p in ignored_paths] + rnn.whole(m)
     unit = width_unit(m, multiple)
     out = m.get_submodule(head) if head else None  # the classifier head: as many inputs as it has outputs
     floors = {out: width_of(out, "out")} if out is not None else {}
@@ -63,14 +66,15 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     caps = {} if global_pruning or out is None else {
         f: min(ratio, max(0.0, 1 - -(-least // step) * step / width_of(f, "out") - 1e-6))
         for f in (m.get_submodule(p) for p in feeding)}
-    with deadline(structure.DEPGRAPH_SECONDS):  # it builds the dependency graph and its groups
+    with deadline(structure.DEPGRAPH_SECONDS), rnn.one_node():  # it builds the dependency graph and its groups
         pruner = tp.pruner.MetaPruner(
             m, take(example, 1), importance=_named(importance(m), m, keep=(unit or 1) if global_pruning else 0,
                                                   heads=set(num_heads), floors=floors, skipped=skipped),
             global_pruning=global_pruning, pruning_ratio=ratio,
             max_pruning_ratio=0.95, ignored_layers=ignored, num_heads=num_heads,
             prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
-            round_to=unit, forward_fn=call, pruning_ratio_dict=caps or None)
+            round_to=unit, forward_fn=call, pruning_ratio_dict=caps or None, customized_pruners=rnn.pruners(),
+            root_module_types=[nn.modules.conv._ConvNd, nn.Linear, *rnn.pruners()])
     with no_fastpath():
         pruner.step()
     _fix_heads(atts, pruner.num_heads)
@@ -79,39 +83,6 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     for p in m.parameters():
         p.grad = None
     return m
-
-
-def raised_in(e: BaseException) -> tuple[str, str] | None:
-    """(the innermost module with children whose code ``e`` passed through, the innermost module) as
-    ``"path (Class)"``, paths under the outermost module on the traceback (the model that was running): a
-    pruned copy that fails to run names the block whose own code did not follow the cut (an attention that
-    reshapes by a head count of its own, which torch-pruning does not update). None when no module ran."""
-    chain, held = [], []  # the modules whose code is on the traceback (as self); every module a frame holds
-    tb = e.__traceback__.tb_next if e.__traceback__ is not None else None  # not the frame that caught it
-    while tb is not None:
-        local = tb.tb_frame.f_locals
-        me = local.get("self")
-        if isinstance(me, nn.Module) and "_modules" in me.__dict__ and not any(me is x for x in chain):
-            chain.append(me)
-        # a module deepcopy left half built (a non-leaf tensor it could not copy) has no _modules yet
-        held += [v for v in local.values() if isinstance(v, nn.Module) and "_modules" in v.__dict__
-                 and not any(v is x for x in held)]
-        tb = tb.tb_next
-    del tb
-    # Inside a forward, the chain of selves says where (a loop variable may still hold a block that ran fine);
-    # inside torch-pruning's own functions no module runs, and the layer being cut is one of the locals.
-    mods = chain if chain else held
-    if len(mods) < 2:
-        return None
-    # The model that ran: the module holding most of the others (the pruned copy, not the original beside it).
-    ids = {id(m) for m in mods}
-    root = max(mods, key=lambda m: sum(id(sub) in ids for sub in m.modules()))
-    paths = {id(sub): name for name, sub in root.named_modules()}
-    inner = [m for m in mods if m is not root and id(m) in paths]
-    if not inner:
-        return None
-    block = next((m for m in reversed(inner) if list(m.children())), inner[-1])
-    return tuple(f"{paths[id(m)]} ({type(m).__name__})" for m in (block, inner[-1]))
 
 
 def _output_loss(model: nn.Module, pruned: nn.Module, batches) -> float:

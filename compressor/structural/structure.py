@@ -154,3 +154,36 @@ def _fix_heads(atts, num_heads: dict) -> None:
             setattr(m, a, query.out_features // n)
         for a in width:  # each layer reads its own attributes, not the shared config
             setattr(m, a, query.out_features)
+
+
+def raised_in(e: BaseException) -> tuple[str, str] | None:
+    """(the innermost module with children whose code ``e`` passed through, the innermost module) as
+    ``"path (Class)"``, paths under the outermost module on the traceback (the model that was running): a
+    pruned copy that fails to run names the block whose own code did not follow the cut (an attention that
+    reshapes by a head count of its own, which torch-pruning does not update). None when no module ran."""
+    chain, held = [], []  # the modules whose code is on the traceback (as self); every module a frame holds
+    tb = e.__traceback__.tb_next if e.__traceback__ is not None else None  # not the frame that caught it
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        me = local.get("self")
+        if isinstance(me, nn.Module) and "_modules" in me.__dict__ and not any(me is x for x in chain):
+            chain.append(me)
+        # a module deepcopy left half built (a non-leaf tensor it could not copy) has no _modules yet
+        held += [v for v in local.values() if isinstance(v, nn.Module) and "_modules" in v.__dict__
+                 and not any(v is x for x in held)]
+        tb = tb.tb_next
+    del tb
+    # Inside a forward, the chain of selves says where (a loop variable may still hold a block that ran fine);
+    # inside torch-pruning's own functions no module runs, and the layer being cut is one of the locals.
+    mods = chain if chain else held
+    if len(mods) < 2:
+        return None
+    # The model that ran: the module holding most of the others (the pruned copy, not the original beside it).
+    ids = {id(m) for m in mods}
+    root = max(mods, key=lambda m: sum(id(sub) in ids for sub in m.modules()))
+    paths = {id(sub): name for name, sub in root.named_modules()}
+    inner = [m for m in mods if m is not root and id(m) in paths]
+    if not inner:
+        return None
+    block = next((m for m in reversed(inner) if list(m.children())), inner[-1])
+    return tuple(f"{paths[id(m)]} ({type(m).__name__})" for m in (block, inner[-1]))
