@@ -825,12 +825,17 @@ def test_a_channel_cut_sets_the_head_count_an_attention_reshapes_by():
 
 
 def test_a_dependency_graph_that_does_not_finish_is_a_clear_error(monkeypatch):
-    """torch-pruning goes round a cycle of index mappings on grouped-query attention (Llama, Qwen2): prune.channels
-    hung for good, printing nothing. It stops at structure.DEPGRAPH_SECONDS and says what to use instead."""
+    """torch-pruning goes round a cycle of index mappings on grouped-query attention (Llama, Qwen2) left to itself
+    (its rotate_half concat mapped as channels): prune.channels hung for good, printing nothing. It stops at
+    structure.DEPGRAPH_SECONDS and says what to use instead."""
+    from contextlib import nullcontext
+
     pytest.importorskip("transformers")
     from compressor.structural import prune_channels, structure
 
     monkeypatch.setattr(structure, "DEPGRAPH_SECONDS", 3.0)
+    monkeypatch.setattr(structure, "channel_concats_only", nullcontext)
+    monkeypatch.setattr(structure, "grouped_query", lambda model: {})
     m, _ = _hf("hf_llama")
     assert m.config.use_cache is False  # intake: nothing here generates, and a cache's torch.cat never finished either
     with pytest.raises(UserError, match=r"did not finish building its dependency graph in 3 s .*prune\.width"):
@@ -851,6 +856,27 @@ def test_a_speech_classifier_fine_tunes_in_int8(tiny_recipe, tmp_path):
     r.pop("student")
     q = compressor.verify(compressor.run(r, tmp_path / "b", log=lambda s: None))["quality"]
     assert q["student_int8"]["onnx_accuracy"] >= q["student"]["accuracy"] - 0.05 and q["student"]["accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("config", ["LlamaConfig", "Qwen3Config"])
+def test_grouped_query_attention_is_pruned_in_seconds_with_its_heads_whole(config):
+    """Two query heads per key/value head: torch-pruning mapped Llama's rotate_half concat (over head_dim, dim=-1)
+    as a channel concat, and the closure of its groups never finished; prune.channels waited out
+    DEPGRAPH_SECONDS (120 s) and refused. Now the FFN and the residual stream are cut, q/k/v kept whole."""
+    pytest.importorskip("transformers")
+    from compressor.structural import prune_channels
+
+    m = U._hf(config, config.replace("Config", "ForSequenceClassification"), vocab_size=256, num_labels=4,
+              num_key_value_heads=2, **U._LM, **({"head_dim": 8} if config == "Qwen3Config" else {}))
+    x = _tokens(n=8)
+    x["attention_mask"][:3, 12:] = 0
+    m = intake(m, call(m, x), names=tuple(x))
+    pruned, _, info = prune_channels(m, [x], 0.3, importance="magnitude", compare_stem=False, log=lambda s: None)
+    att = pruned.model.layers[0].self_attn
+    assert [getattr(att, p).out_features for p in ("q_proj", "k_proj", "v_proj")] == [32, 16, 16]
+    assert info["flops_after"] <= 0.72 * info["flops_before"]
+    y = call(pruned, x)
+    assert y.shape == (8, 4) and torch.isfinite(y).all()
 
 
 def test_a_channel_cut_of_attention_without_a_head_count_takes_whole_heads():

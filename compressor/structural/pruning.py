@@ -32,7 +32,7 @@ def _feeding(model: nn.Module, example, head: str) -> list[str]:
     tp = _tp()
     out = model.get_submodule(head)
     try:
-        with no_fastpath(), deadline(structure.DEPGRAPH_SECONDS), rnn.one_node():
+        with no_fastpath(), structure.channel_concats_only(), deadline(structure.DEPGRAPH_SECONDS), rnn.one_node():
             dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=take(example, 1), forward_fn=call,
                                                        customized_pruners=rnn.pruners())
             group = dg.get_pruning_group(out, dg.get_pruner_of_module(out).prune_in_channels,
@@ -66,7 +66,8 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     caps = {} if global_pruning or out is None else {
         f: min(ratio, max(0.0, 1 - -(-least // step) * step / width_of(f, "out") - 1e-6))
         for f in (m.get_submodule(p) for p in feeding)}
-    with deadline(structure.DEPGRAPH_SECONDS), rnn.one_node():  # it builds the dependency graph and its groups
+    # channel_concats_only: the graph's index mappings, updated again for each group step() cuts
+    with structure.channel_concats_only(), deadline(structure.DEPGRAPH_SECONDS), rnn.one_node():
         pruner = tp.pruner.MetaPruner(
             m, take(example, 1), importance=_named(importance(m), m, keep=(unit or 1) if global_pruning else 0,
                                                   heads=set(num_heads), floors=floors, skipped=skipped),
@@ -75,7 +76,7 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
             prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
             round_to=unit, forward_fn=call, pruning_ratio_dict=caps or None, customized_pruners=rnn.pruners(),
             root_module_types=[nn.modules.conv._ConvNd, nn.Linear, *rnn.pruners()])
-    with no_fastpath():
+    with no_fastpath(), structure.channel_concats_only():
         pruner.step()
     _fix_heads(atts, pruner.num_heads)
     if out is not None and width_of(out, "in") < least:  # a uniform cut: no +inf score binds it
@@ -188,7 +189,8 @@ def prune_channels(model: nn.Module, batches, remove: float, *, by: str = "flops
     head = next((p for p, why in defaults.items() if why == "classifier head"), None)
     feeding = {}  # the head's feeding layers, found when the uniform cut first needs them
     skipped = {}  # groups torch-pruning cannot index, left whole: {their modules: the error}
-    kept = {p: why for p, why in defaults.items() if keep_stem or why != "input stem"}
+    kept = {**{p: why for p, why in defaults.items() if keep_stem or why != "input stem"},
+            **structure.grouped_query(model)}
     for p in ignore:
         resolve(model, p, "model")  # a UserError naming the module paths that exist
     ignored_paths = list(dict.fromkeys([*kept, *ignore]))

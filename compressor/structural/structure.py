@@ -26,6 +26,38 @@ def _tp():
 DEPGRAPH_SECONDS = 120.0  # torch-pruning's dependency graph of one copy; a tiny model's takes well under a second
 
 
+@contextmanager
+def channel_concats_only():
+    """torch-pruning's index mapping through a torch.cat only where the cat joins channels. It maps one whenever
+    the inferred widths of its inputs add up to the width downstream, and its guard against a cat along another
+    dim reads ``_saved_dim``, which a negative dim leaves as 2**64 - 1 (taken for uninitialised memory). Llama's
+    rotate_half, ``cat((-x2, x1), dim=-1)`` over head_dim, passed wherever k is half as wide as o_proj's input
+    (grouped-query attention with two query heads per key/value head: Qwen3, Gemma2, Mistral and Llama
+    configs), and its second input's +offset, taken round the cycle of rotary's elementwise q * cos +
+    rotate_half(q) * sin, grew the indices without end: get_pruning_group never finished. A cat whose output is
+    not as wide along its dim as its inputs' inferred channels add up to maps nothing here."""
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    original = index_mapping.update_concat_index_mapping
+
+    def update(graph, node):
+        g = node.grad_fn
+        meta, dim = getattr(g, "_input_metadata", ()), getattr(g, "_saved_dim", None)
+        if meta and isinstance(dim, int) and len(meta[0].shape):
+            shape = list(meta[0].shape)
+            d = (dim - 2 ** 64 if dim >= 2 ** 63 else dim) % len(shape)
+            chs = [shape_infer.infer_channels_between(graph, n, node) for n in node.inputs]
+            if None not in chs and sum(chs) != shape[d]:
+                return
+        return original(graph, node)
+
+    index_mapping.update_concat_index_mapping = update
+    try:
+        yield
+    finally:
+        index_mapping.update_concat_index_mapping = original
+
+
 class Untraceable(Exception):
     """torch-pruning did not finish building its dependency graph within DEPGRAPH_SECONDS."""
 
@@ -120,6 +152,20 @@ def head_layout(model: nn.Module) -> tuple[dict, list]:
                     atts.append((m, count, qkv[0], [a for a in _TOTAL_WIDTH
                                                     if getattr(m, a, None) == qkv[0].out_features]))
     return heads, atts
+
+
+def grouped_query(model: nn.Module) -> dict[str, str]:
+    """The q/k/v projections of grouped-query attention (fewer key/value heads than query heads: Llama, Mistral,
+    Qwen2/3, Gemma2), {path: why}: torch-pruning couples k and v to q and o_proj channel by channel (SDPA's
+    enable_gqa, an elementwise op to it) or to nothing (repeat_kv's expand maps to no index), so neither cut is
+    exact; they are kept whole, and prune.width cuts their heads."""
+    out = {}
+    for name, m in model.named_modules():
+        q, k, v = (getattr(m, n, None) for n in ("q_proj", "k_proj", "v_proj"))
+        if all(isinstance(p, nn.Linear) for p in (q, k, v)) and k.out_features < q.out_features:
+            out.update({f"{name}.{n}": "grouped-query attention (prune.width cuts its heads)"
+                        for n in ("q_proj", "k_proj", "v_proj")})
+    return out
 
 
 def width_unit(model: nn.Module, multiple: int | None) -> int | None:
