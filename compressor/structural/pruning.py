@@ -75,7 +75,8 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
             max_pruning_ratio=0.95, ignored_layers=ignored, num_heads=num_heads,
             prune_num_heads=heads and bool(num_heads), prune_head_dims=False, head_pruning_ratio=max(head_ratio, 0.0),
             round_to=unit, forward_fn=call, pruning_ratio_dict=caps or None, customized_pruners=rnn.pruners(),
-            root_module_types=[nn.modules.conv._ConvNd, nn.Linear, *rnn.pruners()])
+            root_module_types=[nn.modules.conv._ConvNd, nn.Linear, *rnn.pruners()],
+            in_channel_groups={}, out_channel_groups={})  # its defaults are one dict for every call: kept copies alive
     with no_fastpath(), structure.channel_concats_only():
         pruner.step()
     _fix_heads(atts, pruner.num_heads)
