@@ -472,6 +472,8 @@ def test_channel_cuts_the_structure_cannot_give_are_said(tiny_recipe, tmp_path):
     said = []
     compressor.run(r, tmp_path / "b", log=said.append)
     assert any("channel cut(s) cannot be made, e.g. 50%: no channel of GroupNormCNN can be cut" in s for s in said)
+    # the whole refusal, with its advice (it was cut at 160 characters, before "set prune.channels.multiple")
+    assert any("cannot be made" in s and "set prune.channels.multiple lower, or null" in s for s in said)
     assert any("chose the teacher with every unit" in s for s in said)
 
 
@@ -512,3 +514,37 @@ def test_a_vit_from_nn_transformer_encoder_is_searched_by_heads_and_ffn_neurons(
     assert count_flops(model, x[:1]) < 0.6 * count_flops(t, x[:1])
     again = apply_plan(copy.deepcopy(t), plan)
     assert torch.equal(again(x), model(x))
+
+
+@pytest.mark.slow
+def test_a_search_over_weights_outside_layers_says_so(tiny_recipe, tmp_path):
+    """Bare nn.Parameter weights through F.linear: every channel cut is refused, and the search's refusal gave the
+    prune stage's generic advice (a lower multiple, whole blocks), neither of which helps; it names the cause as
+    the prune stage does. A small model's FLOPs print to three figures ("the smallest (0.0 MFLOPs)")."""
+    import compressor
+    from compressor.errors import UserError
+
+    r = copy.deepcopy(tiny_recipe)
+    r.pop("student")
+    r.update(teacher={"model": "user_models:raw_mlp", "train": {"epochs": 1, "lr": 0.01}}, targets=[],
+             search={"family": "teacher", "max_flops": 0.5, "channels": [0.0, 0.5], "rungs": [0.5]},
+             distill={"epochs": 1, "lr": 0.003})
+    with pytest.raises(UserError, match=r"smallest \(0\.\d+ MFLOPs\) breaks one: .*hold them in nn\.Linear"):
+        compressor.run(r, tmp_path / "b", log=lambda s: None)
+
+
+def test_the_searchs_channel_cut_is_the_prune_stages():
+    """The candidate that wins is the one that ships: its channels were scored on two calibration batches and
+    two projections while the prune stage used all and four, and padded_cnn distilled to 0.80 against the prune
+    stage's 0.855 from the same budget. The search's cut of a genome is now the prune stage's cut."""
+    from compressor.structural import prune_channels
+
+    torch.manual_seed(0)
+    t = U.padded_cnn().eval()
+    xs = [torch.randn(32, 1, 16, 16) for _ in range(4)]
+    space = S.teacher_space(t, xs[0], (0.0, 0.5))
+    model, plan = S.build(space, t, {**space.genomes()[0], "channels": 0.5}, xs)
+    same, same_plan, _ = prune_channels(t, xs, 0.5, projections=4, tolerance=0.02, compare_stem=False,
+                                        log=lambda s: None)
+    assert plan == same_plan
+    assert torch.equal(model(xs[0]), same.eval()(xs[0]))

@@ -133,11 +133,12 @@ class Builder:
             student, plan, _ = prune_width(student, self.batches[:2], genome["channels"], groups=cache["groups"],
                                            log=lambda s: None, **self.options["width"])
             return student.eval(), plan
-        # Two batches and two projections estimate the channels' importance well enough to rank cuts
-        # (the prune stage's own cut uses more); the tolerance lets the bisection stop sooner.
-        student, plan, _ = prune_channels(student, self.batches[:2], genome["channels"], by="flops",
-                                          labels=self.labels[:2] if self.labels else None, projections=2,
-                                          ignore=self.ignore, gradient_cache=cache, tolerance=0.03,
+        # The cut that wins is the cut that ships: the channels' importance from every calibration batch and
+        # four projections, as the prune stage's (two of each cut padded_cnn to 0.80 after distillation, against
+        # 0.855 at the prune stage's fidelity; the importance is computed once per set of units, in ``cache``).
+        student, plan, _ = prune_channels(student, self.batches, genome["channels"], by="flops",
+                                          labels=self.labels, projections=4,
+                                          ignore=self.ignore, gradient_cache=cache, tolerance=0.02,
                                           compare_stem=False, log=lambda s: None,  # the rungs rank the cuts
                                           **self.options["channels"])
         return student.eval(), plan
@@ -365,11 +366,16 @@ def costs(model: nn.Module, example, latency: Callable[[nn.Module], dict] | None
     return out
 
 
+def mflops(n: float) -> str:
+    """FLOPs in MFLOPs to three significant figures (a small model's 202,585 against 144,704 read 0.2 > 0.1)."""
+    return f"{n / 1e6:.3g} MFLOPs"
+
+
 def check_budget(cost: dict, *, max_flops: float | None = None, max_params: int | None = None,
                  latency_ms: dict | None = None) -> str:
     """'' when ``cost`` meets every budget, else the first one it breaks."""
     if max_flops is not None and cost["flops"] > max_flops:
-        return f"{cost['flops'] / 1e6:.1f} MFLOPs > {max_flops / 1e6:.1f}"
+        return f"{mflops(cost['flops'])} > {mflops(max_flops)}"
     if max_params is not None and cost["params"] > max_params:
         return f"{cost['params']:,} params > {max_params:,}"
     for dev, limit in (latency_ms or {}).items():

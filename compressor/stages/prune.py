@@ -85,7 +85,7 @@ def cut(ctx: Context, spec: PruneSpec):
                 keep_stem=c.keep_stem, heads=c.heads, multiple=c.multiple, projections=c.projections, labels=labels,
                 log=ctx.log)
         except UserError as e:
-            raise UserError(f"{e}{_unlayered(student, batches[0])}") from None
+            raise UserError(f"{e}{unlayered(student, batches[0])}") from None
         r = info["channels"]
         gone = 1 - r[f"{c.by}_after"] / r[f"{c.by}_before"]
         if gone > c.remove + 0.05:  # the nearest cut under the budget can be far under it (Hubert: 62% for 50%)
@@ -102,7 +102,7 @@ def cut(ctx: Context, spec: PruneSpec):
     return student, info, plan, channels
 
 
-def _unlayered(model, example) -> str:
+def unlayered(model, example) -> str:
     """Where most of the model's FLOPs run outside nn.Linear / nn.Conv layers (weights held as bare parameters and
     used through F.linear or F.conv2d), why nothing can be cut: torch-pruning cuts those layers alone."""
     from torch import nn

@@ -18,7 +18,7 @@ from ..search import subnets as S
 from ..search.journal import Journal
 from ..tasks import size, take
 from .prune import cut as prune_cut
-from .prune import cut_teacher, keep_cut
+from .prune import cut_teacher, keep_cut, unlayered
 
 
 def latency_of(devices: dict, example, export) -> callable:
@@ -72,7 +72,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
             est = count_flops(reference, take(example, 1)) if gnm == own else build.flops_estimate(gnm)
             if est > (max_flops if gnm == own else max_flops * 1.03):
                 trials.append(S.Trial(gnm, cost={"flops": int(est), "estimated": True}, feasible=False,
-                                      why=f"about {est / 1e6:.1f} MFLOPs > {max_flops / 1e6:.1f}"))
+                                      why=f"about {S.mflops(est)} > {S.mflops(max_flops)}"))
             else:
                 fits.append(gnm)
         genomes = fits
@@ -98,8 +98,10 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
             # the prune section's cut itself, not the Builder's quicker estimate of it
             model, plan = (copy.deepcopy(reference), own_plan) if gnm == own else build(gnm)
         except UserError as e:  # a cut the structure cannot give (groups at their multiple): not a candidate
+            if not refused:  # weights outside layers, said once (as the prune stage says it)
+                hint = unlayered(teacher, example)
             trials.append(S.Trial(gnm, cost={"flops": int(est), "estimated": True}, feasible=False,
-                                  why=str(e).split(": ", 1)[-1][:200]))
+                                  why=str(e).split(": ", 1)[-1] + hint))
             refused.append(trials[-1])
             continue
         trial = S.Trial(gnm, model, plan)
@@ -109,7 +111,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     built_s = time.time() - t0
     if refused:  # cuts the structure cannot give: say so, or a search of one candidate looks like a choice
         ctx.log(f"search: {len(refused)} channel cut(s) cannot be made, e.g. {refused[0].genome['channels']:.0%}: "
-                f"{refused[0].why[:160]}")
+                f"{refused[0].why}")
     restored = sum(bool(t.rungs) or "latency_ms" in t.cost for t in trials)
     if restored:
         ctx.log(f"search: {restored} candidates' costs and scores restored from the interrupted run "
@@ -157,8 +159,8 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     if not feasible:
         built = [t for t in trials if t.model is not None]  # the nearest miss: a built one says more
         tight = min(built or trials, key=lambda t: t.cost["flops"])
-        raise UserError(f"search: no sub-network of the teacher meets the budgets; the smallest ({tight.cost['flops'] / 1e6:.1f} "
-                        f"MFLOPs) breaks one: {tight.why}")
+        raise UserError(f"search: no sub-network of the teacher meets the budgets; the smallest "
+                        f"({S.mflops(tight.cost['flops'])}) breaks one: {tight.why}")
     # Rungs 1+: short distillations from the teacher's cached outputs, scored on the validation split.
     # The short rungs train on the first rung_samples training samples and score on every held-out sample: the
     # validation split and the training samples they do not train on (on digits 180 + 746, not 180).
@@ -217,7 +219,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     lat = ", ".join(f"{d} {v:.3f} ms" for d, v in c.get("latency_ms", {}).items())
     ctx.log(f"search: chose the teacher {'without ' + ', '.join(removed) if removed else 'with every unit'}, "
             f"{best.genome['channels']:.0%} of "
-            f"FLOPs cut by {'heads and FFN neurons' if build.cut == 'width' else 'channels'}: {c['params']:,} params, {c['flops'] / 1e6:.1f} MFLOPs{', ' + lat if lat else ''}; "
+            f"FLOPs cut by {'heads and FFN neurons' if build.cut == 'width' else 'channels'}: {c['params']:,} params, {S.mflops(c['flops'])}{', ' + lat if lat else ''}; "
             f"rung score {best.score:.4f}")
     rows = [t.to_dict() for t in trials]
     write_json(ctx.work / "search" / "candidates.json", {"space": space.to_dict(), "candidates": rows})
