@@ -548,3 +548,46 @@ def test_the_searchs_channel_cut_is_the_prune_stages():
                                         log=lambda s: None)
     assert plan == same_plan
     assert torch.equal(model(xs[0]), same.eval()(xs[0]))
+
+
+def test_the_last_rung_keeps_the_models_it_trained_when_asked():
+    torch.manual_seed(0)
+    t, x = teacher(), torch.randn(64, 1, 16, 16)
+    rung = S.Rung.of(t, x, x[:32], torch.randint(0, 10, (32,)))
+    trials = [S.Trial({"channels": 0.0, "i": i}, copy.deepcopy(t), cost={"flops": 1}) for i in range(3)]
+    kept = S.successive_halving(trials, rung, [0.5, 1.0], eta=2, keep=2, log=lambda s: None, keep_trained=True)
+    assert all(k.trained is not None for k in kept) and all(t.trained is None for t in trials if t not in kept)
+    for k in kept:  # the model that earned the score, not the candidate it started from
+        assert rung.evaluate(k.trained)["score"] == k.score
+        before, after = k.model.state_dict(), k.trained.state_dict()
+        assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.slow
+def test_the_distill_stage_goes_on_from_the_finalists_trained_weights(deep_tiny, tmp_path, monkeypatch):
+    """The final rung distils the finalists as long as the student will be, and the distill stage threw that away
+    and distilled the cut again: dw_cnn shipped 0.930 after its final rung scored 0.983 (a helper's sweep); from
+    the finalist's weights it ships 0.992 (hf_resnet 0.967 -> 0.986). A resumed run starts from them too."""
+    import compressor
+    from compressor.stages import distill
+
+    r = copy.deepcopy(deep_tiny)
+    r.pop("student")
+    r["search"] = {"family": "teacher", "max_flops": 0.8, "channels": [0.0, 0.5], "rungs": [0.5, 1],
+                   "rung_samples": 128, "final": 2}
+    seen = []
+
+    def stop(ctx):
+        seen.append({k: v.clone() for k, v in ctx.student.state_dict().items()})
+        seen.append(ctx.genome)
+        raise KeyboardInterrupt  # the distill stage never runs: the partial run keeps the search's record
+
+    monkeypatch.setattr(distill, "run", stop)
+    with pytest.raises(KeyboardInterrupt):
+        compressor.run(r, tmp_path / "b", log=lambda s: None)
+    first, genome = seen
+    assert genome["search"]["trained"]  # (the kept model is the trained one: the test above)
+    with pytest.raises(KeyboardInterrupt):
+        compressor.run(r, tmp_path / "b", resume=True, log=lambda s: None)
+    again = seen[2]
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)

@@ -298,6 +298,7 @@ class Trial:
     why: str = ""  # the budget it breaks
     rungs: list[dict] = field(default_factory=list)  # {"epochs", "score", "seconds"} per rung reached
     key: str = ""  # the built candidate's content hash (compressor.measure.model_key), for the Journal
+    trained: nn.Module | None = None  # the model its last rung trained (successive_halving's ``keep_trained``)
 
     @property
     def score(self) -> float | None:
@@ -324,14 +325,15 @@ def best_of(ranked: list[Trial], n: int, stratum: Callable[[Trial], object] | No
 def successive_halving(trials: list[Trial], rung: Rung, epochs: list[float], *, eta: int = 3, keep: int = 1,
                        seed: int = 0, log: Callable[[str], None] = print,
                        scored: Callable[[Trial], None] | None = None, first: int = 0,
-                       stratum: Callable[[Trial], object] | None = None) -> list[Trial]:
+                       stratum: Callable[[Trial], object] | None = None, keep_trained: bool = False) -> list[Trial]:
     """Short distillations of the feasible ``trials``: all at ``epochs[0]``, the best ``1/eta`` of them at
     ``epochs[1]``, and so on (never fewer than ``keep``). Returns the trials of the last rung, best first.
     Each rung trains from the teacher's weights again (not from the previous rung's), so scores within a rung
     compare like with like. A trial that already has a rung's score (restored by a Journal) is not trained
     again; ``scored`` is called after each new score. ``first``: how many rungs the trials went through
     before these (a ladder continued with another Rung: the final distillations). ``stratum``: the best trial of
-    each stratum (the search's: the sub-network's depth) goes on as well as the best ``1/eta``."""
+    each stratum (the search's: the sub-network's depth) goes on as well as the best ``1/eta``. ``keep_trained``:
+    each trial of the last rung keeps the model that rung trained (``Trial.trained``)."""
     alive = [t for t in trials if t.feasible]
     if not alive:
         return []
@@ -343,7 +345,10 @@ def successive_halving(trials: list[Trial], rung: Rung, epochs: list[float], *, 
                 reused += 1
                 continue
             s0 = time.time()
-            got = rung.evaluate(rung.train(t.model, ep, seed=seed))
+            trained = rung.train(t.model, ep, seed=seed)
+            got = rung.evaluate(trained)
+            if keep_trained and j + 1 == len(epochs):
+                t.trained = trained
             t.rungs.append({"epochs": ep, "samples": size(rung.x), "score": got["score"], "loss": round(got["loss"], 6),
                             "seconds": round(time.time() - s0, 3)})
             if scored is not None:

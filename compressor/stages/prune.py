@@ -134,11 +134,11 @@ def keep_cut(ctx: Context, student) -> None:
     path.with_name(".pruned.pt.tmp").replace(path)
 
 
-def cut_teacher(ctx: Context, removed, width=None, channels=None):
-    """The teacher without ``removed`` units, narrowed to the width and channel plans; with a channel plan,
-    the weights keep_cut saved."""
+def cut_teacher(ctx: Context, removed, width=None, channels=None, saved: bool = False):
+    """The teacher without ``removed`` units, narrowed to the width and channel plans; with a channel plan (or
+    ``saved``: the search's trained finalist), the weights keep_cut saved."""
     student = narrowed(build_pruned(ctx.teacher, removed), width, channels)
-    if channels:
+    if channels or saved:
         from ..teacher import load_state
 
         student.load_state_dict(load_state(ctx.scratch / "pruned.pt", "cut teacher"))

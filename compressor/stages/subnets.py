@@ -196,7 +196,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         final = S.successive_halving(S.best_of(final, spec.final, depth),
                                      rung.over(teacher, fx, vx, vy, schedule=recipe.distill.schedule),
                                      [float(recipe.distill.epochs)], seed=recipe.seed,
-                                     log=ctx.log, scored=scored, first=len(spec.rungs))
+                                     log=ctx.log, scored=scored, first=len(spec.rungs), keep_trained=True)
     if reference is not None and devices and len(final) > 1:
         final = _recheck(ctx, final, reference, own, devices, take(example, 1), recipe.export)
         journal.save(trials)
@@ -207,14 +207,20 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         ctx.log("search: the prune section's cut (as_fast_as: prune) " + (
             f"scored {mine.score:.4f} at rung {len(mine.rungs)}; " if mine.rungs else f"was not ranked ({mine.why}); ")
             + ("it is the student" if mine is best else f"the chosen candidate scored {best.score:.4f}"))
-    ctx.student = best.model
+    # The final rung distilled the winner as long as the student will be: the distill stage goes on from those
+    # weights, not from the cut again (dw_cnn shipped 0.922 from the cut after its final rung scored 0.967).
+    # A search resumed after its final rung has the score alone and starts from the cut.
+    ctx.student = best.trained if best.trained is not None else best.model
     t = recipe.teacher
-    found = {"family": "teacher", "genes": best.genome, "rung_score": best.score}
+    found = {"family": "teacher", "genes": best.genome, "rung_score": best.score,
+             "trained": best.trained is not None}
     ctx.genome = {"model": t.model, "config": t.kwargs, "defaults": ctx.genome.get("defaults", {}),
                   "pruned_from": "teacher", "removed": removed, **({build.cut: best.plan} if best.plan else {}),
                   "search": found}
-    if best.plan and build.cut == "channels":  # a width plan rebuilds from the teacher's weights alone
-        keep_cut(ctx, best.model)
+    # what a resume rebuilds the student from: the trained finalist's weights, or a channel cut's (a width plan
+    # alone rebuilds from the teacher's weights)
+    if best.trained is not None or best.plan and build.cut == "channels":
+        keep_cut(ctx, ctx.student)
     c = best.cost
     lat = ", ".join(f"{d} {v:.3f} ms" for d, v in c.get("latency_ms", {}).items())
     ctx.log(f"search: chose the teacher {'without ' + ', '.join(removed) if removed else 'with every unit'}, "
@@ -320,7 +326,8 @@ def _journal_key(ctx: Context, spec) -> str:
 
 
 def restore(ctx: Context, g: dict) -> None:
-    ctx.student = cut_teacher(ctx, g["removed"], g.get("width"), g.get("channels"))
+    ctx.student = cut_teacher(ctx, g["removed"], g.get("width"), g.get("channels"),
+                              saved=g.get("search", {}).get("trained", False))
     ctx.genome = g
 
 
