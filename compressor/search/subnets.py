@@ -124,7 +124,9 @@ class Builder:
             from ..width import find_groups, prune_width, score_groups, splittable
 
             kinds = {k: v for k, v in self.options["width"].items() if k in ("ffn", "heads")}
-            if "groups" not in cache:  # two batches, two projections: enough to rank cuts (as below)
+            # two batches, two projections (the channel cut below now scores as the prune stage does; whether heads
+            # and neurons lose as much from the cheaper score was not measured)
+            if "groups" not in cache:
                 probe = splittable(student, kinds.get("heads", True))[0]  # the model prune_width scores
                 found = find_groups(probe, self.batches[0], **kinds)
                 cache["groups"] = score_groups(probe, found, self.batches[:2], projections=2) if found else []
