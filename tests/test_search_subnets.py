@@ -63,9 +63,11 @@ def test_a_large_space_is_cut_to_the_genomes_that_drop_the_units_of_least_output
 
 
 class FakeRung:
-    """Scores are fixed per model and rise with the epochs: the halving's bookkeeping, alone."""
+    """Scores are fixed per model and rise with the epochs: the halving's bookkeeping, alone. A model not yet
+    trained (the cut, scored before the first rung) counts as 0 epochs."""
 
     x = torch.zeros(10, 1)
+    lr = 1e-3
 
     def train(self, model, epochs, seed=0):
         return (model, epochs)
@@ -75,7 +77,38 @@ class FakeRung:
         return model.quality * epochs
 
     def evaluate(self, trained):
+        trained = trained if isinstance(trained, tuple) else (trained, 0)
         return {"score": self.score(trained), "loss": getattr(trained[0], "loss", 1.0)}
+
+
+class Harmful(FakeRung):
+    """Training lowers every score: a learning rate that ruins the cut teacher (hf_mobilenet at 3e-3)."""
+
+    def score(self, trained):
+        model, epochs = trained
+        return model.quality / (1 + epochs)
+
+
+def test_a_first_rung_that_leaves_the_best_below_the_best_untrained_cut_is_a_warning():
+    """hf_mobilenet's cuts scored 0.872 untrained and 0.28-0.55 after rung 1 at lr 3e-3: the ladder then ranked the
+    candidates by how little training harmed them, and shipped 0.621, with nothing said."""
+    def trials():
+        out = []
+        for i in range(3):
+            m = torch.nn.Linear(1, 1)
+            m.quality = (i + 1) / 10
+            out.append(S.Trial({"i": i}, m, cost={"flops": 100 - i}))
+        return out
+
+    said, harmed = [], trials()
+    S.successive_halving(harmed, Harmful(), [1, 3], eta=3, log=said.append)
+    warned = [s for s in said if "warning" in s]
+    assert len(warned) == 1  # said once, after the first rung
+    assert "0.3000 untrained, 0.1500 after rung 1 (3 of 3 candidates lost)" in warned[0] and "0.001" in warned[0]
+    assert [t.to_dict()["untrained"] for t in harmed] == pytest.approx([0.1, 0.2, 0.3])
+    said, helped = [], trials()
+    S.successive_halving(helped, FakeRung(), [1, 3], eta=3, log=said.append)
+    assert not [s for s in said if "warning" in s]  # training that helps says nothing
 
 
 def test_successive_halving_keeps_the_best_third_each_rung():
@@ -548,6 +581,34 @@ def test_the_searchs_channel_cut_is_the_prune_stages():
                                         log=lambda s: None)
     assert plan == same_plan
     assert torch.equal(model(xs[0]), same.eval()(xs[0]))
+
+
+def test_a_chosen_cut_far_under_its_fraction_is_a_warning():
+    """A cut takes the nearest step at or under its fraction: dict_cnn's 50% removes 64% (16 and 32 channels in
+    multiples of 8), which the prune stage warned of and the search shipped silently."""
+    from types import SimpleNamespace
+
+    from compressor.intake import adapt
+    from compressor.stages.subnets import overshoot
+
+    torch.manual_seed(0)
+    xs = [torch.randn(32, 1, 16, 16) for _ in range(4)]
+    said = []
+    ctx = SimpleNamespace(log=said.append)
+    for t, warned in ((adapt(U.dict_cnn().eval()), True), (teacher(), False)):
+        space = S.teacher_space(t, xs[0], (0.0, 0.5))
+        build = S.Builder(space, t, xs)
+        genome = {**space.genomes()[0], "channels": 0.5}
+        model, _ = build(genome)
+        gone = 1 - count_flops(model, xs[0][:1]) / build.layers_flops(genome)
+        assert (gone > 0.55) is warned
+        said.clear()
+        overshoot(ctx, build, S.Trial(genome, model, cost=S.costs(model, xs[0])))
+        assert bool(said) is warned
+        assert not warned or "removes 64% of its sub-network's FLOPs, 50% asked" in said[0] and \
+            "prune.channels.multiple" in said[0]
+    overshoot(ctx, build, S.Trial({**genome, "channels": 0.0}, t, cost=S.costs(t, xs[0])))  # nothing asked: silent
+    assert not said
 
 
 def test_the_last_rung_keeps_the_models_it_trained_when_asked():

@@ -29,14 +29,15 @@ class Journal:
         got = self.saved.get(_genome_key(trial.genome))
         if not got or got["model"] != model_key:
             return False
-        trial.cost, trial.rungs = got["cost"], got["rungs"]
+        trial.cost, trial.rungs, trial.start = got["cost"], got["rungs"], got.get("start", {})
         return True
 
     def save(self, trials: list[Trial]) -> None:
         from ..files import write_json
 
         write_json(self.path, {"key": self.key, "teacher_ms": self.teacher_ms, "as_fast_as_ms": self.reference_ms,
-                               "trials": {_genome_key(t.genome): {"model": t.key, "cost": t.cost, "rungs": t.rungs}
+                               "trials": {_genome_key(t.genome): {"model": t.key, "cost": t.cost, "rungs": t.rungs,
+                                                                    "start": t.start}
                                           for t in trials if t.key}})
 
 
