@@ -485,9 +485,9 @@ def test_the_search_stage_reads_the_cut_settings_from_the_prune_section():
 
     prune = PruneSpec(channels={"remove": 0.5, "multiple": None, "keep_stem": True})
     assert cut_shape(prune) == {"channels": {"importance": "output-loss", "heads": True, "multiple": None,
-                                             "keep_stem": True}}
-    assert cut_shape(PruneSpec(by="units", remove=1, width={"remove": 0.5, "ffn": False})) == \
-        {"width": {"ffn": False, "heads": True, "multiple": 16}}
+                                             "keep_stem": True, "projections": 4}}
+    assert cut_shape(PruneSpec(by="units", remove=1, width={"remove": 0.5, "ffn": False, "projections": 2})) == \
+        {"width": {"ffn": False, "heads": True, "multiple": 16, "projections": 2}}
     assert cut_shape(None) == {}
 
 
@@ -581,6 +581,24 @@ def test_the_searchs_channel_cut_is_the_prune_stages():
                                         log=lambda s: None)
     assert plan == same_plan
     assert torch.equal(model(xs[0]), same.eval()(xs[0]))
+
+
+def test_the_searchs_width_cut_is_the_prune_stages():
+    """As for channels: heads and FFN neurons were scored on two batches and two projections, the prune stage's on
+    every batch and prune.width.projections (4); the candidate that wins ships, so it is now cut as the prune stage
+    cuts, projections read from the prune section."""
+    from compressor.width import prune_width
+
+    torch.manual_seed(0)
+    t = U.vit().eval()
+    xs = [torch.randn(16, 1, 16, 16) for _ in range(4)]
+    space = S.teacher_space(t, xs[0], (0.0, 0.5))
+    half = {**space.genomes()[0], "channels": 0.5}
+    for opts in ({}, {"projections": 2, "multiple": 8}):
+        model, plan = S.build(space, t, half, xs, width=opts)
+        same, same_plan, _ = prune_width(t, xs, 0.5, log=lambda s: None, **opts)
+        assert plan == same_plan
+        assert torch.equal(model(xs[0]), same.eval()(xs[0]))
 
 
 def test_a_chosen_cut_far_under_its_fraction_is_a_warning():

@@ -63,7 +63,8 @@ class SubnetSpace:
 
 
 # The prune sections' settings that shape a candidate's cut (the rest, remove above all, the genome sets)
-SHAPE = {"width": ("ffn", "heads", "multiple"), "channels": ("importance", "heads", "multiple", "keep_stem")}
+SHAPE = {"width": ("ffn", "heads", "multiple", "projections"),
+         "channels": ("importance", "heads", "multiple", "keep_stem", "projections")}
 
 
 def teacher_space(teacher: nn.Module, example, channels=CHANNELS, ignore=()) -> SubnetSpace:
@@ -129,26 +130,27 @@ class Builder:
         if self.cut == "width":
             from ..width import find_groups, prune_width, score_groups, splittable
 
-            kinds = {k: v for k, v in self.options["width"].items() if k in ("ffn", "heads")}
-            # two batches, two projections (the channel cut below now scores as the prune stage does; whether heads
-            # and neurons lose as much from the cheaper score was not measured)
+            opts = {"projections": 4, **self.options["width"]}
+            kinds = {k: v for k, v in opts.items() if k in ("ffn", "heads")}
+            # The cut that wins is the cut that ships: heads and neurons scored on every calibration batch and as many
+            # projections as the prune stage's (once per set of units, in ``cache``), as the channel cut below.
             if "groups" not in cache:
                 probe = splittable(student, kinds.get("heads", True))[0]  # the model prune_width scores
                 found = find_groups(probe, self.batches[0], **kinds)
-                cache["groups"] = score_groups(probe, found, self.batches[:2], projections=2) if found else []
+                cache["groups"] = score_groups(probe, found, self.batches, projections=opts["projections"]) \
+                    if found else []
             if not cache["groups"]:  # every layer with heads or an FFN dropped (MobileViT without its transformers)
                 raise UserError("no attention head or FFN pair is left to cut in this sub-network")
-            student, plan, _ = prune_width(student, self.batches[:2], genome["channels"], groups=cache["groups"],
-                                           log=lambda s: None, **self.options["width"])
+            student, plan, _ = prune_width(student, self.batches, genome["channels"], groups=cache["groups"],
+                                           log=lambda s: None, **opts)
             return student.eval(), plan
         # The cut that wins is the cut that ships: the channels' importance from every calibration batch and
         # four projections, as the prune stage's (two of each cut padded_cnn to 0.80 after distillation, against
         # 0.855 at the prune stage's fidelity; the importance is computed once per set of units, in ``cache``).
         student, plan, _ = prune_channels(student, self.batches, genome["channels"], by="flops",
-                                          labels=self.labels, projections=4,
-                                          ignore=self.ignore, gradient_cache=cache, tolerance=0.02,
-                                          compare_stem=False, log=lambda s: None,  # the rungs rank the cuts
-                                          **self.options["channels"])
+                                          labels=self.labels, ignore=self.ignore, gradient_cache=cache,
+                                          tolerance=0.02, compare_stem=False, log=lambda s: None,  # the rungs rank
+                                          **{"projections": 4, **self.options["channels"]})
         return student.eval(), plan
 
 
