@@ -583,6 +583,20 @@ def test_the_searchs_channel_cut_is_the_prune_stages():
     assert torch.equal(model(xs[0]), same.eval()(xs[0]))
 
 
+def test_a_transformer_cut_by_channels_says_why():
+    """BEiT (like DeBERTa, MPNet, ConvBERT) has FFN pairs but no head set that cuts exactly, so the search cuts its
+    channels, hidden size included, where the docs had said encoders keep their hidden size; the log says why."""
+    from compressor.intake import adapt
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 16, 16)
+    for model, cut, why in ((U.hf_beit(), "channels", "FFN pairs, but no attention heads"), (U.hf_vit(), "width", ""),
+                            (U.dw_cnn(), "channels", "")):
+        t = adapt(model.eval())
+        build = S.Builder(S.teacher_space(t, x, (0.0, 0.5)), t, [x])
+        assert build.cut == cut and build.why.startswith(why) and bool(build.why) == bool(why)
+
+
 def test_the_searchs_width_cut_is_the_prune_stages():
     """As for channels: heads and FFN neurons were scored on two batches and two projections, the prune stage's on
     every batch and prune.width.projections (4); the candidate that wins ships, so it is now cut as the prune stage

@@ -94,7 +94,11 @@ class Builder:
         # calibration batches, cut to their longest sentence, may not have)
         self.example = take(example if example is not None else batches[0], 1)
         # heads as prune.width finds them: an nn.MultiheadAttention split into Linears first
-        self.cut = "width" if find_groups(splittable(teacher)[0], batches[0], ffn=False) else "channels"
+        probe = splittable(teacher)[0]
+        self.cut = "width" if find_groups(probe, batches[0], ffn=False) else "channels"
+        # why, where it is not plain: FFN pairs but no head cut exactly (BEiT, DeBERTa, MPNet, ConvBERT) go by channels
+        self.why = ("FFN pairs, but no attention heads that can be cut exactly: channels, the hidden size included"
+                    if self.cut == "channels" and find_groups(probe, batches[0], heads=False) else "")
         self._flops: dict[tuple, int] = {}
         self._layers: dict[tuple, tuple[nn.Module, dict]] = {}
 

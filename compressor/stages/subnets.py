@@ -87,8 +87,9 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         sampled = " (per depth and cut, those dropping the units of least output loss)"
         if own is not None and own in fits and own not in genomes:
             genomes.append(own)
+    how = "heads and FFN neurons" if build.cut == "width" else build.why or "channels"
     ctx.log(f"search: the teacher's sub-networks: {len(space.units)} droppable units ({', '.join(space.units)}), "
-            f"channel cuts {', '.join(f'{c:g}' for c in space.channels)}: {space.size} genomes"
+            f"cuts of {', '.join(f'{c:g}' for c in space.channels)} of the FLOPs by {how}: {space.size} genomes"
             f"{f', {len(trials)} over the FLOPs budget' if trials else ''}; {len(genomes)} tried{sampled}")
     refused = []  # cuts the structure cannot give
     for gnm in genomes:
