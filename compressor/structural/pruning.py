@@ -2,6 +2,7 @@
 FLOPs or params budget is met, then BatchNorm recalibrated and the plan recorded."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import traceback
@@ -26,13 +27,22 @@ def _set_grads(model: nn.Module, grads: dict) -> None:
         p.grad = None if g is None else g.clone()
 
 
+@contextlib.contextmanager
+def _traced():
+    """How torch-pruning traces a model here: a concat mapped only where it joins channels
+    (structure.channel_concats_only), each recurrent layer one node (rnn.one_node), under the dependency graph's
+    deadline. The pruners' own ``customized_pruners=rnn.pruners()`` go with it."""
+    with structure.channel_concats_only(), deadline(structure.DEPGRAPH_SECONDS), rnn.one_node():
+        yield
+
+
 def _feeding(model: nn.Module, example, head: str) -> list[str]:
     """Paths of the Conv/Linear layers whose output channels are ``head``'s inputs (DepGraph's group); none
     where the graph cannot say (the uniform cut then relies on the floor check alone)."""
     tp = _tp()
     out = model.get_submodule(head)
     try:
-        with no_fastpath(), structure.channel_concats_only(), deadline(structure.DEPGRAPH_SECONDS), rnn.one_node():
+        with no_fastpath(), _traced():
             dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=take(example, 1), forward_fn=call,
                                                        customized_pruners=rnn.pruners())
             group = dg.get_pruning_group(out, dg.get_pruner_of_module(out).prune_in_channels,
@@ -66,8 +76,7 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
     caps = {} if global_pruning or out is None else {
         f: min(ratio, max(0.0, 1 - -(-least // step) * step / width_of(f, "out") - 1e-6))
         for f in (m.get_submodule(p) for p in feeding)}
-    # channel_concats_only: the graph's index mappings, updated again for each group step() cuts
-    with structure.channel_concats_only(), deadline(structure.DEPGRAPH_SECONDS), rnn.one_node():
+    with _traced():
         pruner = tp.pruner.MetaPruner(
             m, take(example, 1), importance=_named(importance(m), m, keep=(unit or 1) if global_pruning else 0,
                                                   heads=set(num_heads), floors=floors, skipped=skipped),
@@ -77,7 +86,7 @@ def _prune_copy(model, example, ratio, importance, grads, ignored_paths, heads: 
             round_to=unit, forward_fn=call, pruning_ratio_dict=caps or None, customized_pruners=rnn.pruners(),
             root_module_types=[nn.modules.conv._ConvNd, nn.Linear, *rnn.pruners()],
             in_channel_groups={}, out_channel_groups={})  # its defaults are one dict for every call: kept copies alive
-    with no_fastpath(), structure.channel_concats_only():
+    with no_fastpath(), structure.channel_concats_only():  # the graph's index mappings, updated for each group cut
         pruner.step()
     _fix_heads(atts, pruner.num_heads)
     if out is not None and width_of(out, "in") < least:  # a uniform cut: no +inf score binds it
