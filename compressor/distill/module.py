@@ -124,6 +124,9 @@ class DistillModule(pl.LightningModule):
     def forward(self, x):
         return _call(self.student, x)
 
+    def on_validation_start(self):  # a validate() before fit (the student as it came) needs the teacher there too
+        self.teacher.to(self.device).eval()
+
     def on_fit_start(self):
         self.teacher.to(self.device).eval()
         for term in self.terms:  # TAID's linear floor needs the run's length
