@@ -170,6 +170,7 @@ def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log
         # fine-tune it can leave every epoch below where it started (hf_mobilenet's cut: 0.872, then 0.728 after
         # 3 epochs at 3e-3 and 0.956 at 1e-3), which the best epoch alone does not show.
         start = trainer.validate(module, val, verbose=False)[0].get(f"val_{val_metric}")
+        came = {k: v.detach().clone() for k, v in student.state_dict().items()}
         student.train()
     t0 = time.time()
     try:
@@ -206,12 +207,15 @@ def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log
     student.eval()
     check_finite(student, "the student", prec, "distill.trainer.precision")
     score = float(ckpt.best_model_score or float("nan"))
-    if start is not None and score < start:
-        log(f"distill: warning: the best epoch's val {val_metric} {score:.4f} is below the student's before training "
-            f"({start:.4f}): distill.lr {spec.lr:g} may be too high to fine-tune it (a cut teacher takes a lower rate "
-            "than a student trained from scratch)")
+    kept = "best epoch"
+    if start is not None and score < start:  # the student as it came is a candidate too, as if epoch 0
+        student.load_state_dict(came)
+        kept = "as it came"
+        log(f"distill: warning: every epoch scored below the student as it came (val {val_metric} {score:.4f} at best, "
+            f"{start:.4f} before training), so it ships as it came: distill.lr {spec.lr:g} may be too high to "
+            "fine-tune it (a cut teacher takes a lower rate than a student trained from scratch)")
     return {"epochs": trainer.current_epoch, f"best_val_{val_metric}": score,
-            **({f"start_val_{val_metric}": float(start)} if start is not None else {}),
+            **({f"start_val_{val_metric}": float(start), "kept": kept} if start is not None else {}),
             "train_seconds": round(time.time() - t0, 1), "final_train_loss":
             float(trainer.callback_metrics.get("train_loss", float("nan"))),
             "teacher_outputs": "cached" if cached else "every batch",

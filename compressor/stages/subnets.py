@@ -190,7 +190,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         depth = (lambda t, d=depth: "as_fast_as" if t.genome == own else d(t) if d else None)
     final = S.successive_halving(trials, rung, list(spec.rungs), eta=spec.eta, keep=max(1, spec.final), seed=recipe.seed,
                                  log=ctx.log, scored=scored, stratum=depth)
-    ladder = list(spec.rungs)
+    ladder, last = list(spec.rungs), rung
     if spec.final and len(final) > 1:
         # The final few distilled as long as the student will be, on every training sample: what a short rung
         # ranks is how a candidate starts, and sub-networks that start alike can end two points apart.
@@ -200,10 +200,11 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         fx, _ = data.tensors("train")
         vx, vy = data.tensors("val", limit=2048)
         ladder.append(float(recipe.distill.epochs))
-        final = S.successive_halving(S.best_of(final, spec.final, depth),
-                                     rung.over(teacher, fx, vx, vy, schedule=recipe.distill.schedule),
-                                     [float(recipe.distill.epochs)], seed=recipe.seed,
-                                     log=ctx.log, scored=scored, first=len(spec.rungs), keep_trained=True)
+        last = rung.over(teacher, fx, vx, vy, schedule=recipe.distill.schedule)
+        final = S.successive_halving(S.best_of(final, spec.final, depth), last, [float(recipe.distill.epochs)],
+                                     seed=recipe.seed, log=ctx.log, scored=scored, first=len(spec.rungs),
+                                     keep_trained=True)
+    harmed = S.training_harms(final, last, ctx.log)
     if reference is not None and devices and len(final) > 1:
         final = _recheck(ctx, final, reference, own, devices, take(example, 1), recipe.export)
         journal.save(trials)
@@ -248,7 +249,8 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
                                 "rungs": [{"epochs": e, "candidates": sum(len(t.rungs) > k for t in trials),
                                            "seconds": round(sum(t.rungs[k]["seconds"] for t in trials if len(t.rungs) > k), 2)}
                                           for k, e in enumerate(ladder)],
-                                "best": best.to_dict(), "final": [t.to_dict() for t in final]},
+                                "best": best.to_dict(), "final": [t.to_dict() for t in final],
+                                "training_lowered_scores": harmed},
                        outputs={"candidates": "search/candidates.json", "plot": "search/pareto.png",
                                 "student": ctx.genome})
 
