@@ -9,6 +9,17 @@ PyTorch on CUDA (fp32 with TF32 off, fp16; CUDA graphs), ONNX Runtime's CUDA pro
 refusal of an engine whose sidecar says it was built for another GPU. Writes ``gpu_check.json`` and
 ``gpu_check.log`` under --out. Exit code 0 when at least one GPU measurement was made, 1 otherwise.
 Latency does not depend on the weights, so the student is built untrained (no teacher, no data).
+
+Then (``--quickstart``, the default) the whole `compress run quickstart`, twice: distilled on the CPU, then on
+the GPU (``distill.trainer.accelerator=gpu``) with the --device profile as a second target. Each bundle is
+verified; its report.md and manifest.json come back under --out as quickstart-cpu.* and quickstart-gpu.*, and
+the log gives the distill stage's seconds on each and where the student trained.
+
+A bare GPU machine needs the package's pure-Python dependencies that its image lacks (the quickstart
+imports pydantic; the search, optuna). Where it cannot download, carry them as wheels: here,
+``scripts/gpu_wheels.sh .whl`` (Python 3.12 wheels, about 10 MB); there,
+``pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. python
+scripts/gpu_check.py --out $OUT/gpu``.
 """
 from __future__ import annotations
 
@@ -31,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--quickstart", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the whole quickstart, distilled on the CPU and on the GPU")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,11 +215,50 @@ def main(argv=None) -> int:
             raise AssertionError("an engine marked for another GPU was not refused")
         step("engine built for another GPU is refused", wrong_gpu)
 
+    if a.quickstart:
+        for accelerator in ("cpu", "gpu"):
+            if accelerator == "gpu" and not torch.cuda.is_available():
+                log("quickstart on the GPU: skipped (torch sees no CUDA device)")
+                continue
+            targets = ["local-cpu"] + ([a.device] if accelerator == "gpu" else [])
+            step(f"quickstart distilled on the {accelerator.upper()}",
+                 lambda acc=accelerator, tg=targets: quickstart(out, acc, tg, log))
+
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "gpu_check.log").write_text("\n".join(lines) + "\n")
     log(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.log'}")
     return 0 if report["measurements"] else 1
+
+
+def quickstart(out: Path, accelerator: str, targets: list[str], log, recipe="quickstart") -> dict:
+    """`compress run quickstart` with the distill stage on ``accelerator`` and ``targets`` profiled; the bundle
+    verified, its report.md and manifest.json copied to ``out`` as quickstart-<accelerator>.*. The teacher is
+    cached between the two runs (COMPRESSOR_CACHE), so the second trains none."""
+    import shutil
+    import tempfile
+
+    import compressor
+    from compressor.bundle import read_manifest, verify
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = compressor.run(recipe, Path(tmp) / "bundle", log=lambda s: log("    " + s),
+                                overrides=[f"distill.trainer.accelerator={accelerator}",
+                                           f"targets=[{','.join(targets)}]"])
+        verify(bundle)
+        man = read_manifest(bundle)
+        for name in ("report.md", "manifest.json"):
+            shutil.copy(bundle / name, out / f"quickstart-{accelerator}.{name}")
+    stages = {s["name"]: s for s in man["stages"]}
+    distill = stages["distill"]
+    got = {"distill_seconds": distill["seconds"], "trained_on": distill["metrics"].get("trained_on"),
+           "stage_seconds": {n: s["seconds"] for n, s in stages.items()},
+           "measurements": [{k: m.get(k) for k in ("device", "runtime", "precision", "batch", "p50_ms", "estimated",
+                                                   "artifact")}
+                            for m in stages.get("profile", {}).get("outputs", {}).get("measurements", [])]}
+    log(f"  quickstart, distilled on the {accelerator.upper()}: distill stage {distill['seconds']:.1f} s, trained on "
+        f"{got['trained_on']}; bundle verified; report at quickstart-{accelerator}.report.md")
+    return got
 
 
 if __name__ == "__main__":

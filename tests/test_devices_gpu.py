@@ -111,3 +111,22 @@ def test_the_scripts_one_line_errors_are_this_devices_errors(fake_h100, tmp_path
     onnx.write_bytes(b"x")
     with pytest.raises(DeviceError, match="h100: m.onnx does not run on the synthetic inputs"):
         fake_h100.measure(onnx)
+
+
+def test_gpu_check_runs_the_quickstart_and_brings_back_its_report(tmp_path, tiny_recipe):
+    """scripts/gpu_check.py's end-to-end step (issue 20): the whole run with the distill stage on the accelerator it
+    is given, the bundle verified, its report and manifest brought back and the distill stage's seconds and training
+    device given. Here on the CPU, with the tiny recipe; on a GPU machine the script runs it with accelerator gpu."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent.parent / "scripts" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    said = []
+    got = mod.quickstart(tmp_path, "cpu", ["local-cpu"], said.append, recipe=tiny_recipe)
+    assert got["trained_on"]["device"] == "cpu" and got["distill_seconds"] > 0
+    assert {m["device"] for m in got["measurements"]} == {"local-cpu"} and not any(m["estimated"] for m in got["measurements"])
+    assert (tmp_path / "quickstart-cpu.report.md").is_file()
+    assert json.loads((tmp_path / "quickstart-cpu.manifest.json").read_text())["stages"]
+    assert any("distilled on the CPU: distill stage" in s for s in said)
