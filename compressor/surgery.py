@@ -6,8 +6,8 @@ forward pass: its width H is the LayerNorms' most common width; readers are the 
 slice of it), writers the Linears whose output is added to an earlier stream tensor (post-LN's ``LayerNorm(x + f(x))``,
 pre-LN's ``x + f(norm(x))``) or is the stream itself (a stem), and the token tables are the Embeddings of width
 H. Permuting the H channels of all of them together must give the same output (or the same output permuted,
-when the output is the stream itself: a sentence embedding); a stream that fails (nn.MultiheadAttention's
-fused projection, a position table held as a bare parameter) is not cut. Channels are scored by width.py's
+when the output is the stream itself: a sentence embedding); a stream that fails (a convolution stem, a position
+table held as a bare parameter) is not cut. nn.MultiheadAttention is split into Linears first (compressor.width). Channels are scored by width.py's
 linearised output loss, with the mask on every LayerNorm's output. Cutting them is not exact (each LayerNorm
 then normalises over fewer channels) and a sentence encoder's embedding becomes narrower: distillation
 recovers the first, the cosine loss's projection and the relation metrics handle the second.
@@ -209,14 +209,27 @@ def find_stream(model: nn.Module, example, tol: float | None = None) -> Stream |
         if not s.norms or not (s.readers and s.writers):
             return None
         perm = torch.randperm(h, generator=torch.Generator().manual_seed(0))
-        try:
-            with swapped(model, _stream_swap(model, s, perm)):
-                got = output(model, example)
-        except (RuntimeError, ValueError, IndexError):
-            return None
         scale = tol * (1 + float(ref.abs().max()))
-        same = got.shape == ref.shape and float((got - ref).abs().max()) <= scale
-        permuted = ref.shape[-1] == h and got.shape == ref.shape and float((got - ref[..., perm]).abs().max()) <= scale
+
+        def permutes(s: Stream) -> tuple[bool, bool]:
+            """(the output unchanged, the output permuted) with the stream's channels permuted."""
+            try:
+                with swapped(model, _stream_swap(model, s, perm)):
+                    got = output(model, example)
+            except (RuntimeError, ValueError, IndexError):
+                return False, False
+            return (got.shape == ref.shape and float((got - ref).abs().max()) <= scale,
+                    ref.shape[-1] == h and got.shape == ref.shape and float((got - ref[..., perm]).abs().max()) <= scale)
+
+        same, permuted = permutes(s)
+        if not (same or permuted):
+            # A reader of a pooled stream (a head on ``norm(h).mean(1)``: the mean is a new tensor, not a stream
+            # one) is not seen as one: the Linears of input width H not yet read as readers join, if that permutes.
+            more = [p for kind, p, x, _ in calls if kind == "linear" and p not in s.readers + s.writers
+                    and x is not None and get_module(model, p).in_features == h]
+            if more:
+                s = Stream(h, s.embeddings, s.norms, list(dict.fromkeys(s.readers + more)), s.writers)
+                same, permuted = permutes(s)
         if not (same or permuted):
             return None
         # A permutation keeps the width; a cut must also run (a width written into the code, a zero-filled slot of
@@ -303,8 +316,8 @@ def cut_hidden(model: nn.Module, batches, hidden: float, multiple: int, projecti
     s = find_stream(model, batches[0])
     if s is None:
         raise UserError(f"prune.width.hidden: {type(model).__name__} has no residual stream whose channels permute "
-                        "exactly (LayerNorms, the Linears that read and write them, token Embeddings; "
-                        "nn.MultiheadAttention's fused projection is not covered); drop prune.width.hidden")
+                        "exactly (LayerNorms, the Linears that read and write them, token Embeddings; a convolution "
+                        "stem or a position table held as a bare parameter is not covered); drop prune.width.hidden")
     score_stream(model, s, batches, projections=projections)
     step = multiple if s.width > multiple else 1
     kept = max(step, int(round((1 - hidden) * s.width / step)) * step)  # a multiple of the block, as FFN widths

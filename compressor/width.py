@@ -174,10 +174,10 @@ def measure_costs(model: nn.Module, groups: list[Group], example, device, multip
 def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
     """Cut the plan's residual-stream channels, neurons and heads out of ``model`` in place (its weights are
     the teacher's)."""
+    if plan.get("split"):  # first: a stream cut through nn.MultiheadAttention was found on the split model
+        split_attention(model, plan["split"])
     if plan.get("hidden"):
         cut_stream(model, plan["hidden"])
-    if plan.get("split"):
-        split_attention(model, plan["split"])
     for path, p in plan.get("ffn", {}).items():
         g = Group("ffn", path, path, p["producer"], features(_get(model, path))[0], 1,
                   also=tuple(p.get("also", ())), halves=p.get("halves", 1))
@@ -229,13 +229,18 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
         raise UserError("prune.width: cost: latency with hidden (the stream's channels have no measured cost); "
                         "drop one of them")
     total = flops(model, batches[0])
-    stream_plan, stream_info = None, None
+    stream_plan, stream_info, through = None, None, []
     if hidden:
         if groups is not None:
             raise ValueError("prune_width: hidden with pre-scored groups (they were scored on the uncut stream)")
+        if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+            # its fused in_proj reads the stream as one weight: every one split into Linears first, which the plan's
+            # ``split`` repeats before the stream's cut on rebuild
+            model = copy.deepcopy(model)
+            through = split_attention(model)
         model, stream_plan, stream_info = cut_hidden(model, batches, hidden, multiple, projections, total, log)
         if stream_info["flops_after"] <= (1 - remove) * total:
-            plan = {"hidden": stream_plan, "ffn": {}, "heads": {}}
+            plan = {**({"split": through} if through else {}), "hidden": stream_plan, "ffn": {}, "heads": {}}
             log(f"prune.width: the stream's cut alone removes {1 - stream_info['flops_after'] / total:.0%} of the FLOPs "
                 f"(asked {remove:.0%}); no neuron or head cut")
             return model.requires_grad_(True), plan, {"hidden": stream_info, "groups": [], "remove": remove,
@@ -263,7 +268,7 @@ def prune_width(model: nn.Module, batches, remove: float, *, ffn: bool = True, h
         plan = {"split": cut, **plan}
     pruned = apply_plan(copy.deepcopy(base), plan)
     if stream_plan is not None:
-        plan = {"hidden": stream_plan, **plan}
+        plan = {**({"split": through} if through else {}), "hidden": stream_plan, **plan}
     err = _plan_error(model, pruned, groups, plan, batches[0])
     after = flops(pruned, batches[0])
     predicted = sum(g.scores[j] for g in groups for j in _removed(g, plan))

@@ -529,6 +529,23 @@ def test_stream_leaves_heads_alone_keeps_ties_and_refuses_a_width_in_the_code():
     assert pruned.head.weight is pruned.tok.weight and pruned.tok.weight.shape == (40, 24)
     assert S.find_stream(TinyLM(zero_slot=True).eval(), ids) is None
 
+def test_hidden_cuts_a_stream_through_nn_multihead_attention_and_a_pooled_head():
+    """A text transformer from torch's own modules: nn.MultiheadAttention reads the stream with one fused weight, and
+    the head reads norm(h).mean(1), a new tensor; the stream was refused. Every attention is split into Linears
+    first (the plan's ``split``, repeated before the stream's cut on rebuild), and a Linear of the stream's width
+    whose input is no stream tensor joins the readers where the permutation check then passes."""
+    torch.manual_seed(0)
+    model = _user_models().text_transformer().eval()
+    ids = torch.randint(0, 256, (16, 16))
+    for remove in (0.2, 0.5):
+        pruned, plan, info = W.prune_width(model, [ids], remove, multiple=8, hidden=0.25, log=lambda s: None)
+        assert len(plan["split"]) == 2 and info["hidden"]["kept"] == 48
+        assert "head" in plan["hidden"]["readers"] and pruned.head.in_features == 48
+        again = W.apply_plan(copy.deepcopy(model), plan).eval()
+        assert torch.equal(again(ids), pruned.eval()(ids))
+    assert isinstance(model.encoder.layers[0].self_attn, torch.nn.MultiheadAttention)  # the model itself is left
+
+
 def test_hidden_without_a_stream_is_a_clear_error():
     vit = _user_models().vit(dim=32, depth=2, heads=4, mlp=64).eval()
     with pytest.raises(UserError, match="prune.width.hidden: .*no residual stream"):
