@@ -81,6 +81,16 @@ class FakeRung:
         return {"score": self.score(trained), "loss": getattr(trained[0], "loss", 1.0)}
 
 
+def fake_trials(n: int) -> list:
+    """``n`` trials whose models score (i + 1) / 10 per epoch under FakeRung, the better the fewer FLOPs."""
+    out = []
+    for i in range(n):
+        m = torch.nn.Linear(1, 1)
+        m.quality = (i + 1) / 10
+        out.append(S.Trial({"i": i}, m, cost={"flops": 100 - i}))
+    return out
+
+
 class Harmful(FakeRung):
     """Training lowers every score: a learning rate that ruins the cut teacher (hf_mobilenet at 3e-3)."""
 
@@ -94,21 +104,13 @@ def test_finalists_that_training_left_below_their_untrained_cut_are_a_warning():
     candidates by how little training harmed them, and shipped 0.621, with nothing said. The last rung's trials are
     scored as cut by that rung, and a best trained one below the best of those (by more than HARM) is a warning;
     training that helps says nothing."""
-    def trials():
-        out = []
-        for i in range(3):
-            m = torch.nn.Linear(1, 1)
-            m.quality = (i + 1) / 10
-            out.append(S.Trial({"i": i}, m, cost={"flops": 100 - i}))
-        return out
-
-    said, harmed = [], trials()
+    said, harmed = [], fake_trials(3)
     final = S.successive_halving(harmed, Harmful(), [1, 3], eta=3, log=said.append)
     assert S.training_harms(final, Harmful(), said.append)
     warned = [s for s in said if "warning" in s]
     assert len(warned) == 1 and "the best finalist 0.3000 untrained, 0.0750 trained" in warned[0] and "0.001" in warned[0]
     assert [t.to_dict()["untrained"] for t in final] == pytest.approx([0.3])
-    said, helped = [], trials()
+    said, helped = [], fake_trials(3)
     final = S.successive_halving(helped, FakeRung(), [1, 3], eta=3, log=said.append)
     assert not S.training_harms(final, FakeRung(), said.append) and not [s for s in said if "warning" in s]
 
@@ -173,11 +175,7 @@ def test_the_final_few_are_distilled_again_and_the_best_of_that_is_chosen():
 
 
 def test_successive_halving_never_keeps_fewer_than_keep():
-    trials = []
-    for i in range(5):
-        m = torch.nn.Linear(1, 1)
-        m.quality = (i + 1) / 10
-        trials.append(S.Trial({"i": i}, m, cost={"flops": 100 - i}))
+    trials = fake_trials(5)
     assert len(S.successive_halving(copy.deepcopy(trials), FakeRung(), [1, 3], eta=3, log=lambda s: None)) == 2
     final = S.successive_halving(trials, FakeRung(), [1, 3], eta=3, keep=3, log=lambda s: None)
     assert [t.genome["i"] for t in final] == [4, 3, 2]
