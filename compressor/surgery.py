@@ -6,8 +6,10 @@ forward pass: its width H is the LayerNorms' most common width; readers are the 
 slice of it), writers the Linears whose output is added to an earlier stream tensor (post-LN's ``LayerNorm(x + f(x))``,
 pre-LN's ``x + f(norm(x))``) or is the stream itself (a stem), and the token tables are the Embeddings of width
 H. Permuting the H channels of all of them together must give the same output (or the same output permuted,
-when the output is the stream itself: a sentence embedding); a stream that fails (a convolution stem, a position
-table held as a bare parameter) is not cut. nn.MultiheadAttention is split into Linears first (compressor.width). Channels are scored by width.py's
+when the output is the stream itself: a sentence embedding); a stream that fails is not cut. What the trace cannot
+see joins where the check then passes: Linears of width H reading a pooled stream, convolutions of H output
+channels and bare parameters along H (a ViT's patch convolution, class token and position table).
+nn.MultiheadAttention is split into Linears first (compressor.width). Channels are scored by width.py's
 linearised output loss, with the mask on every LayerNorm's output. Cutting them is not exact (each LayerNorm
 then normalises over fewer channels) and a sentence encoder's embedding becomes narrower: distillation
 recovers the first, the cosine loss's projection and the relation metrics handle the second.
@@ -31,6 +33,14 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path) if path else model
 
 
+def _get_any(model: nn.Module, path: str):
+    """The module, or else the parameter, at ``path`` (a stream's bare position table)."""
+    try:
+        return get_module(model, path)
+    except AttributeError:
+        return model.get_parameter(path)
+
+
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(get_module(model, parent), child, module)
@@ -39,7 +49,7 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 @contextmanager
 def swapped(model: nn.Module, modules: dict):
     """``model`` with the modules at the given paths replaced while the block runs."""
-    old = {p: get_module(model, p) for p in modules}
+    old = {p: _get_any(model, p) for p in modules}
     for p, m in modules.items():
         set_module(model, p, m)
     try:
@@ -132,9 +142,12 @@ class Stream:
     readers: list[str]  # Linear fed the stream (input columns go)
     writers: list[str]  # Linear adding to the stream (output rows go)
     scores: list = field(default_factory=list)  # s_j per channel
+    stems: list[str] = field(default_factory=list)  # convolutions writing the stream's first tensor (output channels go)
+    params: list[str] = field(default_factory=list)  # bare parameters along it (a class token, a position table: last axis)
 
     def members(self) -> dict:
-        return {"embeddings": self.embeddings, "norms": self.norms, "readers": self.readers, "writers": self.writers}
+        return {"embeddings": self.embeddings, "norms": self.norms, "readers": self.readers, "writers": self.writers,
+                **({"stems": self.stems} if self.stems else {}), **({"params": self.params} if self.params else {})}
 
 
 @torch.no_grad()
@@ -222,14 +235,22 @@ def find_stream(model: nn.Module, example, tol: float | None = None) -> Stream |
                     ref.shape[-1] == h and got.shape == ref.shape and float((got - ref[..., perm]).abs().max()) <= scale)
 
         same, permuted = permutes(s)
-        if not (same or permuted):
-            # A reader of a pooled stream (a head on ``norm(h).mean(1)``: the mean is a new tensor, not a stream
-            # one) is not seen as one: the Linears of input width H not yet read as readers join, if that permutes.
-            more = [p for kind, p, x, _ in calls if kind == "linear" and p not in s.readers + s.writers
-                    and x is not None and get_module(model, p).in_features == h]
-            if more:
-                s = Stream(h, s.embeddings, s.norms, list(dict.fromkeys(s.readers + more)), s.writers)
-                same, permuted = permutes(s)
+        # What the trace cannot see joins where the permutation check then passes: a reader of a pooled stream (a
+        # head on ``norm(h).mean(1)``: the mean is a new tensor), then what writes the first stream tensor through
+        # other ops (a ViT's patch convolution, flattened, a class token concatenated, a position table added).
+        more = [p for kind, p, x, _ in calls if kind == "linear" and p not in s.readers + s.writers
+                and x is not None and get_module(model, p).in_features == h]
+        known = (nn.LayerNorm, nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
+        stems = [p for p, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == h
+                 and m.groups == 1]
+        params = [f"{p}.{n}" if p else n for p, m in model.named_modules() if not isinstance(m, known)
+                  for n, q in m.named_parameters(recurse=False) if q.dim() >= 1 and q.shape[-1] == h]
+        for extra in ((more, [], []), (more, stems, params)):
+            if same or permuted or not any(extra):
+                continue
+            s = Stream(h, s.embeddings, s.norms, list(dict.fromkeys(s.readers + extra[0])), s.writers,
+                       stems=extra[1], params=extra[2])
+            same, permuted = permutes(s)
         if not (same or permuted):
             return None
         # A permutation keeps the width; a cut must also run (a width written into the code, a zero-filled slot of
@@ -264,9 +285,20 @@ def _stream_swap(model: nn.Module, s: Stream, keep) -> dict:
     for p in dict.fromkeys(s.readers + s.writers):
         swap[p] = sliced_linear(get_module(model, p), rows=keep if p in s.writers else None,
                                 cols=keep if p in s.readers else None)
+    for p in s.stems:
+        c = copy.deepcopy(get_module(model, p))
+        c.weight = nn.Parameter(c.weight.detach()[keep].clone())
+        if c.bias is not None:
+            c.bias = nn.Parameter(c.bias.detach()[keep].clone())
+        c.out_channels = len(keep)
+        swap[p] = c
+    for p in s.params:
+        swap[p] = nn.Parameter(model.get_parameter(p).detach()[..., keep].clone())
     # Weights tied in the model (a token table shared with an output head) stay one Parameter when sliced alike.
     tied: dict[tuple, nn.Parameter] = {}
     for p, new in swap.items():
+        if isinstance(new, nn.Parameter):  # a bare parameter ties to nothing here
+            continue
         old = get_module(model, p)
         for name in ("weight", "bias"):
             w_old, w_new = getattr(old, name, None), getattr(new, name, None)
@@ -304,7 +336,8 @@ def score_stream(model: nn.Module, s: Stream, batches, projections: int = 4, see
 
 def cut_stream(model: nn.Module, plan: dict) -> nn.Module:
     """Cut the residual stream to ``plan['keep']`` in place (``plan``: a Stream's members and the kept channels)."""
-    s = Stream(plan["width"], plan["embeddings"], plan["norms"], plan["readers"], plan["writers"])
+    s = Stream(plan["width"], plan["embeddings"], plan["norms"], plan["readers"], plan["writers"],
+               stems=plan.get("stems", []), params=plan.get("params", []))
     for p, m in _stream_swap(model, s, plan["keep"]).items():
         set_module(model, p, m)
     return model
@@ -316,8 +349,8 @@ def cut_hidden(model: nn.Module, batches, hidden: float, multiple: int, projecti
     s = find_stream(model, batches[0])
     if s is None:
         raise UserError(f"prune.width.hidden: {type(model).__name__} has no residual stream whose channels permute "
-                        "exactly (LayerNorms, the Linears that read and write them, token Embeddings; a convolution "
-                        "stem or a position table held as a bare parameter is not covered); drop prune.width.hidden")
+                        "exactly (LayerNorms, the Linears that read and write them, token Embeddings, a patch "
+                        "convolution and bare tables along it, all permuted together); drop prune.width.hidden")
     score_stream(model, s, batches, projections=projections)
     step = multiple if s.width > multiple else 1
     kept = max(step, int(round((1 - hidden) * s.width / step)) * step)  # a multiple of the block, as FFN widths
@@ -329,8 +362,10 @@ def cut_hidden(model: nn.Module, batches, hidden: float, multiple: int, projecti
     cut_model = cut_stream(copy.deepcopy(model), plan)
     after = flops(cut_model, batches[0])
     kept_set = set(keep)
+    more = (f", {len(s.stems)} convolution stems" if s.stems else "") + (f", {len(s.params)} bare parameters"
+                                                                          if s.params else "")
     log(f"prune.width: residual stream {s.width} -> {len(keep)} channels ({len(s.norms)} LayerNorms, "
-        f"{len(s.readers)} readers, {len(s.writers)} writers, {len(s.embeddings)} embeddings); FLOPs "
+        f"{len(s.readers)} readers, {len(s.writers)} writers, {len(s.embeddings)} embeddings{more}); FLOPs "
         f"{before / 1e6:.4g} -> {after / 1e6:.4g} M per sample; linearised output loss "
         f"{sum(s.scores[j] for j in range(s.width) if j not in kept_set):.4g}")
     info = {"width": s.width, "kept": len(keep), "flops_before": before, "flops_after": after,

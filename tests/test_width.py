@@ -546,10 +546,42 @@ def test_hidden_cuts_a_stream_through_nn_multihead_attention_and_a_pooled_head()
     assert isinstance(model.encoder.layers[0].self_attn, torch.nn.MultiheadAttention)  # the model itself is left
 
 
+@pytest.mark.parametrize("which", ["vit", "hf_vit"])
+def test_hidden_cuts_a_vits_stream_from_its_patch_convolution_and_bare_tables(which):
+    """A ViT writes its stream's first tensor through a patch convolution, flattened, a class token concatenated and
+    a position table added, both bare parameters: none of it is a Linear or an Embedding the trace sees, and the
+    stream was refused. The convolutions of the stream's width and the bare parameters along it join where the
+    permutation check then passes; the cut rebuilds from the plan."""
+    from compressor.intake import adapt
+    from compressor.tasks import output
+
+    torch.manual_seed(0)
+    model = adapt(getattr(_user_models(), which)().eval())
+    x = torch.randn(8, 1, 16, 16)
+    pruned, plan, info = W.prune_width(model, [x], 0.4, multiple=8, hidden=0.25, log=lambda s: None)
+    assert plan["hidden"]["stems"] and plan["hidden"]["params"] and info["hidden"]["kept"] == 24
+    again = W.apply_plan(copy.deepcopy(model), plan).eval()
+    assert torch.equal(output(again, x), output(pruned.eval(), x))
+
+
 def test_hidden_without_a_stream_is_a_clear_error():
-    vit = _user_models().vit(dim=32, depth=2, heads=4, mlp=64).eval()
+    """Post-LN blocks whose first reads the unnormalised sum of the token and position tables: the trace finds no
+    stream tensor before the first LayerNorm, so the first attention's writer is not seen."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=False)
+
+    class PostLN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = torch.nn.Embedding(64, 32), torch.nn.Embedding(8, 32)
+            self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(32, 4)
+
+        def forward(self, ids):
+            return self.head(self.encoder(self.tok(ids) + self.pos(torch.arange(ids.shape[1])))[:, 0])
+
     with pytest.raises(UserError, match="prune.width.hidden: .*no residual stream"):
-        W.prune_width(vit, [torch.randn(4, 1, 16, 16)], 0.3, hidden=0.25, log=lambda s: None)
+        W.prune_width(PostLN().eval(), [torch.randint(0, 64, (4, 8))], 0.3, hidden=0.25, log=lambda s: None)
 
 def test_width_spec_checks():
     from pydantic import ValidationError
