@@ -3,7 +3,7 @@ gradients by random projection, and the residual stream found and cut.
 
 The residual stream (compressor/width.py's ``hidden``, Minitron's embedding-channel pruning) is found from a
 forward pass: its width H is the LayerNorms' most common width; readers are the Linears fed a LayerNorm's output (or a
-slice of it), writers the Linears whose output is added to an earlier stream tensor (post-LN's ``LayerNorm(x + f(x))``,
+slice of it, or the sum of the token tables' outputs: a post-LN model's first layer), writers the Linears whose output is added to an earlier stream tensor (post-LN's ``LayerNorm(x + f(x))``,
 pre-LN's ``x + f(norm(x))``) or is the stream itself (a stem), and the token tables are the Embeddings of width
 H. Permuting the H channels of all of them together must give the same output (or the same output permuted,
 when the output is the stream itself: a sentence embedding); a stream that fails is not cut. What the trace cannot
@@ -199,6 +199,19 @@ def find_stream(model: nn.Module, example, tol: float | None = None) -> Stream |
             pending[:] = [pw for pw in pending if all(pw is not hw for hw in hit)]
             return bool(hit)
 
+        tables = []  # the token and position tables' outputs so far
+
+        def tabled(x) -> bool:
+            """Whether ``x`` is the sum of the tables' outputs (broadcast): a post-LN model's first attention reads
+            it unnormalised, so the stream starts there, not at a LayerNorm."""
+            if not tables:
+                return False
+            try:
+                total = sum(tables[1:], tables[0])
+            except RuntimeError:
+                return False
+            return total.shape == x.shape and torch.allclose(total, x, atol=tol, rtol=tol)
+
         def add(*ts):
             stream.extend(ts)
             ptrs.update(t.data_ptr() for t in ts)
@@ -206,6 +219,7 @@ def find_stream(model: nn.Module, example, tol: float | None = None) -> Stream |
         for kind, path, x, o in calls:
             if kind == "embedding":
                 emb.append(path)
+                tables.append(o)
             elif kind == "norm":
                 if x.data_ptr() not in ptrs:
                     joins(x, itself=True)
@@ -213,7 +227,7 @@ def find_stream(model: nn.Module, example, tol: float | None = None) -> Stream |
                 nrm.append(path)
             else:
                 lin = get_module(model, path)
-                if lin.in_features == h and x is not None and (x.data_ptr() in ptrs or joins(x)):
+                if lin.in_features == h and x is not None and (x.data_ptr() in ptrs or joins(x) or tabled(x)):
                     readers.append(path)
                     add(x)
                 if lin.out_features == h:

@@ -564,9 +564,10 @@ def test_hidden_cuts_a_vits_stream_from_its_patch_convolution_and_bare_tables(wh
     assert torch.equal(output(again, x), output(pruned.eval(), x))
 
 
-def test_hidden_without_a_stream_is_a_clear_error():
-    """Post-LN blocks whose first reads the unnormalised sum of the token and position tables: the trace finds no
-    stream tensor before the first LayerNorm, so the first attention's writer is not seen."""
+def test_hidden_cuts_a_post_ln_stream_that_starts_at_the_tables_sum():
+    """Post-LN blocks (nn.TransformerEncoderLayer's default) whose first reads the unnormalised sum of the token and
+    position tables: the trace found no stream tensor before the first LayerNorm, so the first attention's readers
+    and writer were not seen and the stream was refused. A Linear reading the tables' sum now starts it."""
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=False)
 
@@ -580,8 +581,20 @@ def test_hidden_without_a_stream_is_a_clear_error():
         def forward(self, ids):
             return self.head(self.encoder(self.tok(ids) + self.pos(torch.arange(ids.shape[1])))[:, 0])
 
+    model, ids = PostLN().eval(), torch.randint(0, 64, (4, 8))
+    pruned, plan, _ = W.prune_width(model, [ids], 0.3, multiple=8, hidden=0.25, log=lambda s: None)
+    assert "encoder.layers.0.self_attn.q_proj" in plan["hidden"]["readers"]
+    assert "encoder.layers.0.self_attn.out_proj" in plan["hidden"]["writers"]
+    assert torch.equal(W.apply_plan(copy.deepcopy(model), plan).eval()(ids), pruned.eval()(ids))
+
+
+def test_hidden_without_a_stream_is_a_clear_error():
+    """Swin's stream changes width between stages (patch merging): no one stream permutes."""
+    from compressor.intake import adapt
+
+    swin = adapt(_user_models().hf_swin().eval())
     with pytest.raises(UserError, match="prune.width.hidden: .*no residual stream"):
-        W.prune_width(PostLN().eval(), [torch.randint(0, 64, (4, 8))], 0.3, hidden=0.25, log=lambda s: None)
+        W.prune_width(swin, [torch.randn(4, 1, 16, 16)], 0.3, hidden=0.25, log=lambda s: None)
 
 def test_width_spec_checks():
     from pydantic import ValidationError
