@@ -60,6 +60,7 @@ def test_resume_after_a_failed_stage(tiny_recipe, tmp_path, monkeypatch):
     assert not partial.exists()
     distilled = next(s for s in m["stages"] if s["name"] == "distill")
     assert m["quality"]["student"]["accuracy"] == distilled["metrics"]["accuracy"]
+    assert "kept" not in distilled["metrics"]  # a student from random weights is not scored before training
 
 
 def test_force_replaces_a_bundle(tiny_recipe, tmp_path):

@@ -140,6 +140,9 @@ def test_pipeline_prunes_the_teacher_into_the_student(deep_tiny, tmp_path):
     rec = next(s for s in man["stages"] if s["name"] == "prune")
     assert len(rec["outputs"]["removed"]) == 1 and len(rec["metrics"]["units"]) == 3
     assert man["student"]["removed"] == rec["outputs"]["removed"]
+    # a student cut from the teacher competes as epoch 0 of its distillation (distill.train's as_it_came)
+    distill = next(s for s in man["stages"] if s["name"] == "distill")["metrics"]
+    assert "start_val_acc" in distill and distill["kept"] in ("best epoch", "as it came")
     # The genome and the shipped weights rebuild the student.
     student = P.rebuild(man["student"])
     student.load_state_dict(torch.load(out / "model" / "student.pt", weights_only=True))

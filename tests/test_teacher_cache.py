@@ -101,8 +101,7 @@ def test_hidden_features_are_cached_and_train_the_same_student(tiny_recipe, tmp_
     out = fit(a, teacher, data, r.distill, r.data, tmp_path / "a" / "ckpt", log=logs.append)
     assert out["teacher_outputs"] == "cached"
     assert any("features at 1 module(s) and outputs on" in line and "float32" in line for line in logs)
-    train_calls = sum(calls) - len(data.val) * (r.distill.epochs + 1)  # validation still runs the teacher (and once
-    #                                                                    before training: the student as it came)
+    train_calls = sum(calls) - len(data.val) * r.distill.epochs  # validation still runs the teacher
     assert train_calls <= len(data.train) + 4  # one pass for the features and the outputs, and the probes
     fit(b, teacher, data, r.distill.model_copy(update={"cache_teacher": False}), r.data, tmp_path / "b" / "ckpt",
         log=logs.append)
@@ -251,7 +250,7 @@ def test_a_student_that_distillation_makes_worse_ships_as_it_came_with_a_warning
     teacher.eval()
     logs = []
     student = copy.deepcopy(teacher)
-    out = fit(student, teacher, data, r.distill, r.data, tmp_path / "a" / "ckpt", log=logs.append)
+    out = fit(student, teacher, data, r.distill, r.data, tmp_path / "a" / "ckpt", log=logs.append, as_it_came=True)
     assert out["start_val_acc"] > 0.85 > out["best_val_acc"] and out["kept"] == "as it came"
     assert any(f"{out['start_val_acc']:.4f} before training), so it ships as it came: distill.lr 5" in s for s in logs)
     for a, b in zip(student.state_dict().values(), teacher.state_dict().values()):
@@ -259,6 +258,11 @@ def test_a_student_that_distillation_makes_worse_ships_as_it_came_with_a_warning
     logs = []
     fresh = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), 10))
     out = fit(fresh, teacher, data, r.distill.model_copy(update={"lr": 0.01}), r.data, tmp_path / "b" / "ckpt",
-              log=logs.append)
+              log=logs.append, as_it_came=True)
     assert out["best_val_acc"] > out["start_val_acc"] and out["kept"] == "best epoch"
     assert not any("warning" in s for s in logs)
+    # a student from random weights (as_it_came false, the default) is not scored before training: one that scores by
+    # chance above a bad epoch is no student to ship
+    out = fit(copy.deepcopy(teacher).requires_grad_(True), teacher, data, r.distill, r.data, tmp_path / "c" / "ckpt",
+              log=lambda s: None)
+    assert "start_val_acc" not in out and "kept" not in out

@@ -68,13 +68,16 @@ def precision(trainer_spec) -> tuple[str, str]:
 
 
 def fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int = 0, log=print,
-        val_metric: str = "acc") -> dict:
-    """Distil ``teacher`` into ``student`` in place (best validation epoch kept); return training metrics."""
+        val_metric: str = "acc", as_it_came: bool = False) -> dict:
+    """Distil ``teacher`` into ``student`` in place (best validation epoch kept); return training metrics.
+    ``as_it_came``: the student comes with what it knows (a cut teacher, the search's finalist), so it is scored
+    before training and counts as epoch 0: where no epoch beats it, it ships as it came, with a warning. (A student
+    from random weights does not: one that scores by chance above a bad epoch is no student to ship.)"""
     pl.seed_everything(seed, workers=True, verbose=False)
     quiet_lightning()
     frozen = freeze(student, getattr(spec, "freeze", []), log)
     try:
-        return _fit(student, teacher, data, spec, data_spec, ckpt_dir, seed, log, val_metric)
+        return _fit(student, teacher, data, spec, data_spec, ckpt_dir, seed, log, val_metric, as_it_came)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -99,7 +102,8 @@ def freeze(student, paths, log=print) -> list:
     return params
 
 
-def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log, val_metric: str) -> dict:
+def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log, val_metric: str,
+         as_it_came: bool = False) -> dict:
     terms = [(l.weight, build_loss(l.name, **l.params)) for l in spec.losses]
     for (_, t), l in zip(terms, spec.losses):
         t.name = l.name
@@ -165,7 +169,7 @@ def _fit(student, teacher, data, spec, data_spec, ckpt_dir: Path, seed: int, log
             and isinstance(trainer.strategy, pl.strategies.SingleDeviceStrategy)
             and trainer.strategy.root_device.type in ("cpu", "cuda") and not t.extra.get("gradient_clip_val"))
     start = None
-    if not last.is_file() and isinstance(trainer.strategy, pl.strategies.SingleDeviceStrategy):
+    if as_it_came and not last.is_file() and isinstance(trainer.strategy, pl.strategies.SingleDeviceStrategy):
         # The student as it comes (a cut teacher, the search's finalist) scored before training: a rate too high to
         # fine-tune it can leave every epoch below where it started (hf_mobilenet's cut: 0.872, then 0.728 after
         # 3 epochs at 3e-3 and 0.956 at 1e-3), which the best epoch alone does not show.

@@ -21,8 +21,10 @@ def train(ctx: Context) -> dict:
     """Distil ``ctx.student`` from the teacher as the recipe says (every rank of a multi-process run)."""
     from ..distill.train import fit  # Lightning loads when a run distils, not with the package
 
+    # a student cut from the teacher (prune, search) knows something before training: it competes as epoch 0
     return fit(ctx.student, ctx.teacher, ctx.data, ctx.recipe.distill, ctx.recipe.data, ctx.scratch / "checkpoints",
-               seed=ctx.recipe.seed, log=ctx.log, val_metric=ctx.task.val_metric)
+               seed=ctx.recipe.seed, log=ctx.log, val_metric=ctx.task.val_metric,
+               as_it_came=ctx.genome.get("pruned_from") == "teacher")
 
 
 def run(ctx: Context) -> StageRecord:
