@@ -3,16 +3,17 @@ gradients by random projection, and the residual stream found and cut.
 
 The residual stream (compressor/width.py's ``hidden``, Minitron's embedding-channel pruning) is found from a
 forward pass: its width H is the LayerNorms' most common width; readers are the Linears fed a LayerNorm's output (or a
-slice of it, or the sum of the token tables' outputs: a post-LN model's first layer), writers the Linears whose output is added to an earlier stream tensor (post-LN's ``LayerNorm(x + f(x))``,
-pre-LN's ``x + f(norm(x))``) or is the stream itself (a stem), and the token tables are the Embeddings of width
-H. Permuting the H channels of all of them together must give the same output (or the same output permuted,
-when the output is the stream itself: a sentence embedding); a stream that fails is not cut. What the trace cannot
-see joins where the check then passes: Linears of width H reading a pooled stream, convolutions of H output
-channels and bare parameters along H (a ViT's patch convolution, class token and position table).
-nn.MultiheadAttention is split into Linears first (compressor.width). Channels are scored by width.py's
-linearised output loss, with the mask on every LayerNorm's output. Cutting them is not exact (each LayerNorm
-then normalises over fewer channels) and a sentence encoder's embedding becomes narrower: distillation
-recovers the first, the cosine loss's projection and the relation metrics handle the second.
+slice of it, or the sum of the token tables' outputs: a post-LN model's first layer), writers the Linears whose
+output is added to an earlier stream tensor (post-LN's ``LayerNorm(x + f(x))``, pre-LN's ``x + f(norm(x))``) or is
+the stream itself (a stem), and the token tables are the Embeddings of width H. Permuting the H channels of all of
+them together must give the same output (or the same output permuted, when the output is the stream itself: a
+sentence embedding); a stream that fails is not cut. What the trace cannot see joins where the check then passes:
+Linears of width H reading a pooled stream, convolutions of H output channels and bare parameters along H (a ViT's
+patch convolution, class token and position table). nn.MultiheadAttention is split into Linears first
+(compressor.width). Channels are scored by width.py's linearised output loss, with the mask on every LayerNorm's
+output. Cutting them is not exact (each LayerNorm then normalises over fewer channels) and a sentence encoder's
+embedding becomes narrower: distillation recovers the first, the cosine loss's projection and the relation metrics
+handle the second.
 """
 from __future__ import annotations
 
@@ -142,8 +143,8 @@ class Stream:
     readers: list[str]  # Linear fed the stream (input columns go)
     writers: list[str]  # Linear adding to the stream (output rows go)
     scores: list = field(default_factory=list)  # s_j per channel
-    stems: list[str] = field(default_factory=list)  # convolutions writing the stream's first tensor (output channels go)
-    params: list[str] = field(default_factory=list)  # bare parameters along it (a class token, a position table: last axis)
+    stems: list[str] = field(default_factory=list)  # convolutions writing its first tensor (output channels go)
+    params: list[str] = field(default_factory=list)  # bare parameters along it (class token, position table: last axis)
 
     def members(self) -> dict:
         return {"embeddings": self.embeddings, "norms": self.norms, "readers": self.readers, "writers": self.writers,
