@@ -17,7 +17,7 @@ the log gives the distill stage's seconds on each and where the student trained.
 
 A bare GPU machine needs the package's pure-Python dependencies that its image lacks (the quickstart
 imports pydantic; the search, optuna). Where it cannot download, carry them as wheels: here,
-``scripts/gpu_wheels.sh .whl`` (Python 3.12 wheels, about 10 MB); there,
+``scripts/gpu_wheels.sh .whl`` (Python 3.12 wheels, about 8 MB); there,
 ``pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. python
 scripts/gpu_check.py --out $OUT/gpu``.
 """

@@ -2,7 +2,7 @@
 # The wheels a bare GPU machine needs beside its image to run scripts/gpu_check.py (and the quickstart, and a
 # search): the dependencies its image lacks, for its Python 3.12, at the versions this machine's venv runs.
 #
-#   scripts/gpu_wheels.sh .whl        # here, where pip can download; about 10 MB
+#   scripts/gpu_wheels.sh .whl        # here, where pip can download; about 8 MB
 #   # there:
 #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
 #   python scripts/gpu_check.py --out gpu_check
