@@ -100,6 +100,11 @@ class Builder:
         self._flops: dict[tuple, int] = {}
         self._layers: dict[tuple, tuple[nn.Module, dict]] = {}
 
+    @property
+    def cuts(self) -> str:
+        """What a genome's ``channels`` cuts, in words (the search's log lines)."""
+        return "heads and FFN neurons" if self.cut == "width" else "channels"
+
     def layers(self, genome: dict) -> tuple[nn.Module, dict]:
         """(the teacher without the genome's units, its gradient cache), kept for the genome's other cuts."""
         key = tuple(self.space.removed(genome))

@@ -87,9 +87,9 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
         sampled = " (per depth and cut, those dropping the units of least output loss)"
         if own is not None and own in fits and own not in genomes:
             genomes.append(own)
-    how = "heads and FFN neurons" if build.cut == "width" else build.why or "channels"
     ctx.log(f"search: the teacher's sub-networks: {len(space.units)} droppable units ({', '.join(space.units)}), "
-            f"cuts of {', '.join(f'{c:g}' for c in space.channels)} of the FLOPs by {how}: {space.size} genomes"
+            f"cuts of {', '.join(f'{c:g}' for c in space.channels)} of the FLOPs by {build.why or build.cuts}: "
+            f"{space.size} genomes"
             f"{f', {len(trials)} over the FLOPs budget' if trials else ''}; {len(genomes)} tried{sampled}")
     refused = []  # cuts the structure cannot give
     for gnm in genomes:
@@ -234,7 +234,7 @@ def run(ctx: Context, spec, devices: dict) -> StageRecord:
     lat = ", ".join(f"{d} {v:.3f} ms" for d, v in c.get("latency_ms", {}).items())
     ctx.log(f"search: chose the teacher {'without ' + ', '.join(removed) if removed else 'with every unit'}, "
             f"{best.genome['channels']:.0%} of "
-            f"FLOPs cut by {'heads and FFN neurons' if build.cut == 'width' else 'channels'}: {c['params']:,} params, {S.mflops(c['flops'])}{', ' + lat if lat else ''}; "
+            f"FLOPs cut by {build.cuts}: {c['params']:,} params, {S.mflops(c['flops'])}{', ' + lat if lat else ''}; "
             f"rung score {best.score:.4f}")
     rows = [t.to_dict() for t in trials]
     write_json(ctx.work / "search" / "candidates.json", {"space": space.to_dict(), "candidates": rows})
@@ -264,10 +264,9 @@ def overshoot(ctx: Context, build: S.Builder, best: S.Trial) -> None:
         return
     gone = 1 - best.cost["flops"] / build.layers_flops(best.genome)
     if gone > asked + 0.05:
-        how = "whole heads and FFN neurons" if build.cut == "width" else "channels"
         ctx.log(f"search: warning: the chosen cut removes {gone:.0%} of its sub-network's FLOPs, {asked:.0%} asked: "
-                f"the nearest cut of {how} at or under it; a lower prune.{build.cut}.multiple (the search cuts as "
-                f"it says) gives finer steps")
+                f"the nearest cut of {build.cuts} at or under it; a lower prune.{build.cut}.multiple (the search "
+                f"cuts as it says) gives finer steps")
 
 
 def _recheck(ctx: Context, final: list, reference, own, devices: dict, x1, export) -> list:
