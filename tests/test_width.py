@@ -688,9 +688,9 @@ def test_latency_cost_on_a_residual_mlp_cuts_where_the_device_is_slow(monkeypatc
 @pytest.mark.parametrize("hidden,cost", [(0.0, "flops"), (0.25, "flops"), (0.0, "latency")])
 def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path, hidden, cost):
     """Drop one of three layers, cut 40% of the rest's FLOPs in heads and neurons (and with ``hidden`` a quarter
-    of the residual stream first: a narrower sentence embedding; with ``cost: latency`` 15% of its milliseconds
-    on local-cpu instead), distil, export: the bundle verifies, and the
-    genome in the manifest rebuilds a student that loads the shipped weights."""
+    of the residual stream first: a narrower sentence embedding; with ``cost: latency`` 5% of its milliseconds
+    on local-cpu instead: all that the cut may remove measured 13 to 30% of them between runs), distil, export:
+    the bundle verifies, and the genome in the manifest rebuilds a student that loads the shipped weights."""
     from compressor.bundle import verify
     from compressor.pipeline import run
 
@@ -700,7 +700,7 @@ def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path
         "teacher": {"model": "hf-encoder", "kwargs": {"path": str(d)}},
         "data": {"dataset": "docstrings", "kwargs": {"max_length": 32, "max_train": 120, "max_test": 60},
                  "batch_size": 32},
-        "prune": {"by": "units", "remove": 1, "width": {"remove": 0.4 if cost == "flops" else 0.15, "multiple": 8,
+        "prune": {"by": "units", "remove": 1, "width": {"remove": 0.4 if cost == "flops" else 0.05, "multiple": 8,
                                                     "hidden": hidden, "cost": cost}},
         "distill": {"epochs": 1, "lr": 1e-3, "losses": [
             {"name": "cosine", "relation": 1.0},
@@ -718,7 +718,7 @@ def test_compress_run_with_width_pruning_rebuilds_from_its_genome(bert, tmp_path
         assert w["flops_after"] <= 0.6 * w["flops_before"]
     else:  # milliseconds measured on the first target, local-cpu, at the data's length
         # (a model this small is mostly what no cut removes: its embeddings, norms and the runtime's own overhead)
-        assert w["latency"]["cut_ms"] >= 0.15 * w["latency"]["ms_before"] > 0
+        assert w["latency"]["cut_ms"] >= 0.05 * w["latency"]["ms_before"] > 0
         assert all(g["ms_per_element"] > 0 for g in w["groups"])
     genome = m["student"]
     assert genome["width"] == prune["outputs"]["width"] and len(genome["removed"]) == 1
