@@ -29,6 +29,33 @@ VAL_MODULES = ("types", "weakref", "queue", "hashlib", "math", "ast", "tokenize"
                "xml.dom.minidom", "imaplib", "ftplib", "pydoc", "socketserver", "optparse", "shelve", "bz2", "lzma")
 HELD_OUT_MODULES = ("inspect", "dataclasses", "enum", "contextlib", "heapq", "bisect", "socket", "ssl",
                     "pickle", "copy", "tempfile", "glob", "io", "codecs", "locale", "gettext")
+# More training text (data.kwargs.library_modules): documented modules of the libraries the project and its
+# hf extra install (SciPy, scikit-learn, torch, Transformers, Matplotlib, NumPy, SymPy, NetworkX, Optuna, ...):
+# with every paragraph, 49k training sentences for minilm-l6 against 29k from its own modules.
+LIBRARY_MODULES = ("scipy.linalg", "scipy.optimize", "scipy.sparse", "scipy.integrate", "scipy.interpolate",
+                   "scipy.special", "scipy.spatial", "scipy.ndimage", "scipy.fft", "scipy.io", "scipy.cluster",
+                   "scipy.sparse.linalg", "sklearn.ensemble", "sklearn.metrics", "sklearn.model_selection",
+                   "sklearn.decomposition", "sklearn.cluster", "sklearn.svm", "sklearn.neighbors", "sklearn.tree",
+                   "sklearn.feature_extraction.text", "sklearn.pipeline", "sklearn.utils", "sklearn.manifold",
+                   "sklearn.mixture", "sklearn.naive_bayes", "sklearn.neural_network", "sklearn.covariance",
+                   "sklearn.impute", "sklearn.compose", "sklearn.feature_selection", "sklearn.calibration",
+                   "torch.optim", "torch.optim.lr_scheduler", "torch.utils.data", "torch.autograd", "torch.fx",
+                   "torch.export", "torch.linalg", "torch.fft", "torch.sparse", "torch.onnx", "torch.cuda",
+                   "torch.ao.quantization", "torch.nn.init", "torch.nn.utils", "torch.utils.checkpoint",
+                   "torch.special", "torch.testing", "torch.jit", "torch.hub", "torch.profiler",
+                   "transformers.generation", "transformers.tokenization_utils_base",
+                   "transformers.configuration_utils", "transformers.pipelines", "transformers.training_args",
+                   "matplotlib.axes", "matplotlib.colors", "matplotlib.patches", "matplotlib.ticker",
+                   "matplotlib.lines", "matplotlib.text", "matplotlib.collections", "matplotlib.axis",
+                   "matplotlib.image", "matplotlib.transforms", "matplotlib.legend", "matplotlib.animation",
+                   "numpy.linalg", "numpy.random", "numpy.polynomial", "numpy.fft", "numpy.lib", "numpy.testing",
+                   "sympy.solvers", "sympy.matrices", "sympy.integrals", "sympy.series", "sympy.core",
+                   "sympy.geometry", "sympy.physics", "sympy.stats", "sympy.logic", "sympy.combinatorics",
+                   "networkx.algorithms", "networkx.generators", "networkx.drawing", "networkx.classes",
+                   "pydantic.fields", "pydantic.main", "rich.table", "rich.progress", "rich.text", "rich.panel",
+                   "tokenizers.models", "yaml", "jinja2", "requests", "pytest", "tqdm", "pygments", "optuna",
+                   "optuna.samplers", "optuna.trial", "pytorch_lightning", "pytorch_lightning.callbacks",
+                   "onnx.helper", "onnxruntime", "sqlalchemy.orm", "dateutil.parser")
 PARAGRAPHS = ("first", "all")  # which paragraphs of a docstring: its summary, or every prose one
 
 
@@ -103,9 +130,9 @@ def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None 
                train_modules: list[str] | None = None, test_modules: list[str] | None = None,
                extra_train_modules: list[str] | None = None, max_length: int = 128, max_train: int = 3000,
                max_test: int = 400, seed: int = 0, train_paragraphs: str = "first",
-               val_modules: list[str] | None = None, max_val: int = 720) -> dict:
-    """Docstrings of ``train_modules`` (+ ``extra_train_modules``, e.g. installed packages such as numpy)
-    for training and of ``test_modules`` (disjoint) held out, tokenised with the teacher's tokenizer
+               val_modules: list[str] | None = None, max_val: int = 720, library_modules: bool = False) -> dict:
+    """Docstrings of ``train_modules`` (+ ``extra_train_modules``, e.g. installed packages such as numpy, +
+    LIBRARY_MODULES with ``library_modules``) for training and of ``test_modules`` (disjoint) held out, tokenised with the teacher's tokenizer
     (filled in from a Hugging Face teacher when left out). Modules that are not installed give nothing.
     ``train_paragraphs: all`` trains on every prose paragraph of the training modules' docstrings, not only
     the first (more unlabelled text for distillation); held-out sentences are always first paragraphs, so
@@ -119,7 +146,8 @@ def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None 
     student 0.009 agreement (less varied training text)."""
     from .hf import tokenizer
 
-    train_modules = list(train_modules or TRAIN_MODULES) + list(extra_train_modules or [])
+    train_modules = list(dict.fromkeys([*(train_modules or TRAIN_MODULES), *(extra_train_modules or []),
+                                        *(LIBRARY_MODULES if library_modules else ())]))
     test_modules = list(test_modules or HELD_OUT_MODULES)
     # the default validation modules less any the recipe trains on or holds out; modules it names must be apart
     val_modules = ([m for m in VAL_MODULES if m not in train_modules and m not in test_modules]

@@ -93,6 +93,22 @@ def test_every_prose_paragraph_can_train_while_held_out_text_stays_first_paragra
         _data(bert_dir, train_paragraphs="some")
 
 
+def test_library_modules_add_the_installed_libraries_documentation_to_training_only(bert_dir):
+    """data.kwargs.library_modules: the documented modules of the libraries the project installs train too (more
+    text for distillation); a module named twice is read once, and held-out and validation text is as before."""
+    from compressor.text import LIBRARY_MODULES
+
+    first = _data(bert_dir, max_train=100_000, extra_train_modules=["scipy.linalg"])
+    more = _data(bert_dir, max_train=100_000, extra_train_modules=["scipy.linalg"], library_modules=True)
+    used = more.meta["train_modules"]
+    assert len(used) == len(set(used)) and used.count("scipy.linalg") == 1
+    assert {"scipy.optimize", "torch.optim"} <= set(used) <= set(first.meta["train_modules"]) | set(LIBRARY_MODULES)
+    assert len(more.train) > 1.5 * len(first.train) and _train_texts(first) <= _train_texts(more)
+    assert more.meta["val_modules"] == first.meta["val_modules"]
+    assert more.meta["test_modules"] == first.meta["test_modules"]
+    assert _train_texts(more).isdisjoint(more.test.texts)
+
+
 def test_batches_are_trimmed_to_their_longest_sentence(bert_dir):
     data = _data(bert_dir)
     x, y = data.tensors("test", limit=8)
