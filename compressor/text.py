@@ -132,18 +132,18 @@ def docstrings(tokenizer_path: str | None = None, tokenizer_package: str | None 
                max_test: int = 400, seed: int = 0, train_paragraphs: str = "first",
                val_modules: list[str] | None = None, max_val: int = 720, library_modules: bool = False) -> dict:
     """Docstrings of ``train_modules`` (+ ``extra_train_modules``, e.g. installed packages such as numpy, +
-    LIBRARY_MODULES with ``library_modules``) for training and of ``test_modules`` (disjoint) held out, tokenised with the teacher's tokenizer
-    (filled in from a Hugging Face teacher when left out). Modules that are not installed give nothing.
-    ``train_paragraphs: all`` trains on every prose paragraph of the training modules' docstrings, not only
-    the first (more unlabelled text for distillation); held-out sentences are always first paragraphs, so
-    quality figures compare across settings. The validation split is the first paragraphs of ``val_modules``
-    (disjoint from both; ``[]``: none, and the recipe's data.val_fraction of the training sentences instead): a
-    sentence from a module the student trains on says little about text from modules it never saw, which is
-    what held-out quality measures, so choices made on such a split (the best epoch, the search's candidates)
-    favour students that fit the training modules. On MiniLM-L6 a two-layer student beat a three-layer one on
-    random training sentences (agreement 0.903 against 0.875) and lost on the held-out modules (0.832 against
-    0.861); carving whole training modules out for validation ranked them right but cost the three-layer
-    student 0.009 agreement (less varied training text)."""
+    LIBRARY_MODULES with ``library_modules``) for training and of ``test_modules`` (disjoint) held out, tokenised
+    with the teacher's tokenizer (filled in from a Hugging Face teacher when left out). Modules that are not
+    installed give nothing. ``train_paragraphs: all`` trains on every prose paragraph of the training modules'
+    docstrings, not only the first (more unlabelled text for distillation); held-out sentences are always first
+    paragraphs, so quality figures compare across settings. The validation split is the first paragraphs of
+    ``val_modules`` (disjoint from both; ``[]``: none, and the recipe's data.val_fraction of the training sentences
+    instead): a sentence from a module the student trains on says little about text from modules it never saw, which
+    is what held-out quality measures, so choices made on such a split (the best epoch, the search's candidates)
+    favour students that fit the training modules. On MiniLM-L6 a two-layer student beat a three-layer one on random
+    training sentences (agreement 0.903 against 0.875) and lost on the held-out modules (0.832 against 0.861);
+    carving whole training modules out for validation ranked them right but cost the three-layer student 0.009
+    agreement (less varied training text)."""
     from .hf import tokenizer
 
     train_modules = list(dict.fromkeys([*(train_modules or TRAIN_MODULES), *(extra_train_modules or []),
