@@ -250,22 +250,23 @@ def find_stream(model: nn.Module, example, tol: float | None = None) -> Stream |
                     ref.shape[-1] == h and got.shape == ref.shape and float((got - ref[..., perm]).abs().max()) <= scale)
 
         same, permuted = permutes(s)
-        # What the trace cannot see joins where the permutation check then passes: a reader of a pooled stream (a
-        # head on ``norm(h).mean(1)``: the mean is a new tensor), then what writes the first stream tensor through
-        # other ops (a ViT's patch convolution, flattened, a class token concatenated, a position table added).
-        more = [p for kind, p, x, _ in calls if kind == "linear" and p not in s.readers + s.writers
-                and x is not None and get_module(model, p).in_features == h]
-        known = (nn.LayerNorm, nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
-        stems = [p for p, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == h
-                 and m.groups == 1]
-        params = [f"{p}.{n}" if p else n for p, m in model.named_modules() if not isinstance(m, known)
-                  for n, q in m.named_parameters(recurse=False) if q.dim() >= 1 and q.shape[-1] == h]
-        for extra in ((more, [], []), (more, stems, params)):
-            if same or permuted or not any(extra):
-                continue
-            s = Stream(h, s.embeddings, s.norms, list(dict.fromkeys(s.readers + extra[0])), s.writers,
-                       stems=extra[1], params=extra[2])
-            same, permuted = permutes(s)
+        if not (same or permuted):
+            # What the trace cannot see joins where the permutation check then passes: a reader of a pooled stream (a
+            # head on ``norm(h).mean(1)``: the mean is a new tensor), then what writes the first stream tensor through
+            # other ops (a ViT's patch convolution, flattened, a class token concatenated, a position table added).
+            more = [p for kind, p, x, _ in calls if kind == "linear" and p not in s.readers + s.writers
+                    and x is not None and get_module(model, p).in_features == h]
+            known = (nn.LayerNorm, nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
+            stems = [p for p, m in model.named_modules()
+                     if isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == h and m.groups == 1]
+            params = [f"{p}.{n}" if p else n for p, m in model.named_modules() if not isinstance(m, known)
+                      for n, q in m.named_parameters(recurse=False) if q.dim() >= 1 and q.shape[-1] == h]
+            for extra in ((more, [], []), (more, stems, params)):
+                if same or permuted or not any(extra):
+                    continue
+                s = Stream(h, s.embeddings, s.norms, list(dict.fromkeys(s.readers + extra[0])), s.writers,
+                           stems=extra[1], params=extra[2])
+                same, permuted = permutes(s)
         if not (same or permuted):
             return None
         # A permutation keeps the width; a cut must also run (a width written into the code, a zero-filled slot of
